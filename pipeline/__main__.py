@@ -1,0 +1,31 @@
+"""``python -m pipeline [overrides]``: compose the config with Hydra and run it."""
+
+import sys
+
+import hydra
+
+from pipeline.config import register_configs
+from pipeline.runner import FAILED_JOBS, run_from_hydra
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg):
+    return run_from_hydra(cfg)
+
+
+def cli() -> None:
+    try:
+        main()
+    except KeyboardInterrupt:
+        from pipeline.tracking import close_open_parents
+
+        close_open_parents("KILLED")
+        sys.exit(130)
+    if FAILED_JOBS:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

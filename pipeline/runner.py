@@ -1,0 +1,173 @@
+"""Resolve the stages a run needs, run each once, always close the run.
+
+``run_pipeline`` is the task function: the Hydra entry point, ``pipeline.reproduce`` and the tests call it
+directly with a composed config and a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import to_plain
+from pipeline.context import RunContext
+from pipeline.errors import ModeSkipped, UserError
+from pipeline.registry import MODES, STAGES, producer_of
+
+log = logging.getLogger(__name__)
+
+FAILED_JOBS: list[str] = []  # jobs of this process that failed; the CLI exits non-zero if any
+
+
+@dataclass
+class RunOutcome:
+    run_id: str | None
+    status: str
+    run_dir: Path
+    results: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+def seed_everything(seed: int) -> None:
+    """One seed for python, numpy and torch; stages derive their own generators from ``cfg.seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def selected_modes(cfg: Any, choices: dict[str, Any] | None = None) -> list[str]:
+    modes = [name for name, block in cfg.mode.items() if block is not None]
+    order = (choices or {}).get("mode")
+    if isinstance(order, (list, tuple)):
+        modes.sort(key=lambda m: list(order).index(m) if m in order else len(order))
+    if not modes:
+        raise UserError(f"mode: no mode selected; expected e.g. mode=[schedule] (known: {sorted(MODES)})")
+    return modes
+
+
+def _run_stage(name: str, ctx: RunContext, done: set[str], chain: tuple[str, ...] = ()) -> None:
+    if name in done:
+        return
+    if name in chain:
+        raise RuntimeError(f"stage dependency cycle: {' -> '.join(chain + (name,))}")
+    st = STAGES[name]
+    for need in st.needs:
+        if need not in ctx.artifacts:
+            _run_stage(producer_of(need).name, ctx, done, chain + (name,))
+    log.info("stage %s", name)
+    tic = time.perf_counter()
+    produced = st.fn(ctx, ctx.cfg) or {}
+    if set(produced) != set(st.produces):
+        raise RuntimeError(f"stage {name!r} declared {sorted(st.produces)} but produced {sorted(produced)}")
+    ctx.artifacts.update(produced)
+    done.add(name)
+    log.info("stage %s done in %.2f s", name, time.perf_counter() - tic)
+
+
+def execute(ctx: RunContext, modes: list[str]) -> dict[str, str]:
+    """Run every stage of every mode once. Returns {mode: reason} for modes that did not apply."""
+    done: set[str] = set()
+    skipped: dict[str, str] = {}
+    for mode in modes:
+        try:
+            for name in MODES[mode].stages:
+                _run_stage(name, ctx, done)
+        except ModeSkipped as e:
+            log.warning("mode %s skipped: %s", mode, e)
+            skipped[mode] = str(e)
+            ctx.tag(f"skipped.{mode}", str(e))
+    return skipped
+
+
+def run_pipeline(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    choices: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    run_name: str | None = None,
+) -> RunOutcome:
+    """Run every selected mode of ``cfg`` as one MLflow run. Raises on failure after closing the run."""
+    from pipeline.models.loading import resolve_device
+    from pipeline.tracking import Tracker, environment_tags, flatten
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plain = to_plain(cfg)  # resolves every interpolation now: a bad one fails before any work
+    OmegaConf.save(OmegaConf.create(plain), run_dir / "config_resolved.yaml")
+    choices = {k: v for k, v in (choices or {}).items() if v is not None}
+    (run_dir / "run_info.json").write_text(json.dumps({"choices": choices, "parent_run_id": parent_run_id}, indent=2, default=str))
+
+    tracker = Tracker(cfg.tracking, cfg.paths.outputs)  # unreachable server: UserError, and no run exists yet
+    tags = {**environment_tags(str(cfg.model.device)), "run_dir": str(run_dir.resolve()), **(extra_tags or {})}
+    run_id = tracker.start(run_name or cfg.tracking.run_name, tags=tags, parent_run_id=parent_run_id)
+    log.info("MLflow run %s in %s (%s)", run_id, tracker.uri, run_dir)
+    ctx = RunContext(cfg, run_dir, tracker)
+    ctx.write_results()
+    outcome = RunOutcome(run_id, "FAILED", run_dir)
+    try:
+        params = flatten(plain)
+        params.update({f"choice.{k}": str(v) for k, v in choices.items()})
+        tracker.log_params(params)
+        modes = selected_modes(cfg, choices)
+        ctx.device = resolve_device(cfg.model.device)
+        tracker.set_tags({"device": str(ctx.device), "modes": ",".join(modes)})
+        seed_everything(cfg.seed)
+        outcome.skipped = execute(ctx, modes)
+        outcome.status = "FINISHED"
+    except KeyboardInterrupt:
+        outcome.status, outcome.error = "KILLED", "KeyboardInterrupt"
+        raise
+    except BaseException as e:
+        outcome.error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        outcome.results = dict(ctx.results)
+        ctx.write_results()
+        try:
+            if outcome.error:
+                tracker.set_tags({"error": outcome.error})
+            tracker.log_artifacts(run_dir)
+        except Exception:  # noqa: BLE001 - never let artifact upload hide the real outcome
+            log.warning("could not upload artifacts of %s:\n%s", run_dir, traceback.format_exc())
+        finally:
+            tracker.end(outcome.status)
+    return outcome
+
+
+def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
+    """Hydra task function: user errors become one short line; in a multirun a failed job never stops the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from pipeline.tracking import read_parent_run_id
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    choices = OmegaConf.to_container(hc.runtime.choices)
+    parent = read_parent_run_id(hc.sweep.dir) if multirun else None
+    job = f"job {hc.job.num}: {' '.join(hc.overrides.task)}" if multirun else None
+    try:
+        return run_pipeline(cfg, hc.runtime.output_dir, choices, parent_run_id=parent, run_name=cfg.tracking.run_name or job)
+    except UserError as e:
+        log.error("error: %s", e)
+        FAILED_JOBS.append(job or "run")
+        if not multirun:
+            raise SystemExit(2) from None
+    except Exception:
+        if not multirun:
+            raise  # a bug, not a user error: keep the traceback
+        log.exception("job failed: %s", job)
+        FAILED_JOBS.append(job)
+    return None

@@ -1,0 +1,249 @@
+"""MLflow tracking. The only module that imports mlflow.
+
+Every run is an MLflow run (default store: embedded SQLite at ``<paths.outputs>/mlflow.db``, artifacts under
+``<paths.outputs>/mlartifacts``; ``tracking.uri`` points at a server instead). A multirun gets one parent run
+(opened by :class:`SweepCallback`) and one child run per job (tag ``mlflow.parentRunId``). Runs are always
+ended, with FAILED/KILLED and an ``error`` tag when something goes wrong.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import platform
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from hydra.experimental.callback import Callback
+
+from pipeline.errors import UserError
+
+# Fail fast on an unreachable server instead of MLflow's default minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+log = logging.getLogger(__name__)
+for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
+MAX_PARAM_KEY = 250
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_uri(outputs_dir: str | Path) -> str:
+    return f"sqlite:///{Path(outputs_dir).resolve() / 'mlflow.db'}"
+
+
+def _check_reachable(uri: str, timeout: float) -> None:
+    """A clear error now rather than a hang later when a tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            resp.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(
+            f"tracking.uri: cannot reach MLflow server {uri!r} ({reason}); start one "
+            "(`mlflow server --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000`) "
+            "or leave tracking.uri unset to use the embedded SQLite store"
+        ) from e
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten a nested dict to dot keys (MLflow does not: a dict param becomes its repr)."""
+    flat: dict[str, str] = {}
+    if isinstance(tree, Mapping):
+        if not tree and prefix:
+            flat[prefix] = "{}"
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    else:
+        flat[prefix] = str(tree)
+    return flat
+
+
+def _clip_param(key: str, value: str) -> tuple[str, str]:
+    if len(value) > MAX_PARAM_VALUE:
+        value = value[: MAX_PARAM_VALUE - 20] + "...[truncated]"
+    return key[:MAX_PARAM_KEY], value
+
+
+def git_info() -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (subprocess.SubprocessError, OSError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower(), "mlflow.source.git.commit": commit}
+
+
+def environment_tags(device: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {**git_info(), "device": device, "version.python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "torchmetrics", "mlflow", "hydra-core"):
+        try:
+            tags[f"version.{pkg}"] = version(pkg)
+        except PackageNotFoundError:
+            tags[f"version.{pkg}"] = "not installed"
+    return tags
+
+
+class Tracker:
+    """One MLflow run, addressed by id (never MLflow's global active run, so jobs cannot leak into each other)."""
+
+    def __init__(self, tracking_cfg: Any, outputs_dir: str | Path):
+        self.uri = tracking_cfg.uri or default_uri(outputs_dir)
+        self.local_store = not self.uri.startswith(("http://", "https://", "databricks"))
+        _check_reachable(self.uri, float(getattr(tracking_cfg, "connect_timeout_s", 5.0)))
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        self.artifact_root = (Path(outputs_dir).resolve() / "mlartifacts").as_uri() if self.local_store else None
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = self._experiment(tracking_cfg.experiment)
+        self.run_id: str | None = None
+
+    def _experiment(self, name: str) -> str:
+        for attempt in range(5):
+            try:
+                exp = self.client.get_experiment_by_name(name)
+                if exp is not None:
+                    return exp.experiment_id
+                return self.client.create_experiment(name, artifact_location=self.artifact_root)
+            except MlflowException:
+                # another process created it (or migrated the store) between our get and create
+                time.sleep(0.2 * (attempt + 1))
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            raise UserError(f"tracking.experiment: could not create MLflow experiment {name!r} at {self.uri}")
+        return exp.experiment_id
+
+    def start(self, run_name: str | None, tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> str:
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        items = [Param(*_clip_param(k, str(v))) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metric(self, key: str, value: float, step: int = 0) -> None:
+        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), int(time.time() * 1000), step)])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        if items:
+            self.client.log_batch(self.run_id, tags=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def child_runs(self, parent_run_id: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
+        )
+
+
+# --------------------------------------------------------------------------------------------- sweeps
+_OPEN_PARENTS: dict[str, Tracker] = {}
+
+
+def close_open_parents(status: str = "KILLED") -> None:
+    """End every parent run this process opened and did not close (Ctrl-C, crash at exit)."""
+    for run_id, tracker in list(_OPEN_PARENTS.items()):
+        try:
+            tracker.set_tags({"error": f"sweep ended early ({status})"})
+            tracker.end(status)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            log.warning("could not close parent run %s", run_id)
+        _OPEN_PARENTS.pop(run_id, None)
+
+
+atexit.register(close_open_parents)
+
+
+def read_parent_run_id(sweep_dir: str | Path) -> str | None:
+    file = Path(sweep_dir) / PARENT_RUN_FILE
+    return file.read_text().strip() if file.is_file() else None
+
+
+class SweepCallback(Callback):
+    """Opens one parent MLflow run per multirun and closes it with a summary of its children."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        try:
+            tracker = Tracker(config.tracking, config.paths.outputs)
+        except UserError as e:
+            log.error("%s", e)
+            raise SystemExit(2) from None
+        sweep_dir = Path(config.hydra.sweep.dir)
+        overrides = " ".join(config.hydra.overrides.task)
+        run_id = tracker.start(
+            run_name=config.tracking.run_name or f"sweep {sweep_dir.name}",
+            tags={"sweep.role": "parent", "sweep.dir": str(sweep_dir.resolve()), "sweep.overrides": overrides,
+                  **environment_tags("n/a")},
+        )
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_RUN_FILE).write_text(run_id)
+        _OPEN_PARENTS[run_id] = tracker
+        log.info("MLflow parent run %s (%s)", run_id, tracker.uri)
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        run_id = read_parent_run_id(sweep_dir)
+        tracker = _OPEN_PARENTS.pop(run_id, None) if run_id else None
+        if tracker is None:
+            return
+        try:
+            children = tracker.child_runs(run_id)
+            statuses = [c.info.status for c in children]
+            tracker.set_tags({"sweep.jobs": len(children), "sweep.failed_jobs": statuses.count("FAILED")})
+            from pipeline.sweep_summary import summarise
+
+            summarise(tracker, children, sweep_dir)
+        finally:
+            tracker.end("FINISHED")
+
+
+def iter_artifact_files(directory: Path) -> Iterable[Path]:
+    return (p for p in sorted(directory.rglob("*")) if p.is_file())
+
+
+def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst), tracking_uri=uri))
+
+
+def get_run(uri: str, run_id: str):
+    try:
+        return MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as e:
+        raise UserError(f"run id {run_id!r} not found in tracking store {uri}: {e.message}") from e
