@@ -158,4 +158,5 @@ def validate(cfg: Any) -> Any:
 
 
 def to_plain(cfg: Any, resolve: bool = True) -> dict:
-    return OmegaConf.to_container(cfg, resolve=resolve, enum_to_str=True)
+    """Plain containers (enums as strings); with ``resolve`` a ``???`` raises MissingMandatoryValue."""
+    return OmegaConf.to_container(cfg, resolve=resolve, enum_to_str=True, throw_on_missing=resolve)

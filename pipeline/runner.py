@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from pipeline.config import to_plain
 from pipeline.context import RunContext
@@ -44,6 +45,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def resolve(cfg: Any) -> dict:
+    """The fully resolved config as plain containers; a missing ``???`` value names its key."""
+    try:
+        return to_plain(cfg)
+    except MissingMandatoryValue as e:
+        raise UserError(f"{e.full_key}: missing mandatory value (???); set it, e.g. {e.full_key}=...") from None
+    except InterpolationResolutionError as e:
+        raise UserError(f"{e.full_key}: cannot resolve interpolation: {e.msg}") from None
 
 
 def selected_modes(cfg: Any, choices: dict[str, Any] | None = None) -> list[str]:
@@ -104,23 +115,24 @@ def run_pipeline(
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    plain = to_plain(cfg)  # resolves every interpolation now: a bad one fails before any work
-    OmegaConf.save(OmegaConf.create(plain), run_dir / "config_resolved.yaml")
     choices = {k: v for k, v in (choices or {}).items() if v is not None}
-    (run_dir / "run_info.json").write_text(json.dumps({"choices": choices, "parent_run_id": parent_run_id}, indent=2, default=str))
-
     tracker = Tracker(cfg.tracking, cfg.paths.outputs)  # unreachable server: UserError, and no run exists yet
     tags = {**environment_tags(str(cfg.model.device)), "run_dir": str(run_dir.resolve()), **(extra_tags or {})}
     run_id = tracker.start(run_name or cfg.tracking.run_name, tags=tags, parent_run_id=parent_run_id)
     log.info("MLflow run %s in %s (%s)", run_id, tracker.uri, run_dir)
+    info = {"run_id": run_id, "tracking_uri": tracker.uri, "choices": choices, "parent_run_id": parent_run_id}
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
     ctx = RunContext(cfg, run_dir, tracker)
     ctx.write_results()
     outcome = RunOutcome(run_id, "FAILED", run_dir)
     try:
+        plain = resolve(cfg)  # every interpolation and ??? now: a bad one fails before any work
+        OmegaConf.save(OmegaConf.create(plain), run_dir / "config_resolved.yaml")
+        modes = selected_modes(cfg, choices)
+        choices.setdefault("mode", modes)  # Hydra does not record list-valued group choices
         params = flatten(plain)
         params.update({f"choice.{k}": str(v) for k, v in choices.items()})
         tracker.log_params(params)
-        modes = selected_modes(cfg, choices)
         ctx.device = resolve_device(cfg.model.device)
         tracker.set_tags({"device": str(ctx.device), "modes": ",".join(modes)})
         seed_everything(cfg.seed)

@@ -1,0 +1,113 @@
+"""Re-run a past run from its saved resolved config and check every scalar.
+
+    python -m pipeline.reproduce <mlflow-run-id | run-dir> [key=value ...] [--tracking-uri URI] [--rtol 0]
+
+The saved ``config_resolved.yaml`` (run dir, or the run's MLflow artifacts) is validated against the schema
+and run as a new MLflow run tagged ``reproduced_from=<run id>``. Each scalar is printed with whether it
+matches; exit code 0 only if all match (exactly, by default: on CPU with the same seed they must).
+Trailing ``key=value`` overrides (e.g. ``paths.outputs=/tmp/x``) apply on top of the saved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pipeline.errors import UserError
+
+log = logging.getLogger("pipeline.reproduce")
+
+
+def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict, dict, dict]:
+    """(resolved config, results, run info) of a run dir or an MLflow run id."""
+    path = Path(ref)
+    if path.is_dir():
+        files = {name: path / name for name in ("config_resolved.yaml", "results.json", "run_info.json")}
+        missing = [str(f) for f in list(files.values())[:2] if not f.is_file()]
+        if missing:
+            raise UserError(f"run dir {ref!r} lacks {missing}; expected a run directory written by python -m pipeline")
+    else:
+        from pipeline.tracking import default_uri, download_artifact, get_run
+
+        uri = tracking_uri or default_uri("outputs")
+        get_run(uri, ref)  # clear error for an unknown id
+        files = {}
+        for name in ("config_resolved.yaml", "results.json", "run_info.json"):
+            try:
+                files[name] = download_artifact(uri, ref, name, workdir)
+            except Exception as e:  # noqa: BLE001
+                if name == "run_info.json":
+                    continue
+                raise UserError(f"run {ref!r} in {uri} has no artifact {name!r}: {e}") from e
+    cfg = OmegaConf.to_container(OmegaConf.load(files["config_resolved.yaml"]))
+    results = json.loads(files["results.json"].read_text())
+    info = json.loads(files["run_info.json"].read_text()) if files.get("run_info.json") and files["run_info.json"].is_file() else {}
+    if not path.is_dir():
+        info["run_id"] = ref
+    return cfg, results, info
+
+
+def same(a: float | None, b: float | None, rtol: float) -> bool:
+    if a is None or b is None:
+        return False
+    if math.isnan(a) and math.isnan(b):
+        return True
+    return a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
+
+
+def compare(original: dict[str, float], new: dict[str, float], rtol: float) -> tuple[bool, list[str]]:
+    lines, ok = [], True
+    width = max((len(k) for k in original.keys() | new.keys()), default=10)
+    for key in sorted(original.keys() | new.keys()):
+        a, b = original.get(key), new.get(key)
+        match = same(a, b, rtol)
+        ok &= match
+        lines.append(f"{'MATCH   ' if match else 'MISMATCH'} {key:<{width}}  {a!s:>22}  {b!s:>22}")
+    return ok, lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.reproduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="MLflow run id or run directory")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to the saved config")
+    parser.add_argument("--tracking-uri", default=None, help="store holding the run id (default: sqlite:///outputs/mlflow.db)")
+    parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance per scalar (default: exact)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+    from pipeline.config import validate
+    from pipeline.runner import run_pipeline
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            saved, original, info = load_source(args.run, args.tracking_uri, Path(tmp))
+        cfg = validate(saved)
+        if args.overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
+        source_id = info.get("run_id", str(args.run))
+        run_dir = Path(cfg.paths.outputs) / "reproduce" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+        log.info("reproducing %s in %s", source_id, run_dir)
+        outcome = run_pipeline(cfg, run_dir, choices=info.get("choices"), extra_tags={"reproduced_from": source_id},
+                               run_name=f"reproduce {source_id[:8]}")
+    except UserError as e:
+        log.error("error: %s", e)
+        return 2
+    ok, lines = compare(original, outcome.results, args.rtol)
+    print(f"reproduced {source_id} as run {outcome.run_id} ({run_dir})")
+    print(f"{'':8} {'scalar':<{max((len(l) for l in original), default=6)}}  {'original':>22}  {'reproduced':>22}")
+    print("\n".join(lines))
+    n_bad = sum(1 for l in lines if l.startswith("MISMATCH"))
+    print(f"{len(lines) - n_bad}/{len(lines)} scalars match" + ("" if ok else " — NOT reproduced"))
+    return 0 if ok and lines else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

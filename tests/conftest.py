@@ -1,0 +1,53 @@
+"""Shared fixtures: compose the real config with Hydra's compose API, outputs under a tmp dir, offline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from pipeline.config import CONF_DIR, register_configs  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def compose_cfg(overrides=(), outputs: Path | None = None):
+    """Compose conf/config.yaml with overrides (as the CLI would), outputs redirected."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    extra = [f"paths.outputs={outputs}"] if outputs is not None else []
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[*overrides, *extra])
+
+
+@pytest.fixture(scope="session")
+def outputs(tmp_path_factory) -> Path:
+    """One outputs dir (and so one SQLite store, migrated once) for the session."""
+    return tmp_path_factory.mktemp("outputs")
+
+
+def sqlite_uri(outputs: Path) -> str:
+    return f"sqlite:///{outputs.resolve() / 'mlflow.db'}"
+
+
+def all_runs(outputs: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sqlite_uri(outputs))
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps, max_results=50000)
+
+
+def run_cli(args, outputs: Path, module: str = "pipeline", timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "HYDRA_FULL_ERROR": "0"}
+    env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)

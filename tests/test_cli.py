@@ -1,0 +1,119 @@
+"""The command line as a user meets it (subprocesses): main job, multirun parent/child runs, reproduce, bad
+input (short message, non-zero exit, no run left RUNNING) and Ctrl-C mid-sweep."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, all_runs, run_cli, sqlite_uri
+
+
+def _no_run_left_running(outputs):
+    running = [r.info.run_name for r in all_runs(outputs) if r.info.status == "RUNNING"]
+    assert not running, running
+
+
+@pytest.fixture(scope="module")
+def main_run(outputs):
+    """The README's main job, once: python -m pipeline (default model, offline)."""
+    proc = run_cli([f"paths.outputs={outputs}"], outputs)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = sorted((outputs / "runs").glob("*/*"))[-1]
+    return run_dir, json.loads((run_dir / "run_info.json").read_text())["run_id"]
+
+
+def test_main_job_writes_run_dir_and_mlflow_run(main_run, outputs):
+    run_dir, run_id = main_run
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "config_resolved.yaml").is_file()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sqlite_uri(outputs))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["choice.model"] == "sd15_scheduler" and run.data.params["choice.mode"] == "['schedule']"
+    assert {a.path for a in client.list_artifacts(run_id, ".hydra")} >= {".hydra/config.yaml", ".hydra/overrides.yaml"}
+
+
+def test_reproduce_by_run_id_and_by_run_dir(main_run, outputs, tmp_path):
+    run_dir, run_id = main_run
+    proc = run_cli([run_id, "--tracking-uri", sqlite_uri(outputs)], outputs, module="pipeline.reproduce")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    n = len(json.loads((run_dir / "results.json").read_text()))
+    assert f"{n}/{n} scalars match" in proc.stdout
+    reproduced = [r for r in all_runs(outputs) if r.data.tags.get("reproduced_from") == run_id]
+    assert len(reproduced) == 1 and reproduced[0].info.status == "FINISHED"
+
+    # a run dir whose recorded results differ must not pass
+    tampered = tmp_path / "tampered"
+    shutil.copytree(run_dir, tampered)
+    results = json.loads((tampered / "results.json").read_text())
+    results["schedule/log_snr_max"] += 1e-9
+    (tampered / "results.json").write_text(json.dumps(results))
+    proc = run_cli([str(tampered)], outputs, module="pipeline.reproduce")
+    assert proc.returncode == 1 and "MISMATCH schedule/log_snr_max" in proc.stdout
+
+
+def test_multirun_makes_one_parent_and_a_child_per_job_even_when_one_fails(outputs):
+    before = {r.info.run_id for r in all_runs(outputs)}
+    proc = run_cli(["-m", f"paths.outputs={outputs}", "mode=[schedule]", "scheduler=ddim,euler",
+                    "model=sd15_scheduler,hub", "mode.schedule.compare=[linear]"], outputs)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the sweep finished, but two jobs failed
+    assert "model.path: missing mandatory value" in proc.stdout + proc.stderr
+    new = [r for r in all_runs(outputs) if r.info.run_id not in before]
+    parents = [r for r in new if r.data.tags.get("sweep.role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in new if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    assert all("missing mandatory value" in r.data.tags["error"] for r in children if r.info.status == "FAILED")
+    assert parents[0].data.tags["sweep.failed_jobs"] == "2"
+    sweep_dir = Path(parents[0].data.tags["sweep.dir"])
+    assert len((sweep_dir / "sweep_summary.csv").read_text().strip().splitlines()) == 1 + 4
+    _no_run_left_running(outputs)
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["scheduler=ddim_fast"], "Could not find 'scheduler/ddim_fast'"),
+        (["sampler.num_inference_stepz=3"], "num_inference_stepz"),
+        (["model.path=/nonexistent/model"], "model.path: directory '/nonexistent/model' does not exist"),
+        (["tracking.uri=http://127.0.0.1:9"], "tracking.uri: cannot reach MLflow server"),
+    ],
+    ids=["unknown-option", "misspelled-key", "missing-model-path", "unreachable-server"],
+)
+def test_bad_input_gives_a_short_error_and_leaves_nothing_running(args, expected, outputs):
+    proc = run_cli([f"paths.outputs={outputs}", *args], outputs, timeout=120)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert expected in text, text
+    assert "Traceback" not in text
+    _no_run_left_running(outputs)
+
+
+def test_ctrl_c_mid_sweep_leaves_no_run_running(outputs):
+    cmd = [sys.executable, "-m", "pipeline", "-m", f"paths.outputs={outputs}", "scheduler=ddim,euler,heun"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.time() + 240
+    for line in proc.stdout:  # interrupt once the second job is inside its schedule stage
+        seen.append(line)
+        if sum(l.rstrip().endswith("stage schedule") for l in seen) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        assert time.time() < deadline, "".join(seen)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + rest
+    _no_run_left_running(outputs)
+    runs = all_runs(outputs)
+    parent = max((r for r in runs if r.data.tags.get("sweep.role") == "parent"), key=lambda r: r.info.start_time)
+    assert parent.info.status == "KILLED"
+    statuses = sorted(r.info.status for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert "FINISHED" in statuses and "KILLED" in statuses  # the finished job keeps its results
