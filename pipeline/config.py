@@ -67,7 +67,7 @@ class DatasetConfig:
     seed: int = 0
     shapes: List[str] = field(default_factory=list)
     colours: List[str] = field(default_factory=list)
-    max_objects: int = 2
+    p_two: float = 0.5  # shapes: probability of a two-object image
 
 
 @dataclass
