@@ -36,7 +36,9 @@ class DatasetKind(str, enum.Enum):
 
 
 class ResizeMode(str, enum.Enum):
-    # bilinear without antialias = torch-fidelity / TF-FID convention; record it with every score
+    # recorded with every score. bilinear_tf1 = TF1 legacy bilinear (no half-pixel shift): torch-fidelity /
+    # TF-FID / torchmetrics FID with antialias=False; bilinear = torch's align_corners=False (pytorch-fid)
+    bilinear_tf1 = "bilinear_tf1"
     bilinear = "bilinear"
     bilinear_antialias = "bilinear_antialias"
     bicubic = "bicubic"
