@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 ResizeModeName = Literal[
     "bilinear", "bilinear_antialias", "bicubic", "bicubic_antialias", "nearest", "bilinear_tf1"
 ]
-# "bilinear_tf1" (TensorFlow 1.x resize_bilinear, what torch-fidelity / TF-FID actually do) is implemented here
-# but not yet accepted by the ResizeMode enum in pipeline/config.py.
 RESIZE_MODES: tuple[str, ...] = (
     "bilinear", "bilinear_antialias", "bicubic", "bicubic_antialias", "nearest", "bilinear_tf1"
 )
