@@ -128,7 +128,7 @@ def build_schema() -> type:
             ("dataset", DatasetConfig, field(default_factory=DatasetConfig)),
             ("scheduler", SchedulerConfig, field(default_factory=SchedulerConfig)),
             ("sampler", SamplerConfig, field(default_factory=SamplerConfig)),
-            ("features", FeaturesConfig, field(default_factory=FeaturesConfig)),
+            ("features", Dict[str, FeaturesConfig], field(default_factory=dict)),  # several: features=[a,b], first = primary
             ("tracking", TrackingConfig, field(default_factory=TrackingConfig)),
             ("paths", PathsConfig, field(default_factory=PathsConfig)),
             ("mode", ModeConfig, field(default_factory=ModeConfig)),

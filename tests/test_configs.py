@@ -25,11 +25,11 @@ def test_scheduler_options_are_exactly_the_documented_ones():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes(group, option):
-    override = f"{group}=[{option}]" if group == "mode" else f"{group}={option}"
-    cfg = compose_cfg([override])
+    listed = group in ("mode", "features")  # groups where several options are selected at once
+    cfg = compose_cfg([f"{group}=[{option}]" if listed else f"{group}={option}"])
     if group == "experiment":
         return
-    block = cfg[group][option] if group == "mode" else cfg[group]
+    block = cfg[group][option] if listed else cfg[group]
     assert block is not None
     if group in ("model", "dataset", "scheduler", "features"):
         assert block.name == option

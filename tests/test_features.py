@@ -408,8 +408,8 @@ def test_dinov2_pool_is_the_normalised_cls_token(dinov2_dir):
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["inception", "clip", "dinov2"])
 def test_feature_configs_compose(name):
-    from tests.conftest import compose_cfg
+    from conftest import compose_cfg
 
-    cfg = compose_cfg([f"features={name}"]).features
+    cfg = compose_cfg([f"features=[{name}]"]).features[name]
     assert cfg.name == name and name in available_extractors()
     assert cfg.resize.value in features_base.RESIZE_MODES
