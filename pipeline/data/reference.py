@@ -1,14 +1,16 @@
 """The reference (real) image set of a run, whatever the dataset kind: batches, captions and identity.
 
 ``identity`` + ``content_hash`` key the reference-feature cache: the identity says what the set claims to be
-(dataset name, kind, split, N, generation parameters or root), the content hash what it is (sha256 over every
-image's pixels and shape, in order), so an edited folder or a changed renderer recomputes.
+(dataset name, kind, split, N, generation parameters or root), the content hash what it is (folders: sha256
+over every image's pixels and shape, in order; shapes: sha256 of the renderer's source and the parameters),
+so an edited folder or a changed renderer recomputes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -78,7 +80,12 @@ def reference_set(dataset_cfg: Any, n: int | None = None, split: str | None = No
         identity = {"name": dataset_cfg.name, "kind": kind, "split": split, "n": n, "seed": dataset_cfg.seed,
                     "size": dataset_cfg.size, "shapes": list(dataset_cfg.shapes), "colours": list(dataset_cfg.colours),
                     "p_two": dataset_cfg.p_two}
-        return ReferenceSet(identity, ds, n, [s.caption for s in ds])
+        # procedural images are a pure function of the renderer's code and these parameters: hash those
+        # (rendering every image just to hash it would cost as much as a cold reference pass)
+        import pipeline.data.shapes as renderer
+
+        code = hashlib.sha256(Path(renderer.__file__).read_bytes() + repr(sorted(identity.items())).encode())
+        return ReferenceSet(identity, ds, n, [s.caption for s in ds], _hash=code.hexdigest()[:16])
     if kind == "folder":
         from pipeline.data.folder import FolderDataset
 
@@ -99,8 +106,6 @@ def reference_set(dataset_cfg: Any, n: int | None = None, split: str | None = No
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line; blank lines ignored."""
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         raise UserError(f"prompts file {str(p)!r} does not exist; expected a text file with one prompt per line")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.models.loading import load_scheduler_config
+from pipeline.models.loading import load_pipeline, load_scheduler_config, resolve_dtype
 from pipeline.models.schedulers import build_scheduler
 from pipeline.registry import stage
 
 log = logging.getLogger(__name__)
+
+# One loaded pipeline per process: jobs of a sweep that share model path/dtype/device reuse it (the basic
+# launcher runs jobs in one process); a different model replaces it, so a checkpoint sweep holds one at a time.
+_PIPE_CACHE: dict[tuple, object] = {}
+_EXTRACTOR_CACHE: dict[tuple, object] = {}
 
 
 @stage("scheduler_config", produces=("scheduler_config",))
@@ -26,3 +31,37 @@ def sampler_stage(ctx, cfg):
     sampler = build_scheduler(sc["config"], cfg.scheduler, source=sc["source"])
     ctx.tag("sampler.class", type(sampler).__name__)
     return {"sampler": sampler}
+
+
+@stage("pipe", produces=("pipe",))
+def pipe_stage(ctx, cfg):
+    """The diffusers pipeline of ``model.path`` (weights), cached per process."""
+    m = cfg.model
+    key = (str(m.path), str(resolve_dtype(m.dtype)), str(ctx.device), m.variant, m.revision, bool(m.allow_pickle))
+    hit = key in _PIPE_CACHE
+    if not hit:
+        _PIPE_CACHE.clear()
+        _PIPE_CACHE[key] = load_pipeline(m, ctx.device)
+    ctx.tag("model_cache", "hit" if hit else "miss")
+    log.info("model cache %s for %s", "hit" if hit else "miss", m.path)
+    return {"pipe": _PIPE_CACHE[key]}
+
+
+@stage("extractors", produces=("extractors",))
+def extractors_stage(ctx, cfg):
+    """Every ``features=[...]`` extractor, in order (the first is primary), cached per process."""
+    from pipeline.features import build_extractor
+    from pipeline.config import to_plain
+
+    extractors = {}
+    for name, fcfg in cfg.features.items():
+        key = (name, repr(sorted(to_plain(fcfg).items())), str(ctx.device))
+        if key not in _EXTRACTOR_CACHE:
+            _EXTRACTOR_CACHE[key] = build_extractor(fcfg, ctx.device)
+        extractors[name] = _EXTRACTOR_CACHE[key]
+        ctx.tag(f"features.{name}", repr(extractors[name].describe()))
+    if not extractors:
+        from pipeline.errors import UserError
+
+        raise UserError("features: no feature extractor selected; expected e.g. features=[shapes_net]")
+    return {"extractors": extractors}

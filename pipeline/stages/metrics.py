@@ -1,0 +1,283 @@
+"""Metrics mode: FID, KID, IS, precision/recall, density/coverage, CLIP score and prompt accuracy of generated
+images against a reference set, from one feature pass per image per extractor.
+
+Images stream batch by batch from the sampler into every extractor (never all N in memory); the reference
+side's features are cached on disk (``<paths.cache>/reference/``) keyed by dataset identity + content hash,
+N, extractor + weights hash and resize mode. The primary extractor (first of ``features=[...]``) reports
+``metrics/<name>``; the others ``metrics/<name>_<extractor>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pipeline import metrics as M
+from pipeline.errors import UserError
+from pipeline.generation import generate, is_text_conditioned
+from pipeline.registry import register_mode, stage
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the cached content or its meaning changes
+REPORTED_N = 10_000  # below this, FID & co. are biased: say so
+
+
+@dataclass
+class MetricsModeConfig:
+    num_samples: int = 256  # generated images; >= 10 000 for reported numbers
+    num_reference: Optional[int] = None  # real images (default: dataset.num_images)
+    batch_size: Optional[int] = None  # default: sampler.batch_size
+    prompts_file: Optional[str] = None  # one prompt per line; default: the dataset's captions
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000  # capped at N (logged)
+    is_splits: int = 10
+    pr_k: int = 3
+    dc_k: int = 5
+    judge: str = "auto"  # prompt accuracy with the shapes judge: auto (shapes captions) | on | off
+    cache: bool = True
+    grid: int = 8  # the logged sample grid is grid x grid
+
+
+register_mode("metrics", stages=["metrics_check", "metrics"], schema=MetricsModeConfig)
+
+
+def _n_reference(cfg) -> int:
+    m = cfg.mode.metrics
+    return int(m.num_reference if m.num_reference is not None else cfg.dataset.num_images)
+
+
+@stage("metrics_check")
+def metrics_check(ctx, cfg):
+    """Checks that need no model, before anything is loaded or generated."""
+    m = cfg.mode.metrics
+    k_max = max(m.pr_k, m.dc_k)
+    for key, n in (("mode.metrics.num_samples", m.num_samples), ("mode.metrics.num_reference", _n_reference(cfg))):
+        if n < k_max + 1:
+            raise UserError(f"{key}={n}: precision/recall (k={m.pr_k}) and density/coverage (k={m.dc_k}) need at "
+                            f"least k+1 = {k_max + 1} samples")
+    if m.judge not in ("auto", "on", "off"):
+        raise UserError(f"mode.metrics.judge={m.judge!r}; expected auto, on or off")
+    if m.num_samples < REPORTED_N:
+        log.warning("metrics on N=%d generated images: FID/KID are biased at small N; use >= %d for reported numbers",
+                    m.num_samples, REPORTED_N)
+        ctx.tag("metrics.small_n", "true")
+    return {}
+
+
+@stage("reference", produces=("reference",))
+def reference_stage(ctx, cfg):
+    from pipeline.data.reference import reference_set
+
+    ref = reference_set(cfg.dataset, _n_reference(cfg))
+    if ref.num_skipped:
+        ctx.tag("reference.num_skipped", ref.num_skipped)
+    log.info("reference set: %d images of %s (%s)", ref.n, cfg.dataset.name, ref.identity.get("split", ref.identity.get("root")))
+    return {"reference": ref}
+
+
+@stage("prompts", needs=("pipe", "reference"), produces=("prompts",))
+def prompts_stage(ctx, cfg):
+    """Prompts for text-conditioned pipelines: ``mode.metrics.prompts_file`` or the reference captions."""
+    from pipeline.data.reference import read_prompts
+
+    if not is_text_conditioned(ctx.get("pipe")):
+        return {"prompts": None}
+    m = cfg.mode.metrics if cfg.mode.get("metrics") is not None else None
+    if m is not None and m.prompts_file:
+        return {"prompts": read_prompts(m.prompts_file)}
+    captions = ctx.get("reference").captions
+    if not captions or any(c is None for c in captions):
+        raise UserError(f"dataset {cfg.dataset.name!r} has no caption for every image; a text-to-image model needs "
+                        "prompts: set mode.metrics.prompts_file=FILE or add captions.jsonl to the folder")
+    return {"prompts": captions}
+
+
+# ----------------------------------------------------------------------------------------------- cache
+def _cache_path(cfg, ref, extractor) -> tuple[Path, dict]:
+    key = {"version": CACHE_VERSION, "dataset": ref.identity, "content": ref.content_hash(), "n": ref.n,
+           "extractor": extractor.describe()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(cfg.paths.cache) / "reference" / f"{extractor.name}-{digest}.pt", key
+
+
+_REF_STATS: dict[str, M.ReferenceStats] = {}  # per process: the reference square-root factor is computed once
+
+
+@stage("real_features", needs=("reference", "extractors"), produces=("real_features",))
+def real_features_stage(ctx, cfg):
+    """Reference pool features per extractor, from the disk cache when its key matches."""
+    ref = ctx.get("reference")
+    use_cache = cfg.mode.metrics.cache if cfg.mode.get("metrics") is not None else True
+    out, hits = {}, []
+    for name, ex in ctx.get("extractors").items():
+        path, key = _cache_path(cfg, ref, ex)
+        tic = time.perf_counter()
+        if use_cache and path.is_file():
+            pool = torch.load(path, weights_only=True)["pool"]
+            hits.append(True)
+            log.info("reference cache hit: %s (%s)", path.name, name)
+        else:
+            pool = _extract_reference(ref, ex, int(cfg.features[name].batch_size))
+            hits.append(False)
+            if use_cache:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save({"pool": pool, "key": json.dumps(key, default=str)}, tmp)
+                tmp.replace(path)  # atomic: a parallel job never reads half a file
+            log.info("reference cache miss: extracted %d x %d (%s) -> %s", *pool.shape, name, path.name)
+        stats_key = str(path) + str(ref.n)
+        if stats_key not in _REF_STATS:
+            _REF_STATS[stats_key] = M.FeatureStats().update(pool).reference()
+        out[name] = {"pool": pool, "stats": _REF_STATS[stats_key], "seconds": time.perf_counter() - tic}
+    ctx.tag("reference_cache", "hit" if all(hits) else "miss")
+    return {"real_features": out}
+
+
+def _extract_reference(ref, extractor, batch_size: int) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    chunks = []
+    with tqdm(total=ref.n, desc=f"reference {extractor.name}", unit="img", dynamic_ncols=True) as bar:
+        for batch in ref.batches(batch_size):
+            chunks.append(extractor(batch)["pool"])
+            bar.update(len(batch))
+    return torch.cat(chunks)
+
+
+# ----------------------------------------------------------------------------------------------- judge
+def _judge_for(cfg, extractors, prompts, device):
+    """The shapes judge if prompt accuracy applies (shapes captions), else None."""
+    mode = cfg.mode.metrics.judge
+    if mode == "off" or prompts is None:
+        return None
+    from pipeline.data.shapes import parse_caption
+
+    try:
+        for p in set(prompts):
+            parse_caption(p)
+    except ValueError as e:
+        if mode == "on":
+            raise UserError(f"mode.metrics.judge=on but the prompts are not shapes captions: {e}") from e
+        log.info("prompt accuracy skipped: prompts are not shapes captions")
+        return None
+    if "shapes_net" in extractors:
+        return extractors["shapes_net"]
+    from pipeline.features.shapes_net import ShapesNetExtractor, _resolve
+
+    return ShapesNetExtractor(_resolve(None), "bilinear", 256, device)
+
+
+def _sample_grid(images: list[torch.Tensor], prompts: list[str] | None, grid: int):
+    import matplotlib.pyplot as plt
+
+    n = min(len(images), grid * grid)
+    fig, axes = plt.subplots(grid, grid, figsize=(grid * 1.6, grid * 1.75))
+    for i, ax in enumerate(np.ravel(axes)):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i].permute(1, 2, 0).numpy())
+            if prompts:
+                ax.set_title(prompts[i].replace(" and ", "\n& "), fontsize=4.5)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+@stage("metrics", needs=("pipe", "sampler", "prompts", "extractors", "real_features"))
+def metrics_stage(ctx, cfg):
+    m = cfg.mode.metrics
+    pipe, prompts, extractors = ctx.get("pipe"), ctx.get("prompts"), ctx.get("extractors")
+    real = ctx.get("real_features")
+    judge = _judge_for(cfg, extractors, prompts, ctx.device)
+    batch_size = int(m.batch_size or cfg.sampler.batch_size)
+
+    fake = {name: {"pool": [], "logits": [], "image_embeds": [], "stats": M.FeatureStats()} for name in extractors}
+    text_embeds: dict[str, list[torch.Tensor]] = {name: [] for name in extractors}
+    grid_images, grid_prompts, judged = [], [], []
+    n_valid = n_invalid = 0
+    gen_seconds = feat_seconds = 0.0
+    real_shape = ctx.get("reference").image_shape()
+
+    stream = generate(pipe, ctx.get("sampler"), m.num_samples, batch_size, cfg.sampler.num_inference_steps,
+                      cfg.sampler.guidance_scale, cfg.seed, prompts=prompts, desc="metrics")
+    tic = time.perf_counter()
+    for batch in stream:
+        gen_seconds += time.perf_counter() - tic
+        tic = time.perf_counter()
+        n_invalid += batch.num_invalid
+        n_valid += len(batch.images)
+        if n_valid == len(batch.images) and len(batch.images) and tuple(batch.images.shape[2:]) != real_shape[:2]:
+            log.info("generated %s vs reference %s images: each is resized to the extractor's input (%s)",
+                     tuple(batch.images.shape[2:]), real_shape[:2],
+                     {n: f"{e.input_size}px {e.resize}" for n, e in extractors.items()})
+        if not len(batch.images):
+            continue
+        for name, ex in extractors.items():
+            out = ex(batch.images)
+            fake[name]["stats"].update(out["pool"])
+            for k in ("pool", "logits", "image_embeds"):
+                if k in out:
+                    fake[name][k].append(out[k])
+            if "image_embeds" in out and batch.prompts and hasattr(ex, "text_embeds"):
+                text_embeds[name].append(ex.text_embeds(batch.prompts))
+        if judge is not None:
+            from pipeline.data.shapes import parse_caption
+            from pipeline.zoo.shapes_net import compare
+
+            for p, j in zip(batch.prompts, judge.judge(batch.images)):
+                judged.append({"prompt": p, "judged": json.dumps(j), **compare(j, parse_caption(p))})
+        if len(grid_images) < m.grid ** 2:
+            take = m.grid ** 2 - len(grid_images)
+            grid_images += list(batch.images[:take])
+            grid_prompts += list(batch.prompts[:take]) if batch.prompts else []
+        feat_seconds += time.perf_counter() - tic
+        tic = time.perf_counter()
+
+    k_max = max(m.pr_k, m.dc_k)
+    if n_valid < k_max + 1:
+        raise UserError(f"only {n_valid} of {m.num_samples} generated images are finite (NaN/Inf in the rest); "
+                        f"metrics need at least {k_max + 1}")
+    scalars = {"metrics/num_samples": n_valid, "metrics/num_invalid": n_invalid,
+               "metrics/sec_per_image": gen_seconds / max(m.num_samples, 1)}
+    rows = []
+    for i, (name, ex) in enumerate(extractors.items()):
+        sfx = "" if i == 0 else f"_{name}"
+        r_pool, f_pool = real[name]["pool"], torch.cat(fake[name]["pool"])
+        s = {"fid": M.frechet_distance(fake[name]["stats"], real[name]["stats"])}
+        subset = min(m.kid_subset_size, len(r_pool), len(f_pool))
+        if subset < m.kid_subset_size:
+            log.info("KID subset size %d capped at N=%d", m.kid_subset_size, subset)
+        s["kid_mean"], s["kid_std"] = M.kernel_distance(r_pool, f_pool, subsets=m.kid_subsets, subset_size=subset, seed=cfg.seed)
+        if fake[name]["logits"]:
+            logits = torch.cat(fake[name]["logits"])
+            s["is_mean"], s["is_std"] = M.inception_score(logits, splits=min(m.is_splits, len(logits)), seed=cfg.seed)
+        s["precision"], s["recall"] = M.precision_recall(r_pool, f_pool, k=m.pr_k)
+        s["density"], s["coverage"] = M.density_coverage(r_pool, f_pool, k=m.dc_k)
+        if text_embeds[name]:
+            s["clip_score"] = M.clip_score(torch.cat(fake[name]["image_embeds"]), torch.cat(text_embeds[name]))
+        half = len(r_pool) // 2
+        s["fid_floor"] = M.frechet_distance(r_pool[:half], r_pool[half : 2 * half])  # noise floor at this N
+        scalars.update({f"metrics/{k}{sfx}": v for k, v in s.items()})
+        rows.append({"extractor": name, "primary": i == 0, **ex.describe(), "n_real": len(r_pool), "n_fake": len(f_pool),
+                     "kid_subset_size": subset, **s})
+        ctx.tag(f"metrics.resize.{name}", ex.resize)
+    if judged:
+        scalars["metrics/prompt_accuracy"] = float(np.mean([j["correct"] for j in judged]))
+        ctx.save_table(judged, "metrics_prompt_judgements")
+    ctx.log_scalars(scalars)
+    ctx.save_table(rows, "metrics_extractors")
+    ctx.save_figure(_sample_grid(grid_images, grid_prompts or None, m.grid), "metrics_samples")
+    log.info("metrics: %s", {k: round(v, 4) for k, v in scalars.items()})
+    log.info("timing: generation %.1f s, fake features + judge %.1f s, reference %.1f s",
+             gen_seconds, feat_seconds, sum(r["seconds"] for r in real.values()))
+    return {}
