@@ -55,6 +55,14 @@ def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict
     return cfg, results, info
 
 
+# wall-clock figures differ between any two runs: shown, never compared
+TIMING_MARKERS = ("sec_per_image", "seconds", "_time")
+
+
+def is_timing(key: str) -> bool:
+    return any(m in key for m in TIMING_MARKERS)
+
+
 def same(a: float | None, b: float | None, rtol: float) -> bool:
     if a is None or b is None:
         return False
@@ -68,6 +76,9 @@ def compare(original: dict[str, float], new: dict[str, float], rtol: float) -> t
     width = max((len(k) for k in original.keys() | new.keys()), default=10)
     for key in sorted(original.keys() | new.keys()):
         a, b = original.get(key), new.get(key)
+        if is_timing(key) and a is not None and b is not None:
+            lines.append(f"{'TIMING  '} {key:<{width}}  {a!s:>22}  {b!s:>22}")
+            continue
         match = same(a, b, rtol)
         ok &= match
         lines.append(f"{'MATCH   ' if match else 'MISMATCH'} {key:<{width}}  {a!s:>22}  {b!s:>22}")
@@ -105,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':8} {'scalar':<{max((len(l) for l in original), default=6)}}  {'original':>22}  {'reproduced':>22}")
     print("\n".join(lines))
     n_bad = sum(1 for l in lines if l.startswith("MISMATCH"))
-    print(f"{len(lines) - n_bad}/{len(lines)} scalars match" + ("" if ok else " — NOT reproduced"))
+    compared = [l for l in lines if not l.startswith("TIMING")]
+    print(f"{len(compared) - n_bad}/{len(compared)} scalars match" + ("" if ok else " — NOT reproduced")
+          + (f" ({len(lines) - len(compared)} timing figure(s) shown, not compared)" if len(compared) < len(lines) else ""))
     return 0 if ok and lines else 1
 
 

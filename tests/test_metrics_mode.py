@@ -1,0 +1,107 @@
+"""Metrics mode on tiny random-weight pipelines: streaming, caching, bad input. (Quality on the trained shapes
+model: test_shapes_e2e.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose_cfg
+from pipeline import generation
+from pipeline.errors import UserError
+from pipeline.runner import run_pipeline
+from tiny import tiny_ddpm, tiny_sd
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from pipeline.zoo.shapes_net import ShapesNet
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    ShapesNet().save_pretrained(root / "net")
+    return {"ddpm": tiny_ddpm(root / "ddpm"), "sd": tiny_sd(root / "sd"), "net": root / "net"}
+
+
+def _cfg(models, outputs, model="ddpm", extra=()):
+    return compose_cfg([
+        "model=hub", f"model.path={models[model]}", "mode=[metrics]", f"features.shapes_net.model={models['net']}",
+        "mode.metrics.num_samples=12", "dataset.num_images=24", "sampler.num_inference_steps=2",
+        "sampler.batch_size=6", "mode.metrics.kid_subsets=3", "mode.metrics.grid=4", *extra], outputs)
+
+
+def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models, tmp_path):
+    out = tmp_path / "out"
+    first = run_pipeline(_cfg(models, out), tmp_path / "r1")
+    r = first.results
+    for key in ["fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "density", "coverage",
+                "fid_floor", "num_samples", "num_invalid", "sec_per_image"]:
+        assert np.isfinite(r[f"metrics/{key}"]), key
+    assert r["metrics/num_samples"] == 12 and r["metrics/num_invalid"] == 0
+    assert "metrics/clip_score" not in r and "metrics/prompt_accuracy" not in r  # unconditional: no prompts
+    assert (tmp_path / "r1" / "plots" / "metrics_samples.png").is_file()
+    cached = list((out / "cache" / "reference").glob("shapes_net-*.pt"))
+    assert len(cached) == 1
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    assert client.get_run(first.run_id).data.tags["reference_cache"] == "miss"
+    second = run_pipeline(_cfg(models, out), tmp_path / "r2")
+    assert client.get_run(second.run_id).data.tags["reference_cache"] == "hit"
+    timing = "metrics/sec_per_image"
+    assert {k: v for k, v in second.results.items() if k != timing} == {k: v for k, v in r.items() if k != timing}
+    # any change of the key recomputes: N, resize mode
+    third = run_pipeline(_cfg(models, out, extra=["dataset.num_images=20"]), tmp_path / "r3")
+    fourth = run_pipeline(_cfg(models, out, extra=["features.shapes_net.resize=nearest"]), tmp_path / "r4")
+    assert {client.get_run(o.run_id).data.tags["reference_cache"] for o in (third, fourth)} == {"miss"}
+    assert len(list((out / "cache" / "reference").glob("*.pt"))) == 3
+
+
+def test_text_to_image_run_judges_prompts(models, tmp_path):
+    out = run_pipeline(_cfg(models, tmp_path / "out", model="sd"), tmp_path / "run")
+    acc = out.results["metrics/prompt_accuracy"]
+    assert 0.0 <= acc <= 1.0
+    rows = (tmp_path / "run" / "tables" / "metrics_prompt_judgements.csv").read_text().splitlines()
+    assert len(rows) == 1 + 12 and rows[1].startswith("a ")
+
+
+def test_nan_images_are_counted_and_excluded(models, tmp_path, monkeypatch):
+    real = generation._sample_unconditional
+
+    def poisoned(pipe, sampler, n, steps, gens, device):
+        x = real(pipe, sampler, n, steps, gens, device)
+        x[0, 0, 0, 0] = float("nan")  # first image of every batch
+        return x
+
+    monkeypatch.setattr(generation, "_sample_unconditional", poisoned)
+    out = run_pipeline(_cfg(models, tmp_path / "out"), tmp_path / "run")
+    assert out.results["metrics/num_invalid"] == 2 and out.results["metrics/num_samples"] == 10
+    assert np.isfinite(out.results["metrics/fid"])
+
+
+def test_too_few_samples_fail_before_generation(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("generation started"))
+    with pytest.raises(UserError, match=r"num_samples=5: .*k\+1 = 6"):
+        run_pipeline(_cfg(models, tmp_path / "out", extra=["mode.metrics.num_samples=5"]), tmp_path / "run")
+
+
+def test_folder_reference_of_another_size_with_corrupt_files(models, tmp_path):
+    folder = tmp_path / "real"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    extra = ["dataset=folder", f"dataset.root={folder}", "dataset.num_images=100"]
+    out = run_pipeline(_cfg(models, tmp_path / "out", extra=extra), tmp_path / "run")
+    assert out.status == "FINISHED" and np.isfinite(out.results["metrics/fid"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="dataset.root: .*no readable image"):
+        run_pipeline(_cfg(models, tmp_path / "out", extra=["dataset=folder", f"dataset.root={empty}"]), tmp_path / "r2")
