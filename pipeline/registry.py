@@ -26,6 +26,7 @@ class Mode:
     name: str
     stages: tuple[str, ...]
     schema: type  # dataclass validating conf/mode/<name>.yaml
+    validate: Callable[[Any], None] | None = None  # cross-key checks, run before any stage (raise UserError)
 
 
 STAGES: dict[str, Stage] = {}
@@ -48,8 +49,9 @@ def stage(name: str, needs: tuple[str, ...] = (), produces: tuple[str, ...] = ()
     return decorate
 
 
-def register_mode(name: str, stages: list[str] | tuple[str, ...], schema: type) -> None:
-    MODES[name] = Mode(name, tuple(stages), schema)
+def register_mode(name: str, stages: list[str] | tuple[str, ...], schema: type,
+                  validate: Callable[[Any], None] | None = None) -> None:
+    MODES[name] = Mode(name, tuple(stages), schema, validate)
 
 
 def producer_of(artifact: str) -> Stage:

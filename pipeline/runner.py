@@ -135,6 +135,9 @@ def run_pipeline(
         tracker.log_params(params)
         ctx.device = resolve_device(cfg.model.device)
         tracker.set_tags({"device": str(ctx.device), "modes": ",".join(modes)})
+        for mode in modes:  # cross-key checks of every mode before any work
+            if MODES[mode].validate is not None:
+                MODES[mode].validate(cfg)
         seed_everything(cfg.seed)
         outcome.skipped = execute(ctx, modes)
         outcome.status = "FINISHED"

@@ -1,0 +1,268 @@
+"""Attention mode: per-token cross-attention maps from the attention probabilities, aggregated over heads,
+layers and timesteps, scored against ground-truth object masks on the shapes domain.
+
+Ground truth (shapes captions): the *prompt* says on which side an object should be; its pixels are segmented
+from the *generated* image (foreground = brighter than the black background, in that half). An object word's
+heat map, normalised by its maximum and thresholded at ``threshold`` (DAAM's τ = 0.4), is compared with that
+mask by IoU. Objects whose half has no foreground (the model did not draw them) are not scored and counted.
+
+Scalars: attention/miou (shape words), attention/miou_colour (colour words), attention/entropy_early,
+attention/entropy_late (normalised spatial entropy of content-word maps at the first and last snapshot),
+attention/bos_share, attention/num_prompts, attention/num_scored, attention/num_unscored,
+attention/num_truncated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.attention import CrossAttentionCapture, cross_attention_layers
+from pipeline.errors import ModeSkipped, UserError
+from pipeline.generation import is_text_conditioned, to_uint8
+from pipeline.registry import register_mode, stage
+
+log = logging.getLogger(__name__)
+
+STOP_WORDS = {"a", "an", "the", "on", "of", "and", "to", "in", "at", "with", "next", "is", "by", "its"}
+FOREGROUND = 64  # uint8 brightness above which a pixel of a shapes image is object, not background
+
+
+@dataclass
+class AttentionModeConfig:
+    prompts: Optional[List[str]] = None  # overrides the dataset prompts
+    prompts_file: Optional[str] = None
+    num_prompts: int = 100  # from the dataset's captions when no prompts are given
+    steps: List[int] = field(default_factory=lambda: [5, 15, 30, 45])  # snapshot steps (0-based, < num_inference_steps)
+    threshold: float = 0.4
+    height: Optional[int] = None  # default: the model's
+    width: Optional[int] = None
+    figures: int = 2  # prompts drawn in the overlay / breakdown figures
+
+
+def validate(cfg) -> None:
+    a, n = cfg.mode.attention, int(cfg.sampler.num_inference_steps)
+    bad = [s for s in a.steps if not 0 <= s < n]
+    if bad or not a.steps:
+        raise UserError(f"mode.attention.steps={list(a.steps)}: snapshot steps must be in 0..{n - 1} "
+                        f"(sampler.num_inference_steps={n}); e.g. {[round(f * (n - 1)) for f in (0.1, 0.3, 0.6, 0.9)]}")
+    if not 0 < a.threshold < 1:
+        raise UserError(f"mode.attention.threshold={a.threshold}: expected a fraction of the map's maximum in (0, 1)")
+
+
+register_mode("attention", stages=["attention"], schema=AttentionModeConfig, validate=validate)
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+def word_tokens(tokenizer, prompt: str) -> tuple[list[str], list[list[int]], bool]:
+    """Words of ``prompt`` and their token positions (position 0 is the start token); words cut off by the
+    tokenizer's length limit are dropped. Returns (words, positions, truncated)."""
+    max_len = int(tokenizer.model_max_length)
+    n_ids = len(tokenizer(prompt, truncation=False).input_ids)
+    words, positions, pos = [], [], 1
+    for word in prompt.split():
+        k = len(tokenizer(word, add_special_tokens=False).input_ids)
+        span = list(range(pos, pos + k))
+        pos += k
+        if span and span[-1] < max_len - 1:  # the last slot is the end token
+            words.append(word)
+            positions.append(span)
+    if pos + 1 != n_ids:
+        log.warning("token positions of %r may be off: %d word tokens vs %d ids", prompt, pos - 1, n_ids - 2)
+    return words, positions, n_ids > max_len
+
+
+def word_maps(maps: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
+    """(T, H, W) token maps -> (n_words, H, W); a word split into several tokens is their mean."""
+    return torch.stack([maps[p].mean(0) for p in positions]) if positions else maps[:0]
+
+
+def spatial_entropy(m: torch.Tensor) -> float:
+    """Normalised spatial entropy in [0, 1] of a non-negative map (1 = uniform)."""
+    p = m.clamp_min(0).flatten().double()
+    p = p / p.sum().clamp_min(1e-12)
+    return float(-(p * p.clamp_min(1e-30).log()).sum() / math.log(p.numel()))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def object_mask(image: np.ndarray, side: str) -> np.ndarray:
+    """Foreground pixels of a generated shapes image (H, W, 3) in the named half."""
+    fg = image.max(axis=2) > FOREGROUND
+    half = np.zeros_like(fg)
+    w = fg.shape[1]
+    if side == "left":
+        half[:, : w // 2] = True
+    else:
+        half[:, w // 2 :] = True
+    return fg & half
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def _prompts(cfg) -> list[str]:
+    a = cfg.mode.attention
+    if a.prompts:
+        return list(a.prompts)
+    if a.prompts_file:
+        from pipeline.data.reference import read_prompts
+
+        return read_prompts(a.prompts_file)
+    from pipeline.data.reference import reference_set
+
+    ref = reference_set(cfg.dataset, a.num_prompts)
+    if not ref.captions or any(c is None for c in ref.captions):
+        raise UserError(f"dataset {cfg.dataset.name!r} has no captions: set mode.attention.prompts=[...] or prompts_file")
+    return ref.captions
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def _overlay_figure(image: np.ndarray, words: list[str], snaps: dict[int, torch.Tensor], final: torch.Tensor, prompt: str):
+    import matplotlib.pyplot as plt
+
+    cols = [*(f"step {s}" for s in sorted(snaps)), "all steps"]
+    fig, axes = plt.subplots(len(words), len(cols) + 1, figsize=(1.6 * (len(cols) + 1), 1.6 * len(words) + 0.4), squeeze=False)
+    for r, word in enumerate(words):
+        axes[r, 0].imshow(image)
+        axes[r, 0].set_ylabel(word, fontsize=8)
+        for c, m in enumerate([*(snaps[s][r] for s in sorted(snaps)), final[r]]):
+            axes[r, c + 1].imshow(image)
+            axes[r, c + 1].imshow(m.numpy(), cmap="jet", alpha=0.55)
+            if r == 0:
+                axes[r, c + 1].set_title(cols[c], fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(prompt, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _resolution_figure(image: np.ndarray, words: list[str], by_res: dict[tuple[int, int], torch.Tensor], prompt: str):
+    import matplotlib.pyplot as plt
+
+    grids = sorted(by_res, reverse=True)
+    fig, axes = plt.subplots(len(grids), len(words), figsize=(1.6 * len(words), 1.6 * len(grids) + 0.4), squeeze=False)
+    for r, g in enumerate(grids):
+        for c, word in enumerate(words):
+            axes[r, c].imshow(image)
+            axes[r, c].imshow(by_res[g][c].numpy(), cmap="jet", alpha=0.55)
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(word, fontsize=8)
+            if c == 0:
+                axes[r, c].set_ylabel(f"{g[0]}x{g[1]}", fontsize=8)
+    fig.suptitle(f"per-resolution cross-attention: {prompt}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _to_image(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(k, h, w) latent-resolution maps -> (k, H, W) image-resolution maps (bilinear, clamped at 0)."""
+    return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0].clamp_min(0)
+
+
+# ----------------------------------------------------------------------------------------------- stage
+@stage("attention", needs=("pipe", "sampler"))
+def attention_stage(ctx, cfg):
+    a = cfg.mode.attention
+    pipe = ctx.get("pipe")
+    if not is_text_conditioned(pipe) or not cross_attention_layers(pipe.unet):
+        raise ModeSkipped(f"{type(pipe).__name__} has no cross-attention (unconditional model): attention mode does not apply")
+    prompts = _prompts(cfg)
+    tok = pipe.tokenizer
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    size = pipe.unet.config.sample_size
+    default_hw = (size, size) if isinstance(size, int) else tuple(size)
+    height = int(a.height or default_hw[0] * scale)
+    width = int(a.width or default_hw[1] * scale)
+    latent_hw = (height // scale, width // scale)
+    steps, guidance = int(cfg.sampler.num_inference_steps), float(cfg.sampler.guidance_scale)
+    cfg_batch = guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    sampler = ctx.get("sampler")
+
+    from pipeline.data.shapes import parse_caption
+
+    ious, ious_colour, ent_early, ent_late, bos = [], [], [], [], []
+    n_trunc = n_unscored = 0
+    saved: dict[str, np.ndarray] = {}
+    figures = 0
+    batch_size = int(cfg.sampler.batch_size)
+    for lo in range(0, len(prompts), batch_size):
+        batch = prompts[lo : lo + batch_size]
+        tokens = [word_tokens(tok, p) for p in batch]
+        n_trunc += sum(t[2] for t in tokens)
+        for p, t in zip(batch, tokens):
+            if t[2]:
+                log.warning("prompt longer than the tokenizer's %d tokens, truncated: %r", tok.model_max_length, p)
+        pipe.scheduler = type(sampler).from_config(sampler.config)
+        gens = [torch.Generator("cpu").manual_seed(cfg.seed + lo + i) for i in range(len(batch))]
+        with CrossAttentionCapture(pipe.unet, latent_hw, set(a.steps), cfg_batch=cfg_batch) as cap:
+            out = pipe(prompt=batch, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                       height=height, width=width, output_type="pt")
+        if cap.max_row_sum_error > 1e-3:
+            raise RuntimeError(f"attention probabilities do not sum to 1 over tokens (error {cap.max_row_sum_error:.2e})")
+        images = to_uint8(out.images.float().nan_to_num().clamp(0, 1)).permute(0, 2, 3, 1).numpy()
+        agg = cap.aggregate()  # (n, T, h, w)
+        for i, prompt in enumerate(batch):
+            words, positions, _ = tokens[i]
+            bos.append(float(agg[i, 0].mean()))
+            final = _to_image(word_maps(agg[i], positions), (height, width))
+            content = [k for k, w in enumerate(words) if w.lower().strip(".,") not in STOP_WORDS]
+            snaps = {s: word_maps(cap.snapshots[s][i], positions) for s in sorted(cap.snapshots)}
+            if snaps and content:
+                first, last = snaps[min(snaps)], snaps[max(snaps)]
+                ent_early.append(np.mean([spatial_entropy(first[k]) for k in content]))
+                ent_late.append(np.mean([spatial_entropy(last[k]) for k in content]))
+            saved[f"maps_{lo + i:04d}"] = final.numpy().astype(np.float16)
+            saved[f"words_{lo + i:04d}"] = np.array(words)
+            saved[f"image_{lo + i:04d}"] = images[i]
+            try:
+                objects = parse_caption(prompt)
+            except ValueError:
+                objects = []  # not a shapes caption: maps only, no ground truth
+            for k, (colour, shape, side) in enumerate(objects):
+                mask = object_mask(images[i], side)
+                if mask.sum() < 4:
+                    n_unscored += 1
+                    continue
+                for word, store in ((shape, ious), (colour, ious_colour)):
+                    idx = words.index(word, 6 * k) if word in words[6 * k :] else None
+                    if idx is None:
+                        continue
+                    m = final[idx]
+                    store.append(iou((m / m.max().clamp_min(1e-12)).numpy() >= a.threshold, mask))
+            if figures < a.figures and content:
+                snaps_img = {s: _to_image(v[content], (height, width)) for s, v in snaps.items()}
+                ctx.save_figure(_overlay_figure(images[i], [words[k] for k in content], snaps_img, final[content], prompt),
+                                f"attention_overlay_{figures}")
+                by_res = {g: _to_image(word_maps(m[i], positions)[content], (height, width)) for g, m in cap.by_resolution().items()}
+                ctx.save_figure(_resolution_figure(images[i], [words[k] for k in content], by_res, prompt),
+                                f"attention_resolutions_{figures}")
+                figures += 1
+
+    path = ctx.run_dir / "tables" / "attention_maps.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, prompts=np.array(prompts), **saved)
+    if ctx.tracker is not None:
+        ctx.tracker.log_artifact(path, "tables")
+    scalars = {"attention/num_prompts": len(prompts), "attention/num_truncated": n_trunc,
+               "attention/bos_share": float(np.mean(bos)), "attention/num_scored": len(ious),
+               "attention/num_unscored": n_unscored}
+    if ent_early:
+        scalars["attention/entropy_early"] = float(np.mean(ent_early))
+        scalars["attention/entropy_late"] = float(np.mean(ent_late))
+    if ious:
+        scalars["attention/miou"] = float(np.mean(ious))
+    if ious_colour:
+        scalars["attention/miou_colour"] = float(np.mean(ious_colour))
+    ctx.log_scalars(scalars)
+    log.info("attention: %s", {k: round(v, 4) for k, v in scalars.items()})
+    return {}
