@@ -45,3 +45,35 @@ def tiny_sd(path: Path, sample_size: int | tuple[int, int] = 8, words=None) -> P
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
     return path
+
+
+def tiny_sdxl(path: Path) -> Path:
+    """A StableDiffusionXLPipeline: two text encoders whose hidden states are concatenated (cross-attention dim
+    32 + 32), text-time added conditioning, linear projections, 2 transformer layers in the second block."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from pipeline.data.shapes import vocabulary
+    from pipeline.zoo.build import sd_scheduler_config
+    from pipeline.zoo.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer([*vocabulary(), "car", "house", "parked", "next", "to"], path / "_tok", model_max_length=16)
+    text_cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=16, projection_dim=32, bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id, hidden_act="gelu")
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+        norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)), tokenizer_2=tok, unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(sd_scheduler_config()))
+    pipe.save_pretrained(path)
+    return path
