@@ -1,0 +1,46 @@
+"""Pure metric functions on features: no I/O, no models. Numpy arrays or torch tensors in, Python floats out.
+
+Each function's docstring states its convention and the reference implementation it matches:
+
+- ``frechet_distance`` / ``frechet_distance_from_stats``: FID as torchmetrics / torch-fidelity (float64,
+  symmetric-eigen square-root trace, finite when N ≤ d); ``FeatureStats`` streams the statistics and
+  ``ReferenceStats`` caches the reference side's square-root factor.
+- ``kernel_distance``: KID as torch-fidelity (unbiased polynomial MMD², 100 × 1000 subsets, ddof=0 std).
+- ``inception_score``: IS as torch-fidelity (float64 softmax of logits, seeded permutation, ddof=0 std).
+- ``precision_recall``: improved P/R as torch-fidelity's PRC (k = 3, inclusive balls).
+- ``density_coverage``: D/C as the prdc package (k = 5, strict balls).
+- ``clip_score``: mean over pairs of 100 · max(cos, 0).
+
+``HIGHER_IS_BETTER`` says, per metric name, which direction is better.
+"""
+
+from pipeline.metrics.clip import clip_score
+from pipeline.metrics.frechet import frechet_distance, frechet_distance_from_stats
+from pipeline.metrics.inception import inception_score
+from pipeline.metrics.kernel import kernel_distance
+from pipeline.metrics.prdc import density_coverage, precision_recall
+from pipeline.metrics.stats import FeatureStats, ReferenceStats
+
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "fid": False,  # frechet_distance, frechet_distance_from_stats (also FD with other extractors)
+    "kid": False,  # kernel_distance (mean; the std is a spread, not a score)
+    "is": True,  # inception_score
+    "precision": True,
+    "recall": True,
+    "density": True,  # ≈ 1 when fake ~ real; above 1 means fake crowds the dense real regions
+    "coverage": True,
+    "clip_score": True,
+}
+
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "FeatureStats",
+    "ReferenceStats",
+    "clip_score",
+    "density_coverage",
+    "frechet_distance",
+    "frechet_distance_from_stats",
+    "inception_score",
+    "kernel_distance",
+    "precision_recall",
+]
