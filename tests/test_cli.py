@@ -38,7 +38,7 @@ def test_main_job_writes_run_dir_and_mlflow_run(main_run, outputs):
     client = MlflowClient(sqlite_uri(outputs))
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["choice.model"] == "sd15_scheduler" and run.data.params["choice.mode"] == "['schedule']"
+    assert run.data.params["choice.model"] == "shapes_sd" and run.data.params["choice.mode"] == "['schedule']"
     assert {a.path for a in client.list_artifacts(run_id, ".hydra")} >= {".hydra/config.yaml", ".hydra/overrides.yaml"}
 
 

@@ -3,10 +3,13 @@ layers and timesteps, scored against ground-truth object masks on the shapes dom
 
 Ground truth (shapes captions): the *prompt* says on which side an object should be; its pixels are segmented
 from the *generated* image (foreground = brighter than the black background, in that half). An object word's
-heat map, normalised by its maximum and thresholded at ``threshold`` (DAAM's τ = 0.4), is compared with that
+heat map, min-max normalised to [0, 1] and thresholded at ``threshold`` (DAAM's τ = 0.4), is compared with that
 mask by IoU. Objects whose half has no foreground (the model did not draw them) are not scored and counted.
+Control: in two-object captions, the IoU of each object's mask with the *other* object's shape word
+(``attention/miou_swapped``) — maps that localise score well above it.
 
-Scalars: attention/miou (shape words), attention/miou_colour (colour words), attention/entropy_early,
+Scalars: attention/miou (shape words), attention/miou_colour (colour words), attention/miou_swapped (control),
+attention/miou_<h>x<w> (shape words, one cross-attention resolution), attention/entropy_early,
 attention/entropy_late (normalised spatial entropy of content-word maps at the first and last snapshot),
 attention/bos_share, attention/num_prompts, attention/num_scored, attention/num_unscored,
 attention/num_truncated.
@@ -93,6 +96,12 @@ def spatial_entropy(m: torch.Tensor) -> float:
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def binarise(m: torch.Tensor, threshold: float) -> np.ndarray:
+    """Min-max normalise a heat map to [0, 1] and threshold it (DAAM's τ)."""
+    lo, hi = m.min(), m.max()
+    return (((m - lo) / (hi - lo).clamp_min(1e-12)) >= threshold).numpy()
 
 
 def object_mask(image: np.ndarray, side: str) -> np.ndarray:
@@ -190,7 +199,8 @@ def attention_stage(ctx, cfg):
 
     from pipeline.data.shapes import parse_caption
 
-    ious, ious_colour, ent_early, ent_late, bos = [], [], [], [], []
+    ious, ious_colour, ious_swapped, ent_early, ent_late, bos = [], [], [], [], [], []
+    ious_res: dict[tuple[int, int], list[float]] = {}
     n_trunc = n_unscored = 0
     saved: dict[str, np.ndarray] = {}
     figures = 0
@@ -211,6 +221,7 @@ def attention_stage(ctx, cfg):
             raise RuntimeError(f"attention probabilities do not sum to 1 over tokens (error {cap.max_row_sum_error:.2e})")
         images = to_uint8(out.images.float().nan_to_num().clamp(0, 1)).permute(0, 2, 3, 1).numpy()
         agg = cap.aggregate()  # (n, T, h, w)
+        by_res_all = cap.by_resolution()
         for i, prompt in enumerate(batch):
             words, positions, _ = tokens[i]
             bos.append(float(agg[i, 0].mean()))
@@ -228,17 +239,23 @@ def attention_stage(ctx, cfg):
                 objects = parse_caption(prompt)
             except ValueError:
                 objects = []  # not a shapes caption: maps only, no ground truth
+            res_maps = {g: _to_image(word_maps(m[i], positions), (height, width)) for g, m in by_res_all.items()}
             for k, (colour, shape, side) in enumerate(objects):
                 mask = object_mask(images[i], side)
                 if mask.sum() < 4:
                     n_unscored += 1
                     continue
-                for word, store in ((shape, ious), (colour, ious_colour)):
-                    idx = words.index(word, 6 * k) if word in words[6 * k :] else None
-                    if idx is None:
-                        continue
-                    m = final[idx]
-                    store.append(iou((m / m.max().clamp_min(1e-12)).numpy() >= a.threshold, mask))
+                # caption grammar: object k's colour and shape words are words 6k+1 and 6k+2
+                idx = {"colour": 6 * k + 1, "shape": 6 * k + 2}
+                if idx["shape"] >= len(words) or words[idx["shape"]] != shape or words[idx["colour"]] != colour:
+                    continue  # truncated or not in the grammar
+                ious.append(iou(binarise(final[idx["shape"]], a.threshold), mask))
+                ious_colour.append(iou(binarise(final[idx["colour"]], a.threshold), mask))
+                for g, rm in res_maps.items():
+                    ious_res.setdefault(g, []).append(iou(binarise(rm[idx["shape"]], a.threshold), mask))
+                other = 6 * (1 - k) + 2
+                if len(objects) == 2 and other < len(words):
+                    ious_swapped.append(iou(binarise(final[other], a.threshold), mask))
             if figures < a.figures and content:
                 snaps_img = {s: _to_image(v[content], (height, width)) for s, v in snaps.items()}
                 ctx.save_figure(_overlay_figure(images[i], [words[k] for k in content], snaps_img, final[content], prompt),
@@ -263,6 +280,10 @@ def attention_stage(ctx, cfg):
         scalars["attention/miou"] = float(np.mean(ious))
     if ious_colour:
         scalars["attention/miou_colour"] = float(np.mean(ious_colour))
+    if ious_swapped:
+        scalars["attention/miou_swapped"] = float(np.mean(ious_swapped))
+    for g, vals in sorted(ious_res.items(), reverse=True):
+        scalars[f"attention/miou_{g[0]}x{g[1]}"] = float(np.mean(vals))
     ctx.log_scalars(scalars)
     log.info("attention: %s", {k: round(v, 4) for k, v in scalars.items()})
     return {}
