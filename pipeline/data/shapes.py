@@ -152,7 +152,8 @@ def parse_caption(caption: str) -> list[tuple[str, str, str]]:
     for part in caption.strip().split(" and "):
         words = part.split()
         if len(words) != 6 or words[0] != "a" or words[3:5] != ["on", "the"] or words[5] not in SIDES:
-            raise ValueError(f"Caption {caption!r} is not of the form 'a <colour> <shape> on the <left|right>[ and ...]'")
+            raise ValueError(
+                f"Caption {caption!r} is not of the form 'a <colour> <shape> on the <left|right>[ and ...]'")
         out.append((words[1], words[2], words[5]))
     return out
 
@@ -181,7 +182,8 @@ def _draw_scene(rng: np.random.Generator, size: int, shapes, colours, p_two: flo
         lo, hi = r + 1, half - r - 1
         cx = rng.uniform(lo, hi) + (half if side == "right" else 0.0)
         cy = rng.uniform(r + 1, size - r - 1)
-        scene.append((colours[int(rng.integers(len(colours)))], shapes[int(rng.integers(len(shapes)))], side, cx, cy, r))
+        colour, shape = colours[int(rng.integers(len(colours)))], shapes[int(rng.integers(len(shapes)))]
+        scene.append((colour, shape, side, cx, cy, r))
     return scene
 
 
@@ -230,7 +232,7 @@ def render(
     caption = caption_for([(c, s, side) for c, s, side, *_ in scene])
     objects = []
     for k, ((colour, shape, side, *_), mask) in enumerate(zip(scene, masks)):
-        base = 6 * k + 1  # "a <colour> <shape> on the <side>" (+ "and") per object, left first
+        base = 7 * k + 1  # "a <colour> <shape> on the <side>" + "and" = 7 words per object, left first
         objects.append(ShapeObject(shape, colour, side, mask, (colour, shape), (base, base + 1)))
     return Sample(image, caption, objects)
 

@@ -5,7 +5,7 @@
 ``StableDiffusionPipeline.from_pretrained(locate("shapes_sd"), torch_dtype=torch.float32)`` loads one.
 
 Names:
-- ``shapes_sd``: text-to-image ``StableDiffusionPipeline`` (latent, AutoencoderKL + CLIPTextModel + UNet2DConditionModel);
+- ``shapes_sd``: text-to-image ``StableDiffusionPipeline`` (AutoencoderKL + CLIPTextModel + UNet2DConditionModel);
 - ``shapes_ddpm``: unconditional pixel-space ``DDPMPipeline``;
 - ``shapes_net``: feature extractor and prompt-adherence judge (:class:`pipeline.zoo.shapes_net.ShapesNet`).
 

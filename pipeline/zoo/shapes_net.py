@@ -126,7 +126,8 @@ class ShapesNet(nn.Module):
         path = pathlib.Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}, path / WEIGHTS_NAME)
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, path / WEIGHTS_NAME)
         return path
 
     @classmethod
@@ -143,7 +144,8 @@ class ShapesNet(nn.Module):
         return net.to(device).eval()
 
 
-def labels_for(objects: Sequence[ShapeObject] | Sequence[tuple[str, str, str]], config: ShapesNetConfig) -> dict[str, int]:
+def labels_for(objects: Sequence[ShapeObject] | Sequence[tuple[str, str, str]],
+               config: ShapesNetConfig) -> dict[str, int]:
     """Class targets per head for one image's objects (ShapeObjects or (colour, shape, side) triples)."""
     labels = {f"{side}_{head}": 0 for side in SIDES for head in ("shape", "colour")}
     for o in objects:

@@ -96,11 +96,13 @@ def check_tokenizer(tok, words: Sequence[str]) -> None:
     for w in words:
         enc = tok(w, add_special_tokens=False).input_ids
         if len(enc) != 1 or enc[0] == tok.unk_token_id:
-            raise ValueError(f"Tokenizer maps {w!r} to {enc} (tokens {tok.convert_ids_to_tokens(enc)}); expected one known id")
+            raise ValueError(
+                f"Tokenizer maps {w!r} to {enc} (tokens {tok.convert_ids_to_tokens(enc)}); expected one known id")
         ids[w] = enc[0]
     if len(set(ids.values())) != len(ids):
         raise ValueError(f"Tokenizer maps different words to the same id: {ids}")
     sentence = " ".join(words[: max(1, tok.model_max_length - 2)])  # stay within the model's length
     enc = tok(sentence).input_ids
-    if enc[0] != tok.bos_token_id or enc[-1] != tok.eos_token_id or tok.decode(enc, skip_special_tokens=True) != sentence:
-        raise ValueError(f"Tokenizer does not round-trip {sentence!r}: {enc} -> {tok.decode(enc, skip_special_tokens=True)!r}")
+    decoded = tok.decode(enc, skip_special_tokens=True)
+    if enc[0] != tok.bos_token_id or enc[-1] != tok.eos_token_id or decoded != sentence:
+        raise ValueError(f"Tokenizer does not round-trip {sentence!r}: {enc} -> {decoded!r}")

@@ -133,7 +133,8 @@ def train_judge(cfg, out: pathlib.Path, device: torch.device, log_metric: Metric
         xb = xb * (1 + c.aug * (torch.rand(len(xb), 1, 1, 1, generator=gen) * 2 - 1))
         blur = torch.rand(len(xb), generator=gen) < 0.3
         xb[blur] = F.avg_pool2d(xb[blur], 3, 1, 1, count_include_pad=False)
-        xb = (xb + c.aug * torch.rand(len(xb), 1, 1, 1, generator=gen) * torch.randn(xb.shape, generator=gen)).clamp(0, 1)
+        sigma = c.aug * torch.rand(len(xb), 1, 1, 1, generator=gen)
+        xb = (xb + sigma * torch.randn(xb.shape, generator=gen)).clamp(0, 1)
         logits = net(xb.to(device))
         loss = sum(F.cross_entropy(logits[k], y[k][idx].to(device)) for k in heads)
         opt.zero_grad(set_to_none=True)
@@ -154,13 +155,23 @@ def train_judge(cfg, out: pathlib.Path, device: torch.device, log_metric: Metric
 
 
 # --- vae -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def _reconstruct(vae, x: torch.Tensor, device: torch.device, batch: int = 500) -> torch.Tensor:
+    """decode(mode(encode(x))): the deterministic round trip the latent model's data goes through."""
+    vae.eval()
+    return torch.cat([vae.decode(vae.encode(x[i : i + batch].to(device)).latent_dist.mode()).sample.float().cpu()
+                      for i in range(0, len(x), batch)])
+
+
 def train_vae(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn) -> pathlib.Path:
     from pipeline.zoo.build import build_vae
 
     c = cfg.vae
     torch.manual_seed(cfg.seed)
     x, _, _ = _images(cfg.data, "train", c.n_train)
-    vae = build_vae(cfg.data.size, c.block_out_channels, c.latent_channels, c.layers_per_block, c.norm_num_groups).to(device)
+    xv, _, _ = _images(cfg.data, "val", c.eval_n)
+    vae = build_vae(cfg.data.size, c.block_out_channels, c.latent_channels, c.layers_per_block, c.norm_num_groups)
+    vae = vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=c.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c.warmup, c.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -181,18 +192,21 @@ def train_vae(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn
         if step % 50 == 0 or step == c.steps - 1:
             log_metric("vae/loss", loss.item(), step)
             log_metric("vae/kl", kl.item(), step)
+        if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
+            value = psnr(_reconstruct(vae, xv, device), xv)
+            log_metric("vae/val_psnr", value, step + 1)
+            bar.write(f"vae step {step + 1}: val PSNR {value:.2f} dB")
+            vae.train()
     bar.close()
     vae.eval()
     # scaling_factor: scaled latents get unit RMS, the scale the noise schedule assumes (SD's 0.18215 plays
     # this role for its VAE). StableDiffusionPipeline has no shift, so RMS (not std) is the right target.
     with torch.no_grad():
-        z = torch.cat([vae.encode(x[i : i + 500].to(device)).latent_dist.mode() for i in range(0, min(len(x), 5000), 500)])
+        z = torch.cat([vae.encode(x[i : i + 500].to(device)).latent_dist.mode()
+                       for i in range(0, min(len(x), 5000), 500)])
         rms = z.pow(2).mean().sqrt().item()
-        xv, _, _ = _images(cfg.data, "val", c.eval_n)
-        rec = torch.cat([vae.decode(vae.encode(xv[i : i + 500].to(device)).latent_dist.mode()).sample.cpu()
-                         for i in range(0, len(xv), 500)])
     vae.register_to_config(scaling_factor=1.0 / rms)
-    value = psnr(rec, xv)
+    value = psnr(_reconstruct(vae, xv, device), xv)
     log_metric("vae/val_psnr", value, c.steps)
     ch = z.transpose(0, 1).flatten(1)
     print(f"vae: val PSNR {value:.2f} dB; latent RMS {rms:.3f}, per-channel mean {ch.mean(1).tolist()} "
@@ -217,7 +231,9 @@ def _sd_pipeline(vae, text_encoder, tokenizer, unet):
 
 def _save_pipeline(pipe, path: pathlib.Path):
     """Save ``pipe`` in fp16 without touching the training copy."""
-    half = copy.deepcopy(pipe).to(torch_dtype=STORE_DTYPE)
+    half = copy.deepcopy(pipe)
+    for module in (half.unet, half.vae, half.text_encoder):
+        module.to("cpu", STORE_DTYPE)
     half.save_pretrained(path, safe_serialization=True)
 
 
@@ -234,7 +250,8 @@ def evaluate_adherence(pipe, judge, captions: list[str], steps: int = 25, guidan
         gen = torch.Generator(device="cpu").manual_seed(seed + i)
         latents = torch.randn((len(chunk), pipe.unet.config.in_channels, pipe.unet.config.sample_size,
                                pipe.unet.config.sample_size), generator=gen).to(device, pipe.unet.dtype)
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="pt").images
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+                      output_type="pt").images
         for j, c in zip(judge.judge(images.float().cpu()), chunk):
             results.append((len(parse_caption(c)), compare(j, parse_caption(c))))
     out = {}
@@ -405,23 +422,19 @@ def train(cfg, log_metric: MetricFn | None = None) -> dict[str, pathlib.Path]:
     return paths
 
 
+def _log_metric(key: str, value: float, step: int) -> None:
+    """Default metric sink: the log (the MLflow tracker is wired in by the caller)."""
+    log.info("%s=%.5g step=%d", key, value, step)
+
+
 def _main() -> None:
     import hydra
 
     @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
     def main(cfg) -> None:
-        train(cfg, _metric_logger(cfg))
+        train(cfg, _log_metric)
 
     main()
-
-
-def _metric_logger(cfg) -> MetricFn | None:
-    """The project's tracker when available (pipeline.tracking), else plain logging."""
-    try:
-        from pipeline import tracking  # noqa: F401  (wired by the tracking module's owner)
-    except ImportError:
-        pass
-    return lambda key, value, step: log.info("%s=%.5g step=%d", key, value, step)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,199 @@
+"""The built-in zoo: shipped models load through their diffusers classes and behave; training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from pipeline import zoo  # noqa: E402
+from pipeline.data.shapes import ShapesDataset, parse_caption, vocabulary  # noqa: E402
+from pipeline.zoo.shapes_net import ShapesNet, compare, to_tensor  # noqa: E402
+from pipeline.zoo.tokenizer import bpe_merges, build_tokenizer, check_tokenizer  # noqa: E402
+from pipeline.zoo.train import CONF_DIR, train  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(zoo.locate("shapes_sd"), torch_dtype=torch.float32)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return zoo.load_judge()
+
+
+# --- locating ------------------------------------------------------------------------------------
+def test_locate_names_and_errors(tmp_path):
+    for name in zoo.MODELS:
+        assert zoo.locate(name).is_dir()
+    with pytest.raises(KeyError, match="shapes_sd"):
+        zoo.locate("shapes_xl")
+    with pytest.raises(FileNotFoundError, match="pipeline.zoo.train") as err:
+        zoo.locate("shapes_ddpm", root=tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_checkpoints_are_ordered_and_loadable():
+    from diffusers import StableDiffusionPipeline
+
+    ckpts = zoo.checkpoints("shapes_sd")
+    assert ckpts[-1] == zoo.locate("shapes_sd") and len(ckpts) >= 3
+    steps = [zoo.checkpoint_step(p) for p in ckpts[:-1]]
+    assert steps == sorted(steps) and all(s is not None for s in steps)
+    pipe = StableDiffusionPipeline.from_pretrained(ckpts[0], torch_dtype=torch.float32)
+    assert pipe.unet.config == StableDiffusionPipeline.from_pretrained(ckpts[-1], torch_dtype=torch.float32).unet.config
+    assert zoo.checkpoints("shapes_net") == [zoo.locate("shapes_net")]
+
+
+def test_shipped_weights_fit_the_budget():
+    size = sum(p.stat().st_size for p in zoo.WEIGHTS_DIR.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20, f"{size / 2**20:.1f} MB of shipped weights"
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+def test_tokenizer_gives_every_word_its_own_id(sd_pipe):
+    tok = sd_pipe.tokenizer
+    check_tokenizer(tok, vocabulary())  # raises on unk / shared ids / no round trip
+    ids = tok("a red circle on the left and a blue square on the right").input_ids
+    assert len(ids) == 15 and len(set(ids[1:-1])) == 9 and tok.unk_token_id not in ids[1:-1]
+    assert tok.model_max_length <= sd_pipe.text_encoder.config.max_position_embeddings
+
+
+def test_bpe_without_merges_is_what_breaks_conditioning(tmp_path):
+    """The failure mode this tokenizer avoids: whole-word vocab, no merges -> every word is unk."""
+    from transformers import CLIPTokenizer
+
+    from pipeline.zoo import tokenizer as T
+
+    vocab = {T.BOS: 0, T.EOS: 1, **{w + "</w>": i + 2 for i, w in enumerate(["red", "blue", "circle"])}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    files = ({"vocab": str(tmp_path / "vocab.json"), "merges": str(tmp_path / "merges.txt")} if T._takes_files()
+             else {"vocab_file": str(tmp_path / "vocab.json"), "merges_file": str(tmp_path / "merges.txt")})
+    broken = CLIPTokenizer(**files)
+    with pytest.raises(ValueError, match="expected one known id"):
+        check_tokenizer(broken, ["red", "blue"])
+    # learned merges fix it, for any word list
+    words = ["red", "reed", "green", "greed", "circle", "circles"]
+    assert len(bpe_merges(words)) > 0
+    check_tokenizer(build_tokenizer(words, tmp_path / "ok", 8), words)
+
+
+# --- shapes_sd -----------------------------------------------------------------------------------
+def test_shapes_sd_is_a_stable_diffusion_checkpoint(sd_pipe):
+    s = sd_pipe.scheduler.config
+    assert (s.beta_schedule, s.beta_start, s.beta_end, s.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
+    assert (s.prediction_type, s.steps_offset, s.set_alpha_to_one, s.clip_sample) == ("epsilon", 1, False, False)
+    unet = sd_pipe.unet
+    attn_levels = [b for b in unet.config.down_block_types if b.startswith("CrossAttn")]
+    assert len(attn_levels) >= 2 and unet.config.in_channels == sd_pipe.vae.config.latent_channels
+    assert sd_pipe.unet.dtype == torch.float32
+    index = json.loads((zoo.locate("shapes_sd") / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for sub in ("unet", "vae", "text_encoder"):
+        assert any(p.suffix == ".safetensors" for p in (zoo.locate("shapes_sd") / sub).iterdir())
+
+
+def test_vae_latents_are_normalised_and_reconstruct(sd_pipe):
+    x = to_tensor(ShapesDataset("val", 64).arrays()[0]) * 2 - 1
+    with torch.no_grad():
+        z = sd_pipe.vae.encode(x).latent_dist.mode() * sd_pipe.vae.config.scaling_factor
+        rec = sd_pipe.vae.decode(z / sd_pipe.vae.config.scaling_factor).sample
+    assert 0.7 < z.pow(2).mean().sqrt().item() < 1.4  # unit RMS, the scale the noise schedule expects
+    mse = ((rec.clamp(-1, 1) - x) * 127.5).pow(2).mean().item()
+    assert 10 * np.log10(255**2 / mse) > 28
+
+
+def test_shapes_sd_follows_the_caption(sd_pipe, judge):
+    captions = ShapesDataset("test", 16, seed=1).captions
+    gen = torch.Generator().manual_seed(0)
+    images = sd_pipe(captions, num_inference_steps=10, guidance_scale=5.0, generator=gen, output_type="np").images
+    assert images.shape == (16, 32, 32, 3)
+    judgements = judge.judge((images * 255).round().astype(np.uint8))
+    verdicts = [compare(j, parse_caption(c)) for j, c in zip(judgements, captions)]
+    assert np.mean([v["correct"] for v in verdicts]) >= 0.75
+
+
+def test_shapes_ddpm_loads_and_generates():
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(zoo.locate("shapes_ddpm"), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.sample_size == 32 and pipe.scheduler.config.beta_schedule == "linear"
+    gen = torch.Generator().manual_seed(0)
+    images = pipe(batch_size=2, num_inference_steps=4, generator=gen, output_type="np").images
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+
+
+# --- shapes_net ----------------------------------------------------------------------------------
+def test_judge_accuracy_on_real_test_images(judge):
+    samples = list(ShapesDataset("test", 500))
+    verdicts = [compare(j, s.objects) for j, s in zip(judge.judge(np.stack([s.image for s in samples])), samples)]
+    assert np.mean([v["exact"] for v in verdicts]) >= 0.98
+
+
+def test_judge_features_and_round_trip(judge, tmp_path):
+    x = to_tensor(ShapesDataset("val", 8).arrays()[0])
+    f = judge.features(x)
+    assert f.shape == (8, judge.config.feature_dim)
+    assert torch.allclose(judge.features(torch.nn.functional.interpolate(x, size=64)), f, atol=0.5)  # resized input
+    again = ShapesNet.from_pretrained(judge.save_pretrained(tmp_path / "net"))
+    assert torch.allclose(again.features(x), f, atol=1e-3)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ShapesNet.from_pretrained(tmp_path)
+    assert compare({"left": ("circle", "red"), "right": None}, [("red", "circle", "left")]) == \
+        {"colour": True, "shape": True, "correct": True, "exact": True}
+    assert not compare({"left": ("circle", "red"), "right": ("square", "red")}, [("red", "circle", "left")])["exact"]
+
+
+# --- training ------------------------------------------------------------------------------------
+def _tiny_cfg(tmp_path, component: str):
+    cfg = OmegaConf.load(CONF_DIR / "train.yaml")
+    cfg.output_dir, cfg.components = str(tmp_path), [component]
+    for c in ("judge", "vae", "sd", "ddpm"):
+        cfg[c].steps, cfg[c].n_train = 4, 256
+    cfg.judge.eval_n = cfg.vae.eval_n = 64
+    cfg.vae.eval_every = 2
+    cfg.sd.update(eval_every=2, eval_prompts=4, eval_sampling_steps=2, checkpoints=[0.5])
+    cfg.judge.batch = cfg.vae.batch = cfg.sd.batch = cfg.ddpm.batch = 8
+    return cfg
+
+
+@pytest.mark.parametrize("component, marker", [
+    ("judge", "shapes_net/model.safetensors"),
+    ("vae", "shapes_sd/vae/config.json"),
+    ("sd", "shapes_sd/model_index.json"),
+    ("ddpm", "shapes_ddpm/model_index.json"),
+])
+def test_training_component_smoke(tmp_path, component, marker):
+    metrics = []
+    paths = train(_tiny_cfg(tmp_path, component), lambda k, v, s: metrics.append((k, v, s)))
+    assert (tmp_path / marker).is_file() and set(paths) == {component}
+    keys = {k for k, _, _ in metrics}
+    assert f"{component}/loss" in keys and all(np.isfinite(v) for _, v, _ in metrics)
+    if component == "sd":
+        assert "sd/eval_correct" in keys
+        assert zoo.checkpoints("shapes_sd", tmp_path)[0].name == "step_00002"
+
+
+def test_training_is_reproducible(tmp_path):
+    cfg = _tiny_cfg(tmp_path / "a", "judge")
+    train(cfg)
+    cfg.output_dir = str(tmp_path / "b")
+    train(cfg)
+    a, b = (ShapesNet.from_pretrained(tmp_path / d / "shapes_net") for d in "ab")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
