@@ -197,3 +197,17 @@ def test_training_is_reproducible(tmp_path):
     train(cfg)
     a, b = (ShapesNet.from_pretrained(tmp_path / d / "shapes_net") for d in "ab")
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_training_is_an_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.zoo.train import tracked_train
+
+    cfg = _tiny_cfg(tmp_path / "w", "judge")
+    cfg.tracking = {"uri": None, "experiment": "zoo-test"}
+    cfg.paths = {"outputs": str(tmp_path / "out")}
+    tracked_train(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("zoo-test").experiment_id])[0]
+    assert run.info.status == "FINISHED" and "judge/loss" in run.data.metrics and run.data.params["components"] == "['judge']"

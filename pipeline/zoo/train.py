@@ -427,12 +427,40 @@ def _log_metric(key: str, value: float, step: int) -> None:
     log.info("%s=%.5g step=%d", key, value, step)
 
 
+def tracked_train(cfg) -> dict[str, pathlib.Path]:
+    """``train`` as one MLflow run like every pipeline run: flattened config as params, metrics per step,
+    environment tags, always ended (FAILED/KILLED on error)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.tracking import Tracker, environment_tags, flatten
+
+    tracker = Tracker(cfg.tracking, cfg.paths.outputs)
+    tracker.start(f"zoo train {','.join(cfg.components)}", tags={**environment_tags(str(_device(cfg.device))),
+                                                                   "zoo.output_dir": str(cfg.output_dir)})
+    status = "FAILED"
+    try:
+        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+
+        def log_metric(key: str, value: float, step: int) -> None:
+            _log_metric(key, value, step)
+            tracker.log_metric(key, value, step)
+
+        paths = train(cfg, log_metric)
+        status = "FINISHED"
+        return paths
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
+
+
 def _main() -> None:
     import hydra
 
     @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
     def main(cfg) -> None:
-        train(cfg, _log_metric)
+        tracked_train(cfg)
 
     main()
 
