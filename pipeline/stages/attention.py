@@ -42,7 +42,7 @@ class AttentionModeConfig:
     prompts: Optional[List[str]] = None  # overrides the dataset prompts
     prompts_file: Optional[str] = None
     num_prompts: int = 100  # from the dataset's captions when no prompts are given
-    steps: List[int] = field(default_factory=lambda: [5, 15, 30, 45])  # snapshot steps (0-based, < num_inference_steps)
+    steps: List[int] = field(default_factory=lambda: [2, 8, 15, 22])  # snapshot steps (0-based, < num_inference_steps)
     threshold: float = 0.4
     height: Optional[int] = None  # default: the model's
     width: Optional[int] = None
