@@ -1,5 +1,6 @@
 """``python -m pipeline [overrides]``: compose the config with Hydra and run it."""
 
+import signal
 import sys
 
 import hydra
@@ -15,7 +16,12 @@ def main(cfg):
     return run_from_hydra(cfg)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, cluster pre-emption) ends runs KILLED, like Ctrl-C
+
+
 def cli() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except KeyboardInterrupt:
