@@ -32,14 +32,10 @@ from pipeline.zoo.train import evaluate_adherence, psnr  # noqa: E402
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), in float64 via a symmetric eigen-decomposition."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * trace_sqrt)
+    """FID convention of the project's metrics library (float64, symmetric-eigen square-root trace)."""
+    from pipeline.metrics import frechet_distance as fd
+
+    return fd(a, b)
 
 
 @torch.no_grad()
