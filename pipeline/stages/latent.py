@@ -283,6 +283,19 @@ def _captions(ref, idx: list[int]) -> list[str]:
     return [caps[i] if i < len(caps) and caps[i] else "" for i in idx]
 
 
+def _round_trip_figure(shown, psnr, title: str):
+    """Inputs (top row) over their round trips (bottom row, PSNR in dB)."""
+    import matplotlib.pyplot as plt
+
+    k = min(8, len(shown[0]))
+    fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 2.8), squeeze=False)
+    for i in range(k):
+        _show(axes[0, i], shown[0][i], "input" if i == 0 else None)
+        _show(axes[1, i], shown[1][i], f"{float(psnr[i]):.1f} dB")
+    fig.suptitle(title, fontsize=8)
+    return fig
+
+
 def _show(ax, img: torch.Tensor, title: str | None = None) -> None:
     ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
     ax.set_xticks([]), ax.set_yticks([])
@@ -316,15 +329,7 @@ def latent_vae_stage(ctx, cfg):
     ctx.log_scalars({"latent/recon_psnr": float(p.mean()), "latent/recon_psnr_min": float(p.min())})
     if ref.num_skipped:
         ctx.tag("latent.num_skipped", ref.num_skipped)
-    import matplotlib.pyplot as plt
-
-    k = min(8, len(shown[0]))
-    fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 2.8), squeeze=False)
-    for i in range(k):
-        _show(axes[0, i], shown[0][i], "input" if i == 0 else None)
-        _show(axes[1, i], shown[1][i], f"{float(p[i]):.1f} dB")
-    fig.suptitle(f"VAE round trip (z = (mode - {shift:g}) x {scale:g})", fontsize=8)
-    ctx.save_figure(fig, "latent_vae")
+    ctx.save_figure(_round_trip_figure(shown, p, f"VAE round trip (z = (mode - {shift:g}) x {scale:g})"), "latent_vae")
     log.info("latent: VAE round-trip PSNR %.2f dB on %d images", float(p.mean()), len(p))
     return {}
 
@@ -437,15 +442,8 @@ def latent_inversion_stage(ctx, cfg):
     bar.close()
     p = torch.cat(psnrs)
     ctx.log_scalars({"latent/inversion_psnr": float(p.mean())})
-    import matplotlib.pyplot as plt
-
-    k = min(8, len(shown[0]))
-    fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 2.8), squeeze=False)
-    for i in range(k):
-        _show(axes[0, i], shown[0][i], "input" if i == 0 else None)
-        _show(axes[1, i], shown[1][i], f"{float(p[i]):.1f} dB")
-    fig.suptitle(f"DDIM inversion round trip ({m.steps} steps, caption, no CFG)", fontsize=8)
-    ctx.save_figure(fig, "latent_inversion")
+    ctx.save_figure(_round_trip_figure(shown, p, f"DDIM inversion round trip ({m.steps} steps, caption, no CFG)"),
+                    "latent_inversion")
     log.info("latent: DDIM inversion round-trip PSNR %.2f dB on %d images", float(p.mean()), len(p))
     return {}
 
