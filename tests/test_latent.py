@@ -17,7 +17,7 @@ from conftest import compose_cfg
 from pipeline import latent as L
 from pipeline.errors import UserError
 from pipeline.runner import run_pipeline
-from tiny import tiny_ddpm, tiny_sd
+from tiny import tiny_ddpm, tiny_models, tiny_sd
 
 torch.set_num_threads(1)  # small, and no oversubscription on a busy 2-core machine
 
@@ -215,12 +215,7 @@ def test_direction_edit_and_flip_rows():
 # ----------------------------------------------------------------------------------------------- the mode
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from pipeline.zoo.shapes_net import ShapesNet
-
-    root = tmp_path_factory.mktemp("latent_models")
-    torch.manual_seed(0)
-    ShapesNet().save_pretrained(root / "net")
-    return {"ddpm": tiny_ddpm(root / "ddpm"), "sd": tiny_sd(root / "sd"), "net": root / "net"}
+    return tiny_models(tmp_path_factory.mktemp("latent_models"))
 
 
 SMALL = ["sampler.batch_size=32", "mode.latent.steps=3", "mode.latent.ppl_pairs=3", "mode.latent.vae_samples=6",

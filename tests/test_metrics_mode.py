@@ -15,17 +15,12 @@ from conftest import compose_cfg
 from pipeline import generation
 from pipeline.errors import UserError
 from pipeline.runner import run_pipeline
-from tiny import tiny_ddpm, tiny_sd
+from tiny import tiny_ddpm, tiny_models, tiny_sd
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from pipeline.zoo.shapes_net import ShapesNet
-
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    ShapesNet().save_pretrained(root / "net")
-    return {"ddpm": tiny_ddpm(root / "ddpm"), "sd": tiny_sd(root / "sd"), "net": root / "net"}
+    return tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def _cfg(models, outputs, model="ddpm", extra=()):

@@ -77,3 +77,12 @@ def tiny_sdxl(path: Path) -> Path:
         scheduler=EulerDiscreteScheduler.from_config(sd_scheduler_config()))
     pipe.save_pretrained(path)
     return path
+
+
+def tiny_models(root: Path) -> dict[str, Path]:
+    """Tiny SD and DDPM pipelines plus a random-weight ShapesNet (feature space / judge) under ``root``."""
+    from pipeline.zoo.shapes_net import ShapesNet
+
+    torch.manual_seed(0)
+    ShapesNet().save_pretrained(root / "net")
+    return {"ddpm": tiny_ddpm(root / "ddpm"), "sd": tiny_sd(root / "sd"), "net": root / "net"}
