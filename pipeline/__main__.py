@@ -29,6 +29,12 @@ def cli() -> None:
 
         close_open_parents("KILLED")
         sys.exit(130)
+    except SystemExit as e:
+        if e.code not in (0, None):  # Hydra reports a composition error (e.g. an unknown option in a sweep list)
+            from pipeline.tracking import close_open_parents
+
+            close_open_parents("FAILED", "sweep stopped before its jobs finished: a configuration error (see the log)")
+        raise
     if FAILED_JOBS:
         sys.exit(1)
 

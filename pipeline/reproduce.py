@@ -55,8 +55,9 @@ def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict
     return cfg, results, info
 
 
-# wall-clock figures differ between any two runs: shown, never compared
-TIMING_MARKERS = ("sec_per_image", "seconds", "_time")
+# wall-clock figures differ between any two runs, and the number of shards is how a run was split, not what
+# it measured: shown, never compared
+TIMING_MARKERS = ("sec_per_image", "seconds", "_time", "num_shards")
 
 
 def is_timing(key: str) -> bool:

@@ -2,6 +2,10 @@
 
 ``run_pipeline`` is the task function: the Hydra entry point, ``pipeline.reproduce`` and the tests call it
 directly with a composed config and a run directory.
+
+Under ``torchrun`` (``pipeline.distributed``) every rank runs the same stages (so their collectives match), but
+only rank 0 creates the MLflow run and writes the run directory; the other ranks log nothing to MLflow and write
+into a throwaway temporary directory.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from pipeline import distributed as dist
 from pipeline.config import to_plain
 from pipeline.context import RunContext
 from pipeline.errors import ModeSkipped, UserError
@@ -65,6 +72,19 @@ def selected_modes(cfg: Any, choices: dict[str, Any] | None = None) -> list[str]
     if not modes:
         raise UserError(f"mode: no mode selected; expected e.g. mode=[schedule] (known: {sorted(MODES)})")
     return modes
+
+
+class _NoTracker:
+    """The tracker of a non-zero rank: accepts every call, records nothing (rank 0 owns the MLflow run)."""
+
+    uri = "none (rank != 0)"
+    run_id = None
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 def _run_stage(name: str, ctx: RunContext, done: set[str], chain: tuple[str, ...] = ()) -> None:
@@ -113,27 +133,36 @@ def run_pipeline(
     from pipeline.models.loading import resolve_device
     from pipeline.tracking import Tracker, environment_tags, flatten
 
+    main = dist.is_main()  # True unless this is a non-zero rank of a torchrun launch
+    scratch = None
+    if not main:  # same stages, nothing recorded: a throwaway run dir, no MLflow run
+        scratch = run_dir = Path(tempfile.mkdtemp(prefix=f"diffusion-lens-rank{dist.rank()}-"))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     choices = {k: v for k, v in (choices or {}).items() if v is not None}
-    tracker = Tracker(cfg.tracking, cfg.paths.outputs)  # unreachable server: UserError, and no run exists yet
+    tracker = Tracker(cfg.tracking, cfg.paths.outputs) if main else _NoTracker()  # unreachable server: UserError
     tags = {**environment_tags(str(cfg.model.device)), "run_dir": str(run_dir.resolve()), **(extra_tags or {})}
+    if dist.launched():
+        tags["distributed.world_size"] = str(dist.world_size())
     run_id = tracker.start(run_name or cfg.tracking.run_name, tags=tags, parent_run_id=parent_run_id)
     log.info("MLflow run %s in %s (%s)", run_id, tracker.uri, run_dir)
     info = {"run_id": run_id, "tracking_uri": tracker.uri, "choices": choices, "parent_run_id": parent_run_id}
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
-    ctx = RunContext(cfg, run_dir, tracker)
+    ctx = RunContext(cfg, run_dir, tracker if main else None)
     ctx.write_results()
     outcome = RunOutcome(run_id, "FAILED", run_dir)
     try:
+        # the group choices first: a job that fails on its config still shows what it was in a sweep's table
+        tracker.log_params({f"choice.{k}": str(v) for k, v in choices.items() if k != "mode"})
         plain = resolve(cfg)  # every interpolation and ??? now: a bad one fails before any work
         OmegaConf.save(OmegaConf.create(plain), run_dir / "config_resolved.yaml")
         modes = selected_modes(cfg, choices)
-        choices.setdefault("mode", modes)  # Hydra does not record list-valued group choices
         params = flatten(plain)
-        params.update({f"choice.{k}": str(v) for k, v in choices.items()})
+        params["choice.mode"] = str(choices.get("mode", modes))  # Hydra does not record list-valued group choices
+        choices.setdefault("mode", modes)
         tracker.log_params(params)
-        ctx.device = resolve_device(cfg.model.device)
+        ctx.device = dist.local_device(resolve_device(cfg.model.device))  # cuda:LOCAL_RANK under torchrun
+        dist.init(ctx.device)  # once per process; a no-op unless launched by torchrun
         tracker.set_tags({"device": str(ctx.device), "modes": ",".join(modes)})
         for mode in modes:  # cross-key checks of every mode before any work
             if MODES[mode].validate is not None:
@@ -158,6 +187,8 @@ def run_pipeline(
             log.warning("could not upload artifacts of %s:\n%s", run_dir, traceback.format_exc())
         finally:
             tracker.end(outcome.status)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
     return outcome
 
 

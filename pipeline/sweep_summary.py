@@ -1,20 +1,76 @@
-"""Summary of a sweep for its parent MLflow run: one table row per child run (choices, status, scalars)."""
+"""Summary of a sweep: one table row per child run, and the plots that fit what was swept.
+
+Used twice: by :class:`pipeline.tracking.SweepCallback` at the end of a multirun (the CSV and the plots become
+artifacts of the parent MLflow run and files in the sweep dir) and by ``python -m pipeline.compare``, which
+builds the same rows from any MLflow store. Everything here works on the MLflow run objects alone (params,
+metrics, tags), never on local run directories.
+
+A row is a flat dict: ``run_id``, ``run_name``, ``status``, every ``choice.<group>``, the config params that
+vary across the runs (``sampler.num_inference_steps``, ``model.path``, ...), all metrics (keys with a ``/``:
+``metrics/fid``) and ``error`` for a failed run. Failed runs stay in the table and are left out of the plots.
+"""
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
+STEPS = "sampler.num_inference_steps"
+GUIDANCE = "sampler.guidance_scale"
+CHECKPOINT = "model.path"
+SCHEDULER = "choice.scheduler"
+FID = "metrics/fid"
+SEC_PER_IMAGE = "metrics/sec_per_image"
+PROMPT_ACCURACY = "metrics/prompt_accuracy"
+FIXED_COLUMNS = ("run_id", "run_name", "status", "error")
+FAILED_STATUSES = ("FAILED", "KILLED")
+TABLE_NAME = "sweep_summary.csv"
+
+
+# --------------------------------------------------------------------------------------------- rows
+def parse_value(text: Any) -> Any:
+    """An MLflow param (always a string) as int or float where it is one, so columns sort numerically."""
+    if not isinstance(text, str):
+        return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def is_metric(key: str) -> bool:
+    return "/" in key  # metrics are logged as <mode>/<name>; params are dot keys
+
+
+def varying_params(children: Iterable[Any]) -> list[str]:
+    """Config params (not ``choice.*``) with more than one value among the runs that logged them."""
+    values: dict[str, set[str]] = {}
+    for run in children:
+        for key, value in run.data.params.items():
+            if not key.startswith("choice."):
+                values.setdefault(key, set()).add(value)
+    return sorted(k for k, v in values.items() if len(v) > 1)
+
 
 def child_rows(children: list[Any]) -> list[dict[str, Any]]:
+    """One row per run, in start order: choices, the params that vary across ``children``, metrics, error."""
+    children = sorted(children, key=lambda r: r.info.start_time or 0)
+    varying = varying_params(children)
     rows = []
-    for run in sorted(children, key=lambda r: r.info.start_time or 0):
+    for run in children:
+        params = run.data.params
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status}
-        row.update({k: v for k, v in sorted(run.data.params.items()) if k.startswith("choice.") and not k.startswith("choice.hydra")})
+        row.update({k: parse_value(v) for k, v in sorted(params.items())
+                    if k.startswith("choice.") and not k.startswith("choice.hydra")})
+        row.update({k: parse_value(params[k]) for k in varying if k in params})
         row.update(dict(sorted(run.data.metrics.items())))
         if "error" in run.data.tags:
             row["error"] = run.data.tags["error"]
@@ -22,20 +78,212 @@ def child_rows(children: list[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
-    fields: list[str] = []
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of every row: fixed columns, choices, varying params, metrics, error last."""
+    keys: list[str] = []
     for row in rows:
-        fields += [k for k in row if k not in fields]
+        keys += [k for k in row if k not in keys]
+    params = [k for k in keys if k not in FIXED_COLUMNS and not is_metric(k)]
+    choices = [k for k in params if k.startswith("choice.")]
+    return ([k for k in FIXED_COLUMNS[:3] if k in keys] + choices + [k for k in params if k not in choices]
+            + [k for k in keys if is_metric(k)] + (["error"] if "error" in keys else []))
+
+
+def _group(key: str) -> str:
+    """The config group a column belongs to: ``choice.model`` and ``model.path`` -> ``model``. Each
+    ``sampler.*`` key is its own group (steps and guidance are independent knobs, not one group choice)."""
+    if key.startswith("choice."):
+        return key[len("choice."):]
+    return key if key.startswith("sampler.") else key.split(".")[0]
+
+
+def _distinct(rows: list[dict[str, Any]], key: str) -> set[str]:
+    return {str(r[key]) for r in rows if key in r}
+
+
+def swept(rows: list[dict[str, Any]]) -> list[str]:
+    """The columns that say what was swept: varying choices, and varying params whose group choice is fixed
+    (``scheduler.cls`` says nothing that ``choice.scheduler`` does not; ``model.path`` under a fixed
+    ``choice.model`` is a checkpoint sweep)."""
+    keys = [k for k in columns(rows) if k not in FIXED_COLUMNS and not is_metric(k) and len(_distinct(rows, k)) > 1]
+    varying_choices = {_group(k) for k in keys if k.startswith("choice.")}
+    return [k for k in keys if k.startswith("choice.") or _group(k) not in varying_choices]
+
+
+def finished(rows: list[dict[str, Any]], *metrics: str) -> list[dict[str, Any]]:
+    """Rows of runs that finished with every one of ``metrics`` finite: the rows a plot may show."""
+    return [r for r in rows if r.get("status") == "FINISHED"
+            and all(isinstance(r.get(m), (int, float)) and math.isfinite(r[m]) for m in metrics)]
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=columns(rows))
         writer.writeheader()
         writer.writerows(rows)
     return path
 
 
+# --------------------------------------------------------------------------------------------- plots
+def _short(key: str) -> str:
+    return key.split("/")[-1] if is_metric(key) else key.split(".")[-1]
+
+
+def checkpoint_label(path: Any) -> str:
+    """The checkpoint directory name of a ``model.path`` (``.../shapes_sd_ckpt/step_00250`` -> ``step_00250``)."""
+    return Path(str(path).rstrip("/")).name or str(path)
+
+
+def checkpoint_labels(paths: Iterable[Any]) -> dict[Any, str]:
+    """``{path: label}``: the directory name, or the last two path parts where two paths share a name."""
+    paths = set(paths)
+    names = {p: checkpoint_label(p) for p in paths}
+    clash = {n for n in names.values() if list(names.values()).count(n) > 1}
+    return {p: "/".join(str(p).rstrip("/").split("/")[-2:]) if n in clash else n for p, n in names.items()}
+
+
+def _checkpoint_order(label: str) -> tuple:
+    """Training order: ``step_<n>`` checkpoints by n, anything else (the final model) after them."""
+    m = re.search(r"(\d+)$", label)
+    return (0, int(m.group(1)), label) if m and "step" in label else (1, 0, label)
+
+
+def _series(rows: list[dict[str, Any]], x_key: str) -> dict[str, list]:
+    """Rows split into one series per combination of the other swept columns (not ``x_key``'s group)."""
+    keys = [k for k in swept(rows) if _group(k) != _group(x_key)]
+    series: dict[str, list] = {}
+    for row in rows:
+        parts = []
+        for k in keys:
+            value = checkpoint_label(row.get(k)) if k == CHECKPOINT else row.get(k, "?")
+            parts.append(str(value) if k == SCHEDULER else f"{_short(k)}={value}")
+        series.setdefault(", ".join(parts) or str(row.get(SCHEDULER, "runs")), []).append(row)
+    return series
+
+
+def frontier_plot(rows: list[dict[str, Any]]):
+    """FID vs seconds per image, one line per scheduler (and per other swept value), points in step order,
+    each annotated with its step count."""
+    from matplotlib.figure import Figure
+
+    rows = finished(rows, FID, SEC_PER_IMAGE)
+    fig = Figure(figsize=(7, 4.8))
+    ax = fig.add_subplot()
+    for label, series in sorted(_series(rows, STEPS).items()):
+        series = sorted(series, key=lambda r: (r.get(STEPS, 0), r[SEC_PER_IMAGE]))
+        xs, ys = [r[SEC_PER_IMAGE] for r in series], [r[FID] for r in series]
+        (line,) = ax.plot(xs, ys, marker="o", label=label)
+        for r, x, y in zip(series, xs, ys):
+            ax.annotate(str(r.get(STEPS, "?")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
+                        color=line.get_color())
+    xs = [r[SEC_PER_IMAGE] for r in rows]
+    if min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("seconds per image (generation)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("quality vs cost (labels: inference steps)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def guidance_plot(rows: list[dict[str, Any]]):
+    """Prompt accuracy (and FID, in a second panel) vs the classifier-free guidance scale."""
+    from matplotlib.figure import Figure
+
+    metrics = [m for m in (PROMPT_ACCURACY, FID) if finished(rows, m, GUIDANCE)]
+    fig = Figure(figsize=(4.6 * len(metrics), 4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        for label, series in sorted(_series(finished(rows, metric, GUIDANCE), GUIDANCE).items()):
+            series = sorted(series, key=lambda r: r[GUIDANCE])
+            ax.plot([r[GUIDANCE] for r in series], [r[metric] for r in series], marker="o", label=label)
+        ax.set_xlabel("guidance scale")
+        ax.set_ylabel({PROMPT_ACCURACY: "prompt accuracy (higher is better)", FID: "FID (lower is better)"}[metric])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("classifier-free guidance")
+    fig.tight_layout()
+    return fig
+
+
+def checkpoint_plot(rows: list[dict[str, Any]]):
+    """FID (and prompt accuracy where measured) per checkpoint, x labelled by the checkpoint directory name."""
+    from matplotlib.figure import Figure
+
+    rows = finished(rows, FID)
+    rows = [r for r in rows if CHECKPOINT in r]
+    names = checkpoint_labels(r[CHECKPOINT] for r in rows)
+    labels = sorted(set(names.values()), key=_checkpoint_order)
+    metrics = [FID] + ([PROMPT_ACCURACY] if finished(rows, PROMPT_ACCURACY) else [])
+    fig = Figure(figsize=(max(4.6, 1.1 * len(labels) + 2) * len(metrics), 4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        for label, series in sorted(_series(finished(rows, metric), CHECKPOINT).items()):
+            points = sorted((labels.index(names[r[CHECKPOINT]]), r[metric]) for r in series)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+        ax.set_xlabel("checkpoint")
+        ax.set_ylabel({PROMPT_ACCURACY: "prompt accuracy (higher is better)", FID: "FID (lower is better)"}[metric])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("per checkpoint")
+    fig.tight_layout()
+    return fig
+
+
+def _varies(rows: list[dict[str, Any]], key: str) -> bool:
+    return len(_distinct(rows, key)) > 1
+
+
+def plot_kinds(rows: list[dict[str, Any]]) -> list[str]:
+    """Which plots apply, judged on the finished runs only (a failed job never makes a plot appear)."""
+    kinds = []
+    if _varies(finished(rows, FID, SEC_PER_IMAGE), STEPS):
+        kinds.append("sweep_frontier")
+    if any(_varies(finished(rows, m), GUIDANCE) for m in (PROMPT_ACCURACY, FID)):
+        kinds.append("sweep_guidance")
+    if _varies(finished(rows, FID), CHECKPOINT):
+        kinds.append("sweep_checkpoints")
+    return kinds
+
+
+PLOTS: dict[str, Callable[[list[dict[str, Any]]], Any]] = {
+    "sweep_frontier": frontier_plot, "sweep_guidance": guidance_plot, "sweep_checkpoints": checkpoint_plot,
+}
+
+
+def plots(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{name: matplotlib Figure}`` for each plot that applies to these rows (possibly none)."""
+    return {name: PLOTS[name](rows) for name in plot_kinds(rows)}
+
+
+def write_summary(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path, list[Path]]:
+    """The CSV and every applicable plot (PNG) into ``out_dir``. A plot that fails is logged and skipped."""
+    out_dir = Path(out_dir)
+    table = write_table(rows, out_dir / TABLE_NAME)
+    pngs = []
+    for name in plot_kinds(rows):
+        try:
+            fig = PLOTS[name](rows)
+            path = out_dir / f"{name}.png"
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+            pngs.append(path)
+        except Exception:  # noqa: BLE001 - a plot must never cost the table
+            log.warning("sweep summary: could not draw %s", name, exc_info=True)
+    return table, pngs
+
+
 def summarise(tracker: Any, children: list[Any], sweep_dir: Path) -> None:
+    """Table and plots into the sweep dir and onto the parent run (``tables/``, ``plots/`` artifacts)."""
     rows = child_rows(children)
-    path = write_table(rows, Path(sweep_dir) / "sweep_summary.csv")
-    tracker.log_artifact(path, "tables")
+    table, pngs = write_summary(rows, sweep_dir)
+    tracker.log_artifact(table, "tables")
+    for png in pngs:
+        tracker.log_artifact(png, "plots")
     failed = [r["run_name"] for r in rows if r["status"] != "FINISHED"]
-    log.info("sweep: %d jobs, %d not finished %s; summary %s", len(rows), len(failed), failed or "", path)
+    log.info("sweep: %d jobs, %d not finished %s; summary %s%s", len(rows), len(failed), failed or "", table,
+             f", plots {', '.join(p.name for p in pngs)}" if pngs else "")

@@ -107,6 +107,20 @@ def environment_tags(device: str) -> dict[str, str]:
     return tags
 
 
+def _retry_locked(call, *args, attempts: int = 8, **kwargs):
+    """Call a store write, retrying when SQLite reports a lock. MLflow's busy_timeout (20 s) covers most waits,
+    but SQLite returns "database is locked" at once when two readers both try to upgrade to writers; parallel
+    jobs (hydra/launcher=joblib) on one mlflow.db hit that, and a retry is then safe."""
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as e:
+            if "database is locked" not in str(e) or attempt == attempts - 1:
+                raise
+            log.info("MLflow store locked, retrying (%d/%d)", attempt + 1, attempts)
+            time.sleep(0.2 * 2**attempt)
+
+
 class Tracker:
     """One MLflow run, addressed by id (never MLflow's global active run, so jobs cannot leak into each other)."""
 
@@ -140,22 +154,22 @@ class Tracker:
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        run = _retry_locked(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         return self.run_id
 
     def log_params(self, params: Mapping[str, str]) -> None:
         items = [Param(*_clip_param(k, str(v))) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            _retry_locked(self.client.log_batch, self.run_id, params=items[i : i + 100])
 
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), int(time.time() * 1000), step)])
+        _retry_locked(self.client.log_batch, self.run_id, metrics=[Metric(key, float(value), int(time.time() * 1000), step)])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
         if items:
-            self.client.log_batch(self.run_id, tags=items)
+            _retry_locked(self.client.log_batch, self.run_id, tags=items)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -165,7 +179,7 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status=status)
+            _retry_locked(self.client.set_terminated, self.run_id, status=status)
 
     def child_runs(self, parent_run_id: str) -> list:
         return self.client.search_runs(
@@ -177,11 +191,11 @@ class Tracker:
 _OPEN_PARENTS: dict[str, Tracker] = {}
 
 
-def close_open_parents(status: str = "KILLED") -> None:
+def close_open_parents(status: str = "KILLED", error: str | None = None) -> None:
     """End every parent run this process opened and did not close (Ctrl-C, crash at exit)."""
     for run_id, tracker in list(_OPEN_PARENTS.items()):
         try:
-            tracker.set_tags({"error": f"sweep ended early ({status})"})
+            tracker.set_tags({"error": error or f"sweep ended early ({status})"})
             tracker.end(status)
         except Exception:  # noqa: BLE001 - best effort at exit
             log.warning("could not close parent run %s", run_id)
@@ -200,6 +214,10 @@ class SweepCallback(Callback):
     """Opens one parent MLflow run per multirun and closes it with a summary of its children."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from pipeline import distributed
+
+        if not distributed.is_main():  # under torchrun only rank 0 records the sweep
+            return
         try:
             tracker = Tracker(config.tracking, config.paths.outputs)
         except UserError as e:

@@ -5,6 +5,11 @@ Images stream batch by batch from the sampler into every extractor (never all N 
 side's features are cached on disk (``<paths.cache>/reference/``) keyed by dataset identity + content hash,
 N, extractor + weights hash and resize mode. The primary extractor (first of ``features=[...]``) reports
 ``metrics/<name>``; the others ``metrics/<name>_<extractor>``.
+
+Under ``torchrun`` (see ``pipeline.distributed``) each rank generates and extracts only its contiguous shard of the
+N samples; FID statistics are merged as exact float64 sums and the per-sample matrices gathered in sample order, so
+rank 0 computes every metric on exactly the single-process sets and logs it (``metrics/num_shards`` = world size).
+Only rank 0 loads or extracts the reference features.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pipeline import distributed as dist
 from pipeline import metrics as M
 from pipeline.errors import UserError
 from pipeline.generation import generate, is_text_conditioned
@@ -115,7 +122,10 @@ _REF_STATS: dict[str, M.ReferenceStats] = {}  # per process: the reference squar
 
 @stage("real_features", needs=("reference", "extractors"), produces=("real_features",))
 def real_features_stage(ctx, cfg):
-    """Reference pool features per extractor, from the disk cache when its key matches."""
+    """Reference pool features per extractor, from the disk cache when its key matches (rank 0 only when
+    distributed: the other ranks return None and never touch the cache)."""
+    if dist.init(ctx.device) and not dist.is_main():
+        return {"real_features": None}
     ref = ctx.get("reference")
     use_cache = cfg.mode.metrics.cache if cfg.mode.get("metrics") is not None else True
     out, hits = {}, []
@@ -131,7 +141,7 @@ def real_features_stage(ctx, cfg):
             hits.append(False)
             if use_cache:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: parallel writers never share it
                 torch.save({"pool": pool, "key": json.dumps(key, default=str)}, tmp)
                 tmp.replace(path)  # atomic: a parallel job never reads half a file
             log.info("reference cache miss: extracted %d x %d (%s) -> %s", *pool.shape, name, path.name)
@@ -196,6 +206,11 @@ def _sample_grid(images: list[torch.Tensor], prompts: list[str] | None, grid: in
 @stage("metrics", needs=("pipe", "sampler", "prompts", "extractors", "real_features"))
 def metrics_stage(ctx, cfg):
     m = cfg.mode.metrics
+    dist.init(ctx.device)
+    start, count = dist.shard(int(m.num_samples))  # (0, N) when not distributed
+    if dist.is_distributed():
+        log.info("rank %d of %d: samples %d..%d of %d", dist.rank(), dist.world_size(), start, start + count - 1,
+                 m.num_samples)
     pipe, prompts, extractors = ctx.get("pipe"), ctx.get("prompts"), ctx.get("extractors")
     real = ctx.get("real_features")
     judge = _judge_for(cfg, extractors, prompts, ctx.device)
@@ -208,8 +223,9 @@ def metrics_stage(ctx, cfg):
     gen_seconds = feat_seconds = 0.0
     real_shape = ctx.get("reference").image_shape()
 
-    stream = generate(pipe, ctx.get("sampler"), m.num_samples, batch_size, cfg.sampler.num_inference_steps,
-                      cfg.sampler.guidance_scale, cfg.seed, prompts=prompts, desc="metrics")
+    stream = generate(pipe, ctx.get("sampler"), count, batch_size, cfg.sampler.num_inference_steps,
+                      cfg.sampler.guidance_scale, cfg.seed, prompts=prompts, start=start, progress=dist.is_main(),
+                      desc="metrics")
     tic = time.perf_counter()
     for batch in stream:
         gen_seconds += time.perf_counter() - tic
@@ -236,19 +252,34 @@ def metrics_stage(ctx, cfg):
 
             for p, j in zip(batch.prompts, judge.judge(batch.images)):
                 judged.append({"prompt": p, "judged": json.dumps(j), **compare(j, parse_caption(p))})
-        if len(grid_images) < m.grid ** 2:
+        if len(grid_images) < m.grid ** 2 and start < m.grid ** 2:  # later shards never reach the grid
             take = m.grid ** 2 - len(grid_images)
             grid_images += list(batch.images[:take])
             grid_prompts += list(batch.prompts[:take]) if batch.prompts else []
         feat_seconds += time.perf_counter() - tic
         tic = time.perf_counter()
 
+    if dist.is_distributed():
+        n_valid, n_invalid = (int(v) for v in dist.all_reduce_scalars([n_valid, n_invalid]))
+        gen_seconds, feat_seconds = dist.all_reduce_scalars([gen_seconds, feat_seconds], op="max")  # wall clock
+        for name in extractors:
+            fake[name]["stats"] = dist.all_reduce_stats(fake[name]["stats"])
+            for k in ("pool", "logits", "image_embeds"):
+                fake[name][k] = _gathered(fake[name][k])
+            text_embeds[name] = _gathered(text_embeds[name])
+        judged = dist.all_gather_list(judged)
+        grid_images = dist.all_gather_list(grid_images)[: m.grid ** 2]
+        grid_prompts = dist.all_gather_list(grid_prompts)[: m.grid ** 2]
     k_max = max(m.pr_k, m.dc_k)
     if n_valid < k_max + 1:
         raise UserError(f"only {n_valid} of {m.num_samples} generated images are finite (NaN/Inf in the rest); "
                         f"metrics need at least {k_max + 1}")
-    scalars = {"metrics/num_samples": n_valid, "metrics/num_invalid": n_invalid,
-               "metrics/sec_per_image": gen_seconds / max(m.num_samples, 1)}
+    if not dist.is_main():
+        return {}  # rank 0 computes and logs every metric from the merged statistics
+    ref_seconds = sum(r["seconds"] for r in real.values())
+    scalars = {"metrics/num_samples": n_valid, "metrics/num_invalid": n_invalid, "metrics/num_shards": dist.world_size(),
+               "metrics/sec_per_image": gen_seconds / max(m.num_samples, 1), "metrics/generation_seconds": gen_seconds,
+               "metrics/fake_features_seconds": feat_seconds, "metrics/reference_seconds": ref_seconds}
     rows = []
     for i, (name, ex) in enumerate(extractors.items()):
         sfx = "" if i == 0 else f"_{name}"
@@ -279,5 +310,11 @@ def metrics_stage(ctx, cfg):
     ctx.save_figure(_sample_grid(grid_images, grid_prompts or None, m.grid), "metrics_samples")
     log.info("metrics: %s", {k: round(v, 4) for k, v in scalars.items()})
     log.info("timing: generation %.1f s, fake features + judge %.1f s, reference %.1f s",
-             gen_seconds, feat_seconds, sum(r["seconds"] for r in real.values()))
+             gen_seconds, feat_seconds, ref_seconds)
     return {}
+
+
+def _gathered(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's batches -> every rank's rows in sample order, as a one-element list (empty if none at all)."""
+    merged = dist.all_gather_rows(torch.cat(chunks) if chunks else None)
+    return [] if merged is None else [merged]
