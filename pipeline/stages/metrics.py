@@ -81,11 +81,19 @@ def metrics_check(ctx, cfg):
     return {}
 
 
+_SHAPES_REFS: dict[tuple, object] = {}  # per process, for the jobs of a sweep
+
+
 @stage("reference", produces=("reference",))
 def reference_stage(ctx, cfg):
+    from pipeline.config import to_plain
     from pipeline.data.reference import reference_set
 
-    ref = reference_set(cfg.dataset, _n_reference(cfg))
+    key = (repr(sorted(to_plain(cfg.dataset).items())), _n_reference(cfg))
+    ref = _SHAPES_REFS.get(key) or reference_set(cfg.dataset, _n_reference(cfg))
+    if ref.identity.get("kind") == "shapes":  # a pure function of the config: render (captions) once per process
+        _SHAPES_REFS.clear()
+        _SHAPES_REFS[key] = ref
     if ref.num_skipped:
         ctx.tag("reference.num_skipped", ref.num_skipped)
     log.info("reference set: %d images of %s (%s)", ref.n, cfg.dataset.name, ref.identity.get("split", ref.identity.get("root")))
@@ -188,17 +196,23 @@ def _judge_for(cfg, extractors, prompts, device):
 
 
 def _sample_grid(images: list[torch.Tensor], prompts: list[str] | None, grid: int):
+    """One mosaic image with the prompt under each tile (one axes: 64 subplots + tight_layout cost seconds)."""
     import matplotlib.pyplot as plt
 
     n = min(len(images), grid * grid)
-    fig, axes = plt.subplots(grid, grid, figsize=(grid * 1.6, grid * 1.75))
-    for i, ax in enumerate(np.ravel(axes)):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(images[i].permute(1, 2, 0).numpy())
-            if prompts:
-                ax.set_title(prompts[i].replace(" and ", "\n& "), fontsize=4.5)
-    fig.tight_layout()
+    h, w = images[0].shape[1:] if n else (32, 32)
+    gap_x, gap_y = max(2, w // 8), (h // 2 if prompts else max(2, h // 8))  # room for two lines of prompt
+    mosaic = np.full((grid * (h + gap_y), grid * (w + gap_x), 3), 255, np.uint8)
+    fig, ax = plt.subplots(figsize=(grid * 1.6, grid * 1.75))
+    for i in range(n):
+        r, c = divmod(i, grid)
+        y, x = r * (h + gap_y), c * (w + gap_x)
+        mosaic[y : y + h, x : x + w] = images[i].permute(1, 2, 0).numpy()
+        if prompts:
+            ax.text(x + w / 2, y + h + 0.5, prompts[i].replace(" and ", "\n& "), fontsize=4.5, ha="center", va="top")
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.axis("off")
+    fig.subplots_adjust(0.01, 0.01, 0.99, 0.99)
     return fig
 
 
