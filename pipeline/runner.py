@@ -192,6 +192,21 @@ def run_pipeline(
     return outcome
 
 
+def share_cores(launcher: Any) -> None:
+    """Parallel local jobs split the cores: each of P joblib workers gets cpus // P torch threads. Left alone,
+    every worker starts one thread per core and P workers oversubscribe the machine (torch's OpenMP threads
+    slow down many-fold when they compete for cores)."""
+    import os
+
+    if "joblib" not in str(OmegaConf.select(launcher, "_target_", default="")).lower():
+        return
+    cpus = os.cpu_count() or 1
+    n_jobs = int(OmegaConf.select(launcher, "n_jobs", default=-1) or 1)
+    parallel = min(cpus, n_jobs if n_jobs > 0 else max(1, cpus + 1 + n_jobs))  # joblib: -1 = all cores
+    torch.set_num_threads(max(1, cpus // parallel))
+    log.info("joblib launcher, %d parallel jobs on %d CPUs: %d torch thread(s) per job", parallel, cpus, torch.get_num_threads())
+
+
 def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
     """Hydra task function: user errors become one short line; in a multirun a failed job never stops the sweep."""
     from hydra.core.hydra_config import HydraConfig
@@ -201,6 +216,8 @@ def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    if multirun:
+        share_cores(hc.launcher)
     choices = OmegaConf.to_container(hc.runtime.choices)
     parent = read_parent_run_id(hc.sweep.dir) if multirun else None
     job = f"job {hc.job.num}: {' '.join(hc.overrides.task)}" if multirun else None
