@@ -142,3 +142,13 @@ def test_snapshot_steps_out_of_range_fail_before_any_work(tmp_path):
                        "model=hub", "model.path=/nonexistent"], tmp_path / "out")
     with pytest.raises(UserError, match=r"mode.attention.steps=\[5, 15\]: .* 0..9"):
         run_pipeline(cfg, tmp_path / "run")
+
+
+def test_each_captioned_object_is_scored_with_its_own_words():
+    """Both objects of a two-object caption are found (not only the first), also with a repeated colour."""
+    from pipeline.stages.attention import object_word_positions
+
+    words = "a yellow triangle on the left and a yellow circle on the right".split()
+    objects = [("yellow", "triangle", "left"), ("yellow", "circle", "right")]
+    assert object_word_positions(words, objects) == [(1, 2), (8, 9)]
+    assert object_word_positions(words[:6], objects) == [(1, 2), None]  # truncated prompt: the second is not scored

@@ -99,10 +99,17 @@ def test_torchrun_two_cpu_processes_report_the_single_process_metrics(tmp_path):
     assert runs[0].data.tags["distributed.world_size"] == "2"
     assert "rank 1 of 2: samples 8..15 of 16" in proc.stdout + proc.stderr
 
-    single = run_pipeline(compose_cfg(args, out), tmp_path / "single").results  # same store and reference cache
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): BLAS reduction order then matches too
+    try:
+        single = run_pipeline(compose_cfg(args, out), tmp_path / "single").results  # same store and reference cache
+    finally:
+        torch.set_num_threads(threads)
     assert single["metrics/num_shards"] == 1
-    assert sharded["metrics/fid"] == pytest.approx(single["metrics/fid"], rel=1e-6)
-    for key in ("kid_mean", "kid_std", "precision", "recall", "density", "coverage", "is_mean", "is_std", "fid_floor"):
+    # FIDs at N < d are ill-conditioned (rank-deficient covariances): equal to float64 round-off, not bitwise
+    for key in ("fid", "fid_floor"):
+        assert sharded[f"metrics/{key}"] == pytest.approx(single[f"metrics/{key}"], rel=1e-6), key
+    for key in ("kid_mean", "kid_std", "precision", "recall", "density", "coverage", "is_mean", "is_std"):
         assert sharded[f"metrics/{key}"] == pytest.approx(single[f"metrics/{key}"], rel=1e-9, abs=1e-12), key
     for key in ("generation_seconds", "fake_features_seconds", "reference_seconds"):
         assert sharded[f"metrics/{key}"] >= 0 and single[f"metrics/{key}"] >= 0

@@ -32,4 +32,7 @@ def test_attention_maps_segment_the_named_objects(tmp_path):
     # (The bar, mIoU >= 0.5, is NOT met by this model: see README, attention mode.)
     assert r["attention/miou"] > 2 * r["attention/miou_swapped"]
     assert r["attention/miou_8x8"] > r["attention/miou_2x2"]  # finer layers localise better
+    # the resolution ceiling: a perfect 8x8 map would score ~0.8, a perfect 2x2 one ~0.2 (32x32 images)
+    assert r["attention/miou_ceiling_8x8"] > 0.7 > 0.3 > r["attention/miou_ceiling_2x2"]
+    assert r["attention/miou_8x8"] < r["attention/miou_ceiling_8x8"]
     assert 0 < r["attention/entropy_late"] <= 1 and 0 < r["attention/entropy_early"] <= 1

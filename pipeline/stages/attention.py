@@ -9,7 +9,9 @@ Control: in two-object captions, the IoU of each object's mask with the *other* 
 (``attention/miou_swapped``) — maps that localise score well above it.
 
 Scalars: attention/miou (shape words), attention/miou_colour (colour words), attention/miou_swapped (control),
-attention/miou_<h>x<w> (shape words, one cross-attention resolution), attention/entropy_early,
+attention/miou_<h>x<w> (shape words, one cross-attention resolution), attention/miou_ceiling_<h>x<w> (what a
+perfect map at that resolution would score: the mask's share of each cell, upsampled and thresholded like the
+real maps — it separates the resolution limit from the model's attention quality), attention/entropy_early,
 attention/entropy_late (normalised spatial entropy of content-word maps at the first and last snapshot),
 attention/bos_share, attention/num_prompts, attention/num_scored, attention/num_unscored,
 attention/num_truncated.
@@ -102,6 +104,26 @@ def binarise(m: torch.Tensor, threshold: float) -> np.ndarray:
     """Min-max normalise a heat map to [0, 1] and threshold it (DAAM's τ)."""
     lo, hi = m.min(), m.max()
     return (((m - lo) / (hi - lo).clamp_min(1e-12)) >= threshold).numpy()
+
+
+def object_word_positions(words: list[str], objects: list[tuple[str, str, str]]) -> list[tuple[int, int] | None]:
+    """Word indices (colour, shape) of each captioned object, in caption order: the first adjacent
+    "<colour> <shape>" pair after the previous object's. None for an object whose words were truncated away."""
+    out, start = [], 0
+    lower = [w.lower().strip(".,") for w in words]
+    for colour, shape, _ in objects:
+        found = next((p for p in range(start, len(lower) - 1) if lower[p] == colour and lower[p + 1] == shape), None)
+        out.append(None if found is None else (found, found + 1))
+        if found is not None:
+            start = found + 2
+    return out
+
+
+def ideal_map(mask: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """The best map a layer with a ``grid`` of cells can hold for ``mask``: the mask's share of each cell,
+    upsampled like the real maps. Its IoU is the resolution ceiling of that layer's maps."""
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return _to_image(F.adaptive_avg_pool2d(m, grid)[0], size)[0]
 
 
 def object_mask(image: np.ndarray, side: str) -> np.ndarray:
@@ -201,6 +223,7 @@ def attention_stage(ctx, cfg):
 
     ious, ious_colour, ious_swapped, ent_early, ent_late, bos = [], [], [], [], [], []
     ious_res: dict[tuple[int, int], list[float]] = {}
+    ceiling: dict[tuple[int, int], list[float]] = {}  # the IoU a perfect map at each layer's grid would reach
     n_trunc = n_unscored = 0
     saved: dict[str, np.ndarray] = {}
     figures = 0
@@ -240,22 +263,23 @@ def attention_stage(ctx, cfg):
             except ValueError:
                 objects = []  # not a shapes caption: maps only, no ground truth
             res_maps = {g: _to_image(word_maps(m[i], positions), (height, width)) for g, m in by_res_all.items()}
+            slots = object_word_positions(words, objects)  # (colour index, shape index) per object, or None
             for k, (colour, shape, side) in enumerate(objects):
                 mask = object_mask(images[i], side)
                 if mask.sum() < 4:
                     n_unscored += 1
                     continue
-                # caption grammar: object k's colour and shape words are words 6k+1 and 6k+2
-                idx = {"colour": 6 * k + 1, "shape": 6 * k + 2}
-                if idx["shape"] >= len(words) or words[idx["shape"]] != shape or words[idx["colour"]] != colour:
-                    continue  # truncated or not in the grammar
-                ious.append(iou(binarise(final[idx["shape"]], a.threshold), mask))
-                ious_colour.append(iou(binarise(final[idx["colour"]], a.threshold), mask))
+                if slots[k] is None:
+                    n_unscored += 1  # truncated away: the words are not in the tokens
+                    continue
+                c_idx, s_idx = slots[k]
+                ious.append(iou(binarise(final[s_idx], a.threshold), mask))
+                ious_colour.append(iou(binarise(final[c_idx], a.threshold), mask))
                 for g, rm in res_maps.items():
-                    ious_res.setdefault(g, []).append(iou(binarise(rm[idx["shape"]], a.threshold), mask))
-                other = 6 * (1 - k) + 2
-                if len(objects) == 2 and other < len(words):
-                    ious_swapped.append(iou(binarise(final[other], a.threshold), mask))
+                    ious_res.setdefault(g, []).append(iou(binarise(rm[s_idx], a.threshold), mask))
+                    ceiling.setdefault(g, []).append(iou(binarise(ideal_map(mask, g, (height, width)), a.threshold), mask))
+                if len(objects) == 2 and slots[1 - k] is not None:  # control: the other object's shape word
+                    ious_swapped.append(iou(binarise(final[slots[1 - k][1]], a.threshold), mask))
             if figures < a.figures and content:
                 snaps_img = {s: _to_image(v[content], (height, width)) for s, v in snaps.items()}
                 ctx.save_figure(_overlay_figure(images[i], [words[k] for k in content], snaps_img, final[content], prompt),
@@ -284,6 +308,7 @@ def attention_stage(ctx, cfg):
         scalars["attention/miou_swapped"] = float(np.mean(ious_swapped))
     for g, vals in sorted(ious_res.items(), reverse=True):
         scalars[f"attention/miou_{g[0]}x{g[1]}"] = float(np.mean(vals))
+        scalars[f"attention/miou_ceiling_{g[0]}x{g[1]}"] = float(np.mean(ceiling[g]))
     ctx.log_scalars(scalars)
     log.info("attention: %s", {k: round(v, 4) for k, v in scalars.items()})
     return {}
