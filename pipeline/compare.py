@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(text)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `python -m pipeline.compare ... | head`: the reader left, the files are written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
