@@ -6,7 +6,7 @@ extraction (``metrics/*_seconds`` of the children, read back from MLflow). Measu
 command (imports, Hydra, model load, MLflow, figures, artifacts included) and of the parent run. Target:
 wall <= 1.1 x baseline, and one model load per sweep process (children tagged ``model_cache=miss``: 1).
 
-Usage: python bench/sweep_overhead.py [--schedulers ddim,euler,dpmpp_2m,unipc] [--n 256] [--steps 25]
+Usage: python bench/sweep_overhead.py [--schedulers ddim,euler,dpmpp_2m,unipc] [--n 640] [--steps 25]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--schedulers", default="ddim,euler,dpmpp_2m,unipc")
-    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--n", type=int, default=640)
     ap.add_argument("--steps", type=int, default=25)
     args = ap.parse_args()
     from mlflow.tracking import MlflowClient
