@@ -61,6 +61,7 @@ def test_reproduce_by_run_id_and_by_run_dir(main_run, outputs, tmp_path):
     assert proc.returncode == 1 and "MISMATCH schedule/log_snr_max" in proc.stdout
 
 
+@pytest.mark.slow
 def test_multirun_makes_one_parent_and_a_child_per_job_even_when_one_fails(outputs):
     before = {r.info.run_id for r in all_runs(outputs)}
     proc = run_cli(["-m", f"paths.outputs={outputs}", "mode=[schedule]", "scheduler=ddim,euler",
@@ -98,6 +99,7 @@ def test_bad_input_gives_a_short_error_and_leaves_nothing_running(args, expected
     _no_run_left_running(outputs)
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_sweep_leaves_no_run_running(outputs):
     cmd = [sys.executable, "-m", "pipeline", "-m", f"paths.outputs={outputs}", "scheduler=ddim,euler,heun"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -73,6 +73,7 @@ def test_merged_shard_statistics_equal_one_pass(tmp_path, monkeypatch):
     assert [j["i"] for j in r["judged"]] == list(range(N)) and r["counts"] == [N, 2.0]
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_report_the_single_process_metrics(tmp_path):
     from pipeline.runner import run_pipeline
     from pipeline.zoo.shapes_net import ShapesNet

@@ -63,6 +63,7 @@ def _parent(outputs: Path):
     return max((r for r in all_runs(outputs) if r.data.tags.get("sweep.role") == "parent"), key=lambda r: r.info.start_time)
 
 
+@pytest.mark.slow
 def test_checkpoint_sweep_shares_model_and_reference_and_summarises(models, tmp_path):
     """2 checkpoints x 2 schedulers in one process: one load per checkpoint, one reference extraction."""
     out = tmp_path / "out"
@@ -121,6 +122,7 @@ def mlflow_server(tmp_path_factory):
         proc.kill()
 
 
+@pytest.mark.slow
 def test_sweep_on_a_tracking_server_and_compare_reads_it_back(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -167,6 +169,7 @@ def _hammer(uri: str, outputs: str, k: int, q) -> None:
         q.put(("error", f"{type(e).__name__}: {e}"))
 
 
+@pytest.mark.slow
 def test_four_processes_write_one_sqlite_store_without_lock_errors(tmp_path):
     from pipeline.tracking import Tracker, default_uri
     from omegaconf import OmegaConf
@@ -190,6 +193,7 @@ def test_four_processes_write_one_sqlite_store_without_lock_errors(tmp_path):
     assert all(len(client.get_metric_history(r.info.run_id, "m0")) == 5 for r in runs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_parallel_launchers_record_every_job(launcher, tmp_path):
     out = tmp_path / "out"
@@ -209,6 +213,7 @@ def test_parallel_launchers_record_every_job(launcher, tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep.jobs"] == str(len(schedulers))
 
 
+@pytest.mark.slow
 def test_unknown_scheduler_in_a_sweep_fails_before_any_job(tmp_path):
     out = tmp_path / "out"
     proc = run_cli(["-m", "model=sd15_scheduler", "mode=[schedule]", "scheduler=ddim,ddim_fast", f"paths.outputs={out}"], out)
