@@ -190,6 +190,12 @@ def frontier_plot(rows: list[dict[str, Any]]):
     return fig
 
 
+def _label_metric_axis(ax, metric: str) -> None:
+    ax.set_ylabel({PROMPT_ACCURACY: "prompt accuracy (higher is better)", FID: "FID (lower is better)"}[metric])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def guidance_plot(rows: list[dict[str, Any]]):
     """Prompt accuracy (and FID, in a second panel) vs the classifier-free guidance scale."""
     from matplotlib.figure import Figure
@@ -202,9 +208,7 @@ def guidance_plot(rows: list[dict[str, Any]]):
             series = sorted(series, key=lambda r: r[GUIDANCE])
             ax.plot([r[GUIDANCE] for r in series], [r[metric] for r in series], marker="o", label=label)
         ax.set_xlabel("guidance scale")
-        ax.set_ylabel({PROMPT_ACCURACY: "prompt accuracy (higher is better)", FID: "FID (lower is better)"}[metric])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label_metric_axis(ax, metric)
     fig.suptitle("classifier-free guidance")
     fig.tight_layout()
     return fig
@@ -227,9 +231,7 @@ def checkpoint_plot(rows: list[dict[str, Any]]):
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
         ax.set_xlabel("checkpoint")
-        ax.set_ylabel({PROMPT_ACCURACY: "prompt accuracy (higher is better)", FID: "FID (lower is better)"}[metric])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label_metric_axis(ax, metric)
     fig.suptitle("per checkpoint")
     fig.tight_layout()
     return fig
