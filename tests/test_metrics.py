@@ -151,9 +151,12 @@ def test_sqrt_trace_equals_general_eigenvalues_of_the_product():
     # independent: Tr((Σ₁Σ₂)^½) from the general (complex) eigenvalues of the non-symmetric product
     via_eigvals = float(torch.linalg.eigvals(s1 @ s2).sqrt().real.sum())
     for method in ("cholesky", "eigh"):
-        value, rank = _sqrt_trace(_psd_factor(s1, method), s2)
-        assert rank == 40
-        assert rel(value, via_eigvals) < 1e-10
+        factor, lower = _psd_factor(s1, method)
+        assert lower == (method == "cholesky")
+        for block in (256, 7):  # dense products, and blocks that skip the Cholesky factor's zeros (ragged end)
+            value, rank = _sqrt_trace(factor, s2, lower, block=block)
+            assert rank == 40
+            assert rel(value, via_eigvals) < 1e-10
 
 
 def test_fid_rank_deficient_is_finite_exact_and_warns(caplog):

@@ -69,8 +69,8 @@ def _check_psd_spectrum(eigvals: torch.Tensor, name: str) -> None:
         )
 
 
-def _psd_factor(sigma: torch.Tensor, method: FactorMethod = "cholesky", name: str = "sigma") -> torch.Tensor:
-    """A factor F with F Fᵀ = Σ (float64).
+def _psd_factor(sigma: torch.Tensor, method: FactorMethod = "cholesky", name: str = "sigma") -> tuple[torch.Tensor, bool]:
+    """A factor F with F Fᵀ = Σ (float64), and whether F is lower triangular.
 
     ``"cholesky"``: the lower Cholesky factor L when Σ is numerically positive definite (fast: ~n³/3 flops);
     falls back to the symmetric root when the factorisation fails (rank-deficient Σ, e.g. N ≤ d samples).
@@ -79,21 +79,50 @@ def _psd_factor(sigma: torch.Tensor, method: FactorMethod = "cholesky", name: st
     if method == "cholesky":
         chol, info = torch.linalg.cholesky_ex(sigma)
         if int(info) == 0:  # Σ was checked finite, so a successful factor is finite
-            return chol
+            return chol, True
         logger.debug("Cholesky of %s failed (info=%d): using the symmetric eigen square root", name, int(info))
-        return _symmetric_sqrt(sigma, name)
+        return _symmetric_sqrt(sigma, name), False
     elif method == "eigh":
-        return _symmetric_sqrt(sigma, name)
+        return _symmetric_sqrt(sigma, name), False
     else:
         raise ValueError(f"Expected `factor` to be one of 'cholesky', 'eigh', got {method!r}")
 
 
-def _sqrt_trace(factor1: torch.Tensor, sigma2: torch.Tensor) -> tuple[float, int]:
-    """Tr((Σ₁Σ₂)^½) = Σᵢ √λᵢ(Fᵀ Σ₂ F) for F Fᵀ = Σ₁. Returns (trace, numerical rank of Fᵀ Σ₂ F)."""
-    # 1. the symmetric PSD matrix with the spectrum of Σ₁Σ₂ (two dense products: MKL gemm on 2 cores beats
+def _congruence(factor: torch.Tensor, sigma2: torch.Tensor, lower: bool, block: int = 256) -> torch.Tensor:
+    """Fᵀ Σ₂ F, of which only the lower triangle is defined (all ``eigvalsh`` reads).
+
+    A dense F costs two d³ products. A lower-triangular F (Cholesky) has zero blocks that need no work: with
+    column blocks B₀ … B_K of F, P = Σ₂F is needed only on and below the block diagonal, where
+    P[B_k, B_j] = Σ_{l ≥ j} Σ₂[B_k, B_l] F[B_l, B_j], and the lower triangle of Fᵀ P, block row i, needs only
+    F[B_k, B_i] and P[B_k, :] for k ≥ i. That is ~¼ of the dense flops (0.11 s vs 0.27 s at d = 2048 on
+    2 cores). One d × d buffer serves both steps: block row i of the result is written, transposed, above
+    row e_i, where later steps no longer read P. The buffer is returned as a column-major view, so
+    ``eigvalsh``'s internal LAPACK copy is a straight copy rather than a transpose.
+    """
+    d = factor.shape[0]
+    if not lower or d <= 2 * block:
+        return factor.mT @ (sigma2 @ factor)
+    bounds = [(s, min(s + block, d)) for s in range(0, d, block)]
+    buf = torch.empty_like(sigma2)
+    # 1. P = Σ₂F on and below the block diagonal
+    for s, e in bounds:
+        torch.matmul(sigma2[s:, s:], factor[s:, s:e], out=buf[s:, s:e])
+    # 2. (Fᵀ P)[B_i, :e_i], stored transposed in buf[:e_i, B_i]; step i' > i reads only rows ≥ e_i of P. The
+    #    diagonal block is both read and written in step i, hence a temporary rather than out=
+    for s, e in bounds:
+        buf[:e, s:e] = buf[s:, :e].mT @ factor[s:, s:e]
+    return buf.mT
+
+
+def _sqrt_trace(
+    factor1: torch.Tensor, sigma2: torch.Tensor, lower: bool = False, block: int = 256
+) -> tuple[float, int]:
+    """Tr((Σ₁Σ₂)^½) = Σᵢ √λᵢ(Fᵀ Σ₂ F) for F Fᵀ = Σ₁ (``lower``: F is lower triangular). Returns (trace, numerical
+    rank of Fᵀ Σ₂ F)."""
+    # 1. the symmetric PSD matrix with the spectrum of Σ₁Σ₂ (blocked torch products: on 2 cores MKL gemm beats
     #    LAPACK's triangular-aware dsygst from scipy's OpenBLAS, whose spinning threads stall on shared cores)
-    inner = factor1.mT @ (sigma2 @ factor1)
-    # 2. its eigenvalues, float64 (only the lower triangle is read: rounding asymmetry is irrelevant)
+    inner = _congruence(factor1, sigma2, lower, block)
+    # 2. its eigenvalues, float64 (only the lower triangle is read: the upper one is not even computed)
     eigvals = torch.linalg.eigvalsh(inner)
     _check_psd_spectrum(eigvals, "Σ₁Σ₂")
     # 3. numerical rank: eigenvalues below d·eps·λ_max are zero up to rounding

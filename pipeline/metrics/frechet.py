@@ -35,19 +35,19 @@ def _frechet_compute(
     sigma1: torch.Tensor,
     mu2: torch.Tensor,
     sigma2: torch.Tensor,
-    factor1: torch.Tensor | None = None,
+    factor1: tuple[torch.Tensor, bool] | None = None,
     n1: int | None = None,
     n2: int | None = None,
 ) -> float:
-    """The Fréchet distance from validated float64 statistics; ``factor1`` (F Fᵀ = Σ₁, e.g. a ``ReferenceStats``'
-    cached factor) is computed here when not given."""
+    """The Fréchet distance from validated float64 statistics; ``factor1`` (F with F Fᵀ = Σ₁ and whether F is lower
+    triangular, e.g. a ``ReferenceStats``' cached factor) is computed here when not given."""
     d = mu1.shape[0]
     # 1. mean term and covariance traces
     mean_term = float((mu1 - mu2).square().sum())
     trace_term = float(sigma1.diagonal().sum() + sigma2.diagonal().sum())
     # 2. Tr((Σ₁Σ₂)^½) through the symmetric matrix Fᵀ Σ₂ F
-    factor = factor1 if factor1 is not None else _psd_factor(sigma1, "cholesky", "sigma1")
-    sqrt_trace, rank = _sqrt_trace(factor, sigma2.to(factor.device))
+    factor, lower = factor1 if factor1 is not None else _psd_factor(sigma1, "cholesky", "sigma1")
+    sqrt_trace, rank = _sqrt_trace(factor, sigma2.to(factor.device), lower)
     # 3. rank-deficient covariances: the value stays finite, but say why it may be off
     few = [(name, n) for name, n in (("first", n1), ("second", n2)) if n is not None and n <= d]
     if few:
@@ -108,7 +108,7 @@ def frechet_distance(feats_a: StatsLike, feats_b: StatsLike) -> float:
     # the distance is symmetric: put a side with a cached factor first so its factor is reused
     if ref1 is None and ref2 is not None:
         mu1, sigma1, n1, ref1, mu2, sigma2, n2 = mu2, sigma2, n2, ref2, mu1, sigma1, n1
-    factor1 = ref1.sqrt_factor if ref1 is not None else None
+    factor1 = (ref1.sqrt_factor, ref1.factor_is_lower) if ref1 is not None else None
     return _frechet_compute(mu1, sigma1, mu2, sigma2, factor1=factor1, n1=n1, n2=n2)
 
 

@@ -187,9 +187,18 @@ class ReferenceStats:
         return int(self.mu.shape[0])
 
     @cached_property
+    def _factor(self) -> tuple[torch.Tensor, bool]:
+        return _psd_factor(self.sigma, self.factor_method, "sigma")
+
+    @property
     def sqrt_factor(self) -> torch.Tensor:
         """F with F Fᵀ = Σ (float64), computed once on first access (lower triangular when Cholesky)."""
-        return _psd_factor(self.sigma, self.factor_method, "sigma")
+        return self._factor[0]
+
+    @property
+    def factor_is_lower(self) -> bool:
+        """Whether ``sqrt_factor`` is lower triangular (the Cholesky factor, not the symmetric-root fallback)."""
+        return self._factor[1]
 
     def to_dict(self) -> dict[str, Any]:
         """``{"mu", "sigma", "n"}`` as numpy (n = -1 when unknown); the factor is recomputed after loading."""
@@ -202,5 +211,5 @@ class ReferenceStats:
         return cls(np.asarray(state["mu"]), np.asarray(state["sigma"]), n=None if n < 0 else n, factor=factor)
 
     def __repr__(self) -> str:
-        cached = "sqrt_factor" in self.__dict__
+        cached = "_factor" in self.__dict__
         return f"ReferenceStats(dim={self.dim}, n={self.n}, factor={self.factor_method!r}, cached={cached})"
