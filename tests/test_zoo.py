@@ -193,6 +193,16 @@ def test_training_component_smoke(tmp_path, component, marker):
         assert zoo.checkpoints("shapes_sd", tmp_path)[0].name == "step_00002"
 
 
+def test_sd_training_with_evaluation_off(tmp_path):
+    cfg = _tiny_cfg(tmp_path, "sd")
+    cfg.sd.eval_every = 0  # "0 = never" (train.yaml): checkpoints are still written, no adherence is measured
+    metrics = []
+    train(cfg, lambda k, v, s: metrics.append(k))
+    assert (tmp_path / "shapes_sd/model_index.json").is_file()
+    assert zoo.checkpoints("shapes_sd", tmp_path)[0].name == "step_00002"
+    assert "sd/loss" in metrics and not any(k.startswith("sd/eval_") for k in metrics)
+
+
 def test_training_is_reproducible(tmp_path):
     cfg = _tiny_cfg(tmp_path / "a", "judge")
     train(cfg)

@@ -351,7 +351,7 @@ def train_sd(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn)
         bar.update()
         if step % 50 == 0 or step == c.steps:
             log_metric("sd/loss", loss.item(), step)
-        if step % c.eval_every == 0 or step in ckpt_steps or step == c.steps:
+        if (c.eval_every and step % c.eval_every == 0) or step in ckpt_steps or step == c.steps:  # 0 = never
             bar.clear()
             snapshot(step)
     bar.close()
