@@ -36,3 +36,12 @@ def test_attention_maps_segment_the_named_objects(tmp_path):
     assert r["attention/miou_ceiling_8x8"] > 0.7 > 0.3 > r["attention/miou_ceiling_2x2"]
     assert r["attention/miou_8x8"] < r["attention/miou_ceiling_8x8"]
     assert 0 < r["attention/entropy_late"] <= 1 and 0 < r["attention/entropy_early"] <= 1
+    # the IoU-vs-threshold table: its row at the configured τ (0.4) is the headline number
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "attn" / "tables" / "attention_iou_by_threshold.csv").open()))
+    by_tau = {float(row["threshold"]): row for row in rows}
+    assert sorted(by_tau) == [round(0.1 * k, 1) for k in range(1, 10)]
+    assert float(by_tau[0.4]["miou_shape"]) == pytest.approx(r["attention/miou"], abs=1e-9)
+    assert float(by_tau[0.4]["miou_colour"]) == pytest.approx(r["attention/miou_colour"], abs=1e-9)
+    assert (tmp_path / "attn" / "plots" / "attention_iou_by_threshold.png").is_file()

@@ -14,7 +14,8 @@ perfect map at that resolution would score: the mask's share of each cell, upsam
 real maps — it separates the resolution limit from the model's attention quality), attention/entropy_early,
 attention/entropy_late (normalised spatial entropy of content-word maps at the first and last snapshot),
 attention/bos_share, attention/num_prompts, attention/num_scored, attention/num_unscored,
-attention/num_truncated.
+attention/num_truncated. Table + plot ``attention_iou_by_threshold``: the mean IoU of shape and colour words at
+τ = 0.1 … 0.9 (the row at the configured τ equals attention/miou and attention/miou_colour).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STOP_WORDS = {"a", "an", "the", "on", "of", "and", "to", "in", "at", "with", "next", "is", "by", "its"}
 FOREGROUND = 64  # uint8 brightness above which a pixel of a shapes image is object, not background
+CURVE_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # τ grid of the IoU-vs-threshold table and plot
 
 
 @dataclass
@@ -100,10 +102,15 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
+def normalise(m: torch.Tensor) -> np.ndarray:
+    """Min-max normalise a heat map to [0, 1] (as DAAM does before thresholding)."""
+    lo, hi = m.min(), m.max()
+    return ((m - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+
+
 def binarise(m: torch.Tensor, threshold: float) -> np.ndarray:
     """Min-max normalise a heat map to [0, 1] and threshold it (DAAM's τ)."""
-    lo, hi = m.min(), m.max()
-    return (((m - lo) / (hi - lo).clamp_min(1e-12)) >= threshold).numpy()
+    return normalise(m) >= threshold
 
 
 def object_word_positions(words: list[str], objects: list[tuple[str, str, str]]) -> list[tuple[int, int] | None]:
@@ -195,6 +202,22 @@ def _resolution_figure(image: np.ndarray, words: list[str], by_res: dict[tuple[i
     return fig
 
 
+def _threshold_figure(means: dict[str, np.ndarray], threshold: float, n_objects: int):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for kind, marker in (("shape", "o"), ("colour", "s")):
+        ax.plot(CURVE_THRESHOLDS, means[kind], marker=marker, label=f"{kind} words")
+    ax.axvline(threshold, color="grey", linestyle="--", linewidth=1, label=f"configured τ = {threshold:g}")
+    ax.set_xlabel("threshold τ on the min-max normalised map")
+    ax.set_ylabel("mean IoU with the object mask")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"IoU vs threshold ({n_objects} objects)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _to_image(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(k, h, w) latent-resolution maps -> (k, H, W) image-resolution maps (bilinear, clamped at 0)."""
     return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0].clamp_min(0)
@@ -223,6 +246,7 @@ def attention_stage(ctx, cfg):
 
     ious, ious_colour, ious_swapped, ent_early, ent_late, bos = [], [], [], [], [], []
     ious_res: dict[tuple[int, int], list[float]] = {}
+    curves: dict[str, list[list[float]]] = {"shape": [], "colour": []}  # per object: IoU at each CURVE_THRESHOLDS
     ceiling: dict[tuple[int, int], list[float]] = {}  # the IoU a perfect map at each layer's grid would reach
     n_trunc = n_unscored = 0
     saved: dict[str, np.ndarray] = {}
@@ -275,6 +299,9 @@ def attention_stage(ctx, cfg):
                 c_idx, s_idx = slots[k]
                 ious.append(iou(binarise(final[s_idx], a.threshold), mask))
                 ious_colour.append(iou(binarise(final[c_idx], a.threshold), mask))
+                for kind, idx in (("shape", s_idx), ("colour", c_idx)):
+                    norm = normalise(final[idx])
+                    curves[kind].append([iou(norm >= t, mask) for t in CURVE_THRESHOLDS])
                 for g, rm in res_maps.items():
                     ious_res.setdefault(g, []).append(iou(binarise(rm[s_idx], a.threshold), mask))
                     ceiling.setdefault(g, []).append(iou(binarise(ideal_map(mask, g, (height, width)), a.threshold), mask))
@@ -288,6 +315,13 @@ def attention_stage(ctx, cfg):
                 ctx.save_figure(_resolution_figure(images[i], [words[k] for k in content], by_res, prompt),
                                 f"attention_resolutions_{figures}")
                 figures += 1
+
+    if curves["shape"]:
+        # how much of the score is the choice of τ: mean IoU of shape and colour words at each threshold
+        means = {kind: np.mean(v, axis=0) for kind, v in curves.items()}
+        ctx.save_table([{"threshold": t, "miou_shape": float(means["shape"][j]), "miou_colour": float(means["colour"][j])}
+                        for j, t in enumerate(CURVE_THRESHOLDS)], "attention_iou_by_threshold")
+        ctx.save_figure(_threshold_figure(means, a.threshold, len(curves["shape"])), "attention_iou_by_threshold")
 
     path = ctx.run_dir / "tables" / "attention_maps.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
