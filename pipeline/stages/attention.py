@@ -297,10 +297,9 @@ def attention_stage(ctx, cfg):
                     n_unscored += 1  # truncated away: the words are not in the tokens
                     continue
                 c_idx, s_idx = slots[k]
-                ious.append(iou(binarise(final[s_idx], a.threshold), mask))
-                ious_colour.append(iou(binarise(final[c_idx], a.threshold), mask))
-                for kind, idx in (("shape", s_idx), ("colour", c_idx)):
-                    norm = normalise(final[idx])
+                for kind, idx, scores in (("shape", s_idx, ious), ("colour", c_idx, ious_colour)):
+                    norm = normalise(final[idx])  # once per word: the headline τ and the τ curve
+                    scores.append(iou(norm >= a.threshold, mask))
                     curves[kind].append([iou(norm >= t, mask) for t in CURVE_THRESHOLDS])
                 for g, rm in res_maps.items():
                     ious_res.setdefault(g, []).append(iou(binarise(rm[s_idx], a.threshold), mask))
@@ -311,7 +310,7 @@ def attention_stage(ctx, cfg):
                 snaps_img = {s: _to_image(v[content], (height, width)) for s, v in snaps.items()}
                 ctx.save_figure(_overlay_figure(images[i], [words[k] for k in content], snaps_img, final[content], prompt),
                                 f"attention_overlay_{figures}")
-                by_res = {g: _to_image(word_maps(m[i], positions)[content], (height, width)) for g, m in cap.by_resolution().items()}
+                by_res = {g: m[content] for g, m in res_maps.items()}  # already at image size
                 ctx.save_figure(_resolution_figure(images[i], [words[k] for k in content], by_res, prompt),
                                 f"attention_resolutions_{figures}")
                 figures += 1
