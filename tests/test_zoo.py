@@ -224,3 +224,33 @@ def test_training_is_an_mlflow_run(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("zoo-test").experiment_id])[0]
     assert run.info.status == "FINISHED" and "judge/loss" in run.data.metrics and run.data.params["components"] == "['judge']"
+
+
+def test_token_grounding_loss_rewards_maps_on_the_named_object(tmp_path):
+    from pipeline.zoo.train import TokenGrounding
+
+    samples = [s for s in ShapesDataset("train", 16) if len(s.objects) == 2][:4]
+    tok = build_tokenizer(vocabulary(), tmp_path / "tok", 20)
+    g = TokenGrounding(tok, [s.caption for s in samples], [s.objects for s in samples], (8, 8))
+    idx, keep = torch.arange(len(samples)), torch.ones(len(samples), dtype=torch.bool)
+
+    def loss_of(swap: bool) -> torch.Tensor:
+        """Each object's two tokens attend (1/2 each) to its own cells, or to the other object's."""
+        probs = torch.full((len(samples), 64, 20), 1e-3)
+        for i, s in enumerate(samples):
+            for k in range(2):
+                cells = g.cells[i, 1 - k if swap else k].flatten() > 0.5
+                probs[i, cells, 0] = 0
+                probs[i, cells[:, None] & (torch.arange(20) == g.positions[i, k, 0])[None]] = 0.5
+                probs[i, cells[:, None] & (torch.arange(20) == g.positions[i, k, 1])[None]] = 0.5
+        probs = (probs / probs.sum(-1, keepdim=True)).repeat_interleave(4, 0).requires_grad_()  # 4 heads
+        g._record("layer", probs, heads=4)
+        loss = g.loss(idx, keep)
+        loss.backward()
+        assert probs.grad.abs().sum() > 0  # the loss reaches the attention probabilities
+        return loss.detach()
+
+    assert loss_of(swap=False) < 0.5 * loss_of(swap=True)
+    g._record("layer", torch.rand(4 * len(samples), 64, 20).softmax(-1), heads=4)
+    assert g.loss(idx, torch.zeros_like(keep)) == 0  # dropped captions are not grounded
+    assert not g.probs  # every forward's probabilities are released

@@ -264,6 +264,76 @@ def evaluate_adherence(pipe, judge, captions: list[str], steps: int = 25, guidan
     return out
 
 
+class TokenGrounding:
+    """TokenCompose-style token grounding (Wang et al., CVPR 2024): with the object masks of the training
+    images, each object's colour and shape tokens are taught to attend where the object is.
+
+    Per cross-attention layer, with a(u, i) the head-averaged softmax probability of latent cell u for token
+    i and m(u) the object's share of the cell (its mask area-pooled to the layer's grid):
+    L_token = (1 − Σ_u a·m / Σ_u a)²  (the token's attention mass outside its object) and
+    L_pixel = BCE(a(·, i), m)  (filled maps, not outlines: without it a shape word lights the outline
+    where the shape is decided, see README *Attention mode*). Both averaged over objects and layers.
+
+    ``install(unet)`` puts recording processors on the cross-attention layers (the capture processor of
+    the attention mode, so training sees exactly what the mode measures); ``loss(idx, keep)`` reads the
+    probabilities of the last forward pass for batch rows ``idx`` (``keep``: caption not dropped).
+    """
+
+    def __init__(self, tokenizer, captions: list[str], objects: list, latent_hw: tuple[int, int]):
+        from pipeline.attention import layer_grid
+
+        self.layer_grid, self.latent_hw = layer_grid, latent_hw
+        n, size = len(captions), objects[0][0].mask.shape
+        self.positions = torch.full((n, 2, 2), -1, dtype=torch.long)  # (sample, object, colour/shape) token index
+        masks = torch.zeros((n, 2, *size))
+        for i, (cap, objs) in enumerate(zip(captions, objects)):
+            for k, o in enumerate(objs):
+                self.positions[i, k] = torch.tensor(o.word_positions) + 1  # + 1: the start token
+                masks[i, k] = torch.from_numpy(o.mask)
+        # every caption word is one token (pipeline.zoo.tokenizer), so word index + 1 is the token index
+        check = tokenizer(captions[:64], padding="max_length", max_length=tokenizer.model_max_length).input_ids
+        for i, objs in enumerate(objects[:64]):
+            for k, o in enumerate(objs):
+                for w, pos in zip(o.words, self.positions[i, k].tolist()):
+                    if check[i][pos] != tokenizer.convert_tokens_to_ids(tokenizer.tokenize(w))[0]:
+                        raise ValueError(f"grounding: token {pos} of {captions[i]!r} is not {w!r}")
+        self.cells = F.adaptive_avg_pool2d(masks, latent_hw)  # area fractions at the latent grid: (n, 2, h, w)
+        self.probs: dict[str, torch.Tensor] = {}
+
+    def install(self, unet) -> None:
+        from pipeline.attention import RecordingProcessor, cross_attention_layers
+
+        names = set(cross_attention_layers(unet))
+        unet.set_attn_processor({k: RecordingProcessor(self, k) if k in names else p
+                                 for k, p in unet.attn_processors.items()})
+
+    def _record(self, name: str, probs: torch.Tensor, heads: int) -> None:
+        bh, hw, t = probs.shape
+        self.probs[name] = probs.reshape(bh // heads, heads, hw, t).mean(1)  # keeps the graph
+
+    def loss(self, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        pos, cells = self.positions[idx], self.cells[idx]
+        valid = (pos[..., 0] >= 0) & keep[:, None]  # (B, 2)
+        if not valid.any():
+            self.probs.clear()
+            return torch.zeros(())
+        total = 0.0
+        for a in self.probs.values():
+            b, hw, t = a.shape
+            grid = self.layer_grid(hw, self.latent_hw)
+            m = F.adaptive_avg_pool2d(cells, grid).flatten(2).to(a.device)  # (B, 2, HW): area-pooling composes
+            tok = pos.clamp_min(0).to(a.device)  # (B, 2, 2)
+            maps = torch.gather(a.transpose(1, 2), 1, tok.reshape(b, 4, 1).expand(b, 4, hw)).reshape(b, 2, 2, hw)
+            m = m[:, :, None].expand_as(maps)
+            inside = (maps * m).sum(-1) / maps.sum(-1).clamp_min(1e-8)
+            l_token = (1 - inside) ** 2
+            l_pixel = F.binary_cross_entropy(maps.clamp(1e-6, 1 - 1e-6), m, reduction="none").mean(-1)
+            total = total + ((l_token + l_pixel).mean(-1) * valid.to(a.device)).sum() / valid.sum()
+        n_layers = len(self.probs)
+        self.probs.clear()
+        return total / n_layers
+
+
 def train_sd(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn) -> pathlib.Path:
     from diffusers import AutoencoderKL, DDPMScheduler
 
@@ -282,11 +352,13 @@ def train_sd(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn)
     tokenizer = build_tokenizer(vocabulary(), tok_dir, c.max_length)
 
     # 1. latents and token ids of the training set, computed once (the VAE and the tokenizer are frozen)
-    x, captions, _ = _images(cfg.data, "train", c.n_train)
+    x, captions, objects = _images(cfg.data, "train", c.n_train)
     with torch.no_grad():
         latents = torch.cat([vae.encode(x[i : i + 500].to(device)).latent_dist.mode().cpu()
                              for i in range(0, len(x), 500)]) * vae.config.scaling_factor
     del x
+    grounding = TokenGrounding(tokenizer, captions, objects, tuple(latents.shape[-2:])) if c.grounding_weight else None
+    del objects
     print(f"sd: {len(latents)} latents {tuple(latents.shape[1:])}, RMS {latents.pow(2).mean().sqrt():.3f}", flush=True)
     tokens = lambda caps: tokenizer(caps, padding="max_length", max_length=c.max_length, truncation=True,  # noqa: E731
                                     return_tensors="pt").input_ids
@@ -307,6 +379,8 @@ def train_sd(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn)
     # the sampling copy holds the EMA weights; it shares the frozen VAE
     ema_te, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
     pipe = _sd_pipeline(vae, ema_te, tokenizer, ema_unet)
+    if grounding is not None:
+        grounding.install(unet)  # after the copy: the sampling copy keeps the stock processors
 
     judge_path = _find(out, "shapes_net", "config.json", "shapes_net")
     judge = ShapesNet.from_pretrained(judge_path, device=device) if judge_path and c.eval_every else None
@@ -341,9 +415,12 @@ def train_sd(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn)
         loss_t = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         if c.snr_gamma:  # min-SNR weighting: stop the easy low-noise steps dominating the gradient
             loss_t = loss_t * snr[t].clamp(max=c.snr_gamma) / snr[t]
-        loss = loss_t.mean()
+        loss = total = loss_t.mean()
+        if grounding is not None:
+            g_loss = grounding.loss(idx, ~drop)
+            total = loss + c.grounding_weight * g_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
         opt.step()
         sched.step()
@@ -351,6 +428,8 @@ def train_sd(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn)
         bar.update()
         if step % 50 == 0 or step == c.steps:
             log_metric("sd/loss", loss.item(), step)
+            if grounding is not None:
+                log_metric("sd/grounding_loss", g_loss.item(), step)
         if (c.eval_every and step % c.eval_every == 0) or step in ckpt_steps or step == c.steps:  # 0 = never
             bar.clear()
             snapshot(step)
