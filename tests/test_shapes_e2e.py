@@ -28,9 +28,10 @@ def test_attention_maps_segment_the_named_objects(tmp_path):
                                 "sampler.num_inference_steps=20", "mode.attention.steps=[2,10,18]",
                                 "sampler.guidance_scale=5", "sampler.batch_size=24"])
     assert r["attention/num_scored"] >= 20
-    # the maps localise: a shape word overlaps its own object far more than the other object's word does.
-    # (The bar, mIoU >= 0.5, is NOT met by this model: see README, attention mode.)
-    assert r["attention/miou"] > 2 * r["attention/miou_swapped"]
+    # the bar (DAAM: 0.59-0.65 for SD on COCO nouns); 100 prompts score ~0.7 (README, attention mode)
+    assert r["attention/miou"] >= 0.5 and r["attention/miou_colour"] >= 0.4
+    # the maps segment the named object: the other object's shape word barely overlaps it
+    assert r["attention/miou"] > 10 * r["attention/miou_swapped"]
     assert r["attention/miou_8x8"] > r["attention/miou_2x2"]  # finer layers localise better
     # the resolution ceiling: a perfect 8x8 map would score ~0.8, a perfect 2x2 one ~0.2 (32x32 images)
     assert r["attention/miou_ceiling_8x8"] > 0.7 > 0.3 > r["attention/miou_ceiling_2x2"]
