@@ -286,7 +286,7 @@ class TokenGrounding:
         n, size = len(captions), objects[0][0].mask.shape
         self.positions = torch.full((n, 2, 2), -1, dtype=torch.long)  # (sample, object, colour/shape) token index
         masks = torch.zeros((n, 2, *size))
-        for i, (cap, objs) in enumerate(zip(captions, objects)):
+        for i, objs in enumerate(objects):
             for k, o in enumerate(objs):
                 self.positions[i, k] = torch.tensor(o.word_positions) + 1  # + 1: the start token
                 masks[i, k] = torch.from_numpy(o.mask)
