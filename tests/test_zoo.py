@@ -101,8 +101,10 @@ def test_shapes_sd_is_a_stable_diffusion_checkpoint(sd_pipe):
     assert (s.beta_schedule, s.beta_start, s.beta_end, s.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
     assert (s.prediction_type, s.steps_offset, s.set_alpha_to_one, s.clip_sample) == ("epsilon", 1, False, False)
     unet = sd_pipe.unet
-    attn_levels = [b for b in unet.config.down_block_types if b.startswith("CrossAttn")]
-    assert len(attn_levels) >= 2 and unet.config.in_channels == sd_pipe.vae.config.latent_channels
+    # cross-attention at the finest level and the mid block: the attention mode has two resolutions to compare
+    assert unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    assert unet.config.mid_block_type == "UNetMidBlock2DCrossAttn"
+    assert unet.config.in_channels == sd_pipe.vae.config.latent_channels
     assert sd_pipe.unet.dtype == torch.float32
     index = json.loads((zoo.locate("shapes_sd") / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
