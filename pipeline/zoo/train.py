@@ -283,9 +283,9 @@ class TokenGrounding:
         from pipeline.attention import layer_grid
 
         self.layer_grid, self.latent_hw = layer_grid, latent_hw
-        n, size = len(captions), objects[0][0].mask.shape
-        self.positions = torch.full((n, 2, 2), -1, dtype=torch.long)  # (sample, object, colour/shape) token index
-        masks = torch.zeros((n, 2, *size))
+        n, size, k_max = len(captions), objects[0][0].mask.shape, max(len(objs) for objs in objects)
+        self.positions = torch.full((n, k_max, 2), -1, dtype=torch.long)  # (sample, object, colour/shape) token index
+        masks = torch.zeros((n, k_max, *size))
         for i, objs in enumerate(objects):
             for k, o in enumerate(objs):
                 self.positions[i, k] = torch.tensor(o.word_positions) + 1  # + 1: the start token
@@ -297,7 +297,7 @@ class TokenGrounding:
                 for w, pos in zip(o.words, self.positions[i, k].tolist()):
                     if check[i][pos] != tokenizer.convert_tokens_to_ids(tokenizer.tokenize(w))[0]:
                         raise ValueError(f"grounding: token {pos} of {captions[i]!r} is not {w!r}")
-        self.cells = F.adaptive_avg_pool2d(masks, latent_hw)  # area fractions at the latent grid: (n, 2, h, w)
+        self.cells = F.adaptive_avg_pool2d(masks, latent_hw)  # area fractions at the latent grid: (n, k, h, w)
         self.probs: dict[str, torch.Tensor] = {}
 
     def install(self, unet) -> None:
@@ -313,7 +313,7 @@ class TokenGrounding:
 
     def loss(self, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         pos, cells = self.positions[idx], self.cells[idx]
-        valid = (pos[..., 0] >= 0) & keep[:, None]  # (B, 2)
+        valid = (pos[..., 0] >= 0) & keep[:, None]  # (B, k): objects present in captions not dropped
         if not valid.any():
             self.probs.clear()
             return torch.zeros(())
@@ -321,9 +321,9 @@ class TokenGrounding:
         for a in self.probs.values():
             b, hw, t = a.shape
             grid = self.layer_grid(hw, self.latent_hw)
-            m = F.adaptive_avg_pool2d(cells, grid).flatten(2).to(a.device)  # (B, 2, HW): area-pooling composes
-            tok = pos.clamp_min(0).to(a.device)  # (B, 2, 2)
-            maps = torch.gather(a.transpose(1, 2), 1, tok.reshape(b, 4, 1).expand(b, 4, hw)).reshape(b, 2, 2, hw)
+            m = F.adaptive_avg_pool2d(cells, grid).flatten(2).to(a.device)  # (B, k, HW): area-pooling composes
+            tok = pos.clamp_min(0).to(a.device).reshape(b, -1, 1)  # (B, 2k, 1)
+            maps = torch.gather(a.transpose(1, 2), 1, tok.expand(-1, -1, hw)).reshape(*pos.shape, hw)  # (B, k, 2, HW)
             m = m[:, :, None].expand_as(maps)
             inside = (maps * m).sum(-1) / maps.sum(-1).clamp_min(1e-8)
             l_token = (1 - inside) ** 2
