@@ -25,22 +25,11 @@ SCORES = ("zscore", "mahalanobis", "recon", "vae")
 BAR = 0.95
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from pipeline.config import CONF_DIR, register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
-
-
 def run(model: str, name: str, extra: list[str], outputs: pathlib.Path) -> dict[str, float]:
+    from pipeline.config import compose_config
     from pipeline.runner import run_pipeline
 
-    cfg = compose(["model=hub", f"model.path={model}", "mode=[latent]", "mode.latent.parts=[ood]",
+    cfg = compose_config(["model=hub", f"model.path={model}", "mode=[latent]", "mode.latent.parts=[ood]",
                    f"paths.outputs={outputs}", f"tracking.run_name=bench_latent_ood_{name}", *extra])
     tic = time.perf_counter()
     out = run_pipeline(cfg, outputs / "runs" / name)

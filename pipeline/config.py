@@ -152,6 +152,18 @@ def register_configs() -> None:
     _REGISTERED = True
 
 
+def compose_config(overrides=()) -> Any:
+    """conf/config.yaml composed with command-line style ``overrides``, as the CLI would (Hydra's compose API;
+    for tests, benchmarks and notebooks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
 def validate(cfg: Any) -> Any:
     """Merge a plain (e.g. saved, resolved) config onto the schema: the same checks composition does."""
     register_configs()

@@ -11,21 +11,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-
-from pipeline.config import CONF_DIR, register_configs  # noqa: E402
+from pipeline.config import compose_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def compose_cfg(overrides=(), outputs: Path | None = None):
     """Compose conf/config.yaml with overrides (as the CLI would), outputs redirected."""
-    register_configs()
-    GlobalHydra.instance().clear()
     extra = [f"paths.outputs={outputs}"] if outputs is not None else []
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[*overrides, *extra])
+    return compose_config([*overrides, *extra])
 
 
 @pytest.fixture(scope="session")

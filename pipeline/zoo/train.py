@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.attention import RecordingProcessor, cross_attention_layers, layer_grid
 from pipeline.data.shapes import ShapesDataset, parse_caption, vocabulary
 
 log = logging.getLogger(__name__)
@@ -280,9 +281,7 @@ class TokenGrounding:
     """
 
     def __init__(self, tokenizer, captions: list[str], objects: list, latent_hw: tuple[int, int]):
-        from pipeline.attention import layer_grid
-
-        self.layer_grid, self.latent_hw = layer_grid, latent_hw
+        self.latent_hw = latent_hw
         n, size, k_max = len(captions), objects[0][0].mask.shape, max(len(objs) for objs in objects)
         self.positions = torch.full((n, k_max, 2), -1, dtype=torch.long)  # (sample, object, colour/shape) token index
         masks = torch.zeros((n, k_max, *size))
@@ -301,8 +300,6 @@ class TokenGrounding:
         self.probs: dict[str, torch.Tensor] = {}
 
     def install(self, unet) -> None:
-        from pipeline.attention import RecordingProcessor, cross_attention_layers
-
         names = set(cross_attention_layers(unet))
         unet.set_attn_processor({k: RecordingProcessor(self, k) if k in names else p
                                  for k, p in unet.attn_processors.items()})
@@ -320,7 +317,7 @@ class TokenGrounding:
         total = 0.0
         for a in self.probs.values():
             b, hw, t = a.shape
-            grid = self.layer_grid(hw, self.latent_hw)
+            grid = layer_grid(hw, self.latent_hw)
             m = F.adaptive_avg_pool2d(cells, grid).flatten(2).to(a.device)  # (B, k, HW): area-pooling composes
             tok = pos.clamp_min(0).to(a.device).reshape(b, -1, 1)  # (B, 2k, 1)
             maps = torch.gather(a.transpose(1, 2), 1, tok.expand(-1, -1, hw)).reshape(*pos.shape, hw)  # (B, k, 2, HW)
