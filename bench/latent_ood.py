@@ -29,7 +29,7 @@ def run(model: str, name: str, extra: list[str], outputs: pathlib.Path) -> dict[
     from pipeline.config import compose_config
     from pipeline.runner import run_pipeline
 
-    cfg = compose_config(["model=hub", f"model.path={model}", "mode=[latent]", "mode.latent.parts=[ood]",
+    cfg = compose_config(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={model}", "mode=[latent]", "mode.latent.parts=[ood]",
                    f"paths.outputs={outputs}", f"tracking.run_name=bench_latent_ood_{name}", *extra])
     tic = time.perf_counter()
     out = run_pipeline(cfg, outputs / "runs" / name)

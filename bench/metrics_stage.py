@@ -73,7 +73,7 @@ def memory_figure() -> None:
         peaks = {}
         for n in (1000, 10000):
             out = str(Path(tmp) / f"out{n}")
-            overrides = ["model=hub", f"model.path={model}", "mode=[metrics]", f"features.shapes_net.model={net}",
+            overrides = ["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={model}", "mode=[metrics]", f"features.shapes_net.model={net}",
                          f"mode.metrics.num_samples={n}", "dataset.num_images=1000", "sampler.num_inference_steps=1",
                          "sampler.batch_size=250", "mode.metrics.kid_subsets=10"]
             code = _CHILD.format(tests=str(REPO / "tests"), overrides=overrides, out=out)

@@ -1,12 +1,13 @@
 """Compare the runs of a sweep (or of a whole experiment) from MLflow alone.
 
-    python -m pipeline.compare <parent-run-id | experiment-name> [--tracking-uri URI] [--sort metrics/fid] [--desc]
+    python -m pipeline.compare <parent-run-id | experiment-name> [--tracking-uri URI] [--sort KEY] [--desc]
 
-Prints one line per run (name, status, what was swept, the main metrics; sorted by ``--sort``, failed runs
-last) and writes the full table (``sweep_summary.csv``) and the plots that apply (quality-vs-cost frontier,
-guidance, per-checkpoint) into ``--out`` (default ``<outputs>/compare/<target>``). A parent run id compares its
-children; an experiment name compares every run of the experiment except sweep parents. Only MLflow is read
-(search_runs), never local run directories, so sweeps tracked elsewhere (a server) work the same.
+Prints one line per run (name, status, what was swept, the main metrics; sorted by ``--sort``, by default
+``metrics/fd_<primary extractor>`` (see ``pipeline.metric_keys``), failed runs last) and writes the full table
+(``sweep_summary.csv``) and the plots that apply (quality-vs-cost frontier, guidance, per-checkpoint) into
+``--out`` (default ``<outputs>/compare/<target>``). A parent run id compares its children; an experiment name
+compares every run of the experiment except sweep parents. Only MLflow is read (search_runs), never local run
+directories, so sweeps tracked elsewhere (a server) work the same.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.metric_keys import PROMPT_ACCURACY, SEC_PER_IMAGE, metric_key
 from pipeline.sweep_summary import (
-    FAILED_STATUSES, FID, PROMPT_ACCURACY, SEC_PER_IMAGE, child_rows, columns, is_metric, swept, write_summary,
+    FAILED_STATUSES, child_rows, columns, fd_key, is_metric, primary_extractor, swept, write_summary,
 )
 
-DEFAULT_SORT = FID
-# shown in the printed table when present (the CSV has every metric)
-MAIN_METRICS = (FID, SEC_PER_IMAGE, PROMPT_ACCURACY, "metrics/kid_mean", "metrics/clip_score", "metrics/precision",
-                "metrics/recall")
+DEFAULT_SORT = "metrics/fd_<primary extractor>"  # what the default is, for --help; see default_sort()
+# shown in the printed table when present (the CSV has every metric): the primary extractor's FD, timing, prompt
+# accuracy, then these statistics of the primary extractor
+MAIN_STATS = ("kid_mean", "clip_score", "precision", "recall")
 MAX_CELL = 40
 PAGE = 1000
 
@@ -112,10 +114,24 @@ def sort_rows(rows: list[dict[str, Any]], key: str | None, desc: bool = False) -
     return ordered
 
 
+def main_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """The metric keys the printed table shows when present: ``metrics/fd_<primary>``, seconds per image, prompt
+    accuracy, then ``metrics/<stat>_<primary>`` for each of :data:`MAIN_STATS`."""
+    primary = primary_extractor(rows)
+    per_extractor = [metric_key(stat, primary) for stat in ("fd", *MAIN_STATS)] if primary else []
+    return [*per_extractor[:1], SEC_PER_IMAGE, PROMPT_ACCURACY, *per_extractor[1:]]
+
+
+def default_sort(rows: list[dict[str, Any]]) -> str | None:
+    """``metrics/fd_<primary extractor>`` when the runs have it, else None (start order)."""
+    key = fd_key(rows)
+    return key if key is not None and key in columns(rows) else None
+
+
 def table_columns(rows: list[dict[str, Any]], sort: str | None = None) -> list[str]:
     """The printed columns: run, status, what was swept, the main metrics (and the sort key), error."""
     keys = columns(rows)
-    metrics = [m for m in MAIN_METRICS if m in keys]
+    metrics = [m for m in main_metrics(rows) if m in keys]
     if not metrics:  # e.g. a schedule-only sweep: the first few metrics that differ between runs
         others = [k for k in keys if is_metric(k)]
         differ = [k for k in others if len({r[k] for r in rows if isinstance(r.get(k), (int, float))}) > 1]
@@ -167,7 +183,7 @@ def compare(target: str | None, tracking_uri: str | None = None, outputs: str | 
     if sort is not None and sort not in keys:
         available = [k for k in keys if k not in ("run_id", "error")]
         raise UserError(f"--sort {sort!r}: no such column; have {available}")
-    sort_key = sort if sort is not None else (DEFAULT_SORT if DEFAULT_SORT in keys else None)
+    sort_key = sort if sort is not None else default_sort(rows)
     rows = sort_rows(rows, sort_key, desc)
     out_dir = Path(out) if out is not None else Path(outputs) / "compare" / slug(target or experiment or "")
     table, pngs = write_summary(rows, out_dir)
@@ -180,7 +196,8 @@ def compare(target: str | None, tracking_uri: str | None = None, outputs: str | 
         "",
         f"table: {table}",
         *(f"plot:  {p}" for p in pngs),
-    ] + ([] if pngs else ["plots: none apply (need FID with swept steps, guidance scale or model.path)"]))
+    ] + ([] if pngs else ["plots: none apply (need metrics/fd_<primary extractor> with swept steps, guidance "
+                          "scale or model.path)"]))
     return text, rows, table, pngs
 
 

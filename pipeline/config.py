@@ -24,6 +24,12 @@ class Dtype(str, enum.Enum):
     bfloat16 = "bfloat16"
 
 
+class SolverFamily(str, enum.Enum):
+    native = "native"
+    diffusion = "diffusion"
+    flow = "flow"
+
+
 class TimestepSpacing(str, enum.Enum):
     leading = "leading"
     trailing = "trailing"
@@ -75,9 +81,12 @@ class DatasetConfig:
 @dataclass
 class SchedulerConfig:
     name: str = MISSING
-    cls: str = MISSING  # diffusers class name, built with from_config(<model's scheduler config>)
-    timestep_spacing: TimestepSpacing = TimestepSpacing.leading
-    steps_offset: int = 1
+    # what the option solves (pipeline/models/schedulers.py): native = the model's own scheduler untouched;
+    # diffusion = a DDPM-family solver (refused on flow models); flow = a rectified-flow solver (refused on others)
+    family: SolverFamily = SolverFamily.diffusion
+    cls: Optional[str] = None  # diffusers class, built with from_config(<model's scheduler config>); None = the model's
+    timestep_spacing: Optional[TimestepSpacing] = None  # None = keep the model's value
+    steps_offset: Optional[int] = None  # None = keep the model's value
     options: Dict[str, Any] = field(default_factory=dict)  # further keys this solver sets
 
 
@@ -86,7 +95,9 @@ class SamplerConfig:
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
     batch_size: int = 16
-    eta: float = 0.0
+    eta: float = 0.0  # DDIM-type solvers only (a UserError for solvers whose step() takes none)
+    height: Optional[int] = None  # pixels; default: the model's native size
+    width: Optional[int] = None
 
 
 @dataclass

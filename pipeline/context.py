@@ -50,8 +50,22 @@ class RunContext:
             self.tracker.log_metric(key, value)
 
     def log_scalars(self, scalars: Mapping[str, float]) -> None:
+        """Like :meth:`log_scalar` for each, with one results.json write and one MLflow batch."""
+        values = {}
         for key, value in scalars.items():
-            self.log_scalar(key, value)
+            if "/" not in key:
+                raise ValueError(f"scalar key {key!r}: expected '<mode>/<name>'")
+            values[key] = float(value)
+            if not math.isfinite(values[key]):
+                log.warning("scalar %s is %s", key, values[key])
+        self.results.update(values)
+        self.write_results()
+        if self.tracker is not None and values:
+            if hasattr(self.tracker, "log_metrics"):
+                self.tracker.log_metrics(values)
+            else:
+                for key, value in values.items():
+                    self.tracker.log_metric(key, value)
 
     def write_results(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,21 +1,31 @@
-"""Generate images batch by batch from a loaded pipeline with the configured sampler.
+"""The one generation path of every mode: a :class:`~pipeline.models.adapter.ModelAdapter` driven by the
+configured solver, batch by batch.
 
-Sample ``i`` of a run always uses the generator seeded ``seed + i`` (one generator per image), so images do
-not depend on the batch size or on how a run is split into shards. Images leave as uint8 NCHW tensors
-(rounded, not truncated: torchmetrics' ``normalize=True`` truncates with ``(x*255).byte()``); images with
-NaN/Inf are counted and dropped, never passed on.
+Sample ``i`` of a run always uses the CPU generator seeded ``seed + i`` for its initial noise *and* for every
+stochastic solver step (DDPM, Euler-ancestral, DDIM with η > 0: diffusers' ``randn_tensor`` draws row ``k`` from
+generator ``k``), so an image does not depend on the batch size or on how a run is split into shards. With
+``scheduler=native`` an image equals what the family's own diffusers pipeline draws for
+``pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed + i), ...)`` one image at a time (tested per
+family). Images leave as uint8 NCHW tensors (rounded, not truncated: torchmetrics' ``normalize=True`` truncates
+with ``(x*255).byte()``); images with NaN/Inf are counted and dropped, never passed on.
+
+Conditioning of sample ``i``: ``prompts[i % len(prompts)]`` (text models), ``class_ids[i % len(class_ids)]``
+(class-conditional models), nothing (unconditional models).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["GeneratedBatch", "is_text_conditioned", "generate", "to_uint8"]
+from pipeline.errors import UserError
+
+__all__ = ["GeneratedBatch", "generate", "sample", "to_uint8", "generators", "step_kwargs", "check_eta"]
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +33,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class GeneratedBatch:
     images: torch.Tensor  # uint8 (n_valid, 3, H, W)
-    prompts: list[str] | None  # prompts of the valid images (None for unconditional pipelines)
+    prompts: list[str] | None  # prompts of the valid images (None for models without text)
     indices: list[int]  # global sample indices of the valid images
     num_invalid: int
-
-
-def is_text_conditioned(pipe) -> bool:
-    return getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
+    class_ids: list[int] | None = None  # class ids of the valid images (class-conditional models)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -37,35 +44,52 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _generators(seed: int, indices: Sequence[int], device: torch.device) -> list[torch.Generator]:
-    # CPU generators: the same noise on every device, so CPU and GPU runs start from identical latents
-    return [torch.Generator("cpu").manual_seed(seed + i) for i in indices]
+def generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample (seed + global index): the same noise on every device."""
+    return [torch.Generator("cpu").manual_seed(int(seed) + int(i)) for i in indices]
+
+
+def check_eta(sampler, eta: float) -> None:
+    """``sampler.eta`` only means something to solvers whose ``step()`` takes it (DDIM-type)."""
+    if eta and "eta" not in inspect.signature(sampler.step).parameters:
+        raise UserError(f"sampler.eta={eta}: {type(sampler).__name__}.step() takes no eta (only DDIM-type solvers "
+                        "do, e.g. scheduler=ddim); set sampler.eta=0 or choose such a solver")
+
+
+def step_kwargs(sampler, eta: float, gens: Sequence[torch.Generator]) -> dict:
+    """What the pipelines' ``prepare_extra_step_kwargs`` passes: η and the generators, where ``step()`` takes them."""
+    check_eta(sampler, eta)
+    params = inspect.signature(sampler.step).parameters
+    kwargs: dict = {}
+    if "eta" in params:
+        kwargs["eta"] = float(eta)
+    if "generator" in params:
+        kwargs["generator"] = list(gens)
+    return kwargs
 
 
 @torch.no_grad()
-def _sample_unconditional(pipe, sampler, n: int, steps: int, gens: list[torch.Generator], device) -> torch.Tensor:
-    """Sampling loop for UNet2DModel pipelines (DDPMPipeline and kin) that also works with Euler-type solvers
-    (scale_model_input, init_noise_sigma), which DDPMPipeline's own loop ignores."""
-    unet = pipe.unet
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    noise = torch.stack([torch.randn((unet.config.in_channels, h, w), generator=g) for g in gens])
-    x = noise.to(device=device, dtype=unet.dtype) * sampler.init_noise_sigma
-    sampler.set_timesteps(steps, device=device)
-    for t in sampler.timesteps:
-        eps = unet(sampler.scale_model_input(x, t), t).sample
-        x = sampler.step(eps, t, x, generator=gens[0]).prev_sample
-    return x.float() / 2 + 0.5  # [-1, 1] -> [0, 1]; clamped later, after the NaN check
-
-
-@torch.no_grad()
-def _sample_text(pipe, sampler, prompts: list[str], steps: int, guidance: float, gens, device) -> torch.Tensor:
-    out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt")
-    return out.images.float()
+def sample(adapter, sampler, cond, gens: Sequence[torch.Generator], steps: int, height: int, width: int,
+           eta: float = 0.0, latents: torch.Tensor | None = None,
+           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """One batch: initial noise (or ``latents``, unit variance) -> solver loop -> decoded float images in [0, 1]
+    (not clamped). ``sampler`` is copied first: solvers keep state between steps. ``on_step(i, t, latents)`` is
+    called after each solver ``step()``."""
+    sched = type(sampler).from_config(sampler.config)
+    adapter.set_timesteps(sched, steps, height, width)
+    sigma0 = float(getattr(sched, "init_noise_sigma", 1.0))
+    x = adapter.initial_noise(gens, height, width, sigma0) if latents is None else latents * sigma0
+    extra = step_kwargs(sched, eta, gens)
+    for i, t in enumerate(sched.timesteps):
+        pred = adapter.denoise(x, t, cond, sched)
+        x = sched.step(pred, t, x, return_dict=False, **extra)[0]
+        if on_step is not None:
+            on_step(i, t, x)
+    return adapter.decode(x, height, width)
 
 
 def generate(
-    pipe,
+    adapter,
     sampler,
     num_samples: int,
     batch_size: int,
@@ -73,41 +97,41 @@ def generate(
     guidance_scale: float,
     seed: int,
     prompts: Sequence[str] | None = None,
+    class_ids: Sequence[int] | None = None,
     start: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float = 0.0,
     progress: bool = True,
     desc: str = "generate",
 ) -> Iterator[GeneratedBatch]:
-    """Yield batches of generated images for samples ``start .. start + num_samples - 1``.
-
-    For text-conditioned pipelines sample ``i`` uses ``prompts[i % len(prompts)]``.
-    """
-    device = pipe.device
-    conditional = is_text_conditioned(pipe)
-    if conditional and not prompts:
-        raise ValueError("Expected prompts for a text-conditioned pipeline, got none")
-    sampler = type(sampler).from_config(sampler.config)  # a private copy: solvers keep state between steps
-    pipe.scheduler = sampler
+    """Yield batches of generated images for samples ``start .. start + num_samples - 1``."""
+    if adapter.text and not prompts:
+        raise ValueError("Expected prompts for a text-conditioned model, got none")
+    if adapter.class_conditional and not class_ids:
+        class_ids = list(range(adapter.num_classes))
+    h, w = adapter.resolve_size(height, width)
+    check_eta(sampler, eta)
     bar = tqdm(total=num_samples, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     try:
         for lo in range(start, start + num_samples, batch_size):
             idx = list(range(lo, min(lo + batch_size, start + num_samples)))
-            gens = _generators(seed, idx, device)
-            if conditional:
-                batch_prompts = [prompts[i % len(prompts)] for i in idx]
-                images = _sample_text(pipe, sampler, batch_prompts, num_inference_steps, guidance_scale, gens, device)
-            else:
-                batch_prompts = None
-                images = _sample_unconditional(pipe, sampler, len(idx), num_inference_steps, gens, device)
+            gens = generators(seed, idx)
+            batch_prompts = [prompts[i % len(prompts)] for i in idx] if adapter.text else None
+            batch_classes = [int(class_ids[i % len(class_ids)]) for i in idx] if adapter.class_conditional else None
+            cond = adapter.condition(len(idx), guidance_scale, h, w, prompts=batch_prompts, class_ids=batch_classes)
+            images = sample(adapter, sampler, cond, gens, num_inference_steps, h, w, eta=eta)
             valid = torch.isfinite(images.reshape(len(idx), -1)).all(dim=1).cpu()
             n_bad = int((~valid).sum())
             if n_bad:
                 log.warning("%d generated image(s) with NaN/Inf in samples %d..%d: excluded", n_bad, idx[0], idx[-1])
-            keep = [i for i, ok in zip(idx, valid.tolist()) if ok]
+            ok = valid.tolist()
             yield GeneratedBatch(
                 images=to_uint8(images[valid].clamp(0, 1)).cpu(),
-                prompts=[p for p, ok in zip(batch_prompts, valid.tolist()) if ok] if batch_prompts else None,
-                indices=keep,
+                prompts=[p for p, k in zip(batch_prompts, ok) if k] if batch_prompts else None,
+                indices=[i for i, k in zip(idx, ok) if k],
                 num_invalid=n_bad,
+                class_ids=[c for c, k in zip(batch_classes, ok) if k] if batch_classes else None,
             )
             bar.update(len(idx))
     finally:

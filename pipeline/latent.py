@@ -10,10 +10,10 @@ Notation (code name -> paper name)::
 
 Conventions (the mode's numbers depend on them):
 
-- **VAE** (:func:`vae_encode`, :func:`vae_decode`): ``z = (mode(q(z|x)) - shift_factor) * scaling_factor``;
-  decoding inverts it, ``x = D(z / scaling_factor + shift_factor)``. ``.mode()`` (the mean of the diagonal
-  Gaussian), not ``.sample()``, so latents are deterministic. A missing ``shift_factor`` is 0, a missing
-  ``scaling_factor`` 1.
+- **VAE**: encoding and decoding belong to the model adapter (``pipeline.models.adapter.ModelAdapter.encode`` /
+  ``decode``): ``z = (mode(q(z|x)) - shift_factor) * scaling_factor`` (the shift only for the families whose
+  pipelines apply it, SD3 and Flux), decoding inverts it; ``.mode()``, not ``.sample()``, so latents are
+  deterministic.
 - **Interpolation** (:func:`slerp`, :func:`lerp`) is done on unit-variance noise; :func:`sample` multiplies by the
   scheduler's ``init_noise_sigma`` *afterwards* (diffusers pipelines do the same with passed ``latents``).
   slerp treats each sample (first dimension) as one vector; near-parallel endpoints fall back to lerp.
@@ -42,7 +42,7 @@ import torch
 
 __all__ = [
     "lerp", "slerp", "interpolate", "norm_ratio_mid",
-    "vae_factors", "vae_encode", "vae_decode", "psnr",
+    "psnr",
     "split_model_output", "sample", "ddim_invert", "ddim_sample", "diffusion_reconstruct",
     "GaussianFit", "ledoit_wolf_shrinkage", "oas_shrinkage", "fit_gaussian", "zscore_score", "mahalanobis_score",
     "standardised_mean", "auroc", "fpr_at_tpr",
@@ -110,27 +110,7 @@ def _check_pair(z0: torch.Tensor, z1: torch.Tensor) -> None:
         raise ValueError(f"Expected two batches of the same shape (B, ...), got {tuple(z0.shape)} and {tuple(z1.shape)}")
 
 
-# ---------------------------------------------------------------------------------------------- VAE
-def vae_factors(vae) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) of a diffusers VAE config; missing / None -> (1, 0)."""
-    scale = getattr(vae.config, "scaling_factor", None)
-    shift = getattr(vae.config, "shift_factor", None)
-    return float(1.0 if scale is None else scale), float(0.0 if shift is None else shift)
-
-
-def vae_encode(vae, x: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] (N, 3, H, W) -> diffusion latents z = (mode - shift_factor) * scaling_factor."""
-    scale, shift = vae_factors(vae)
-    mode = vae.encode(x).latent_dist.mode()
-    return (mode - shift) * scale
-
-
-def vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
-    """Diffusion latents -> pixels (about [-1, 1], not clamped): D(z / scaling_factor + shift_factor)."""
-    scale, shift = vae_factors(vae)
-    return vae.decode(z / scale + shift).sample
-
-
+# ---------------------------------------------------------------------------------------------- image quality
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Per-image PSNR in dB, (N,), of two batches on the same scale (``data_range`` = max - min of that scale)."""
     if a.shape != b.shape:

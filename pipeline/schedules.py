@@ -9,6 +9,11 @@ Notation (code name -> paper name):
 Index t = 0 is the least noisy training step, t = T − 1 the noisiest. ᾱ is computed from β in float64 (not
 taken from a scheduler's float32 ``alphas_cumprod``), so a zero-terminal-SNR schedule has ᾱ_T = 0 exactly and
 log-SNR_T = −∞: such points are kept in the arrays and excluded from ``log_snr_min``.
+
+Rectified flow (kind ``"flow"``: SD3, Flux), x_σ = (1 − σ) x₀ + σ ε over uniform time u = (t + 1) / T:
+    flow_sigma      σ(u) = s·u / (1 + (s − 1)·u)     (shift s; Flux's dynamic shift is s = e^μ)
+    log_snr         λ = 2·log((1 − σ) / σ) = 2·log((1 − u) / u) − 2·log s
+    alphas_cumprod  the equivalent ᾱ = SNR / (1 + SNR) = (1 − σ)² / ((1 − σ)² + σ²); σ = 1 (u = 1) is ᾱ = 0
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["NoiseSchedule", "NamedSchedule", "named_schedule", "karras_sigmas", "from_scheduler", "visited_positions"]
+__all__ = ["NoiseSchedule", "NamedSchedule", "named_schedule", "karras_sigmas", "from_scheduler", "visited_positions",
+           "flow_sigma", "flow_schedule", "flow_positions"]
 
 SD_BETAS = (0.00085, 0.012)  # Stable Diffusion 1.x/2.x/XL scaled_linear
 DDPM_BETAS = (1e-4, 0.02)  # Ho et al. 2020
@@ -39,9 +45,11 @@ class NamedSchedule(str, enum.Enum):
 class NoiseSchedule:
     name: str
     alphas_cumprod: np.ndarray  # float64, shape (T,)
-    # "discrete": a DDPM-family β schedule a diffusers solver can be built on; "sigma": a continuous σ schedule
+    # "discrete": a DDPM-family β schedule a diffusers solver can be built on; "sigma": a continuous σ schedule;
+    # "flow": a rectified-flow σ(u) with shift ``shift`` (ᾱ the equivalent SNR / (1 + SNR))
     kind: str = "discrete"
     scheduler_config: dict | None = None  # diffusers config for discrete schedules
+    shift: float = 1.0  # flow schedules only
 
     @property
     def num_train_timesteps(self) -> int:
@@ -66,8 +74,20 @@ class NoiseSchedule:
 
     @property
     def sigmas(self) -> np.ndarray:
+        """EDM noise level SNR^{-1/2} (for a flow schedule σ_flow / (1 − σ_flow))."""
         with np.errstate(divide="ignore"):
             return np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+
+    @property
+    def flow_sigmas(self) -> np.ndarray:
+        """σ of x = (1 − σ) x₀ + σ ε with the same SNR: 1 / (1 + SNR^{1/2})."""
+        return 1.0 / (1.0 + np.sqrt(self.snr))
+
+    def normalised_time(self, t: np.ndarray | float) -> np.ndarray:
+        """Training-step positions as time in [0, 1]: t / (T − 1); flow schedules their uniform time u = (t + 1) / T."""
+        t = np.asarray(t, dtype=np.float64)
+        T = self.num_train_timesteps
+        return (t + 1.0) / T if self.kind == "flow" else t / (T - 1)
 
     # ------------------------------------------------------------------ findings
     @property
@@ -83,7 +103,11 @@ class NoiseSchedule:
         return int(bad[0]) + 1 if bad.size else None
 
     def log_snr_at(self, t: np.ndarray | float) -> np.ndarray:
-        """log-SNR at (possibly fractional) timesteps, linear in t between training steps."""
+        """log-SNR at (possibly fractional) timesteps, linear in t between training steps (flow: exact)."""
+        if self.kind == "flow":
+            u = self.normalised_time(t)
+            with np.errstate(divide="ignore"):
+                return 2.0 * (np.log1p(-u) - np.log(u)) - 2.0 * np.log(self.shift)
         return np.interp(np.asarray(t, dtype=np.float64), np.arange(self.num_train_timesteps), self.log_snr)
 
     def summary(self) -> dict[str, float]:
@@ -155,3 +179,28 @@ def visited_positions(schedule: NoiseSchedule, visited_sigmas: np.ndarray) -> np
     """Fractional training-step positions of noise levels σ (interpolated in log σ)."""
     log_sigma = np.log(schedule.sigmas[np.isfinite(schedule.sigmas)])
     return np.interp(np.log(visited_sigmas), log_sigma, np.arange(len(log_sigma), dtype=np.float64))
+
+
+def flow_sigma(u: np.ndarray | float, shift: float) -> np.ndarray:
+    """σ(u) = s·u / (1 + (s − 1)·u): the shifted rectified-flow noise level at uniform time u ∈ [0, 1]."""
+    u = np.asarray(u, dtype=np.float64)
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def flow_schedule(name: str, shift: float, num_train_timesteps: int = 1000) -> NoiseSchedule:
+    """A rectified-flow schedule (SD3: static ``shift``; Flux: ``e^μ`` at a resolution) on T steps, u = (t + 1) / T, as
+    FlowMatchEulerDiscreteScheduler lays out its training σ's; the last step is σ = 1 (zero terminal SNR)."""
+    if not shift > 0:
+        raise ValueError(f"Expected a positive flow shift, got {shift}")
+    T = int(num_train_timesteps)
+    sigma = flow_sigma(np.arange(1, T + 1, dtype=np.float64) / T, float(shift))
+    sigma[-1] = 1.0
+    signal, noise = (1.0 - sigma) ** 2, sigma**2
+    return NoiseSchedule(name, signal / (signal + noise), kind="flow", shift=float(shift))
+
+
+def flow_positions(schedule: NoiseSchedule, flow_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training-step positions t = u·T − 1 of flow noise levels σ (u = σ / (σ + s·(1 − σ)))."""
+    sigma = np.asarray(flow_sigmas, dtype=np.float64)
+    u = sigma / (sigma + schedule.shift * (1.0 - sigma))
+    return u * schedule.num_train_timesteps - 1.0

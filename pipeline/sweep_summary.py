@@ -6,8 +6,12 @@ builds the same rows from any MLflow store. Everything here works on the MLflow 
 metrics, tags), never on local run directories.
 
 A row is a flat dict: ``run_id``, ``run_name``, ``status``, every ``choice.<group>``, the config params that
-vary across the runs (``sampler.num_inference_steps``, ``model.path``, ...), all metrics (keys with a ``/``:
-``metrics/fid``) and ``error`` for a failed run. Failed runs stay in the table and are left out of the plots.
+vary across the runs (``sampler.num_inference_steps``, ``model.path``, ...), the run's primary extractor (tag
+``metrics.primary_extractor``, where the run has one), all metrics (keys with a ``/``: ``metrics/fd_shapes_net``)
+and ``error`` for a failed run. Failed runs stay in the table and are left out of the plots.
+
+Runs are ranked and plotted by ``metrics/fd_<primary extractor>`` (:func:`fd_key`, key grammar in
+``pipeline.metric_keys``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
+
+from pipeline.metric_keys import INCEPTION, PRIMARY_EXTRACTOR_TAG, PROMPT_ACCURACY, SEC_PER_IMAGE, metric_key, parse_key
+from pipeline.metric_keys import label as metric_label
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +32,7 @@ STEPS = "sampler.num_inference_steps"
 GUIDANCE = "sampler.guidance_scale"
 CHECKPOINT = "model.path"
 SCHEDULER = "choice.scheduler"
-FID = "metrics/fid"
-SEC_PER_IMAGE = "metrics/sec_per_image"
-PROMPT_ACCURACY = "metrics/prompt_accuracy"
+PRIMARY = PRIMARY_EXTRACTOR_TAG  # the row column holding a run's primary extractor
 FIXED_COLUMNS = ("run_id", "run_name", "status", "error")
 FAILED_STATUSES = ("FAILED", "KILLED")
 TABLE_NAME = "sweep_summary.csv"
@@ -71,6 +76,8 @@ def child_rows(children: list[Any]) -> list[dict[str, Any]]:
         row.update({k: parse_value(v) for k, v in sorted(params.items())
                     if k.startswith("choice.") and not k.startswith("choice.hydra")})
         row.update({k: parse_value(params[k]) for k in varying if k in params})
+        if run.data.tags.get(PRIMARY):
+            row[PRIMARY] = run.data.tags[PRIMARY]
         row.update(dict(sorted(run.data.metrics.items())))
         if "error" in run.data.tags:
             row["error"] = run.data.tags["error"]
@@ -108,6 +115,28 @@ def swept(rows: list[dict[str, Any]]) -> list[str]:
     keys = [k for k in columns(rows) if k not in FIXED_COLUMNS and not is_metric(k) and len(_distinct(rows, k)) > 1]
     varying_choices = {_group(k) for k in keys if k.startswith("choice.")}
     return [k for k in keys if k.startswith("choice.") or _group(k) not in varying_choices]
+
+
+def primary_extractor(rows: list[dict[str, Any]]) -> Optional[str]:
+    """The extractor whose FD ranks and plots ``rows``: the most common ``metrics.primary_extractor`` among them
+    (ties: the earliest row's). Rows without that tag (fabricated, or older runs): the extractor of their
+    ``metrics/fd_<extractor>`` keys, Inception's where there are several, else the most common (ties: by name)."""
+    tagged = [str(r[PRIMARY]) for r in rows if r.get(PRIMARY)]
+    if tagged:
+        return max(dict.fromkeys(tagged), key=tagged.count)
+    counts: dict[str, int] = {}
+    for row in rows:
+        for key in row:
+            parsed = parse_key(key)
+            if parsed is not None and parsed[0] == "fd":
+                counts[parsed[1]] = counts.get(parsed[1], 0) + 1
+    return min(counts, key=lambda n: (n != INCEPTION, -counts[n], n)) if counts else None
+
+
+def fd_key(rows: list[dict[str, Any]]) -> Optional[str]:
+    """``metrics/fd_<primary extractor>`` of ``rows`` (see :func:`primary_extractor`); None without one."""
+    name = primary_extractor(rows)
+    return None if name is None else metric_key("fd", name)
 
 
 def finished(rows: list[dict[str, Any]], *metrics: str) -> list[dict[str, Any]]:
@@ -164,16 +193,17 @@ def _series(rows: list[dict[str, Any]], x_key: str) -> dict[str, list]:
 
 
 def frontier_plot(rows: list[dict[str, Any]]):
-    """FID vs seconds per image, one line per scheduler (and per other swept value), points in step order,
-    each annotated with its step count."""
+    """FD of the primary extractor vs seconds per image, one line per scheduler (and per other swept value),
+    points in step order, each annotated with its step count."""
     from matplotlib.figure import Figure
 
-    rows = finished(rows, FID, SEC_PER_IMAGE)
+    fd = fd_key(rows)
+    rows = finished(rows, fd, SEC_PER_IMAGE)
     fig = Figure(figsize=(7, 4.8))
     ax = fig.add_subplot()
     for label, series in sorted(_series(rows, STEPS).items()):
         series = sorted(series, key=lambda r: (r.get(STEPS, 0), r[SEC_PER_IMAGE]))
-        xs, ys = [r[SEC_PER_IMAGE] for r in series], [r[FID] for r in series]
+        xs, ys = [r[SEC_PER_IMAGE] for r in series], [r[fd] for r in series]
         (line,) = ax.plot(xs, ys, marker="o", label=label)
         for r, x, y in zip(series, xs, ys):
             ax.annotate(str(r.get(STEPS, "?")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
@@ -182,7 +212,7 @@ def frontier_plot(rows: list[dict[str, Any]]):
     if min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel("seconds per image (generation)")
-    ax.set_ylabel("FID (lower is better)")
+    ax.set_ylabel(f"{metric_label(fd)} (lower is better)")
     ax.set_title("quality vs cost (labels: inference steps)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -191,16 +221,17 @@ def frontier_plot(rows: list[dict[str, Any]]):
 
 
 def _label_metric_axis(ax, metric: str) -> None:
-    ax.set_ylabel({PROMPT_ACCURACY: "prompt accuracy (higher is better)", FID: "FID (lower is better)"}[metric])
+    better = "higher" if metric == PROMPT_ACCURACY else "lower"
+    ax.set_ylabel(f"{'prompt accuracy' if metric == PROMPT_ACCURACY else metric_label(metric)} ({better} is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
 
 def guidance_plot(rows: list[dict[str, Any]]):
-    """Prompt accuracy (and FID, in a second panel) vs the classifier-free guidance scale."""
+    """Prompt accuracy (and the primary FD, in a second panel) vs the classifier-free guidance scale."""
     from matplotlib.figure import Figure
 
-    metrics = [m for m in (PROMPT_ACCURACY, FID) if finished(rows, m, GUIDANCE)]
+    metrics = [m for m in (PROMPT_ACCURACY, fd_key(rows)) if m and finished(rows, m, GUIDANCE)]
     fig = Figure(figsize=(4.6 * len(metrics), 4))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
@@ -215,14 +246,16 @@ def guidance_plot(rows: list[dict[str, Any]]):
 
 
 def checkpoint_plot(rows: list[dict[str, Any]]):
-    """FID (and prompt accuracy where measured) per checkpoint, x labelled by the checkpoint directory name."""
+    """The primary FD (and prompt accuracy where measured) per checkpoint, x labelled by the checkpoint
+    directory name."""
     from matplotlib.figure import Figure
 
-    rows = finished(rows, FID)
+    fd = fd_key(rows)
+    rows = finished(rows, fd)
     rows = [r for r in rows if CHECKPOINT in r]
     names = checkpoint_labels(r[CHECKPOINT] for r in rows)
     labels = sorted(set(names.values()), key=_checkpoint_order)
-    metrics = [FID] + ([PROMPT_ACCURACY] if finished(rows, PROMPT_ACCURACY) else [])
+    metrics = [fd] + ([PROMPT_ACCURACY] if finished(rows, PROMPT_ACCURACY) else [])
     fig = Figure(figsize=(max(4.6, 1.1 * len(labels) + 2) * len(metrics), 4))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
@@ -243,12 +276,12 @@ def _varies(rows: list[dict[str, Any]], key: str) -> bool:
 
 def plot_kinds(rows: list[dict[str, Any]]) -> list[str]:
     """Which plots apply, judged on the finished runs only (a failed job never makes a plot appear)."""
-    kinds = []
-    if _varies(finished(rows, FID, SEC_PER_IMAGE), STEPS):
+    kinds, fd = [], fd_key(rows)
+    if fd and _varies(finished(rows, fd, SEC_PER_IMAGE), STEPS):
         kinds.append("sweep_frontier")
-    if any(_varies(finished(rows, m), GUIDANCE) for m in (PROMPT_ACCURACY, FID)):
+    if any(_varies(finished(rows, m), GUIDANCE) for m in (PROMPT_ACCURACY, fd) if m):
         kinds.append("sweep_guidance")
-    if _varies(finished(rows, FID), CHECKPOINT):
+    if fd and _varies(finished(rows, fd), CHECKPOINT):
         kinds.append("sweep_checkpoints")
     return kinds
 

@@ -166,6 +166,13 @@ class Tracker:
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
         _retry_locked(self.client.log_batch, self.run_id, metrics=[Metric(key, float(value), int(time.time() * 1000), step)])
 
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """One round trip per 1000 metrics (MLflow's batch cap), not one per scalar."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            _retry_locked(self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
         if items:

@@ -90,7 +90,7 @@ def test_layer_grid_handles_non_square_latents():
 
 
 def _run(path, tmp_path, extra=()):
-    cfg = compose_cfg(["model=hub", f"model.path={path}", "mode=[attention]", "sampler.num_inference_steps=4",
+    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={path}", "mode=[attention]", "sampler.num_inference_steps=4",
                        "mode.attention.steps=[0,3]", "sampler.batch_size=2", *extra], tmp_path / "out")
     return run_pipeline(cfg, tmp_path / "run")
 
@@ -130,7 +130,7 @@ def test_sd2_style_linear_projection_unet_is_captured(tmp_path):
 
 def test_unconditional_model_is_skipped_and_other_modes_continue(tmp_path):
     path = tiny_ddpm(tmp_path / "ddpm")
-    cfg = compose_cfg(["model=hub", f"model.path={path}", "mode=[attention,schedule]", "mode.schedule.compare=[linear]"],
+    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={path}", "mode=[attention,schedule]", "mode.schedule.compare=[linear]"],
                       tmp_path / "out")
     out = run_pipeline(cfg, tmp_path / "run")
     assert out.status == "FINISHED" and "no cross-attention" in out.skipped["attention"]
@@ -139,7 +139,7 @@ def test_unconditional_model_is_skipped_and_other_modes_continue(tmp_path):
 
 def test_snapshot_steps_out_of_range_fail_before_any_work(tmp_path):
     cfg = compose_cfg(["mode=[attention]", "sampler.num_inference_steps=10", "mode.attention.steps=[5,15]",
-                       "model=hub", "model.path=/nonexistent"], tmp_path / "out")
+                       "model=hub", "features=[shapes_net]", "dataset=shapes", "model.path=/nonexistent"], tmp_path / "out")
     with pytest.raises(UserError, match=r"mode.attention.steps=\[5, 15\]: .* 0..9"):
         run_pipeline(cfg, tmp_path / "run")
 

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import run_cli, sqlite_uri
 from pipeline import compare as C
+from pipeline.metric_keys import PRIMARY_EXTRACTOR_TAG
 from pipeline.sweep_summary import child_rows, plot_kinds, plots, summarise, swept
 
 ZOO = "/repo/pipeline/zoo/weights"
@@ -29,7 +30,8 @@ def _params(scheduler="ddim", steps=25, guidance=7.5, path=f"{ZOO}/shapes_sd", m
             "model.path": path, "model.name": model, "seed": "0", "paths.outputs": "/somewhere/else"}
 
 
-def _run(client, exp, name, parent=None, params=None, metrics=None, status="FINISHED", error=None, role=None):
+def _run(client, exp, name, parent=None, params=None, metrics=None, status="FINISHED", error=None, role=None,
+         primary=None):
     tags = {"mlflow.parentRunId": parent} if parent else {}
     if role:
         tags["sweep.role"] = role
@@ -37,7 +39,8 @@ def _run(client, exp, name, parent=None, params=None, metrics=None, status="FINI
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()],
                      params=[Param(k, v) for k, v in (params or {}).items()],
-                     tags=[RunTag("error", error)] if error else [])
+                     tags=([RunTag("error", error)] if error else [])
+                     + ([RunTag(PRIMARY_EXTRACTOR_TAG, primary)] if primary else []))
     client.set_terminated(run_id, status)
     return run_id
 
@@ -45,7 +48,9 @@ def _run(client, exp, name, parent=None, params=None, metrics=None, status="FINI
 @pytest.fixture(scope="module")
 def store(outputs):
     """Three sweeps, each in its own experiment: schedulers x steps (+ one failed job), guidance, checkpoints.
-    In the session's store (migrating a fresh SQLite store costs seconds), under experiment names of their own."""
+    In the session's store (migrating a fresh SQLite store costs seconds), under experiment names of their own.
+    The scheduler sweep ran features=[shapes_net, inception] (tagged: shapes_net is primary, so it ranks by
+    metrics/fd_shapes_net, not by Inception's metrics/fid); the others are untagged with one extractor."""
     root = outputs
     uri = sqlite_uri(root)
     client = MlflowClient(uri)
@@ -56,19 +61,22 @@ def store(outputs):
         if name == "sched":
             for (sch, steps), fid in SCHED_FID.items():
                 _run(client, exp, f"{sch}-{steps}", ids[name], _params(sch, steps),
-                     {"metrics/fid": fid, "metrics/sec_per_image": steps * (0.011 if sch == "euler" else 0.01),
-                      "metrics/kid_mean": fid / 1000})
+                     {"metrics/fd_shapes_net": fid, "metrics/kid_mean_shapes_net": fid / 1000,
+                      "metrics/sec_per_image": steps * (0.011 if sch == "euler" else 0.01),
+                      "metrics/fd_inception": 100 - fid, "metrics/fid": 100 - fid, "metrics/kid_mean_inception": 0.5},
+                     primary="shapes_net")
             _run(client, exp, "euler-200", ids[name], _params("euler", 200), status="FAILED",
-                 error="RuntimeError: CUDA out of memory")
+                 error="RuntimeError: CUDA out of memory", primary="shapes_net")
         elif name == "guid":
             for g, acc in [(1.0, 0.3), (3.0, 0.7), (5.0, 0.85), (7.5, 0.9)]:
                 _run(client, exp, f"g{g}", ids[name], _params(guidance=g),
-                     {"metrics/fid": 30 + 2 * g, "metrics/prompt_accuracy": acc, "metrics/sec_per_image": 0.2})
+                     {"metrics/fd_shapes_net": 30 + 2 * g, "metrics/prompt_accuracy": acc,
+                      "metrics/sec_per_image": 0.2})
         else:
             for ckpt, fid, acc in [("shapes_sd", 20.0, 0.9), ("shapes_sd_ckpt/step_00750", 35.0, 0.6),
                                    ("shapes_sd_ckpt/step_00250", 70.0, 0.2)]:
                 _run(client, exp, ckpt.split("/")[-1], ids[name], _params(path=f"{ZOO}/{ckpt}"),
-                     {"metrics/fid": fid, "metrics/prompt_accuracy": acc})
+                     {"metrics/fd_shapes_net": fid, "metrics/prompt_accuracy": acc})
     return SimpleNamespace(uri=uri, client=client, ids=ids, root=root)
 
 
@@ -91,9 +99,12 @@ def test_rows_have_every_child_what_was_swept_and_the_failed_one(store):
 
 def test_sorting_by_a_metric_puts_failed_runs_last(store):
     rows = child_rows(_children(store, "sched"))
-    by_fid = C.sort_rows(rows, "metrics/fid")
-    assert [r["metrics/fid"] for r in by_fid[:-1]] == sorted(SCHED_FID.values())
-    assert by_fid[-1]["status"] == "FAILED"
+    by_fd = C.sort_rows(rows, "metrics/fd_shapes_net")
+    assert [r["metrics/fd_shapes_net"] for r in by_fd[:-1]] == sorted(SCHED_FID.values())
+    assert by_fd[-1]["status"] == "FAILED"
+    assert C.default_sort(rows) == "metrics/fd_shapes_net"  # the tagged primary, not Inception's metrics/fid
+    assert C.main_metrics(rows)[:3] == ["metrics/fd_shapes_net", "metrics/sec_per_image", "metrics/prompt_accuracy"]
+    assert "metrics/kid_mean_shapes_net" in C.table_columns(rows) and "metrics/fid" not in C.table_columns(rows)
     desc = C.sort_rows(rows, "metrics/sec_per_image", desc=True)
     assert desc[0]["run_name"] == "euler-100" and desc[-1]["status"] == "FAILED"
     assert [r["run_name"] for r in C.sort_rows(rows, None)] == [r["run_name"] for r in rows]
@@ -117,7 +128,7 @@ def test_plots_content(store):
     assert [t.get_text() for t in ckpt.axes[0].get_xticklabels()] == ["step_00250", "step_00750", "shapes_sd"]
     assert list(ckpt.axes[0].get_lines()[0].get_ydata()) == [70.0, 35.0, 20.0]
     guid = plots(child_rows(_children(store, "guid")))["sweep_guidance"]
-    assert [a.get_ylabel().split(" (")[0] for a in guid.axes] == ["prompt accuracy", "FID"]
+    assert [a.get_ylabel().split(" (")[0] for a in guid.axes] == ["prompt accuracy", "FD shapes_net"]
     assert list(guid.axes[0].get_lines()[0].get_xdata()) == [1.0, 3.0, 5.0, 7.5]
 
 
@@ -131,6 +142,7 @@ def test_parent_run_receives_table_and_plots(store, tmp_path):
     with (tmp_path / "sweep_summary.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 9 and [r["status"] for r in table].count("FAILED") == 1
+    assert {r[PRIMARY_EXTRACTOR_TAG] for r in table} == {"shapes_net"}  # the tag is a column of every row
     assert (tmp_path / "sweep_frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -151,7 +163,7 @@ def test_main_by_parent_id_default_out_and_bad_sort(store, tmp_path, capsys):
     parent = store.ids["guid"]
     assert C.main([parent, "--outputs", str(store.root)]) == 0  # default store and out dir from --outputs
     out = capsys.readouterr().out
-    assert out.startswith(f"sweep guid ({parent}): 4 runs") and "sorted by metrics/fid" in out
+    assert out.startswith(f"sweep guid ({parent}): 4 runs") and "sorted by metrics/fd_shapes_net" in out
     assert (store.root / "compare" / parent / "sweep_guidance.png").is_file()
     assert C.main([parent, "--tracking-uri", store.uri, "--out", str(tmp_path), "--sort", "metrics/nope"]) == 2
     assert "metrics/nope" in capsys.readouterr().err
@@ -185,7 +197,7 @@ def test_cli_subprocess_by_parent_id(store, tmp_path):
                    module="pipeline.compare", timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert "9 runs, 1 failed, sorted by metrics/fid" in lines[0]
+    assert "9 runs, 1 failed, sorted by metrics/fd_shapes_net" in lines[0]
     rows = lines[4:13]
     assert rows[0].split()[0] == "euler-100" and rows[-1].split()[0] == "euler-200" and "FAILED" in rows[-1]
     assert "CUDA out of memory" in rows[-1]

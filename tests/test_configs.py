@@ -11,16 +11,24 @@ from conftest import compose_cfg
 from pipeline.config import CONF_DIR
 from pipeline.models.builtin import builtin_path
 from pipeline.models.loading import load_scheduler_config
-from pipeline.models.schedulers import build_scheduler
+from pipeline.models.schedulers import DIFFUSION_SOLVERS, FLOW_SOLVERS, build_scheduler
 
 GROUPS = ["model", "dataset", "scheduler", "mode", "features", "tracking", "experiment"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 SCHEDULERS = sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml"))
+FAMILY = {name: OmegaConf.load(CONF_DIR / "scheduler" / f"{name}.yaml").family for name in SCHEDULERS}
+DIFFUSION = [name for name in SCHEDULERS if FAMILY[name] == "diffusion"]
 COMPOSE_ERRORS = (ConfigCompositionException, ConfigKeyError, ValidationError)
 
 
 def test_scheduler_options_are_exactly_the_documented_ones():
-    assert SCHEDULERS == sorted(["ddpm", "ddim", "pndm", "euler", "euler_ancestral", "heun", "dpmpp_2m", "unipc"])
+    assert SCHEDULERS == sorted(["native", "ddpm", "ddim", "pndm", "euler", "euler_ancestral", "heun", "dpmpp_2m", "unipc",
+                                 "flow_euler", "flow_heun", "flow_dpmpp_2m", "flow_unipc"])
+    assert compose_cfg([]).scheduler.name == "native"  # the default for every model
+    # the sweep lists of ${family_solvers:...} are the options of each family (ddpm, 1000-step ancestral, left out)
+    assert sorted(DIFFUSION_SOLVERS) == sorted(n for n in DIFFUSION if n != "ddpm")
+    assert sorted(FLOW_SOLVERS) == sorted(n for n in SCHEDULERS if FAMILY[n] == "flow")
+    assert [n for n in SCHEDULERS if FAMILY[n] == "native"] == ["native"]
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -35,7 +43,7 @@ def test_every_option_composes(group, option):
         assert block.name == option
 
 
-@pytest.mark.parametrize("option", SCHEDULERS)
+@pytest.mark.parametrize("option", DIFFUSION)
 @pytest.mark.parametrize("model", ["sd15_scheduler", "ddpm_cifar10_scheduler"])
 def test_every_scheduler_builds_from_the_models_config(option, model):
     cfg = compose_cfg([f"scheduler={option}"])
@@ -83,4 +91,5 @@ def test_bad_overrides_fail_at_composition(override):
 def test_experiment_preset_overrides_only_what_changes():
     cfg = compose_cfg(["experiment=zero_snr"])
     assert cfg.scheduler.timestep_spacing.value == "trailing" and cfg.scheduler.options.rescale_betas_zero_snr
-    assert cfg.scheduler.cls == "DDIMScheduler"  # untouched
+    assert cfg.scheduler.name == "native" and cfg.scheduler.cls is None  # untouched: the model's own solver
+    assert compose_cfg(["experiment=zero_snr", "scheduler=ddim"]).scheduler.cls == "DDIMScheduler"

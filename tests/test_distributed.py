@@ -83,7 +83,7 @@ def test_torchrun_two_cpu_processes_report_the_single_process_metrics(tmp_path):
     ShapesNet().save_pretrained(tmp_path / "net")
     ddpm, out = tiny_ddpm(tmp_path / "ddpm"), tmp_path / "out"
     # batch 8 = shard size: every image sees the same batch composition in both runs (bitwise equal features)
-    args = ["mode=[metrics]", "model=hub", f"model.path={ddpm}", "model.device=cpu", f"features.shapes_net.model={tmp_path / 'net'}",
+    args = ["mode=[metrics]", "model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={ddpm}", "model.device=cpu", f"features.shapes_net.model={tmp_path / 'net'}",
             "mode.metrics.num_samples=16", "dataset.num_images=24", "sampler.num_inference_steps=2", "sampler.batch_size=8",
             "mode.metrics.kid_subsets=3", "mode.metrics.grid=4"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -108,9 +108,10 @@ def test_torchrun_two_cpu_processes_report_the_single_process_metrics(tmp_path):
         torch.set_num_threads(threads)
     assert single["metrics/num_shards"] == 1
     # FIDs at N < d are ill-conditioned (rank-deficient covariances): equal to float64 round-off, not bitwise
-    for key in ("fid", "fid_floor"):
+    for key in ("fd_shapes_net", "fd_floor_shapes_net"):
         assert sharded[f"metrics/{key}"] == pytest.approx(single[f"metrics/{key}"], rel=1e-6), key
-    for key in ("kid_mean", "kid_std", "precision", "recall", "density", "coverage", "is_mean", "is_std"):
+    for stat in ("kid_mean", "kid_std", "precision", "recall", "density", "coverage", "is_mean", "is_std"):
+        key = f"{stat}_shapes_net"
         assert sharded[f"metrics/{key}"] == pytest.approx(single[f"metrics/{key}"], rel=1e-9, abs=1e-12), key
     for key in ("generation_seconds", "fake_features_seconds", "reference_seconds"):
         assert sharded[f"metrics/{key}"] >= 0 and single[f"metrics/{key}"] >= 0

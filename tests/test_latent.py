@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -49,36 +48,23 @@ def test_slerp_keeps_the_norm_and_lerp_does_not():
 
 
 # ----------------------------------------------------------------------------------------------- VAE convention
-class _MockVAE:
-    """encode: the latent mode is the 2x2 mean-pooled image; decode: nearest upsampling (exact on pooled images)."""
+def test_vae_scaling_and_shift_are_applied_on_encode_and_removed_on_decode(tmp_path):
+    """The adapter's VAE convention (SD3: z = (mode - shift_factor) x scaling_factor; decode undoes both)."""
+    from diffusers import DiffusionPipeline
 
-    def __init__(self, scaling_factor, shift_factor=None):
-        self.config = SimpleNamespace(scaling_factor=scaling_factor, shift_factor=shift_factor)
-        self.decoded_inputs = []
+    from pipeline.models.adapter import ModelAdapter
+    from tiny import tiny_family
 
-    def encode(self, x):
-        mode = torch.nn.functional.avg_pool2d(x, 2)
-        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: mode, sample=lambda: mode + 1.0))
-
-    def decode(self, z):
-        self.decoded_inputs.append(z)
-        return SimpleNamespace(sample=torch.nn.functional.interpolate(z, scale_factor=2, mode="nearest"))
-
-
-def test_vae_scaling_is_applied_on_encode_and_removed_on_decode():
-    g = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.interpolate(torch.rand(3, 3, 8, 8, generator=g) * 2 - 1, scale_factor=2)  # exact at 2x2
-    vae = _MockVAE(0.18215, 0.1159)
-    z = L.vae_encode(vae, x)
-    torch.testing.assert_close(z, (torch.nn.functional.avg_pool2d(x, 2) - 0.1159) * 0.18215)  # mode, not sample
-    y = L.vae_decode(vae, z)
-    torch.testing.assert_close(vae.decoded_inputs[-1], torch.nn.functional.avg_pool2d(x, 2))  # scale & shift undone
-    assert float(L.psnr(x / 2 + 0.5, y / 2 + 0.5).min()) > 100  # exact round trip
-    # forgetting to undo the scaling is caught: decoding z as is gives a poor round trip
-    assert float(L.psnr(x / 2 + 0.5, vae.decode(z).sample / 2 + 0.5).max()) < 15
-    # no shift_factor (SD 1.x) and no scaling factor at all
-    assert L.vae_factors(_MockVAE(0.13025)) == (0.13025, 0.0)
-    assert L.vae_factors(_MockVAE(None)) == (1.0, 0.0)
+    pipe = DiffusionPipeline.from_pretrained(tiny_family("sd3", tmp_path / "sd3"), use_safetensors=True)
+    model = ModelAdapter(pipe)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mode = pipe.vae.encode(x).latent_dist.mode()
+        z = model.encode(x)
+        torch.testing.assert_close(z, (mode - 0.0609) * 1.5305)  # the mode, not a sample; shifted, then scaled
+        torch.testing.assert_close(model.decode(z, 16, 16), pipe.vae.decode(mode).sample / 2 + 0.5)
+        # forgetting to undo them is caught: decoding z as it is gives other images
+        assert float((model.decode(z, 16, 16) - (pipe.vae.decode(z).sample / 2 + 0.5)).abs().max()) > 0.01
 
 
 def test_psnr_known_value():
@@ -122,7 +108,8 @@ def test_ddim_inversion_round_trip_on_an_exact_model():
     assert abs(float(zT.flatten(1).norm(dim=1).mean()) / math.sqrt(256) - 1) < 0.1  # ends as unit Gaussian noise
     back = L.ddim_sample(eps, sc, zT, steps)
     assert float(L.psnr(back, x0, data_range=2.0).mean()) > 28  # measured 31.6 dB
-    fresh = L.ddim_sample(eps, sc, torch.randn_like(zT), steps)
+    other = torch.randn(zT.shape, generator=torch.Generator().manual_seed(1), dtype=zT.dtype)  # not x0's draw
+    fresh = L.ddim_sample(eps, sc, other, steps)
     assert float(L.psnr(fresh, x0, data_range=2.0).mean()) < 15  # a round trip from other noise fails the bar
     more = L.ddim_sample(eps, sc, L.ddim_invert(eps, sc, x0, 50), 50)
     assert float(L.psnr(more, x0, 2.0).mean()) > float(L.psnr(back, x0, 2.0).mean()) + 4  # error shrinks with steps
@@ -225,7 +212,7 @@ SMALL = ["sampler.batch_size=32", "mode.latent.steps=3", "mode.latent.ppl_pairs=
 
 
 def _cfg(models, outputs, model="sd", extra=()):
-    return compose_cfg(["model=hub", f"model.path={models[model]}", "mode=[latent]",
+    return compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={models[model]}", "mode=[latent]",
                         f"features.shapes_net.model={models['net']}", *SMALL, *extra], outputs)
 
 
@@ -338,12 +325,15 @@ def test_vae_round_trip_and_inversion_on_the_shapes_model():
 
     from pipeline.data.shapes import ShapesDataset
 
-    pipe = StableDiffusionPipeline.from_pretrained(_zoo("shapes_sd"), torch_dtype=torch.float32)
+    from pipeline.models.adapter import ModelAdapter
+
+    pipe = StableDiffusionPipeline.from_pretrained(_zoo("shapes_sd"), dtype=torch.float32)
+    model = ModelAdapter(pipe)
     imgs, caps = ShapesDataset("test", n=16).arrays()
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
-        z = L.vae_encode(pipe.vae, x)
-        y = L.vae_decode(pipe.vae, z).clamp(-1, 1)
+        z = model.encode(x)
+        y = ((model.decode(z, 32, 32) - 0.5) * 2).clamp(-1, 1)
         right = float(L.psnr(x / 2 + 0.5, y / 2 + 0.5).mean())
         assert right > 28  # measured 33.2 dB here, 32.9 dB on the mode's 64 images
         # the scaling matters (scaling_factor 0.70): decoding the scaled latents as they are loses ~10 dB
@@ -354,7 +344,7 @@ def test_vae_round_trip_and_inversion_on_the_shapes_model():
         cond = pipe.text_encoder(ids)[0]
         fn = lambda v, t: pipe.unet(v, t, encoder_hidden_states=cond).sample  # noqa: E731
         sc = dict(pipe.scheduler.config)
-        back = L.vae_decode(pipe.vae, L.ddim_sample(fn, sc, L.ddim_invert(fn, sc, z[:4], 20), 20)).clamp(-1, 1)
+        back = ((model.decode(L.ddim_sample(fn, sc, L.ddim_invert(fn, sc, z[:4], 20), 20), 32, 32) - 0.5) * 2).clamp(-1, 1)
     assert float(L.psnr(x[:4] / 2 + 0.5, back / 2 + 0.5).mean()) > 25  # measured 31.0 dB in the mode (8 images)
 
 
@@ -362,7 +352,7 @@ def test_vae_round_trip_and_inversion_on_the_shapes_model():
 def test_ood_bar_on_the_shapes_model(tmp_path):
     """Issue 6's bar at a smaller N than the default (bench/latent_ood.py runs the full size)."""
     out = run_pipeline(compose_cfg([
-        "model=hub", f"model.path={_zoo('shapes_sd')}", "mode=[latent]", "mode.latent.parts=[ood]",
+        "model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={_zoo('shapes_sd')}", "mode=[latent]", "mode.latent.parts=[ood]",
         "mode.latent.ood_fit_samples=100", "mode.latent.ood_eval_samples=40", "mode.latent.ood_noise=false",
         "mode.latent.recon_timesteps=[100]", "mode.latent.recon_steps=2", "sampler.batch_size=70"], tmp_path / "out"),
         tmp_path / "run")

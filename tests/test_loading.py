@@ -22,7 +22,7 @@ def _tiny_ddpm(path, safe: bool = True):
 
 
 def test_local_safetensors_pipeline_loads_and_generates(tmp_path):
-    cfg = compose_cfg(["model=hub", f"model.path={_tiny_ddpm(tmp_path / 'm')}"])
+    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={_tiny_ddpm(tmp_path / 'm')}"])
     pipe = load_pipeline(cfg.model, torch.device("cpu"))
     assert type(pipe).__name__ == "DDPMPipeline" and pipe.unet.dtype == torch.float32
     images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
@@ -31,10 +31,10 @@ def test_local_safetensors_pipeline_loads_and_generates(tmp_path):
 
 def test_pickled_weights_need_explicit_opt_in(tmp_path):
     path = _tiny_ddpm(tmp_path / "m", safe=False)
-    cfg = compose_cfg(["model=hub", f"model.path={path}"])
+    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={path}"])
     with pytest.raises(UserError, match="pickled weights.*model.allow_pickle=true"):
         load_pipeline(cfg.model, torch.device("cpu"))
-    cfg = compose_cfg(["model=hub", f"model.path={path}", "model.allow_pickle=true"])
+    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={path}", "model.allow_pickle=true"])
     assert type(load_pipeline(cfg.model, torch.device("cpu"))).__name__ == "DDPMPipeline"
 
 
@@ -42,7 +42,7 @@ def test_schedule_mode_reads_only_the_scheduler(outputs, tmp_path):
     path = _tiny_ddpm(tmp_path / "m")
     for weights in path.rglob("*.safetensors"):
         weights.write_bytes(b"corrupt")  # any attempt to read weights would fail
-    cfg = compose_cfg(["model=hub", f"model.path={path}", "mode.schedule.compare=[linear]"], outputs)
+    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={path}", "mode.schedule.compare=[linear]"], outputs)
     out = run_pipeline(cfg, tmp_path / "run")
     assert out.status == "FINISHED" and out.results["schedule/log_snr_max"] == pytest.approx(9.2101, abs=1e-3)
 
@@ -55,7 +55,7 @@ def test_clear_errors_for_paths_and_offline_hub_ids(tmp_path):
         load_scheduler_config(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="could not be fetched from the hub.*HF_HUB_OFFLINE"):
         load_scheduler_config("someone/some-model")
-    cfg = compose_cfg(["model=hub", f"model.path={tmp_path / 'empty'}"])
+    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={tmp_path / 'empty'}"])
     with pytest.raises(UserError, match="no model_index.json"):
         load_pipeline(cfg.model, torch.device("cpu"))
     with pytest.raises(UserError, match="model.device"):

@@ -25,7 +25,7 @@ def models(tmp_path_factory):
 
 def _cfg(models, outputs, model="ddpm", extra=()):
     return compose_cfg([
-        "model=hub", f"model.path={models[model]}", "mode=[metrics]", f"features.shapes_net.model={models['net']}",
+        "model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={models[model]}", "mode=[metrics]", f"features.shapes_net.model={models['net']}",
         "mode.metrics.num_samples=12", "dataset.num_images=24", "sampler.num_inference_steps=2",
         "sampler.batch_size=6", "mode.metrics.kid_subsets=3", "mode.metrics.grid=4", *extra], outputs)
 
@@ -34,11 +34,13 @@ def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models,
     out = tmp_path / "out"
     first = run_pipeline(_cfg(models, out), tmp_path / "r1")
     r = first.results
-    for key in ["fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "density", "coverage",
-                "fid_floor", "num_samples", "num_invalid", "sec_per_image"]:
+    stats = ["fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "density", "coverage", "fd_floor"]
+    for key in [*(f"{s}_shapes_net" for s in stats), "num_samples", "num_invalid", "sec_per_image"]:
         assert np.isfinite(r[f"metrics/{key}"]), key
     assert r["metrics/num_samples"] == 12 and r["metrics/num_invalid"] == 0
-    assert "metrics/clip_score" not in r and "metrics/prompt_accuracy" not in r  # unconditional: no prompts
+    assert "metrics/clip_score_shapes_net" not in r and "metrics/prompt_accuracy" not in r  # unconditional: no prompts
+    # one key grammar: metrics/<stat>_<extractor> for the primary extractor too; metrics/fid only with Inception
+    assert not any(f"metrics/{s}" in r for s in [*stats, "fid", "fid_floor", "clip_score"])
     assert (tmp_path / "r1" / "plots" / "metrics_samples.png").is_file()
     cached = list((out / "cache" / "reference").glob("shapes_net-*.pt"))
     assert len(cached) == 1
@@ -47,6 +49,7 @@ def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models,
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     assert client.get_run(first.run_id).data.tags["reference_cache"] == "miss"
+    assert client.get_run(first.run_id).data.tags["metrics.primary_extractor"] == "shapes_net"
     second = run_pipeline(_cfg(models, out), tmp_path / "r2")
     assert client.get_run(second.run_id).data.tags["reference_cache"] == "hit"
     timing = ("sec_per_image", "seconds")  # as pipeline.reproduce: timing is shown, never compared
@@ -59,6 +62,36 @@ def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models,
     assert len(list((out / "cache" / "reference").glob("*.pt"))) == 3
 
 
+def test_every_extractor_reports_the_same_key_grammar_and_inception_also_fid(models, tmp_path):
+    """features=[shapes_net, inception] (random Inception weights; few samples: 299 px forwards are slow on CPU)."""
+    import csv
+
+    from pipeline.features.inception import FIDInceptionV3
+
+    weights = tmp_path / "inception_random.pth"
+    torch.save(FIDInceptionV3().state_dict(), weights)
+    extra = ["features=[shapes_net,inception]", f"features.inception.weights_path={weights}",
+             "mode.metrics.num_samples=6", "dataset.num_images=8"]
+    out = run_pipeline(_cfg(models, tmp_path / "out", extra=extra), tmp_path / "run")
+    r = out.results
+    stats = ["fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "density", "coverage", "fd_floor"]
+    for name in ("shapes_net", "inception"):  # primary or not: the same names
+        for stat in stats:
+            assert np.isfinite(r[f"metrics/{stat}_{name}"]), (stat, name)
+    assert r["metrics/fid"] == r["metrics/fd_inception"] != r["metrics/fd_shapes_net"]  # FID: Inception's FD only
+    per_extractor = {k for k in r if k.endswith(("_shapes_net", "_inception"))}
+    assert set(r) - per_extractor == {"metrics/fid", "metrics/num_samples", "metrics/num_invalid", "metrics/num_shards",
+                                      "metrics/sec_per_image", "metrics/generation_seconds",
+                                      "metrics/fake_features_seconds", "metrics/reference_seconds"}
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(out.run_id).data.tags
+    assert tags["metrics.primary_extractor"] == "shapes_net"
+    rows = list(csv.DictReader((tmp_path / "run" / "tables" / "metrics_extractors.csv").open()))
+    assert [(row["extractor"], row["primary"]) for row in rows] == [("shapes_net", "True"), ("inception", "False")]
+    assert float(rows[1]["fd"]) == pytest.approx(r["metrics/fid"]) and "fd_floor" in rows[0]
+
+
 def test_text_to_image_run_judges_prompts(models, tmp_path):
     out = run_pipeline(_cfg(models, tmp_path / "out", model="sd"), tmp_path / "run")
     acc = out.results["metrics/prompt_accuracy"]
@@ -68,17 +101,17 @@ def test_text_to_image_run_judges_prompts(models, tmp_path):
 
 
 def test_nan_images_are_counted_and_excluded(models, tmp_path, monkeypatch):
-    real = generation._sample_unconditional
+    real = generation.sample
 
-    def poisoned(pipe, sampler, n, steps, gens, device):
-        x = real(pipe, sampler, n, steps, gens, device)
+    def poisoned(*args, **kwargs):
+        x = real(*args, **kwargs)
         x[0, 0, 0, 0] = float("nan")  # first image of every batch
         return x
 
-    monkeypatch.setattr(generation, "_sample_unconditional", poisoned)
+    monkeypatch.setattr(generation, "sample", poisoned)
     out = run_pipeline(_cfg(models, tmp_path / "out"), tmp_path / "run")
     assert out.results["metrics/num_invalid"] == 2 and out.results["metrics/num_samples"] == 10
-    assert np.isfinite(out.results["metrics/fid"])
+    assert np.isfinite(out.results["metrics/fd_shapes_net"])
 
 
 def test_too_few_samples_fail_before_generation(models, tmp_path, monkeypatch):
@@ -96,7 +129,7 @@ def test_folder_reference_of_another_size_with_corrupt_files(models, tmp_path):
     (folder / "broken.png").write_bytes(b"not a png")
     extra = ["dataset=folder", f"dataset.root={folder}", "dataset.num_images=100"]
     out = run_pipeline(_cfg(models, tmp_path / "out", extra=extra), tmp_path / "run")
-    assert out.status == "FINISHED" and np.isfinite(out.results["metrics/fid"])
+    assert out.status == "FINISHED" and np.isfinite(out.results["metrics/fd_shapes_net"])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="dataset.root: .*no readable image"):

@@ -117,7 +117,8 @@ def test_non_decreasing_alpha_bar_is_an_error_after_results_are_saved(outputs, t
 def test_scheduler_that_fails_to_load_names_the_file(outputs, tmp_path):
     d = _model_dir(tmp_path, {"_class_name": "DDPMScheduler", "beta_schedule": "quadratic-ish"})
     cfg = compose_cfg([f"model.path={d}"], outputs)
-    with pytest.raises(UserError, match=r"scheduler_config\.json.*DDIMScheduler could not be built"):
+    # the default scheduler=native builds the model's own class
+    with pytest.raises(UserError, match=r"scheduler_config\.json.*DDPMScheduler could not be built"):
         run_pipeline(cfg, tmp_path / "run")
     (d / "scheduler" / "scheduler_config.json").write_text("{not json")
     with pytest.raises(UserError, match="is not valid JSON"):

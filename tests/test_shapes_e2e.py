@@ -18,9 +18,9 @@ def test_metrics_prompt_accuracy_and_a_good_sampler_beats_a_two_step_one(tmp_pat
     good = _run(tmp_path, "good", [*common, "sampler.num_inference_steps=20"])
     bad = _run(tmp_path, "bad", [*common, "sampler.num_inference_steps=2"])
     assert good["metrics/prompt_accuracy"] >= 0.7
-    assert good["metrics/fid"] < bad["metrics/fid"]
+    assert good["metrics/fd_shapes_net"] < bad["metrics/fd_shapes_net"]
     assert good["metrics/prompt_accuracy"] > bad["metrics/prompt_accuracy"]
-    assert good["metrics/precision"] > 0.5
+    assert good["metrics/precision_shapes_net"] > 0.5
 
 
 def test_attention_maps_segment_the_named_objects(tmp_path):

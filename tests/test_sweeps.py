@@ -73,7 +73,7 @@ def test_checkpoint_sweep_shares_model_and_reference_and_summarises(models, tmp_
     ckpts = [tmp_path / "ckpt" / "step_00010", tmp_path / "ckpt" / "step_00020"]
     for c in ckpts:
         shutil.copytree(models["ddpm"], c)
-    proc = run_cli(["-m", "experiment=checkpoint_sweep", "model=hub", f"model.path={ckpts[0]},{ckpts[1]}",
+    proc = run_cli(["-m", "experiment=checkpoint_sweep", "model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={ckpts[0]},{ckpts[1]}",
                     "scheduler=ddim,euler", f"paths.outputs={out}", f"features.shapes_net.model={models['net']}",
                     "mode.metrics.num_samples=8", "dataset.num_images=16", "sampler.num_inference_steps=2",
                     "sampler.batch_size=8", "mode.metrics.kid_subsets=2", "mode.metrics.grid=2"], out)
@@ -84,7 +84,9 @@ def test_checkpoint_sweep_shares_model_and_reference_and_summarises(models, tmp_
     assert [c.data.tags["model_cache"] for c in children] == ["miss", "hit", "miss", "hit"]
     assert [c.data.tags["reference_cache"] for c in children] == ["miss", "hit", "hit", "hit"]
     rows = list(csv.DictReader((Path(parent.data.tags["sweep.dir"]) / "sweep_summary.csv").open()))
-    assert len(rows) == 4 and all(r["metrics/fid"] for r in rows)
+    assert len(rows) == 4 and all(r["metrics/fd_shapes_net"] for r in rows)
+    assert {r["metrics.primary_extractor"] for r in rows} == {"shapes_net"}
+    assert (Path(parent.data.tags["sweep.dir"]) / "sweep_checkpoints.png").is_file()  # plotted by metrics/fd_shapes_net
 
 
 def _free_port() -> int:

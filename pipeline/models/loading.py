@@ -91,15 +91,45 @@ def _has_pickled_weights(local: Path) -> bool:
     return any(local.rglob("*.bin")) or any(local.rglob("*.ckpt")) or any(local.rglob("*.pt"))
 
 
-def load_pipeline(model_cfg: Any, device: torch.device | None = None):
-    """Load a diffusers pipeline from ``model_cfg.path`` with safe defaults, on ``device``."""
+def _component_kwargs(local: Path | None) -> dict[str, Any]:
+    """Components to pass explicitly, from ``model_index.json``: ``None`` for every component recorded as
+    ``[null, null]`` (an SD3 saved without T5 loads), and no safety checker at all — SD 1.x checkpoints list one
+    (~1.2 GB); analysis needs the raw images, so it is never loaded."""
+    from pipeline.models.family import read_model_index
+
+    index = read_model_index(local) if local is not None else None
+    if index is None:
+        return {}
+    kwargs: dict[str, Any] = {k: None for k, v in index.items()
+                              if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
+    checker = index.get("safety_checker")
+    if isinstance(checker, list) and checker and checker[0] is not None:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return kwargs
+
+
+def _dtype_kwarg() -> str:
+    """diffusers >= 0.36 calls it ``dtype`` (``torch_dtype`` still works, with a deprecation warning)."""
+    import inspect
+
     from diffusers import DiffusionPipeline
+
+    src = inspect.getsource(DiffusionPipeline.from_pretrained)
+    return "dtype" if 'kwargs.pop("dtype"' in src else "torch_dtype"
+
+
+def load_pipeline(model_cfg: Any, device: torch.device | None = None):
+    """Load a diffusers pipeline from ``model_cfg.path`` with safe defaults, on ``device``. A local pipeline class
+    the project cannot drive is refused from ``model_index.json`` before any weights are read."""
+    from diffusers import DiffusionPipeline
+
+    from pipeline.models.family import family_of_class, read_model_index
 
     local, hub_id = _local_or_hub(model_cfg.path)
     source = str(local) if local is not None else hub_id
     device = device or resolve_device(model_cfg.device)
     kwargs: dict[str, Any] = {
-        "torch_dtype": resolve_dtype(model_cfg.dtype),
+        _dtype_kwarg(): resolve_dtype(model_cfg.dtype),
         # safetensors only, unless the user explicitly accepts pickle (which can execute code on load)
         "use_safetensors": None if model_cfg.allow_pickle else True,
     }
@@ -109,6 +139,9 @@ def load_pipeline(model_cfg: Any, device: torch.device | None = None):
         kwargs["revision"] = model_cfg.revision
     if local is not None and not (local / "model_index.json").is_file():
         raise UserError(f"model.path: {source!r} has no model_index.json; expected a diffusers pipeline directory")
+    if local is not None:
+        family_of_class(str(read_model_index(local).get("_class_name")))
+    kwargs.update(_component_kwargs(local))
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as e:
@@ -120,8 +153,6 @@ def load_pipeline(model_cfg: Any, device: torch.device | None = None):
         if hub_id is not None:
             raise UserError(_offline_hint(hub_id) + f" [{type(e).__name__}: {e}]") from e
         raise UserError(f"model.path: could not load a pipeline from {source!r}: {type(e).__name__}: {e}") from e
-    if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None  # analysis needs the raw images
     pipe.set_progress_bar_config(disable=True)
     log.info("loaded %s from %s on %s", type(pipe).__name__, source, device)
     return pipe.to(device)

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from pipeline.attention import CrossAttentionCapture, cross_attention_layers
 from pipeline.errors import ModeSkipped, UserError
-from pipeline.generation import is_text_conditioned, to_uint8
+from pipeline.generation import generators, sample, to_uint8
+from pipeline.models.family import check_loaded, check_mode_support
 from pipeline.registry import register_mode, stage
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,14 @@ class AttentionModeConfig:
     figures: int = 2  # prompts drawn in the overlay / breakdown figures
 
 
+# families whose cross-attention the capture hooks (UNet attn2); transformer families: a later issue
+FAMILIES = {"sd", "sdxl"}
+
+
 def validate(cfg) -> None:
+    fam = check_mode_support(cfg.model.path, "attention", None)
+    if fam is not None and fam.conditioning == "text":
+        check_mode_support(cfg.model.path, "attention", FAMILIES)
     a, n = cfg.mode.attention, int(cfg.sampler.num_inference_steps)
     bad = [s for s in a.steps if not 0 <= s < n]
     if bad or not a.steps:
@@ -224,25 +232,32 @@ def _to_image(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- stage
-@stage("attention", needs=("pipe", "sampler"))
+@stage("attention", needs=("model", "sampler"))
 def attention_stage(ctx, cfg):
     a = cfg.mode.attention
-    pipe = ctx.get("pipe")
-    if not is_text_conditioned(pipe) or not cross_attention_layers(pipe.unet):
-        raise ModeSkipped(f"{type(pipe).__name__} has no cross-attention (unconditional model): attention mode does not apply")
+    model = ctx.get("model")
+    if not model.text:
+        raise ModeSkipped(f"{type(model.pipe).__name__} has no cross-attention (not text-conditioned: "
+                          f"{model.family.conditioning}): attention mode does not apply")
+    check_loaded(model.pipe, "attention", FAMILIES)
+    if not cross_attention_layers(model.denoiser):
+        raise ModeSkipped(f"{type(model.pipe).__name__} has no cross-attention layer: attention mode does not apply")
     prompts = _prompts(cfg)
-    tok = pipe.tokenizer
-    scale = int(getattr(pipe, "vae_scale_factor", 8))
-    size = pipe.unet.config.sample_size
-    default_hw = (size, size) if isinstance(size, int) else tuple(size)
-    height = int(a.height or default_hw[0] * scale)
-    width = int(a.width or default_hw[1] * scale)
-    latent_hw = (height // scale, width // scale)
+    tok = model.tokenizer
+    height, width = model.resolve_size(a.height or cfg.sampler.height, a.width or cfg.sampler.width)
+    latent_hw = tuple(model.latent_shape(height, width)[1:])
     steps, guidance = int(cfg.sampler.num_inference_steps), float(cfg.sampler.guidance_scale)
-    cfg_batch = guidance > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    cfg_batch = model.uses_cfg(guidance)
     sampler = ctx.get("sampler")
 
+    from pipeline.data.ground_truth import ground_truth
     from pipeline.data.shapes import parse_caption
+
+    has_truth = ground_truth(cfg.dataset, ctx.device) is not None  # object masks: dataset=shapes only
+    if not has_truth:
+        reason = f"dataset {cfg.dataset.name!r} has no ground truth (object masks) to score maps with; maps only"
+        log.info("attention IoU skipped: %s", reason)
+        ctx.tag("skipped.attention/miou", reason)
 
     ious, ious_colour, ious_swapped, ent_early, ent_late, bos = [], [], [], [], [], []
     ious_res: dict[tuple[int, int], list[float]] = {}
@@ -259,14 +274,13 @@ def attention_stage(ctx, cfg):
         for p, t in zip(batch, tokens):
             if t[2]:
                 log.warning("prompt longer than the tokenizer's %d tokens, truncated: %r", tok.model_max_length, p)
-        pipe.scheduler = type(sampler).from_config(sampler.config)
-        gens = [torch.Generator("cpu").manual_seed(cfg.seed + lo + i) for i in range(len(batch))]
-        with CrossAttentionCapture(pipe.unet, latent_hw, set(a.steps), cfg_batch=cfg_batch) as cap:
-            out = pipe(prompt=batch, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                       height=height, width=width, output_type="pt")
+        gens = generators(cfg.seed, range(lo, lo + len(batch)))
+        cond = model.condition(len(batch), guidance, height, width, prompts=batch)
+        with CrossAttentionCapture(model.denoiser, latent_hw, set(a.steps), cfg_batch=cfg_batch) as cap:
+            out = sample(model, sampler, cond, gens, steps, height, width, eta=float(cfg.sampler.eta))
         if cap.max_row_sum_error > 1e-3:
             raise RuntimeError(f"attention probabilities do not sum to 1 over tokens (error {cap.max_row_sum_error:.2e})")
-        images = to_uint8(out.images.float().nan_to_num().clamp(0, 1)).permute(0, 2, 3, 1).numpy()
+        images = to_uint8(out.float().nan_to_num().clamp(0, 1)).permute(0, 2, 3, 1).numpy()
         agg = cap.aggregate()  # (n, T, h, w)
         by_res_all = cap.by_resolution()
         for i, prompt in enumerate(batch):
@@ -283,7 +297,7 @@ def attention_stage(ctx, cfg):
             saved[f"words_{lo + i:04d}"] = np.array(words)
             saved[f"image_{lo + i:04d}"] = images[i]
             try:
-                objects = parse_caption(prompt)
+                objects = parse_caption(prompt) if has_truth else []
             except ValueError:
                 objects = []  # not a shapes caption: maps only, no ground truth
             res_maps = {g: _to_image(word_maps(m[i], positions), (height, width)) for g, m in by_res_all.items()}

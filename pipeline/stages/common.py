@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+from pipeline.generation import check_eta
+from pipeline.models.family import read_model_index
 from pipeline.models.loading import load_pipeline, load_scheduler_config, resolve_dtype
 from pipeline.models.schedulers import build_scheduler
 from pipeline.registry import stage
@@ -18,22 +21,27 @@ _EXTRACTOR_CACHE: dict[tuple, object] = {}
 
 @stage("scheduler_config", produces=("scheduler_config",))
 def scheduler_config_stage(ctx, cfg):
-    """Only ``scheduler/scheduler_config.json`` of ``model.path``: no weights are read."""
+    """Only ``scheduler/scheduler_config.json`` (and, in a local pipeline directory, ``model_index.json``) of
+    ``model.path``: no weights are read."""
     config, source = load_scheduler_config(cfg.model.path)
+    local = Path(str(cfg.model.path)).expanduser()
+    model_index = read_model_index(local) if local.is_dir() else None
     log.info("scheduler config %s (%s)", source, config.get("_class_name", "?"))
-    return {"scheduler_config": {"config": config, "source": source}}
+    return {"scheduler_config": {"config": config, "source": source, "model_index": model_index}}
 
 
 @stage("sampler", needs=("scheduler_config",), produces=("sampler",))
 def sampler_stage(ctx, cfg):
-    """The ``scheduler=`` solver built ``from_config`` of the model's own scheduler config."""
+    """The ``scheduler=`` solver built ``from_config`` of the model's own scheduler config; a solver that does not
+    fit the model (DDPM-family on a flow model, or the reverse) is refused here, before any weights are loaded."""
     sc = ctx.get("scheduler_config")
-    sampler = build_scheduler(sc["config"], cfg.scheduler, source=sc["source"])
+    sampler = build_scheduler(sc["config"], cfg.scheduler, source=sc["source"], model_index=sc.get("model_index"))
+    check_eta(sampler, float(cfg.sampler.eta))  # an η the solver would ignore is an error, not a silent label
     ctx.tag("sampler.class", type(sampler).__name__)
     return {"sampler": sampler}
 
 
-@stage("pipe", produces=("pipe",))
+@stage("pipe", needs=("sampler",), produces=("pipe",))  # the solver is checked against the model before the weights
 def pipe_stage(ctx, cfg):
     """The diffusers pipeline of ``model.path`` (weights), cached per process."""
     m = cfg.model
@@ -45,6 +53,16 @@ def pipe_stage(ctx, cfg):
     ctx.tag("model_cache", "hit" if hit else "miss")
     log.info("model cache %s for %s", "hit" if hit else "miss", m.path)
     return {"pipe": _PIPE_CACHE[key]}
+
+
+@stage("model", needs=("pipe",), produces=("model",))
+def model_stage(ctx, cfg):
+    """The loaded pipeline behind the one adapter every stage drives it through (``pipeline.models.adapter``)."""
+    from pipeline.models.adapter import ModelAdapter
+
+    model = ModelAdapter(ctx.get("pipe"))
+    ctx.tag("model.family", model.name)
+    return {"model": model}
 
 
 @stage("extractors", produces=("extractors",))

@@ -3,8 +3,10 @@ images against a reference set, from one feature pass per image per extractor.
 
 Images stream batch by batch from the sampler into every extractor (never all N in memory); the reference
 side's features are cached on disk (``<paths.cache>/reference/``) keyed by dataset identity + content hash,
-N, extractor + weights hash and resize mode. The primary extractor (first of ``features=[...]``) reports
-``metrics/<name>``; the others ``metrics/<name>_<extractor>``.
+N, extractor + weights hash and resize mode. Keys follow ``pipeline.metric_keys``: every extractor reports
+``metrics/<stat>_<extractor>`` (``metrics/fd_shapes_net``, ``metrics/kid_mean_clip``, ...), the Inception one also
+``metrics/fid``; the primary extractor (first of ``features=[...]``) is tagged ``metrics.primary_extractor`` and
+its ``metrics/fd_<extractor>`` is the run's headline number.
 
 Under ``torchrun`` (see ``pipeline.distributed``) each rank generates and extracts only its contiguous shard of the
 N samples; FID statistics are merged as exact float64 sums and the per-sample matrices gathered in sample order, so
@@ -22,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -30,7 +32,8 @@ import torch
 from pipeline import distributed as dist
 from pipeline import metrics as M
 from pipeline.errors import UserError
-from pipeline.generation import generate, is_text_conditioned
+from pipeline.generation import generate
+from pipeline.metric_keys import PROMPT_ACCURACY, PRIMARY_EXTRACTOR_TAG, extractor_keys, primary_extractor, primary_fd_key
 from pipeline.registry import register_mode, stage
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,9 @@ class MetricsModeConfig:
     is_splits: int = 10
     pr_k: int = 3
     dc_k: int = 5
-    judge: str = "auto"  # prompt accuracy with the shapes judge: auto (shapes captions) | on | off
+    judge: str = "auto"  # prompt accuracy by the dataset's judge (dataset=shapes): auto | on | off
+    class_ids: Optional[List[int]] = None  # class-conditional models: sample i uses class_ids[i % len]; default all
+    save_images: bool = False  # write every generated image to images/<global index:06d>.png in the run dir
     cache: bool = True
     grid: int = 8  # the logged sample grid is grid x grid
 
@@ -74,11 +79,33 @@ def metrics_check(ctx, cfg):
                             f"least k+1 = {k_max + 1} samples")
     if m.judge not in ("auto", "on", "off"):
         raise UserError(f"mode.metrics.judge={m.judge!r}; expected auto, on or off")
+    kind = getattr(cfg.dataset.kind, "value", cfg.dataset.kind)
+    if kind == "folder" and not cfg.dataset.root:
+        raise UserError("dataset.root: the metrics mode compares against a reference image folder; set "
+                        "dataset.root=DIR (dataset=folder), or use dataset=shapes")
+    if m.judge == "on" and kind != "shapes":
+        raise UserError(f"mode.metrics.judge=on: dataset {cfg.dataset.name!r} has no ground truth to judge prompt "
+                        "adherence with (only dataset=shapes has); set mode.metrics.judge=auto or off")
+    _check_family(cfg, "metrics")
     if m.num_samples < REPORTED_N:
         log.warning("metrics on N=%d generated images: FID/KID are biased at small N; use >= %d for reported numbers",
                     m.num_samples, REPORTED_N)
         ctx.tag("metrics.small_n", "true")
+    if primary_extractor(cfg) is not None:  # before any work: a failed run still says what it ranks by
+        ctx.tag(PRIMARY_EXTRACTOR_TAG, primary_extractor(cfg))
     return {}
+
+
+def _check_family(cfg, mode: str) -> None:
+    """A local pipeline the adapter cannot drive is refused from its model_index.json, before any work."""
+    from pathlib import Path as _P
+
+    from pipeline.models.family import family_of_class, read_model_index
+
+    if _P(str(cfg.model.path)).is_dir():
+        index = read_model_index(cfg.model.path)
+        if index is not None:
+            family_of_class(str(index.get("_class_name")), mode)
 
 
 _SHAPES_REFS: dict[tuple, object] = {}  # per process, for the jobs of a sweep
@@ -100,12 +127,12 @@ def reference_stage(ctx, cfg):
     return {"reference": ref}
 
 
-@stage("prompts", needs=("pipe", "reference"), produces=("prompts",))
+@stage("prompts", needs=("model", "reference"), produces=("prompts",))
 def prompts_stage(ctx, cfg):
-    """Prompts for text-conditioned pipelines: ``mode.metrics.prompts_file`` or the reference captions."""
+    """Prompts for text-conditioned models: ``mode.metrics.prompts_file`` or the reference captions."""
     from pipeline.data.reference import read_prompts
 
-    if not is_text_conditioned(ctx.get("pipe")):
+    if not ctx.get("model").text:
         return {"prompts": None}
     m = cfg.mode.metrics if cfg.mode.get("metrics") is not None else None
     if m is not None and m.prompts_file:
@@ -173,26 +200,24 @@ def _extract_reference(ref, extractor, batch_size: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- judge
-def _judge_for(cfg, extractors, prompts, device):
-    """The shapes judge if prompt accuracy applies (shapes captions), else None."""
+def _judge_for(ctx, cfg, extractors, prompts):
+    """The dataset's ground truth if prompt accuracy applies (its captions, its judge), else None with a
+    ``skipped.metrics/prompt_accuracy`` tag giving the reason."""
+    from pipeline.data.ground_truth import ground_truth
+
     mode = cfg.mode.metrics.judge
     if mode == "off" or prompts is None:
         return None
-    from pipeline.data.shapes import parse_caption
-
-    try:
-        for p in set(prompts):
-            parse_caption(p)
-    except ValueError as e:
+    gt = ground_truth(cfg.dataset, ctx.device, extractors)
+    reason = (f"dataset {cfg.dataset.name!r} has no ground truth to judge prompts with (only dataset=shapes has)"
+              if gt is None else gt.parses(prompts))
+    if reason is not None:
         if mode == "on":
-            raise UserError(f"mode.metrics.judge=on but the prompts are not shapes captions: {e}") from e
-        log.info("prompt accuracy skipped: prompts are not shapes captions")
+            raise UserError(f"mode.metrics.judge=on but prompt accuracy does not apply: {reason}")
+        log.info("prompt accuracy skipped: %s", reason)
+        ctx.tag(f"skipped.{PROMPT_ACCURACY}", reason)
         return None
-    if "shapes_net" in extractors:
-        return extractors["shapes_net"]
-    from pipeline.features.shapes_net import ShapesNetExtractor, _resolve
-
-    return ShapesNetExtractor(_resolve(None), "bilinear", 256, device)
+    return gt
 
 
 def _sample_grid(images: list[torch.Tensor], prompts: list[str] | None, grid: int):
@@ -217,7 +242,7 @@ def _sample_grid(images: list[torch.Tensor], prompts: list[str] | None, grid: in
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-@stage("metrics", needs=("pipe", "sampler", "prompts", "extractors", "real_features"))
+@stage("metrics", needs=("model", "sampler", "prompts", "extractors", "real_features"))
 def metrics_stage(ctx, cfg):
     m = cfg.mode.metrics
     dist.init(ctx.device)
@@ -225,9 +250,10 @@ def metrics_stage(ctx, cfg):
     if dist.is_distributed():
         log.info("rank %d of %d: samples %d..%d of %d", dist.rank(), dist.world_size(), start, start + count - 1,
                  m.num_samples)
-    pipe, prompts, extractors = ctx.get("pipe"), ctx.get("prompts"), ctx.get("extractors")
+    model, prompts, extractors = ctx.get("model"), ctx.get("prompts"), ctx.get("extractors")
     real = ctx.get("real_features")
-    judge = _judge_for(cfg, extractors, prompts, ctx.device)
+    judge = _judge_for(ctx, cfg, extractors, prompts)
+    images_dir = ctx.run_dir / "images" if m.save_images else None
     batch_size = int(m.batch_size or cfg.sampler.batch_size)
 
     fake = {name: {"pool": [], "logits": [], "image_embeds": [], "stats": M.FeatureStats()} for name in extractors}
@@ -237,9 +263,10 @@ def metrics_stage(ctx, cfg):
     gen_seconds = feat_seconds = 0.0
     real_shape = ctx.get("reference").image_shape()
 
-    stream = generate(pipe, ctx.get("sampler"), count, batch_size, cfg.sampler.num_inference_steps,
-                      cfg.sampler.guidance_scale, cfg.seed, prompts=prompts, start=start, progress=dist.is_main(),
-                      desc="metrics")
+    stream = generate(model, ctx.get("sampler"), count, batch_size, cfg.sampler.num_inference_steps,
+                      cfg.sampler.guidance_scale, cfg.seed, prompts=prompts, class_ids=m.class_ids, start=start,
+                      height=cfg.sampler.height, width=cfg.sampler.width, eta=cfg.sampler.eta,
+                      progress=dist.is_main(), desc="metrics")
     tic = time.perf_counter()
     for batch in stream:
         gen_seconds += time.perf_counter() - tic
@@ -252,6 +279,8 @@ def metrics_stage(ctx, cfg):
                      {n: f"{e.input_size}px {e.resize}" for n, e in extractors.items()})
         if not len(batch.images):
             continue
+        if images_dir is not None:
+            _save_images(images_dir, batch.images, batch.indices)
         for name, ex in extractors.items():
             out = ex(batch.images)
             fake[name]["stats"].update(out["pool"])
@@ -261,15 +290,12 @@ def metrics_stage(ctx, cfg):
             if "image_embeds" in out and batch.prompts and hasattr(ex, "text_embeds"):
                 text_embeds[name].append(ex.text_embeds(batch.prompts))
         if judge is not None:
-            from pipeline.data.shapes import parse_caption
-            from pipeline.zoo.shapes_net import compare
-
-            for p, j in zip(batch.prompts, judge.judge(batch.images)):
-                judged.append({"prompt": p, "judged": json.dumps(j), **compare(j, parse_caption(p))})
+            judged += judge.adherence(batch.images, batch.prompts)
         if len(grid_images) < m.grid ** 2 and start < m.grid ** 2:  # later shards never reach the grid
             take = m.grid ** 2 - len(grid_images)
             grid_images += list(batch.images[:take])
-            grid_prompts += list(batch.prompts[:take]) if batch.prompts else []
+            labels = batch.prompts or ([f"class {c}" for c in batch.class_ids] if batch.class_ids else [])
+            grid_prompts += labels[:take]
         feat_seconds += time.perf_counter() - tic
         tic = time.perf_counter()
 
@@ -296,9 +322,8 @@ def metrics_stage(ctx, cfg):
                "metrics/fake_features_seconds": feat_seconds, "metrics/reference_seconds": ref_seconds}
     rows = []
     for i, (name, ex) in enumerate(extractors.items()):
-        sfx = "" if i == 0 else f"_{name}"
         r_pool, f_pool = real[name]["pool"], torch.cat(fake[name]["pool"])
-        s = {"fid": M.frechet_distance(fake[name]["stats"], real[name]["stats"])}
+        s = {"fd": M.frechet_distance(fake[name]["stats"], real[name]["stats"])}
         subset = min(m.kid_subset_size, len(r_pool), len(f_pool))
         if subset < m.kid_subset_size:
             log.info("KID subset size %d capped at N=%d", m.kid_subset_size, subset)
@@ -311,21 +336,32 @@ def metrics_stage(ctx, cfg):
         if text_embeds[name]:
             s["clip_score"] = M.clip_score(torch.cat(fake[name]["image_embeds"]), torch.cat(text_embeds[name]))
         half = len(r_pool) // 2
-        s["fid_floor"] = M.frechet_distance(r_pool[:half], r_pool[half : 2 * half])  # noise floor at this N
-        scalars.update({f"metrics/{k}{sfx}": v for k, v in s.items()})
+        s["fd_floor"] = M.frechet_distance(r_pool[:half], r_pool[half : 2 * half])  # noise floor at this N
+        scalars.update(extractor_keys(name, s))  # metrics/<stat>_<name> (+ metrics/fid for inception)
         rows.append({"extractor": name, "primary": i == 0, **ex.describe(), "n_real": len(r_pool), "n_fake": len(f_pool),
                      "kid_subset_size": subset, **s})
         ctx.tag(f"metrics.resize.{name}", ex.resize)
     if judged:
-        scalars["metrics/prompt_accuracy"] = float(np.mean([j["correct"] for j in judged]))
+        scalars[PROMPT_ACCURACY] = float(np.mean([j["correct"] for j in judged]))
         ctx.save_table(judged, "metrics_prompt_judgements")
     ctx.log_scalars(scalars)
     ctx.save_table(rows, "metrics_extractors")
     ctx.save_figure(_sample_grid(grid_images, grid_prompts or None, m.grid), "metrics_samples")
-    log.info("metrics: %s", {k: round(v, 4) for k, v in scalars.items()})
+    headline = primary_fd_key(extractors)
+    log.info("metrics: %s = %.4g (primary extractor); %s", headline, scalars[headline],
+             {k: round(v, 4) for k, v in scalars.items() if k != headline})
     log.info("timing: generation %.1f s, fake features + judge %.1f s, reference %.1f s",
              gen_seconds, feat_seconds, ref_seconds)
     return {}
+
+
+def _save_images(folder: Path, images: torch.Tensor, indices: list[int]) -> None:
+    """``<folder>/<global index:06d>.png``, lossless (the oracle compares them with the family's own pipeline)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for img, i in zip(images, indices):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
 
 
 def _gathered(chunks: list[torch.Tensor]) -> list[torch.Tensor]:

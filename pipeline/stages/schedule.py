@@ -2,21 +2,31 @@
 
 Scalars (model's scheduler under ``schedule/<name>``, each compared schedule under
 ``schedule/<schedule>/<name>``): log_snr_max, log_snr_min (finite part), terminal_snr, zero_terminal_snr,
-monotonic, sigma_max, first_visited_t, last_visited_t, first_visited_log_snr, num_visited.
+monotonic, sigma_max, first_visited_t, last_visited_t, first_visited_log_snr, num_visited. Tag
+``schedule/prediction_type``: epsilon / v_prediction / sample / flow.
+
+A rectified-flow model (SD3, Flux) is read from configs only (``scheduler/``, ``model_index.json``, ``vae/`` and
+``transformer/config.json``): σ(u) with its shift — Flux's resolution-dependent one at ``mode.schedule.height/width``
+(default: the model's native size) — as the equivalent ᾱ = SNR / (1 + SNR), and the σ's its solver visits. Every
+curve shares one log-SNR axis over normalised time (t / (T − 1); flow: u). Compared β schedules on a flow model are
+shown at the normalised times the model's solver visits (no DDPM-family solver drives a flow model).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
-from typing import List
+from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.models.schedulers import build_scheduler
+from pipeline.models.schedulers import build_scheduler, flow_shift, is_flow_model, set_flow_timesteps, uses_dynamic_shift
 from pipeline.registry import register_mode, stage
-from pipeline.schedules import NamedSchedule, NoiseSchedule, from_scheduler, karras_sigmas, named_schedule, visited_positions
+from pipeline.schedules import (NamedSchedule, NoiseSchedule, flow_positions, flow_schedule, from_scheduler, karras_sigmas,
+                                named_schedule, visited_positions)
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +38,103 @@ class ScheduleModeConfig:
                                  ("linear", "scaled_linear", "squaredcos_cap_v2", "scaled_linear_zero_snr", "karras", "edm")]
     )
     strict: bool = True  # a model schedule whose ᾱ is not strictly decreasing is an error (after results are saved)
+    # flow models with a resolution-dependent shift (Flux): the image size in pixels; None = the model's native size
+    height: Optional[int] = None
+    width: Optional[int] = None
 
 
 register_mode("schedule", stages=["schedule"], schema=ScheduleModeConfig)
 
 
+# the keys of a diffusers config that make the β schedule; every other key belongs to the solver
+_SCHEDULE_KEYS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                  "trained_betas": None, "rescale_betas_zero_snr": False}
+
+
 def visited(schedule: NoiseSchedule, solver_cfg, num_steps: int, sampler=None) -> np.ndarray:
-    """Training-step positions the configured solver evaluates the model at, in order (may be fractional)."""
+    """Training-step positions the configured solver evaluates the model at, in order (may be fractional).
+    ``sampler``: the run's solver, run on this schedule's β (a copy; for the model's own schedule, itself)."""
     if schedule.kind == "sigma":
         # continuous σ schedules are sampled on their own ρ=7 Karras discretisation (EDM, use_karras_sigmas)
         s = schedule.sigmas
         return visited_positions(schedule, karras_sigmas(s[0], s[-1], num_steps)[::-1])
     if sampler is None:
         sampler = build_scheduler(schedule.scheduler_config, solver_cfg, source=f"schedule {schedule.name!r}")
-    else:
-        sampler = type(sampler).from_config(sampler.config)  # never mutate the run's shared sampler
+    else:  # never mutate the run's shared sampler
+        beta = {k: (schedule.scheduler_config or {}).get(k, d) for k, d in _SCHEDULE_KEYS.items()}
+        sampler = type(sampler).from_config({**dict(sampler.config), **beta})
     sampler.set_timesteps(num_steps)
     return sampler.timesteps.double().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- flow models
+def _component_config(model_path: str, component: str) -> dict | None:
+    """``<component>/config.json`` of a local model directory (or the hub, if reachable); None if absent."""
+    local = Path(str(model_path)).expanduser()
+    if local.is_dir():
+        file = local / component / "config.json"
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(str(model_path), f"{component}/config.json"))
+        except Exception:  # offline / no such file: the pipelines' defaults apply
+            return None
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"model.path: {str(file)!r} is not valid JSON: {e}") from e
+
+
+def flow_geometry(model_path: str, family_name: str | None, height: int | None, width: int | None
+                  ) -> tuple[int, int, int | None]:
+    """(height, width, image_seq_len) of a flow model at ``height x width`` pixels (None: its native size), from
+    configs only: VAE scale 2^(len(block_out_channels) − 1) (8 without a VAE config); Flux: native 128·scale
+    (FluxPipeline's default_sample_size), 2×2-packed tokens (h / scale / 2)·(w / scale / 2); SD3: native
+    transformer sample_size·scale, (h / scale / patch)·(w / scale / patch) tokens. image_seq_len is None for an
+    unknown family (a scheduler-only directory)."""
+    vae = _component_config(model_path, "vae") or {}
+    scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 8
+    if family_name == "flux":
+        native, patch, pack = 128 * scale, 1, 2
+    elif family_name == "sd3":
+        transformer = _component_config(model_path, "transformer") or {}
+        native, patch, pack = int(transformer.get("sample_size") or 128) * scale, int(transformer.get("patch_size") or 2), 1
+    else:
+        native, patch, pack = None, 1, 1
+    h, w = int(height or native or 0), int(width or native or 0)
+    for key, v in (("height", h), ("width", w)):
+        if v <= 0:
+            raise UserError(f"mode.schedule.{key}: expected a positive number of pixels, got {v}")
+    if native is None:
+        return h, w, None
+    step = scale * patch * pack
+    return h, w, (h // step) * (w // step)
+
+
+def _flow_model(ctx, cfg, steps: int) -> tuple[NoiseSchedule, np.ndarray, str]:
+    """The flow model's schedule, the training-step positions its solver visits, and a label suffix."""
+    from pipeline.models.family import FAMILIES
+
+    sc, sampler, mcfg = ctx.get("scheduler_config"), ctx.get("sampler"), cfg.mode.schedule
+    family = FAMILIES.get(str((sc.get("model_index") or {}).get("_class_name")))
+    family_name = family.name if family is not None else None
+    h, w, seq = flow_geometry(cfg.model.path, family_name, mcfg.height, mcfg.width)
+    if seq is None and uses_dynamic_shift(sc["config"]):
+        raise UserError(f"model.path: {sc['source']} uses a resolution-dependent shift (use_dynamic_shifting) but "
+                        "there is no model_index.json naming the family (FluxPipeline / StableDiffusion3Pipeline) to "
+                        "count image tokens from; point model.path at the pipeline directory")
+    shift = flow_shift(sampler, seq, family_name)
+    T = int(sampler.config.num_train_timesteps)
+    model = flow_schedule("model", shift, T)
+    solver = type(sampler).from_config(sampler.config)  # never mutate the run's shared sampler
+    set_flow_timesteps(solver, steps, "cpu", seq, family_name)
+    sigmas = solver.timesteps.double().numpy() / T  # the model is evaluated at timestep σ·T
+    ctx.tag("schedule/flow_shift", f"{shift:.6g}")
+    dynamic = uses_dynamic_shift(sc["config"])
+    return model, flow_positions(model, sigmas), f"flow, shift {shift:.3g}" + (f" at {h}x{w}" if dynamic else "")
 
 
 def schedule_scalars(schedule: NoiseSchedule, ts: np.ndarray) -> dict[str, float]:
@@ -57,10 +147,13 @@ def schedule_scalars(schedule: NoiseSchedule, ts: np.ndarray) -> dict[str, float
     return out
 
 
-def findings(label: str, s: dict[str, float]) -> list[str]:
-    notes = [f"{label}: log-SNR spans {s['log_snr_max']:+.2f} -> {s['log_snr_min']:+.2f}"
-             + ("" if abs(s["log_snr_max"] - 10) < 1.5 and abs(s["log_snr_min"] + 10) < 1.5
-                else " (not the ±10 of DDPM-linear)")]
+def findings(label: str, s: dict[str, float], kind: str = "discrete") -> list[str]:
+    span = f"{label}: log-SNR spans {s['log_snr_max']:+.2f} -> {s['log_snr_min']:+.2f}"
+    if kind == "flow":  # a σ ∈ [0, 1] path: DDPM-linear's ±10 is no yardstick for it
+        notes = [span + " (rectified flow: log-SNR = 2·log((1 − σ)/σ))"]
+    else:
+        notes = [span + ("" if abs(s["log_snr_max"] - 10) < 1.5 and abs(s["log_snr_min"] + 10) < 1.5
+                         else " (not the ±10 of DDPM-linear)")]
     if s["zero_terminal_snr"]:
         notes.append(f"{label}: zero terminal SNR (ᾱ_T = 0): the last training step is pure noise")
     else:
@@ -74,18 +167,26 @@ def findings(label: str, s: dict[str, float]) -> list[str]:
 def _panel_figure(schedule: NoiseSchedule, label: str, ts: np.ndarray):
     import matplotlib.pyplot as plt
 
+    flow = schedule.kind == "flow"
     t = np.arange(schedule.num_train_timesteps)
+    x, xv = (schedule.normalised_time(t), schedule.normalised_time(ts)) if flow else (t, ts)
+    xlabel = "uniform time u" if flow else "training step t"
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    axes[0].plot(t, schedule.alphas_cumprod)
-    axes[0].set(title="ᾱ (alphas_cumprod)", xlabel="training step t", ylim=(-0.02, 1.02))
+    axes[0].plot(x, schedule.alphas_cumprod)
+    axes[0].set(title="equivalent ᾱ = SNR/(1+SNR)" if flow else "ᾱ (alphas_cumprod)", xlabel=xlabel, ylim=(-0.02, 1.02))
     ls = schedule.log_snr
-    axes[1].plot(t, np.where(np.isfinite(ls), ls, np.nan))
-    axes[1].scatter(ts, schedule.log_snr_at(ts), s=12, color="C3", zorder=3, label=f"visited ({len(ts)})")
+    axes[1].plot(x, np.where(np.isfinite(ls), ls, np.nan))
+    axes[1].scatter(xv, schedule.log_snr_at(ts), s=12, color="C3", zorder=3, label=f"visited ({len(ts)})")
     axes[1].axhline(0, color="grey", lw=0.5)
-    axes[1].set(title="log-SNR", xlabel="training step t")
+    axes[1].set(title="log-SNR", xlabel=xlabel)
     axes[1].legend(loc="upper right", fontsize=8)
-    axes[2].semilogy(t, np.clip(schedule.betas, 1e-12, None))
-    axes[2].set(title="β", xlabel="training step t")
+    if flow:
+        axes[2].plot(x, schedule.flow_sigmas)
+        axes[2].plot([0, 1], [0, 1], color="grey", lw=0.5, ls=":")  # shift 1
+        axes[2].set(title=f"σ(u), shift {schedule.shift:.3g}", xlabel=xlabel)
+    else:
+        axes[2].semilogy(t, np.clip(schedule.betas, 1e-12, None))
+        axes[2].set(title="β", xlabel="training step t")
     fig.suptitle(label)
     fig.tight_layout()
     return fig
@@ -96,24 +197,29 @@ def _overlay_figure(curves: list[tuple[str, NoiseSchedule, np.ndarray]]):
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (label, schedule, ts) in enumerate(curves):
-        x = np.linspace(0.0, 1.0, schedule.num_train_timesteps)
+        x = schedule.normalised_time(np.arange(schedule.num_train_timesteps))
         ls = schedule.log_snr
         # the model's own curve: black, dashed and on top (it often coincides with a reference schedule)
         style = dict(color="black", ls="--", lw=1.6, zorder=4) if i == 0 else dict(color=f"C{i}", lw=1.2)
         ax.plot(x, np.where(np.isfinite(ls), ls, np.nan), label=label, **style)
-        ax.scatter(ts / (schedule.num_train_timesteps - 1), schedule.log_snr_at(ts), color=style["color"], s=10, zorder=5)
+        ax.scatter(schedule.normalised_time(ts), schedule.log_snr_at(ts), color=style["color"], s=10, zorder=5)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="normalised time t / (T-1)", ylabel="log-SNR", title="log-SNR of compared schedules (dots: visited timesteps)")
+    ax.set(xlabel="normalised time t / (T-1)  (flow: u, σ = shift(u))", ylabel="log-SNR",
+           title="log-SNR of compared schedules (dots: visited timesteps)")
     ax.legend(fontsize=8)
     return fig
 
 
 def _curve_rows(schedule: NoiseSchedule) -> list[dict]:
-    return [
+    rows = [
         {"t": t, "beta": b, "alpha_cumprod": a, "snr": s, "log_snr": ls, "sigma": sg}
         for t, (b, a, s, ls, sg) in enumerate(zip(schedule.betas, schedule.alphas_cumprod, schedule.snr,
                                                   schedule.log_snr, schedule.sigmas))
     ]
+    if schedule.kind == "flow":
+        for row, u, fs in zip(rows, schedule.normalised_time(np.arange(len(rows))), schedule.flow_sigmas):
+            row.update(u=u, flow_sigma=fs)
+    return rows
 
 
 @stage("schedule", needs=("scheduler_config", "sampler"))
@@ -121,22 +227,35 @@ def schedule_stage(ctx, cfg):
     mcfg = cfg.mode.schedule
     steps = int(cfg.sampler.num_inference_steps)
     sampler = ctx.get("sampler")
-    source = ctx.get("scheduler_config")["source"]
-    model = from_scheduler("model", sampler)
-    label = f"model ({source.split('/')[-3] if source.count('/') >= 2 else source}, {type(sampler).__name__}, {steps} steps)"
+    sc = ctx.get("scheduler_config")
+    source = sc["source"]
+    where = source.split('/')[-3] if source.count('/') >= 2 else source
+    flow = is_flow_model(sc["config"], sc.get("model_index"))
+    ctx.tag("schedule/prediction_type", "flow" if flow else str(sampler.config.get("prediction_type") or "epsilon"))
+    if flow:
+        model, ts, what = _flow_model(ctx, cfg, steps)
+        label = f"model ({where}, {type(sampler).__name__}, {what}, {steps} steps)"
+    else:
+        model = from_scheduler("model", sampler)
+        ts = visited(model, cfg.scheduler, steps, sampler=sampler)
+        label = f"model ({where}, {type(sampler).__name__}, {steps} steps)"
 
-    curves = [(label, model, visited(model, cfg.scheduler, steps, sampler=sampler))]
+    curves = [(label, model, ts)]
     for name in mcfg.compare:
         name = getattr(name, "value", name)
         schedule = named_schedule(name, model.num_train_timesteps)
-        curves.append((name, schedule, visited(schedule, cfg.scheduler, steps)))
+        if flow and schedule.kind == "discrete":  # at the normalised times the flow solver visits
+            cmp_ts = model.normalised_time(ts) * (schedule.num_train_timesteps - 1)
+        else:
+            cmp_ts = visited(schedule, cfg.scheduler, steps, sampler=sampler)
+        curves.append((name, schedule, cmp_ts))
 
     summary_rows, visited_rows, notes = [], [], []
     for i, (name_label, schedule, ts) in enumerate(curves):
         prefix = "schedule" if i == 0 else f"schedule/{schedule.name}"
         scalars = schedule_scalars(schedule, ts)
         ctx.log_scalars({f"{prefix}/{k}": v for k, v in scalars.items()})
-        notes += findings(name_label, scalars)
+        notes += findings(name_label, scalars, schedule.kind)
         summary_rows.append({"schedule": name_label, **scalars})
         visited_rows += [{"schedule": name_label, "step": j, "t": float(t), "log_snr": float(schedule.log_snr_at(t))}
                          for j, t in enumerate(ts)]

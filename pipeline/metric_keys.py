@@ -1,0 +1,112 @@
+"""The one key grammar of the metrics mode's scalars (standard library only: the compare CLI and the sweep
+summary import it without torch).
+
+- Per extractor and statistic: ``metrics/<stat>_<extractor>`` for every extractor of ``features=[...]``,
+  primary or not (``metrics/fd_shapes_net``, ``metrics/kid_mean_clip``, ``metrics/fd_floor_inception``);
+  ``stat`` is one of :data:`STATS`.
+- With the Inception extractor (named ``inception``) additionally ``metrics/fid`` (= ``metrics/fd_inception``).
+- Keys that are not per extractor keep their plain name: ``metrics/num_samples``, ``metrics/num_invalid``,
+  ``metrics/num_shards``, ``metrics/sec_per_image``, ``metrics/*_seconds``, ``metrics/prompt_accuracy``.
+- Intervals append ``_ci_low`` / ``_ci_high`` to the full key (``metrics/fd_inception_ci_low``).
+
+The sweep summary, ``pipeline.compare``, the sweep plots and the run log rank runs by
+``metrics/fd_<primary extractor>`` (:func:`primary_fd_key`); the primary extractor is the first of
+``features=[...]``, recorded per run as the tag :data:`PRIMARY_EXTRACTOR_TAG`.
+
+    >>> metric_key("kid_mean", "clip")
+    'metrics/kid_mean_clip'
+    >>> sorted(extractor_keys("inception", {"fd": 1.5, "fd_floor": 0.25}).items())
+    [('metrics/fd_floor_inception', 0.25), ('metrics/fd_inception', 1.5), ('metrics/fid', 1.5)]
+    >>> primary_fd_key(["shapes_net", "inception"])
+    'metrics/fd_shapes_net'
+    >>> parse_key("metrics/fd_floor_shapes_net"), parse_key("metrics/fid"), parse_key("metrics/num_samples")
+    (('fd_floor', 'shapes_net'), None, None)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional
+
+PREFIX = "metrics/"
+# per-extractor statistics; fd_floor = FD between two halves of the reference set (the noise floor at this N)
+STATS = ("fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "density", "coverage",
+         "clip_score", "fd_floor")
+INCEPTION = "inception"  # the extractor whose FD is also logged as FID
+FID = PREFIX + "fid"  # = metric_key("fd", INCEPTION)
+CI_SUFFIXES = ("_ci_low", "_ci_high")
+PRIMARY_EXTRACTOR_TAG = "metrics.primary_extractor"
+
+# keys that are not per extractor
+NUM_SAMPLES = PREFIX + "num_samples"
+NUM_INVALID = PREFIX + "num_invalid"
+NUM_SHARDS = PREFIX + "num_shards"
+SEC_PER_IMAGE = PREFIX + "sec_per_image"
+GENERATION_SECONDS = PREFIX + "generation_seconds"
+FAKE_FEATURES_SECONDS = PREFIX + "fake_features_seconds"
+REFERENCE_SECONDS = PREFIX + "reference_seconds"
+PROMPT_ACCURACY = PREFIX + "prompt_accuracy"
+
+
+def metric_key(stat: str, extractor: str) -> str:
+    """``metrics/<stat>_<extractor>``; ``stat`` must be one of :data:`STATS`."""
+    if stat not in STATS:
+        raise ValueError(f"unknown metrics statistic {stat!r}; expected one of {STATS}")
+    if not extractor:
+        raise ValueError("metric_key: empty extractor name")
+    return f"{PREFIX}{stat}_{extractor}"
+
+
+def extractor_keys(extractor: str, values: Mapping[str, float]) -> dict[str, float]:
+    """One extractor's ``{stat: value}`` as ``{key: value}``, plus ``metrics/fid`` when it is Inception's FD."""
+    out = {metric_key(stat, extractor): value for stat, value in values.items()}
+    if extractor == INCEPTION and "fd" in values:
+        out[FID] = values["fd"]
+    return out
+
+
+def primary_extractor(source: Any) -> Optional[str]:
+    """The primary (first) extractor's name of ``source``: a run config (anything with ``features``), a mapping
+    of extractors by name, an iterable of names, or one name. None when there is none."""
+    if source is None:
+        return None
+    if isinstance(source, str):
+        return source or None
+    features = getattr(source, "features", None)
+    if features is None and isinstance(source, Mapping) and isinstance(source.get("features"), Mapping):
+        features = source["features"]  # a plain (resolved) config dict
+    if features is not None:
+        source = features
+    if isinstance(source, (Mapping, Iterable)):
+        return next((str(name) for name in source), None)
+    raise TypeError(f"primary_extractor: cannot read extractor names from {type(source).__name__}")
+
+
+def primary_fd_key(source: Any) -> Optional[str]:
+    """``metrics/fd_<primary extractor>`` of ``source`` (see :func:`primary_extractor`), None without one."""
+    name = primary_extractor(source)
+    return None if name is None else metric_key("fd", name)
+
+
+def parse_key(key: str) -> Optional[tuple[str, str]]:
+    """``(stat, extractor)`` of a per-extractor key; None for any other key (``metrics/fid``, the keys that are
+    not per extractor, interval bounds). The longest matching statistic wins (``fd_floor`` over ``fd``)."""
+    if not key.startswith(PREFIX) or key.endswith(CI_SUFFIXES):
+        return None
+    rest = key[len(PREFIX):]
+    for stat in sorted(STATS, key=len, reverse=True):
+        if rest.startswith(stat + "_") and len(rest) > len(stat) + 1:
+            return stat, rest[len(stat) + 1:]
+    return None
+
+
+def label(key: str) -> str:
+    """A short axis label for a metric key: ``FID`` for Inception's FD, ``FD shapes_net``, ``kid_mean clip``,
+    else the key without its prefix."""
+    parsed = parse_key(key)
+    if key == FID or parsed == ("fd", INCEPTION):
+        return "FID"
+    if parsed is not None:
+        stat, extractor = parsed
+        return f"{'FD' if stat == 'fd' else stat} {extractor}"
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
