@@ -256,3 +256,16 @@ def test_token_grounding_loss_rewards_maps_on_the_named_object(tmp_path):
     g._record("layer", torch.rand(4 * len(samples), 64, 20).softmax(-1), heads=4)
     assert g.loss(idx, torch.zeros_like(keep)) == 0  # dropped captions are not grounded
     assert not g.probs  # every forward's probabilities are released
+
+
+def test_the_shipped_models_load_in_plain_diffusers_with_no_dtype_argument():
+    """Stored in float32: transformers 5 loads the text encoder in its stored dtype, diffusers UNet/VAE as float32,
+    so fp16 files failed with 'mat1 and mat2 must have the same dtype' (issue 13)."""
+    import pipeline.zoo
+    from diffusers import DDPMPipeline, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline.zoo.locate("shapes_sd"))
+    image = pipe("a red circle on the left", num_inference_steps=2).images[0]
+    assert image.size == (32, 32)
+    ddpm = DDPMPipeline.from_pretrained(pipeline.zoo.locate("shapes_ddpm"))
+    assert ddpm(num_inference_steps=2).images[0].size == (32, 32)

@@ -4,7 +4,7 @@ For each half of the image (left, right) it predicts the shape and the colour of
 class 0 meaning "no object". Its penultimate activations (``features``) play the role Inception's pool
 features play for natural images.
 
-Stored as ``config.json`` + ``model.safetensors`` (fp16 is fine; it is loaded in fp32).
+Stored as ``config.json`` + ``model.safetensors`` (float32).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class ShapesNet(nn.Module):
         return out
 
     # --- storage ------------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | pathlib.Path, dtype: torch.dtype = torch.float16) -> pathlib.Path:
+    def save_pretrained(self, path: str | pathlib.Path, dtype: torch.dtype = torch.float32) -> pathlib.Path:
         from safetensors.torch import save_file
 
         path = pathlib.Path(path)

@@ -12,7 +12,7 @@ Components (run in this order, each also alone):
 - ``ddpm``: unconditional pixel-space UNet2DModel (``<out>/shapes_ddpm``).
 
 ``train(cfg, log_metric)`` is the task function (tests call it); ``log_metric(key, value, step)`` receives
-every metric. Weights are stored in fp16 safetensors.
+every metric. Weights are stored in float32 safetensors.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from pipeline.data.shapes import ShapesDataset, parse_caption, vocabulary
 log = logging.getLogger(__name__)
 CONF_DIR = pathlib.Path(__file__).resolve().parents[2] / "conf"
 MetricFn = Callable[[str, float, int], None]
-STORE_DTYPE = torch.float16
+# float32: plain `from_pretrained` (no dtype argument) must run; transformers 5 loads a component in its stored
+# dtype while diffusers loads UNet/VAE as float32, so fp16 files gave a Half/Float mismatch (issue 13)
+STORE_DTYPE = torch.float32
 
 
 # --- shared helpers --------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def _sd_pipeline(vae, text_encoder, tokenizer, unet):
 
 
 def _save_pipeline(pipe, path: pathlib.Path):
-    """Save ``pipe`` in fp16 without touching the training copy."""
+    """Save ``pipe`` in ``STORE_DTYPE`` without touching the training copy."""
     half = copy.deepcopy(pipe)
     for module in (half.unet, half.vae, half.text_encoder):
         module.to("cpu", STORE_DTYPE)
