@@ -27,7 +27,7 @@ def load(model: str | None):
     from pipeline import zoo
 
     path = model or str(zoo.locate("shapes_sd"))
-    pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

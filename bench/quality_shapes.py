@@ -55,7 +55,7 @@ def generate(pipe, captions, steps: int, guidance: float, seed: int = 0, batch_s
 def load_sd(path, device):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32).to(device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe

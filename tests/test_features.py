@@ -275,6 +275,39 @@ def test_inception_cached_copy_is_found(inception_file, tmp_path, monkeypatch):
     assert inc.find_weights(None, download=False) == tmp_path / inc.WEIGHTS_FILE
 
 
+def test_inception_weights_are_verified_against_the_pin_table(inception_file, tmp_path, monkeypatch, caplog):
+    """A pinned hash refuses a corrupt copy (cached or downloaded), naming the file and both hashes, and never leaves
+    a partial or mismatching download in place; an unpinned file's hash is logged."""
+    import logging
+
+    path, _ = inception_file
+    genuine = inc.file_sha256(path)
+    monkeypatch.setenv("DIFFUSION_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    bad = inc.file_sha256(corrupt)
+    monkeypatch.setattr(inc, "PINNED_SHA256", {inc.WEIGHTS_FILE: genuine})
+    # a download that does not match the pin: refused, nothing left at the destination
+    monkeypatch.setattr(inc, "WEIGHTS_URL", corrupt.as_uri())
+    with pytest.raises(UserError) as e:
+        inc.find_weights(None, download=True)
+    assert inc.WEIGHTS_FILE in str(e.value) and genuine in str(e.value) and bad in str(e.value)
+    assert not list((tmp_path / "cache").iterdir())
+    # the genuine file downloads and is kept
+    monkeypatch.setattr(inc, "WEIGHTS_URL", path.as_uri())
+    assert inc.find_weights(None, download=True) == tmp_path / "cache" / inc.WEIGHTS_FILE
+    # a corrupted cached copy is refused too
+    (tmp_path / "cache" / inc.WEIGHTS_FILE).write_bytes(corrupt.read_bytes())
+    with pytest.raises(UserError, match=bad):
+        inc.find_weights(None, download=False)
+    # unpinned: loads, and its hash is logged
+    monkeypatch.setattr(inc, "PINNED_SHA256", {})
+    with caplog.at_level(logging.INFO, logger=inc.__name__):
+        inc.find_weights(str(corrupt))
+    assert bad in caplog.text and "not pinned" in caplog.text
+
+
 def test_inception_rejects_other_state_dicts(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"layer.weight": torch.zeros(2, 2)}, path)

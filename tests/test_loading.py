@@ -60,3 +60,45 @@ def test_clear_errors_for_paths_and_offline_hub_ids(tmp_path):
         load_pipeline(cfg.model, torch.device("cpu"))
     with pytest.raises(UserError, match="model.device"):
         resolve_device("tpu:7")
+
+
+def test_a_listed_safety_checker_is_never_loaded_and_null_components_are_passed_as_none(tmp_path):
+    """SD 1.x checkpoints list a ~1.2 GB safety checker: load with safety_checker=None,
+    requires_safety_checker=False; components recorded as [null, null] (SD3 without T5) are passed as None."""
+    import json
+
+    from pipeline.models.loading import _component_kwargs
+
+    index = {"_class_name": "StableDiffusionPipeline", "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+             "feature_extractor": ["transformers", "CLIPImageProcessor"], "unet": ["diffusers", "UNet2DConditionModel"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert _component_kwargs(tmp_path) == {"safety_checker": None, "requires_safety_checker": False}
+    index = {"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": [None, None], "tokenizer_3": [None, None],
+             "transformer": ["diffusers", "SD3Transformer2DModel"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert _component_kwargs(tmp_path) == {"text_encoder_3": None, "tokenizer_3": None}  # and no safety checker args
+
+
+def test_loading_and_generating_print_no_warning():
+    """No diffusers/transformers warning on a plain run (torch_dtype -> dtype, transformers' torchvision notice):
+    a fresh process with every warning an error, and nothing from either library on stderr."""
+    import subprocess
+    import sys
+
+    script = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('error')\n"
+        "from pipeline.config import compose_config\n"
+        "from pipeline.models.loading import load_pipeline\n"
+        "from pipeline.models.adapter import ModelAdapter\n"
+        "from pipeline.generation import generate\n"
+        "cfg = compose_config([])\n"
+        "pipe = load_pipeline(cfg.model, torch.device('cpu'))\n"
+        "b = list(generate(ModelAdapter(pipe), pipe.scheduler, 1, 1, 2, 5.0, 0, prompts=['a red circle'], progress=False))\n"
+        "print('generated', tuple(b[0].images.shape))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0 and "generated (1, 3, 32, 32)" in proc.stdout, proc.stderr[-2000:]
+    noise = [line for line in proc.stderr.splitlines() if "it/s]" not in line and line.strip()]
+    assert not [line for line in noise if "transformers" in line.lower() or "diffusers" in line.lower()
+                or "warn" in line.lower()], noise

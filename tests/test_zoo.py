@@ -25,7 +25,7 @@ torch.set_num_threads(2)
 def sd_pipe():
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(zoo.locate("shapes_sd"), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(zoo.locate("shapes_sd"), dtype=torch.float32)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -54,8 +54,8 @@ def test_checkpoints_are_ordered_and_loadable():
     assert ckpts[-1] == zoo.locate("shapes_sd") and len(ckpts) >= 3
     steps = [zoo.checkpoint_step(p) for p in ckpts[:-1]]
     assert steps == sorted(steps) and all(s is not None for s in steps)
-    pipe = StableDiffusionPipeline.from_pretrained(ckpts[0], torch_dtype=torch.float32)
-    final = StableDiffusionPipeline.from_pretrained(ckpts[-1], torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(ckpts[0], dtype=torch.float32)
+    final = StableDiffusionPipeline.from_pretrained(ckpts[-1], dtype=torch.float32)
     same_arch = lambda c: {k: v for k, v in c.items() if k != "_name_or_path"}  # noqa: E731
     assert same_arch(pipe.unet.config) == same_arch(final.unet.config)
     assert zoo.checkpoints("shapes_net") == [zoo.locate("shapes_net")]
@@ -135,7 +135,7 @@ def test_shapes_sd_follows_the_caption(sd_pipe, judge):
 def test_shapes_ddpm_loads_and_generates():
     from diffusers import DDPMPipeline
 
-    pipe = DDPMPipeline.from_pretrained(zoo.locate("shapes_ddpm"), torch_dtype=torch.float32)
+    pipe = DDPMPipeline.from_pretrained(zoo.locate("shapes_ddpm"), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.unet.config.sample_size == 32 and pipe.scheduler.config.beta_schedule == "linear"
     gen = torch.Generator().manual_seed(0)

@@ -49,6 +49,8 @@ __all__ = [
     "WEIGHTS_URL",
     "default_weights_dir",
     "find_weights",
+    "verify_weights",
+    "PINNED_SHA256",
     "load_state_dict_file",
 ]
 
@@ -57,6 +59,10 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"  # same tensors, same key names
+# {file name: sha256 of the genuine file}. Only values computed from the real files go here — a wrong pin would
+# refuse the genuine file for every user — so it stays empty until someone with network access computes them
+# (`sha256sum weights-inception-2015-12-05-6726825d.pth`); an unpinned file's hash is logged on every load.
+PINNED_SHA256: dict[str, str] = {}
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
 
@@ -259,12 +265,30 @@ def _missing_weights_message(reason: str) -> str:
     )
 
 
+def verify_weights(path: Path, name: str | None = None) -> str:
+    """sha256 of a weights file, checked against ``PINNED_SHA256[name]`` (``name``: the file name it stands for).
+    A mismatch is a UserError naming the file and both hashes; an unpinned file's hash is logged."""
+    name = name or path.name
+    digest = file_sha256(path)
+    pinned = PINNED_SHA256.get(name)
+    if pinned is None:
+        log.info("%s: sha256 %s (not pinned)", path, digest)
+    elif digest != pinned:
+        raise UserError(f"features.weights_path: {str(path)!r} ({name}) has sha256 {digest}, but {name} is pinned to "
+                        f"{pinned}: the file is corrupt or not the genuine one; delete it and download it again from "
+                        f"{WEIGHTS_URL}")
+    return digest
+
+
 def _download(url: str, dst: Path, timeout: float = 20.0) -> None:
+    """Download to a per-process ``.part`` file, verify it against the pin, then rename: neither a partial nor a
+    mismatching download is ever left in place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     part = dst.with_name(f"{dst.name}.{os.getpid()}.part")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
             shutil.copyfileobj(response, f)
+        verify_weights(part, dst.name)
         os.replace(part, dst)  # atomic: a half-downloaded file never sits at dst
     finally:
         part.unlink(missing_ok=True)
@@ -277,9 +301,11 @@ def find_weights(weights_path: str | None, download: bool | None = None) -> Path
         if not p.is_file():
             raise UserError(f"features.weights_path: {str(p)!r} does not exist or is not a file; "
                             + _missing_weights_message("no file at that path"))
+        verify_weights(p)
         return p
     for p in _candidates():
         if p.is_file():
+            verify_weights(p, WEIGHTS_FILE)  # torch-fidelity's and pytorch-fid's copies hold the same tensors
             return p
     download = (not _offline()) if download is None else download
     if not download:
@@ -288,6 +314,8 @@ def find_weights(weights_path: str | None, download: bool | None = None) -> Path
     log.info("downloading %s to %s", WEIGHTS_URL, dst)
     try:
         _download(WEIGHTS_URL, dst)
+    except UserError:
+        raise
     except Exception as e:  # no network, proxy, HTTP error: the same fix
         raise UserError(_missing_weights_message(f"download failed: {type(e).__name__}: {e}")) from e
     return dst

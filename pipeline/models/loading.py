@@ -19,6 +19,17 @@ from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
+
+class _NoTorchvisionFallbackNotice(logging.Filter):
+    """transformers 5 announces, on every run without torchvision, that it falls back to the PIL image processors of
+    the pipelines' optional ``feature_extractor`` components; diffusion-lens never uses them, so the notice is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallbackNotice())
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

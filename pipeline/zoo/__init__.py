@@ -2,7 +2,7 @@
 
 ``locate(name)`` gives the directory of a shipped model; ``checkpoints(name)`` its training checkpoints
 (earliest first, the final model last). Models are in stock diffusers formats, so e.g.
-``StableDiffusionPipeline.from_pretrained(locate("shapes_sd"), torch_dtype=torch.float32)`` loads one.
+``StableDiffusionPipeline.from_pretrained(locate("shapes_sd"))`` loads one (float32 files: no dtype argument needed).
 
 Names:
 - ``shapes_sd``: text-to-image ``StableDiffusionPipeline`` (AutoencoderKL + CLIPTextModel + UNet2DConditionModel);

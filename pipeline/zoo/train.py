@@ -345,7 +345,7 @@ def train_sd(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn)
     vae_path = pathlib.Path(c.vae_path) if c.vae_path else _find(out, "shapes_sd/vae", "config.json", "shapes_sd")
     if vae_path is None:
         raise FileNotFoundError(f"sd: no VAE at {out / 'shapes_sd/vae'} and none shipped; run components=[vae] first")
-    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(vae_path, dtype=torch.float32).to(device).eval()
     vae.requires_grad_(False)
     tok_dir = out / "shapes_sd" / "tokenizer"
     tokenizer = build_tokenizer(vocabulary(), tok_dir, c.max_length)
