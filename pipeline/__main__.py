@@ -21,6 +21,9 @@ def _terminate(signum, frame):
 
 
 def cli() -> None:
+    from pipeline.threads import configure_torch
+
+    configure_torch()  # threads = the CPUs this process may use (a joblib sweep then splits them per job)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main()

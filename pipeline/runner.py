@@ -200,7 +200,9 @@ def share_cores(launcher: Any) -> None:
 
     if "joblib" not in str(OmegaConf.select(launcher, "_target_", default="")).lower():
         return
-    cpus = os.cpu_count() or 1
+    from pipeline.threads import available_cpus
+
+    cpus = available_cpus()
     n_jobs = int(OmegaConf.select(launcher, "n_jobs", default=-1) or 1)
     parallel = min(cpus, n_jobs if n_jobs > 0 else max(1, cpus + 1 + n_jobs))  # joblib: -1 = all cores
     torch.set_num_threads(max(1, cpus // parallel))
