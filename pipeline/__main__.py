@@ -20,9 +20,28 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, cluster pre-emption) ends runs KILLED, like Ctrl-C
 
 
+def _check_list_choices(argv: list[str]) -> None:
+    """``mode=[metric]``: name the valid modes (Hydra says only "Could not load 'mode/metric'"), before Hydra runs."""
+    from hydra._internal.utils import get_args_parser
+
+    from pipeline.config import check_list_choices
+    from pipeline.errors import UserError
+
+    try:
+        overrides = get_args_parser().parse_known_args(argv)[0].overrides
+    except (SystemExit, Exception):  # noqa: BLE001 - Hydra reports its own command-line errors
+        return
+    try:
+        check_list_choices(overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def cli() -> None:
     from pipeline.threads import configure_torch
 
+    _check_list_choices(sys.argv[1:])
     configure_torch()  # threads = the CPUs this process may use (a joblib sweep then splits them per job)
     signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.errors import UserError
 from pipeline.metric_keys import PROMPT_ACCURACY, SEC_PER_IMAGE, metric_key
 from pipeline.sweep_summary import (
-    FAILED_STATUSES, child_rows, columns, fd_key, is_metric, primary_extractor, swept, write_summary,
+    FAILED_STATUSES, child_rows, columns, fd_key, is_metric, mixed_n_warning, primary_extractor, swept, write_summary,
 )
 
 DEFAULT_SORT = "metrics/fd_<primary extractor>"  # what the default is, for --help; see default_sort()
@@ -38,9 +38,9 @@ PAGE = 1000
 def open_store(tracking_uri: str | None, outputs: str | Path) -> tuple[Any, str]:
     """(MlflowClient, uri). A missing SQLite file is an error here, not a fresh empty store."""
     # pipeline.tracking is the one module that imports mlflow; it also caps HTTP retries for servers
-    from pipeline.tracking import MlflowClient, _check_reachable, default_uri
+    from pipeline.tracking import MlflowClient, _check_reachable, resolve_uri
 
-    uri = tracking_uri or default_uri(outputs)
+    uri = resolve_uri(tracking_uri, outputs)  # --tracking-uri, then MLFLOW_TRACKING_URI, then <outputs>/mlflow.db
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise UserError(f"no MLflow store at {uri} (use --tracking-uri, or --outputs for the outputs dir holding mlflow.db)")
     _check_reachable(uri, 5.0)
@@ -194,6 +194,7 @@ def compare(target: str | None, tracking_uri: str | None = None, outputs: str | 
         "",
         format_table(rows, table_columns(rows, sort_key)),
         "",
+        *([f"warning: {warning}", ""] if (warning := mixed_n_warning(rows)) else []),
         f"table: {table}",
         *(f"plot:  {p}" for p in pngs),
     ] + ([] if pngs else ["plots: none apply (need metrics/fd_<primary extractor> with swept steps, guidance "
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", nargs="?", help="parent run id of a sweep, or an MLflow experiment name")
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow store (default: sqlite:///<outputs>/mlflow.db; a server works the same)")
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<outputs>/mlflow.db; "
+                             "a server works the same)")
     parser.add_argument("--outputs", default="outputs", help="outputs dir holding mlflow.db (default: outputs)")
     parser.add_argument("--sort", default=None, help=f"column to sort by (default: {DEFAULT_SORT} when present)")
     parser.add_argument("--desc", action="store_true", help="sort descending (e.g. --sort metrics/prompt_accuracy --desc)")
@@ -215,10 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                              "children of parent run TARGET (default: the parent's experiment)")
     args = parser.parse_args(argv)
     try:
-        text, *_ = compare(args.target, args.tracking_uri, args.outputs, args.sort, args.desc, args.out, args.experiment)
+        text, rows, *_ = compare(args.target, args.tracking_uri, args.outputs, args.sort, args.desc, args.out, args.experiment)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warning = mixed_n_warning(rows)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         print(text, flush=True)
     except BrokenPipeError:  # `python -m pipeline.compare ... | head`: the reader left, the files are written

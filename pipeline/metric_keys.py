@@ -21,10 +21,21 @@ The sweep summary, ``pipeline.compare``, the sweep plots and the run log rank ru
     'metrics/fd_shapes_net'
     >>> parse_key("metrics/fd_floor_shapes_net"), parse_key("metrics/fid"), parse_key("metrics/num_samples")
     (('fd_floor', 'shapes_net'), None, None)
+
+Which direction is better, for every result key of every mode (:func:`higher_is_better`; one registry: the sweep
+parent's ``best.<key>`` and any later ranking read it), and the few keys a run's end-of-run summary shows
+(:func:`headline_keys`):
+
+    >>> higher_is_better("metrics/fd_clip"), higher_is_better("attention/miou"), higher_is_better("schedule/log_snr_max")
+    (False, True, None)
+    >>> headline_keys({"metrics/fd_shapes_net": 34.3, "metrics/sec_per_image": 0.1, "schedule/log_snr_max": 7.1},
+    ...               "shapes_net")
+    ['metrics/fd_shapes_net', 'metrics/sec_per_image', 'schedule/log_snr_max']
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
@@ -110,3 +121,87 @@ def label(key: str) -> str:
         stat, extractor = parsed
         return f"{'FD' if stat == 'fd' else stat} {extractor}"
     return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+# --------------------------------------------------------------------------------------------- direction
+# per-extractor statistic -> higher is better (None: a spread or a count, not a score). The metric functions'
+# families in pipeline.metrics.HIGHER_IS_BETTER ("fid", "kid", "is", ...) agree with these (tested).
+STAT_HIGHER_IS_BETTER: dict[str, Optional[bool]] = {
+    "fd": False, "fd_floor": False, "kid_mean": False, "kid_std": None, "is_mean": True, "is_std": None,
+    "precision": True, "recall": True, "density": True, "coverage": True, "clip_score": True,
+}
+# other keys, first matching pattern wins (re.fullmatch on the whole key)
+_DIRECTIONS: tuple[tuple[str, Optional[bool]], ...] = (
+    (r"metrics/fid", False),
+    (r"metrics/prompt_accuracy", True),
+    (r"metrics/sec_per_image|metrics/.*_seconds", False),
+    (r"metrics/num_.*", None),
+    # attention: a map's IoU with its own object's mask; the swapped control (IoU with the *other* object's mask)
+    # is better low; the ceiling (a perfect map at that resolution) and entropies/shares/counts describe, not score
+    (r"attention/miou_swapped", False),
+    (r"attention/miou_ceiling_.*", None),
+    (r"attention/miou(_.*)?", True),
+    # latent: PSNRs, AUROCs and flip rate higher; FPR at 95 % TPR and perceptual path length lower
+    (r"latent/(recon|inversion)_psnr(_min)?", True),
+    (r"latent/ood_auroc_.*", True),
+    (r"latent/ood_fpr95_.*", False),
+    (r"latent/ppl_.*", False),
+    (r"latent/direction_flip_rate", True),
+    # schedule/*: properties of a noise schedule, latent/*_norm_ratio_mid, ood_shrinkage and counts: no direction
+)
+
+
+def higher_is_better(key: str) -> Optional[bool]:
+    """True when a larger value of result ``key`` is better, False when a smaller one is, None when the key has
+    no direction (counts, spreads, interval bounds, schedule properties, unknown keys)."""
+    if key.endswith(CI_SUFFIXES):
+        return None
+    parsed = parse_key(key)
+    if parsed is not None:
+        return STAT_HIGHER_IS_BETTER.get(parsed[0])
+    return next((better for pattern, better in _DIRECTIONS if re.fullmatch(pattern, key)), None)
+
+
+# the scalars an end-of-run summary shows, in this order, where a run has them (the primary FD comes first)
+HEADLINES = (FID, PROMPT_ACCURACY, SEC_PER_IMAGE, "attention/miou", "attention/miou_swapped", "latent/recon_psnr",
+             "latent/inversion_psnr", "latent/ood_auroc_best", "latent/direction_flip_rate", "schedule/log_snr_max",
+             "schedule/log_snr_min", "schedule/terminal_snr")
+
+
+def headline_keys(results: Mapping[str, Any], primary: Any = None) -> list[str]:
+    """The keys of ``results`` worth a line in a summary: ``metrics/fd_<primary extractor>`` (``primary``: anything
+    :func:`primary_extractor` reads), then :data:`HEADLINES`."""
+    first = primary_fd_key(primary)
+    return [k for k in dict.fromkeys([first, *HEADLINES]) if k is not None and k in results]
+
+
+# --------------------------------------------------------------------------------------------- timing, sample size
+# wall-clock figures: they differ between any two runs of one config, so they are shown, never compared
+# (pipeline.reproduce), and never make two runs of one config different points of a sweep plot
+TIMING_MARKERS = ("seconds", "sec_per_image", "_time")
+# statistics whose value depends on the number of generated samples N (FD falls as N grows; KID's estimate and its
+# spread move with N and the subset size, capped at N): runs at different N are not comparable on them
+N_BIASED_STATS = ("fd", "fd_floor", "kid_mean", "kid_std")
+NUM_SAMPLES_PARAM = "mode.metrics.num_samples"  # the requested N; NUM_SAMPLES is the count of valid images
+
+
+def is_timing(key: str) -> bool:
+    """A wall-clock figure (``metrics/sec_per_image``, ``metrics/*_seconds``). ``metrics/num_shards`` is not one:
+    it says how a run was split.
+
+        >>> is_timing("metrics/sec_per_image"), is_timing("metrics/generation_seconds"), is_timing("metrics/num_shards")
+        (True, True, False)
+    """
+    return any(m in key for m in TIMING_MARKERS)
+
+
+def is_n_biased(key: str) -> bool:
+    """FD or KID (any extractor, and ``metrics/fid``): values at different N are not comparable.
+
+        >>> is_n_biased("metrics/fid"), is_n_biased("metrics/kid_mean_clip"), is_n_biased("metrics/precision_clip")
+        (True, True, False)
+    """
+    if key == FID:
+        return True
+    parsed = parse_key(key)
+    return parsed is not None and parsed[0] in N_BIASED_STATS

@@ -6,6 +6,11 @@ The saved ``config_resolved.yaml`` (run dir, or the run's MLflow artifacts) is v
 and run as a new MLflow run tagged ``reproduced_from=<run id>``. Each scalar is printed with whether it
 matches; exit code 0 only if all match (exactly, by default: on CPU with the same seed they must).
 Trailing ``key=value`` overrides (e.g. ``paths.outputs=/tmp/x``) apply on top of the saved config.
+
+A run id is read from ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///outputs/mlflow.db``, and
+the new run is logged to that same store unless ``tracking.uri=...`` is overridden. A run dir is re-run into
+``--tracking-uri`` when given, else where its saved config says (``tracking.uri``, then ``MLFLOW_TRACKING_URI``,
+then ``<paths.outputs>/mlflow.db``).
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict
         if missing:
             raise UserError(f"run dir {ref!r} lacks {missing}; expected a run directory written by python -m pipeline")
     else:
-        from pipeline.tracking import default_uri, download_artifact, get_run
+        from pipeline.tracking import download_artifact, get_run, resolve_uri
 
-        uri = tracking_uri or default_uri("outputs")
+        uri = resolve_uri(tracking_uri, "outputs")
         get_run(uri, ref)  # clear error for an unknown id
         files = {}
         for name in ("config_resolved.yaml", "results.json", "run_info.json"):
@@ -55,13 +60,21 @@ def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict
     return cfg, results, info
 
 
-# wall-clock figures differ between any two runs, and the number of shards is how a run was split, not what
-# it measured: shown, never compared
-TIMING_MARKERS = ("sec_per_image", "seconds", "_time", "num_shards")
+# shown, never compared: wall-clock figures (TIMING: they differ between any two runs; pipeline.metric_keys.is_timing)
+# and how the run was split (SETUP: metrics/num_shards, the world size; a sharded run reproduced in one process
+# measures the same thing)
+SETUP_KEYS = ("metrics/num_shards",)
+
+
+def kind(key: str) -> str:
+    """``TIMING``, ``SETUP`` (both shown, not compared) or ``RESULT``."""
+    from pipeline.metric_keys import is_timing
+
+    return "SETUP" if key in SETUP_KEYS else "TIMING" if is_timing(key) else "RESULT"
 
 
 def is_timing(key: str) -> bool:
-    return any(m in key for m in TIMING_MARKERS)
+    return kind(key) == "TIMING"
 
 
 def same(a: float | None, b: float | None, rtol: float) -> bool:
@@ -77,8 +90,8 @@ def compare(original: dict[str, float], new: dict[str, float], rtol: float) -> t
     width = max((len(k) for k in original.keys() | new.keys()), default=10)
     for key in sorted(original.keys() | new.keys()):
         a, b = original.get(key), new.get(key)
-        if is_timing(key) and a is not None and b is not None:
-            lines.append(f"{'TIMING  '} {key:<{width}}  {a!s:>22}  {b!s:>22}")
+        if kind(key) != "RESULT" and a is not None and b is not None:
+            lines.append(f"{kind(key):<8} {key:<{width}}  {a!s:>22}  {b!s:>22}")
             continue
         match = same(a, b, rtol)
         ok &= match
@@ -90,13 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="MLflow run id or run directory")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to the saved config")
-    parser.add_argument("--tracking-uri", default=None, help="store holding the run id (default: sqlite:///outputs/mlflow.db)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="store holding the run id, and of the new run unless tracking.uri=... is given "
+                             "(default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
     parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance per scalar (default: exact)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
     from pipeline.config import validate
-    from pipeline.runner import run_pipeline
+    from pipeline.naming import override_key, run_name
+    from pipeline.runner import run_pipeline, selected_modes
+    from pipeline.tracking import resolve_uri
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -106,9 +123,18 @@ def main(argv: list[str] | None = None) -> int:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
         source_id = info.get("run_id", str(args.run))
         run_dir = Path(cfg.paths.outputs) / "reproduce" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+        # the new run goes where the source was read from, unless the command line names a store
+        store = None
+        if not any(override_key(o) == "tracking.uri" for o in args.overrides) and (args.tracking_uri or not Path(args.run).is_dir()):
+            store = resolve_uri(args.tracking_uri, "outputs")
+        try:
+            modes = selected_modes(cfg, info.get("choices"))
+        except UserError:
+            modes = []  # fails in run_pipeline with its message
+        what = run_name(cfg, modes, info.get("choices"))
         log.info("reproducing %s in %s", source_id, run_dir)
         outcome = run_pipeline(cfg, run_dir, choices=info.get("choices"), extra_tags={"reproduced_from": source_id},
-                               run_name=f"reproduce {source_id[:8]}")
+                               run_name=f"reproduce {source_id[:8]}" + (f"·{what}" if what else ""), tracking_uri=store)
     except UserError as e:
         log.error("error: %s", e)
         return 2
@@ -117,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':8} {'scalar':<{max((len(l) for l in original), default=6)}}  {'original':>22}  {'reproduced':>22}")
     print("\n".join(lines))
     n_bad = sum(1 for l in lines if l.startswith("MISMATCH"))
-    compared = [l for l in lines if not l.startswith("TIMING")]
+    compared = [l for l in lines if not l.startswith(("TIMING", "SETUP"))]
     print(f"{len(compared) - n_bad}/{len(compared)} scalars match" + ("" if ok else " — NOT reproduced")
-          + (f" ({len(lines) - len(compared)} timing figure(s) shown, not compared)" if len(compared) < len(lines) else ""))
+          + (f" ({len(lines) - len(compared)} timing/setup figure(s) shown, not compared)" if len(compared) < len(lines) else ""))
     return 0 if ok and lines else 1
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from pipeline import distributed as dist
-from pipeline.config import to_plain
+from pipeline.config import check_keys, to_plain
 from pipeline.context import RunContext
 from pipeline.errors import ModeSkipped, UserError
 from pipeline.registry import MODES, STAGES, producer_of
@@ -79,6 +79,7 @@ class _NoTracker:
 
     uri = "none (rank != 0)"
     run_id = None
+    run_name = None
 
     def start(self, *args: Any, **kwargs: Any) -> None:
         return None
@@ -128,11 +129,19 @@ def run_pipeline(
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
     run_name: str | None = None,
+    tracking_uri: str | None = None,
 ) -> RunOutcome:
-    """Run every selected mode of ``cfg`` as one MLflow run. Raises on failure after closing the run."""
-    from pipeline.models.loading import resolve_device
-    from pipeline.tracking import Tracker, environment_tags, flatten
+    """Run every selected mode of ``cfg`` as one MLflow run. Raises on failure after closing the run; logs a short
+    summary (headline scalars, run dir, MLflow run id, deep links, ``mlflow ui`` command) at the end either way.
 
+    ``run_name``: the MLflow run name (default :func:`pipeline.naming.run_name`); ``tracking_uri``: the store, when
+    the caller has chosen it (default: ``tracking.uri``, then ``MLFLOW_TRACKING_URI``, then the embedded store). The
+    store used is tagged ``tracking.uri_effective``; ``config_resolved.yaml`` keeps ``tracking.uri`` as configured."""
+    from pipeline.models.loading import resolve_device
+    from pipeline.naming import run_name as default_run_name
+    from pipeline.tracking import EFFECTIVE_URI_TAG, Tracker, environment_tags, flatten, public_uri
+
+    check_keys(cfg)  # a key the schema lacks (added with `+`) fails before any work or MLflow run
     main = dist.is_main()  # True unless this is a non-zero rank of a torchrun launch
     scratch = None
     if not main:  # same stages, nothing recorded: a throwaway run dir, no MLflow run
@@ -140,13 +149,19 @@ def run_pipeline(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     choices = {k: v for k, v in (choices or {}).items() if v is not None}
-    tracker = Tracker(cfg.tracking, cfg.paths.outputs) if main else _NoTracker()  # unreachable server: UserError
-    tags = {**environment_tags(str(cfg.model.device)), "run_dir": str(run_dir.resolve()), **(extra_tags or {})}
+    # unreachable server: UserError
+    tracker = Tracker(cfg.tracking, cfg.paths.outputs, uri=tracking_uri) if main else _NoTracker()
+    tags = {**environment_tags(str(cfg.model.device)), "run_dir": str(run_dir.resolve()),
+            EFFECTIVE_URI_TAG: public_uri(tracker.uri), **(extra_tags or {})}
     if dist.launched():
         tags["distributed.world_size"] = str(dist.world_size())
-    run_id = tracker.start(run_name or cfg.tracking.run_name, tags=tags, parent_run_id=parent_run_id)
-    log.info("MLflow run %s in %s (%s)", run_id, tracker.uri, run_dir)
-    info = {"run_id": run_id, "tracking_uri": tracker.uri, "choices": choices, "parent_run_id": parent_run_id}
+    try:
+        name_modes = selected_modes(cfg, choices)
+    except Exception:  # noqa: BLE001 - no mode selected: the run fails on it below, with its own message
+        name_modes = []
+    run_id = tracker.start(run_name or default_run_name(cfg, name_modes, choices), tags=tags, parent_run_id=parent_run_id)
+    log.info("MLflow run %s (%s) in %s (%s)", run_id, tracker.run_name, public_uri(tracker.uri), run_dir)
+    info = {"run_id": run_id, "tracking_uri": public_uri(tracker.uri), "choices": choices, "parent_run_id": parent_run_id}
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
     ctx = RunContext(cfg, run_dir, tracker if main else None)
     ctx.write_results()
@@ -189,7 +204,23 @@ def run_pipeline(
             tracker.end(outcome.status)
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+            if main:
+                log_summary(tracker, outcome, cfg)
     return outcome
+
+
+def log_summary(tracker: Any, outcome: RunOutcome, cfg: Any) -> None:
+    """The run's last log lines: status, headline scalars (``pipeline.metric_keys.headline_keys``), run dir, MLflow
+    run id and name, the links to the experiment's runs table and to the run, and how to open the MLflow UI."""
+    from pipeline.metric_keys import headline_keys
+    from pipeline.tracking import format_value, summary_lines
+
+    try:
+        scalars = [f"{k} = {format_value(outcome.results[k])}" for k in headline_keys(outcome.results, cfg)]
+        title = f"run {outcome.status}" + (f": {outcome.error}" if outcome.error else "")
+        log.info("%s", "\n".join(summary_lines(tracker, title, scalars, "run dir", outcome.run_dir)))
+    except Exception:  # noqa: BLE001 - a summary must never hide the run's outcome
+        log.warning("could not write the run summary:\n%s", traceback.format_exc())
 
 
 def share_cores(launcher: Any) -> None:
@@ -214,7 +245,8 @@ def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from pipeline.tracking import read_parent_run_id
+    from pipeline.naming import job_name
+    from pipeline.tracking import read_parent_run_id, read_sweep_params
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -223,8 +255,11 @@ def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
     choices = OmegaConf.to_container(hc.runtime.choices)
     parent = read_parent_run_id(hc.sweep.dir) if multirun else None
     job = f"job {hc.job.num}: {' '.join(hc.overrides.task)}" if multirun else None
+    # a sweep job is named by its swept overrides (scheduler=euler·sampler.num_inference_steps=10)
+    name = job_name(hc.overrides.task, read_sweep_params(hc.sweep.dir)) if multirun else None
     try:
-        return run_pipeline(cfg, hc.runtime.output_dir, choices, parent_run_id=parent, run_name=cfg.tracking.run_name or job)
+        return run_pipeline(cfg, hc.runtime.output_dir, choices, parent_run_id=parent,
+                            run_name=cfg.tracking.run_name or name)
     except UserError as e:
         log.error("error: %s", e)
         FAILED_JOBS.append(job or "run")

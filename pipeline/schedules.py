@@ -57,9 +57,15 @@ class NoiseSchedule:
 
     @property
     def betas(self) -> np.ndarray:
+        """β_t = 1 − ᾱ_t / ᾱ_{t−1}, with ᾱ_{−1} = 1 for a β schedule. A σ schedule (karras, edm) is a continuous
+        σ-grid with no step before its first point: 1 − ᾱ_0 there would be the jump from clean data to σ_min,
+        orders of magnitude off the rest (a spike at t = 0), so β_0 is NaN."""
         prev = np.concatenate([[1.0], self.alphas_cumprod[:-1]])
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(prev > 0, 1.0 - self.alphas_cumprod / prev, 1.0)
+            betas = np.where(prev > 0, 1.0 - self.alphas_cumprod / prev, 1.0)
+        if self.kind == "sigma":
+            betas[0] = np.nan
+        return betas
 
     @property
     def snr(self) -> np.ndarray:

@@ -6,9 +6,13 @@ builds the same rows from any MLflow store. Everything here works on the MLflow 
 metrics, tags), never on local run directories.
 
 A row is a flat dict: ``run_id``, ``run_name``, ``status``, every ``choice.<group>``, the config params that
-vary across the runs (``sampler.num_inference_steps``, ``model.path``, ...), the run's primary extractor (tag
+vary across the runs (``sampler.num_inference_steps``, ``model.path``, ...; None where a run lacks one), the
+requested sample count N (``mode.metrics.num_samples``), the run's primary extractor (tag
 ``metrics.primary_extractor``, where the run has one), all metrics (keys with a ``/``: ``metrics/fd_shapes_net``)
 and ``error`` for a failed run. Failed runs stay in the table and are left out of the plots.
+
+Every plot states N; runs at different N are never one line (:func:`mixed_n_warning` says when FD/KID of
+different N are compared), and runs of one config that differ only in timing are one point, never two joined.
 
 Runs are ranked and plotted by ``metrics/fd_<primary extractor>`` (:func:`fd_key`, key grammar in
 ``pipeline.metric_keys``).
@@ -23,7 +27,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from pipeline.metric_keys import INCEPTION, PRIMARY_EXTRACTOR_TAG, PROMPT_ACCURACY, SEC_PER_IMAGE, metric_key, parse_key
+from pipeline.metric_keys import (INCEPTION, NUM_SAMPLES, NUM_SAMPLES_PARAM, PRIMARY_EXTRACTOR_TAG, PROMPT_ACCURACY,
+                                  SEC_PER_IMAGE, higher_is_better, is_n_biased, is_timing, metric_key, parse_key)
 from pipeline.metric_keys import label as metric_label
 
 log = logging.getLogger(__name__)
@@ -55,18 +60,47 @@ def is_metric(key: str) -> bool:
     return "/" in key  # metrics are logged as <mode>/<name>; params are dot keys
 
 
+def _logged_config(params: dict[str, str]) -> bool:
+    """Whether a run logged its resolved config (a job that failed on its config has only ``choice.*``)."""
+    return any(not k.startswith("choice.") for k in params)
+
+
+def _blocks(params: dict[str, str]) -> set[str]:
+    """Every config block a run has keys under: ``mode.metrics`` for ``mode.metrics.num_samples``, ``mode``, ..."""
+    out = {""}
+    for key in params:
+        parts = key.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return out
+
+
+def _expects(params: dict[str, str], blocks: set[str], key: str) -> bool:
+    """Whether a run should have param ``key``: it logged a config whose block holding ``key`` exists (a run without
+    ``mode.metrics`` did not select the metrics mode; its ``choice.mode`` says so) and ``key`` is not a block of
+    its own there (``mode.metrics: None`` in one run, ``mode.metrics.num_samples`` in another)."""
+    return key in params or (key not in blocks and key.rpartition(".")[0] in blocks)
+
+
 def varying_params(children: Iterable[Any]) -> list[str]:
-    """Config params (not ``choice.*``) with more than one value among the runs that logged them."""
-    values: dict[str, set[str]] = {}
-    for run in children:
-        for key, value in run.data.params.items():
+    """Config params (not ``choice.*``) with more than one value among the runs that logged a config, counting a
+    param missing from a run that has its block as a value of its own (shown empty): e.g. a key one code version
+    logs and another does not. A mode's params do not count as missing where the run did not select that mode."""
+    configs = [(p, _blocks(p)) for p in (dict(run.data.params) for run in children) if _logged_config(p)]
+    values: dict[str, set[Optional[str]]] = {}
+    for params, _ in configs:
+        for key, value in params.items():
             if not key.startswith("choice."):
                 values.setdefault(key, set()).add(value)
+    for key, seen in values.items():
+        if any(key not in params and _expects(params, blocks, key) for params, blocks in configs):
+            seen.add(None)
     return sorted(k for k, v in values.items() if len(v) > 1)
 
 
 def child_rows(children: list[Any]) -> list[dict[str, Any]]:
-    """One row per run, in start order: choices, the params that vary across ``children``, metrics, error."""
+    """One row per run, in start order: choices, the params that vary across ``children`` (None where a run lacks
+    one it should have), the requested sample count N (``mode.metrics.num_samples``, always, where logged),
+    metrics, error."""
     children = sorted(children, key=lambda r: r.info.start_time or 0)
     varying = varying_params(children)
     rows = []
@@ -75,7 +109,10 @@ def child_rows(children: list[Any]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status}
         row.update({k: parse_value(v) for k, v in sorted(params.items())
                     if k.startswith("choice.") and not k.startswith("choice.hydra")})
-        row.update({k: parse_value(params[k]) for k in varying if k in params})
+        blocks = _blocks(params) if _logged_config(params) else set()
+        row.update({k: parse_value(params.get(k)) for k in varying if _expects(params, blocks, k)})
+        if NUM_SAMPLES_PARAM in params:
+            row[NUM_SAMPLES_PARAM] = parse_value(params[NUM_SAMPLES_PARAM])
         if run.data.tags.get(PRIMARY):
             row[PRIMARY] = run.data.tags[PRIMARY]
         row.update(dict(sorted(run.data.metrics.items())))
@@ -108,13 +145,25 @@ def _distinct(rows: list[dict[str, Any]], key: str) -> set[str]:
     return {str(r[key]) for r in rows if key in r}
 
 
+def _implied(rows: list[dict[str, Any]], key: str, choice: str) -> bool:
+    """Whether ``key`` follows from ``choice``: the runs that share a choice value share ``key``'s value."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        if choice in r and seen.setdefault(str(r[choice]), str(r.get(key))) != str(r.get(key)):
+            return False
+    return True
+
+
 def swept(rows: list[dict[str, Any]]) -> list[str]:
-    """The columns that say what was swept: varying choices, and varying params whose group choice is fixed
-    (``scheduler.cls`` says nothing that ``choice.scheduler`` does not; ``model.path`` under a fixed
-    ``choice.model`` is a checkpoint sweep)."""
+    """The columns that say what was swept: every varying choice and every varying param (a param a run lacks
+    counts as a value: shown empty), except a param that merely follows from a varying choice of its group
+    (``scheduler.cls`` says nothing that ``choice.scheduler`` does not). ``model.path`` under a fixed
+    ``choice.model`` is a checkpoint sweep; the ``mode.*`` params are never hidden behind ``choice.mode`` (it says
+    which modes ran, not with what settings: ``mode.metrics.num_samples`` differs across mode choices too)."""
     keys = [k for k in columns(rows) if k not in FIXED_COLUMNS and not is_metric(k) and len(_distinct(rows, k)) > 1]
-    varying_choices = {_group(k) for k in keys if k.startswith("choice.")}
-    return [k for k in keys if k.startswith("choice.") or _group(k) not in varying_choices]
+    choices = {_group(k): k for k in keys if k.startswith("choice.")}
+    return [k for k in keys if k.startswith("choice.") or _group(k) == "mode" or _group(k) not in choices
+            or not _implied(rows, k, choices[_group(k)])]
 
 
 def primary_extractor(rows: list[dict[str, Any]]) -> Optional[str]:
@@ -180,40 +229,90 @@ def _checkpoint_order(label: str) -> tuple:
 
 
 def _series(rows: list[dict[str, Any]], x_key: str) -> dict[str, list]:
-    """Rows split into one series per combination of the other swept columns (not ``x_key``'s group)."""
+    """Rows split into one series per combination of the other swept columns (not ``x_key``'s group): runs at
+    different N are never one line."""
     keys = [k for k in swept(rows) if _group(k) != _group(x_key)]
     series: dict[str, list] = {}
     for row in rows:
         parts = []
         for k in keys:
             value = checkpoint_label(row.get(k)) if k == CHECKPOINT else row.get(k, "?")
-            parts.append(str(value) if k == SCHEDULER else f"{_short(k)}={value}")
+            name = "N" if k == NUM_SAMPLES_PARAM else _short(k)
+            parts.append(str(value) if k == SCHEDULER else f"{name}={'' if value is None else value}")
         series.setdefault(", ".join(parts) or str(row.get(SCHEDULER, "runs")), []).append(row)
     return series
 
 
+def sample_size(row: dict[str, Any]) -> Optional[int]:
+    """A run's N: the requested ``mode.metrics.num_samples``, else the logged ``metrics/num_samples``."""
+    for key in (NUM_SAMPLES_PARAM, NUM_SAMPLES):
+        if isinstance(row.get(key), (int, float)) and math.isfinite(row[key]):
+            return int(row[key])
+    return None
+
+
+def n_note(rows: list[dict[str, Any]]) -> str:
+    """N of the plotted runs, for a plot's title: ``N = 256``, or ``N = 32, 256`` with a bias note."""
+    sizes = sorted({n for n in map(sample_size, rows) if n is not None})
+    if not sizes:
+        return "N not recorded"
+    text = f"N = {', '.join(map(str, sizes))}"
+    return text if len(sizes) == 1 else f"{text}: FD/KID biased in N, compare at equal N"
+
+
+def mixed_n_warning(rows: list[dict[str, Any]]) -> Optional[str]:
+    """A warning when finished runs report FD/FID/KID (:func:`pipeline.metric_keys.is_n_biased`) at different N."""
+    sizes = sorted({sample_size(r) for r in rows if r.get("status") == "FINISHED" and sample_size(r) is not None
+                    and any(is_n_biased(k) for k in r)})
+    if len(sizes) < 2:
+        return None
+    return (f"FD/FID/KID of these runs come from different sample counts N = {', '.join(map(str, sizes))}: they are "
+            "biased in N (FD falls as N grows), so only runs at the same N compare")
+
+
+def _points(series: list[dict[str, Any]], keys: list[str], x: Callable[[dict], float], y: str) -> list[tuple]:
+    """``(x, y, [(x_i, y_i), ...], rows)`` per distinct config of ``series`` (``keys``: the columns that tell configs
+    apart, never a timing): repeats of one config, which differ only in timing, are one point at their mean,
+    never two points joined by a line."""
+    groups: dict[tuple, list] = {}
+    for r in series:
+        groups.setdefault(tuple(str(r.get(k)) for k in keys if not is_timing(k)), []).append(r)
+    return [(sum(map(x, rs)) / len(rs), sum(r[y] for r in rs) / len(rs), [(x(r), r[y]) for r in rs], rs)
+            for rs in groups.values()]
+
+
+def _draw(ax, points: list[tuple], label: str):
+    """The line through ``points`` (in the given order) and each repeated config's runs as hollow markers."""
+    (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    for _, _, runs, _ in points:
+        if len(runs) > 1:
+            ax.scatter([r[0] for r in runs], [r[1] for r in runs], s=18, facecolors="none", edgecolors=line.get_color())
+    return line
+
+
 def frontier_plot(rows: list[dict[str, Any]]):
-    """FD of the primary extractor vs seconds per image, one line per scheduler (and per other swept value),
-    points in step order, each annotated with its step count."""
+    """FD of the primary extractor vs seconds per image, one line per scheduler (and per other swept value, N
+    included), points in step order, each annotated with its step count (``×k``: k runs of that config)."""
     from matplotlib.figure import Figure
 
     fd = fd_key(rows)
     rows = finished(rows, fd, SEC_PER_IMAGE)
+    keys = swept(rows)
     fig = Figure(figsize=(7, 4.8))
     ax = fig.add_subplot()
     for label, series in sorted(_series(rows, STEPS).items()):
-        series = sorted(series, key=lambda r: (r.get(STEPS, 0), r[SEC_PER_IMAGE]))
-        xs, ys = [r[SEC_PER_IMAGE] for r in series], [r[fd] for r in series]
-        (line,) = ax.plot(xs, ys, marker="o", label=label)
-        for r, x, y in zip(series, xs, ys):
-            ax.annotate(str(r.get(STEPS, "?")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
-                        color=line.get_color())
+        points = sorted(_points(series, keys, lambda r: r[SEC_PER_IMAGE], fd),
+                        key=lambda p: (str(p[3][0].get(STEPS, "")).zfill(12), p[0]))  # step order
+        line = _draw(ax, points, label)
+        for x, y, runs, same in points:
+            ax.annotate(str(same[0].get(STEPS, "?")) + (f" ×{len(runs)}" if len(runs) > 1 else ""), (x, y),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8, color=line.get_color())
     xs = [r[SEC_PER_IMAGE] for r in rows]
     if min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel("seconds per image (generation)")
     ax.set_ylabel(f"{metric_label(fd)} (lower is better)")
-    ax.set_title("quality vs cost (labels: inference steps)")
+    ax.set_title(f"quality vs cost (labels: inference steps; {n_note(rows)})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -235,12 +334,12 @@ def guidance_plot(rows: list[dict[str, Any]]):
     fig = Figure(figsize=(4.6 * len(metrics), 4))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
-        for label, series in sorted(_series(finished(rows, metric, GUIDANCE), GUIDANCE).items()):
-            series = sorted(series, key=lambda r: r[GUIDANCE])
-            ax.plot([r[GUIDANCE] for r in series], [r[metric] for r in series], marker="o", label=label)
+        plotted = finished(rows, metric, GUIDANCE)
+        for label, series in sorted(_series(plotted, GUIDANCE).items()):
+            _draw(ax, sorted(_points(series, swept(plotted), lambda r: r[GUIDANCE], metric), key=lambda p: p[0]), label)
         ax.set_xlabel("guidance scale")
         _label_metric_axis(ax, metric)
-    fig.suptitle("classifier-free guidance")
+    fig.suptitle(f"classifier-free guidance ({n_note(finished(rows, GUIDANCE))})")
     fig.tight_layout()
     return fig
 
@@ -259,13 +358,14 @@ def checkpoint_plot(rows: list[dict[str, Any]]):
     fig = Figure(figsize=(max(4.6, 1.1 * len(labels) + 2) * len(metrics), 4))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
-        for label, series in sorted(_series(finished(rows, metric), CHECKPOINT).items()):
-            points = sorted((labels.index(names[r[CHECKPOINT]]), r[metric]) for r in series)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        plotted = finished(rows, metric)
+        for label, series in sorted(_series(plotted, CHECKPOINT).items()):
+            x = lambda r: labels.index(names[r[CHECKPOINT]])  # noqa: E731
+            _draw(ax, sorted(_points(series, swept(plotted), x, metric), key=lambda p: p[0]), label)
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
         ax.set_xlabel("checkpoint")
         _label_metric_axis(ax, metric)
-    fig.suptitle("per checkpoint")
+    fig.suptitle(f"per checkpoint ({n_note(rows)})")
     fig.tight_layout()
     return fig
 
@@ -312,13 +412,44 @@ def write_summary(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path
     return table, pngs
 
 
-def summarise(tracker: Any, children: list[Any], sweep_dir: Path) -> None:
-    """Table and plots into the sweep dir and onto the parent run (``tables/``, ``plots/`` artifacts)."""
+def best_runs(children: list[Any]) -> dict[str, tuple[float, str]]:
+    """``{result key: (best value, run id)}`` over the finished runs, for every key with a direction
+    (``pipeline.metric_keys.higher_is_better``); ties go to the earliest run. Keys without a direction have no best."""
+    best: dict[str, tuple[float, str]] = {}
+    for run in sorted(children, key=lambda r: r.info.start_time or 0):
+        if run.info.status != "FINISHED":
+            continue
+        for key, value in run.data.metrics.items():
+            higher = higher_is_better(key)
+            if higher is None or not math.isfinite(value):
+                continue
+            if key not in best or (value > best[key][0] if higher else value < best[key][0]):
+                best[key] = (value, run.info.run_id)
+    return dict(sorted(best.items()))
+
+
+def sentence(rows: list[dict[str, Any]], table: Path, pngs: list[Path]) -> str:
+    """The last line of a sweep, e.g. ``Sweep done: all 4 jobs finished; summary table <path>, plots a.png.``"""
+    n, failed = len(rows), [str(r["run_name"]) for r in rows if r["status"] != "FINISHED"]
+    if not n:
+        outcome = "no job was recorded"
+    elif not failed:
+        outcome = f"all {n} jobs finished" if n > 1 else "its job finished"
+    else:
+        outcome = f"{n - len(failed)} of {n} jobs finished, {len(failed)} did not ({'; '.join(failed)})"
+    plots_ = f", plots {', '.join(p.name for p in pngs)}" if pngs else ""
+    return f"Sweep done: {outcome}; summary table {table}{plots_}."
+
+
+def summarise(tracker: Any, children: list[Any], sweep_dir: Path) -> str:
+    """Table and plots into the sweep dir and onto the parent run (``tables/``, ``plots/`` artifacts). Returns the
+    sweep's closing :func:`sentence`."""
     rows = child_rows(children)
     table, pngs = write_summary(rows, sweep_dir)
+    warning = mixed_n_warning(rows)
+    if warning:
+        log.warning("sweep summary: %s", warning)
     tracker.log_artifact(table, "tables")
     for png in pngs:
         tracker.log_artifact(png, "plots")
-    failed = [r["run_name"] for r in rows if r["status"] != "FINISHED"]
-    log.info("sweep: %d jobs, %d not finished %s; summary %s%s", len(rows), len(failed), failed or "", table,
-             f", plots {', '.join(p.name for p in pngs)}" if pngs else "")
+    return sentence(rows, table, pngs)

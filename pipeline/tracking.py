@@ -1,20 +1,26 @@
 """MLflow tracking. The only module that imports mlflow.
 
-Every run is an MLflow run (default store: embedded SQLite at ``<paths.outputs>/mlflow.db``, artifacts under
-``<paths.outputs>/mlartifacts``; ``tracking.uri`` points at a server instead). A multirun gets one parent run
+Every run is an MLflow run. The store (:func:`resolve_uri`): a non-null ``tracking.uri`` (any config or the command
+line) wins, then the environment variable ``MLFLOW_TRACKING_URI``, then the embedded SQLite store
+``<paths.outputs>/mlflow.db`` (artifacts under ``<paths.outputs>/mlartifacts``). A multirun gets one parent run
 (opened by :class:`SweepCallback`) and one child run per job (tag ``mlflow.parentRunId``). Runs are always
 ended, with FAILED/KILLED and an ``error`` tag when something goes wrong.
+
+MLflow 3 opens an experiment on its GenAI overview page; :func:`run_links` gives the deep links to the runs table
+(``<ui>/#/experiments/<id>/runs``) and to one run, and :func:`ui_command` the command that serves a local store.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import platform
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -37,6 +43,10 @@ for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_ser
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+SWEEP_PARAMS_FILE = "mlflow_sweep_params.json"  # {swept key: [values]}, read by each job to name its run
+ENV_URI = "MLFLOW_TRACKING_URI"
+DEFAULT_UI = "http://127.0.0.1:5000"  # where a plain `mlflow ui` serves
+EFFECTIVE_URI_TAG = "tracking.uri_effective"
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 MAX_PARAM_KEY = 250
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +54,47 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def default_uri(outputs_dir: str | Path) -> str:
     return f"sqlite:///{Path(outputs_dir).resolve() / 'mlflow.db'}"
+
+
+def resolve_uri(configured: str | None, outputs_dir: str | Path) -> str:
+    """The store to use: ``configured`` (``tracking.uri``, or a CLI's ``--tracking-uri``) when set, else the
+    environment variable ``MLFLOW_TRACKING_URI``, else ``sqlite:///<outputs_dir>/mlflow.db``."""
+    return configured or os.environ.get(ENV_URI) or default_uri(outputs_dir)
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` without credentials (``https://user:token@host`` -> ``https://host``): safe to log and tag."""
+    if not is_server(uri):
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
+
+
+def ui_base(uri: str) -> str:
+    """The MLflow UI of store ``uri``: the server itself, or what ``mlflow ui`` serves for a local store."""
+    return public_uri(uri).rstrip("/") if is_server(uri) else DEFAULT_UI
+
+
+def run_links(run_id: str, uri: str, experiment_id: str | None = None) -> tuple[str, str]:
+    """``(experiment runs table, the run)`` in the MLflow UI of ``uri``. MLflow 3 opens an experiment on its GenAI
+    overview ("Traces 0"); these go straight to the runs. ``experiment_id`` defaults to the run's own."""
+    if experiment_id is None:
+        experiment_id = get_run(uri, run_id).info.experiment_id
+    runs = f"{ui_base(uri)}/#/experiments/{experiment_id}/runs"
+    return runs, f"{runs}/{run_id}"
+
+
+def ui_command(uri: str) -> str:
+    """How to browse store ``uri``: ``mlflow ui --backend-store-uri <uri>`` for a local store; a server is its UI."""
+    if is_server(uri):
+        return f"open {ui_base(uri)} (the tracking server serves the UI)"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def _check_reachable(uri: str, timeout: float) -> None:
@@ -124,8 +175,10 @@ def _retry_locked(call, *args, attempts: int = 8, **kwargs):
 class Tracker:
     """One MLflow run, addressed by id (never MLflow's global active run, so jobs cannot leak into each other)."""
 
-    def __init__(self, tracking_cfg: Any, outputs_dir: str | Path):
-        self.uri = tracking_cfg.uri or default_uri(outputs_dir)
+    def __init__(self, tracking_cfg: Any, outputs_dir: str | Path, uri: str | None = None):
+        """``uri``: the store, when the caller has already chosen it (``pipeline.reproduce``); otherwise
+        :func:`resolve_uri` of ``tracking.uri``."""
+        self.uri = uri or resolve_uri(tracking_cfg.uri, outputs_dir)
         self.local_store = not self.uri.startswith(("http://", "https://", "databricks"))
         _check_reachable(self.uri, float(getattr(tracking_cfg, "connect_timeout_s", 5.0)))
         if self.uri.startswith("sqlite:///"):
@@ -134,6 +187,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self._experiment(tracking_cfg.experiment)
         self.run_id: str | None = None
+        self.run_name: str | None = None
 
     def _experiment(self, name: str) -> str:
         for attempt in range(5):
@@ -155,7 +209,7 @@ class Tracker:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = _retry_locked(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
+        self.run_id, self.run_name = run.info.run_id, run.info.run_name
         return self.run_id
 
     def log_params(self, params: Mapping[str, str]) -> None:
@@ -188,6 +242,10 @@ class Tracker:
         if self.run_id is not None:
             _retry_locked(self.client.set_terminated, self.run_id, status=status)
 
+    def links(self, run_id: str | None = None) -> tuple[str, str]:
+        """:func:`run_links` of this tracker's run (or ``run_id``) in its experiment."""
+        return run_links(run_id or self.run_id, self.uri, self.experiment_id)
+
     def child_runs(self, parent_run_id: str) -> list:
         return self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
@@ -217,12 +275,46 @@ def read_parent_run_id(sweep_dir: str | Path) -> str | None:
     return file.read_text().strip() if file.is_file() else None
 
 
+def read_sweep_params(sweep_dir: str | Path) -> dict[str, list[str]]:
+    """``{key: [values]}`` the sweep in ``sweep_dir`` varies (written by :class:`SweepCallback`); {} without one."""
+    file = Path(sweep_dir) / SWEEP_PARAMS_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def format_value(value: Any) -> str:
+    """A scalar for a summary line: whole numbers without ``.0``, others to 4 significant digits."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_lines(tracker: Tracker, title: str, scalars: Iterable[str], dir_label: str, directory: str | Path) -> list[str]:
+    """The end-of-run summary of ``tracker``'s run: title, headline scalars, its directory, the MLflow run id and name,
+    the deep links (runs table of the experiment, the run) and how to browse the store."""
+    runs_url, run_url = tracker.links()
+    scalars = list(scalars)
+    name = f"  ({tracker.run_name})" if tracker.run_name else ""
+    return [title,
+            "  " + ("  ·  ".join(scalars) if scalars else "(no headline scalars)"),
+            f"  {dir_label:<11} {directory}",
+            f"  {'MLflow run':<11} {tracker.run_id}{name}",
+            f"  {'runs table':<11} {runs_url}",
+            f"  {'this run':<11} {run_url}",
+            f"  {'browse':<11} {ui_command(tracker.uri)}"]
+
+
 class SweepCallback(Callback):
     """Opens one parent MLflow run per multirun and closes it with a summary of its children."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         from pipeline import distributed
+        from pipeline.config import check_sweep
 
+        try:  # every job's keys before the first job starts (Hydra then composes every job of the batch)
+            check_sweep(config)
+        except UserError as e:
+            log.error("error: %s", e)
+            raise SystemExit(2) from None
         if not distributed.is_main():  # under torchrun only rank 0 records the sweep
             return
         try:
@@ -230,17 +322,24 @@ class SweepCallback(Callback):
         except UserError as e:
             log.error("%s", e)
             raise SystemExit(2) from None
+        from omegaconf import OmegaConf
+
+        from pipeline.naming import sweep_name, swept_values
+
         sweep_dir = Path(config.hydra.sweep.dir)
         overrides = " ".join(config.hydra.overrides.task)
+        swept = swept_values(config.hydra.overrides.task, OmegaConf.select(config, "hydra.sweeper.params", default=None))
         run_id = tracker.start(
-            run_name=config.tracking.run_name or f"sweep {sweep_dir.name}",
+            run_name=config.tracking.run_name or sweep_name(swept) or f"sweep {sweep_dir.name}",
             tags={"sweep.role": "parent", "sweep.dir": str(sweep_dir.resolve()), "sweep.overrides": overrides,
-                  **environment_tags("n/a")},
+                  EFFECTIVE_URI_TAG: public_uri(tracker.uri), **environment_tags("n/a")},
         )
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_RUN_FILE).write_text(run_id)
+        (sweep_dir / SWEEP_PARAMS_FILE).write_text(json.dumps(swept))
         _OPEN_PARENTS[run_id] = tracker
-        log.info("MLflow parent run %s (%s)", run_id, tracker.uri)
+        tracker.log_params({f"sweep.{k}": ",".join(v) for k, v in swept.items()})
+        log.info("MLflow parent run %s (%s)", run_id, public_uri(tracker.uri))
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -248,15 +347,29 @@ class SweepCallback(Callback):
         tracker = _OPEN_PARENTS.pop(run_id, None) if run_id else None
         if tracker is None:
             return
+        from pipeline.metric_keys import headline_keys
+        from pipeline.sweep_summary import best_runs, child_rows, primary_extractor, summarise
+
+        sentence, lines = None, []
         try:
             children = tracker.child_runs(run_id)
             statuses = [c.info.status for c in children]
             tracker.set_tags({"sweep.jobs": len(children), "sweep.failed_jobs": statuses.count("FAILED")})
-            from pipeline.sweep_summary import summarise
-
-            summarise(tracker, children, sweep_dir)
+            best = best_runs(children)  # {result key: (value, run id)} over the finished children, by direction
+            tracker.log_metrics({f"best.{k}": v for k, (v, _) in best.items()})
+            tracker.set_tags({f"best.{k}.run_id": rid for k, (_, rid) in best.items()})
+            names = {c.info.run_id: c.info.run_name for c in children}
+            primary = primary_extractor(child_rows(children))
+            scalars = [f"best {k} = {format_value(best[k][0])} ({names.get(best[k][1])})"
+                       for k in headline_keys(best, primary)]
+            lines = summary_lines(tracker, "sweep summary:", scalars, "sweep dir", sweep_dir)
+            sentence = summarise(tracker, children, sweep_dir)
         finally:
             tracker.end("FINISHED")
+        if lines:
+            log.info("%s", "\n".join(lines))
+        if sentence:
+            log.info("%s", sentence)
 
 
 def iter_artifact_files(directory: Path) -> Iterable[Path]:

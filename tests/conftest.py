@@ -9,6 +9,7 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # every test picks its store (default: <outputs>/mlflow.db)
 
 import pytest  # noqa: E402
 from pipeline.config import compose_config  # noqa: E402

@@ -152,3 +152,15 @@ def test_each_captioned_object_is_scored_with_its_own_words():
     objects = [("yellow", "triangle", "left"), ("yellow", "circle", "right")]
     assert object_word_positions(words, objects) == [(1, 2), (8, 9)]
     assert object_word_positions(words[:6], objects) == [(1, 2), None]  # truncated prompt: the second is not scored
+
+
+def test_attention_overlays_have_one_colour_bar_on_a_fixed_scale():
+    from pipeline.stages.attention import _overlay_figure, _resolution_figure
+
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    maps = torch.rand(2, 16, 16) * 1e-3  # raw attention: drawn min-max normalised on 0..1, as scored
+    fig = _overlay_figure(image, ["red", "circle"], {2: maps}, maps, "a red circle", 0.4)
+    assert len(fig.axes) == 2 * 3 + 1 and "τ = 0.4" in fig.axes[-1].get_ylabel()  # the colour bar
+    assert fig.axes[1].images[-1].get_clim() == (0.0, 1.0)
+    res = _resolution_figure(image, ["red", "circle"], {(8, 8): maps, (2, 2): maps}, "a red circle", 0.4)
+    assert len(res.axes) == 2 * 2 + 1

@@ -78,6 +78,19 @@ def test_multirun_makes_one_parent_and_a_child_per_job_even_when_one_fails(outpu
     sweep_dir = Path(parents[0].data.tags["sweep.dir"])
     assert len((sweep_dir / "sweep_summary.csv").read_text().strip().splitlines()) == 1 + 4
     _no_run_left_running(outputs)
+    # names: the parent by what it sweeps (also its params), each job by its swept overrides
+    parent = parents[0]
+    assert parent.data.params == {"sweep.scheduler": "ddim,euler", "sweep.model": "sd15_scheduler,hub"}
+    assert parent.data.metrics == {}  # schedule keys have no better direction: no best.<key>
+    assert parent.info.run_name == "sweep·scheduler=ddim,euler·model=sd15_scheduler,hub"
+    assert sorted(r.info.run_name for r in children) == sorted(
+        f"scheduler={s}·model={m}" for s in ("ddim", "euler") for m in ("sd15_scheduler", "hub"))
+    assert parent.data.tags["tracking.uri_effective"] == sqlite_uri(outputs)
+    runs_url = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs"
+    assert f"  this run    {runs_url}/{parent.info.run_id}" in proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.endswith(f"Sweep done: 2 of 4 jobs finished, 2 did not (scheduler=ddim·model=hub; scheduler=euler·model=hub); "
+                         f"summary table {sweep_dir / 'sweep_summary.csv'}."), last
 
 
 @pytest.mark.parametrize(

@@ -22,12 +22,18 @@ SCHED_FID = {("ddim", 10): 60.0, ("ddim", 25): 40.0, ("ddim", 50): 35.0, ("ddim"
              ("euler", 10): 50.0, ("euler", 25): 38.0, ("euler", 50): 33.0, ("euler", 100): 32.5}
 
 
-def _params(scheduler="ddim", steps=25, guidance=7.5, path=f"{ZOO}/shapes_sd", model="shapes_sd"):
+def _params(scheduler="ddim", steps=25, guidance=7.5, path=f"{ZOO}/shapes_sd", model="shapes_sd", n=256,
+            modes=("metrics",)):
     cls = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler"}[scheduler]
-    return {"choice.scheduler": scheduler, "choice.model": model, "choice.mode": "['metrics']",
+    blocks = {f"mode.{m}": "None" for m in ("metrics", "schedule") if m not in modes}
+    if "metrics" in modes:
+        blocks.update({"mode.metrics.num_samples": str(n), "mode.metrics.kid_subsets": "100"})
+    if "schedule" in modes:
+        blocks.update({"mode.schedule.strict": "True"})
+    return {"choice.scheduler": scheduler, "choice.model": model, "choice.mode": str(list(modes)),
             "choice.hydra/launcher": "basic", "scheduler.name": scheduler, "scheduler.cls": cls,
             "sampler.num_inference_steps": str(steps), "sampler.guidance_scale": str(guidance),
-            "model.path": path, "model.name": model, "seed": "0", "paths.outputs": "/somewhere/else"}
+            "model.path": path, "model.name": model, "seed": "0", "paths.outputs": "/somewhere/else", **blocks}
 
 
 def _run(client, exp, name, parent=None, params=None, metrics=None, status="FINISHED", error=None, role=None,
@@ -55,7 +61,7 @@ def store(outputs):
     uri = sqlite_uri(root)
     client = MlflowClient(uri)
     ids = {}
-    for name in ("sched", "guid", "ckpt"):
+    for name in ("sched", "guid", "ckpt", "mixed"):
         exp = client.create_experiment(f"compare-{name}", artifact_location=(root / "mlartifacts" / f"compare-{name}").as_uri())
         ids[name] = _run(client, exp, f"sweep {name}", role="parent")
         if name == "sched":
@@ -72,6 +78,17 @@ def store(outputs):
                 _run(client, exp, f"g{g}", ids[name], _params(guidance=g),
                      {"metrics/fd_shapes_net": 30 + 2 * g, "metrics/prompt_accuracy": acc,
                       "metrics/sec_per_image": 0.2})
+        elif name == "mixed":  # an experiment, not a sweep: other mode choices, N = 256 and 32, a rerun, an old run
+            for run_name, params, fid, sec in [
+                ("ddim25", _params(), 65.0, 0.10), ("ddim25-again", _params(), 65.4, 0.14),  # differ only in timing
+                ("ddim10", _params(steps=10), 80.0, 0.04),
+                ("ddim25-n32", _params(n=32, modes=("schedule", "metrics")), 650.0, 0.11),
+                ("ddim10-n32", _params(steps=10, n=32, modes=("schedule", "metrics")), 700.0, 0.05)]:
+                params = {**params, "sampler.eta": "0.0"}
+                _run(client, exp, run_name, None, params,
+                     {"metrics/fd_inception": fid, "metrics/fid": fid, "metrics/sec_per_image": sec})
+            old = {k: v for k, v in _params(modes=("schedule",)).items()}  # no metrics block, no sampler.eta
+            _run(client, exp, "schedule-old", None, old, {"schedule/log_snr_max": 7.0})
         else:
             for ckpt, fid, acc in [("shapes_sd", 20.0, 0.9), ("shapes_sd_ckpt/step_00750", 35.0, 0.6),
                                    ("shapes_sd_ckpt/step_00250", 70.0, 0.2)]:
@@ -121,15 +138,18 @@ def test_plots_content(store):
     figs = plots(child_rows(_children(store, "sched")))
     ax = figs["sweep_frontier"].axes[0]
     assert sorted(line.get_label() for line in ax.get_lines()) == ["ddim", "euler"]  # failed euler-200 left out
+    assert "N = 256" in ax.get_title()  # N on every plot
     ddim = next(line for line in ax.get_lines() if line.get_label() == "ddim")
     assert list(ddim.get_ydata()) == [60.0, 40.0, 35.0, 34.0]  # in step order
     assert sorted(t.get_text() for t in ax.texts) == sorted(["10", "25", "50", "100"] * 2)  # steps annotated
     ckpt = plots(child_rows(_children(store, "ckpt")))["sweep_checkpoints"]
     assert [t.get_text() for t in ckpt.axes[0].get_xticklabels()] == ["step_00250", "step_00750", "shapes_sd"]
     assert list(ckpt.axes[0].get_lines()[0].get_ydata()) == [70.0, 35.0, 20.0]
+    assert "N = 256" in ckpt._suptitle.get_text()
     guid = plots(child_rows(_children(store, "guid")))["sweep_guidance"]
     assert [a.get_ylabel().split(" (")[0] for a in guid.axes] == ["prompt accuracy", "FD shapes_net"]
     assert list(guid.axes[0].get_lines()[0].get_xdata()) == [1.0, 3.0, 5.0, 7.5]
+    assert "N = 256" in guid._suptitle.get_text()
 
 
 def test_parent_run_receives_table_and_plots(store, tmp_path):
@@ -203,3 +223,49 @@ def test_cli_subprocess_by_parent_id(store, tmp_path):
     assert "CUDA out of memory" in rows[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep_frontier.png", "sweep_summary.csv"]
     assert "Traceback" not in proc.stderr
+
+
+def _experiment_rows(store):
+    exp = store.client.get_experiment_by_name("compare-mixed").experiment_id
+    return child_rows([r for r in store.client.search_runs([exp]) if r.data.tags.get("sweep.role") != "parent"])
+
+
+def test_every_varying_param_is_shown_across_mode_choices(store):
+    """N differs with the mode choice and is still a column; a param a run lacks is a value (shown empty); a mode's
+    params do not count as missing where the run did not select that mode."""
+    rows = _experiment_rows(store)
+    assert swept(rows) == ["choice.mode", "mode.metrics.num_samples", "sampler.eta", "sampler.num_inference_steps"]
+    old = next(r for r in rows if r["run_name"] == "schedule-old")
+    assert old["sampler.eta"] is None and "mode.metrics.num_samples" not in old
+    assert C._cell("sampler.eta", old["sampler.eta"]) == "-"
+    assert "mode.schedule.strict" not in C.table_columns(rows) and "mode.metrics" not in C.table_columns(rows)
+
+
+def test_mixed_n_is_warned_stated_on_the_plot_and_never_one_line(store, tmp_path, capsys):
+    assert C.main(["compare-mixed", "--tracking-uri", store.uri, "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "mode.metrics.num_samples" in captured.out.splitlines()[2]  # a column of the printed table
+    for text in (captured.err, captured.out):
+        assert "warning: FD/FID/KID of these runs come from different sample counts N = 32, 256" in text
+    ax = plots(_experiment_rows(store))["sweep_frontier"].axes[0]
+    assert "N = 32, 256" in ax.get_title()
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert sorted(lines) == ["mode=['metrics'], N=256", "mode=['schedule', 'metrics'], N=32"]
+
+
+def test_runs_that_differ_only_in_timing_are_one_point(store):
+    ax = plots(_experiment_rows(store))["sweep_frontier"].axes[0]
+    line = next(l for l in ax.get_lines() if l.get_label().endswith("N=256"))
+    assert list(line.get_xdata()) == pytest.approx([0.04, 0.12]) and list(line.get_ydata()) == pytest.approx([80.0, 65.2])
+    assert sorted(t.get_text() for t in ax.texts) == ["10", "10", "25", "25 ×2"]
+    assert C.mixed_n_warning(child_rows(_children(store, "sched"))) is None  # one N: no warning
+
+
+def test_reproduce_shows_timing_and_setup_apart_and_compares_the_rest():
+    from pipeline.reproduce import compare, kind
+
+    assert [kind(k) for k in ("metrics/sec_per_image", "metrics/generation_seconds", "metrics/num_shards",
+                              "metrics/fid")] == ["TIMING", "TIMING", "SETUP", "RESULT"]
+    ok, lines = compare({"metrics/fid": 1.0, "metrics/num_shards": 2, "metrics/sec_per_image": 0.1},
+                        {"metrics/fid": 1.0, "metrics/num_shards": 1, "metrics/sec_per_image": 0.3}, 0.0)
+    assert ok and [l.split()[0] for l in lines] == ["MATCH", "SETUP", "TIMING"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_cfg
@@ -93,3 +93,61 @@ def test_experiment_preset_overrides_only_what_changes():
     assert cfg.scheduler.timestep_spacing.value == "trailing" and cfg.scheduler.options.rescale_betas_zero_snr
     assert cfg.scheduler.name == "native" and cfg.scheduler.cls is None  # untouched: the model's own solver
     assert compose_cfg(["experiment=zero_snr", "scheduler=ddim"]).scheduler.cls == "DDIMScheduler"
+
+
+def test_a_key_added_with_plus_that_the_schema_lacks_is_rejected_naming_the_closest():
+    """Hydra's `+` adds keys under open_dict, past the struct check: checked after composition instead."""
+    from pipeline.errors import UserError
+
+    for override, closest in [("+sampler.num_inference_step=5", "sampler.num_inference_steps"),
+                              ("+num_inference_steps=5", "sampler.num_inference_steps"),  # the wrong level
+                              ("+features.shapes_net.rezise=bicubic", "features.shapes_net.resize"),
+                              ("+mode.schedule.comapre=[linear]", "mode.schedule.compare")]:
+        with pytest.raises(UserError, match=rf"{override[1:].split('=')[0]}: unknown config key; did you mean {closest}\?"):
+            compose_cfg([override])
+    assert compose_cfg(["+scheduler.options.foo=1"]).scheduler.options.foo == 1  # free-form by design
+
+
+def test_run_pipeline_rejects_an_unknown_key_before_any_mlflow_run(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.runner import run_pipeline
+
+    cfg = compose_cfg(["+scheduler.options.foo=1"], outputs=tmp_path)
+    with open_dict(cfg):  # what Hydra does with `+sampler.num_inference_step=5`
+        OmegaConf.update(cfg, "sampler.num_inference_step", 5, force_add=True)
+    with pytest.raises(UserError, match="sampler.num_inference_step: unknown config key"):
+        run_pipeline(cfg, tmp_path / "run")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_every_job_of_a_multirun_is_checked_before_the_first_starts():
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from pipeline.config import check_sweep, register_configs
+    from pipeline.errors import UserError
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        compose = GlobalHydra.instance().hydra.compose_config  # what `python -m pipeline -m ...` composes
+        check_sweep(compose("config", ["scheduler=ddim,euler", "+scheduler.options.foo=1,2"], run_mode=RunMode.MULTIRUN))
+        master = compose("config", ["scheduler=ddim,euler", "+sampler.num_inference_step=5,10"], run_mode=RunMode.MULTIRUN)
+        with pytest.raises(UserError, match=r"sweep job scheduler=ddim \+sampler.num_inference_step=5: sampler.num_inference_step: "
+                                            r"unknown config key; did you mean sampler.num_inference_steps\?"):
+            check_sweep(master)
+
+
+def test_an_unknown_mode_in_a_list_names_the_valid_modes(capsys):
+    from pipeline.__main__ import _check_list_choices
+    from pipeline.errors import UserError
+
+    modes = "available options in 'mode': attention, latent, metrics, schedule"
+    with pytest.raises(UserError, match=rf"unknown mode option 'metric' \(did you mean 'metrics'\?\); {modes}"):
+        compose_cfg(["mode=[metric]"])
+    with pytest.raises(UserError, match="unknown features option 'incepton'"):
+        compose_cfg(["features=[shapes_net,incepton]"])
+    with pytest.raises(SystemExit) as exit_:  # the CLI, before Hydra composes anything (sweeps too)
+        _check_list_choices(["-m", "mode=[schedule],[metric]"])
+    assert exit_.value.code == 2 and modes in capsys.readouterr().err

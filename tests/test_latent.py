@@ -376,3 +376,12 @@ def test_mode_on_the_pixel_space_shapes_model_and_its_reconstruction_score(tmp_p
     assert abs(r["latent/slerp_norm_ratio_mid"] - 1) < 0.02 and abs(r["latent/lerp_norm_ratio_mid"] - 0.71) < 0.03
     assert r["latent/ood_auroc_recon"] >= 0.95  # measured 0.983 at this size
     assert r["latent/ood_auroc_recon"] > r["latent/ood_auroc_zscore"] + 0.2
+
+
+def test_ood_histogram_range_is_robust_to_a_stray_score():
+    from pipeline.stages.latent import robust_bins
+
+    rng = np.random.default_rng(0)
+    held_out, ood = rng.normal(0, 1, 100), rng.normal(2, 1, 100)
+    bins = robust_bins([held_out, np.append(ood, 1e6)])  # one far-off score (and noise, not passed) must not stretch it
+    assert len(bins) == 40 and -4 < bins[0] < -1 and 3 < bins[-1] < 7

@@ -83,3 +83,20 @@ def test_the_key_module_and_compare_need_no_torch():
     code = "import sys, pipeline.metric_keys, pipeline.compare; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_one_direction_registry_for_every_result_key():
+    from pipeline.metrics import HIGHER_IS_BETTER
+
+    stat_of_family = {"fid": "fd", "kid": "kid_mean", "is": "is_mean"}  # the metric functions' families
+    for family, better in HIGHER_IS_BETTER.items():
+        assert K.higher_is_better(K.metric_key(stat_of_family.get(family, family), "clip")) is better, family
+    lower = ["metrics/fid", "metrics/fd_floor_inception", "metrics/sec_per_image", "metrics/generation_seconds",
+             "attention/miou_swapped", "latent/ood_fpr95_mahalanobis", "latent/ppl_slerp"]
+    higher = ["metrics/prompt_accuracy", "attention/miou", "attention/miou_colour", "attention/miou_8x8",
+              "latent/recon_psnr", "latent/inversion_psnr", "latent/ood_auroc_best", "latent/ood_auroc_zscore_noise",
+              "latent/direction_flip_rate"]
+    none = ["metrics/num_samples", "metrics/kid_std_clip", "metrics/fd_inception_ci_low", "schedule/log_snr_max",
+            "schedule/linear/terminal_snr", "attention/miou_ceiling_8x8", "attention/num_scored", "latent/ood_num_fit",
+            "latent/slerp_norm_ratio_mid", "something/else"]
+    assert [K.higher_is_better(k) for k in lower + higher + none] == [False] * 7 + [True] * 9 + [None] * 10

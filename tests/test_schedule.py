@@ -54,6 +54,23 @@ def test_sigma_schedules():
     assert edm.monotonic and karras.monotonic
 
 
+def test_beta_panel_of_sigma_schedules_has_no_spike_at_t0_and_the_10_note_only_for_linear_beta():
+    from pipeline.stages.schedule import findings, schedule_scalars
+
+    for name in ("karras", "edm"):  # no step before t = 0 on a σ grid: β_0 is not drawn
+        betas = named_schedule(name).betas
+        assert math.isnan(betas[0]) and np.all(np.isfinite(betas[1:])) and betas[1] < 10 * betas[2]
+    assert named_schedule("linear").betas[0] == pytest.approx(1e-4)  # a β schedule keeps its β_0
+    note = {}
+    for name in ("scaled_linear", "squaredcos_cap_v2", "karras", "edm"):
+        s = named_schedule(name)
+        note[name] = findings(name, schedule_scalars(s, np.array([0.0])), s.kind,
+                              (s.scheduler_config or {}).get("beta_schedule"))[0]
+    assert "not the ±10 of DDPM-linear" in note["scaled_linear"]
+    assert [n for n in note if "±10" in note[n]] == ["scaled_linear"]
+    assert "cosine schedule" in note["squaredcos_cap_v2"] and "σ from 0.002 to 80" in note["edm"]
+
+
 @pytest.mark.parametrize(
     "spacing,offset,first,last", [("leading", 1, 981, 1), ("trailing", 0, 999, 19)]
 )

@@ -83,6 +83,15 @@ def test_checkpoint_sweep_shares_model_and_reference_and_summarises(models, tmp_
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert [c.data.tags["model_cache"] for c in children] == ["miss", "hit", "miss", "hit"]
     assert [c.data.tags["reference_cache"] for c in children] == ["miss", "hit", "hit", "hit"]
+    assert [c.info.run_name for c in children] == [f"model.path={c.name}·scheduler={s}" for c in ckpts for s in ("ddim", "euler")]
+    # the parent: what was swept as params, the best value of each result key with a direction, and where it is
+    assert parent.data.params == {"sweep.model.path": f"{ckpts[0]},{ckpts[1]}", "sweep.scheduler": "ddim,euler"}
+    fds = {c.info.run_id: c.data.metrics["metrics/fd_shapes_net"] for c in children}
+    assert parent.data.metrics["best.metrics/fd_shapes_net"] == min(fds.values())
+    assert fds[parent.data.tags["best.metrics/fd_shapes_net.run_id"]] == min(fds.values())
+    precision = {c.info.run_id: c.data.metrics["metrics/precision_shapes_net"] for c in children}
+    assert parent.data.metrics["best.metrics/precision_shapes_net"] == max(precision.values())
+    assert "best.metrics/num_samples" not in parent.data.metrics and "best.metrics/kid_std_shapes_net" not in parent.data.metrics
     rows = list(csv.DictReader((Path(parent.data.tags["sweep.dir"]) / "sweep_summary.csv").open()))
     assert len(rows) == 4 and all(r["metrics/fd_shapes_net"] for r in rows)
     assert {r["metrics.primary_extractor"] for r in rows} == {"shapes_net"}

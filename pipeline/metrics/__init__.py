@@ -11,7 +11,8 @@ Each function's docstring states its convention and the reference implementation
 - ``density_coverage``: D/C as the prdc package (k = 5, strict balls).
 - ``clip_score``: mean over pairs of 100 · max(cos, 0).
 
-``HIGHER_IS_BETTER`` says, per metric name, which direction is better.
+``HIGHER_IS_BETTER`` says, per metric name, which direction is better (per logged result key, for every mode:
+``pipeline.metric_keys.higher_is_better``, which needs no torch; the two agree, tested).
 """
 
 from pipeline.metrics.clip import clip_score

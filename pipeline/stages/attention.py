@@ -171,42 +171,64 @@ def _prompts(cfg) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- figures
-def _overlay_figure(image: np.ndarray, words: list[str], snaps: dict[int, torch.Tensor], final: torch.Tensor, prompt: str):
+def _colour_bar(fig, image_artist, threshold: float | None) -> None:
+    """One colour bar for every overlay of ``fig`` (all drawn on the same 0..1 scale), τ marked."""
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
+    bar = fig.colorbar(image_artist, cax=cax)
+    bar.set_label("attention, min-max normalised per map" + (f" (line: τ = {threshold:g})" if threshold is not None
+                                                                 else ""), fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    if threshold is not None:
+        bar.ax.axhline(threshold, color="black", lw=1.2)
+
+
+def _overlay(ax, image: np.ndarray, m: torch.Tensor):
+    """The image with a word's map on top, min-max normalised (as scored) on a fixed 0..1 colour scale."""
+    ax.imshow(image)
+    return ax.imshow(normalise(m), cmap="jet", alpha=0.55, vmin=0.0, vmax=1.0)
+
+
+def _overlay_figure(image: np.ndarray, words: list[str], snaps: dict[int, torch.Tensor], final: torch.Tensor, prompt: str,
+                    threshold: float | None = None):
     import matplotlib.pyplot as plt
 
     cols = [*(f"step {s}" for s in sorted(snaps)), "all steps"]
-    fig, axes = plt.subplots(len(words), len(cols) + 1, figsize=(1.6 * (len(cols) + 1), 1.6 * len(words) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(words), len(cols) + 1, figsize=(1.6 * (len(cols) + 1) + 0.8, 1.6 * len(words) + 0.4),
+                             squeeze=False)
+    im = None
     for r, word in enumerate(words):
         axes[r, 0].imshow(image)
         axes[r, 0].set_ylabel(word, fontsize=8)
         for c, m in enumerate([*(snaps[s][r] for s in sorted(snaps)), final[r]]):
-            axes[r, c + 1].imshow(image)
-            axes[r, c + 1].imshow(m.numpy(), cmap="jet", alpha=0.55)
+            im = _overlay(axes[r, c + 1], image, m)
             if r == 0:
                 axes[r, c + 1].set_title(cols[c], fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(prompt, fontsize=9)
-    fig.tight_layout()
+    _colour_bar(fig, im, threshold)
     return fig
 
 
-def _resolution_figure(image: np.ndarray, words: list[str], by_res: dict[tuple[int, int], torch.Tensor], prompt: str):
+def _resolution_figure(image: np.ndarray, words: list[str], by_res: dict[tuple[int, int], torch.Tensor], prompt: str,
+                       threshold: float | None = None):
     import matplotlib.pyplot as plt
 
     grids = sorted(by_res, reverse=True)
-    fig, axes = plt.subplots(len(grids), len(words), figsize=(1.6 * len(words), 1.6 * len(grids) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(grids), len(words), figsize=(1.6 * len(words) + 0.8, 1.6 * len(grids) + 0.4),
+                             squeeze=False)
+    im = None
     for r, g in enumerate(grids):
         for c, word in enumerate(words):
-            axes[r, c].imshow(image)
-            axes[r, c].imshow(by_res[g][c].numpy(), cmap="jet", alpha=0.55)
+            im = _overlay(axes[r, c], image, by_res[g][c])
             axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
             if r == 0:
                 axes[r, c].set_title(word, fontsize=8)
             if c == 0:
                 axes[r, c].set_ylabel(f"{g[0]}x{g[1]}", fontsize=8)
     fig.suptitle(f"per-resolution cross-attention: {prompt}", fontsize=9)
-    fig.tight_layout()
+    _colour_bar(fig, im, threshold)
     return fig
 
 
@@ -322,10 +344,10 @@ def attention_stage(ctx, cfg):
                     ious_swapped.append(iou(binarise(final[slots[1 - k][1]], a.threshold), mask))
             if figures < a.figures and content:
                 snaps_img = {s: _to_image(v[content], (height, width)) for s, v in snaps.items()}
-                ctx.save_figure(_overlay_figure(images[i], [words[k] for k in content], snaps_img, final[content], prompt),
-                                f"attention_overlay_{figures}")
+                ctx.save_figure(_overlay_figure(images[i], [words[k] for k in content], snaps_img, final[content], prompt,
+                                                a.threshold), f"attention_overlay_{figures}")
                 by_res = {g: m[content] for g, m in res_maps.items()}  # already at image size
-                ctx.save_figure(_resolution_figure(images[i], [words[k] for k in content], by_res, prompt),
+                ctx.save_figure(_resolution_figure(images[i], [words[k] for k in content], by_res, prompt, a.threshold),
                                 f"attention_resolutions_{figures}")
                 figures += 1
 

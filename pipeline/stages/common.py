@@ -26,7 +26,6 @@ def scheduler_config_stage(ctx, cfg):
     config, source = load_scheduler_config(cfg.model.path)
     local = Path(str(cfg.model.path)).expanduser()
     model_index = read_model_index(local) if local.is_dir() else None
-    log.info("scheduler config %s (%s)", source, config.get("_class_name", "?"))
     return {"scheduler_config": {"config": config, "source": source, "model_index": model_index}}
 
 
@@ -38,6 +37,9 @@ def sampler_stage(ctx, cfg):
     sampler = build_scheduler(sc["config"], cfg.scheduler, source=sc["source"], model_index=sc.get("model_index"))
     check_eta(sampler, float(cfg.sampler.eta))  # an η the solver would ignore is an error, not a silent label
     ctx.tag("sampler.class", type(sampler).__name__)
+    # the solver used, then the config it was built from (whose class is the model's own scheduler)
+    log.info("solver %s (scheduler=%s) from scheduler config %s (the model's %s)", type(sampler).__name__,
+             cfg.scheduler.name, sc["source"], sc["config"].get("_class_name", "?"))
     return {"sampler": sampler}
 
 

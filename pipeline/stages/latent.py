@@ -380,7 +380,7 @@ def latent_interpolation_stage(ctx, cfg):
         d = (f[:P] - f[P:]).pow(2).sum(1) / eps**2
         scalars[f"latent/ppl_{meth}"] = float(d.mean())
     ctx.tag("latent.ppl", f"epsilon={eps}, pairs={P}, features={extractor_name} pool, sampler={type(sampler).__name__} "
-                          f"x {m.steps} steps, guidance={m.guidance}")
+                          f"x {m.steps} steps, " + (f"guidance={m.guidance}" if m.text else "unconditional (no guidance)"))
     ctx.log_scalars(scalars)
 
     # the figure: K points between two noise latents and between two DDIM-inverted real images
@@ -444,8 +444,8 @@ def latent_inversion_stage(ctx, cfg):
     bar.close()
     p = torch.cat(psnrs)
     ctx.log_scalars({"latent/inversion_psnr": float(p.mean())})
-    ctx.save_figure(_round_trip_figure(shown, p, f"DDIM inversion round trip ({m.steps} steps, caption, no CFG)"),
-                    "latent_inversion")
+    how = "caption as prompt, no CFG" if m.text else "unconditional"
+    ctx.save_figure(_round_trip_figure(shown, p, f"DDIM inversion round trip ({m.steps} steps, {how})"), "latent_inversion")
     log.info("latent: DDIM inversion round-trip PSNR %.2f dB on %d images", float(p.mean()), len(p))
     return {}
 
@@ -748,6 +748,16 @@ def latent_ood_stage(ctx, cfg):
     return {}
 
 
+def robust_bins(values: list[np.ndarray], n: int = 40, q: float = 1.0) -> np.ndarray:
+    """Histogram bin edges over the ``q``-th to ``100 - q``-th percentile of ``values`` (the held-out and OOD
+    scores), so neither a stray score nor the far-off noise set stretches the axis; scores outside are piled into
+    the edge bins by the caller."""
+    lo, hi = np.percentile(np.concatenate([np.asarray(v, dtype=np.float64) for v in values]), [q, 100 - q])
+    hi = hi if hi > lo else lo + 1
+    pad = 0.05 * (hi - lo)
+    return np.linspace(lo - pad, hi + pad, n)
+
+
 def _ood_histogram(ctx, scores: dict, names: list[str], ood_name: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -755,14 +765,19 @@ def _ood_histogram(ctx, scores: dict, names: list[str], ood_name: str) -> None:
     labels = {"id": "held-out reference", "ood": ood_name, "noise": "uniform noise"}
     for ax, s in zip(axes, names):
         vals = {k: v[s].numpy() for k, v in scores.items() if k != "fit"}
-        # bins span held-out + OOD; far-off noise scores are piled into the last bin (labelled "clipped")
-        lo, hi = np.percentile(np.concatenate([vals["id"], vals["ood"]]), [0, 100])
-        hi = hi if hi > lo else lo + 1
-        bins = np.linspace(lo, hi + 0.05 * (hi - lo), 40)
+        # bins over the robust range of held-out + OOD; anything outside (a stray score, the far-off noise set) is
+        # piled into the edge bins and labelled "clipped"
+        bins = robust_bins([vals["id"], vals["ood"]])
+        tallest = {}
         for k, v in vals.items():
-            clipped = k == "noise" and bool((v > bins[-1]).any() or (v < lo).any())
-            ax.hist(np.clip(v, lo, bins[-1] - 1e-9), bins=bins, alpha=0.5,
-                    label=labels[k] + (" (clipped)" if clipped else ""))
+            clipped = bool(((v > bins[-1]) | (v < bins[0])).any())
+            counts, _, _ = ax.hist(np.clip(v, bins[0], bins[-1] - 1e-9), bins=bins, alpha=0.5,
+                                   label=labels[k] + (" (clipped)" if clipped else ""))
+            tallest[k] = float(np.max(counts))
+        # one noise bin holding every noise sample would flatten the other two: log counts then
+        if tallest.get("noise", 0) > 3 * max(tallest["id"], tallest["ood"], 1):
+            ax.set_yscale("log")
+            ax.set_ylabel("count (log)", fontsize=8)
         ax.set_title(s, fontsize=9)
         ax.set_xlabel("score (higher = more OOD)", fontsize=8)
     axes[0].legend(fontsize=7)

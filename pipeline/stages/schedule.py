@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -147,10 +148,18 @@ def schedule_scalars(schedule: NoiseSchedule, ts: np.ndarray) -> dict[str, float
     return out
 
 
-def findings(label: str, s: dict[str, float], kind: str = "discrete") -> list[str]:
+def findings(label: str, s: dict[str, float], kind: str = "discrete", beta_schedule: str | None = None) -> list[str]:
+    """One line per property of a schedule. DDPM-linear's log-SNR span of about ±10 is the yardstick only for
+    linear-β schedules (linear, scaled_linear and its zero-SNR rescaling, a model's trained β): the cosine schedule
+    and the σ schedules (karras, edm) and flow paths are described by what they are instead."""
     span = f"{label}: log-SNR spans {s['log_snr_max']:+.2f} -> {s['log_snr_min']:+.2f}"
     if kind == "flow":  # a σ ∈ [0, 1] path: DDPM-linear's ±10 is no yardstick for it
         notes = [span + " (rectified flow: log-SNR = 2·log((1 − σ)/σ))"]
+    elif kind == "sigma":
+        notes = [span + f" (σ schedule: log-SNR = −2·log σ, σ from {math.exp(-s['log_snr_max'] / 2):.3g} "
+                        f"to {s['sigma_max']:.3g})"]
+    elif beta_schedule == "squaredcos_cap_v2":
+        notes = [span + " (cosine schedule: ᾱ ∝ cos²((t/T + 0.008)/1.008·π/2), β capped at 0.999)"]
     else:
         notes = [span + ("" if abs(s["log_snr_max"] - 10) < 1.5 and abs(s["log_snr_min"] + 10) < 1.5
                          else " (not the ±10 of DDPM-linear)")]
@@ -185,8 +194,9 @@ def _panel_figure(schedule: NoiseSchedule, label: str, ts: np.ndarray):
         axes[2].plot([0, 1], [0, 1], color="grey", lw=0.5, ls=":")  # shift 1
         axes[2].set(title=f"σ(u), shift {schedule.shift:.3g}", xlabel=xlabel)
     else:
-        axes[2].semilogy(t, np.clip(schedule.betas, 1e-12, None))
-        axes[2].set(title="β", xlabel="training step t")
+        axes[2].semilogy(t, np.clip(schedule.betas, 1e-12, None))  # a σ schedule has no β_0 (NaN: not drawn)
+        axes[2].set(title="β" + (" (σ grid: no step before t = 0)" if schedule.kind == "sigma" else ""),
+                    xlabel="training step t")
     fig.suptitle(label)
     fig.tight_layout()
     return fig
@@ -255,7 +265,7 @@ def schedule_stage(ctx, cfg):
         prefix = "schedule" if i == 0 else f"schedule/{schedule.name}"
         scalars = schedule_scalars(schedule, ts)
         ctx.log_scalars({f"{prefix}/{k}": v for k, v in scalars.items()})
-        notes += findings(name_label, scalars, schedule.kind)
+        notes += findings(name_label, scalars, schedule.kind, (schedule.scheduler_config or {}).get("beta_schedule"))
         summary_rows.append({"schedule": name_label, **scalars})
         visited_rows += [{"schedule": name_label, "step": j, "t": float(t), "log_snr": float(schedule.log_snr_at(t))}
                          for j, t in enumerate(ts)]
