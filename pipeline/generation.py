@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.errors import UserError
+from pipeline.threads import CpuShare
 
 __all__ = ["GeneratedBatch", "generate", "sample", "to_uint8", "generators", "step_kwargs", "check_eta"]
 
@@ -113,8 +114,11 @@ def generate(
     h, w = adapter.resolve_size(height, width)
     check_eta(sampler, eta)
     bar = tqdm(total=num_samples, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    share = CpuShare() if adapter.device.type == "cpu" else None  # fewer threads while other processes compete
     try:
         for lo in range(start, start + num_samples, batch_size):
+            if share is not None:
+                share.update()
             idx = list(range(lo, min(lo + batch_size, start + num_samples)))
             gens = generators(seed, idx)
             batch_prompts = [prompts[i % len(prompts)] for i in idx] if adapter.text else None
