@@ -20,7 +20,7 @@ from typing import Literal
 
 from pipeline.errors import UserError
 
-__all__ = ["Family", "FAMILIES", "family_of", "family_of_class", "read_model_index"]
+__all__ = ["Family", "FAMILIES", "family_of", "family_of_class", "read_json", "read_model_index"]
 
 
 @dataclass(frozen=True)
@@ -65,15 +65,20 @@ def family_of(pipe, mode: str | None = None) -> Family:
     return family_of_class(type(pipe).__name__, mode)
 
 
-def read_model_index(model_dir: str | Path) -> dict | None:
-    """``model_index.json`` of a local pipeline directory, or None (a scheduler-only directory, a hub id)."""
-    path = Path(model_dir) / "model_index.json"
+def read_json(path: str | Path) -> dict | None:
+    """A model directory's JSON config file, or None when there is none; invalid JSON names the file."""
+    path = Path(path)
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"model.path: {str(path)!r} is not valid JSON: {e}") from e
+
+
+def read_model_index(model_dir: str | Path) -> dict | None:
+    """``model_index.json`` of a local pipeline directory, or None (a scheduler-only directory, a hub id)."""
+    return read_json(Path(model_dir) / "model_index.json")
 
 
 def check_mode_support(model_path: str, mode: str, families: set[str] | None = None) -> Family | None:

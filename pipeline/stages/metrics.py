@@ -33,6 +33,7 @@ from pipeline import distributed as dist
 from pipeline import metrics as M
 from pipeline.errors import UserError
 from pipeline.generation import generate
+from pipeline.models.family import check_mode_support
 from pipeline.metric_keys import PROMPT_ACCURACY, PRIMARY_EXTRACTOR_TAG, extractor_keys, primary_extractor, primary_fd_key
 from pipeline.registry import register_mode, stage
 
@@ -86,7 +87,7 @@ def metrics_check(ctx, cfg):
     if m.judge == "on" and kind != "shapes":
         raise UserError(f"mode.metrics.judge=on: dataset {cfg.dataset.name!r} has no ground truth to judge prompt "
                         "adherence with (only dataset=shapes has); set mode.metrics.judge=auto or off")
-    _check_family(cfg, "metrics")
+    check_mode_support(cfg.model.path, "metrics")  # a class the adapter cannot drive: refused before any work
     if m.num_samples < REPORTED_N:
         log.warning("metrics on N=%d generated images: FID/KID are biased at small N; use >= %d for reported numbers",
                     m.num_samples, REPORTED_N)
@@ -94,18 +95,6 @@ def metrics_check(ctx, cfg):
     if primary_extractor(cfg) is not None:  # before any work: a failed run still says what it ranks by
         ctx.tag(PRIMARY_EXTRACTOR_TAG, primary_extractor(cfg))
     return {}
-
-
-def _check_family(cfg, mode: str) -> None:
-    """A local pipeline the adapter cannot drive is refused from its model_index.json, before any work."""
-    from pathlib import Path as _P
-
-    from pipeline.models.family import family_of_class, read_model_index
-
-    if _P(str(cfg.model.path)).is_dir():
-        index = read_model_index(cfg.model.path)
-        if index is not None:
-            family_of_class(str(index.get("_class_name")), mode)
 
 
 _SHAPES_REFS: dict[tuple, object] = {}  # per process, for the jobs of a sweep

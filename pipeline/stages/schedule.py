@@ -14,7 +14,6 @@ shown at the normalised times the model's solver visits (no DDPM-family solver d
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import List, Optional
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.models.family import read_json
 from pipeline.models.schedulers import build_scheduler, flow_shift, is_flow_model, set_flow_timesteps, uses_dynamic_shift
 from pipeline.registry import register_mode, stage
 from pipeline.schedules import (NamedSchedule, NoiseSchedule, flow_positions, flow_schedule, from_scheduler, karras_sigmas,
@@ -81,12 +81,7 @@ def _component_config(model_path: str, component: str) -> dict | None:
             file = Path(hf_hub_download(str(model_path), f"{component}/config.json"))
         except Exception:  # offline / no such file: the pipelines' defaults apply
             return None
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"model.path: {str(file)!r} is not valid JSON: {e}") from e
+    return read_json(file)
 
 
 def flow_geometry(model_path: str, family_name: str | None, height: int | None, width: int | None
