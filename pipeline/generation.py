@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from pipeline.errors import UserError
 from pipeline.threads import CpuShare
 
-__all__ = ["GeneratedBatch", "generate", "sample", "to_uint8", "generators", "step_kwargs", "check_eta"]
+__all__ = ["GeneratedBatch", "generate", "sample", "to_uint8", "generators", "step_kwargs", "check_eta",
+           "denoiser_call_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,17 @@ def step_kwargs(sampler, eta: float, gens: Sequence[torch.Generator]) -> dict:
     if "generator" in params:
         kwargs["generator"] = list(gens)
     return kwargs
+
+
+def denoiser_call_steps(adapter, sampler, steps: int, height: int, width: int) -> list[int]:
+    """The solver step (0 .. steps − 1) of each denoiser call of :func:`sample`: one call per entry of the solver's
+    timesteps, ``scheduler.order`` calls per step after the warm-up entries — as the diffusers pipelines count
+    progress (Heun, KDPM2: two calls per step; PNDM: one warm-up entry)."""
+    sched = type(sampler).from_config(sampler.config)
+    adapter.set_timesteps(sched, steps, height, width)
+    calls, order = len(sched.timesteps), int(getattr(sched, "order", 1))
+    warmup = max(calls - steps * order, 0)
+    return [0 if i < warmup else min((i - warmup) // order, steps - 1) for i in range(calls)]
 
 
 @torch.no_grad()

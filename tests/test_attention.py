@@ -1,120 +1,189 @@
-"""Attention capture on tiny random-weight pipelines (SD 1.x-, SD 2.x- and SDXL-style): correctness of the
-probabilities, CFG half, token offsets, flat memory, restoring processors. (mIoU bar: test_shapes_e2e.py.)"""
+"""Attention capture on every text-to-image family (tiny random-weight pipelines): the probabilities are right
+(CFG half, float32 in bf16, joint-attention block against a hand computation), images unchanged, processors
+restored, token offsets with and without a start token, solver-step snapshots, refusals, the real-image protocol.
+(mIoU bar on generated images: test_shapes_e2e.py.)"""
 
 from __future__ import annotations
+
+import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-from conftest import compose_cfg
-from pipeline.attention import CrossAttentionCapture, cross_attention_layers, layer_grid
+from conftest import compose_cfg, run_cli
+from pipeline.attention import AttentionCapture, capture, cross_attention_layers, layer_grid
+from pipeline.attention.scoring import spatial_entropy
+from pipeline.attention.tokens import prompt_tokens
 from pipeline.errors import UserError
+from pipeline.generation import denoiser_call_steps, generators, sample
+from pipeline.models.adapter import AttentionLayout, ModelAdapter
 from pipeline.runner import run_pipeline
-from pipeline.stages.attention import spatial_entropy, word_tokens
-from tiny import tiny_ddpm, tiny_sd, tiny_sdxl
+from tiny import _t5_tokenizer, tiny_family, tiny_sd
 
 PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle on the left"]
+TEXT_FAMILIES = ("sd", "sdxl", "pixart", "sd3", "sd3_no_t5", "flux")
+
+
+def _load(path, **kw):
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if "sd3_no_t5" in str(path) else {}
+    return DiffusionPipeline.from_pretrained(path, use_safetensors=True, **extra, **kw).to("cpu")
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    path = tiny_sd(tmp_path_factory.mktemp("sd") / "m")
-    return DiffusionPipeline.from_pretrained(path, use_safetensors=True).to("cpu"), path
+def family_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {f: tiny_family(f, root / f) for f in (*TEXT_FAMILIES, "dit", "ddpm")}
 
 
-def _gen(pipe, prompts, steps=4, guidance=5.0, **kw):
-    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt", **kw).images
+@pytest.fixture(scope="module")
+def sd(family_paths):
+    return _load(family_paths["sd"])
 
 
-def test_capture_does_not_change_images_and_restores_processors(sd):
-    pipe, _ = sd
-    before = _gen(pipe, PROMPTS)
-    originals = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
-    with CrossAttentionCapture(pipe.unet, (8, 8), {1}) as cap:
-        during = _gen(pipe, PROMPTS)
-    assert torch.allclose(before, during, atol=1e-5)
-    assert cap.max_row_sum_error < 1e-5  # each pixel's probabilities over tokens sum to 1
-    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == originals
-    # an error inside the block leaves the pipeline untouched too
-    with pytest.raises(RuntimeError, match="boom"):
-        with CrossAttentionCapture(pipe.unet, (8, 8), set()):
+def _size(model):
+    return (32, 32) if model.family.name == "flux" else model.native_size()
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_capture_leaves_images_unchanged_restores_processors_and_rows_sum_to_one(family, family_paths):
+    model = ModelAdapter(_load(family_paths[family]))
+    h, w = _size(model)
+    sampler = model.pipe.scheduler
+    cond = model.condition(2, 4.0, h, w, prompts=PROMPTS)
+    before = sample(model, sampler, cond, generators(0, [0, 1]), 3, h, w)
+    originals = {k: type(v) for k, v in model.denoiser.attn_processors.items()}
+    toks = [prompt_tokens(model.attention_layout(h, w).tokenizer, p, model.attention_layout(h, w).max_length)
+            for p in PROMPTS]
+    with capture(model, h, w, {1}, cfg=cond.cfg, valid_tokens=[t.num_tokens for t in toks]) as cap:
+        during = sample(model, sampler, cond, generators(0, [0, 1]), 3, h, w)
+    torch.testing.assert_close(before, during, atol=1e-5, rtol=0)
+    assert {k: type(v) for k, v in model.denoiser.attn_processors.items()} == originals
+    assert cap.max_row_sum_error < 1e-5
+    agg = cap.aggregate()
+    assert agg.device.type == "cpu" and agg.dtype == torch.float32
+    assert agg.shape[:2] == (2, cap.layout.segment[1] - cap.layout.segment[0])
+    assert tuple(agg.shape[2:]) == tuple(model.latent_shape(h, w)[1:])  # stored at latent resolution
+    if cap.layout.renormalise:  # joint attention: each pixel's map sums to 1 over the segment's real tokens
+        for i, t in enumerate(toks):
+            sums = agg[i, : t.num_tokens].sum(0)
+            torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
+            assert agg[i, t.num_tokens:].abs().max() == 0
+        assert 0 < float(cap.text_share().min()) and float(cap.text_share().max()) < 1
+    with pytest.raises(RuntimeError, match="boom"):  # an error inside the block leaves the pipeline untouched
+        with capture(model, h, w):
             raise RuntimeError("boom")
-    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == originals
+    assert {k: type(v) for k, v in model.denoiser.attn_processors.items()} == originals
 
 
-def test_only_cross_attention_layers_are_hooked(sd):
-    pipe, _ = sd
-    names = cross_attention_layers(pipe.unet)
-    assert names and all(n.endswith("attn2.processor") for n in names)
-    assert len(names) < len(pipe.unet.attn_processors)  # self-attention (attn1) stays as it was
+def test_sd3_joint_maps_equal_a_hand_computation_from_q_and_k(family_paths):
+    """One joint layer, no CFG: the image-query → T5-key block of softmax(QKᵀ/√d) over all keys, head-averaged,
+    renormalised over the prompt's real T5 tokens — computed here from the layer's own projections."""
+    model = ModelAdapter(_load(family_paths["sd3"]))
+    h, w = model.native_size()
+    attn = model.denoiser.transformer_blocks[0].attn
+    seen = {}
+    hook = attn.register_forward_pre_hook(lambda m, args, kw: seen.update(x=kw["hidden_states"],
+                                                                           c=kw["encoder_hidden_states"]), with_kwargs=True)
+    cond = model.condition(1, 1.0, h, w, prompts=[PROMPTS[1]])
+    layout = model.attention_layout(h, w)
+    tok = prompt_tokens(layout.tokenizer, PROMPTS[1], layout.max_length)
+    x = torch.randn(1, *model.latent_shape(h, w), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), capture(model, h, w, valid_tokens=[tok.num_tokens]) as cap:
+        model._forward(x, torch.tensor(500.0), cond)
+    hook.remove()
+    heads = attn.heads
+    with torch.no_grad():
+        def proj(linear, norm, t):  # (1, L, heads·d) -> (1, heads, L, d), then the optional q/k norm
+            t = linear(t).view(1, -1, heads, linear.out_features // heads).transpose(1, 2)
+            return t if norm is None else norm(t)
+        q = torch.cat([proj(attn.to_q, attn.norm_q, seen["x"]), proj(attn.add_q_proj, attn.norm_added_q, seen["c"])], 2)
+        k = torch.cat([proj(attn.to_k, attn.norm_k, seen["x"]), proj(attn.add_k_proj, attn.norm_added_k, seen["c"])], 2)
+    n_img = seen["x"].shape[1]
+    p = torch.softmax(q[:, :, :n_img].double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1]), -1).mean(1)
+    s0, s1 = layout.segment
+    block = p[0, :, n_img + s0 : n_img + s0 + tok.num_tokens]
+    ref = block / block.sum(-1, keepdim=True)  # (HW, real T5 tokens)
+    got = cap.aggregate()[0, : tok.num_tokens].flatten(1).T.double()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    assert layout.segment_name == "T5" and s0 == model.pipe.tokenizer_max_length  # T5 follows the 77 CLIP slots
+    torch.testing.assert_close(cap.text_share().double(), p[0, :, n_img:].sum(-1).mean()[None], atol=1e-5, rtol=1e-5)
 
 
-def test_conditional_half_is_kept_under_cfg(sd):
-    pipe, _ = sd
-    with CrossAttentionCapture(pipe.unet, (8, 8), {0}, cfg_batch=True) as with_cfg:
-        _gen(pipe, PROMPTS, guidance=5.0)
-    with CrossAttentionCapture(pipe.unet, (8, 8), {0}, cfg_batch=False) as cond_only:
-        _gen(pipe, PROMPTS, guidance=1.0)  # no CFG: the batch is the conditional prompts alone
-    # step 0 sees the same latents in both runs: the kept half must be the conditional one
-    assert torch.allclose(with_cfg.snapshots[0], cond_only.snapshots[0], atol=1e-5)
+def test_bf16_capture_on_cpu_passes_the_row_sum_guard_and_returns_cpu_float32(family_paths, tmp_path, outputs):
+    out = run_pipeline(compose_cfg(["model=hub", f"model.path={family_paths['sd']}", "model.dtype=bfloat16",
+                                    "features=[shapes_net]", "dataset=shapes", "mode=[attention]",
+                                    "sampler.num_inference_steps=3", "mode.attention.steps=[0,2]",
+                                    "mode.attention.num_prompts=2", "mode.attention.num_reference=2"],
+                                   outputs), tmp_path / "run")
+    assert out.status == "FINISHED", out.error
+    r = out.results
+    assert 0 < r["attention/bos_share"] < 1 and 0 <= r["attention/entropy_late"] <= 1
+    maps = np.load(tmp_path / "run" / "tables" / "attention_maps.npz")
+    assert np.isfinite(maps["maps_0000"].astype(np.float32)).all()
 
 
-def test_token_positions_skip_the_start_token_and_merge_split_words(sd):
-    pipe, _ = sd
-    words, pos, truncated = word_tokens(pipe.tokenizer, "a red circle")
-    assert words == ["a", "red", "circle"] and pos == [[1], [2], [3]] and not truncated
-    words, pos, _ = word_tokens(pipe.tokenizer, "a zebu circle")  # 'zebu' is not in the vocabulary: 4 letters
-    assert pos[1] == [2, 3, 4, 5] and pos[2] == [6]
-    words, pos, truncated = word_tokens(pipe.tokenizer, " ".join(["red"] * 30))  # tokenizer limit is 16
-    assert truncated and len(words) == 14 and pos[-1] == [14]
+def test_snapshots_count_solver_steps_not_denoiser_calls(sd):
+    """Heun calls the UNet twice per step: snapshot step s averages both calls of solver step s."""
+    from diffusers import HeunDiscreteScheduler
+
+    model = ModelAdapter(sd)
+    h, w = model.native_size()
+    heun = HeunDiscreteScheduler.from_config(sd.scheduler.config)
+    calls = denoiser_call_steps(model, heun, 3, h, w)
+    assert calls == [0, 0, 1, 1, 2]
+    cond = model.condition(1, 1.0, h, w, prompts=PROMPTS[:1])
+    with capture(model, h, w, {1, 2}, calls) as by_step:
+        sample(model, heun, cond, generators(0, [0]), 3, h, w)
+    with capture(model, h, w, set(range(5))) as by_call:  # no mapping: one snapshot per call
+        sample(model, heun, cond, generators(0, [0]), 3, h, w)
+    assert sorted(by_step.snapshots) == [1, 2]
+    per_call = by_call.snapshots
+    torch.testing.assert_close(by_step.snapshots[1], (per_call[2] + per_call[3]) / 2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(by_step.snapshots[2], per_call[4], atol=1e-6, rtol=0)
 
 
 def test_memory_does_not_grow_with_steps(sd):
-    pipe, _ = sd
+    model = ModelAdapter(sd)
+    h, w = model.native_size()
+    cond = model.condition(2, 5.0, h, w, prompts=PROMPTS)
     sizes = []
     for steps in (3, 9):
-        with CrossAttentionCapture(pipe.unet, (8, 8), {1, 2}) as cap:
-            _gen(pipe, PROMPTS, steps=steps)
-        sizes.append(sum(l.running.numel() for l in cap.layers.values()) + sum(s.numel() for s in cap.snapshots.values()))
+        with capture(model, h, w, {1, 2}, cfg=True) as cap:
+            sample(model, sd.scheduler, cond, generators(0, [0, 1]), steps, h, w)
+        sizes.append(sum(s.maps.numel() for s in cap.sums.values())
+                     + sum(s.maps.numel() for step in cap.snaps.values() for s in step.values()))
     assert sizes[0] == sizes[1]
 
 
-def test_layer_grid_handles_non_square_latents():
-    assert layer_grid(12 * 8, (12, 8)) == (12, 8) and layer_grid(3 * 2, (12, 8)) == (3, 2)
-    assert layer_grid(4 * 3, (7, 5)) == (4, 3)  # odd sizes: padded convs round up
-    assert spatial_entropy(torch.ones(4, 4)) == pytest.approx(1.0)
-    assert spatial_entropy(torch.eye(4)[0].reshape(2, 2)) == pytest.approx(0.0, abs=1e-9)
+def test_conditional_half_is_kept_under_cfg(sd):
+    model = ModelAdapter(sd)
+    h, w = model.native_size()
+    x = torch.randn(2, *model.latent_shape(h, w), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with capture(model, h, w, {0}, cfg=True) as with_cfg:
+            model.denoise(x, torch.tensor(500), model.condition(2, 5.0, h, w, prompts=PROMPTS), sd.scheduler)
+        with capture(model, h, w, {0}, cfg=False) as cond_only:
+            model.denoise(x, torch.tensor(500), model.condition(2, 1.0, h, w, prompts=PROMPTS), sd.scheduler)
+    torch.testing.assert_close(with_cfg.snapshots[0], cond_only.snapshots[0], atol=1e-5, rtol=0)
 
 
-def _run(path, tmp_path, extra=()):
-    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={path}", "mode=[attention]", "sampler.num_inference_steps=4",
-                       "mode.attention.steps=[0,3]", "sampler.batch_size=2", *extra], tmp_path / "out")
-    return run_pipeline(cfg, tmp_path / "run")
+def test_token_positions_with_and_without_a_start_token(sd):
+    clip = prompt_tokens(sd.tokenizer, "a red circle")
+    assert clip.words == ["a", "red", "circle"] and clip.positions == [[1], [2], [3]] and clip.start_token
+    assert clip.num_tokens == 5 and not clip.truncated
+    assert prompt_tokens(sd.tokenizer, "a zebu circle").positions[1:] == [[2, 3, 4, 5], [6]]  # spelled out
+    long = prompt_tokens(sd.tokenizer, " ".join(["red"] * 30))  # the tokenizer's limit is 16
+    assert long.truncated and len(long.words) == 14 and long.positions[-1] == [14] and long.num_tokens == 16
+    t5 = prompt_tokens(_t5_tokenizer(), "a red circle", 120)  # T5: no start token, word i at position i
+    assert t5.positions == [[0], [1], [2]] and not t5.start_token and t5.num_tokens == 4
+    t5_long = prompt_tokens(_t5_tokenizer(), " ".join(["red"] * 30), 8)
+    assert t5_long.truncated and t5_long.positions[-1] == [6]  # slot 7 is </s>
 
 
-def test_mode_runs_on_sd_with_seed_prompt_and_non_square_images(sd, tmp_path):
-    _, path = sd
-    out = _run(path, tmp_path, ['mode.attention.prompts=["a red car parked next to a blue house",'
-                                '"a red circle on the left"]', "mode.attention.height=16", "mode.attention.width=24"])
-    r = out.results
-    assert r["attention/num_prompts"] == 2 and 0 < r["attention/bos_share"] < 1
-    assert 0 <= r["attention/entropy_early"] <= 1 and 0 <= r["attention/entropy_late"] <= 1
-    maps = np.load(tmp_path / "run" / "tables" / "attention_maps.npz")
-    assert maps["maps_0000"].shape == (9, 16, 24) and list(maps["words_0000"])[1] == "red"
-    assert (tmp_path / "run" / "plots" / "attention_overlay_0.png").is_file()
-    assert (tmp_path / "run" / "plots" / "attention_resolutions_0.png").is_file()
-
-
-def test_mode_runs_on_sdxl_style_pipeline(tmp_path):
-    path = tiny_sdxl(tmp_path / "xl")
-    out = _run(path, tmp_path, ['mode.attention.prompts=["a red circle on the left"]'])
-    assert out.status == "FINISHED" and out.results["attention/num_prompts"] == 1
-
-
-def test_sd2_style_linear_projection_unet_is_captured(tmp_path):
+def test_sd2_style_linear_projection_unet_is_captured():
     unet = UNet2DConditionModel(sample_size=(6, 10), in_channels=4, out_channels=4, block_out_channels=(8, 16),
                                 layers_per_block=1, cross_attention_dim=24, attention_head_dim=(2, 4), norm_num_groups=4,
                                 use_linear_projection=True, upcast_attention=True,
@@ -122,19 +191,121 @@ def test_sd2_style_linear_projection_unet_is_captured(tmp_path):
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")).eval()
     x, t, text = torch.randn(2, 4, 6, 10), torch.tensor(10), torch.randn(2, 7, 24)
     plain = unet(x, t, encoder_hidden_states=text).sample
-    with CrossAttentionCapture(unet, (6, 10), {0}, cfg_batch=False) as cap:
+    layout = AttentionLayout("cross", tuple(cross_attention_layers(unet)), (6, 10), None, 7, (0, 7))
+    with AttentionCapture(unet, layout, (6, 10), {0}) as cap:
         captured = unet(x, t, encoder_hidden_states=text).sample
     assert torch.allclose(plain, captured, atol=1e-5)
-    assert {l.grid for l in cap.layers.values()} == {(6, 10), (3, 5)} and cap.aggregate().shape == (2, 7, 6, 10)
+    assert set(cap.sums) == {(6, 10), (3, 5)} and cap.aggregate().shape == (2, 7, 6, 10)
+    assert layer_grid(4 * 3, (7, 5)) == (4, 3)  # odd sizes: padded convs round up
+    assert spatial_entropy(torch.ones(4, 4)) == pytest.approx(1.0)
 
 
-def test_unconditional_model_is_skipped_and_other_modes_continue(tmp_path):
-    path = tiny_ddpm(tmp_path / "ddpm")
-    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={path}", "mode=[attention,schedule]", "mode.schedule.compare=[linear]"],
-                      tmp_path / "out")
+def _tags(out, outputs):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{outputs.resolve() / 'mlflow.db'}").get_run(out.run_id).data.tags
+
+
+def _run(path, tmp_path, outputs, extra=()):
+    size = ["sampler.height=32", "sampler.width=32"] if "flux" in str(path) else []
+    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", "dataset.size=32", f"model.path={path}",
+                       "mode=[attention]", "sampler.num_inference_steps=3", "mode.attention.steps=[0,2]",
+                       "sampler.batch_size=2", "mode.attention.num_prompts=2", "mode.attention.num_reference=2",
+                       *size, *extra], outputs)
+    return run_pipeline(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart", "sd3_no_t5", "flux"])
+def test_mode_runs_on_every_text_family_with_its_keys(family, family_paths, tmp_path, outputs):
+    out = _run(family_paths[family], tmp_path, outputs)
+    assert out.status == "FINISHED", out.error
+    r = out.results
+    assert r["attention/num_prompts"] == 2 and r["attention/num_scored"] >= 1 and "attention/miou" in r
+    assert r["attention/num_reference_scored"] >= 1 and 0 <= r["attention/miou_reference"] <= 1
+    joint, start = family in ("sd3_no_t5", "flux"), family in ("sdxl", "sd3_no_t5")
+    assert ("attention/text_share" in r) == joint and ("attention/bos_share" in r) == start
+    if not start:
+        assert "start token" in _tags(out, outputs)["skipped.attention/bos_share"]
+    maps = np.load(tmp_path / "run" / "tables" / "attention_maps.npz")
+    assert maps["maps_0000"].shape[1:] == tuple(maps["latent_hw"])  # latent resolution, not image
+
+
+@pytest.mark.parametrize("family, kind", [("dit", "class-conditional"), ("ddpm", "unconditional")])
+def test_models_without_text_are_refused_before_any_work(family, kind, family_paths, tmp_path, outputs):
+    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={family_paths[family]}",
+                       "mode=[attention,schedule]"], outputs)
+    with pytest.raises(UserError, match=rf"needs a text-conditioned model: \w+Pipeline \({family}\) is {kind}"):
+        run_pipeline(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "plots").exists()  # refused from model_index.json: nothing ran
+
+
+def test_sd3_through_the_cli(family_paths, outputs):
+    res = run_cli(["model=hub", f"model.path={family_paths['sd3']}", "features=[shapes_net]", "dataset=shapes",
+                   "dataset.size=32", "mode=[attention]", "sampler.num_inference_steps=2", "mode.attention.steps=[0,1]",
+                   "mode.attention.num_prompts=2", "mode.attention.num_reference=0", "mode.attention.figures=1",
+                   f"paths.outputs={outputs}", f"hydra.run.dir={outputs}/sd3_cli"], outputs)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((outputs / "sd3_cli" / "results.json").read_text())
+    assert 0 < r["attention/text_share"] < 1 and "attention/bos_share" not in r  # T5 segment: no start token
+    assert (outputs / "sd3_cli" / "plots" / "attention_overlay_0.png").is_file()
+
+
+def test_folder_without_masks_reports_maps_and_skips_iou_with_tags(family_paths, tmp_path, outputs):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+    (root / "captions.jsonl").write_text("".join(json.dumps({"file": f"{i}.png", "caption": PROMPTS[i]}) + "\n"
+                                                 for i in range(2)))
+    cfg = compose_cfg(["model=hub", f"model.path={family_paths['sd']}", "dataset=folder", f"dataset.root={root}",
+                       "features=[shapes_net]", "mode=[attention]", "sampler.num_inference_steps=2",
+                       "mode.attention.steps=[0,1]", "mode.attention.num_prompts=2"], outputs)
     out = run_pipeline(cfg, tmp_path / "run")
-    assert out.status == "FINISHED" and "no cross-attention" in out.skipped["attention"]
-    assert "schedule/log_snr_max" in out.results and not any(k.startswith("attention/") for k in out.results)
+    assert out.status == "FINISHED", out.error
+    assert "attention/bos_share" in out.results and "attention/entropy_late" in out.results
+    assert not any(k.startswith("attention/miou") for k in out.results)
+    tags = _tags(out, outputs)
+    assert "skipped.attention/miou" in tags and "objects.jsonl" in tags["skipped.attention/miou_reference"]
+
+
+def test_real_images_with_masks_localise_on_shapes_sd(tmp_path, outputs):
+    """DAAM's real-image protocol on an exported shapes folder (masks/ + objects.jsonl): shapes_sd's maps of the
+    reference images' own captions find the painted objects."""
+    from pipeline.data.shapes import ShapesDataset, export
+
+    export(ShapesDataset("test", 24), tmp_path / "folder")
+    cfg = compose_cfg(["model=shapes_sd", "dataset=folder", f"dataset.root={tmp_path / 'folder'}", "mode=[attention]",
+                       "mode.attention.num_prompts=4", "mode.attention.num_reference=24", "sampler.num_inference_steps=10",
+                       "mode.attention.steps=[1,8]"], outputs)
+    out = run_pipeline(cfg, tmp_path / "run")
+    assert out.status == "FINISHED", out.error
+    r = out.results
+    assert r["attention/num_reference_scored"] >= 30 and r["attention/miou_reference"] >= 0.4
+    assert "skipped.attention/miou" in _tags(out, outputs)  # generated images of a folder: no segmentation of them
+
+
+def test_each_captioned_object_is_scored_with_its_own_words():
+    """Both objects of a two-object caption are found (not only the first), also with a repeated colour."""
+    from pipeline.data.ground_truth import ObjectTruth, object_word_positions
+
+    words = "a yellow triangle on the left and a yellow circle on the right".split()
+    objects = [ObjectTruth(("yellow", "triangle"), "left"), ObjectTruth(("yellow", "circle"), "right")]
+    assert object_word_positions(words, objects) == [[1, 2], [8, 9]]
+    assert object_word_positions(words[:6], objects) == [[1, 2], None]  # truncated prompt: the second is not scored
+
+
+def test_attention_overlays_have_one_colour_bar_on_a_fixed_scale():
+    from pipeline.attention.plots import overlay_figure, resolution_figure
+
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    maps = torch.rand(2, 16, 16) * 1e-3  # raw attention: drawn min-max normalised on 0..1, as scored
+    fig = overlay_figure(image, ["red", "circle"], {2: maps}, maps, "a red circle", 0.4)
+    assert len(fig.axes) == 2 * 3 + 1 and "τ = 0.4" in fig.axes[-1].get_ylabel()  # the colour bar
+    assert fig.axes[1].images[-1].get_clim() == (0.0, 1.0)
+    res = resolution_figure(image, ["red", "circle"], {(8, 8): maps, (2, 2): maps}, "a red circle", 0.4)
+    assert len(res.axes) == 2 * 2 + 1
 
 
 def test_snapshot_steps_out_of_range_fail_before_any_work(tmp_path):
@@ -142,25 +313,3 @@ def test_snapshot_steps_out_of_range_fail_before_any_work(tmp_path):
                        "model=hub", "features=[shapes_net]", "dataset=shapes", "model.path=/nonexistent"], tmp_path / "out")
     with pytest.raises(UserError, match=r"mode.attention.steps=\[5, 15\]: .* 0..9"):
         run_pipeline(cfg, tmp_path / "run")
-
-
-def test_each_captioned_object_is_scored_with_its_own_words():
-    """Both objects of a two-object caption are found (not only the first), also with a repeated colour."""
-    from pipeline.stages.attention import object_word_positions
-
-    words = "a yellow triangle on the left and a yellow circle on the right".split()
-    objects = [("yellow", "triangle", "left"), ("yellow", "circle", "right")]
-    assert object_word_positions(words, objects) == [(1, 2), (8, 9)]
-    assert object_word_positions(words[:6], objects) == [(1, 2), None]  # truncated prompt: the second is not scored
-
-
-def test_attention_overlays_have_one_colour_bar_on_a_fixed_scale():
-    from pipeline.stages.attention import _overlay_figure, _resolution_figure
-
-    image = np.zeros((16, 16, 3), dtype=np.uint8)
-    maps = torch.rand(2, 16, 16) * 1e-3  # raw attention: drawn min-max normalised on 0..1, as scored
-    fig = _overlay_figure(image, ["red", "circle"], {2: maps}, maps, "a red circle", 0.4)
-    assert len(fig.axes) == 2 * 3 + 1 and "τ = 0.4" in fig.axes[-1].get_ylabel()  # the colour bar
-    assert fig.axes[1].images[-1].get_clim() == (0.0, 1.0)
-    res = _resolution_figure(image, ["red", "circle"], {(8, 8): maps, (2, 2): maps}, "a red circle", 0.4)
-    assert len(res.axes) == 2 * 2 + 1

@@ -255,14 +255,14 @@ def test_token_grounding_loss_rewards_maps_on_the_named_object(tmp_path):
                 probs[i, cells[:, None] & (torch.arange(20) == g.positions[i, k, 0])[None]] = 0.5
                 probs[i, cells[:, None] & (torch.arange(20) == g.positions[i, k, 1])[None]] = 0.5
         probs = (probs / probs.sum(-1, keepdim=True)).repeat_interleave(4, 0).requires_grad_()  # 4 heads
-        g._record("layer", probs, heads=4)
+        g._record_cross("layer", probs, heads=4)
         loss = g.loss(idx, keep)
         loss.backward()
         assert probs.grad.abs().sum() > 0  # the loss reaches the attention probabilities
         return loss.detach()
 
     assert loss_of(swap=False) < 0.5 * loss_of(swap=True)
-    g._record("layer", torch.rand(4 * len(samples), 64, 20).softmax(-1), heads=4)
+    g._record_cross("layer", torch.rand(4 * len(samples), 64, 20).softmax(-1), heads=4)
     assert g.loss(idx, torch.zeros_like(keep)) == 0  # dropped captions are not grounded
     assert not g.probs  # every forward's probabilities are released
 

@@ -33,6 +33,10 @@ class ReferenceSet:
     num_skipped: int = 0
     _hash: str | None = None
 
+    def item(self, i: int) -> Any:
+        """The dataset's own sample ``i`` (shapes: a Sample with objects and masks; folder: a FolderSample)."""
+        return self._images[i]
+
     def image(self, i: int) -> np.ndarray:
         item = self._images[i]
         return item.image if hasattr(item, "image") else item

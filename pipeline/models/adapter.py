@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -43,7 +44,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.models.family import Family, family_of
 
-__all__ = ["ModelAdapter", "Conditioning"]
+__all__ = ["ModelAdapter", "Conditioning", "AttentionLayout"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,26 @@ class Conditioning:
     prompts: list[str] | None = None
     class_ids: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where a family's text→image attention is, and which text tokens its per-word maps come from.
+
+    ``recorder``: ``cross`` (UNet / PixArt ``attn2``), ``sd3`` or ``flux`` (joint attention). ``layers``: the
+    ``attn_processors`` keys to record. ``grid``: the image-token grid (UNet: the latent grid, which its layers
+    halve; transformers: latent / patch). ``segment``: (start, stop) of the text tokens the maps are read from,
+    within the attention's text sequence; ``tokenizer`` and ``max_length`` tokenize a prompt into that segment's
+    positions. ``renormalise``: maps renormalised over the segment's non-padding tokens (joint attention)."""
+
+    recorder: str
+    layers: tuple[str, ...]
+    grid: tuple[int, int]
+    tokenizer: Any
+    max_length: int
+    segment: tuple[int, int]
+    renormalise: bool = False
+    segment_name: str = "CLIP"
 
 
 def _call_default(fn, name: str, fallback: Any) -> Any:
@@ -167,6 +188,37 @@ class ModelAdapter:
             return self.latent_channels, 2 * (height // (s * 2)), 2 * (width // (s * 2))
         return self.latent_channels, height // s, width // s
 
+    def attention_layout(self, height: int, width: int) -> AttentionLayout:
+        """The family's text→image attention at this size (diffusers 0.42 module names). Refused (UserError naming
+        the pipeline class) for models without text conditioning."""
+        pipe, name, procs = self.pipe, self.family.name, list(self.denoiser.attn_processors)
+        _, h, w = self.latent_shape(height, width)
+        if name in ("sd", "sdxl"):  # UNet attn2 at every resolution; CLIP tokens with a start token
+            tok = pipe.tokenizer
+            n = int(tok.model_max_length)
+            return AttentionLayout("cross", tuple(k for k in procs if k.endswith("attn2.processor")), (h, w), tok, n,
+                                   (0, n))
+        if name == "pixart":  # transformer attn2 on the patch grid; T5 tokens (no start token), padding masked
+            p = int(self.denoiser.config.patch_size)
+            n = int(_call_default(pipe.__call__, "max_sequence_length", 120))
+            return AttentionLayout("cross", tuple(k for k in procs if k.endswith("attn2.processor")), (h // p, w // p),
+                                   pipe.tokenizer, n, (0, n), segment_name="T5")
+        if name == "sd3":  # joint attention [image; text]; text = [CLIP-L|G (77); T5 (max_sequence_length)]
+            p = int(self.denoiser.config.patch_size)
+            layers = tuple(k for k in procs if re.fullmatch(r"transformer_blocks\.\d+\.attn\.processor", k))
+            clip = int(pipe.tokenizer_max_length)
+            t5 = int(_call_default(pipe.__call__, "max_sequence_length", 256))
+            if getattr(pipe, "text_encoder_3", None) is not None:
+                return AttentionLayout("sd3", layers, (h // p, w // p), pipe.tokenizer_3, t5, (clip, clip + t5), True, "T5")
+            return AttentionLayout("sd3", layers, (h // p, w // p), pipe.tokenizer, clip, (0, clip), True, "CLIP-L")
+        if name == "flux":  # joint attention [text; image] in double- and single-stream blocks; text = T5 only
+            layers = tuple(k for k in procs if re.fullmatch(r"(single_)?transformer_blocks\.\d+\.attn\.processor", k))
+            t5 = int(_call_default(pipe.__call__, "max_sequence_length", 512))
+            return AttentionLayout("flux", layers, (h // 2, w // 2), pipe.tokenizer_2, t5, (0, t5), True, "T5")
+        kind = "class-conditional" if self.class_conditional else "unconditional"
+        raise UserError(f"mode=[attention] needs a text-conditioned model: {type(pipe).__name__} ({name}) is {kind}, "
+                        "so there are no prompt tokens to map")
+
     # ------------------------------------------------------------------ noise
     def initial_noise(self, generators: Sequence[torch.Generator], height: int, width: int,
                       init_noise_sigma: float = 1.0) -> torch.Tensor:
@@ -179,6 +231,23 @@ class ModelAdapter:
         if self.family.name == "flux":
             return self.pipe._pack_latents(x, *shape)
         return x * init_noise_sigma
+
+    def add_noise(self, sched, latents: torch.Tensor, gens: Sequence[torch.Generator], t: torch.Tensor) -> torch.Tensor:
+        """Clean (unpacked) latents noised to solver timestep ``t`` in the solver's own convention — flow models
+        ``(1 − σ)·x₀ + σ·ε`` (``scale_noise``), the others ``add_noise`` (DDPM: √ᾱ·x₀ + √(1−ᾱ)·ε; Euler-type: x₀ + σ·ε)
+        — with per-sample noise; Flux's packed 2×2. ``t`` must be one of ``sched.timesteps``."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(latents.shape, generator=list(gens), device=self.device, dtype=self.dtype)
+        latents = latents.to(self.device, self.dtype)
+        t = torch.as_tensor(t, device=self.device).reshape(1)
+        if self.family.flow:
+            x = sched.scale_noise(latents, t, noise)
+        else:
+            x = sched.add_noise(latents, noise, t.expand(latents.shape[0]))
+        if self.family.name == "flux":
+            return self.pipe._pack_latents(x, *x.shape)
+        return x
 
     def unpack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed sequence latents -> (N, C, h, w) (Flux); identity for the others."""

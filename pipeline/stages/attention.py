@@ -1,45 +1,50 @@
-"""Attention mode: per-token cross-attention maps from the attention probabilities, aggregated over heads,
-layers and timesteps, scored against ground-truth object masks on the shapes domain.
+"""Attention mode: per-word text→image attention maps of every text-to-image family (SD 1.x/2.x, SDXL and
+PixArt cross-attention; SD3 and Flux joint attention — see :mod:`pipeline.attention.capture`), aggregated over
+heads, layers and solver steps, and scored against object masks where the dataset has them.
 
-Ground truth (shapes captions): the *prompt* says on which side an object should be; its pixels are segmented
-from the *generated* image (foreground = brighter than the black background, in that half). An object word's
-heat map, min-max normalised to [0, 1] and thresholded at ``threshold`` (DAAM's τ = 0.4), is compared with that
-mask by IoU. Objects whose half has no foreground (the model did not draw them) are not scored and counted.
-Control: in two-object captions, the IoU of each object's mask with the *other* object's shape word
-(``attention/miou_swapped``) — maps that localise score well above it.
+Generated images (``attention/miou*``): DAAM's protocol — a word's map, min-max normalised to [0, 1] and
+thresholded at ``threshold`` (τ = 0.4), is compared by IoU with the object's mask. The dataset's ground truth
+(:func:`pipeline.data.ground_truth.object_masks`) says which words name which object and segments it: on shapes,
+the prompt gives the side and the object's pixels are the bright ones in that half of the *generated* image;
+objects the model did not draw are not scored and counted. Control: in two-object captions, each mask against
+the *other* object's head word (``attention/miou_swapped``) — maps that localise score well above it.
 
-Scalars: attention/miou (shape words), attention/miou_colour (colour words), attention/miou_swapped (control),
-attention/miou_<h>x<w> (shape words, one cross-attention resolution), attention/miou_ceiling_<h>x<w> (what a
-perfect map at that resolution would score: the mask's share of each cell, upsampled and thresholded like the
-real maps — it separates the resolution limit from the model's attention quality), attention/entropy_early,
-attention/entropy_late (normalised spatial entropy of content-word maps at the first and last snapshot),
-attention/bos_share, attention/num_prompts, attention/num_scored, attention/num_unscored,
-attention/num_truncated. Table + plot ``attention_iou_by_threshold``: the mean IoU of shape and colour words at
-τ = 0.1 … 0.9 (the row at the configured τ equals attention/miou and attention/miou_colour).
+Reference images (``attention/miou_reference``): DAAM's real-image protocol — each reference image with masks is
+encoded, noised to ``t`` (a fraction of the training schedule: DDPM timestep ``t·T``, flow σ = t) with its own
+seed, denoised one step with its caption while capturing, and the head word's map scored against its mask.
+
+Scalars: attention/miou (head words: the shape), attention/miou_colour (the word before it: the colour),
+attention/miou_swapped, attention/miou_<h>x<w> and attention/miou_ceiling_<h>x<w> (one token grid; the IoU a
+perfect map at that grid would reach), attention/miou_reference, attention/entropy_early / entropy_late
+(normalised spatial entropy of content-word maps at the first and last snapshot *solver* step),
+attention/bos_share (the start token's mean share; CLIP segments only), attention/text_share (joint attention:
+the softmax mass on text keys), attention/num_prompts, num_scored, num_unscored, num_truncated,
+num_reference_scored. Table + plot ``attention_iou_by_threshold``. ``tables/attention_maps.npz``: per prompt the
+word maps at *latent* resolution (float16; upsample for display), the words and the image.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from pipeline.attention import CrossAttentionCapture, cross_attention_layers
-from pipeline.errors import ModeSkipped, UserError
-from pipeline.generation import generators, sample, to_uint8
-from pipeline.models.family import check_loaded, check_mode_support
+from pipeline.attention.capture import capture
+from pipeline.attention.plots import overlay_figure, resolution_figure, threshold_figure
+from pipeline.attention.scoring import CURVE_THRESHOLDS, binarise, ideal_map, iou, normalise, spatial_entropy, to_image
+from pipeline.attention.tokens import prompt_tokens, word_maps
+from pipeline.errors import UserError
+from pipeline.generation import denoiser_call_steps, generators, sample, to_uint8
+from pipeline.models.family import FAMILIES as PIPELINE_FAMILIES, check_mode_support
 from pipeline.registry import register_mode, stage
 
 log = logging.getLogger(__name__)
 
 STOP_WORDS = {"a", "an", "the", "on", "of", "and", "to", "in", "at", "with", "next", "is", "by", "its"}
-FOREGROUND = 64  # uint8 brightness above which a pixel of a shapes image is object, not background
-CURVE_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # τ grid of the IoU-vs-threshold table and plot
+ROW_SUM_TOLERANCE = 1e-3  # float32 probabilities: |Σ p − 1| is ~1e-6 whatever the model dtype
 
 
 @dataclass
@@ -47,110 +52,49 @@ class AttentionModeConfig:
     prompts: Optional[List[str]] = None  # overrides the dataset prompts
     prompts_file: Optional[str] = None
     num_prompts: int = 100  # from the dataset's captions when no prompts are given
-    steps: List[int] = field(default_factory=lambda: [2, 8, 15, 22])  # snapshot steps (0-based, < num_inference_steps)
+    steps: List[int] = field(default_factory=lambda: [2, 8, 15, 22])  # snapshot solver steps (0-based)
     threshold: float = 0.4
     height: Optional[int] = None  # default: the model's
     width: Optional[int] = None
     figures: int = 2  # prompts drawn in the overlay / breakdown figures
+    num_reference: int = 50  # reference images with masks scored by the real-image protocol (0: off)
+    t: float = 0.5  # real-image protocol: noise level as a fraction of the training schedule
 
 
-# families whose cross-attention the capture hooks (UNet attn2); transformer families: a later issue
-FAMILIES = {"sd", "sdxl"}
+# families whose text→image attention the capture records (the adapter's attention_layout)
+FAMILIES = {"sd", "sdxl", "pixart", "sd3", "flux"}
+
+
+def _refuse_untexted(cls: str, fam) -> None:
+    kind = "class-conditional" if fam.conditioning == "class" else "unconditional"
+    raise UserError(f"mode=[attention] needs a text-conditioned model: {cls} ({fam.name}) is {kind}, so there are no "
+                    f"prompt tokens to map; text-to-image families: "
+                    f"{', '.join(c for c, f in PIPELINE_FAMILIES.items() if f.name in FAMILIES)}")
 
 
 def validate(cfg) -> None:
     fam = check_mode_support(cfg.model.path, "attention", None)
-    if fam is not None and fam.conditioning == "text":
+    if fam is not None and fam.conditioning != "text":
+        from pipeline.models.family import read_model_index
+
+        _refuse_untexted(str(read_model_index(cfg.model.path).get("_class_name")), fam)
+    if fam is not None:
         check_mode_support(cfg.model.path, "attention", FAMILIES)
     a, n = cfg.mode.attention, int(cfg.sampler.num_inference_steps)
     bad = [s for s in a.steps if not 0 <= s < n]
     if bad or not a.steps:
-        raise UserError(f"mode.attention.steps={list(a.steps)}: snapshot steps must be in 0..{n - 1} "
+        raise UserError(f"mode.attention.steps={list(a.steps)}: snapshot solver steps must be in 0..{n - 1} "
                         f"(sampler.num_inference_steps={n}); e.g. {[round(f * (n - 1)) for f in (0.1, 0.3, 0.6, 0.9)]}")
     if not 0 < a.threshold < 1:
         raise UserError(f"mode.attention.threshold={a.threshold}: expected a fraction of the map's maximum in (0, 1)")
+    if not 0 < a.t < 1:
+        raise UserError(f"mode.attention.t={a.t}: expected the real-image noise level as a fraction in (0, 1)")
+    if a.num_reference < 0:
+        raise UserError(f"mode.attention.num_reference={a.num_reference}: expected >= 0 (0 turns the real-image "
+                        "protocol off)")
 
 
 register_mode("attention", stages=["attention"], schema=AttentionModeConfig, validate=validate)
-
-
-# ----------------------------------------------------------------------------------------------- tokens
-def word_tokens(tokenizer, prompt: str) -> tuple[list[str], list[list[int]], bool]:
-    """Words of ``prompt`` and their token positions (position 0 is the start token); words cut off by the
-    tokenizer's length limit are dropped. Returns (words, positions, truncated)."""
-    max_len = int(tokenizer.model_max_length)
-    n_ids = len(tokenizer(prompt, truncation=False).input_ids)
-    words, positions, pos = [], [], 1
-    for word in prompt.split():
-        k = len(tokenizer(word, add_special_tokens=False).input_ids)
-        span = list(range(pos, pos + k))
-        pos += k
-        if span and span[-1] < max_len - 1:  # the last slot is the end token
-            words.append(word)
-            positions.append(span)
-    if pos + 1 != n_ids:
-        log.warning("token positions of %r may be off: %d word tokens vs %d ids", prompt, pos - 1, n_ids - 2)
-    return words, positions, n_ids > max_len
-
-
-def word_maps(maps: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
-    """(T, H, W) token maps -> (n_words, H, W); a word split into several tokens is their mean."""
-    return torch.stack([maps[p].mean(0) for p in positions]) if positions else maps[:0]
-
-
-def spatial_entropy(m: torch.Tensor) -> float:
-    """Normalised spatial entropy in [0, 1] of a non-negative map (1 = uniform)."""
-    p = m.clamp_min(0).flatten().double()
-    p = p / p.sum().clamp_min(1e-12)
-    return float(-(p * p.clamp_min(1e-30).log()).sum() / math.log(p.numel()))
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
-def normalise(m: torch.Tensor) -> np.ndarray:
-    """Min-max normalise a heat map to [0, 1] (as DAAM does before thresholding)."""
-    lo, hi = m.min(), m.max()
-    return ((m - lo) / (hi - lo).clamp_min(1e-12)).numpy()
-
-
-def binarise(m: torch.Tensor, threshold: float) -> np.ndarray:
-    """Min-max normalise a heat map to [0, 1] and threshold it (DAAM's τ)."""
-    return normalise(m) >= threshold
-
-
-def object_word_positions(words: list[str], objects: list[tuple[str, str, str]]) -> list[tuple[int, int] | None]:
-    """Word indices (colour, shape) of each captioned object, in caption order: the first adjacent
-    "<colour> <shape>" pair after the previous object's. None for an object whose words were truncated away."""
-    out, start = [], 0
-    lower = [w.lower().strip(".,") for w in words]
-    for colour, shape, _ in objects:
-        found = next((p for p in range(start, len(lower) - 1) if lower[p] == colour and lower[p + 1] == shape), None)
-        out.append(None if found is None else (found, found + 1))
-        if found is not None:
-            start = found + 2
-    return out
-
-
-def ideal_map(mask: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """The best map a layer with a ``grid`` of cells can hold for ``mask``: the mask's share of each cell,
-    upsampled like the real maps. Its IoU is the resolution ceiling of that layer's maps."""
-    m = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return _to_image(F.adaptive_avg_pool2d(m, grid)[0], size)[0]
-
-
-def object_mask(image: np.ndarray, side: str) -> np.ndarray:
-    """Foreground pixels of a generated shapes image (H, W, 3) in the named half."""
-    fg = image.max(axis=2) > FOREGROUND
-    half = np.zeros_like(fg)
-    w = fg.shape[1]
-    if side == "left":
-        half[:, : w // 2] = True
-    else:
-        half[:, w // 2 :] = True
-    return fg & half
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -170,87 +114,89 @@ def _prompts(cfg) -> list[str]:
     return ref.captions
 
 
-# ----------------------------------------------------------------------------------------------- figures
-def _colour_bar(fig, image_artist, threshold: float | None) -> None:
-    """One colour bar for every overlay of ``fig`` (all drawn on the same 0..1 scale), τ marked."""
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
-    cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
-    bar = fig.colorbar(image_artist, cax=cax)
-    bar.set_label("attention, min-max normalised per map" + (f" (line: τ = {threshold:g})" if threshold is not None
-                                                                 else ""), fontsize=7)
-    bar.ax.tick_params(labelsize=7)
-    if threshold is not None:
-        bar.ax.axhline(threshold, color="black", lw=1.2)
+class _Scores:
+    """IoU accumulators of the generated images."""
+
+    def __init__(self):
+        self.head, self.modifier, self.swapped = [], [], []
+        self.by_grid: dict[tuple[int, int], list[float]] = {}
+        self.ceiling: dict[tuple[int, int], list[float]] = {}
+        self.curves: dict[str, list[list[float]]] = {"shape": [], "colour": []}  # per object: IoU at each τ
+        self.unscored = 0
 
 
-def _overlay(ax, image: np.ndarray, m: torch.Tensor):
-    """The image with a word's map on top, min-max normalised (as scored) on a fixed 0..1 colour scale."""
-    ax.imshow(image)
-    return ax.imshow(normalise(m), cmap="jet", alpha=0.55, vmin=0.0, vmax=1.0)
+def _score_generated(scores: _Scores, truth, image: np.ndarray, prompt: str, words: list[str], final: torch.Tensor,
+                     res_maps: dict, threshold: float) -> None:
+    """Score one generated image's word maps (image resolution) against its objects' masks."""
+    from pipeline.data.ground_truth import object_word_positions
+
+    objects = truth.objects(prompt) or []
+    slots = object_word_positions(words, objects)
+    size = image.shape[:2]
+    for k, obj in enumerate(objects):
+        mask = truth.generated_mask(image, obj)
+        if mask.sum() < 4 or slots[k] is None:  # not drawn, or its words truncated away
+            scores.unscored += 1
+            continue
+        head = slots[k][-1]
+        norm = normalise(final[head])  # once per word: the headline τ and the τ curve
+        scores.head.append(iou(norm >= threshold, mask))
+        scores.curves["shape"].append([iou(norm >= t, mask) for t in CURVE_THRESHOLDS])
+        if len(slots[k]) >= 2:
+            norm_mod = normalise(final[slots[k][-2]])
+            scores.modifier.append(iou(norm_mod >= threshold, mask))
+            scores.curves["colour"].append([iou(norm_mod >= t, mask) for t in CURVE_THRESHOLDS])
+        for g, rm in res_maps.items():
+            scores.by_grid.setdefault(g, []).append(iou(binarise(rm[head], threshold), mask))
+            scores.ceiling.setdefault(g, []).append(iou(binarise(ideal_map(mask, g, size), threshold), mask))
+        if len(objects) == 2 and slots[1 - k] is not None:  # control: the other object's head word
+            scores.swapped.append(iou(binarise(final[slots[1 - k][-1]], threshold), mask))
 
 
-def _overlay_figure(image: np.ndarray, words: list[str], snaps: dict[int, torch.Tensor], final: torch.Tensor, prompt: str,
-                    threshold: float | None = None):
-    import matplotlib.pyplot as plt
+def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -> dict[str, float]:
+    """DAAM's real-image protocol on the dataset's reference images with masks (see the module docstring)."""
+    from PIL import Image
 
-    cols = [*(f"step {s}" for s in sorted(snaps)), "all steps"]
-    fig, axes = plt.subplots(len(words), len(cols) + 1, figsize=(1.6 * (len(cols) + 1) + 0.8, 1.6 * len(words) + 0.4),
-                             squeeze=False)
-    im = None
-    for r, word in enumerate(words):
-        axes[r, 0].imshow(image)
-        axes[r, 0].set_ylabel(word, fontsize=8)
-        for c, m in enumerate([*(snaps[s][r] for s in sorted(snaps)), final[r]]):
-            im = _overlay(axes[r, c + 1], image, m)
-            if r == 0:
-                axes[r, c + 1].set_title(cols[c], fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(prompt, fontsize=9)
-    _colour_bar(fig, im, threshold)
-    return fig
+    from pipeline.data.ground_truth import object_word_positions
 
-
-def _resolution_figure(image: np.ndarray, words: list[str], by_res: dict[tuple[int, int], torch.Tensor], prompt: str,
-                       threshold: float | None = None):
-    import matplotlib.pyplot as plt
-
-    grids = sorted(by_res, reverse=True)
-    fig, axes = plt.subplots(len(grids), len(words), figsize=(1.6 * len(words) + 0.8, 1.6 * len(grids) + 0.4),
-                             squeeze=False)
-    im = None
-    for r, g in enumerate(grids):
-        for c, word in enumerate(words):
-            im = _overlay(axes[r, c], image, by_res[g][c])
-            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
-            if r == 0:
-                axes[r, c].set_title(word, fontsize=8)
-            if c == 0:
-                axes[r, c].set_ylabel(f"{g[0]}x{g[1]}", fontsize=8)
-    fig.suptitle(f"per-resolution cross-attention: {prompt}", fontsize=9)
-    _colour_bar(fig, im, threshold)
-    return fig
-
-
-def _threshold_figure(means: dict[str, np.ndarray], threshold: float, n_objects: int):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for kind, marker in (("shape", "o"), ("colour", "s")):
-        ax.plot(CURVE_THRESHOLDS, means[kind], marker=marker, label=f"{kind} words")
-    ax.axvline(threshold, color="grey", linestyle="--", linewidth=1, label=f"configured τ = {threshold:g}")
-    ax.set_xlabel("threshold τ on the min-max normalised map")
-    ax.set_ylabel("mean IoU with the object mask")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"IoU vs threshold ({n_objects} objects)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _to_image(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(k, h, w) latent-resolution maps -> (k, H, W) image-resolution maps (bilinear, clamped at 0)."""
-    return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0].clamp_min(0)
+    a = cfg.mode.attention
+    rows = truth.reference(int(a.num_reference))
+    if not rows:
+        ctx.tag("skipped.attention/miou_reference", f"dataset {cfg.dataset.name!r}: no readable reference image with masks")
+        return {}
+    sched = type(ctx.get("sampler")).from_config(ctx.get("sampler").config)
+    model.set_timesteps(sched, int(cfg.sampler.num_inference_steps), height, width)
+    target = float(a.t) * float(sched.config.num_train_timesteps)
+    t = sched.timesteps[int((sched.timesteps.float() - target).abs().argmin())]
+    guidance = float(cfg.sampler.guidance_scale)
+    ious, bs = [], int(cfg.sampler.batch_size)
+    for lo in range(0, len(rows), bs):
+        batch = rows[lo : lo + bs]
+        pixels = np.stack([np.asarray(Image.fromarray(r.image).resize((width, height), Image.BICUBIC)) for r in batch])
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        captions = [r.caption for r in batch]
+        toks = [prompt_tokens(layout.tokenizer, c, layout.max_length) for c in captions]
+        cond = model.condition(len(batch), guidance, height, width, prompts=captions)
+        z = model.encode(x)
+        xt = model.add_noise(sched, z, generators(cfg.seed, range(lo, lo + len(batch))), t)
+        with torch.no_grad(), capture(model, height, width, cfg=cond.cfg,
+                                      valid_tokens=[k.num_tokens for k in toks]) as cap:
+            model.denoise(xt, t, cond, sched)
+        agg = cap.aggregate()
+        for i, row in enumerate(batch):
+            slots = object_word_positions(toks[i].words, row.objects)
+            for obj, slot in zip(row.objects, slots):
+                if slot is None or obj.mask.sum() < 4:
+                    continue
+                m = to_image(word_maps(agg[i], [toks[i].positions[slot[-1]]]), obj.mask.shape)[0]
+                ious.append(iou(binarise(m, a.threshold), obj.mask))
+    out = {"attention/num_reference_scored": len(ious)}
+    if ious:
+        out["attention/miou_reference"] = float(np.mean(ious))
+    else:
+        ctx.tag("skipped.attention/miou_reference", "no reference object's words were found in its caption")
+    log.info("attention on %d reference images (t = %s): %d objects scored", len(rows), int(t), len(ious))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- stage
@@ -259,125 +205,115 @@ def attention_stage(ctx, cfg):
     a = cfg.mode.attention
     model = ctx.get("model")
     if not model.text:
-        raise ModeSkipped(f"{type(model.pipe).__name__} has no cross-attention (not text-conditioned: "
-                          f"{model.family.conditioning}): attention mode does not apply")
-    check_loaded(model.pipe, "attention", FAMILIES)
-    if not cross_attention_layers(model.denoiser):
-        raise ModeSkipped(f"{type(model.pipe).__name__} has no cross-attention layer: attention mode does not apply")
-    prompts = _prompts(cfg)
-    tok = model.tokenizer
+        _refuse_untexted(type(model.pipe).__name__, model.family)
     height, width = model.resolve_size(a.height or cfg.sampler.height, a.width or cfg.sampler.width)
-    latent_hw = tuple(model.latent_shape(height, width)[1:])
+    layout = model.attention_layout(height, width)
+    prompts = _prompts(cfg)
     steps, guidance = int(cfg.sampler.num_inference_steps), float(cfg.sampler.guidance_scale)
     cfg_batch = model.uses_cfg(guidance)
     sampler = ctx.get("sampler")
+    call_steps = denoiser_call_steps(model, sampler, steps, height, width)
 
-    from pipeline.data.ground_truth import ground_truth
-    from pipeline.data.shapes import parse_caption
+    from pipeline.data.ground_truth import object_masks
 
-    has_truth = ground_truth(cfg.dataset, ctx.device) is not None  # object masks: dataset=shapes only
-    if not has_truth:
-        reason = f"dataset {cfg.dataset.name!r} has no ground truth (object masks) to score maps with; maps only"
-        log.info("attention IoU skipped: %s", reason)
+    truth = object_masks(cfg.dataset)
+    if truth is None or truth.name != "shapes":
+        reason = (f"dataset {cfg.dataset.name!r} cannot segment generated images (no caption grammar); "
+                  "maps, entropy and shares only")
+        log.info("attention IoU on generated images skipped: %s", reason)
         ctx.tag("skipped.attention/miou", reason)
 
-    ious, ious_colour, ious_swapped, ent_early, ent_late, bos = [], [], [], [], [], []
-    ious_res: dict[tuple[int, int], list[float]] = {}
-    curves: dict[str, list[list[float]]] = {"shape": [], "colour": []}  # per object: IoU at each CURVE_THRESHOLDS
-    ceiling: dict[tuple[int, int], list[float]] = {}  # the IoU a perfect map at each layer's grid would reach
-    n_trunc = n_unscored = 0
+    scores = _Scores()
+    ent_early, ent_late, bos, share = [], [], [], []
+    n_trunc = 0
     saved: dict[str, np.ndarray] = {}
     figures = 0
     batch_size = int(cfg.sampler.batch_size)
     for lo in range(0, len(prompts), batch_size):
         batch = prompts[lo : lo + batch_size]
-        tokens = [word_tokens(tok, p) for p in batch]
-        n_trunc += sum(t[2] for t in tokens)
-        for p, t in zip(batch, tokens):
-            if t[2]:
-                log.warning("prompt longer than the tokenizer's %d tokens, truncated: %r", tok.model_max_length, p)
+        toks = [prompt_tokens(layout.tokenizer, p, layout.max_length) for p in batch]
+        for p, t in zip(batch, toks):
+            if t.truncated:
+                n_trunc += 1
+                log.warning("prompt longer than the %s segment's %d tokens, truncated: %r", layout.segment_name,
+                            layout.max_length, p)
         gens = generators(cfg.seed, range(lo, lo + len(batch)))
         cond = model.condition(len(batch), guidance, height, width, prompts=batch)
-        with CrossAttentionCapture(model.denoiser, latent_hw, set(a.steps), cfg_batch=cfg_batch) as cap:
+        with capture(model, height, width, a.steps, call_steps, cfg=cfg_batch,
+                     valid_tokens=[t.num_tokens for t in toks] if layout.renormalise else None) as cap:
             out = sample(model, sampler, cond, gens, steps, height, width, eta=float(cfg.sampler.eta))
-        if cap.max_row_sum_error > 1e-3:
-            raise RuntimeError(f"attention probabilities do not sum to 1 over tokens (error {cap.max_row_sum_error:.2e})")
-        images = to_uint8(out.float().nan_to_num().clamp(0, 1)).permute(0, 2, 3, 1).numpy()
-        agg = cap.aggregate()  # (n, T, h, w)
-        by_res_all = cap.by_resolution()
+        if cap.max_row_sum_error > ROW_SUM_TOLERANCE:
+            raise RuntimeError(f"attention probabilities do not sum to 1 over keys (error {cap.max_row_sum_error:.2e})")
+        images = to_uint8(out.float().nan_to_num().clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
+        agg, by_res, snapshots, text_share = cap.aggregate(), cap.by_resolution(), cap.snapshots, cap.text_share()
         for i, prompt in enumerate(batch):
-            words, positions, _ = tokens[i]
-            bos.append(float(agg[i, 0].mean()))
-            final = _to_image(word_maps(agg[i], positions), (height, width))
+            words, positions = toks[i].words, toks[i].positions
+            if toks[i].start_token:
+                bos.append(float(agg[i, 0].mean()))
+            if text_share is not None:
+                share.append(float(text_share[i]))
+            latent = word_maps(agg[i], positions)  # (n_words, h, w) at latent resolution
             content = [k for k, w in enumerate(words) if w.lower().strip(".,") not in STOP_WORDS]
-            snaps = {s: word_maps(cap.snapshots[s][i], positions) for s in sorted(cap.snapshots)}
+            snaps = {s: word_maps(m[i], positions) for s, m in snapshots.items()}
             if snaps and content:
                 first, last = snaps[min(snaps)], snaps[max(snaps)]
                 ent_early.append(np.mean([spatial_entropy(first[k]) for k in content]))
                 ent_late.append(np.mean([spatial_entropy(last[k]) for k in content]))
-            saved[f"maps_{lo + i:04d}"] = final.numpy().astype(np.float16)
+            saved[f"maps_{lo + i:04d}"] = latent.numpy().astype(np.float16)
             saved[f"words_{lo + i:04d}"] = np.array(words)
             saved[f"image_{lo + i:04d}"] = images[i]
-            try:
-                objects = parse_caption(prompt) if has_truth else []
-            except ValueError:
-                objects = []  # not a shapes caption: maps only, no ground truth
-            res_maps = {g: _to_image(word_maps(m[i], positions), (height, width)) for g, m in by_res_all.items()}
-            slots = object_word_positions(words, objects)  # (colour index, shape index) per object, or None
-            for k, (colour, shape, side) in enumerate(objects):
-                mask = object_mask(images[i], side)
-                if mask.sum() < 4:
-                    n_unscored += 1
-                    continue
-                if slots[k] is None:
-                    n_unscored += 1  # truncated away: the words are not in the tokens
-                    continue
-                c_idx, s_idx = slots[k]
-                for kind, idx, scores in (("shape", s_idx, ious), ("colour", c_idx, ious_colour)):
-                    norm = normalise(final[idx])  # once per word: the headline τ and the τ curve
-                    scores.append(iou(norm >= a.threshold, mask))
-                    curves[kind].append([iou(norm >= t, mask) for t in CURVE_THRESHOLDS])
-                for g, rm in res_maps.items():
-                    ious_res.setdefault(g, []).append(iou(binarise(rm[s_idx], a.threshold), mask))
-                    ceiling.setdefault(g, []).append(iou(binarise(ideal_map(mask, g, (height, width)), a.threshold), mask))
-                if len(objects) == 2 and slots[1 - k] is not None:  # control: the other object's shape word
-                    ious_swapped.append(iou(binarise(final[slots[1 - k][1]], a.threshold), mask))
+            scored = truth is not None and truth.name == "shapes"
+            final = to_image(latent, (height, width)) if scored or figures < a.figures else None
+            res_maps = {g: to_image(word_maps(m[i], positions), (height, width)) for g, m in by_res.items()} \
+                if scored or figures < a.figures else {}
+            if scored:
+                _score_generated(scores, truth, images[i], prompt, words, final, res_maps, a.threshold)
             if figures < a.figures and content:
-                snaps_img = {s: _to_image(v[content], (height, width)) for s, v in snaps.items()}
-                ctx.save_figure(_overlay_figure(images[i], [words[k] for k in content], snaps_img, final[content], prompt,
-                                                a.threshold), f"attention_overlay_{figures}")
-                by_res = {g: m[content] for g, m in res_maps.items()}  # already at image size
-                ctx.save_figure(_resolution_figure(images[i], [words[k] for k in content], by_res, prompt, a.threshold),
+                snaps_img = {s: to_image(v[content], (height, width)) for s, v in snaps.items()}
+                ctx.save_figure(overlay_figure(images[i], [words[k] for k in content], snaps_img, final[content], prompt,
+                                               a.threshold), f"attention_overlay_{figures}")
+                ctx.save_figure(resolution_figure(images[i], [words[k] for k in content],
+                                                  {g: m[content] for g, m in res_maps.items()}, prompt, a.threshold),
                                 f"attention_resolutions_{figures}")
                 figures += 1
 
-    if curves["shape"]:
-        # how much of the score is the choice of τ: mean IoU of shape and colour words at each threshold
-        means = {kind: np.mean(v, axis=0) for kind, v in curves.items()}
-        ctx.save_table([{"threshold": t, "miou_shape": float(means["shape"][j]), "miou_colour": float(means["colour"][j])}
+    if scores.curves["shape"]:
+        # how much of the score is the choice of τ: mean IoU of head and modifier words at each threshold
+        means = {kind: np.mean(v, axis=0) for kind, v in scores.curves.items() if v}
+        ctx.save_table([{"threshold": t, **{f"miou_{kind}": float(m[j]) for kind, m in means.items()}}
                         for j, t in enumerate(CURVE_THRESHOLDS)], "attention_iou_by_threshold")
-        ctx.save_figure(_threshold_figure(means, a.threshold, len(curves["shape"])), "attention_iou_by_threshold")
+        ctx.save_figure(threshold_figure(means, a.threshold, len(scores.curves["shape"])), "attention_iou_by_threshold")
 
     path = ctx.run_dir / "tables" / "attention_maps.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, prompts=np.array(prompts), **saved)
+    np.savez_compressed(path, prompts=np.array(prompts), latent_hw=np.array(model.latent_shape(height, width)[1:]),
+                        image_hw=np.array([height, width]), **saved)
     if ctx.tracker is not None:
         ctx.tracker.log_artifact(path, "tables")
+
     scalars = {"attention/num_prompts": len(prompts), "attention/num_truncated": n_trunc,
-               "attention/bos_share": float(np.mean(bos)), "attention/num_scored": len(ious),
-               "attention/num_unscored": n_unscored}
+               "attention/num_scored": len(scores.head), "attention/num_unscored": scores.unscored}
+    if bos:
+        scalars["attention/bos_share"] = float(np.mean(bos))
+    else:
+        ctx.tag("skipped.attention/bos_share", f"the {layout.segment_name} segment has no start token")
+    if share:
+        scalars["attention/text_share"] = float(np.mean(share))
     if ent_early:
         scalars["attention/entropy_early"] = float(np.mean(ent_early))
         scalars["attention/entropy_late"] = float(np.mean(ent_late))
-    if ious:
-        scalars["attention/miou"] = float(np.mean(ious))
-    if ious_colour:
-        scalars["attention/miou_colour"] = float(np.mean(ious_colour))
-    if ious_swapped:
-        scalars["attention/miou_swapped"] = float(np.mean(ious_swapped))
-    for g, vals in sorted(ious_res.items(), reverse=True):
+    for key, vals in (("miou", scores.head), ("miou_colour", scores.modifier), ("miou_swapped", scores.swapped)):
+        if vals:
+            scalars[f"attention/{key}"] = float(np.mean(vals))
+    for g, vals in sorted(scores.by_grid.items(), reverse=True):
         scalars[f"attention/miou_{g[0]}x{g[1]}"] = float(np.mean(vals))
-        scalars[f"attention/miou_ceiling_{g[0]}x{g[1]}"] = float(np.mean(ceiling[g]))
+        scalars[f"attention/miou_ceiling_{g[0]}x{g[1]}"] = float(np.mean(scores.ceiling[g]))
+    if a.num_reference > 0:
+        if truth is None:
+            ctx.tag("skipped.attention/miou_reference", f"dataset {cfg.dataset.name!r} has no object masks "
+                    "(objects.jsonl + masks/, the layout pipeline.data.shapes.export writes)")
+        else:
+            scalars.update(_reference_scores(ctx, cfg, model, layout, height, width, truth))
     ctx.log_scalars(scalars)
     log.info("attention: %s", {k: round(v, 4) for k, v in scalars.items()})
     return {}

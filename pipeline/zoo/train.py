@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.attention import RecordingProcessor, cross_attention_layers, layer_grid
+from pipeline.attention import CrossAttentionRecorder, cross_attention_layers, layer_grid
 from pipeline.data.shapes import ShapesDataset, parse_caption, vocabulary
 
 log = logging.getLogger(__name__)
@@ -303,10 +303,10 @@ class TokenGrounding:
 
     def install(self, unet) -> None:
         names = set(cross_attention_layers(unet))
-        unet.set_attn_processor({k: RecordingProcessor(self, k) if k in names else p
+        unet.set_attn_processor({k: CrossAttentionRecorder(self, k) if k in names else p
                                  for k, p in unet.attn_processors.items()})
 
-    def _record(self, name: str, probs: torch.Tensor, heads: int) -> None:
+    def _record_cross(self, name: str, probs: torch.Tensor, heads: int) -> None:
         bh, hw, t = probs.shape
         self.probs[name] = probs.reshape(bh // heads, heads, hw, t).mean(1)  # keeps the graph
 
