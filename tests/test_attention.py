@@ -112,6 +112,20 @@ def test_sd3_joint_maps_equal_a_hand_computation_from_q_and_k(family_paths):
     torch.testing.assert_close(cap.text_share().double(), p[0, :, n_img:].sum(-1).mean()[None], atol=1e-5, rtol=1e-5)
 
 
+def test_joint_maps_read_the_same_block_in_either_token_order():
+    """Flux's [text; image] order gives the maps SD3's [image; text] order gives for the same tokens."""
+    from pipeline.attention import joint_segment_maps
+
+    g = torch.Generator().manual_seed(0)
+    q_img, k_img, q_txt, k_txt = (torch.randn(2, 3, n, 8, generator=g) for n in (12, 12, 7, 7))
+    valid = torch.tensor([[True] * 4 + [False], [True] * 5])
+    sd3 = joint_segment_maps(torch.cat([q_img, q_txt], 2), torch.cat([k_img, k_txt], 2), 12, False, (2, 7), valid)
+    flux = joint_segment_maps(torch.cat([q_txt, q_img], 2), torch.cat([k_txt, k_img], 2), 12, True, (2, 7), valid)
+    torch.testing.assert_close(sd3[0], flux[0]) and torch.testing.assert_close(sd3[1], flux[1])
+    torch.testing.assert_close(sd3[0].sum(-1), torch.ones(2, 12))
+    assert sd3[0][0, :, 4].abs().max() == 0 and sd3[2] < 1e-6  # padding gets nothing; rows of the softmax sum to 1
+
+
 def test_bf16_capture_on_cpu_passes_the_row_sum_guard_and_returns_cpu_float32(family_paths, tmp_path, outputs):
     out = run_pipeline(compose_cfg(["model=hub", f"model.path={family_paths['sd']}", "model.dtype=bfloat16",
                                     "features=[shapes_net]", "dataset=shapes", "mode=[attention]",

@@ -283,7 +283,7 @@ class AttentionCapture:
 
     def _record_cross(self, name: str, probs: torch.Tensor, heads: int) -> None:
         bh, hw, t = probs.shape
-        p = self._cond(probs.reshape(bh // heads, heads, hw, t))
+        p = self._cond(probs.detach().reshape(bh // heads, heads, hw, t))
         self.max_row_sum_error = max(self.max_row_sum_error, float((p.sum(-1) - 1).abs().max()))
         self._add(layer_grid(hw, self.layout.grid), p.mean(1))  # UNet layers: the grid halved k times
 

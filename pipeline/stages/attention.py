@@ -26,11 +26,14 @@ word maps at *latent* resolution (float16; upsample for display), the words and 
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.attention.capture import capture
 from pipeline.attention.plots import overlay_figure, resolution_figure, threshold_figure
@@ -112,6 +115,25 @@ def _prompts(cfg) -> list[str]:
     if not ref.captions or any(c is None for c in ref.captions):
         raise UserError(f"dataset {cfg.dataset.name!r} has no captions: set mode.attention.prompts=[...] or prompts_file")
     return ref.captions
+
+
+class _NpzWriter:
+    """``np.savez_compressed`` written one array at a time, so a run holds no prompt's maps or image after its batch
+    (``np.load`` reads the file as usual). Written to ``<name>.partial`` and renamed when complete."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_suffix(path.suffix + ".partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.zf = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_DEFLATED)
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        with self.zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+    def close(self) -> Path:
+        self.zf.close()
+        self.tmp.replace(self.path)
+        return self.path
 
 
 class _Scores:
@@ -226,9 +248,13 @@ def attention_stage(ctx, cfg):
     scores = _Scores()
     ent_early, ent_late, bos, share = [], [], [], []
     n_trunc = 0
-    saved: dict[str, np.ndarray] = {}
+    npz = _NpzWriter(ctx.run_dir / "tables" / "attention_maps.npz")
+    npz.add("prompts", np.array(prompts))
+    npz.add("latent_hw", np.array(model.latent_shape(height, width)[1:]))
+    npz.add("image_hw", np.array([height, width]))
     figures = 0
     batch_size = int(cfg.sampler.batch_size)
+    bar = tqdm(total=len(prompts), desc="attention", unit="prompt", dynamic_ncols=True)
     for lo in range(0, len(prompts), batch_size):
         batch = prompts[lo : lo + batch_size]
         toks = [prompt_tokens(layout.tokenizer, p, layout.max_length) for p in batch]
@@ -259,9 +285,9 @@ def attention_stage(ctx, cfg):
                 first, last = snaps[min(snaps)], snaps[max(snaps)]
                 ent_early.append(np.mean([spatial_entropy(first[k]) for k in content]))
                 ent_late.append(np.mean([spatial_entropy(last[k]) for k in content]))
-            saved[f"maps_{lo + i:04d}"] = latent.numpy().astype(np.float16)
-            saved[f"words_{lo + i:04d}"] = np.array(words)
-            saved[f"image_{lo + i:04d}"] = images[i]
+            npz.add(f"maps_{lo + i:04d}", latent.numpy().astype(np.float16))
+            npz.add(f"words_{lo + i:04d}", np.array(words))
+            npz.add(f"image_{lo + i:04d}", images[i])
             scored = truth is not None and truth.name == "shapes"
             final = to_image(latent, (height, width)) if scored or figures < a.figures else None
             res_maps = {g: to_image(word_maps(m[i], positions), (height, width)) for g, m in by_res.items()} \
@@ -276,6 +302,8 @@ def attention_stage(ctx, cfg):
                                                   {g: m[content] for g, m in res_maps.items()}, prompt, a.threshold),
                                 f"attention_resolutions_{figures}")
                 figures += 1
+        bar.update(len(batch))
+    bar.close()
 
     if scores.curves["shape"]:
         # how much of the score is the choice of τ: mean IoU of head and modifier words at each threshold
@@ -284,10 +312,7 @@ def attention_stage(ctx, cfg):
                         for j, t in enumerate(CURVE_THRESHOLDS)], "attention_iou_by_threshold")
         ctx.save_figure(threshold_figure(means, a.threshold, len(scores.curves["shape"])), "attention_iou_by_threshold")
 
-    path = ctx.run_dir / "tables" / "attention_maps.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, prompts=np.array(prompts), latent_hw=np.array(model.latent_shape(height, width)[1:]),
-                        image_hw=np.array([height, width]), **saved)
+    path = npz.close()
     if ctx.tracker is not None:
         ctx.tracker.log_artifact(path, "tables")
 
