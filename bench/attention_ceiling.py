@@ -11,13 +11,17 @@ Usage: python bench/attention_ceiling.py [--n 300]
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.attention.scoring import binarise, iou, to_image
 from pipeline.data.shapes import ShapesDataset
-from pipeline.stages.attention import _to_image, binarise, iou
 
 LAYOUTS = {  # layer grid -> number of cross-attention layers at that grid
     "8x8 + mid (shipped)": {(8, 8): 3, (2, 2): 1},
@@ -30,7 +34,7 @@ def perfect_map(mask: np.ndarray, layout: dict, latent=(8, 8)) -> torch.Tensor:
     m = torch.from_numpy(mask.astype(np.float32))[None, None]
     acc = sum(n * F.interpolate(F.adaptive_avg_pool2d(m, g), size=latent, mode="bilinear", align_corners=False)
               for g, n in layout.items()) / sum(layout.values())
-    return _to_image(acc[0], mask.shape)[0]
+    return to_image(acc[0], mask.shape)[0]
 
 
 def main() -> None:

@@ -1,8 +1,29 @@
-"""Figures for the attention mode: (1) generation with capture vs plain generation, same prompts, seeds,
-steps and batch (baseline: the pipeline with its stock SDPA processors); (2) peak memory of a capture run at 50
-steps vs 10 steps (each in its own process; RSS, and the bytes the capture itself holds).
+"""Figures for the attention mode, per model: (1) generation with the attention capture vs plain generation;
+(2) memory flat in the number of steps.
 
-Model: the built-in shapes_sd (or --model DIR). Usage: python bench/attention_overhead.py [--prompts 16]
+(1) Baseline: plain generation through the project's one generation path — ``pipeline.generation.sample`` with
+the model's stock attention processors (SDPA) — on the same adapter, prompts, seeds, steps, guidance (5) and batch.
+Measured: the same call inside ``pipeline.attention.capture`` exactly as the attention stage drives it (snapshot at
+solver step ``steps // 2``, ``denoiser_call_steps``, the CFG flag, valid token counts where the layout
+renormalises), plus reading the results back (``aggregate()`` and ``snapshots()``: maps to CPU at latent
+resolution). Both sides include prompt encoding (``adapter.condition``); tokenizing the prompts into word positions
+and the solver's call-step table are done once, outside the timings. One warm-up of each side (2 steps), then
+``--repeats`` plain/capture pairs, interleaved; the minimum of each side is reported. Goal: capture / plain <= 1.3.
+
+(2) The bytes the capture holds (running sums + snapshot sums, all token grids) after 10 vs 50 steps, per model;
+and, for shapes_sd, the peak RSS of a child process running one capture generation at 10 vs 50 steps (each in its
+own process, so neither sees the other's allocations).
+
+Models (``--models``, comma-separated): ``shapes_sd`` (the built-in trained model, ``pipeline.zoo.locate``), the
+tiny random-weight pipelines of ``tests/tiny.py`` (``sd``, ``sd2``, ``sdxl``, ``pixart``, ``sd3``, ``sd3_no_t5``,
+``flux``; built into a temporary folder; flux generated at 32×32, the others at their native size), or a pipeline
+folder. The tiny pipelines are dominated by per-call Python work, not by attention arithmetic: their ratio is an
+upper bound on the capture's fixed cost per layer call, not a prediction at real sizes (for that, see
+``bench/gpu_throughput.py --attention``).
+
+    python bench/attention_overhead.py                                   # shapes_sd, sdxl, sd3; 8 prompts x 25 steps
+    python bench/attention_overhead.py --models shapes_sd,pixart,flux --repeats 5
+    python bench/attention_overhead.py --prompts 2 --steps 3 --repeats 1 # dry run
 """
 
 from __future__ import annotations
@@ -12,78 +33,145 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-PROMPTS = ["a red circle on the left", "a blue square on the right", "a green triangle on the left and a yellow circle on the right",
-           "a yellow square on the left"]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+PROMPTS = ["a red circle on the left", "a blue square on the right",
+           "a green triangle on the left and a yellow circle on the right", "a yellow square on the left"]
+GUIDANCE = 5.0
+TINY = ("sd", "sd2", "sdxl", "pixart", "sd3", "sd3_no_t5", "flux")  # tests/tiny.py families with text
 
 
-def load(model: str | None):
+def load(name: str, tmp: Path):
+    """(ModelAdapter, height, width) of a --models entry."""
     from diffusers import DiffusionPipeline
 
     from pipeline import zoo
+    from pipeline.models.adapter import ModelAdapter
 
-    path = model or str(zoo.locate("shapes_sd"))
-    pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    kwargs = {}
+    if name == "shapes_sd":
+        path = zoo.locate("shapes_sd")
+    elif name in TINY:
+        from tiny import tiny_family
 
-
-def run(pipe, prompts, steps, capture: bool):
-    from pipeline.attention import CrossAttentionCapture
-
-    scale = pipe.vae_scale_factor
-    size = pipe.unet.config.sample_size
-    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    tic = time.perf_counter()
-    if capture:
-        with CrossAttentionCapture(pipe.unet, (size, size), {steps // 2}) as cap:
-            pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=5.0, generator=gens, output_type="pt")
-        held = sum(l.running.numel() * 4 for l in cap.layers.values()) + sum(s.numel() * 4 for s in cap.snapshots.values())
+        path = tiny_family(name, tmp / name)
+        if name == "sd3_no_t5":
+            kwargs = {"text_encoder_3": None, "tokenizer_3": None}
+    elif Path(name).is_dir():
+        path = Path(name)
     else:
-        pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=5.0, generator=gens, output_type="pt")
-        held = 0
-    return time.perf_counter() - tic, held
+        raise SystemExit(f"--models: unknown model {name!r}; expected shapes_sd, one of {TINY} or a pipeline folder")
+    pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    model = ModelAdapter(pipe)
+    h, w = (32, 32) if name == "flux" else model.native_size()
+    return model, h, w
 
 
-def child(model, n, steps) -> None:
-    pipe = load(model)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    _, held = run(pipe, prompts, steps, capture=True)
-    print("RESULT", json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "held": held}))
+@dataclass
+class Run:
+    seconds: float
+    held: int  # bytes of the capture's running and snapshot sums (0 for plain generation)
+
+
+def held_bytes(cap) -> int:
+    return cap.nbytes
+
+
+def generate(model, h: int, w: int, prompts: list[str], steps: int, with_capture: bool) -> Run:
+    """One batch through ``pipeline.generation.sample``, plain or inside the attention capture (timed)."""
+    from pipeline.attention.capture import capture
+    from pipeline.attention.tokens import prompt_tokens
+    from pipeline.generation import denoiser_call_steps, generators, sample
+
+    sampler = model.pipe.scheduler
+    layout = model.attention_layout(h, w)
+    call_steps = denoiser_call_steps(model, sampler, steps, h, w)
+    valid = [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts] \
+        if layout.renormalise else None
+    gens = generators(0, range(len(prompts)))
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync()
+    tic = time.perf_counter()
+    cond = model.condition(len(prompts), GUIDANCE, h, w, prompts=prompts)
+    if not with_capture:
+        sample(model, sampler, cond, gens, steps, h, w)
+        sync()
+        return Run(time.perf_counter() - tic, 0)
+    with capture(model, h, w, {steps // 2}, call_steps, cfg=cond.cfg, valid_tokens=valid) as cap:
+        sample(model, sampler, cond, gens, steps, h, w)
+    _ = cap.aggregate(), cap.snapshots()  # what the stage reads back: maps on the CPU
+    sync()
+    return Run(time.perf_counter() - tic, held_bytes(cap))
+
+
+def child(steps: int, n: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        model, h, w = load("shapes_sd", Path(tmp))
+        run = generate(model, h, w, [PROMPTS[i % len(PROMPTS)] for i in range(n)], steps, True)
+    print("RESULT", json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "held": run.held}))
+
+
+def child_rss(steps: int, n: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--prompts", str(n), "--child", str(steps)],
+                         capture_output=True, text=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
+    if not line:
+        raise SystemExit(f"child process ({steps} steps) failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[0][len("RESULT "):])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--prompts", type=int, default=16)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="shapes_sd,sdxl,sd3",
+                    help=f"comma-separated: shapes_sd, {', '.join(TINY)} or a pipeline folder")
+    ap.add_argument("--prompts", type=int, default=8, help="batch size (prompts cycle through 4 shapes captions)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--child", nargs=1, type=int, default=None)
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)  # steps of one RSS child (shapes_sd)
     args = ap.parse_args()
-    if args.child:
-        return child(args.model, args.prompts, args.child[0])
-    pipe = load(args.model)
+    if args.child is not None:
+        return child(args.child, args.prompts)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
-    run(pipe, prompts[:2], 2, False)  # warm-up
-    plain = min(run(pipe, prompts, args.steps, False)[0] for _ in range(args.repeats))
-    capt = min(run(pipe, prompts, args.steps, True)[0] for _ in range(args.repeats))
-    print(f"(1) {args.prompts} prompts x {args.steps} steps: plain {plain:.2f} s, with capture {capt:.2f} s "
-          f"-> {capt / plain:.3f}x (min of {args.repeats})")
-    res = {}
-    for steps in (10, 50):
-        cmd = [sys.executable, __file__, "--prompts", str(args.prompts), "--child", str(steps)] + (["--model", args.model] if args.model else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
-        if not line:
-            raise SystemExit(out.stderr[-3000:])
-        res[steps] = json.loads(line[0][7:])
-    print(f"(2) peak RSS: 10 steps {res[10]['maxrss_kb'] / 1024:.0f} MiB, 50 steps {res[50]['maxrss_kb'] / 1024:.0f} MiB "
-          f"-> {res[50]['maxrss_kb'] / res[10]['maxrss_kb']:.3f}x; capture holds {res[10]['held'] / 1024:.0f} KiB vs "
-          f"{res[50]['held'] / 1024:.0f} KiB")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.prompts} prompts x {args.steps} steps, "
+          f"guidance {GUIDANCE}, min of {args.repeats} interleaved runs each")
+    held = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        print("(1) generation time, capture vs plain (pipeline.generation.sample)")
+        for name in names:
+            model, h, w = load(name, Path(tmp))
+            for capt in (False, True):  # warm-up
+                generate(model, h, w, prompts, min(args.steps, 2), capt)
+            times = {False: [], True: []}
+            for _ in range(args.repeats):
+                for capt in (False, True):
+                    times[capt].append(generate(model, h, w, prompts, args.steps, capt).seconds)
+            plain, capt = min(times[False]), min(times[True])
+            layout = model.attention_layout(h, w)
+            print(f"  {name:>10} ({model.name}, {h}x{w}, {len(layout.layers)} {layout.recorder} layers"
+                  f"{', CFG' if model.uses_cfg(GUIDANCE) else ''}): plain {plain:.3f} s, capture {capt:.3f} s "
+                  f"-> {capt / plain:.3f}x (goal <= 1.3x)")
+            held[name] = {s: generate(model, h, w, prompts, s, True).held for s in (10, 50)}
+            del model
+    print("(2) memory flat in steps")
+    for name, b in held.items():
+        print(f"  {name:>10}: the capture holds {b[10] / 1024:.1f} KiB at 10 steps vs {b[50] / 1024:.1f} KiB at 50 "
+              f"-> {b[50] / max(b[10], 1):.3f}x")
+    if "shapes_sd" in names:
+        res = {s: child_rss(s, args.prompts) for s in (10, 50)}
+        rss = {s: r["maxrss_kb"] / 1024 for s, r in res.items()}
+        print(f"   shapes_sd peak RSS (child process, one capture generation): 10 steps {rss[10]:.0f} MiB, "
+              f"50 steps {rss[50]:.0f} MiB -> {rss[50] / rss[10]:.3f}x")
 
 
 if __name__ == "__main__":

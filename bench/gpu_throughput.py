@@ -6,8 +6,21 @@ generation cannot beat. Measured: ``pipeline.generation.generate`` (the one gene
 solver loop through the adapter, VAE decode, uint8 conversion) at batch B. Printed separately: UNet, text-encoding
 and VAE-decode time per batch. Goal: throughput ratio >= 0.88.
 
+Attention section (``--attention``): generation inside the attention capture (``pipeline.attention.capture``
+around ``pipeline.generation.sample``, as the attention stage drives it: snapshot at step ``steps // 2``,
+``denoiser_call_steps``, the CFG flag; then ``aggregate()`` and ``snapshots()`` read back to the CPU) vs plain
+generation through the same path with the stock SDPA processors — same adapter, prompts, seeds, steps, guidance,
+batch; warm-up, then interleaved plain/capture pairs, minimum of each. Both sides include prompt encoding. Also the
+peak extra GPU memory of the capture: ``torch.cuda.max_memory_allocated`` of a capture run minus that of a plain
+run (n/a on the CPU), and the bytes the capture's running sums hold. Two models: the SD 1.5 pipeline above (8
+prompts, 25 steps, 512²: 16 cross-attention layers at 64², 32², 16², 8² tokens) and an SDXL-architecture pipeline
+with random weights (UNet, VAE and the CLIP-L + OpenCLIP-bigG text encoders from the published SDXL-base configs;
+4 prompts, 10 steps, Euler, 512²: 70 cross-attention layers at 32² and 16² tokens). Goal: capture / plain <= 1.3.
+
     python bench/gpu_throughput.py                 # on a GPU machine: batches 8 and 16, 25 steps, fp16
+    python bench/gpu_throughput.py --attention     # ... and the attention capture section (< 5 min on an H200)
     python bench/gpu_throughput.py --tiny          # CPU dry run of the script with tiny components
+    python bench/gpu_throughput.py --tiny --attention
 """
 
 from __future__ import annotations
@@ -23,16 +36,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def sd15_pipeline(tmp: Path, tiny: bool):
-    """StableDiffusionPipeline with SD 1.5's UNet / VAE / CLIP-L architecture (random weights); ``tiny`` shrinks it."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def sd15_pipeline(tmp: Path, tiny: bool, device: torch.device = torch.device("cpu")):
+    """StableDiffusionPipeline with SD 1.5's UNet / VAE / CLIP-L architecture (random weights); ``tiny`` shrinks it.
+    The networks are initialised on ``device`` (a GPU initialises the random weights in a fraction of the time)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from pipeline.data.shapes import vocabulary
     from pipeline.zoo.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer([*vocabulary(), "photo", "cat", "dog"], tmp / "tok", model_max_length=77)
+    with torch.device(device):
+        unet, vae, text = _sd15_networks(tok, tiny)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _sd15_networks(tok, tiny: bool):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     if tiny:
         unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                                     attention_head_dim=4, norm_num_groups=8,
@@ -41,7 +66,8 @@ def sd15_pipeline(tmp: Path, tiny: bool):
         vae = AutoencoderKL(block_out_channels=(16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
         text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                            num_attention_heads=2, max_position_embeddings=77))
+                                            num_attention_heads=2, max_position_embeddings=77,
+                                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
     else:  # the published SD 1.5 configs (runwayml/stable-diffusion-v1-5 unet/vae/text_encoder config.json)
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
                                     block_out_channels=(320, 640, 1280, 1280))
@@ -50,10 +76,57 @@ def sd15_pipeline(tmp: Path, tiny: bool):
                             sample_size=512)
         text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return unet, vae, text
+
+
+def sdxl_pipeline(tmp: Path, tiny: bool, device: torch.device = torch.device("cpu")):
+    """StableDiffusionXLPipeline with SDXL-base's UNet / VAE / CLIP-L + OpenCLIP-bigG architecture (random weights,
+    initialised on ``device``); ``tiny`` shrinks it (two 32-wide text encoders, a 2-level UNet, a 2-level VAE)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from pipeline.data.shapes import vocabulary
+    from pipeline.zoo.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer([*vocabulary(), "photo", "cat", "dog"], tmp / "tok_xl", model_max_length=77)
+    with torch.device(device):
+        if tiny:  # as tests/tiny.py's tiny_sdxl: 2 transformer layers at the lower level, text dims 32 + 32
+            clip = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=77, projection_dim=32)
+            clip.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+            text, text_2 = CLIPTextModel(CLIPTextConfig(**clip)), CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+            unet = UNet2DConditionModel(
+                sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32)
+            vae = AutoencoderKL(block_out_channels=(16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                force_upcast=True)
+        else:  # the published configs (stabilityai/stable-diffusion-xl-base-1.0 unet/vae/text_encoder(_2) config.json)
+            text = CLIPTextModel(CLIPTextConfig(
+                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+            text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280))
+            unet = UNet2DConditionModel(
+                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+                cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)
+            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                   timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=sched)
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -70,6 +143,96 @@ def timed(fn, device, repeats: int) -> float:
     return best
 
 
+ATTENTION_PROMPTS = ["a photo of a red circle on the left", "a blue square on the right and a cat on the left",
+                     "a photo of a dog", "a green triangle on the left and a yellow cross on the right"]
+
+
+def _cuda_peak(device: torch.device, since: int) -> int | None:
+    """Bytes allocated at the peak since the last reset, above ``since`` (None on the CPU)."""
+    return torch.cuda.max_memory_allocated(device) - since if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def attention_overhead(label: str, pipe, n: int, steps: int, size: tuple[int, int] | None, device: torch.device,
+                       repeats: int, guidance: float = 7.5) -> None:
+    """Generation inside the attention capture vs plain generation (see the module docstring), one line per model."""
+    from pipeline.attention.capture import capture
+    from pipeline.attention.tokens import prompt_tokens
+    from pipeline.generation import denoiser_call_steps, generators, sample
+    from pipeline.models.adapter import ModelAdapter
+
+    model = ModelAdapter(pipe)
+    h, w = size or model.native_size()
+    layout = model.attention_layout(h, w)
+    prompts = [ATTENTION_PROMPTS[i % len(ATTENTION_PROMPTS)] for i in range(n)]
+    valid = [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts] \
+        if layout.renormalise else None
+    sampler = pipe.scheduler
+    call_steps = {k: denoiser_call_steps(model, sampler, k, h, w) for k in {2, steps}}
+
+    def run(with_capture: bool, k: int = steps) -> tuple[float, int | None, int]:
+        """(seconds, peak bytes above the start, bytes the capture holds) of one batch."""
+        start = _reset_peak(device)
+        tic = time.perf_counter()
+        cond = model.condition(n, guidance, h, w, prompts=prompts)
+        held = 0
+        if with_capture:
+            with capture(model, h, w, {k // 2}, call_steps[k], cfg=cond.cfg, valid_tokens=valid) as cap:
+                sample(model, sampler, cond, generators(0, range(n)), k, h, w)
+            _ = cap.aggregate(), cap.snapshots()  # what the attention stage reads back (CPU)
+            held = cap.nbytes
+        else:
+            sample(model, sampler, cond, generators(0, range(n)), k, h, w)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - tic, _cuda_peak(device, start), held
+
+    def one_call(with_capture: bool) -> int | None:
+        """Peak bytes of one guided denoiser call above what was allocated before it (None on the CPU)."""
+        sched = type(sampler).from_config(sampler.config)
+        model.set_timesteps(sched, steps, h, w)
+        cond = model.condition(n, guidance, h, w, prompts=prompts)
+        x = model.initial_noise(generators(0, range(n)), h, w)
+        t = sched.timesteps[len(sched.timesteps) // 2]
+        start = _reset_peak(device)
+        if with_capture:
+            with capture(model, h, w, (), [0], cfg=cond.cfg, valid_tokens=valid):
+                model.denoise(x, t, cond, sched)
+        else:
+            model.denoise(x, t, cond, sched)
+        return _cuda_peak(device, start)
+
+    run(False, 2)  # warm-up (kernels, allocator, cuDNN/cuBLAS heuristics)
+    run(True, 2)
+    runs: dict[bool, list] = {False: [], True: []}
+    for _ in range(repeats):
+        for with_capture in (False, True):
+            runs[with_capture].append(run(with_capture))
+    plain, capt = min(r[0] for r in runs[False]), min(r[0] for r in runs[True])
+    print(f"attention {label}: {len(layout.layers)} cross-attention layers, {n} prompts x {steps} steps, {h}x{w}"
+          f"{', CFG' if model.uses_cfg(guidance) else ''}: plain {plain:.3f} s, capture {capt:.3f} s -> "
+          f"{capt / plain:.3f}x (goal <= 1.3x)")
+    held = runs[True][0][2]
+    call_plain, call_capt = one_call(False), one_call(True)
+    if device.type == "cuda":
+        gen_plain, gen_capt = max(r[1] for r in runs[False]), max(r[1] for r in runs[True])
+        mib = 2**20
+        print(f"          peak extra GPU memory of the capture: generation {(gen_capt - gen_plain) / mib:+.0f} MiB "
+              f"(peak above the weights {gen_plain / mib:.0f} -> {gen_capt / mib:.0f} MiB; the VAE decode may set "
+              f"both); one denoiser call {(call_capt - call_plain) / mib:+.0f} MiB ({call_plain / mib:.0f} -> "
+              f"{call_capt / mib:.0f} MiB); the capture's sums hold {held / mib:.1f} MiB")
+    else:
+        print(f"          peak extra GPU memory of the capture: n/a (CPU); the capture's sums hold "
+              f"{held / 2**20:.2f} MiB")
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,15 +240,19 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention", action="store_true",
+                    help="also time the attention capture vs plain generation (SD 1.5 and SDXL architectures)")
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if args.tiny:
+        torch.set_num_threads(1)  # a dry run: tiny ops gain nothing from threads, which spin on a shared machine
     from pipeline.generation import generate
     from pipeline.models.adapter import ModelAdapter
 
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
-        pipe = sd15_pipeline(Path(tmp), args.tiny).to(device, dtype)
+        pipe = sd15_pipeline(Path(tmp), args.tiny, device).to(device, dtype)
         pipe.set_progress_bar_config(disable=True)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"{name}, {dtype}, SD 1.5 architecture{' (tiny)' if args.tiny else ''}, built in "
@@ -110,6 +277,18 @@ def main() -> None:
                   f"{unet / gen:.3f} of the raw-UNet bound (goal >= 0.88)")
             if device.type == "cuda":
                 print(f"          peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+        if not args.attention:
+            return
+        attention_overhead("SD 1.5", pipe, 8, 25, None if args.tiny else (512, 512), device, args.repeats)
+        del pipe, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        tic = time.perf_counter()
+        pipe = sdxl_pipeline(Path(tmp), args.tiny, device).to(device, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        print(f"SDXL architecture{' (tiny)' if args.tiny else ''}, built in {time.perf_counter() - tic:.1f} s; "
+              f"Euler, guidance 7.5, min of {args.repeats}")
+        attention_overhead("SDXL", pipe, 4, 10, None if args.tiny else (512, 512), device, args.repeats)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_capture_leaves_images_unchanged_restores_processors_and_rows_sum_to_one
             assert agg[i, t.num_tokens:].abs().max() == 0
         assert 0 < float(cap.text_share().min()) and float(cap.text_share().max()) < 1
     with pytest.raises(RuntimeError, match="boom"):  # an error inside the block leaves the pipeline untouched
-        with capture(model, h, w):
+        with capture(model, h, w, prompts=PROMPTS):
             raise RuntimeError("boom")
     assert {k: type(v) for k, v in model.denoiser.attn_processors.items()} == originals
 
@@ -91,7 +91,7 @@ def test_sd3_joint_maps_equal_a_hand_computation_from_q_and_k(family_paths):
     layout = model.attention_layout(h, w)
     tok = prompt_tokens(layout.tokenizer, PROMPTS[1], layout.max_length)
     x = torch.randn(1, *model.latent_shape(h, w), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), capture(model, h, w, valid_tokens=[tok.num_tokens]) as cap:
+    with torch.no_grad(), capture(model, h, w, prompts=[PROMPTS[1]]) as cap:
         model._forward(x, torch.tensor(500.0), cond)
     hook.remove()
     heads = attn.heads
@@ -153,10 +153,10 @@ def test_snapshots_count_solver_steps_not_denoiser_calls(sd):
         sample(model, heun, cond, generators(0, [0]), 3, h, w)
     with capture(model, h, w, set(range(5))) as by_call:  # no mapping: one snapshot per call
         sample(model, heun, cond, generators(0, [0]), 3, h, w)
-    assert sorted(by_step.snapshots) == [1, 2]
-    per_call = by_call.snapshots
-    torch.testing.assert_close(by_step.snapshots[1], (per_call[2] + per_call[3]) / 2, atol=1e-6, rtol=0)
-    torch.testing.assert_close(by_step.snapshots[2], per_call[4], atol=1e-6, rtol=0)
+    assert sorted(by_step.snapshots()) == [1, 2]
+    per_call = by_call.snapshots()
+    torch.testing.assert_close(by_step.snapshots()[1], (per_call[2] + per_call[3]) / 2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(by_step.snapshots()[2], per_call[4], atol=1e-6, rtol=0)
 
 
 def test_memory_does_not_grow_with_steps(sd):
@@ -167,8 +167,7 @@ def test_memory_does_not_grow_with_steps(sd):
     for steps in (3, 9):
         with capture(model, h, w, {1, 2}, cfg=True) as cap:
             sample(model, sd.scheduler, cond, generators(0, [0, 1]), steps, h, w)
-        sizes.append(sum(s.maps.numel() for s in cap.sums.values())
-                     + sum(s.maps.numel() for step in cap.snaps.values() for s in step.values()))
+        sizes.append(cap.nbytes)
     assert sizes[0] == sizes[1]
 
 
@@ -181,7 +180,7 @@ def test_conditional_half_is_kept_under_cfg(sd):
             model.denoise(x, torch.tensor(500), model.condition(2, 5.0, h, w, prompts=PROMPTS), sd.scheduler)
         with capture(model, h, w, {0}, cfg=False) as cond_only:
             model.denoise(x, torch.tensor(500), model.condition(2, 1.0, h, w, prompts=PROMPTS), sd.scheduler)
-    torch.testing.assert_close(with_cfg.snapshots[0], cond_only.snapshots[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(with_cfg.snapshots()[0], cond_only.snapshots()[0], atol=1e-5, rtol=0)
 
 
 def test_token_positions_with_and_without_a_start_token(sd):

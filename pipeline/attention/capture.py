@@ -56,14 +56,15 @@ def layer_grid(hw: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 def joint_segment_maps(query: torch.Tensor, key: torch.Tensor, n_image: int, text_first: bool,
                        segment: tuple[int, int], valid: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, float]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image-query rows of one joint attention: per-token maps of a text segment and the text share.
 
     ``query``, ``key``: (n, heads, L, d) with L = n_image + n_text, ordered [text; image] if ``text_first`` else
     [image; text]. ``segment``: (start, stop) within the text tokens; ``valid``: (n, stop − start) bool, the
     segment's non-padding tokens (all if None). Returns float32 ``maps`` (n, n_image, S) — the head-averaged
     softmax over *all* keys restricted to the segment, renormalised to sum to 1 over its valid tokens —,
-    ``share`` (n, n_image) — the head-averaged mass on all text keys — and the largest |row sum − 1| seen.
+    ``share`` (n, n_image) — the head-averaged mass on all text keys — and the largest |row sum − 1| seen (a
+    0-d tensor on the device: reading it would wait for the GPU).
     """
     n, heads, L, d = query.shape
     n_text = L - n_image
@@ -75,12 +76,12 @@ def joint_segment_maps(query: torch.Tensor, key: torch.Tensor, n_image: int, tex
     maps = query.new_empty((n, n_image, S), dtype=torch.float32)
     share = query.new_empty((n, n_image), dtype=torch.float32)
     chunk = max(1, _CHUNK_BYTES // (4 * n * heads * L))
-    err = 0.0
+    err = torch.zeros((), device=query.device)
     q_img = query[:, :, rows]
     for r0 in range(0, n_image, chunk):
         r1 = min(n_image, r0 + chunk)
         probs = (torch.matmul(q_img[:, :, r0:r1].float(), k.transpose(-1, -2)) / math.sqrt(d)).softmax(-1)
-        err = max(err, float((probs.sum(-1) - 1).abs().max()))
+        err = torch.maximum(err, (probs.sum(-1) - 1).abs().max())
         share[:, r0:r1] = probs[..., t0 : t0 + n_text].sum(-1).mean(1)
         maps[:, r0:r1] = probs[..., seg].mean(1)
         del probs
@@ -242,7 +243,8 @@ class AttentionCapture:
         self.snaps: dict[int, dict[tuple[int, int], _Sum]] = {}
         self._share_sum: torch.Tensor | None = None  # (n,) sum over joint-layer calls of the mean text share
         self._share_calls = 0
-        self.max_row_sum_error = 0.0  # |Σ_keys p − 1| in float32, over every recorded row
+        self._row_error: torch.Tensor | None = None  # max |Σ_keys p − 1| so far, on the device (no GPU sync per layer)
+        self._valid: torch.Tensor | None = None  # (n, S) bool on the device, built on the first joint layer
         self.calls = 0
         self.step = -1
 
@@ -269,8 +271,25 @@ class AttentionCapture:
         self.denoiser.set_attn_processor(self._originals)
 
     def _next_call(self, module, args) -> None:
+        if self.call_steps is not None and self.calls >= len(self.call_steps):
+            raise ValueError(f"denoiser call {self.calls + 1} but call_steps has {len(self.call_steps)} entries: build "
+                             "it with denoiser_call_steps() for the same solver, steps and size")
         self.step = self.call_steps[self.calls] if self.call_steps is not None else self.calls
         self.calls += 1
+
+    def _error(self, err: torch.Tensor) -> None:
+        self._row_error = err.detach() if self._row_error is None else torch.maximum(self._row_error, err.detach())
+
+    @property
+    def max_row_sum_error(self) -> float:
+        """max |Σ_keys p − 1| over every recorded float32 row (read once, at the end)."""
+        return 0.0 if self._row_error is None else float(self._row_error)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the capture holds: running sums and snapshot sums (flat in the number of steps)."""
+        sums = [*self.sums.values(), *(s for step in self.snaps.values() for s in step.values())]
+        return sum(s.maps.numel() * s.maps.element_size() for s in sums if s.maps is not None)
 
     # --- recording ---------------------------------------------------------------------------------------
     def _cond(self, t: torch.Tensor) -> torch.Tensor:
@@ -284,17 +303,16 @@ class AttentionCapture:
     def _record_cross(self, name: str, probs: torch.Tensor, heads: int) -> None:
         bh, hw, t = probs.shape
         p = self._cond(probs.detach().reshape(bh // heads, heads, hw, t))
-        self.max_row_sum_error = max(self.max_row_sum_error, float((p.sum(-1) - 1).abs().max()))
+        self._error((p.sum(-1) - 1).abs().max())
         self._add(layer_grid(hw, self.layout.grid), p.mean(1))  # UNet layers: the grid halved k times
 
     def _record_joint(self, name: str, query: torch.Tensor, key: torch.Tensor, n_image: int, text_first: bool) -> None:
         q, k = self._cond(query), self._cond(key)
-        valid = None
-        if self.valid_tokens is not None:
+        if self._valid is None and self.valid_tokens is not None:
             S = self.layout.segment[1] - self.layout.segment[0]
-            valid = torch.arange(S, device=q.device)[None, :] < torch.tensor(self.valid_tokens, device=q.device)[:, None]
-        maps, share, err = joint_segment_maps(q, k, n_image, text_first, self.layout.segment, valid)
-        self.max_row_sum_error = max(self.max_row_sum_error, err)
+            self._valid = torch.arange(S, device=q.device)[None, :] < torch.tensor(self.valid_tokens, device=q.device)[:, None]
+        maps, share, err = joint_segment_maps(q, k, n_image, text_first, self.layout.segment, self._valid)
+        self._error(err)
         if n_image != self.n_image_tokens:
             raise ValueError(f"Expected {self.layout.grid} image tokens in {name}, got {n_image}")
         share = share.mean(1)
@@ -326,7 +344,6 @@ class AttentionCapture:
         """{token grid (h, w): (n, S, H, W)}: the mean over that grid's layers, at latent resolution."""
         return {g: self._to_latent(g, s.maps) / max(s.calls, 1) for g, s in self.sums.items()}
 
-    @property
     def snapshots(self) -> dict[int, torch.Tensor]:
         """{solver step: (n, S, H, W)}: the mean over that step's denoiser calls and layers."""
         return {step: self._mean(sums) for step, sums in sorted(self.snaps.items())}
@@ -337,12 +354,22 @@ class AttentionCapture:
 
 
 def capture(model, height: int, width: int, snapshot_steps: Sequence[int] = (), call_steps: Sequence[int] | None = None,
-            cfg: bool = False, valid_tokens: Sequence[int] | None = None) -> AttentionCapture:
+            cfg: bool = False, prompts: Sequence[str] | None = None,
+            valid_tokens: Sequence[int] | None = None) -> AttentionCapture:
     """A context manager recording ``model``'s text→image attention (``model`` is a
     :class:`~pipeline.models.adapter.ModelAdapter`; its ``attention_layout`` says where and which tokens).
 
-    ``call_steps``: solver step of each denoiser call (default: one call per step); ``cfg``: the batch is
-    [uncond, cond]; ``valid_tokens``: per sample, the segment's non-padding token count (joint attention)."""
+    ``call_steps``: solver step of each denoiser call (default: one call per step;
+    :func:`pipeline.generation.denoiser_call_steps`); ``cfg``: the batch is [uncond, cond]; ``prompts`` (or
+    ``valid_tokens``, per sample the segment's non-padding token count): the batch's prompts, which joint-attention
+    maps are renormalised over — required there, so padding never silently joins the renormalisation."""
     layout = model.attention_layout(height, width)
     latent_hw = tuple(model.latent_shape(height, width)[1:])
+    if valid_tokens is None and prompts is not None:
+        from pipeline.attention.tokens import prompt_tokens
+
+        valid_tokens = [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts]
+    if layout.renormalise and valid_tokens is None:
+        raise ValueError(f"{type(model.pipe).__name__}: joint-attention maps are renormalised over each prompt's "
+                         "non-padding tokens; pass prompts=[...] (or valid_tokens=[...]) to capture()")
     return AttentionCapture(model.denoiser, layout, latent_hw, snapshot_steps, call_steps, cfg, valid_tokens)

@@ -22,8 +22,6 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-
 __all__ = ["GroundTruth", "ShapesGroundTruth", "ground_truth", "ObjectTruth", "ObjectMasks", "object_masks",
            "object_word_positions"]
 
@@ -122,8 +120,8 @@ class ShapesObjectMasks:
 
     name = "shapes"
 
-    def __init__(self, dataset_cfg: Any):
-        self.dataset_cfg = dataset_cfg
+    def __init__(self, dataset_cfg: Any = None):
+        self.dataset_cfg = dataset_cfg  # needed for reference() only
 
     def objects(self, prompt: str) -> list[ObjectTruth] | None:
         from pipeline.data.shapes import parse_caption

@@ -201,8 +201,7 @@ def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -
         cond = model.condition(len(batch), guidance, height, width, prompts=captions)
         z = model.encode(x)
         xt = model.add_noise(sched, z, generators(cfg.seed, range(lo, lo + len(batch))), t)
-        with torch.no_grad(), capture(model, height, width, cfg=cond.cfg,
-                                      valid_tokens=[k.num_tokens for k in toks]) as cap:
+        with torch.no_grad(), capture(model, height, width, cfg=cond.cfg, valid_tokens=[k.num_tokens for k in toks]) as cap:
             model.denoise(xt, t, cond, sched)
         agg = cap.aggregate()
         for i, row in enumerate(batch):
@@ -266,12 +265,12 @@ def attention_stage(ctx, cfg):
         gens = generators(cfg.seed, range(lo, lo + len(batch)))
         cond = model.condition(len(batch), guidance, height, width, prompts=batch)
         with capture(model, height, width, a.steps, call_steps, cfg=cfg_batch,
-                     valid_tokens=[t.num_tokens for t in toks] if layout.renormalise else None) as cap:
+                     valid_tokens=[t.num_tokens for t in toks]) as cap:
             out = sample(model, sampler, cond, gens, steps, height, width, eta=float(cfg.sampler.eta))
         if cap.max_row_sum_error > ROW_SUM_TOLERANCE:
             raise RuntimeError(f"attention probabilities do not sum to 1 over keys (error {cap.max_row_sum_error:.2e})")
         images = to_uint8(out.float().nan_to_num().clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
-        agg, by_res, snapshots, text_share = cap.aggregate(), cap.by_resolution(), cap.snapshots, cap.text_share()
+        agg, by_res, snapshots, text_share = cap.aggregate(), cap.by_resolution(), cap.snapshots(), cap.text_share()
         for i, prompt in enumerate(batch):
             words, positions = toks[i].words, toks[i].positions
             if toks[i].start_token:
