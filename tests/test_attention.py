@@ -139,6 +139,16 @@ def test_bf16_capture_on_cpu_passes_the_row_sum_guard_and_returns_cpu_float32(fa
     assert np.isfinite(maps["maps_0000"].astype(np.float32)).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family, dtype", [("sdxl", "float16"), ("sd3", "bfloat16"), ("flux", "bfloat16")])
+def test_attention_mode_on_cuda_in_half_precision(family, dtype, family_paths, tmp_path, outputs):
+    """The stage finishes on CUDA in fp16/bf16: maps and images come back to the CPU, the row-sum guard holds."""
+    out = _run(family_paths[family], tmp_path, outputs, [f"model.dtype={dtype}", "model.device=cuda"])
+    assert out.status == "FINISHED", out.error
+    assert np.isfinite(np.load(tmp_path / "run" / "tables" / "attention_maps.npz")["maps_0000"].astype(np.float32)).all()
+
+
 def test_snapshots_count_solver_steps_not_denoiser_calls(sd):
     """Heun calls the UNet twice per step: snapshot step s averages both calls of solver step s."""
     from diffusers import HeunDiscreteScheduler
