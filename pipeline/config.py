@@ -2,7 +2,8 @@
 
 Registered in Hydra's ConfigStore as ``base_config`` (the first entry of ``conf/config.yaml``'s defaults), so
 a misspelled key or a wrong type in any group fails at composition with Hydra's own message, before any
-work starts. Each mode's block ``mode.<name>`` is validated by the schema its stage file registers.
+work starts. Each mode's block ``mode.<name>`` is validated by the schema its package registers
+(``pipeline/<name>/mode.py``; its defaults are in ``conf/mode/<name>.yaml``).
 """
 
 from __future__ import annotations
@@ -130,8 +131,9 @@ class PathsConfig:
 
 def build_schema() -> type:
     """The top-level schema; ``mode`` gets one optional field per registered mode."""
-    import pipeline.stages  # noqa: F401  (registers every stage file's modes)
-    from pipeline.registry import MODES
+    from pipeline.registry import MODES, load_modes
+
+    load_modes()  # each mode package's schema (pipeline/<M>/mode.py), not its stages
 
     mode_fields = [(name, Optional[m.schema], field(default=None)) for name, m in sorted(MODES.items())]
     ModeConfig = make_dataclass("ModeConfig", mode_fields)

@@ -85,13 +85,14 @@ def denoiser_call_steps(adapter, sampler, steps: int, height: int, width: int) -
 def sample(adapter, sampler, cond, gens: Sequence[torch.Generator], steps: int, height: int, width: int,
            eta: float = 0.0, latents: torch.Tensor | None = None,
            on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """One batch: initial noise (or ``latents``, unit variance) -> solver loop -> decoded float images in [0, 1]
+    """One batch: initial noise (or ``latents``, unit variance, unpacked) -> solver loop -> decoded float images in [0, 1]
     (not clamped). ``sampler`` is copied first: solvers keep state between steps. ``on_step(i, t, latents)`` is
     called after each solver ``step()``."""
     sched = type(sampler).from_config(sampler.config)
     adapter.set_timesteps(sched, steps, height, width)
     sigma0 = float(getattr(sched, "init_noise_sigma", 1.0))
-    x = adapter.initial_noise(gens, height, width, sigma0) if latents is None else latents * sigma0
+    # given latents: unit-variance (N, C, h, w), packed here as the denoiser takes them (Flux)
+    x = adapter.initial_noise(gens, height, width, sigma0) if latents is None else adapter.pack(latents) * sigma0
     extra = step_kwargs(sched, eta, gens)
     for i, t in enumerate(sched.timesteps):
         pred = adapter.denoise(x, t, cond, sched)

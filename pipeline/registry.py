@@ -2,15 +2,28 @@
 
 A *stage* is a function ``fn(ctx, cfg) -> dict`` that declares the named artifacts it ``needs`` from the run
 context and the ones it ``produces``. A *mode* is a named list of stages plus a structured-config schema for
-its ``mode.<name>`` block. Adding a mode = one file in ``pipeline/stages/`` + one yaml in ``conf/mode/``.
+its ``mode.<name>`` block (and optional cross-key checks).
+
+Every mode is one package ``pipeline/<M>/`` with the same rooms: ``mode.py`` (its schema, its checks and the
+:func:`register_mode` call; light, no stage import), ``stage.py`` (its ``@stage`` functions), ``plots.py`` (its
+figures) and its math in further modules. Stages several modes share are in ``pipeline/models/stages.py``.
+:func:`load_modes` imports every ``mode.py`` (the config schema needs only these); :func:`load_stages` also
+imports every ``stage.py`` (whoever runs stages calls it first). Adding a mode = one package ``pipeline/<M>/``
+(mode.py, stage.py, plots.py, its math) + one yaml ``conf/mode/<M>.yaml`` (every default, with its comment) +
+its name in :data:`MODE_PACKAGES`.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Stage", "Mode", "stage", "register_mode", "STAGES", "MODES", "producer_of"]
+__all__ = ["Stage", "Mode", "stage", "register_mode", "STAGES", "MODES", "MODE_PACKAGES", "SHARED_STAGES",
+           "load_modes", "load_stages", "producer_of"]
+
+MODE_PACKAGES = ("schedule", "metrics", "attention", "latent")  # pipeline/<M>/, conf/mode/<M>.yaml
+SHARED_STAGES = "pipeline.models.stages"  # stages several modes need (scheduler config, sampler, model, extractors)
 
 
 @dataclass(frozen=True)
@@ -59,3 +72,31 @@ def producer_of(artifact: str) -> Stage:
         if artifact in s.produces:
             return s
     raise KeyError(f"no registered stage produces artifact {artifact!r}")
+
+
+_LOADED: set[str] = set()  # "modes", "stages": what load_modes / load_stages have registered
+
+
+def _import_mode_module(name: str, room: str) -> None:
+    importlib.import_module(f"pipeline.{name}.{room}")
+
+
+def load_modes() -> None:
+    """Register every mode of :data:`MODE_PACKAGES` (imports ``pipeline.<M>.mode``; idempotent)."""
+    if "modes" in _LOADED:
+        return
+    for name in MODE_PACKAGES:
+        _import_mode_module(name, "mode")
+    _LOADED.add("modes")
+
+
+def load_stages() -> None:
+    """Register every mode and every stage: the shared stages and each mode's ``pipeline.<M>.stage``
+    (idempotent)."""
+    if "stages" in _LOADED:
+        return
+    load_modes()
+    importlib.import_module(SHARED_STAGES)
+    for name in MODE_PACKAGES:
+        _import_mode_module(name, "stage")
+    _LOADED.add("stages")

@@ -30,7 +30,7 @@ from pipeline import distributed as dist
 from pipeline.config import check_keys, to_plain
 from pipeline.context import RunContext
 from pipeline.errors import ModeSkipped, UserError
-from pipeline.registry import MODES, STAGES, producer_of
+from pipeline.registry import MODES, STAGES, load_stages, producer_of
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def _run_stage(name: str, ctx: RunContext, done: set[str], chain: tuple[str, ...
         return
     if name in chain:
         raise RuntimeError(f"stage dependency cycle: {' -> '.join(chain + (name,))}")
+    load_stages()  # every mode's stage module (idempotent)
     st = STAGES[name]
     for need in st.needs:
         if need not in ctx.artifacts:
@@ -109,6 +110,7 @@ def _run_stage(name: str, ctx: RunContext, done: set[str], chain: tuple[str, ...
 
 def execute(ctx: RunContext, modes: list[str]) -> dict[str, str]:
     """Run every stage of every mode once. Returns {mode: reason} for modes that did not apply."""
+    load_stages()
     done: set[str] = set()
     skipped: dict[str, str] = {}
     for mode in modes:
@@ -141,6 +143,7 @@ def run_pipeline(
     from pipeline.naming import run_name as default_run_name
     from pipeline.tracking import EFFECTIVE_URI_TAG, Tracker, environment_tags, flatten, public_uri
 
+    load_stages()  # every mode and stage registered (the config schema needs only the modes)
     check_keys(cfg)  # a key the schema lacks (added with `+`) fails before any work or MLflow run
     main = dist.is_main()  # True unless this is a non-zero rank of a torchrun launch
     scratch = None

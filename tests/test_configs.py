@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_cfg
@@ -12,6 +12,7 @@ from pipeline.config import CONF_DIR
 from pipeline.models.builtin import builtin_path
 from pipeline.models.loading import load_scheduler_config
 from pipeline.models.schedulers import DIFFUSION_SOLVERS, FLOW_SOLVERS, build_scheduler
+from pipeline.registry import MODE_PACKAGES, MODES, load_modes
 
 GROUPS = ["model", "dataset", "scheduler", "mode", "features", "tracking", "experiment"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
@@ -68,6 +69,48 @@ def test_dpmpp_2m_is_dpmsolver_plus_plus_order_2():
 def test_required_values_are_missing_until_set():
     assert OmegaConf.is_missing(compose_cfg(["model=hub"]).model, "path")
     assert compose_cfg(["model=hub", "model.path=org/name"]).model.path == "org/name"
+
+
+def _schema_leaves(node, prefix=""):
+    """``{dotted path: is MISSING}`` of every leaf of a structured default; a nested dataclass default is walked into."""
+    out = {}
+    for key in node:
+        path = f"{prefix}{key}"
+        if not OmegaConf.is_missing(node, key) and isinstance(node[key], DictConfig):
+            out.update(_schema_leaves(node[key], f"{path}."))
+        else:
+            out[path] = OmegaConf.is_missing(node, key)
+    return out
+
+
+def _yaml_leaves(node, schema, prefix=""):
+    """Dotted paths a yaml sets, walked into where the schema has a nested default (its leaves are ``schema``'s)."""
+    out = set()
+    for key in node:
+        path = f"{prefix}{key}"
+        nested = key in schema and not OmegaConf.is_missing(schema, key) and isinstance(schema[key], DictConfig)
+        if nested and isinstance(node[key], DictConfig):
+            out |= _yaml_leaves(node[key], schema[key], f"{path}.")
+        else:
+            out.add(path)
+    return out
+
+
+@pytest.mark.parametrize("mode", MODE_PACKAGES)
+def test_every_mode_default_is_written_once_in_its_yaml(mode):
+    """Each default is written once: a mode's schema only types its keys (every leaf MISSING) and
+    conf/mode/<mode>.yaml sets every one of them (where its comment lives), and no key the schema lacks."""
+    load_modes()
+    assert sorted(MODES) == sorted(MODE_PACKAGES) == sorted(p.stem for p in (CONF_DIR / "mode").glob("*.yaml"))
+    schema = OmegaConf.structured(MODES[mode].schema)
+    leaves = _schema_leaves(schema)
+    with_default = sorted(path for path, missing in leaves.items() if not missing)
+    assert not with_default, f"{mode}: schema defaults (belong in conf/mode/{mode}.yaml): {with_default}"
+    written = _yaml_leaves(OmegaConf.load(CONF_DIR / "mode" / f"{mode}.yaml"), schema)
+    assert not sorted(set(leaves) - written), f"conf/mode/{mode}.yaml lacks {sorted(set(leaves) - written)}"
+    assert not sorted(written - set(leaves)), f"conf/mode/{mode}.yaml sets keys its schema lacks: {sorted(written - set(leaves))}"
+    block = compose_cfg([f"mode=[{mode}]"]).mode[mode]  # the yaml's values pass the schema's types
+    OmegaConf.to_container(block, throw_on_missing=True)  # and leave no ??? behind
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,10 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg
-from pipeline import latent as L
+from pipeline.latent import interpolation as LI
+from pipeline.latent import inversion as LV
+from pipeline.metrics import ood as O
+from pipeline.metrics.image import psnr
 from pipeline.errors import UserError
 from pipeline.runner import run_pipeline
 from tiny import tiny_ddpm, tiny_models, tiny_sd
@@ -25,26 +28,26 @@ torch.set_num_threads(1)  # small, and no oversubscription on a busy 2-core mach
 def test_slerp_keeps_the_norm_and_lerp_does_not():
     g = torch.Generator().manual_seed(0)
     z0, z1 = torch.randn(64, 4, 16, 16, generator=g), torch.randn(64, 4, 16, 16, generator=g)
-    lerp_mid = L.norm_ratio_mid("lerp", z0, z1)
-    slerp_mid = L.norm_ratio_mid("slerp", z0, z1)
+    lerp_mid = LI.norm_ratio_mid("lerp", z0, z1)
+    slerp_mid = LI.norm_ratio_mid("slerp", z0, z1)
     assert abs(float(lerp_mid.mean()) - 1 / math.sqrt(2)) < 0.01  # ≈ 0.707 for independent Gaussians
     assert abs(float(slerp_mid.mean()) - 1.0) < 0.01
     # equal-norm endpoints: slerp stays on the sphere everywhere, lerp dips in the middle
     z1 = z1 * (z0.flatten(1).norm(dim=1) / z1.flatten(1).norm(dim=1)).reshape(-1, 1, 1, 1)
     n0 = z0.flatten(1).norm(dim=1)
     for t in (0.1, 0.3, 0.5, 0.9):
-        torch.testing.assert_close(L.slerp(z0, z1, t).flatten(1).norm(dim=1), n0, rtol=1e-5, atol=0)
-    ratio = L.lerp(z0, z1, 0.5).flatten(1).norm(dim=1) / n0  # = √((1 + cos Ω) / 2), cos Ω ≈ 0 in 1 024 dims
+        torch.testing.assert_close(LI.slerp(z0, z1, t).flatten(1).norm(dim=1), n0, rtol=1e-5, atol=0)
+    ratio = LI.lerp(z0, z1, 0.5).flatten(1).norm(dim=1) / n0  # = √((1 + cos Ω) / 2), cos Ω ≈ 0 in 1 024 dims
     assert ((ratio > 0.64) & (ratio < 0.77)).all()
     # endpoints are exact, per-sample t works, parallel endpoints fall back to lerp (no NaN)
-    torch.testing.assert_close(L.slerp(z0, z1, 0.0), z0)
-    torch.testing.assert_close(L.slerp(z0, z1, 1.0), z1)
+    torch.testing.assert_close(LI.slerp(z0, z1, 0.0), z0)
+    torch.testing.assert_close(LI.slerp(z0, z1, 1.0), z1)
     t = torch.linspace(0, 1, 64)
-    torch.testing.assert_close(L.slerp(z0, z1, t)[0], z0[0])
-    par = L.slerp(z0, 2 * z0, 0.5)
+    torch.testing.assert_close(LI.slerp(z0, z1, t)[0], z0[0])
+    par = LI.slerp(z0, 2 * z0, 0.5)
     torch.testing.assert_close(par, 1.5 * z0)
     with pytest.raises(ValueError, match="slerp' or 'lerp"):
-        L.interpolate("nlerp", z0, z1, 0.5)
+        LI.interpolate("nlerp", z0, z1, 0.5)
 
 
 # ----------------------------------------------------------------------------------------------- VAE convention
@@ -70,8 +73,8 @@ def test_vae_scaling_and_shift_are_applied_on_encode_and_removed_on_decode(tmp_p
 def test_psnr_known_value():
     a = torch.zeros(2, 3, 4, 4)
     b = a + 0.1  # MSE 0.01 -> 20 dB on a [0, 1] scale
-    torch.testing.assert_close(L.psnr(a, b), torch.full((2,), 20.0, dtype=torch.float64))
-    torch.testing.assert_close(L.psnr(a, b, data_range=2.0), torch.full((2,), 20 + 20 * math.log10(2), dtype=torch.float64))
+    torch.testing.assert_close(psnr(a, b), torch.full((2,), 20.0, dtype=torch.float64))
+    torch.testing.assert_close(psnr(a, b, data_range=2.0), torch.full((2,), 20 + 20 * math.log10(2), dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------------------------- DDIM inversion
@@ -99,20 +102,20 @@ def test_ddim_inversion_round_trip_on_an_exact_model():
     eps, ac = _gaussian_denoiser(sc, mu, sigma)
     x0 = mu + sigma * torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     steps = 20
-    zT = L.ddim_invert(eps, sc, x0, steps)
+    zT = LV.ddim_invert(eps, sc, x0, steps)
     inv = DDIMInverseScheduler.from_config(sc)
     inv.set_timesteps(steps)
     a_T = ac[int(inv.timesteps[-1])]
     exact = a_T.sqrt() * mu + (a_T * sigma**2 + 1 - a_T).sqrt() * (x0 - mu) / sigma
     assert float((zT - exact).norm() / exact.norm()) < 0.05  # inversion follows the ODE to the right end point
     assert abs(float(zT.flatten(1).norm(dim=1).mean()) / math.sqrt(256) - 1) < 0.1  # ends as unit Gaussian noise
-    back = L.ddim_sample(eps, sc, zT, steps)
-    assert float(L.psnr(back, x0, data_range=2.0).mean()) > 28  # measured 31.6 dB
+    back = LV.ddim_sample(eps, sc, zT, steps)
+    assert float(psnr(back, x0, data_range=2.0).mean()) > 28  # measured 31.6 dB
     other = torch.randn(zT.shape, generator=torch.Generator().manual_seed(1), dtype=zT.dtype)  # not x0's draw
-    fresh = L.ddim_sample(eps, sc, other, steps)
-    assert float(L.psnr(fresh, x0, data_range=2.0).mean()) < 15  # a round trip from other noise fails the bar
-    more = L.ddim_sample(eps, sc, L.ddim_invert(eps, sc, x0, 50), 50)
-    assert float(L.psnr(more, x0, 2.0).mean()) > float(L.psnr(back, x0, 2.0).mean()) + 4  # error shrinks with steps
+    fresh = LV.ddim_sample(eps, sc, other, steps)
+    assert float(psnr(fresh, x0, data_range=2.0).mean()) < 15  # a round trip from other noise fails the bar
+    more = LV.ddim_sample(eps, sc, LV.ddim_invert(eps, sc, x0, 50), 50)
+    assert float(psnr(more, x0, 2.0).mean()) > float(psnr(back, x0, 2.0).mean()) + 4  # error shrinks with steps
 
 
 def test_diffusion_reconstruction_is_exact_for_in_distribution_noise_free_data():
@@ -124,29 +127,29 @@ def test_diffusion_reconstruction_is_exact_for_in_distribution_noise_free_data()
     x0 = torch.full((2, 4, 8, 8), 0.25, dtype=torch.float64)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for t, steps in ((100, 1), (400, 5)):
-        torch.testing.assert_close(L.diffusion_reconstruct(eps, ac, x0, t, steps, noise), x0, atol=1e-4, rtol=0)
+        torch.testing.assert_close(LV.diffusion_reconstruct(eps, ac, x0, t, steps, noise), x0, atol=1e-4, rtol=0)
     other = torch.full_like(x0, -0.5)  # out of distribution: pulled towards mu, a large error
-    assert float((L.diffusion_reconstruct(eps, ac, other, 400, 5, noise) - other).abs().mean()) > 0.5
+    assert float((LV.diffusion_reconstruct(eps, ac, other, 400, 5, noise) - other).abs().mean()) > 0.5
 
 
 # ----------------------------------------------------------------------------------------------- OOD statistics
 def test_auroc_and_fpr95():
     rng = np.random.default_rng(0)
     id_s, far = rng.normal(0, 1, 500), rng.normal(20, 1, 300)
-    assert L.auroc(id_s, far) == 1.0 and L.fpr_at_tpr(id_s, far) == 0.0
-    assert L.auroc(far, id_s) == 0.0
-    assert L.auroc(id_s, id_s) == 0.5  # identical sets: ties count half
+    assert O.auroc(id_s, far) == 1.0 and O.fpr_at_tpr(id_s, far) == 0.0
+    assert O.auroc(far, id_s) == 0.0
+    assert O.auroc(id_s, id_s) == 0.5  # identical sets: ties count half
     same = rng.normal(0, 1, 2000)
-    assert abs(L.auroc(id_s, same) - 0.5) < 0.05
+    assert abs(O.auroc(id_s, same) - 0.5) < 0.05
     # against the pairwise definition, with ties
     a, b = rng.integers(0, 5, 40).astype(float), rng.integers(1, 6, 30).astype(float)
     pairwise = ((b[:, None] > a[None]).mean() + 0.5 * (b[:, None] == a[None]).mean())
-    assert abs(L.auroc(a, b) - pairwise) < 1e-12
+    assert abs(O.auroc(a, b) - pairwise) < 1e-12
     # FPR95 by hand: OOD 5..24 (20 scores): the threshold keeping 19 of them (95 %) is 6; ID 0..9 -> 6,7,8,9 flagged
-    assert L.fpr_at_tpr(np.arange(10), np.arange(5, 25)) == pytest.approx(0.4)
-    assert L.fpr_at_tpr(np.arange(10), np.arange(5, 25), tpr=1.0) == pytest.approx(0.5)  # τ = 5
+    assert O.fpr_at_tpr(np.arange(10), np.arange(5, 25)) == pytest.approx(0.4)
+    assert O.fpr_at_tpr(np.arange(10), np.arange(5, 25), tpr=1.0) == pytest.approx(0.5)  # τ = 5
     with pytest.raises(ValueError, match="finite"):
-        L.auroc([0.0, float("nan")], [1.0])
+        O.auroc([0.0, float("nan")], [1.0])
 
 
 def test_shrinkage_matches_scikit_learn_and_mahalanobis_matches_the_dense_inverse():
@@ -154,33 +157,33 @@ def test_shrinkage_matches_scikit_learn_and_mahalanobis_matches_the_dense_invers
     rng = np.random.default_rng(0)
     for n, d in ((60, 10), (40, 300)):  # d > n: the sample covariance is singular, shrinkage is what makes it invertible
         x = rng.normal(size=(n, d)) * rng.uniform(0.3, 3, d) + rng.normal(size=d)
-        s_lw, _ = L.ledoit_wolf_shrinkage(torch.from_numpy(x))
+        s_lw, _ = O.ledoit_wolf_shrinkage(torch.from_numpy(x))
         assert s_lw == pytest.approx(sk.ledoit_wolf_shrinkage(x), rel=1e-9)
-        s_oas, _ = L.oas_shrinkage(torch.from_numpy(x))
+        s_oas, _ = O.oas_shrinkage(torch.from_numpy(x))
         assert s_oas == pytest.approx(sk.oas(x)[1], rel=1e-9)
-        fit = L.fit_gaussian(torch.from_numpy(x), "ledoit_wolf")
+        fit = O.fit_gaussian(torch.from_numpy(x), "ledoit_wolf")
         y = rng.normal(size=(7, d))
         cov = sk.ledoit_wolf(x)[0]
         diff = y - x.mean(0)
         dense = np.sqrt(np.einsum("ij,jk,ik->i", diff, np.linalg.inv(cov), diff))
-        np.testing.assert_allclose(L.mahalanobis_score(fit, torch.from_numpy(y)).numpy(), dense, rtol=1e-6)
+        np.testing.assert_allclose(O.mahalanobis_score(fit, torch.from_numpy(y)).numpy(), dense, rtol=1e-6)
     with pytest.raises(ValueError, match="ledoit_wolf' or 'oas"):
-        L.fit_gaussian(torch.from_numpy(x), "empirical")
+        O.fit_gaussian(torch.from_numpy(x), "empirical")
 
 
 def test_zscore_and_standardised_mean():
     x = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])  # second dimension constant: std floored, no division by 0
-    fit = L.fit_gaussian(x)
-    s = L.zscore_score(fit, torch.tensor([[2.0, 1.0], [2.0 + math.sqrt(8 / 3), 1.0]]))
+    fit = O.fit_gaussian(x)
+    s = O.zscore_score(fit, torch.tensor([[2.0, 1.0], [2.0 + math.sqrt(8 / 3), 1.0]]))
     torch.testing.assert_close(s, torch.tensor([0.0, 1 / math.sqrt(2)], dtype=torch.float64))
     fit_err = torch.tensor([[1.0, 10.0], [3.0, 30.0]])  # per-level mean (2, 20), std (√2, 10√2)
-    out = L.standardised_mean(fit_err, torch.tensor([[2.0, 20.0], [2 + math.sqrt(2), 20 + 10 * math.sqrt(2)]]))
+    out = O.standardised_mean(fit_err, torch.tensor([[2.0, 20.0], [2 + math.sqrt(2), 20 + 10 * math.sqrt(2)]]))
     torch.testing.assert_close(out, torch.tensor([0.0, 1.0], dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------------------------- direction helpers
 def test_direction_edit_and_flip_rows():
-    from pipeline.stages.latent import _edit, edited_side, flip_rows
+    from pipeline.latent.directions import edited_side, flip_rows, shapes_edit as _edit
 
     edit = _edit("a red circle on the left", "a blue circle on the left")
     assert edit == ("colour", "red", "blue")
@@ -258,12 +261,12 @@ def test_mode_on_a_tiny_pixel_space_pipeline(models, tmp_path):
     from mlflow.tracking import MlflowClient
 
     tags = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(out.run_id).data.tags
-    assert tags["latent.space"] == "pixel" and tags["latent.vae"].startswith("skipped: DDPMPipeline")
-    assert tags["latent.direction"].startswith("skipped")
+    assert tags["latent.space"] == "pixel" and "DDPMPipeline is a pixel-space" in tags["skipped.latent/recon_psnr"]
+    assert "unconditional" in tags["skipped.latent/direction"]
 
 
 def test_too_few_fit_samples_is_a_user_error_before_any_work(models, tmp_path, monkeypatch):
-    import pipeline.stages.common as common
+    import pipeline.models.stages as common
 
     monkeypatch.setattr(common, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(UserError, match=r"mode.latent.ood_fit_samples=50: .*at least 100"):
@@ -334,18 +337,18 @@ def test_vae_round_trip_and_inversion_on_the_shapes_model():
     with torch.no_grad():
         z = model.encode(x)
         y = ((model.decode(z, 32, 32) - 0.5) * 2).clamp(-1, 1)
-        right = float(L.psnr(x / 2 + 0.5, y / 2 + 0.5).mean())
+        right = float(psnr(x / 2 + 0.5, y / 2 + 0.5).mean())
         assert right > 28  # measured 33.2 dB here, 32.9 dB on the mode's 64 images
         # the scaling matters (scaling_factor 0.70): decoding the scaled latents as they are loses ~10 dB
-        wrong = float(L.psnr(x / 2 + 0.5, pipe.vae.decode(z).sample.clamp(-1, 1) / 2 + 0.5).mean())
+        wrong = float(psnr(x / 2 + 0.5, pipe.vae.decode(z).sample.clamp(-1, 1) / 2 + 0.5).mean())
         assert right - wrong > 5
         ids = pipe.tokenizer(caps[:4], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              return_tensors="pt").input_ids
         cond = pipe.text_encoder(ids)[0]
         fn = lambda v, t: pipe.unet(v, t, encoder_hidden_states=cond).sample  # noqa: E731
         sc = dict(pipe.scheduler.config)
-        back = ((model.decode(L.ddim_sample(fn, sc, L.ddim_invert(fn, sc, z[:4], 20), 20), 32, 32) - 0.5) * 2).clamp(-1, 1)
-    assert float(L.psnr(x[:4] / 2 + 0.5, back / 2 + 0.5).mean()) > 25  # measured 31.0 dB in the mode (8 images)
+        back = ((model.decode(LV.ddim_sample(fn, sc, LV.ddim_invert(fn, sc, z[:4], 20), 20), 32, 32) - 0.5) * 2).clamp(-1, 1)
+    assert float(psnr(x[:4] / 2 + 0.5, back / 2 + 0.5).mean()) > 25  # measured 31.0 dB in the mode (8 images)
 
 
 @pytest.mark.skipif(_zoo("shapes_sd") is None or _zoo("shapes_net") is None, reason="shapes_sd / shapes_net not trained")
@@ -379,9 +382,83 @@ def test_mode_on_the_pixel_space_shapes_model_and_its_reconstruction_score(tmp_p
 
 
 def test_ood_histogram_range_is_robust_to_a_stray_score():
-    from pipeline.stages.latent import robust_bins
+    from pipeline.latent.plots import robust_bins
 
     rng = np.random.default_rng(0)
     held_out, ood = rng.normal(0, 1, 100), rng.normal(2, 1, 100)
     bins = robust_bins([held_out, np.append(ood, 1e6)])  # one far-off score (and noise, not passed) must not stretch it
     assert len(bins) == 40 and -4 < bins[0] < -1 and 3 < bins[-1] < 7
+
+
+# ----------------------------------------------------------------------------------------------- every family
+FEW = ["mode.latent.steps=2", "mode.latent.ppl_pairs=2", "mode.latent.vae_samples=2", "mode.latent.inversion_samples=2",
+       "mode.latent.interp_points=3", "mode.latent.direction.samples_per_prompt=1", "mode.latent.direction.scales=[1.0]",
+       "mode.latent.direction.prompts=[a red circle on the left]", "sampler.batch_size=8", "dataset.size=32"]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    from tiny import tiny_family
+
+    root = tmp_path_factory.mktemp("latent_families")
+    return {f: tiny_family(f, root / f) for f in ("sdxl", "pixart", "sd3", "flux", "dit", "ldm")}
+
+
+def _family_cfg(path, name, outputs, parts, extra=()):
+    size = ["sampler.height=32", "sampler.width=32"] if name == "flux" else []
+    return compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={path}", "mode=[latent]",
+                        f"mode.latent.parts=[{','.join(parts)}]", *FEW, *size, *extra], outputs)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart", "sd3", "flux", "dit", "ldm"])
+def test_every_family_runs_the_latent_parts_its_math_has(family, family_dirs, tmp_path, outputs):
+    """SDXL (pooled + time ids, force_upcast VAE), PixArt (T5, learned σ), SD3/Flux (flow: inversion along the flow
+    ODE), DiT (class labels: a class-embedding direction), LDM (VQ-VAE): every part runs or is skipped with a tag."""
+    from mlflow.tracking import MlflowClient
+
+    extra = ["mode.latent.direction.source_class=1", "mode.latent.direction.target_class=2"] if family == "dit" else []
+    out = run_pipeline(_family_cfg(family_dirs[family], family, outputs, ["vae", "interpolation", "inversion", "direction"],
+                                   extra), tmp_path / "run")
+    assert out.status == "FINISHED", out.error
+    r = out.results
+    for key in ("recon_psnr", "inversion_psnr", "ppl_slerp", "ppl_lerp"):
+        assert np.isfinite(r[f"latent/{key}"]) and r[f"latent/{key}"] > 0, key
+    assert abs(r["latent/slerp_norm_ratio_mid"] - 1) < 0.05
+    plots = {p.stem for p in (tmp_path / "run" / "plots").glob("*.png")}
+    tags = MlflowClient(f"sqlite:///{outputs.resolve() / 'mlflow.db'}").get_run(out.run_id).data.tags
+    if family == "ldm":  # unconditional: no direction to take
+        assert "unconditional" in tags["skipped.latent/direction"] and "latent_direction" not in plots
+    else:
+        assert "latent_direction" in plots
+    assert tags["latent.path"] == ("flow ODE (Euler)" if family in ("sd3", "flux") else "DDIM")
+
+
+def test_flow_model_ood_and_the_cli(family_dirs, outputs):
+    """SD3 through the CLI with the OOD part: flow reconstructions (σ = t / T) give every score."""
+    import json
+
+    from conftest import run_cli
+
+    res = run_cli(["model=hub", f"model.path={family_dirs['sd3']}", "features=[shapes_net]", "dataset=shapes", "mode=[latent]",
+                   "mode.latent.parts=[ood]", "mode.latent.ood_fit_samples=100", "mode.latent.ood_eval_samples=8",
+                   "mode.latent.recon_steps=2", "mode.latent.recon_timesteps=[300]", "mode.latent.ood_noise=false", *FEW,
+                   f"paths.outputs={outputs}", f"hydra.run.dir={outputs}/sd3_latent_cli"], outputs)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((outputs / "sd3_latent_cli" / "results.json").read_text())
+    _check_ood(r, suffixes=("",))
+
+
+def test_ppl_in_half_precision_equals_float32(models, tmp_path, outputs):
+    """PPL divides a ~1e-4 difference by ε²: computed in the model's fp16/bf16 it came out hundreds of times too
+    large; the mode runs it in float32 whatever the dtype (the weights as loaded, upcast)."""
+    ppl = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        out = run_pipeline(compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={models['sd']}",
+                                        "mode=[latent]", f"model.dtype={dtype}", "mode.latent.parts=[interpolation]",
+                                        "mode.latent.steps=3", "mode.latent.ppl_pairs=4", "mode.latent.interp_points=3"],
+                                       outputs), tmp_path / dtype)
+        assert out.status == "FINISHED", out.error
+        ppl[dtype] = out.results
+    for dtype in ("float16", "bfloat16"):
+        for key in ("latent/ppl_slerp", "latent/ppl_lerp"):
+            assert ppl[dtype][key] == pytest.approx(ppl["float32"][key], rel=0.05), (dtype, key)

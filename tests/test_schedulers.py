@@ -91,7 +91,7 @@ def test_solvers_that_do_not_fit_the_model_are_refused_by_name(sd3_dir, flux_dir
 
 def test_refusal_comes_before_any_weights_are_read(flux_dir, tmp_path, monkeypatch):
     """Every stage that needs the pipeline gets it from the ``pipe`` stage, which needs the ``sampler`` first."""
-    import pipeline.stages.common as common
+    import pipeline.models.stages as common
     from pipeline.context import RunContext
     from pipeline.runner import _run_stage
 

@@ -13,14 +13,27 @@ Each function's docstring states its convention and the reference implementation
 
 ``HIGHER_IS_BETTER`` says, per metric name, which direction is better (per logged result key, for every mode:
 ``pipeline.metric_keys.higher_is_better``, which needs no torch; the two agree, tested).
+
+The metrics *mode* lives here too, in three I/O rooms: ``mode`` (the ``mode.metrics`` schema and its
+registration), ``stage`` (the stages: reference set, reference-feature cache, generation, logging) and ``plots``
+(its figures). Everything else in this package stays pure. The functions above are imported on first use
+(:pep:`562`), so importing ``pipeline.metrics.mode`` (the config schema does) loads no torch.
 """
 
-from pipeline.metrics.clip import clip_score
-from pipeline.metrics.frechet import frechet_distance, frechet_distance_from_stats
-from pipeline.metrics.inception import inception_score
-from pipeline.metrics.kernel import kernel_distance
-from pipeline.metrics.prdc import density_coverage, precision_recall
-from pipeline.metrics.stats import FeatureStats, ReferenceStats
+import importlib
+
+# name -> the module defining it, imported on first access
+_LAZY = {
+    "clip_score": "clip",
+    "frechet_distance": "frechet",
+    "frechet_distance_from_stats": "frechet",
+    "inception_score": "inception",
+    "kernel_distance": "kernel",
+    "density_coverage": "prdc",
+    "precision_recall": "prdc",
+    "FeatureStats": "stats",
+    "ReferenceStats": "stats",
+}
 
 HIGHER_IS_BETTER: dict[str, bool] = {
     "fid": False,  # frechet_distance, frechet_distance_from_stats (also FD with other extractors)
@@ -45,3 +58,15 @@ __all__ = [
     "kernel_distance",
     "precision_recall",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

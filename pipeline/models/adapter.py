@@ -249,6 +249,12 @@ class ModelAdapter:
             return self.pipe._pack_latents(x, *x.shape)
         return x
 
+    def pack(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) latents -> what the denoiser takes (Flux: 2×2-packed sequences); identity for the others."""
+        if self.family.name == "flux":
+            return self.pipe._pack_latents(z, *z.shape)
+        return z
+
     def unpack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed sequence latents -> (N, C, h, w) (Flux); identity for the others."""
         if self.family.name == "flux":
@@ -284,6 +290,34 @@ class ModelAdapter:
                 labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
             return Conditioning({"class_labels": labels}, cfg, guidance, n, class_ids=[int(c) for c in class_ids])
         return Conditioning({}, False, guidance, n)
+
+    @torch.no_grad()
+    def null_condition(self, n: int, height: int, width: int, guidance: float = 1.0) -> Conditioning:
+        """The model's "no condition" without CFG: the empty prompt (text), the null class (class-conditional —
+        DiT's ``num_embeds_ada_norm``), nothing (unconditional). Flux keeps ``guidance`` (its distilled embedding)."""
+        if self.text:
+            return self.condition(n, guidance if self.family.name == "flux" else 1.0, height, width, prompts=[""] * n)
+        if self.class_conditional:
+            labels = torch.full((n,), self.num_classes, device=self.device)
+            return Conditioning({"class_labels": labels}, False, 1.0, n)
+        return Conditioning({}, False, 1.0, n)
+
+    @contextlib.contextmanager
+    def float32(self):
+        """Every module of the pipeline in float32 while the block runs (the weights as loaded, upcast), then back:
+        for measurements that differences in the model dtype would drown (perceptual path length)."""
+        import torch.nn as nn
+
+        modules = [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]
+        dtypes = [next(m.parameters()).dtype if any(True for _ in m.parameters()) else None for m in modules]
+        for m in modules:
+            m.to(torch.float32)
+        try:
+            yield
+        finally:
+            for m, dt in zip(modules, dtypes):
+                if dt is not None:
+                    m.to(dt)
 
     @torch.no_grad()
     def text_context(self, prompts: Sequence[str]) -> torch.Tensor:

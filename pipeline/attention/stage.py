@@ -1,6 +1,6 @@
-"""Attention mode: per-word text→image attention maps of every text-to-image family (SD 1.x/2.x, SDXL and
-PixArt cross-attention; SD3 and Flux joint attention — see :mod:`pipeline.attention.capture`), aggregated over
-heads, layers and solver steps, and scored against object masks where the dataset has them.
+"""The attention mode's stage: per-word text→image attention maps of every text-to-image family (SD 1.x/2.x,
+SDXL and PixArt cross-attention; SD3 and Flux joint attention — see :mod:`pipeline.attention.capture`), aggregated
+over heads, layers and solver steps, and scored against object masks where the dataset has them.
 
 Generated images (``attention/miou*``): DAAM's protocol — a word's map, min-max normalised to [0, 1] and
 thresholded at ``threshold`` (τ = 0.4), is compared by IoU with the object's mask. The dataset's ground truth
@@ -27,77 +27,25 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pipeline.attention.capture import capture
+from pipeline.attention.mode import refuse_untexted
 from pipeline.attention.plots import overlay_figure, resolution_figure, threshold_figure
 from pipeline.attention.scoring import CURVE_THRESHOLDS, binarise, ideal_map, iou, normalise, spatial_entropy, to_image
 from pipeline.attention.tokens import prompt_tokens, word_maps
 from pipeline.errors import UserError
 from pipeline.generation import denoiser_call_steps, generators, sample, to_uint8
-from pipeline.models.family import FAMILIES as PIPELINE_FAMILIES, check_mode_support
-from pipeline.registry import register_mode, stage
+from pipeline.registry import stage
 
 log = logging.getLogger(__name__)
 
 STOP_WORDS = {"a", "an", "the", "on", "of", "and", "to", "in", "at", "with", "next", "is", "by", "its"}
 ROW_SUM_TOLERANCE = 1e-3  # float32 probabilities: |Σ p − 1| is ~1e-6 whatever the model dtype
-
-
-@dataclass
-class AttentionModeConfig:
-    prompts: Optional[List[str]] = None  # overrides the dataset prompts
-    prompts_file: Optional[str] = None
-    num_prompts: int = 100  # from the dataset's captions when no prompts are given
-    steps: List[int] = field(default_factory=lambda: [2, 8, 15, 22])  # snapshot solver steps (0-based)
-    threshold: float = 0.4
-    height: Optional[int] = None  # default: the model's
-    width: Optional[int] = None
-    figures: int = 2  # prompts drawn in the overlay / breakdown figures
-    num_reference: int = 50  # reference images with masks scored by the real-image protocol (0: off)
-    t: float = 0.5  # real-image protocol: noise level as a fraction of the training schedule
-
-
-# families whose text→image attention the capture records (the adapter's attention_layout)
-FAMILIES = {"sd", "sdxl", "pixart", "sd3", "flux"}
-
-
-def _refuse_untexted(cls: str, fam) -> None:
-    kind = "class-conditional" if fam.conditioning == "class" else "unconditional"
-    raise UserError(f"mode=[attention] needs a text-conditioned model: {cls} ({fam.name}) is {kind}, so there are no "
-                    f"prompt tokens to map; text-to-image families: "
-                    f"{', '.join(c for c, f in PIPELINE_FAMILIES.items() if f.name in FAMILIES)}")
-
-
-def validate(cfg) -> None:
-    fam = check_mode_support(cfg.model.path, "attention", None)
-    if fam is not None and fam.conditioning != "text":
-        from pipeline.models.family import read_model_index
-
-        _refuse_untexted(str(read_model_index(cfg.model.path).get("_class_name")), fam)
-    if fam is not None:
-        check_mode_support(cfg.model.path, "attention", FAMILIES)
-    a, n = cfg.mode.attention, int(cfg.sampler.num_inference_steps)
-    bad = [s for s in a.steps if not 0 <= s < n]
-    if bad or not a.steps:
-        raise UserError(f"mode.attention.steps={list(a.steps)}: snapshot solver steps must be in 0..{n - 1} "
-                        f"(sampler.num_inference_steps={n}); e.g. {[round(f * (n - 1)) for f in (0.1, 0.3, 0.6, 0.9)]}")
-    if not 0 < a.threshold < 1:
-        raise UserError(f"mode.attention.threshold={a.threshold}: expected a fraction of the map's maximum in (0, 1)")
-    if not 0 < a.t < 1:
-        raise UserError(f"mode.attention.t={a.t}: expected the real-image noise level as a fraction in (0, 1)")
-    if a.num_reference < 0:
-        raise UserError(f"mode.attention.num_reference={a.num_reference}: expected >= 0 (0 turns the real-image "
-                        "protocol off)")
-
-
-register_mode("attention", stages=["attention"], schema=AttentionModeConfig, validate=validate)
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -226,7 +174,7 @@ def attention_stage(ctx, cfg):
     a = cfg.mode.attention
     model = ctx.get("model")
     if not model.text:
-        _refuse_untexted(type(model.pipe).__name__, model.family)
+        refuse_untexted(type(model.pipe).__name__, model.family)
     height, width = model.resolve_size(a.height or cfg.sampler.height, a.width or cfg.sampler.width)
     layout = model.attention_layout(height, width)
     prompts = _prompts(cfg)

@@ -1,4 +1,4 @@
-"""Schedule mode: noise-schedule inspection of the model's scheduler and of reference schedules.
+"""The schedule mode's stage: noise-schedule inspection of the model's scheduler and of reference schedules.
 
 Scalars (model's scheduler under ``schedule/<name>``, each compared schedule under
 ``schedule/<schedule>/<name>``): log_snr_max, log_snr_min (finite part), terminal_snr, zero_terminal_snr,
@@ -16,35 +16,19 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.models.family import read_json
 from pipeline.models.schedulers import build_scheduler, flow_shift, is_flow_model, set_flow_timesteps, uses_dynamic_shift
-from pipeline.registry import register_mode, stage
-from pipeline.schedules import (NamedSchedule, NoiseSchedule, flow_positions, flow_schedule, from_scheduler, karras_sigmas,
-                                named_schedule, visited_positions)
+from pipeline.registry import stage
+from pipeline.schedule.plots import overlay_figure, panel_figure
+from pipeline.schedule.schedules import (NoiseSchedule, flow_positions, flow_schedule, from_scheduler,
+                                         karras_sigmas, named_schedule, visited_positions)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScheduleModeConfig:
-    compare: List[NamedSchedule] = field(
-        default_factory=lambda: [NamedSchedule(n) for n in
-                                 ("linear", "scaled_linear", "squaredcos_cap_v2", "scaled_linear_zero_snr", "karras", "edm")]
-    )
-    strict: bool = True  # a model schedule whose ᾱ is not strictly decreasing is an error (after results are saved)
-    # flow models with a resolution-dependent shift (Flux): the image size in pixels; None = the model's native size
-    height: Optional[int] = None
-    width: Optional[int] = None
-
-
-register_mode("schedule", stages=["schedule"], schema=ScheduleModeConfig)
 
 
 # the keys of a diffusers config that make the β schedule; every other key belongs to the solver
@@ -168,53 +152,6 @@ def findings(label: str, s: dict[str, float], kind: str = "discrete", beta_sched
     return notes
 
 
-def _panel_figure(schedule: NoiseSchedule, label: str, ts: np.ndarray):
-    import matplotlib.pyplot as plt
-
-    flow = schedule.kind == "flow"
-    t = np.arange(schedule.num_train_timesteps)
-    x, xv = (schedule.normalised_time(t), schedule.normalised_time(ts)) if flow else (t, ts)
-    xlabel = "uniform time u" if flow else "training step t"
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    axes[0].plot(x, schedule.alphas_cumprod)
-    axes[0].set(title="equivalent ᾱ = SNR/(1+SNR)" if flow else "ᾱ (alphas_cumprod)", xlabel=xlabel, ylim=(-0.02, 1.02))
-    ls = schedule.log_snr
-    axes[1].plot(x, np.where(np.isfinite(ls), ls, np.nan))
-    axes[1].scatter(xv, schedule.log_snr_at(ts), s=12, color="C3", zorder=3, label=f"visited ({len(ts)})")
-    axes[1].axhline(0, color="grey", lw=0.5)
-    axes[1].set(title="log-SNR", xlabel=xlabel)
-    axes[1].legend(loc="upper right", fontsize=8)
-    if flow:
-        axes[2].plot(x, schedule.flow_sigmas)
-        axes[2].plot([0, 1], [0, 1], color="grey", lw=0.5, ls=":")  # shift 1
-        axes[2].set(title=f"σ(u), shift {schedule.shift:.3g}", xlabel=xlabel)
-    else:
-        axes[2].semilogy(t, np.clip(schedule.betas, 1e-12, None))  # a σ schedule has no β_0 (NaN: not drawn)
-        axes[2].set(title="β" + (" (σ grid: no step before t = 0)" if schedule.kind == "sigma" else ""),
-                    xlabel="training step t")
-    fig.suptitle(label)
-    fig.tight_layout()
-    return fig
-
-
-def _overlay_figure(curves: list[tuple[str, NoiseSchedule, np.ndarray]]):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (label, schedule, ts) in enumerate(curves):
-        x = schedule.normalised_time(np.arange(schedule.num_train_timesteps))
-        ls = schedule.log_snr
-        # the model's own curve: black, dashed and on top (it often coincides with a reference schedule)
-        style = dict(color="black", ls="--", lw=1.6, zorder=4) if i == 0 else dict(color=f"C{i}", lw=1.2)
-        ax.plot(x, np.where(np.isfinite(ls), ls, np.nan), label=label, **style)
-        ax.scatter(schedule.normalised_time(ts), schedule.log_snr_at(ts), color=style["color"], s=10, zorder=5)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="normalised time t / (T-1)  (flow: u, σ = shift(u))", ylabel="log-SNR",
-           title="log-SNR of compared schedules (dots: visited timesteps)")
-    ax.legend(fontsize=8)
-    return fig
-
-
 def _curve_rows(schedule: NoiseSchedule) -> list[dict]:
     rows = [
         {"t": t, "beta": b, "alpha_cumprod": a, "snr": s, "log_snr": ls, "sigma": sg}
@@ -265,8 +202,8 @@ def schedule_stage(ctx, cfg):
         visited_rows += [{"schedule": name_label, "step": j, "t": float(t), "log_snr": float(schedule.log_snr_at(t))}
                          for j, t in enumerate(ts)]
         ctx.save_table(_curve_rows(schedule), f"schedule_curve_{schedule.name}")
-        ctx.save_figure(_panel_figure(schedule, name_label, ts), f"schedule_{schedule.name}")
-    ctx.save_figure(_overlay_figure(curves), "schedule_log_snr_overlay")
+        ctx.save_figure(panel_figure(schedule, name_label, ts), f"schedule_{schedule.name}")
+    ctx.save_figure(overlay_figure(curves), "schedule_log_snr_overlay")
     ctx.save_table(summary_rows, "schedule_summary")
     ctx.save_table(visited_rows, "schedule_visited")
     ctx.save_text("\n".join(f"- {n}" for n in notes) + "\n", "schedule_findings.md")

@@ -1,4 +1,6 @@
-"""Stages shared by several modes: reading the model's scheduler config and building the configured sampler."""
+"""Stages shared by several modes: the model's scheduler config, the configured sampler, the loaded pipeline, the
+adapter that drives it (``model``) and the feature extractors. A mode's own stages are in
+``pipeline/<mode>/stage.py``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Metrics mode: FID, KID, IS, precision/recall, density/coverage, CLIP score and prompt accuracy of generated
-images against a reference set, from one feature pass per image per extractor.
+"""The metrics mode's stages: FID, KID, IS, precision/recall, density/coverage, CLIP score and prompt accuracy of
+generated images against a reference set, from one feature pass per image per extractor.
 
 Images stream batch by batch from the sampler into every extractor (never all N in memory); the reference
 side's features are cached on disk (``<paths.cache>/reference/``) keyed by dataset identity + content hash,
@@ -19,12 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 import torch
@@ -35,33 +32,13 @@ from pipeline.errors import UserError
 from pipeline.generation import generate
 from pipeline.models.family import check_mode_support
 from pipeline.metric_keys import PROMPT_ACCURACY, PRIMARY_EXTRACTOR_TAG, extractor_keys, primary_extractor, primary_fd_key
-from pipeline.registry import register_mode, stage
+from pipeline.metrics.plots import sample_grid
+from pipeline.registry import stage
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the cached content or its meaning changes
 REPORTED_N = 10_000  # below this, FID & co. are biased: say so
-
-
-@dataclass
-class MetricsModeConfig:
-    num_samples: int = 256  # generated images; >= 10 000 for reported numbers
-    num_reference: Optional[int] = None  # real images (default: dataset.num_images)
-    batch_size: Optional[int] = None  # default: sampler.batch_size
-    prompts_file: Optional[str] = None  # one prompt per line; default: the dataset's captions
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000  # capped at N (logged)
-    is_splits: int = 10
-    pr_k: int = 3
-    dc_k: int = 5
-    judge: str = "auto"  # prompt accuracy by the dataset's judge (dataset=shapes): auto | on | off
-    class_ids: Optional[List[int]] = None  # class-conditional models: sample i uses class_ids[i % len]; default all
-    save_images: bool = False  # write every generated image to images/<global index:06d>.png in the run dir
-    cache: bool = True
-    grid: int = 8  # the logged sample grid is grid x grid
-
-
-register_mode("metrics", stages=["metrics_check", "metrics"], schema=MetricsModeConfig)
 
 
 def _n_reference(cfg) -> int:
@@ -209,27 +186,6 @@ def _judge_for(ctx, cfg, extractors, prompts):
     return gt
 
 
-def _sample_grid(images: list[torch.Tensor], prompts: list[str] | None, grid: int):
-    """One mosaic image with the prompt under each tile (one axes: 64 subplots + tight_layout cost seconds)."""
-    import matplotlib.pyplot as plt
-
-    n = min(len(images), grid * grid)
-    h, w = images[0].shape[1:] if n else (32, 32)
-    gap_x, gap_y = max(2, w // 8), (h // 2 if prompts else max(2, h // 8))  # room for two lines of prompt
-    mosaic = np.full((grid * (h + gap_y), grid * (w + gap_x), 3), 255, np.uint8)
-    fig, ax = plt.subplots(figsize=(grid * 1.6, grid * 1.75))
-    for i in range(n):
-        r, c = divmod(i, grid)
-        y, x = r * (h + gap_y), c * (w + gap_x)
-        mosaic[y : y + h, x : x + w] = images[i].permute(1, 2, 0).numpy()
-        if prompts:
-            ax.text(x + w / 2, y + h + 0.5, prompts[i].replace(" and ", "\n& "), fontsize=4.5, ha="center", va="top")
-    ax.imshow(mosaic, interpolation="nearest")
-    ax.axis("off")
-    fig.subplots_adjust(0.01, 0.01, 0.99, 0.99)
-    return fig
-
-
 # ----------------------------------------------------------------------------------------------- metrics
 @stage("metrics", needs=("model", "sampler", "prompts", "extractors", "real_features"))
 def metrics_stage(ctx, cfg):
@@ -335,7 +291,7 @@ def metrics_stage(ctx, cfg):
         ctx.save_table(judged, "metrics_prompt_judgements")
     ctx.log_scalars(scalars)
     ctx.save_table(rows, "metrics_extractors")
-    ctx.save_figure(_sample_grid(grid_images, grid_prompts or None, m.grid), "metrics_samples")
+    ctx.save_figure(sample_grid(grid_images, grid_prompts or None, m.grid), "metrics_samples")
     headline = primary_fd_key(extractors)
     log.info("metrics: %s = %.4g (primary extractor); %s", headline, scalars[headline],
              {k: round(v, 4) for k, v in scalars.items() if k != headline})

@@ -1,0 +1,27 @@
+"""Figures of the metrics mode: the logged sample grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def sample_grid(images: list[torch.Tensor], prompts: list[str] | None, grid: int):
+    """One mosaic image with the prompt under each tile (one axes: 64 subplots + tight_layout cost seconds)."""
+    import matplotlib.pyplot as plt
+
+    n = min(len(images), grid * grid)
+    h, w = images[0].shape[1:] if n else (32, 32)
+    gap_x, gap_y = max(2, w // 8), (h // 2 if prompts else max(2, h // 8))  # room for two lines of prompt
+    mosaic = np.full((grid * (h + gap_y), grid * (w + gap_x), 3), 255, np.uint8)
+    fig, ax = plt.subplots(figsize=(grid * 1.6, grid * 1.75))
+    for i in range(n):
+        r, c = divmod(i, grid)
+        y, x = r * (h + gap_y), c * (w + gap_x)
+        mosaic[y : y + h, x : x + w] = images[i].permute(1, 2, 0).numpy()
+        if prompts:
+            ax.text(x + w / 2, y + h + 0.5, prompts[i].replace(" and ", "\n& "), fontsize=4.5, ha="center", va="top")
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.axis("off")
+    fig.subplots_adjust(0.01, 0.01, 0.99, 0.99)
+    return fig
