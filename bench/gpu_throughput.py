@@ -17,10 +17,16 @@ prompts, 25 steps, 512²: 16 cross-attention layers at 64², 32², 16², 8² tok
 with random weights (UNet, VAE and the CLIP-L + OpenCLIP-bigG text encoders from the published SDXL-base configs;
 4 prompts, 10 steps, Euler, 512²: 70 cross-attention layers at 32² and 16² tokens). Goal: capture / plain <= 1.3.
 
+Latent section (``--latent``): on the SDXL-architecture pipeline in fp16 at 512² (random weights), the latent mode's
+parts ``vae``, ``interpolation`` and ``inversion`` through ``pipeline.latent.space.LatentSpace`` with small counts
+(2 images, 10 steps): VAE round trip (``force_upcast``), a slerp midpoint generated in float32 (the PPL path) and a
+DDIM inversion round trip; prints whether every output is finite (no NaN), the PSNRs, timings and peak memory.
+
     python bench/gpu_throughput.py                 # on a GPU machine: batches 8 and 16, 25 steps, fp16
     python bench/gpu_throughput.py --attention     # ... and the attention capture section (< 5 min on an H200)
     python bench/gpu_throughput.py --tiny          # CPU dry run of the script with tiny components
     python bench/gpu_throughput.py --tiny --attention
+    python bench/gpu_throughput.py --batches --attention --latent   # attention + latent sections only
 """
 
 from __future__ import annotations
@@ -237,11 +243,12 @@ def attention_overhead(label: str, pipe, n: int, steps: int, size: tuple[int, in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny components on the CPU (a dry run of the script)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--batches", type=int, nargs="*", default=[8, 16], help="none: skip the throughput section")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention", action="store_true",
                     help="also time the attention capture vs plain generation (SD 1.5 and SDXL architectures)")
+    ap.add_argument("--latent", action="store_true", help="also run the latent check on the SDXL architecture")
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -277,9 +284,10 @@ def main() -> None:
                   f"{unet / gen:.3f} of the raw-UNet bound (goal >= 0.88)")
             if device.type == "cuda":
                 print(f"          peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-        if not args.attention:
+        if not (args.attention or args.latent):
             return
-        attention_overhead("SD 1.5", pipe, 8, 25, None if args.tiny else (512, 512), device, args.repeats)
+        if args.attention:
+            attention_overhead("SD 1.5", pipe, 8, 25, None if args.tiny else (512, 512), device, args.repeats)
         del pipe, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -288,7 +296,48 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         print(f"SDXL architecture{' (tiny)' if args.tiny else ''}, built in {time.perf_counter() - tic:.1f} s; "
               f"Euler, guidance 7.5, min of {args.repeats}")
-        attention_overhead("SDXL", pipe, 4, 10, None if args.tiny else (512, 512), device, args.repeats)
+        if args.attention:
+            attention_overhead("SDXL", pipe, 4, 10, None if args.tiny else (512, 512), device, args.repeats)
+        if args.latent:
+            latent_check(pipe, device, args.tiny)
+
+
+def latent_check(pipe, device: torch.device, tiny: bool) -> None:
+    """vae, interpolation (float32 PPL path) and inversion on one pipeline, small counts: finite outputs?"""
+    import torch.nn.functional as F
+
+    from pipeline.latent.interpolation import slerp
+    from pipeline.latent.space import LatentSpace, ddim_config
+    from pipeline.metrics.image import psnr
+    from pipeline.models.adapter import ModelAdapter
+
+    model = ModelAdapter(pipe)
+    size = model.native_size() if tiny else (512, 512)
+    space = LatentSpace(model, pipe.scheduler, size, 10, 2, 5.0, 0.0, ddim_config(pipe.scheduler.config))
+    g = torch.Generator().manual_seed(0)
+    images = (F.interpolate(torch.rand(2, 3, 8, 8, generator=g), size=size, mode="bilinear") * 255).to(torch.uint8)
+    base = _reset_peak(device)
+    tic = time.perf_counter()
+    x = space.load(images)
+    rec = space.decode(space.encode(x))
+    vae_s = time.perf_counter() - tic
+    prompts = ["a photo of a red circle on the left", "a photo of a blue square on the right"]
+    tic = time.perf_counter()
+    with model.float32():
+        mid = space.generate(slerp(space.noise([0, 1]), space.noise([2, 3]), 0.5), space.guided(2, prompts=prompts), [0, 1])
+    ppl_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    cond = space.plain(prompts)
+    inv = space.decode(space.regenerate(space.invert(space.encode(x), cond), cond))
+    inv_s = time.perf_counter() - tic
+    finite = {name: bool(torch.isfinite(t).all()) for name, t in (("vae", rec), ("interpolation", mid), ("inversion", inv))}
+    peak = _cuda_peak(device, base)
+    print(f"latent SDXL {size[0]}x{size[1]} in {model.dtype}: finite {finite} (VAE force_upcast="
+          f"{getattr(model.vae.config, 'force_upcast', None)}); VAE round trip PSNR "
+          f"{psnr((x.float() / 2 + 0.5).cpu(), (rec / 2 + 0.5).cpu()).mean():.1f} dB ({vae_s:.1f} s), float32 slerp "
+          f"midpoint ({ppl_s:.1f} s), DDIM inversion PSNR {psnr((x.float() / 2 + 0.5).cpu(), (inv / 2 + 0.5).cpu()).mean():.1f}"
+          f" dB ({inv_s:.1f} s); peak extra memory "
+          + ("n/a (CPU)" if peak is None else f"{peak / 2**30:.2f} GiB"))
 
 
 if __name__ == "__main__":

@@ -307,17 +307,21 @@ class ModelAdapter:
         """Every module of the pipeline in float32 while the block runs (the weights as loaded, upcast), then back:
         for measurements that differences in the model dtype would drown (perceptual path length)."""
         import torch.nn as nn
+        from diffusers.utils import logging as diffusers_logging
 
         modules = [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]
         dtypes = [next(m.parameters()).dtype if any(True for _ in m.parameters()) else None for m in modules]
-        for m in modules:
-            m.to(torch.float32)
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its "casting with to()" advice concerns loading, not this upcast
         try:
+            for m in modules:
+                m.to(torch.float32)
             yield
         finally:
             for m, dt in zip(modules, dtypes):
                 if dt is not None:
                     m.to(dt)
+            diffusers_logging.set_verbosity(verbosity)
 
     @torch.no_grad()
     def text_context(self, prompts: Sequence[str]) -> torch.Tensor:
