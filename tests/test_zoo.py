@@ -178,12 +178,13 @@ def test_judge_features_and_round_trip(judge, tmp_path):
 def _tiny_cfg(tmp_path, component: str):
     cfg = OmegaConf.load(CONF_DIR / "train.yaml")
     cfg.output_dir, cfg.components = str(tmp_path), [component]
-    for c in ("judge", "vae", "sd", "ddpm"):
+    for c in ("judge", "vae", "sd", "sd3", "ddpm"):
         cfg[c].steps, cfg[c].n_train = 4, 256
     cfg.judge.eval_n = cfg.vae.eval_n = 64
     cfg.vae.eval_every = 2
     cfg.sd.update(eval_every=2, eval_prompts=4, eval_sampling_steps=2, checkpoints=[0.5])
-    cfg.judge.batch = cfg.vae.batch = cfg.sd.batch = cfg.ddpm.batch = 8
+    cfg.sd3.update(eval_every=2, eval_prompts=4, eval_sampling_steps=2, checkpoints=[0.5])
+    cfg.judge.batch = cfg.vae.batch = cfg.sd.batch = cfg.sd3.batch = cfg.ddpm.batch = 8
     return cfg
 
 
@@ -191,6 +192,7 @@ def _tiny_cfg(tmp_path, component: str):
     ("judge", "shapes_net/model.safetensors"),
     ("vae", "shapes_sd/vae/config.json"),
     ("sd", "shapes_sd/model_index.json"),
+    ("sd3", "shapes_sd3/model_index.json"),
     ("ddpm", "shapes_ddpm/model_index.json"),
 ])
 def test_training_component_smoke(tmp_path, component, marker):
@@ -202,6 +204,45 @@ def test_training_component_smoke(tmp_path, component, marker):
     if component == "sd":
         assert "sd/eval_correct" in keys
         assert zoo.checkpoints("shapes_sd", tmp_path)[0].name == "step_00002"
+    if component == "sd3":  # stock diffusers format without T5: pipe(prompt) draws with no other argument
+        from diffusers import StableDiffusion3Pipeline
+
+        assert "sd3/eval_correct" in keys and "sd3/grounding_loss" in keys
+        pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "shapes_sd3", text_encoder_3=None, tokenizer_3=None)
+        assert pipe("a red circle on the left", num_inference_steps=2).images[0].size == (32, 32)
+        assert (tmp_path / "shapes_sd3_ckpt" / "step_00002" / "model_index.json").is_file()
+
+
+def test_sd3_training_context_collapses_the_zero_t5_rows_exactly(tmp_path):
+    """Training keeps one of the 256 identical zero-T5 context rows with +ln 256 on its logit: the transformer's output
+    equals the stock pipeline's (its own encode_prompt context, 256 zero rows, stock joint attention)."""
+    import copy
+
+    from pipeline.zoo.sd3 import T5_POSITIONS, JointTrainProcessor, _context, _sd3_pipeline, build_sd3
+    from pipeline.zoo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(vocabulary(), tmp_path / "tok", 20)
+    torch.manual_seed(0)
+    te, te2, net = build_sd3(len(tok), tok.bos_token_id, tok.eos_token_id, 20, 8, 4,
+                             {"hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64},
+                             {"layers": 2, "heads": 2, "head_dim": 16})
+    for p in net.parameters():  # away from the zero-initialised output layers, so the check is not trivial
+        p.data += 0.05 * torch.randn_like(p)
+    pipe = _sd3_pipeline(None, te, te2, tok, net, 1.0)
+    prompts = ["a red circle on the left", "a blue square on the right and a green triangle on the left"]
+    pe, _, ppe, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)
+    assert pe.shape[1] == 20 + T5_POSITIONS
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        ref = net(hidden_states=x, encoder_hidden_states=pe, pooled_projections=ppe, timestep=t, return_dict=False)[0]
+        train_net = copy.deepcopy(net)
+        train_net.set_attn_processor({k: JointTrainProcessor(k, 20, T5_POSITIONS) for k in train_net.attn_processors})
+        ids = tok(prompts, padding="max_length", max_length=20, truncation=True, return_tensors="pt").input_ids
+        context, pooled = _context(te, te2, ids)
+        got = train_net(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                        return_dict=False)[0]
+    assert context.shape[1] == 21 and ref.abs().max() > 0.1
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_sd_training_with_evaluation_off(tmp_path):

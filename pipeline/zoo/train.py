@@ -235,8 +235,9 @@ def _sd_pipeline(vae, text_encoder, tokenizer, unet):
 def _save_pipeline(pipe, path: pathlib.Path):
     """Save ``pipe`` in ``STORE_DTYPE`` without touching the training copy."""
     half = copy.deepcopy(pipe)
-    for module in (half.unet, half.vae, half.text_encoder):
-        module.to("cpu", STORE_DTYPE)
+    for module in half.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.to("cpu", STORE_DTYPE)
     half.save_pretrained(path, safe_serialization=True)
 
 
@@ -246,13 +247,14 @@ def evaluate_adherence(pipe, judge, captions: list[str], steps: int = 25, guidan
     """Generate one image per caption and judge it: rates of correct colour / shape / both, by object count."""
     from pipeline.zoo.shapes_net import compare
 
-    device = pipe.unet.device
+    net = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    device = net.device
     results = []
     for i in range(0, len(captions), batch_size):
         chunk = captions[i : i + batch_size]
         gen = torch.Generator(device="cpu").manual_seed(seed + i)
-        latents = torch.randn((len(chunk), pipe.unet.config.in_channels, pipe.unet.config.sample_size,
-                               pipe.unet.config.sample_size), generator=gen).to(device, pipe.unet.dtype)
+        latents = torch.randn((len(chunk), net.config.in_channels, net.config.sample_size, net.config.sample_size),
+                              generator=gen).to(device, net.dtype)
         images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
                       output_type="pt").images
         for j, c in zip(judge.judge(images.float().cpu()), chunk):
@@ -477,7 +479,13 @@ def train_ddpm(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricF
     return path
 
 
-COMPONENTS = {"judge": train_judge, "vae": train_vae, "sd": train_sd, "ddpm": train_ddpm}
+def _train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn) -> pathlib.Path:
+    from pipeline.zoo.sd3 import train_sd3
+
+    return train_sd3(cfg, out, device, log_metric)
+
+
+COMPONENTS = {"judge": train_judge, "vae": train_vae, "sd": train_sd, "sd3": _train_sd3, "ddpm": train_ddpm}
 
 
 def train(cfg, log_metric: MetricFn | None = None) -> dict[str, pathlib.Path]:

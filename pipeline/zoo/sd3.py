@@ -1,0 +1,229 @@
+"""``shapes_sd3``: an SD3-architecture MMDiT trained with the rectified-flow objective on the shapes captions.
+
+Components (stock diffusers ``StableDiffusion3Pipeline``, no T5): the shapes VAE (4 channels, 8×8 latents; its config
+gets ``shift_factor: 0.0``, which SD3's decode needs), two ``CLIPTextModelWithProjection`` over the caption BPE
+(``text_encoder``, ``text_encoder_2``; the pipeline uses each one's penultimate hidden states, concatenated, and the
+projected end token as pooled embeddings), an ``SD3Transformer2DModel`` with ``patch_size=1`` (an 8×8 image-token
+grid) and ``FlowMatchEulerDiscreteScheduler``.
+
+Objective (Esser et al. 2024, SD3): x_σ = (1 − σ)·x₀ + σ·ε, the transformer at timestep 1000·σ predicts the velocity
+ε − x₀ (MSE); σ from a logit-normal (m = 0, s = 1) mapped through the scheduler's ``shift``
+(σ' = s·σ / (1 + (s − 1)·σ)), as at sampling time.
+
+The context is exactly what the stock pipeline builds at sampling time: the CLIP tokens (padded to the tokenizer's
+length) followed by the ``max_sequence_length`` = 256 zero T5 positions it appends when there is no T5. Those 256
+positions are identical tokens (the context embedder maps zeros to its bias), so in every joint attention they are
+256 identical keys and values, and identical queries whose outputs are identical: training keeps *one* of them and
+adds ln 256 to its logit in every softmax — exact, and ~4× cheaper than 256 rows (:class:`JointTrainProcessor`).
+
+Token grounding (optional, ``sd3.grounding_weight``; TokenCompose-style as for ``shapes_sd``): the image-query →
+CLIP-key block of each joint softmax, head-averaged and renormalised over the caption's real tokens — what the
+attention mode measures on SD3 without T5 — is taught to cover each object's mask with its colour and shape tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pathlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["JointTrainProcessor", "build_sd3", "train_sd3"]
+
+T5_POSITIONS = 256  # StableDiffusion3Pipeline's default max_sequence_length: zero rows without a T5 encoder
+
+
+class JointTrainProcessor:
+    """SD3's joint attention written out (diffusers 0.42 ``JointAttnProcessor2_0`` projections), with the last
+    context token standing for ``multiplicity`` identical ones (+ln multiplicity on its logit), and the image-query →
+    CLIP-key probabilities handed to ``sink(name, probs)`` (b, heads, HW, n_clip) when a sink is set."""
+
+    def __init__(self, name: str, n_clip: int, multiplicity: int, sink=None):
+        self.name, self.n_clip, self.log_mult, self.sink = name, n_clip, math.log(multiplicity), sink
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        b, n_img = hidden_states.shape[:2]
+        heads = attn.heads
+
+        def split(t):
+            return t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        cq, ck, cv = (split(p(encoder_hidden_states)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        query, key, value = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        logits = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
+        bias = torch.zeros(logits.shape[-1], device=logits.device, dtype=logits.dtype)
+        bias[-1] = self.log_mult  # the collapsed zero-T5 key stands for `multiplicity` identical keys
+        probs = (logits + bias).softmax(-1)
+        if self.sink is not None:
+            self.sink(self.name, probs[:, :, :n_img, n_img : n_img + self.n_clip])
+        out = (probs @ value).transpose(1, 2).reshape(b, -1, heads * q.shape[-1])
+        hidden, context = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        hidden = attn.to_out[1](attn.to_out[0](hidden))
+        return hidden, context
+
+
+def build_sd3(vocab_size: int, bos: int, eos: int, max_length: int, latent_size: int, latent_channels: int,
+              text: dict, transformer: dict):
+    """(text_encoder, text_encoder_2, transformer) with random weights, sized by ``conf/train.yaml`` ``sd3``."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
+            num_hidden_layers=text["layers"], num_attention_heads=text["heads"], max_position_embeddings=max_length,
+            projection_dim=text["hidden_size"], bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
+
+    te, te2 = clip(), clip()
+    width = transformer["heads"] * transformer["head_dim"]
+    net = SD3Transformer2DModel(
+        sample_size=latent_size, patch_size=1, in_channels=latent_channels, out_channels=latent_channels,
+        num_layers=transformer["layers"], attention_head_dim=transformer["head_dim"],
+        num_attention_heads=transformer["heads"], joint_attention_dim=2 * text["hidden_size"],
+        caption_projection_dim=width, pooled_projection_dim=2 * text["hidden_size"], pos_embed_max_size=latent_size)
+    return te, te2, net
+
+
+def _context(te, te2, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's ``encode_prompt`` without T5 for token ids (B, L): [penultimate CLIP-L | CLIP-G states] and one
+    zero row standing for the 256 zero T5 positions; pooled = [L | G] projected end tokens."""
+    out, out2 = te(ids, output_hidden_states=True), te2(ids, output_hidden_states=True)
+    states = torch.cat([out.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+    context = torch.cat([states, states.new_zeros(states.shape[0], 1, states.shape[-1])], dim=1)
+    return context, torch.cat([out.text_embeds, out2.text_embeds], dim=-1)
+
+
+def _sd3_pipeline(vae, te, te2, tokenizer, transformer, shift: float):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+                                    vae=vae, text_encoder=te, tokenizer=tokenizer, text_encoder_2=te2,
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric) -> pathlib.Path:
+    from diffusers import AutoencoderKL
+
+    from pipeline.zoo.shapes_net import ShapesNet
+    from pipeline.zoo.tokenizer import build_tokenizer
+    from pipeline.zoo.train import (EMA, ShapesDataset, TokenGrounding, _find, _images, _lr_lambda, _progress,
+                                    _save_pipeline, evaluate_adherence, vocabulary)
+
+    c = cfg.sd3
+    torch.manual_seed(cfg.seed)
+    vae_path = pathlib.Path(c.vae_path) if c.vae_path else _find(out, "shapes_sd/vae", "config.json", "shapes_sd")
+    if vae_path is None:
+        raise FileNotFoundError(f"sd3: no VAE at {out / 'shapes_sd/vae'} and none shipped; run components=[vae] first")
+    vae = AutoencoderKL.from_pretrained(vae_path, dtype=torch.float32).to(device).eval()
+    vae.register_to_config(shift_factor=0.0)  # SD3's decode adds shift_factor: null would fail there
+    vae.requires_grad_(False)
+    tokenizer = build_tokenizer(vocabulary(), out / "shapes_sd3" / "tokenizer", c.max_length)
+
+    # 1. latents and token ids of the training set, once (VAE and tokenizer are frozen)
+    x, captions, objects = _images(cfg.data, "train", c.n_train)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(x[i : i + 500].to(device)).latent_dist.mode().cpu()
+                             for i in range(0, len(x), 500)]) * vae.config.scaling_factor
+    del x
+    grounding = TokenGrounding(tokenizer, captions, objects, tuple(latents.shape[-2:])) if c.grounding_weight else None
+    del objects
+    tokens = lambda caps: tokenizer(caps, padding="max_length", max_length=c.max_length, truncation=True,  # noqa: E731
+                                    return_tensors="pt").input_ids
+    ids, empty_ids = tokens(captions), tokens([""])[0]
+    real = (ids != tokenizer.pad_token_id) | (torch.arange(c.max_length) == 0)  # BOS … first EOS (pad = EOS)
+    n_real = real.sum(1) + 1  # + the end token itself
+    print(f"sd3: {len(latents)} latents {tuple(latents.shape[1:])}, RMS {latents.pow(2).mean().sqrt():.3f}", flush=True)
+
+    # 2. models: the training copy records attention through JointTrainProcessor; the sampling copy is stock
+    te, te2, net = build_sd3(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, c.max_length,
+                             latents.shape[-1], latents.shape[1], dict(c.text_encoder), dict(c.transformer))
+    te, te2, net = te.to(device), te2.to(device), net.to(device)
+    ema_te, ema_te2, ema_net = (copy.deepcopy(m).eval() for m in (te, te2, net))
+    pipe = _sd3_pipeline(vae, ema_te, ema_te2, tokenizer, ema_net, c.shift)
+    valid = {"mask": None}
+
+    def sink(name, probs):  # (b, heads, HW, n_clip) -> head-averaged, renormalised over the caption's real tokens
+        p = probs.mean(1) * valid["mask"][:, None, :]
+        grounding._record_cross(name, p / p.sum(-1, keepdim=True).clamp_min(1e-12), 1)
+
+    net.set_attn_processor({k: JointTrainProcessor(k, c.max_length, T5_POSITIONS, sink if grounding else None)
+                            for k in net.attn_processors})
+    params = [*net.parameters(), *te.parameters(), *te2.parameters()]
+    opt = torch.optim.AdamW([{"params": net.parameters(), "lr": c.lr},
+                             {"params": [*te.parameters(), *te2.parameters()], "lr": c.text_lr}], weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c.warmup, c.steps))
+    ema = EMA([net, te, te2], c.ema_decay)
+
+    judge_path = _find(out, "shapes_net", "config.json", "shapes_net")
+    judge = ShapesNet.from_pretrained(judge_path, device=device) if judge_path and c.eval_every else None
+    eval_caps = ShapesDataset("test", c.eval_prompts, seed=cfg.data.seed, size=cfg.data.size, shapes=cfg.data.shapes,
+                              colours=cfg.data.colours, p_two=cfg.data.p_two).captions if judge else []
+    ckpt_steps = sorted({max(1, round(f * c.steps)) for f in c.checkpoints} - {c.steps})
+
+    def snapshot(step: int) -> None:
+        ema.copy_to([ema_net, ema_te, ema_te2])
+        if judge is not None and (step % c.eval_every == 0 or step == c.steps or step in ckpt_steps):
+            t0 = time.time()
+            res = evaluate_adherence(pipe, judge, eval_caps, c.eval_sampling_steps, c.guidance, seed=cfg.seed)
+            for k, v in res.items():
+                log_metric(f"sd3/eval_{k}", v, step)
+            print(f"sd3 step {step}: adherence {' '.join(f'{k}={v:.2f}' for k, v in res.items())} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+        if step in ckpt_steps:
+            _save_pipeline(pipe, out / "shapes_sd3_ckpt" / f"step_{step:05d}")
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar, t_start = _progress(c.steps, "sd3"), time.time()
+    for step in range(1, c.steps + 1):
+        idx = torch.randint(0, len(latents), (c.batch,), generator=gen)
+        x0 = latents[idx].to(device)
+        drop = torch.rand(c.batch, generator=gen) < c.caption_dropout
+        ids_b = torch.where(drop[:, None], empty_ids[None], ids[idx]).to(device)
+        valid["mask"] = (torch.arange(c.max_length)[None] < torch.where(drop, 2, n_real[idx])[:, None]).float().to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        sigma = torch.sigmoid(torch.randn(c.batch, generator=gen)).to(device)  # logit-normal (0, 1)
+        sigma = c.shift * sigma / (1 + (c.shift - 1) * sigma)  # the scheduler's static shift
+        s = sigma[:, None, None, None]
+        xt = (1 - s) * x0 + s * noise
+        context, pooled = _context(te, te2, ids_b)
+        pred = net(hidden_states=xt, encoder_hidden_states=context, pooled_projections=pooled, timestep=sigma * 1000,
+                   return_dict=False)[0]
+        loss = total = F.mse_loss(pred, noise - x0)
+        if grounding is not None:
+            g_loss = grounding.loss(idx, ~drop)
+            total = loss + c.grounding_weight * g_loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.update()
+        bar.update()
+        if step % 50 == 0 or step == c.steps:
+            log_metric("sd3/loss", loss.item(), step)
+            if grounding is not None:
+                log_metric("sd3/grounding_loss", g_loss.item(), step)
+        if (c.eval_every and step % c.eval_every == 0) or step in ckpt_steps or step == c.steps:
+            bar.clear()
+            snapshot(step)
+    bar.close()
+    log_metric("sd3/train_minutes", (time.time() - t_start) / 60, c.steps)
+    path = out / "shapes_sd3"
+    _save_pipeline(pipe, path)
+    return path
