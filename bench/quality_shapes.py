@@ -1,6 +1,11 @@
 """Quality bars of the built-in shapes zoo (issue 3), measured with the project's own data, judge and models.
 
     python bench/quality_shapes.py [--root pipeline/zoo/weights] [--n-gen 500] [--guidance 5.0] [--device cpu]
+    python bench/quality_shapes.py --model shapes_sd3      # the flow-matching transformer: native solver, 20 steps
+
+With ``--model shapes_sd3`` parts 3 and 4 measure shapes_sd3 (its own FlowMatchEuler solver, 20 steps by default;
+the random-weight baseline is the same SD3Transformer2DModel architecture) — parts 1 and 2 are the shared VAE and
+judge.
 
 1. VAE reconstruction PSNR on val images (bar: >= 28 dB);
 2. judge accuracy on real test images: shape and colour of every object (bar: >= 98 %);
@@ -38,15 +43,20 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return fd(a, b)
 
 
+def _denoiser(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
 @torch.no_grad()
 def generate(pipe, captions, steps: int, guidance: float, seed: int = 0, batch_size: int = 100) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1]; the initial noise of caption i is fixed by (seed, i), whatever the model."""
     out = []
+    net = _denoiser(pipe)
     for i in range(0, len(captions), batch_size):
         chunk = captions[i : i + batch_size]
         gen = torch.Generator().manual_seed(seed + i)
-        shape = (len(chunk), pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-        latents = torch.randn(shape, generator=gen).to(pipe.unet.device)
+        shape = (len(chunk), net.config.in_channels, net.config.sample_size, net.config.sample_size)
+        latents = torch.randn(shape, generator=gen).to(net.device)
         out.append(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
                         output_type="pt").images.float().cpu())
     return torch.cat(out)
@@ -61,22 +71,35 @@ def load_sd(path, device):
     return pipe
 
 
+def load_sd3(path, device):
+    """shapes_sd3 as shipped, with its own FlowMatchEuler solver."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None,
+                                                    dtype=torch.float32).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default=None, help="weights folder (default: the package's)")
     ap.add_argument("--n-gen", type=int, default=500, help="test captions / generated images per model")
     ap.add_argument("--n-real", type=int, default=2000, help="real test images for the judge and FD")
     ap.add_argument("--n-val", type=int, default=1000, help="val images for the VAE PSNR")
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--model", default="shapes_sd", choices=["shapes_sd", "shapes_sd3"])
+    ap.add_argument("--steps", type=int, default=None, help="default: 25 (shapes_sd, DDIM) / 20 (shapes_sd3, native)")
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    args.steps = args.steps or (20 if args.model == "shapes_sd3" else 25)
+    load = load_sd3 if args.model == "shapes_sd3" else load_sd
     t0 = time.time()
     judge = ShapesNet.from_pretrained(zoo.locate("shapes_net", args.root), device=args.device)
-    sd_path = zoo.locate("shapes_sd", args.root)
-    pipe = load_sd(sd_path, args.device)
+    sd_path = zoo.locate(args.model, args.root)
+    pipe = load(sd_path, args.device)
 
     # 1. VAE round trip on val images
     xv, _ = ShapesDataset("val", args.n_val).arrays()
@@ -99,7 +122,8 @@ def main() -> None:
     # 3. prompt adherence
     captions = [s.caption for s in samples[: args.n_gen]]
     res = evaluate_adherence(pipe, judge, captions, args.steps, args.guidance, seed=0, batch_size=100)
-    print(f"3. adherence, {args.n_gen} test captions, {args.steps} DDIM steps, guidance {args.guidance}: "
+    print(f"3. {args.model} adherence, {args.n_gen} test captions, {args.steps} {type(pipe.scheduler).__name__} steps, "
+          f"guidance {args.guidance}: "
           f"one-object {res['correct_1obj']:.3f} (bar >= 0.80), two-object {res['correct_2obj']:.3f} (bar >= 0.60); "
           f"colour {res['colour']:.3f}, shape {res['shape']:.3f}")
 
@@ -109,19 +133,24 @@ def main() -> None:
             return torch.cat([judge.features(x[i : i + 500]).cpu() for i in range(0, len(x), 500)]).numpy()
 
         f_real = feats(real)
-        from diffusers import UNet2DConditionModel
-
         torch.manual_seed(0)
-        random_pipe = load_sd(sd_path, args.device)
-        random_pipe.unet = UNet2DConditionModel.from_config(pipe.unet.config).to(args.device)
+        random_pipe = load(sd_path, args.device)
+        if args.model == "shapes_sd3":
+            from diffusers import SD3Transformer2DModel
+
+            random_pipe.transformer = SD3Transformer2DModel.from_config(pipe.transformer.config).to(args.device)
+        else:
+            from diffusers import UNet2DConditionModel
+
+            random_pipe.unet = UNet2DConditionModel.from_config(pipe.unet.config).to(args.device)
         fd_random = frechet_distance(f_real, feats(generate(random_pipe, captions, args.steps, args.guidance)))
         fds = []
-        for path in zoo.checkpoints("shapes_sd", args.root):
-            p = pipe if path == sd_path else load_sd(path, args.device)
+        for path in zoo.checkpoints(args.model, args.root):
+            p = pipe if path == sd_path else load(path, args.device)
             fds.append((path.name, frechet_distance(f_real, feats(generate(p, captions, args.steps, args.guidance)))))
     fd_final = fds[-1][1]
     print(f"4. FD (shapes_net features, {args.n_real} real vs {args.n_gen} generated): final {fd_final:.3f}, "
-          f"random-weight UNet {fd_random:.3f}, ratio {fd_final / fd_random:.4f} (bar <= 0.2)")
+          f"random-weight {type(_denoiser(pipe)).__name__} {fd_random:.3f}, ratio {fd_final / fd_random:.4f} (bar <= 0.2)")
     ordered = all(a[1] > b[1] for a, b in zip(fds, fds[1:]))
     print("   checkpoints: " + ", ".join(f"{n} {v:.3f}" for n, v in fds) + f"; later is better: {ordered}")
     print(f"({time.time() - t0:.0f} s on {args.device})")

@@ -6,6 +6,9 @@
 
 Names:
 - ``shapes_sd``: text-to-image ``StableDiffusionPipeline`` (AutoencoderKL + CLIPTextModel + UNet2DConditionModel);
+- ``shapes_sd3``: text-to-image ``StableDiffusion3Pipeline`` without T5 (the shapes VAE + two
+  CLIPTextModelWithProjection + an SD3Transformer2DModel, rectified flow): load with
+  ``StableDiffusion3Pipeline.from_pretrained(locate("shapes_sd3"), text_encoder_3=None, tokenizer_3=None)``;
 - ``shapes_ddpm``: unconditional pixel-space ``DDPMPipeline``;
 - ``shapes_net``: feature extractor and prompt-adherence judge (:class:`pipeline.zoo.shapes_net.ShapesNet`).
 
@@ -24,6 +27,7 @@ TRAIN_COMMAND = "python -m pipeline.zoo.train output_dir=pipeline/zoo/weights"
 # name -> (sub-directory of WEIGHTS_DIR, the file whose presence means "trained", training component)
 MODELS: dict[str, tuple[str, str, str]] = {
     "shapes_sd": ("shapes_sd", "model_index.json", "sd"),
+    "shapes_sd3": ("shapes_sd3", "model_index.json", "sd3"),
     "shapes_ddpm": ("shapes_ddpm", "model_index.json", "ddpm"),
     "shapes_net": ("shapes_net", "config.json", "judge"),
 }

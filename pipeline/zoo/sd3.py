@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-__all__ = ["JointTrainProcessor", "build_sd3", "train_sd3"]
+__all__ = ["JointTrainProcessor", "build_sd3", "train_sd3", "share_vae_weights"]
 
 T5_POSITIONS = 256  # StableDiffusion3Pipeline's default max_sequence_length: zero rows without a T5 encoder
 
@@ -107,6 +107,22 @@ def _context(te, te2, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return context, torch.cat([out.text_embeds, out2.text_embeds], dim=-1)
 
 
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def share_vae_weights(pipe_dir: pathlib.Path, vae_dir: pathlib.Path) -> bool:
+    """Replace ``pipe_dir/vae``'s weights file by a relative symlink to ``vae_dir``'s when the bytes are identical
+    (the frozen shapes VAE is shipped once; ``vae/config.json`` stays a real file: it has ``shift_factor: 0.0``)."""
+    import os
+
+    mine, theirs = pipe_dir / "vae" / VAE_WEIGHTS, vae_dir / VAE_WEIGHTS
+    if mine.is_symlink() or not theirs.is_file() or mine.read_bytes() != theirs.read_bytes():
+        return False
+    mine.unlink()
+    mine.symlink_to(os.path.relpath(theirs.resolve(), mine.parent.resolve()))
+    return True
+
+
 def _sd3_pipeline(vae, te, te2, tokenizer, transformer, shift: float):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
@@ -130,6 +146,8 @@ def train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric) -> pathl
     vae_path = pathlib.Path(c.vae_path) if c.vae_path else _find(out, "shapes_sd/vae", "config.json", "shapes_sd")
     if vae_path is None:
         raise FileNotFoundError(f"sd3: no VAE at {out / 'shapes_sd/vae'} and none shipped; run components=[vae] first")
+    # trained next to shapes_sd (e.g. into pipeline/zoo/weights): link its VAE weights instead of a second copy
+    shared = vae_path.resolve().is_relative_to(out.resolve())
     vae = AutoencoderKL.from_pretrained(vae_path, dtype=torch.float32).to(device).eval()
     vae.register_to_config(shift_factor=0.0)  # SD3's decode adds shift_factor: null would fail there
     vae.requires_grad_(False)
@@ -187,6 +205,8 @@ def train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric) -> pathl
                   f"({time.time() - t0:.0f}s)", flush=True)
         if step in ckpt_steps:
             _save_pipeline(pipe, out / "shapes_sd3_ckpt" / f"step_{step:05d}")
+            if shared:
+                share_vae_weights(out / "shapes_sd3_ckpt" / f"step_{step:05d}", vae_path)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     bar, t_start = _progress(c.steps, "sd3"), time.time()
@@ -226,4 +246,6 @@ def train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric) -> pathl
     log_metric("sd3/train_minutes", (time.time() - t_start) / 60, c.steps)
     path = out / "shapes_sd3"
     _save_pipeline(pipe, path)
+    if shared:
+        share_vae_weights(path, vae_path)
     return path
