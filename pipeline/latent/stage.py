@@ -264,6 +264,22 @@ def _judge(ctx, device):
         return None
 
 
+def _scales(d) -> list[float]:
+    return sorted({0.0, float(d.scale), *map(float, d.scales)})
+
+
+def _over_scales(cfg, m: LatentSpace, scales: list[float], n: int, edited) -> dict[float, torch.Tensor]:
+    """{scale: images} of ``n`` generations (noise and solver seeds fixed per generation, the same at every scale),
+    batch by batch: ``edited(slice, scale, noise, seeds)`` draws one batch with the direction applied at ``scale``."""
+    seeds = [int(cfg.seed) * 7919 + i for i in range(n)]
+    noise = m.noise(seeds)
+    images = {}
+    for s in tqdm(scales, desc="latent direction scales", dynamic_ncols=True):
+        batches = [slice(lo, lo + m.batch_size) for lo in range(0, n, m.batch_size)]
+        images[s] = torch.cat([edited(sl, s, noise[sl], seeds[sl]) for sl in batches])
+    return images
+
+
 def _class_direction(ctx, cfg, m: LatentSpace) -> dict:
     d = cfg.mode.latent.direction
     if d.source_class is None or d.target_class is None:
@@ -273,20 +289,16 @@ def _class_direction(ctx, cfg, m: LatentSpace) -> dict:
     bad = [c for c in (d.source_class, d.target_class, *d.classes) if not 0 <= int(c) < k]
     if bad:
         raise UserError(f"mode.latent.direction: class ids {bad} outside 0..{k - 1}")
-    scales = sorted({0.0, float(d.scale), *map(float, d.scales)})
+    scales = _scales(d)
     S = int(d.samples_per_prompt)
     classes = [int(c) for c in d.classes for _ in range(S)]
-    seeds = [int(cfg.seed) * 7919 + i for i in range(len(classes))]
-    noise = m.noise(seeds)
-    images = {}
-    for s in tqdm(scales, desc="latent direction scales", dynamic_ncols=True):
-        out = []
-        for lo in range(0, len(noise), m.batch_size):
-            sl = slice(lo, lo + m.batch_size)
-            cond = m.guided(len(classes[sl]), class_ids=classes[sl])
-            with D.class_direction(m.model.denoiser, int(d.source_class), int(d.target_class), s, cond.cfg):
-                out.append(m.generate(noise[sl], cond, seeds[sl]))
-        images[s] = torch.cat(out)
+
+    def edited(sl: slice, s: float, noise: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        cond = m.guided(len(classes[sl]), class_ids=classes[sl])
+        with D.class_direction(m.model.denoiser, int(d.source_class), int(d.target_class), s, cond.cfg):
+            return m.generate(noise, cond, seeds)
+
+    images = _over_scales(cfg, m, scales, len(classes), edited)
     ctx.save_table([{"scale": s} for s in scales], "latent_direction")
     ctx.tag("latent.direction", f"class embedding {d.source_class} -> {d.target_class} on classes {list(d.classes)}")
     ctx.save_figure(direction_figure(images, [f"class {c}" for c in d.classes], S,
@@ -306,19 +318,14 @@ def latent_direction_stage(ctx, cfg):
                      "to take a direction between")
     d = cfg.mode.latent.direction
     delta = D.condition_delta(m.plain([d.target]), m.plain([d.source]))
-    scales = sorted({0.0, float(d.scale), *map(float, d.scales)})
+    scales = _scales(d)
     prompts, S = list(d.prompts), int(d.samples_per_prompt)
     base_prompts = [p for p in prompts for _ in range(S)]
-    seeds = [int(cfg.seed) * 7919 + i for i in range(len(base_prompts))]
-    noise = m.noise(seeds)
-    images: dict[float, torch.Tensor] = {}
-    for s in tqdm(scales, desc="latent direction scales", dynamic_ncols=True):
-        out = []
-        for lo in range(0, len(noise), m.batch_size):
-            sl = slice(lo, lo + m.batch_size)
-            cond = D.shifted(m.guided(len(base_prompts[sl]), prompts=base_prompts[sl]), delta, s)
-            out.append(m.generate(noise[sl], cond, seeds[sl]))
-        images[s] = torch.cat(out)
+
+    def edited(sl: slice, s: float, noise: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        return m.generate(noise, D.shifted(m.guided(len(base_prompts[sl]), prompts=base_prompts[sl]), delta, s), seeds)
+
+    images = _over_scales(cfg, m, scales, len(base_prompts), edited)
 
     edit, judge = D.shapes_edit(d.source, d.target), None
     rows = [{"scale": s} for s in scales]

@@ -136,10 +136,9 @@ def _sd3_pipeline(vae, te, te2, tokenizer, transformer, shift: float):
 def train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric) -> pathlib.Path:
     from diffusers import AutoencoderKL
 
-    from pipeline.zoo.shapes_net import ShapesNet
     from pipeline.zoo.tokenizer import build_tokenizer
-    from pipeline.zoo.train import (EMA, ShapesDataset, TokenGrounding, _find, _images, _lr_lambda, _progress,
-                                    _save_pipeline, evaluate_adherence, vocabulary)
+    from pipeline.zoo.train import (EMA, Snapshots, TokenGrounding, _find, _images, _lr_lambda, _progress,
+                                    _save_pipeline, vocabulary)
 
     c = cfg.sd3
     torch.manual_seed(cfg.seed)
@@ -188,25 +187,12 @@ def train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric) -> pathl
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c.warmup, c.steps))
     ema = EMA([net, te, te2], c.ema_decay)
 
-    judge_path = _find(out, "shapes_net", "config.json", "shapes_net")
-    judge = ShapesNet.from_pretrained(judge_path, device=device) if judge_path and c.eval_every else None
-    eval_caps = ShapesDataset("test", c.eval_prompts, seed=cfg.data.seed, size=cfg.data.size, shapes=cfg.data.shapes,
-                              colours=cfg.data.colours, p_two=cfg.data.p_two).captions if judge else []
-    ckpt_steps = sorted({max(1, round(f * c.steps)) for f in c.checkpoints} - {c.steps})
+    snapshots = Snapshots(cfg, c, out, device, pipe, "sd3", log_metric,
+                          (lambda path: share_vae_weights(path, vae_path)) if shared else None)
 
     def snapshot(step: int) -> None:
         ema.copy_to([ema_net, ema_te, ema_te2])
-        if judge is not None and (step % c.eval_every == 0 or step == c.steps or step in ckpt_steps):
-            t0 = time.time()
-            res = evaluate_adherence(pipe, judge, eval_caps, c.eval_sampling_steps, c.guidance, seed=cfg.seed)
-            for k, v in res.items():
-                log_metric(f"sd3/eval_{k}", v, step)
-            print(f"sd3 step {step}: adherence {' '.join(f'{k}={v:.2f}' for k, v in res.items())} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
-        if step in ckpt_steps:
-            _save_pipeline(pipe, out / "shapes_sd3_ckpt" / f"step_{step:05d}")
-            if shared:
-                share_vae_weights(out / "shapes_sd3_ckpt" / f"step_{step:05d}", vae_path)
+        snapshots(step)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     bar, t_start = _progress(c.steps, "sd3"), time.time()
@@ -239,7 +225,7 @@ def train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric) -> pathl
             log_metric("sd3/loss", loss.item(), step)
             if grounding is not None:
                 log_metric("sd3/grounding_loss", g_loss.item(), step)
-        if (c.eval_every and step % c.eval_every == 0) or step in ckpt_steps or step == c.steps:
+        if snapshots.due(step):
             bar.clear()
             snapshot(step)
     bar.close()

@@ -335,11 +335,50 @@ class TokenGrounding:
         return total / n_layers
 
 
+class Snapshots:
+    """What a text-to-image training run (``sd``, ``sd3``) does with its EMA sampling copy ``pipe``: prompt adherence
+    by the judge every ``eval_every`` steps (0 = never), at the checkpoints and at the end, and the checkpoints at the
+    fractions ``checkpoints`` of the steps (``<out>/shapes_<name>_ckpt/step_NNNNN``; ``after_save(path)`` then)."""
+
+    def __init__(self, cfg, c, out: pathlib.Path, device: torch.device, pipe, name: str, log_metric: MetricFn,
+                 after_save: Callable[[pathlib.Path], None] | None = None):
+        from pipeline.zoo.shapes_net import ShapesNet
+
+        judge_path = _find(out, "shapes_net", "config.json", "shapes_net")
+        self.judge = ShapesNet.from_pretrained(judge_path, device=device) if judge_path and c.eval_every else None
+        self.captions = ShapesDataset("test", c.eval_prompts, seed=cfg.data.seed, size=cfg.data.size,
+                                      shapes=cfg.data.shapes, colours=cfg.data.colours,
+                                      p_two=cfg.data.p_two).captions if self.judge else []
+        self.ckpt_steps = sorted({max(1, round(f * c.steps)) for f in c.checkpoints} - {c.steps})
+        self.cfg, self.c, self.out, self.pipe, self.name = cfg, c, out, pipe, name
+        self.log_metric, self.after_save = log_metric, after_save
+
+    def due(self, step: int) -> bool:
+        c = self.c
+        return bool(c.eval_every and step % c.eval_every == 0) or step in self.ckpt_steps or step == c.steps
+
+    def __call__(self, step: int) -> None:
+        """After the EMA weights were copied into ``pipe``."""
+        c, name = self.c, self.name
+        if self.judge is not None and (step % c.eval_every == 0 or step == c.steps or step in self.ckpt_steps):
+            t0 = time.time()
+            res = evaluate_adherence(self.pipe, self.judge, self.captions, c.eval_sampling_steps, c.guidance,
+                                     seed=self.cfg.seed)
+            for k, v in res.items():
+                self.log_metric(f"{name}/eval_{k}", v, step)
+            print(f"{name} step {step}: adherence {' '.join(f'{k}={v:.2f}' for k, v in res.items())} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+        if step in self.ckpt_steps:
+            path = self.out / f"shapes_{name}_ckpt" / f"step_{step:05d}"
+            _save_pipeline(self.pipe, path)
+            if self.after_save is not None:
+                self.after_save(path)
+
+
 def train_sd(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn) -> pathlib.Path:
     from diffusers import AutoencoderKL, DDPMScheduler
 
     from pipeline.zoo.build import build_text_encoder, build_unet, sd_scheduler_config
-    from pipeline.zoo.shapes_net import ShapesNet
     from pipeline.zoo.tokenizer import build_tokenizer
 
     c = cfg.sd
@@ -383,23 +422,11 @@ def train_sd(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn)
     if grounding is not None:
         grounding.install(unet)  # after the copy: the sampling copy keeps the stock processors
 
-    judge_path = _find(out, "shapes_net", "config.json", "shapes_net")
-    judge = ShapesNet.from_pretrained(judge_path, device=device) if judge_path and c.eval_every else None
-    eval_caps = ShapesDataset("test", c.eval_prompts, seed=cfg.data.seed, size=cfg.data.size, shapes=cfg.data.shapes,
-                              colours=cfg.data.colours, p_two=cfg.data.p_two).captions if judge else []
-    ckpt_steps = sorted({max(1, round(f * c.steps)) for f in c.checkpoints} - {c.steps})
+    snapshots = Snapshots(cfg, c, out, device, pipe, "sd", log_metric)
 
     def snapshot(step: int) -> None:
         ema.copy_to([ema_unet, ema_te])
-        if judge is not None and (step % c.eval_every == 0 or step == c.steps or step in ckpt_steps):
-            t0 = time.time()
-            res = evaluate_adherence(pipe, judge, eval_caps, c.eval_sampling_steps, c.guidance, seed=cfg.seed)
-            for k, v in res.items():
-                log_metric(f"sd/eval_{k}", v, step)
-            print(f"sd step {step}: adherence {' '.join(f'{k}={v:.2f}' for k, v in res.items())} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
-        if step in ckpt_steps:
-            _save_pipeline(pipe, out / "shapes_sd_ckpt" / f"step_{step:05d}")
+        snapshots(step)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     bar, t_start = _progress(c.steps, "sd"), time.time()
@@ -431,7 +458,7 @@ def train_sd(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn)
             log_metric("sd/loss", loss.item(), step)
             if grounding is not None:
                 log_metric("sd/grounding_loss", g_loss.item(), step)
-        if (c.eval_every and step % c.eval_every == 0) or step in ckpt_steps or step == c.steps:  # 0 = never
+        if snapshots.due(step):
             bar.clear()
             snapshot(step)
     bar.close()
