@@ -8,10 +8,10 @@ Launch with ``torchrun --nproc_per_node K -m pipeline ...`` (GPUs: backend NCCL,
 Sharding: rank r of w generates the contiguous samples ``[r·n // w, (r+1)·n // w)`` (sample i always uses seed
 + i, so the union of the shards is exactly the single-process sample set).
 
-Merge convention: exact sums, never averaged metrics. FID statistics merge by all-reducing the float64 sums
-(n, Σx, Σxxᵀ) of every shard, so the merged ``FeatureStats`` equal one pass over all N features up to float64
-summation order; per-sample matrices (pool features for KID/PR/DC, logits for IS, image/text embeddings, judged
-rows) are gathered in rank order = sample-index order, so every metric sees the very set a single process sees.
+Merge convention: every rank persists its batches as shards in rank 0's run dir (``pipeline.progress``; one node,
+or a run dir on a shared filesystem); after a barrier rank 0 reads every shard in sample order and computes each
+metric on exactly the single-process set, so a sharded run reports the single-process scalars exactly. A resumed
+sharded run (``torchrun ... -m pipeline.resume RUN_DIR``) lets each rank regenerate only its missing batches.
 """
 
 from __future__ import annotations
@@ -100,77 +100,11 @@ def _destroy() -> None:
         torch.distributed.destroy_process_group()
 
 
-def shard(n: int) -> tuple[int, int]:
-    """(start, count) of this rank's contiguous shard of n samples: ``[r·n // w, (r+1)·n // w)``."""
-    r, w = rank(), world_size()
+def shard(n: int, r: int | None = None) -> tuple[int, int]:
+    """(start, count) of rank ``r``'s (default: this rank's) contiguous shard of n samples: ``[r·n // w, (r+1)·n // w)``."""
+    r, w = (rank() if r is None else r), world_size()
     start, stop = r * n // w, (r + 1) * n // w
     return start, stop - start
-
-
-def _comm_device() -> torch.device:
-    """Tensors of a collective live here: the current GPU for NCCL, the CPU for gloo."""
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce_scalars(values: list[float] | tuple[float, ...], op: str = "sum") -> list[float]:
-    """Element-wise sum (or ``op="max"``) of a few float64 numbers over ranks; identity when not distributed."""
-    if not is_distributed():
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
-    return t.tolist()
-
-
-def all_reduce_stats(stats: Any) -> Any:
-    """Merged ``FeatureStats`` of every rank's shard (a new object; every rank gets it): n, Σx and Σxxᵀ are
-    summed in float64, exactly as ``FeatureStats.merge``. A rank with no features contributes zeros."""
-    from pipeline.metrics.stats import FeatureStats
-
-    if not is_distributed():
-        return stats
-    dim = int(all_reduce_scalars([stats.dim or 0], op="max")[0])
-    if dim == 0:
-        return FeatureStats()  # no rank saw a feature
-    if stats.dim is None:
-        stats = FeatureStats(dim)
-    state = stats.to_dict()
-    flat = torch.cat([torch.tensor([float(state["n"])], dtype=torch.float64), torch.from_numpy(state["sum"]),
-                      torch.from_numpy(state["sum_outer"]).reshape(-1)]).to(_comm_device())
-    torch.distributed.all_reduce(flat)
-    flat = flat.cpu()
-    return FeatureStats.from_dict({"n": int(round(flat[0].item())), "dim": dim, "sum": flat[1 : 1 + dim].numpy(),
-                                   "sum_outer": flat[1 + dim :].reshape(dim, dim).numpy()})
-
-
-def all_gather_rows(x: torch.Tensor | None) -> torch.Tensor | None:
-    """Rows of every rank's (n_r, ...) tensor concatenated in rank order (every rank gets all of them).
-
-    Shards may differ in length (or be empty: pass None or a 0-row tensor): sizes are gathered first, then each
-    tensor is padded to the longest and trimmed after the gather. None when no rank has a tensor. Identity when
-    not distributed.
-    """
-    if not is_distributed():
-        return x
-    meta = (0, None, None) if x is None else (int(x.shape[0]), tuple(x.shape[1:]), x.dtype)
-    metas: list[Any] = [None] * world_size()
-    torch.distributed.all_gather_object(metas, meta)
-    shapes = {m[1] for m in metas if m[1] is not None}
-    if not shapes:
-        return None
-    if len(shapes) > 1:
-        raise ValueError(f"all_gather_rows: ranks hold tensors of different trailing shapes {sorted(shapes)}")
-    tail = shapes.pop()
-    dtype = next(m[2] for m in metas if m[2] is not None)
-    longest = max(m[0] for m in metas)
-    dev = _comm_device()
-    padded = torch.zeros((longest, *tail), dtype=dtype, device=dev)
-    if x is not None and len(x):
-        padded[: len(x)] = x.to(dev)
-    parts = [torch.empty_like(padded) for _ in metas]
-    torch.distributed.all_gather(parts, padded)
-    return torch.cat([p[: m[0]] for p, m in zip(parts, metas)]).cpu()
 
 
 def all_gather_list(items: list) -> list:
@@ -180,3 +114,13 @@ def all_gather_list(items: list) -> list:
     lists: list[Any] = [None] * world_size()
     torch.distributed.all_gather_object(lists, items)
     return [item for part in lists for item in part]
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself when not distributed)."""
+    return all_gather_list([obj])[0] if is_distributed() else obj
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()

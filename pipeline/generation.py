@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +39,7 @@ class GeneratedBatch:
     indices: list[int]  # global sample indices of the valid images
     num_invalid: int
     class_ids: list[int] | None = None  # class ids of the valid images (class-conditional models)
+    span: tuple[int, int] = (0, 0)  # global sample indices lo..hi-1 of the batch, invalid images included
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -118,21 +119,28 @@ def generate(
     eta: float = 0.0,
     progress: bool = True,
     desc: str = "generate",
+    skip: Collection[int] = (),
 ) -> Iterator[GeneratedBatch]:
-    """Yield batches of generated images for samples ``start .. start + num_samples - 1``."""
+    """Yield batches of generated images for samples ``start .. start + num_samples - 1``; batches starting at an
+    index in ``skip`` (done by an earlier attempt of the run) are not generated (per-sample seeds: the others are
+    the same images either way)."""
     if adapter.text and not prompts:
         raise ValueError("Expected prompts for a text-conditioned model, got none")
     if adapter.class_conditional and not class_ids:
         class_ids = list(range(adapter.num_classes))
     h, w = adapter.resolve_size(height, width)
     check_eta(sampler, eta)
-    bar = tqdm(total=num_samples, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    spans = [(lo, min(lo + batch_size, start + num_samples)) for lo in range(start, start + num_samples, batch_size)]
+    skipped = sum(hi - lo for lo, hi in spans if lo in skip)
+    bar = tqdm(total=num_samples, initial=skipped, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     share = CpuShare() if adapter.device.type == "cpu" else None  # fewer threads while other processes compete
     try:
-        for lo in range(start, start + num_samples, batch_size):
+        for lo, hi in spans:
+            if lo in skip:
+                continue
             if share is not None:
                 share.update()
-            idx = list(range(lo, min(lo + batch_size, start + num_samples)))
+            idx = list(range(lo, hi))
             gens = generators(seed, idx)
             batch_prompts = [prompts[i % len(prompts)] for i in idx] if adapter.text else None
             batch_classes = [int(class_ids[i % len(class_ids)]) for i in idx] if adapter.class_conditional else None
@@ -149,6 +157,7 @@ def generate(
                 indices=[i for i, k in zip(idx, ok) if k],
                 num_invalid=n_bad,
                 class_ids=[c for c, k in zip(batch_classes, ok) if k] if batch_classes else None,
+                span=(lo, hi),
             )
             bar.update(len(idx))
     finally:

@@ -30,6 +30,7 @@ from pipeline import distributed as dist
 from pipeline.config import check_keys, to_plain
 from pipeline.context import RunContext
 from pipeline.errors import ModeSkipped, UserError
+from pipeline.progress import LOCK_FILE, PROGRESS_DIR, RunLock
 from pipeline.registry import MODES, STAGES, load_stages, producer_of
 
 log = logging.getLogger(__name__)
@@ -132,13 +133,19 @@ def run_pipeline(
     extra_tags: dict[str, str] | None = None,
     run_name: str | None = None,
     tracking_uri: str | None = None,
+    resume_run_id: str | None = None,
 ) -> RunOutcome:
     """Run every selected mode of ``cfg`` as one MLflow run. Raises on failure after closing the run; logs a short
     summary (headline scalars, run dir, MLflow run id, deep links, ``mlflow ui`` command) at the end either way.
 
     ``run_name``: the MLflow run name (default :func:`pipeline.naming.run_name`); ``tracking_uri``: the store, when
     the caller has chosen it (default: ``tracking.uri``, then ``MLFLOW_TRACKING_URI``, then the embedded store). The
-    store used is tagged ``tracking.uri_effective``; ``config_resolved.yaml`` keeps ``tracking.uri`` as configured."""
+    store used is tagged ``tracking.uri_effective``; ``config_resolved.yaml`` keeps ``tracking.uri`` as configured.
+
+    ``resume_run_id`` (``pipeline.resume``): continue that MLflow run in ``run_dir`` instead of starting one (status
+    RUNNING again, tag ``resumed`` = number of resumptions); the metrics mode then generates only the batches that
+    have no shard in ``run_dir/progress/``. The run dir is locked (``run.lock``, heartbeat) while the run is in it;
+    its ``progress/`` is deleted when the run finishes and never uploaded."""
     from pipeline.models.loading import resolve_device
     from pipeline.naming import run_name as default_run_name
     from pipeline.tracking import EFFECTIVE_URI_TAG, Tracker, environment_tags, flatten, public_uri
@@ -152,8 +159,14 @@ def run_pipeline(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     choices = {k: v for k, v in (choices or {}).items() if v is not None}
-    # unreachable server: UserError
-    tracker = Tracker(cfg.tracking, cfg.paths.outputs, uri=tracking_uri) if main else _NoTracker()
+    lock = RunLock(run_dir).acquire() if main else None  # a live owner of this run dir: UserError, nothing touched
+    try:
+        # unreachable server: UserError
+        tracker = Tracker(cfg.tracking, cfg.paths.outputs, uri=tracking_uri) if main else _NoTracker()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     tags = {**environment_tags(str(cfg.model.device)), "run_dir": str(run_dir.resolve()),
             EFFECTIVE_URI_TAG: public_uri(tracker.uri), **(extra_tags or {})}
     if dist.launched():
@@ -162,8 +175,17 @@ def run_pipeline(
         name_modes = selected_modes(cfg, choices)
     except Exception:  # noqa: BLE001 - no mode selected: the run fails on it below, with its own message
         name_modes = []
-    run_id = tracker.start(run_name or default_run_name(cfg, name_modes, choices), tags=tags, parent_run_id=parent_run_id)
-    log.info("MLflow run %s (%s) in %s (%s)", run_id, tracker.run_name, public_uri(tracker.uri), run_dir)
+    if resume_run_id is not None and main:
+        prior = tracker.reopen(resume_run_id)
+        run_id, resumed = resume_run_id, int(prior.tags.get("resumed", "0")) + 1
+        tracker.set_tags({**tags, "resumed": resumed})
+        if "error" in prior.tags:  # the last attempt's failure is history now
+            tracker.set_tags({"resumed.previous_error": prior.tags["error"]})
+            tracker.delete_tag("error")
+        log.info("resuming MLflow run %s (%s), resumption %d, in %s", run_id, tracker.run_name, resumed, run_dir)
+    else:
+        run_id = tracker.start(run_name or default_run_name(cfg, name_modes, choices), tags=tags, parent_run_id=parent_run_id)
+        log.info("MLflow run %s (%s) in %s (%s)", run_id, tracker.run_name, public_uri(tracker.uri), run_dir)
     info = {"run_id": run_id, "tracking_uri": public_uri(tracker.uri), "choices": choices, "parent_run_id": parent_run_id}
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
     ctx = RunContext(cfg, run_dir, tracker if main else None)
@@ -178,7 +200,9 @@ def run_pipeline(
         params = flatten(plain)
         params["choice.mode"] = str(choices.get("mode", modes))  # Hydra does not record list-valued group choices
         choices.setdefault("mode", modes)
-        tracker.log_params(params)
+        changed = tracker.log_params(params)  # a resumed run: the allowed changes (model.device, ...) become a tag
+        if changed:
+            tracker.set_tags({"resumed.changed": "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items()))})
         ctx.device = dist.local_device(resolve_device(cfg.model.device))  # cuda:LOCAL_RANK under torchrun
         dist.init(ctx.device)  # once per process; a no-op unless launched by torchrun
         tracker.set_tags({"device": str(ctx.device), "modes": ",".join(modes)})
@@ -200,11 +224,15 @@ def run_pipeline(
         try:
             if outcome.error:
                 tracker.set_tags({"error": outcome.error})
-            tracker.log_artifacts(run_dir)
+            if outcome.status == "FINISHED":  # nothing left to resume: the shards go (they hold every sample's features)
+                shutil.rmtree(run_dir / PROGRESS_DIR, ignore_errors=True)
+            tracker.log_artifacts(run_dir, exclude=(PROGRESS_DIR, LOCK_FILE))
         except Exception:  # noqa: BLE001 - never let artifact upload hide the real outcome
             log.warning("could not upload artifacts of %s:\n%s", run_dir, traceback.format_exc())
         finally:
             tracker.end(outcome.status)
+            if lock is not None:
+                lock.release()
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
             if main:
@@ -261,8 +289,12 @@ def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
     # a sweep job is named by its swept overrides (scheduler=euler·sampler.num_inference_steps=10)
     name = job_name(hc.overrides.task, read_sweep_params(hc.sweep.dir)) if multirun else None
     try:
+        resume_id = _earlier_attempt(cfg, Path(hc.runtime.output_dir)) if multirun else None
+        if resume_id == "FINISHED":
+            log.info("%s finished in an earlier attempt of this sweep: skipped", job)
+            return None
         return run_pipeline(cfg, hc.runtime.output_dir, choices, parent_run_id=parent,
-                            run_name=cfg.tracking.run_name or name)
+                            run_name=cfg.tracking.run_name or name, resume_run_id=resume_id)
     except UserError as e:
         log.error("error: %s", e)
         FAILED_JOBS.append(job or "run")
@@ -274,3 +306,24 @@ def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
         log.exception("job failed: %s", job)
         FAILED_JOBS.append(job)
     return None
+
+
+def _earlier_attempt(cfg: DictConfig, job_dir: Path) -> str | None:
+    """A sweep job whose dir holds an earlier attempt (a resumed sweep, a job requeued by the cluster): "FINISHED"
+    when that attempt finished (skip the job), its run id when it can be resumed, None for a fresh job."""
+    from pipeline.resume import check_config, previous_run, resumable
+    from pipeline.tracking import get_run, resolve_uri
+
+    info = previous_run(job_dir)
+    if not info or not info.get("run_id") or not dist.is_main():
+        return None
+    status = get_run(resolve_uri(cfg.tracking.uri, cfg.paths.outputs), info["run_id"]).info.status
+    if not resumable(job_dir, info["run_id"], status):
+        return "FINISHED"
+    saved = job_dir / "config_resolved.yaml"
+    if saved.is_file():
+        from pipeline.config import validate
+
+        check_config(to_plain(validate(OmegaConf.to_container(OmegaConf.load(saved)))), resolve(cfg), str(job_dir))
+    log.info("resuming %s (MLflow run %s, %s)", job_dir, info["run_id"], status)
+    return info["run_id"]

@@ -188,6 +188,7 @@ class Tracker:
         self.experiment_id = self._experiment(tracking_cfg.experiment)
         self.run_id: str | None = None
         self.run_name: str | None = None
+        self._logged_params: dict[str, str] = {}  # a reopened run's params (never logged twice)
 
     def _experiment(self, name: str) -> str:
         for attempt in range(5):
@@ -212,10 +213,24 @@ class Tracker:
         self.run_id, self.run_name = run.info.run_id, run.info.run_name
         return self.run_id
 
-    def log_params(self, params: Mapping[str, str]) -> None:
+    def reopen(self, run_id: str, status: str = "RUNNING") -> Any:
+        """Continue an existing run (``pipeline.resume``): its status back to RUNNING; returns its data (params, tags).
+        Later :meth:`log_params` calls skip params the run already has (MLflow refuses to change a logged value)."""
+        run = _retry_locked(self.client.get_run, run_id)
+        _retry_locked(self.client.update_run, run_id, status=status)
+        self.run_id, self.run_name = run_id, run.info.run_name
+        self._logged_params = dict(run.data.params)
+        return run.data
+
+    def log_params(self, params: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+        """Returns {key: (logged, new)} for params of a reopened run whose value differs (kept as logged)."""
         items = [Param(*_clip_param(k, str(v))) for k, v in params.items()]
+        logged = self._logged_params
+        changed = {p.key: (logged[p.key], p.value) for p in items if p.key in logged and logged[p.key] != p.value}
+        items = [p for p in items if p.key not in logged]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             _retry_locked(self.client.log_batch, self.run_id, params=items[i : i + 100])
+        return changed
 
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
         _retry_locked(self.client.log_batch, self.run_id, metrics=[Metric(key, float(value), int(time.time() * 1000), step)])
@@ -232,11 +247,26 @@ class Tracker:
         if items:
             _retry_locked(self.client.log_batch, self.run_id, tags=items)
 
+    def delete_tag(self, key: str) -> None:
+        _retry_locked(self.client.delete_tag, self.run_id, key)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None, exclude: Iterable[str] = ()) -> None:
+        """Upload ``directory``; top-level entries named in ``exclude`` stay local (a run's progress shards)."""
+        directory, exclude = Path(directory), set(exclude)
+        if not exclude:
+            self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+            return
+        for entry in sorted(directory.iterdir()):
+            if entry.name in exclude:
+                continue
+            sub = "/".join(p for p in (artifact_path, entry.name) if p)
+            if entry.is_dir():
+                self.client.log_artifacts(self.run_id, str(entry), sub)
+            else:
+                self.client.log_artifact(self.run_id, str(entry), artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
@@ -327,6 +357,15 @@ class SweepCallback(Callback):
         from pipeline.naming import sweep_name, swept_values
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        earlier = read_parent_run_id(sweep_dir)
+        if earlier:  # python -m pipeline.resume SWEEP_DIR: the same parent run, its finished jobs skipped
+            prior = tracker.reopen(earlier)
+            tracker.set_tags({"resumed": int(prior.tags.get("resumed", "0")) + 1})
+            if "error" in prior.tags:
+                tracker.delete_tag("error")
+            _OPEN_PARENTS[earlier] = tracker
+            log.info("MLflow parent run %s resumed (%s)", earlier, public_uri(tracker.uri))
+            return
         overrides = " ".join(config.hydra.overrides.task)
         swept = swept_values(config.hydra.overrides.task, OmegaConf.select(config, "hydra.sweeper.params", default=None))
         run_id = tracker.start(
