@@ -185,6 +185,18 @@ N_BIASED_STATS = ("fd", "fd_floor", "kid_mean", "kid_std")
 NUM_SAMPLES_PARAM = "mode.metrics.num_samples"  # the requested N; NUM_SAMPLES is the count of valid images
 
 
+PROGRESS_PREFIX = "progress/"  # live progress of a long run: MLflow-only stepped metrics, never results
+
+
+def is_progress(key: str) -> bool:
+    """``progress/samples_done``, ``progress/images_per_s``: shown while a run runs, never compared or ranked.
+
+        >>> is_progress("progress/samples_done"), is_progress("metrics/fd_clip")
+        (True, False)
+    """
+    return key.startswith(PROGRESS_PREFIX)
+
+
 def is_timing(key: str) -> bool:
     """A wall-clock figure (``metrics/sec_per_image``, ``metrics/*_seconds``). ``metrics/num_shards`` is not one:
     it says how a run was split.

@@ -39,6 +39,7 @@ LOCK_FILE = "run.lock"
 PROGRESS_DIR = "progress"  # <run dir>/progress/<stage>/: shards, deleted when the run finishes
 HEARTBEAT_S = 20.0
 STALE_AFTER_S = 120.0  # the issue's "heartbeat older than 2 minutes"
+PROGRESS_EVERY_S = 30.0  # how often a run's progress goes to MLflow
 CRASH_ENV = "DIFFUSION_LENS_CRASH_AT"  # tests only: SIGKILL this process at a named point (see crash_point)
 
 
@@ -226,10 +227,9 @@ class LiveProgress:
     ``results.json`` (reproduce, compare and sweep summaries do not see them). Under ``torchrun`` rank 0 logs its own
     count times the world size (an estimate: ranks hold equal shards)."""
 
-    PREFIX = "progress/"
-
-    def __init__(self, tracker: Any, total: int, done: int = 0, scale: int = 1, every_s: float = 30.0):
-        self.tracker, self.total, self.done, self.scale, self.every_s = tracker, total, done, scale, every_s
+    def __init__(self, tracker: Any, total: int, done: int = 0, scale: int = 1, every_s: float | None = None):
+        self.tracker, self.total, self.done, self.scale = tracker, total, done, scale
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
         self.t0 = self.last = time.perf_counter()
         self.new = 0  # images made by this attempt (the rate ignores those of an earlier attempt)
 
@@ -245,8 +245,11 @@ class LiveProgress:
             return
         done = min(self.done * self.scale, self.total)
         rate = self.new * self.scale / max(now - self.t0, 1e-9)
+        from pipeline.metric_keys import PROGRESS_PREFIX
+
         try:
-            self.tracker.log_metrics({f"{self.PREFIX}samples_done": done, f"{self.PREFIX}images_per_s": rate}, step=done)
+            self.tracker.log_metrics({f"{PROGRESS_PREFIX}samples_done": done, f"{PROGRESS_PREFIX}images_per_s": rate},
+                                     step=done)
         except Exception as e:  # noqa: BLE001 - a progress line must never stop a run
             log.warning("could not log progress to MLflow: %s", e)
 

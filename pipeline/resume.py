@@ -73,14 +73,16 @@ def previous_run(run_dir: Path) -> dict | None:
         return None
 
 
-def resumable(run_dir: Path, run_id: str, status: str) -> bool:
+def resumable(run_dir: Path, run_id: str, status: str, check_owner: bool = True) -> bool:
     """False for a FINISHED run (nothing to do); True for FAILED/KILLED or RUNNING without a live owner;
-    UserError naming the owner otherwise."""
+    UserError naming the owner otherwise (``check_owner=False``: torchrun ranks other than 0, whose rank 0 holds
+    the lock)."""
+    from pipeline import distributed as dist
     from pipeline.progress import describe_owner, lock_owner
 
     if status == "FINISHED":
         return False
-    owner = lock_owner(run_dir)
+    owner = lock_owner(run_dir) if check_owner and dist.is_main() else None
     if owner is not None:
         raise UserError(f"run {run_id} in {run_dir} is {status} and its owner is alive: {describe_owner(owner)}; "
                         "resume only a run whose process has ended")

@@ -315,10 +315,11 @@ def _earlier_attempt(cfg: DictConfig, job_dir: Path) -> str | None:
     from pipeline.tracking import get_run, resolve_uri
 
     info = previous_run(job_dir)
-    if not info or not info.get("run_id") or not dist.is_main():
+    if not info or not info.get("run_id"):
         return None
     status = get_run(resolve_uri(cfg.tracking.uri, cfg.paths.outputs), info["run_id"]).info.status
-    if not resumable(job_dir, info["run_id"], status):
+    # every rank of a torchrun sweep decides alike (same job dir, same store); only rank 0 owns the lock
+    if not resumable(job_dir, info["run_id"], status, check_owner=dist.is_main()):
         return "FINISHED"
     saved = job_dir / "config_resolved.yaml"
     if saved.is_file():

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from pipeline.metric_keys import (INCEPTION, NUM_SAMPLES, NUM_SAMPLES_PARAM, PRIMARY_EXTRACTOR_TAG, PROMPT_ACCURACY,
+from pipeline.metric_keys import (INCEPTION, is_progress, NUM_SAMPLES, NUM_SAMPLES_PARAM, PRIMARY_EXTRACTOR_TAG, PROMPT_ACCURACY,
                                   SEC_PER_IMAGE, higher_is_better, is_n_biased, is_timing, metric_key, parse_key)
 from pipeline.metric_keys import label as metric_label
 
@@ -115,7 +115,7 @@ def child_rows(children: list[Any]) -> list[dict[str, Any]]:
             row[NUM_SAMPLES_PARAM] = parse_value(params[NUM_SAMPLES_PARAM])
         if run.data.tags.get(PRIMARY):
             row[PRIMARY] = run.data.tags[PRIMARY]
-        row.update(dict(sorted(run.data.metrics.items())))
+        row.update(dict(sorted((k, v) for k, v in run.data.metrics.items() if not is_progress(k))))
         if "error" in run.data.tags:
             row["error"] = run.data.tags["error"]
         rows.append(row)
@@ -420,7 +420,7 @@ def best_runs(children: list[Any]) -> dict[str, tuple[float, str]]:
         if run.info.status != "FINISHED":
             continue
         for key, value in run.data.metrics.items():
-            higher = higher_is_better(key)
+            higher = None if is_progress(key) else higher_is_better(key)
             if higher is None or not math.isfinite(value):
                 continue
             if key not in best or (value > best[key][0] if higher else value < best[key][0]):

@@ -52,36 +52,47 @@ def test_shards_and_collectives(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes_report_the_single_process_metrics(tmp_path):
+def test_torchrun_sweep_killed_and_relaunched_runs_each_job_once_with_the_single_process_metrics(tmp_path):
+    """A 2-job sweep under torchrun (2 CPU ranks), SIGKILLed in its first job, relaunched into the same sweep dir:
+    each job is one MLflow run under one parent (every job sharded across both ranks), the killed job resumed in
+    its own run, and its scalars equal a single process's on the same samples, exactly."""
     from pipeline.runner import run_pipeline
     from pipeline.zoo.shapes_net import ShapesNet
     from tiny import tiny_ddpm
 
     torch.manual_seed(0)
     ShapesNet().save_pretrained(tmp_path / "net")
-    ddpm, out = tiny_ddpm(tmp_path / "ddpm"), tmp_path / "out"
-    # batch 8 = shard size: every image sees the same batch composition in both runs (bitwise equal features)
+    ddpm, out, sweep = tiny_ddpm(tmp_path / "ddpm"), tmp_path / "out", tmp_path / "sweep"
+    # batches of 4 inside shards of 8: every image sees the same batch composition in both runs (bitwise equal features)
     args = ["mode=[metrics]", "model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={ddpm}", "model.device=cpu", f"features.shapes_net.model={tmp_path / 'net'}",
-            "mode.metrics.num_samples=16", "dataset.num_images=24", "sampler.num_inference_steps=2", "sampler.batch_size=8",
-            "mode.metrics.kid_subsets=3", "mode.metrics.grid=4"]
+            "mode.metrics.num_samples=16", "dataset.num_images=24", "sampler.num_inference_steps=2", "sampler.batch_size=4",
+            "mode.metrics.kid_subsets=3", "mode.metrics.grid=4", "mode.metrics.cache=false"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "pipeline", *args, f"paths.outputs={out}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "-m",
+           *args, "sampler.num_inference_steps=1,2", f"hydra.sweep.dir={sweep}", f"paths.outputs={out}"]
+    cmd.remove("sampler.num_inference_steps=2")
+    killed = subprocess.run(cmd, cwd=REPO, env={**env, "DIFFUSION_LENS_CRASH_AT": "shard_written:1"},
+                            capture_output=True, text=True, timeout=240)
+    assert killed.returncode != 0 and not (sweep / "1").exists(), killed.stderr[-3000:]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     runs = all_runs(out)
-    assert len(runs) == 1  # rank 0's; rank 1 logged nothing
-    sharded = runs[0].data.metrics
+    [parent] = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    jobs = sorted((r for r in runs if r is not parent), key=lambda r: r.data.params["sampler.num_inference_steps"])
+    assert len(jobs) == 2 and parent.data.tags["resumed"] == "1"  # one run per job, rank 0's
+    assert [j.data.tags.get("resumed") for j in jobs] == ["1", None] and {j.info.status for j in jobs} == {"FINISHED"}
+    sharded = jobs[0].data.metrics
     assert sharded["metrics/num_shards"] == 2 and sharded["metrics/num_samples"] == 16
-    assert runs[0].data.tags["distributed.world_size"] == "2"
-    assert "rank 1 of 2: samples 8..15 of 16" in proc.stdout + proc.stderr
+    assert jobs[0].data.tags["distributed.world_size"] == "2"
+    logs = proc.stdout + proc.stderr
+    assert "rank 1 of 2: resuming at sample 12 of 16" in logs and "rank 0 of 2: resuming at sample 4 of 16" in logs
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): BLAS reduction order then matches too
     try:
-        single = run_pipeline(compose_cfg(args, out), tmp_path / "single").results  # same store and reference cache
+        single = run_pipeline(compose_cfg([*args, "sampler.num_inference_steps=1"], out), tmp_path / "single").results
     finally:
         torch.set_num_threads(threads)
     assert single["metrics/num_shards"] == 1
@@ -89,5 +100,3 @@ def test_torchrun_two_cpu_processes_report_the_single_process_metrics(tmp_path):
     for stat in ("fd", "fd_floor", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "is_mean", "is_std"):
         key = f"metrics/{stat}_shapes_net"
         assert sharded[key] == single[key], key
-    for key in ("generation_seconds", "fake_features_seconds", "reference_seconds"):
-        assert sharded[f"metrics/{key}"] >= 0 and single[f"metrics/{key}"] >= 0

@@ -65,17 +65,28 @@ def _results(run_dir: Path) -> dict:
     return {k: v for k, v in json.loads((run_dir / "results.json").read_text()).items() if not is_timing(k)}
 
 
-def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog):
+def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypatch):
     import torch
 
-    from pipeline import resume
+    from pipeline import progress, resume
     from pipeline.runner import run_pipeline
+    from pipeline.sweep_summary import best_runs, child_rows
 
     root, args = killed
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses: the same BLAS reduction order
     try:
+        monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)  # live progress after every batch
         baseline = run_pipeline(compose_cfg(args, root / "out_baseline"), root / "baseline")
+        monkeypatch.undo()
+        from mlflow.tracking import MlflowClient
+
+        [run] = all_runs(root / "out_baseline")
+        history = MlflowClient(f"sqlite:///{root / 'out_baseline' / 'mlflow.db'}").get_metric_history(
+            run.info.run_id, "progress/samples_done")
+        assert [(m.step, m.value) for m in history][-1] == (14, 14) and len(history) >= 4  # stepped, one per batch
+        assert "progress/images_per_s" in run.data.metrics and not any(k.startswith("progress/") for k in baseline.results)
+        assert not any(k.startswith("progress/") for k in [*child_rows([run])[0], *best_runs([run])])
         for point in CRASH_POINTS:
             run_dir, out = root / _name(point), root / f"out_{_name(point)}"
             [before] = all_runs(out)
