@@ -91,9 +91,11 @@ def test_torchrun_sweep_killed_and_relaunched_runs_each_job_once_with_the_single
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): BLAS reduction order then matches too
+    os.environ["DIFFUSION_LENS_THREAD_POLICY"] = "off"  # and stays 1 on a busy machine
     try:
         single = run_pipeline(compose_cfg([*args, "sampler.num_inference_steps=1"], out), tmp_path / "single").results
     finally:
+        os.environ.pop("DIFFUSION_LENS_THREAD_POLICY")
         torch.set_num_threads(threads)
     assert single["metrics/num_shards"] == 1
     # rank 0 computes from every rank's shards in sample order: exactly the single-process scalars

@@ -30,7 +30,8 @@ def _cfg(models, outputs, model="ddpm", extra=()):
         "sampler.batch_size=6", "mode.metrics.kid_subsets=3", "mode.metrics.grid=4", *extra], outputs)
 
 
-def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models, tmp_path):
+def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_LENS_THREAD_POLICY", "off")  # a fixed thread count: the runs' sums agree bitwise
     out = tmp_path / "out"
     first = run_pipeline(_cfg(models, out), tmp_path / "r1")
     r = first.results
@@ -120,7 +121,13 @@ def test_too_few_samples_fail_before_generation(models, tmp_path, monkeypatch):
         run_pipeline(_cfg(models, tmp_path / "out", extra=["mode.metrics.num_samples=5"]), tmp_path / "run")
 
 
-def test_folder_reference_of_another_size_with_corrupt_files(models, tmp_path):
+def test_folder_reference_of_another_size_with_corrupt_files(models, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.data.folder import decoded_count
+    from pipeline.data.reference import forget_datasets
+
+    monkeypatch.setenv("DIFFUSION_LENS_THREAD_POLICY", "off")  # a fixed thread count: the two runs' sums agree bitwise
     folder = tmp_path / "real"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -128,8 +135,21 @@ def test_folder_reference_of_another_size_with_corrupt_files(models, tmp_path):
         Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
     (folder / "broken.png").write_bytes(b"not a png")
     extra = ["dataset=folder", f"dataset.root={folder}", "dataset.num_images=100"]
+    before = decoded_count()
     out = run_pipeline(_cfg(models, tmp_path / "out", extra=extra), tmp_path / "run")
     assert out.status == "FINISHED" and np.isfinite(out.results["metrics/fd_shapes_net"])
+    assert decoded_count() - before == 21 + 20  # cold: the check (every file), then the features (readable ones)
+    # warm, as a new process (no dataset object kept): nothing decoded, the same figures
+    forget_datasets()
+    before = decoded_count()
+    warm = run_pipeline(_cfg(models, tmp_path / "out", extra=extra), tmp_path / "warm")
+    assert decoded_count() == before
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    tags = [client.get_run(o.run_id).data.tags for o in (out, warm)]
+    assert [t["reference_cache"] for t in tags] == ["miss", "hit"] and tags[1]["reference.num_skipped"] == "1"
+    timing = ("sec_per_image", "seconds")
+    assert ({k: v for k, v in warm.results.items() if not any(t in k for t in timing)}
+            == {k: v for k, v in out.results.items() if not any(t in k for t in timing)})
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="dataset.root: .*no readable image"):

@@ -68,6 +68,7 @@ def _results(run_dir: Path) -> dict:
 def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypatch):
     import torch
 
+    monkeypatch.setenv("DIFFUSION_LENS_THREAD_POLICY", "off")  # one thread throughout, as the subprocesses
     from pipeline import progress, resume
     from pipeline.runner import run_pipeline
     from pipeline.sweep_summary import best_runs, child_rows
@@ -78,7 +79,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypa
     try:
         monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)  # live progress after every batch
         baseline = run_pipeline(compose_cfg(args, root / "out_baseline"), root / "baseline")
-        monkeypatch.undo()
+        monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 30.0)
         from mlflow.tracking import MlflowClient
 
         [run] = all_runs(root / "out_baseline")
@@ -134,9 +135,10 @@ def _refusals(run_dir: Path, caplog) -> None:
         sleeper.wait()
 
 
-def test_killed_sweep_resumes_its_unfinished_jobs_under_its_parent(killed):
+def test_killed_sweep_resumes_its_unfinished_jobs_under_its_parent(killed, monkeypatch):
     from pipeline import resume
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     root, _ = killed
     out, sweep = root / "out_sweep", root / "sweep"
     runs = all_runs(out)

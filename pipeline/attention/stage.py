@@ -59,7 +59,7 @@ def _prompts(cfg) -> list[str]:
         return read_prompts(a.prompts_file)
     from pipeline.data.reference import reference_set
 
-    ref = reference_set(cfg.dataset, a.num_prompts)
+    ref = reference_set(cfg.dataset, a.num_prompts, cache_dir=cfg.paths.cache)
     if not ref.captions or any(c is None for c in ref.captions):
         raise UserError(f"dataset {cfg.dataset.name!r} has no captions: set mode.attention.prompts=[...] or prompts_file")
     return ref.captions

@@ -1,15 +1,22 @@
 """The reference (real) image set of a run, whatever the dataset kind: batches, captions and identity.
 
 ``identity`` + ``content_hash`` key the reference-feature cache: the identity says what the set claims to be
-(dataset name, kind, split, N, generation parameters or root), the content hash what it is (folders: sha256
-over every image's pixels and shape, in order; shapes: sha256 of the renderer's source and the parameters),
-so an edited folder or a changed renderer recomputes.
+(dataset name, kind, split, N, generation parameters or root), the content hash what it is, without decoding an
+image (folders: the digest of the folder's manifest — relative path, size and mtime_ns of every candidate file and
+of the captions file, :class:`pipeline.data.folder.Manifest`; shapes: sha256 of the renderer's source and the
+parameters), so an edited folder or a changed renderer recomputes.
+
+:func:`reference_set` is the one place every mode gets reference images from. Per process it keeps one dataset
+object per dataset config (a folder's: as long as its manifest is unchanged, re-scanned at every call; shapes: its
+captions, rendered once), so the stages of a run (and the jobs of a sweep) share one decoding check and one caption
+pass, and a :class:`ReferenceSet` is a cheap view of its first N images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -19,7 +26,7 @@ import torch
 
 from pipeline.errors import UserError
 
-__all__ = ["ReferenceSet", "reference_set"]
+__all__ = ["ReferenceSet", "reference_set", "forget_datasets"]
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +34,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class ReferenceSet:
     identity: dict[str, Any]
-    _images: Any  # indexable: i -> (H, W, 3) uint8
+    _images: Any  # indexable: i -> (H, W, 3) uint8, or a sample with ``.image``
     n: int
     captions: list[str] | None
     num_skipped: int = 0
-    _hash: str | None = None
+    _hash: str | None = None  # what the set is (see the module docstring); required
+    _shape: tuple[int, ...] | None = None  # (H, W, 3) of image 0, when known without decoding it
+    files: list[str] | None = None  # folders: relative paths of the n images (in order); None otherwise
 
     def item(self, i: int) -> Any:
         """The dataset's own sample ``i`` (shapes: a Sample with objects and masks; folder: a FolderSample)."""
@@ -56,56 +65,93 @@ class ReferenceSet:
 
     def content_hash(self) -> str:
         if self._hash is None:
-            h = hashlib.sha256()
-            for i in range(self.n):
-                img = np.ascontiguousarray(self.image(i))
-                h.update(str(img.shape).encode())
-                h.update(img.tobytes())
-            self._hash = h.hexdigest()[:16]
+            raise ValueError(f"reference set {self.identity}: no content hash")
         return self._hash
 
     def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.image(0).shape)
+        """(H, W, 3) of image 0 (no decoding when the dataset knows it)."""
+        return tuple(self._shape) if self._shape is not None else tuple(self.image(0).shape)
 
 
-def reference_set(dataset_cfg: Any, n: int | None = None, split: str | None = None) -> ReferenceSet:
-    """The first ``n`` images (all if None) of the configured dataset."""
+_DATASETS: OrderedDict[tuple, Any] = OrderedDict()  # per process: dataset config -> dataset object (+ captions)
+_MAX_DATASETS = 4  # a run uses at most two (dataset, mode.latent.ood_dataset); a sweep a few
+
+
+def _remember(key: tuple, value: Any) -> Any:
+    _DATASETS[key] = value
+    _DATASETS.move_to_end(key)
+    while len(_DATASETS) > _MAX_DATASETS:
+        _DATASETS.popitem(last=False)
+    return value
+
+
+def forget_datasets() -> None:
+    """Drop this process's dataset objects (the next :func:`reference_set` scans/renders again)."""
+    _DATASETS.clear()
+
+
+def reference_set(dataset_cfg: Any, n: int | None = None, split: str | None = None,
+                  cache_dir: str | Path | None = None) -> ReferenceSet:
+    """The first ``n`` images (all if None) of the configured dataset. ``cache_dir`` (``paths.cache``): where a
+    folder's decoding check is kept (``<cache_dir>/reference/folder-*.json``), so an unchanged folder is never
+    decoded to be checked again; None: checked by decoding, once per process and folder state."""
     kind = getattr(dataset_cfg.kind, "value", dataset_cfg.kind)
     n = int(n if n is not None else dataset_cfg.num_images)
     if kind == "shapes":
-        from pipeline.data.shapes import ShapesDataset
-
-        split = split or dataset_cfg.split
-        try:
-            ds = ShapesDataset(split=split, n=n, seed=dataset_cfg.seed, size=dataset_cfg.size,
-                               shapes=list(dataset_cfg.shapes), colours=list(dataset_cfg.colours), p_two=dataset_cfg.p_two)
-        except ValueError as e:
-            raise UserError(f"dataset ({dataset_cfg.name}): {e}") from e
-        identity = {"name": dataset_cfg.name, "kind": kind, "split": split, "n": n, "seed": dataset_cfg.seed,
-                    "size": dataset_cfg.size, "shapes": list(dataset_cfg.shapes), "colours": list(dataset_cfg.colours),
-                    "p_two": dataset_cfg.p_two}
-        # procedural images are a pure function of the renderer's code and these parameters: hash those
-        # (rendering every image just to hash it would cost as much as a cold reference pass)
-        import pipeline.data.shapes as renderer
-
-        code = hashlib.sha256(Path(renderer.__file__).read_bytes() + repr(sorted(identity.items())).encode())
-        return ReferenceSet(identity, ds, n, [s.caption for s in ds], _hash=code.hexdigest()[:16])
+        return _shapes(dataset_cfg, n, split or dataset_cfg.split)
     if kind == "folder":
-        from pipeline.data.folder import FolderDataset
-
-        if not dataset_cfg.root:
-            raise UserError("dataset.root: expected the folder of reference images (dataset=folder dataset.root=DIR)")
-        try:
-            ds = FolderDataset(dataset_cfg.root, dataset_cfg.captions_file)
-        except ValueError as e:
-            raise UserError(f"dataset.root: {e}") from e
-        if ds.num_skipped:
-            log.warning("dataset.root %s: %d unreadable file(s) skipped", dataset_cfg.root, ds.num_skipped)
-        n = min(n, len(ds))
-        captions = [ds.caption_of(p) for p in ds.paths[:n]] if ds.has_captions else None
-        identity = {"name": dataset_cfg.name, "kind": kind, "root": str(ds.root.resolve()), "n": n}
-        return ReferenceSet(identity, ds, n, captions, ds.num_skipped)
+        return _folder(dataset_cfg, n, cache_dir)
     raise UserError(f"dataset.kind: {kind!r}; expected shapes or folder")
+
+
+def _shapes(dataset_cfg: Any, n: int, split: str) -> ReferenceSet:
+    from pipeline.data.shapes import ShapesDataset
+
+    try:
+        ds = ShapesDataset(split=split, n=n, seed=dataset_cfg.seed, size=dataset_cfg.size,
+                           shapes=list(dataset_cfg.shapes), colours=list(dataset_cfg.colours), p_two=dataset_cfg.p_two)
+    except ValueError as e:
+        raise UserError(f"dataset ({dataset_cfg.name}): {e}") from e
+    identity = {"name": dataset_cfg.name, "kind": "shapes", "split": split, "n": n, "seed": dataset_cfg.seed,
+                "size": dataset_cfg.size, "shapes": list(dataset_cfg.shapes), "colours": list(dataset_cfg.colours),
+                "p_two": dataset_cfg.p_two}
+    # procedural images are a pure function of the renderer's code and these parameters: hash those
+    # (rendering every image just to hash it would cost as much as a cold reference pass)
+    import pipeline.data.shapes as renderer
+
+    code = hashlib.sha256(Path(renderer.__file__).read_bytes() + repr(sorted(identity.items())).encode())
+    # captions need a render per image: kept per process, extended when a larger n asks
+    key = ("shapes", repr(sorted((k, v) for k, v in identity.items() if k != "n")))
+    captions = _remember(key, _DATASETS.get(key, []))
+    captions += [ds[i].caption for i in range(len(captions), n)]
+    size = int(dataset_cfg.size)
+    return ReferenceSet(identity, ds, n, captions[:n], _hash=code.hexdigest()[:16], _shape=(size, size, 3))
+
+
+def _folder(dataset_cfg: Any, n: int, cache_dir: str | Path | None) -> ReferenceSet:
+    from pipeline.data.folder import FolderDataset, scan
+
+    if not dataset_cfg.root:
+        raise UserError("dataset.root: expected the folder of reference images (dataset=folder dataset.root=DIR)")
+    root, captions_file = Path(str(dataset_cfg.root)), dataset_cfg.captions_file
+    try:
+        manifest = scan(root, captions_file)  # stat only: what the folder holds now
+        key = ("folder", str(root.resolve()), captions_file)
+        ds = _DATASETS.get(key)
+        if ds is None or ds.manifest.digest != manifest.digest:
+            check_cache = Path(str(cache_dir)) / "reference" if cache_dir is not None else None
+            ds = FolderDataset(root, captions_file, check_cache=check_cache, manifest=manifest)
+        _remember(key, ds)
+    except ValueError as e:
+        raise UserError(f"dataset.root: {e}") from e
+    if ds.num_skipped:
+        log.warning("dataset.root %s: %d unreadable file(s) skipped", dataset_cfg.root, ds.num_skipped)
+    n = min(n, len(ds))
+    names = ds.names(n)
+    captions = [ds.captions.get(name) for name in names] if ds.has_captions else None
+    identity = {"name": dataset_cfg.name, "kind": "folder", "root": str(ds.root.resolve()), "n": n}
+    return ReferenceSet(identity, ds, n, captions, ds.num_skipped, _hash=manifest.digest, _shape=ds.shapes[0],
+                        files=names)
 
 
 def read_prompts(path: str) -> list[str]:

@@ -27,12 +27,13 @@ def digest(img: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(img).tobytes() + str(img.shape).encode()).hexdigest()
 
 
-def ood_images(ood_cfg, n: int, exclude: set[str], n_excluded: int) -> tuple[list[torch.Tensor], int, int]:
+def ood_images(ood_cfg, n: int, exclude: set[str], n_excluded: int,
+               cache_dir: str | None = None) -> tuple[list[torch.Tensor], int, int]:
     """The first ``n`` images of the OOD set not in ``exclude`` (digests of ``n_excluded`` images, duplicates
-    included) -> (images, num_excluded, num_skipped)."""
+    included) -> (images, num_excluded, num_skipped). ``cache_dir``: as :func:`pipeline.data.reference.reference_set`."""
     from pipeline.data.reference import reference_set
 
-    ref = reference_set(ood_cfg, n + n_excluded)
+    ref = reference_set(ood_cfg, n + n_excluded, cache_dir=cache_dir)
     out, dropped = [], 0
     for i in range(ref.n):
         img = ref.image(i)

@@ -80,9 +80,11 @@ def _skip(ctx, key: str, reason: str) -> dict:
 
 
 def _reference(cfg, n: int):
+    """The first ``n`` reference images: views of the run's one dataset object (see
+    :func:`pipeline.data.reference.reference_set`), so the parts of this mode check and caption it once."""
     from pipeline.data.reference import reference_set
 
-    return reference_set(cfg.dataset, n)
+    return reference_set(cfg.dataset, n, cache_dir=cfg.paths.cache)
 
 
 def _images(ref, idx: list[int]) -> list[torch.Tensor]:
@@ -375,7 +377,8 @@ def latent_ood_stage(ctx, cfg):
     id_imgs = _images(ref, list(range(ref.n)))
     fit_digests = {digest(im.permute(1, 2, 0).numpy()) for im in id_imgs[:n_fit]}
     eval_digests = {digest(im.permute(1, 2, 0).numpy()) for im in id_imgs[n_fit:]}
-    ood_imgs, dropped, ood_skipped = ood_images(a.ood_dataset, n_eval, fit_digests, n_fit)
+    ood_imgs, dropped, ood_skipped = ood_images(a.ood_dataset, n_eval, fit_digests, n_fit,
+                                                cache_dir=cfg.paths.cache)
     if not ood_imgs:
         raise UserError(f"mode.latent.ood_dataset ({a.ood_dataset.name}): no image outside the fit set")
     same = sum(digest(im.permute(1, 2, 0).numpy()) in eval_digests for im in ood_imgs)

@@ -37,7 +37,7 @@ from pipeline.registry import stage
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the cached content or its meaning changes
+CACHE_VERSION = 2  # bump when the cached content or its meaning changes
 REPORTED_N = 10_000  # below this, FID & co. are biased: say so
 
 
@@ -74,19 +74,17 @@ def metrics_check(ctx, cfg):
     return {}
 
 
-_SHAPES_REFS: dict[tuple, object] = {}  # per process, for the jobs of a sweep
+def _use_cache(cfg) -> bool:
+    return bool(cfg.mode.metrics.cache) if cfg.mode.get("metrics") is not None else True
 
 
 @stage("reference", produces=("reference",))
 def reference_stage(ctx, cfg):
-    from pipeline.config import to_plain
+    """The run's reference set (:func:`pipeline.data.reference.reference_set`: one dataset object per process and
+    dataset config; a folder unchanged since its last check is not decoded)."""
     from pipeline.data.reference import reference_set
 
-    key = (repr(sorted(to_plain(cfg.dataset).items())), _n_reference(cfg))
-    ref = _SHAPES_REFS.get(key) or reference_set(cfg.dataset, _n_reference(cfg))
-    if ref.identity.get("kind") == "shapes":  # a pure function of the config: render (captions) once per process
-        _SHAPES_REFS.clear()
-        _SHAPES_REFS[key] = ref
+    ref = reference_set(cfg.dataset, _n_reference(cfg), cache_dir=cfg.paths.cache if _use_cache(cfg) else None)
     if ref.num_skipped:
         ctx.tag("reference.num_skipped", ref.num_skipped)
     log.info("reference set: %d images of %s (%s)", ref.n, cfg.dataset.name, ref.identity.get("split", ref.identity.get("root")))
@@ -112,10 +110,28 @@ def prompts_stage(ctx, cfg):
 
 # ----------------------------------------------------------------------------------------------- cache
 def _cache_path(cfg, ref, extractor) -> tuple[Path, dict]:
+    """``<paths.cache>/reference/<extractor>-<digest>.pt``; the key: the set's identity and content hash (folders:
+    their manifest, nothing decoded), N, the extractor's describe() (weights hash, input size, resize) and
+    :data:`CACHE_VERSION`."""
     key = {"version": CACHE_VERSION, "dataset": ref.identity, "content": ref.content_hash(), "n": ref.n,
            "extractor": extractor.describe()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return Path(cfg.paths.cache) / "reference" / f"{extractor.name}-{digest}.pt", key
+
+
+def _entry_files(ref) -> str | None:
+    """A folder's readable file list as one string (a list of 10 000 strings loads 10× slower)."""
+    return None if ref.files is None else "\n".join(ref.files)
+
+
+def _load_entry(path: Path, ref) -> torch.Tensor | None:
+    """The cached pool, or None when the entry does not describe ``ref`` (another file list or image shape)."""
+    entry = torch.load(path, weights_only=True)
+    if (entry.get("files") != _entry_files(ref) or entry.get("image_shape") != list(ref.image_shape())
+            or entry.get("num_skipped") != ref.num_skipped or len(entry["pool"]) != ref.n):
+        log.warning("reference cache %s does not describe this reference set: recomputed", path.name)
+        return None
+    return entry["pool"]
 
 
 _REF_STATS: dict[str, M.ReferenceStats] = {}  # per process: the reference square-root factor is computed once
@@ -124,26 +140,27 @@ _REF_STATS: dict[str, M.ReferenceStats] = {}  # per process: the reference squar
 @stage("real_features", needs=("reference", "extractors"), produces=("real_features",))
 def real_features_stage(ctx, cfg):
     """Reference pool features per extractor, from the disk cache when its key matches (rank 0 only when
-    distributed: the other ranks return None and never touch the cache)."""
+    distributed: the other ranks return None and never touch the cache). An entry also records what it was
+    computed from: the image shape, the number of skipped files and the folder's readable file list."""
     if dist.init(ctx.device) and not dist.is_main():
         return {"real_features": None}
     ref = ctx.get("reference")
-    use_cache = cfg.mode.metrics.cache if cfg.mode.get("metrics") is not None else True
+    use_cache = _use_cache(cfg)
     out, hits = {}, []
     for name, ex in ctx.get("extractors").items():
         path, key = _cache_path(cfg, ref, ex)
         tic = time.perf_counter()
-        if use_cache and path.is_file():
-            pool = torch.load(path, weights_only=True)["pool"]
-            hits.append(True)
+        pool = _load_entry(path, ref) if use_cache and path.is_file() else None
+        hits.append(pool is not None)
+        if pool is not None:
             log.info("reference cache hit: %s (%s)", path.name, name)
         else:
             pool = _extract_reference(ref, ex, int(cfg.features[name].batch_size))
-            hits.append(False)
             if use_cache:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: parallel writers never share it
-                torch.save({"pool": pool, "key": json.dumps(key, default=str)}, tmp)
+                torch.save({"pool": pool, "key": json.dumps(key, default=str), "files": _entry_files(ref),
+                            "image_shape": list(ref.image_shape()), "num_skipped": ref.num_skipped}, tmp)
                 tmp.replace(path)  # atomic: a parallel job never reads half a file
             log.info("reference cache miss: extracted %d x %d (%s) -> %s", *pool.shape, name, path.name)
         stats_key = str(path) + str(ref.n)
@@ -187,117 +204,205 @@ def _judge_for(ctx, cfg, extractors, prompts):
 
 
 # ----------------------------------------------------------------------------------------------- metrics
+SHARD_VERSION = 1  # bump when what a shard holds changes: older shards are then regenerated
+_PER_SAMPLE = ("pool", "logits", "image_embeds")  # extractor outputs kept per sample
+
+
+def _fingerprint(cfg) -> dict:
+    """Everything that decides the shards' contents: the resolved config but for what a resumed run may change
+    (``model.device``, ``tracking.*``, ``paths.*``)."""
+    from pipeline.config import to_plain
+
+    plain = to_plain(cfg)
+    plain.get("model", {}).pop("device", None)
+    for key in ("tracking", "paths"):
+        plain.pop(key, None)
+    return {"version": SHARD_VERSION, "config": plain}
+
+
+def _batches(start: int, count: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + batch_size, start + count)) for lo in range(start, start + count, batch_size)]
+
+
 @stage("metrics", needs=("model", "sampler", "prompts", "extractors", "real_features"))
 def metrics_stage(ctx, cfg):
+    """Generate N images batch by batch, extract every extractor's features, persist each batch as a shard in
+    ``<run dir>/progress/metrics/`` (``pipeline.progress``), then compute every metric from the shards.
+
+    Batches whose shard is already on disk (a resumed run) are not generated again; the metrics are computed from
+    the shards in sample order with fixed-size chunks, so an interrupted-and-resumed run, a sharded ``torchrun``
+    run and an uninterrupted one give the same scalars (timings aside) exactly on CPU."""
+    from pipeline.progress import PROGRESS_DIR, LiveProgress, ShardStore
+
     m = cfg.mode.metrics
     dist.init(ctx.device)
-    start, count = dist.shard(int(m.num_samples))  # (0, N) when not distributed
-    if dist.is_distributed():
-        log.info("rank %d of %d: samples %d..%d of %d", dist.rank(), dist.world_size(), start, start + count - 1,
-                 m.num_samples)
+    n = int(m.num_samples)
+    batch_size = int(m.batch_size or cfg.sampler.batch_size)
+    # rank 0's run dir: under torchrun every rank persists its shard there (one node, or a shared filesystem)
+    store = ShardStore(Path(dist.broadcast_object(str(ctx.run_dir))) / PROGRESS_DIR / "metrics", _fingerprint(cfg))
+    start, count = dist.shard(n)  # (0, N) when not distributed
+    mine = _batches(start, count, batch_size)
+    done = store.valid(mine)
+    todo = [b for b in mine if b not in done]
+    where = f"rank {dist.rank()} of {dist.world_size()}: " if dist.is_distributed() else ""
+    if done:
+        log.info("%sresuming at sample %d of %d (%d of %d batches already on disk)", where,
+                 todo[0][0] if todo else start + count, n, len(done), len(mine))
+    elif dist.is_distributed():
+        log.info("%ssamples %d..%d of %d", where, start, start + count - 1, n)
     model, prompts, extractors = ctx.get("model"), ctx.get("prompts"), ctx.get("extractors")
-    real = ctx.get("real_features")
     judge = _judge_for(ctx, cfg, extractors, prompts)
     images_dir = ctx.run_dir / "images" if m.save_images else None
-    batch_size = int(m.batch_size or cfg.sampler.batch_size)
-
-    fake = {name: {"pool": [], "logits": [], "image_embeds": [], "stats": M.FeatureStats()} for name in extractors}
-    text_embeds: dict[str, list[torch.Tensor]] = {name: [] for name in extractors}
-    grid_images, grid_prompts, judged = [], [], []
-    n_valid = n_invalid = 0
-    gen_seconds = feat_seconds = 0.0
     real_shape = ctx.get("reference").image_shape()
+    live = LiveProgress(ctx.tracker, total=n, done=sum(hi - lo for lo, hi in done), scale=dist.world_size())
 
     stream = generate(model, ctx.get("sampler"), count, batch_size, cfg.sampler.num_inference_steps,
                       cfg.sampler.guidance_scale, cfg.seed, prompts=prompts, class_ids=m.class_ids, start=start,
                       height=cfg.sampler.height, width=cfg.sampler.width, eta=cfg.sampler.eta,
-                      progress=dist.is_main(), desc="metrics")
+                      progress=dist.is_main(), desc="metrics", skip={lo for lo, _ in done})
+    first = True
     tic = time.perf_counter()
     for batch in stream:
-        gen_seconds += time.perf_counter() - tic
+        gen_seconds = time.perf_counter() - tic
         tic = time.perf_counter()
-        n_invalid += batch.num_invalid
-        n_valid += len(batch.images)
-        if n_valid == len(batch.images) and len(batch.images) and tuple(batch.images.shape[2:]) != real_shape[:2]:
+        if first and len(batch.images) and tuple(batch.images.shape[2:]) != real_shape[:2]:
             log.info("generated %s vs reference %s images: each is resized to the extractor's input (%s)",
                      tuple(batch.images.shape[2:]), real_shape[:2],
                      {n: f"{e.input_size}px {e.resize}" for n, e in extractors.items()})
-        if not len(batch.images):
-            continue
-        if images_dir is not None:
-            _save_images(images_dir, batch.images, batch.indices)
-        for name, ex in extractors.items():
-            out = ex(batch.images)
-            fake[name]["stats"].update(out["pool"])
-            for k in ("pool", "logits", "image_embeds"):
-                if k in out:
-                    fake[name][k].append(out[k])
-            if "image_embeds" in out and batch.prompts and hasattr(ex, "text_embeds"):
-                text_embeds[name].append(ex.text_embeds(batch.prompts))
-        if judge is not None:
-            judged += judge.adherence(batch.images, batch.prompts)
-        if len(grid_images) < m.grid ** 2 and start < m.grid ** 2:  # later shards never reach the grid
-            take = m.grid ** 2 - len(grid_images)
-            grid_images += list(batch.images[:take])
-            labels = batch.prompts or ([f"class {c}" for c in batch.class_ids] if batch.class_ids else [])
-            grid_prompts += labels[:take]
-        feat_seconds += time.perf_counter() - tic
+        first = False
+        arrays: dict[str, np.ndarray] = {"indices": np.asarray(batch.indices, dtype=np.int64)}
+        meta = {"num_invalid": batch.num_invalid, "prompts": batch.prompts, "class_ids": batch.class_ids, "judged": []}
+        if len(batch.images):
+            if images_dir is not None:
+                _save_images(images_dir, batch.images, batch.indices)
+            for name, ex in extractors.items():
+                out = ex(batch.images)
+                for k in _PER_SAMPLE:
+                    if k in out:
+                        arrays[f"{name}.{k}"] = out[k].detach().cpu().numpy()
+                if "image_embeds" in out and batch.prompts and hasattr(ex, "text_embeds"):
+                    arrays[f"{name}.text_embeds"] = ex.text_embeds(batch.prompts).detach().cpu().numpy()
+            if judge is not None:
+                meta["judged"] = judge.adherence(batch.images, batch.prompts)
+            in_grid = [j for j, i in enumerate(batch.indices) if i < m.grid ** 2]
+            if in_grid:
+                arrays["grid_images"] = batch.images[in_grid].numpy()
+                labels = batch.prompts or ([f"class {c}" for c in batch.class_ids] if batch.class_ids else None)
+                meta["grid_labels"] = [labels[j] for j in in_grid] if labels else None
+        meta["generation_seconds"], meta["features_seconds"] = gen_seconds, time.perf_counter() - tic
+        store.write(batch.span[0], batch.span[1], arrays, meta)
+        live.update(batch.span[1] - batch.span[0])
         tic = time.perf_counter()
+    live.close()
 
-    if dist.is_distributed():
-        n_valid, n_invalid = (int(v) for v in dist.all_reduce_scalars([n_valid, n_invalid]))
-        gen_seconds, feat_seconds = dist.all_reduce_scalars([gen_seconds, feat_seconds], op="max")  # wall clock
-        for name in extractors:
-            fake[name]["stats"] = dist.all_reduce_stats(fake[name]["stats"])
-            for k in ("pool", "logits", "image_embeds"):
-                fake[name][k] = _gathered(fake[name][k])
-            text_embeds[name] = _gathered(text_embeds[name])
-        judged = dist.all_gather_list(judged)
-        grid_images = dist.all_gather_list(grid_images)[: m.grid ** 2]
-        grid_prompts = dist.all_gather_list(grid_prompts)[: m.grid ** 2]
+    dist.barrier()  # every rank's shards are on disk
+    if not dist.is_main():
+        return {}  # rank 0 computes and logs every metric from all shards
+    every = [b for r in range(dist.world_size()) for b in _batches(*dist.shard(n, r), batch_size)]
+    _metrics_from_shards(ctx, cfg, store, every, extractors)
+    return {}
+
+
+def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
+    """Every metric from the shards of ``batches`` (in sample order): per-sample arrays into memory-mapped files
+    (never lists of tensors), FID statistics in fixed chunks (independent of how batches were split)."""
+    import shutil
+
+    from pipeline.progress import crash_point
+
+    m = cfg.mode.metrics
+    real = ctx.get("real_features")
+    columns = _Columns(store.dir / "assembled", int(m.num_samples))
+    judged, grid_images, grid_labels = [], [], []
+    n_invalid, gen_seconds, feat_seconds = 0, 0.0, 0.0
+    for lo, hi in batches:
+        shard = store.read(lo, hi)
+        if shard is None:
+            raise RuntimeError(f"shard of samples {lo}..{hi - 1} missing or corrupt in {store.dir} after generation")
+        arrays, meta = shard
+        grid = arrays.pop("grid_images", None)
+        if grid is not None:
+            grid_images += [torch.from_numpy(g) for g in grid]
+            grid_labels += meta.get("grid_labels") or []
+        columns.add(arrays)
+        judged += meta["judged"]
+        n_invalid += int(meta["num_invalid"])
+        gen_seconds += float(meta["generation_seconds"])
+        feat_seconds += float(meta["features_seconds"])
+    crash_point("metrics_assembled")
+    n_valid = columns.rows("indices")
     k_max = max(m.pr_k, m.dc_k)
     if n_valid < k_max + 1:
         raise UserError(f"only {n_valid} of {m.num_samples} generated images are finite (NaN/Inf in the rest); "
                         f"metrics need at least {k_max + 1}")
-    if not dist.is_main():
-        return {}  # rank 0 computes and logs every metric from the merged statistics
     ref_seconds = sum(r["seconds"] for r in real.values())
     scalars = {"metrics/num_samples": n_valid, "metrics/num_invalid": n_invalid, "metrics/num_shards": dist.world_size(),
                "metrics/sec_per_image": gen_seconds / max(m.num_samples, 1), "metrics/generation_seconds": gen_seconds,
                "metrics/fake_features_seconds": feat_seconds, "metrics/reference_seconds": ref_seconds}
     rows = []
     for i, (name, ex) in enumerate(extractors.items()):
-        r_pool, f_pool = real[name]["pool"], torch.cat(fake[name]["pool"])
-        s = {"fd": M.frechet_distance(fake[name]["stats"], real[name]["stats"])}
+        r_pool, f_pool = real[name]["pool"], columns.tensor(f"{name}.pool")
+        s = {"fd": M.frechet_distance(M.FeatureStats.from_features(f_pool), real[name]["stats"])}
         subset = min(m.kid_subset_size, len(r_pool), len(f_pool))
         if subset < m.kid_subset_size:
             log.info("KID subset size %d capped at N=%d", m.kid_subset_size, subset)
         s["kid_mean"], s["kid_std"] = M.kernel_distance(r_pool, f_pool, subsets=m.kid_subsets, subset_size=subset, seed=cfg.seed)
-        if fake[name]["logits"]:
-            logits = torch.cat(fake[name]["logits"])
+        logits = columns.tensor(f"{name}.logits")
+        if logits is not None:
             s["is_mean"], s["is_std"] = M.inception_score(logits, splits=min(m.is_splits, len(logits)), seed=cfg.seed)
         s["precision"], s["recall"] = M.precision_recall(r_pool, f_pool, k=m.pr_k)
         s["density"], s["coverage"] = M.density_coverage(r_pool, f_pool, k=m.dc_k)
-        if text_embeds[name]:
-            s["clip_score"] = M.clip_score(torch.cat(fake[name]["image_embeds"]), torch.cat(text_embeds[name]))
+        text = columns.tensor(f"{name}.text_embeds")
+        if text is not None:
+            s["clip_score"] = M.clip_score(columns.tensor(f"{name}.image_embeds"), text)
         half = len(r_pool) // 2
         s["fd_floor"] = M.frechet_distance(r_pool[:half], r_pool[half : 2 * half])  # noise floor at this N
         scalars.update(extractor_keys(name, s))  # metrics/<stat>_<name> (+ metrics/fid for inception)
         rows.append({"extractor": name, "primary": i == 0, **ex.describe(), "n_real": len(r_pool), "n_fake": len(f_pool),
                      "kid_subset_size": subset, **s})
         ctx.tag(f"metrics.resize.{name}", ex.resize)
+    del columns
+    shutil.rmtree(store.dir / "assembled", ignore_errors=True)  # rebuilt from the shards whenever needed
     if judged:
         scalars[PROMPT_ACCURACY] = float(np.mean([j["correct"] for j in judged]))
         ctx.save_table(judged, "metrics_prompt_judgements")
     ctx.log_scalars(scalars)
     ctx.save_table(rows, "metrics_extractors")
-    ctx.save_figure(sample_grid(grid_images, grid_prompts or None, m.grid), "metrics_samples")
+    ctx.save_figure(sample_grid(grid_images[: m.grid ** 2], grid_labels[: m.grid ** 2] or None, m.grid), "metrics_samples")
     headline = primary_fd_key(extractors)
     log.info("metrics: %s = %.4g (primary extractor); %s", headline, scalars[headline],
              {k: round(v, 4) for k, v in scalars.items() if k != headline})
     log.info("timing: generation %.1f s, fake features + judge %.1f s, reference %.1f s",
              gen_seconds, feat_seconds, ref_seconds)
-    return {}
+
+
+class _Columns:
+    """Per-sample arrays of the shards, appended into memory-mapped ``.npy`` files of ``capacity`` rows."""
+
+    def __init__(self, folder: Path, capacity: int):
+        self.folder, self.capacity = folder, capacity
+        self.maps: dict[str, np.ndarray] = {}
+        self.filled: dict[str, int] = {}
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, arrays: dict[str, np.ndarray]) -> None:
+        for key, a in arrays.items():
+            if key not in self.maps:
+                self.maps[key] = np.lib.format.open_memmap(self.folder / f"{key}.npy", mode="w+", dtype=a.dtype,
+                                                           shape=(self.capacity, *a.shape[1:]))
+                self.filled[key] = 0
+            k = self.filled[key]
+            self.maps[key][k : k + len(a)] = a
+            self.filled[key] = k + len(a)
+
+    def rows(self, key: str) -> int:
+        return self.filled.get(key, 0)
+
+    def tensor(self, key: str) -> torch.Tensor | None:
+        """The filled rows as a tensor sharing the memory map (no copy), None when no shard had ``key``."""
+        if key not in self.maps:
+            return None
+        return torch.from_numpy(self.maps[key][: self.filled[key]])
 
 
 def _save_images(folder: Path, images: torch.Tensor, indices: list[int]) -> None:
@@ -307,9 +412,3 @@ def _save_images(folder: Path, images: torch.Tensor, indices: list[int]) -> None
     folder.mkdir(parents=True, exist_ok=True)
     for img, i in zip(images, indices):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
-
-
-def _gathered(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """This rank's batches -> every rank's rows in sample order, as a one-element list (empty if none at all)."""
-    merged = dist.all_gather_rows(torch.cat(chunks) if chunks else None)
-    return [] if merged is None else [merged]
