@@ -226,6 +226,8 @@ def run_pipeline(
                 tracker.set_tags({"error": outcome.error})
             if outcome.status == "FINISHED":  # nothing left to resume: the shards go (they hold every sample's features)
                 shutil.rmtree(run_dir / PROGRESS_DIR, ignore_errors=True)
+            if main:  # report.html before the upload, so it is one of the artifacts (pipeline.report)
+                _write_report(run_dir, outcome, tracker, tags, choices)
             tracker.log_artifacts(run_dir, exclude=(PROGRESS_DIR, LOCK_FILE))
         except Exception:  # noqa: BLE001 - never let artifact upload hide the real outcome
             log.warning("could not upload artifacts of %s:\n%s", run_dir, traceback.format_exc())
@@ -238,6 +240,18 @@ def run_pipeline(
             if main:
                 log_summary(tracker, outcome, cfg)
     return outcome
+
+
+def _write_report(run_dir: Path, outcome: RunOutcome, tracker: Any, tags: dict, choices: dict) -> None:
+    """``<run_dir>/report.html`` (:func:`pipeline.report.write_run_report`) with the run's tags as stored; a report
+    that cannot be written is a warning, never a change of the run's outcome."""
+    try:
+        from pipeline.report import write_run_report
+
+        write_run_report(run_dir, outcome.results, tags={**tags, **tracker.run_tags()},
+                         params={f"choice.{k}": str(v) for k, v in choices.items()}, status=outcome.status)
+    except Exception:  # noqa: BLE001
+        log.warning("could not write the report of %s:\n%s", run_dir, traceback.format_exc())
 
 
 def log_summary(tracker: Any, outcome: RunOutcome, cfg: Any) -> None:

@@ -268,6 +268,40 @@ class Tracker:
             else:
                 self.client.log_artifact(self.run_id, str(entry), artifact_path)
 
+    # ---- run reports (pipeline.report): the run as stored, and images stepped for MLflow's image slider
+    def get_run(self) -> Any:
+        """This run as the store holds it now (``info``, ``data.params/metrics/tags``)."""
+        return _retry_locked(self.client.get_run, self.run_id)
+
+    def run_tags(self) -> dict[str, str]:
+        """This run's tags as stored ({} when the store cannot be read: a report then shows fewer tags)."""
+        try:
+            return dict(self.get_run().data.tags)
+        except Exception:  # noqa: BLE001 - a report's provenance must never fail a run
+            log.debug("could not read the tags of run %s", self.run_id, exc_info=True)
+            return {}
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """A PIL image as MLflow image ``key`` at ``step`` (the UI's image slider steps through them); written
+        before returning, so a parent run closed next holds it."""
+        self.client.log_image(self.run_id, image, key=key, step=int(step), synchronous=True)
+
+    def logged_image_steps(self, key: str) -> set[int]:
+        """Steps at which image ``key`` is already logged on this run (``images/<key>+step+<n>+...``)."""
+        try:
+            files = self.client.list_artifacts(self.run_id, "images")
+        except Exception:  # noqa: BLE001 - no images yet, or a store that cannot list: log them all
+            return set()
+        steps = set()
+        for f in files:
+            name = f.path.rsplit("/", 1)[-1]
+            for sep in ("+", "%"):  # MLflow 3 uses "+", earlier versions "%"
+                parts = name.split(sep)
+                if len(parts) > 2 and parts[0] == key.replace("/", "~") and parts[1] == "step" and parts[2].isdigit():
+                    steps.add(int(parts[2]))
+        return steps
+    # ---- end of run reports
+
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             _retry_locked(self.client.set_terminated, self.run_id, status=status)
@@ -403,6 +437,24 @@ class SweepCallback(Callback):
                        for k in headline_keys(best, primary)]
             lines = summary_lines(tracker, "sweep summary:", scalars, "sweep dir", sweep_dir)
             sentence = summarise(tracker, children, sweep_dir)
+            # ---- sweep report.html and checkpoint sample grids (pipeline.report); neither may change the sweep
+            try:
+                from pipeline.report import write_sweep_report
+
+                report = write_sweep_report(sweep_dir, tracker.get_run(), children)
+                tracker.log_artifact(report)
+                log.info("sweep report %s", report)
+            except Exception:  # noqa: BLE001
+                log.warning("could not write the sweep report of %s", sweep_dir, exc_info=True)
+            try:
+                from pipeline.report import log_checkpoint_samples
+
+                logged = log_checkpoint_samples(tracker, children)
+                if logged:
+                    log.info("sample grids on the parent run, image 'samples' at steps %s", sorted(logged.values()))
+            except Exception:  # noqa: BLE001
+                log.warning("could not log the checkpoint sample grids of %s", sweep_dir, exc_info=True)
+            # ---- end of sweep report
         finally:
             tracker.end("FINISHED")
         if lines:
