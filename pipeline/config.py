@@ -55,6 +55,7 @@ class ResizeMode(str, enum.Enum):
     bicubic = "bicubic"
     bicubic_antialias = "bicubic_antialias"
     nearest = "nearest"
+    bicubic_tf2 = "bicubic_tf2"  # TF2 tf.image.resize bicubic, no antialias (CMMD, features=[clip336])
 
 
 @dataclass

@@ -42,9 +42,12 @@ from typing import Any, Optional
 PREFIX = "metrics/"
 # per-extractor statistics; fd_floor = FD between two halves of the reference set (the noise floor at this N)
 STATS = ("fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "density", "coverage",
-         "clip_score", "fd_floor")
+         "clip_score", "fd_floor", "fd_inf", "vendi", "vendi_per_prompt")
 INCEPTION = "inception"  # the extractor whose FD is also logged as FID
 FID = PREFIX + "fid"  # = metric_key("fd", INCEPTION)
+FID_INF = PREFIX + "fid_inf"  # = metric_key("fd_inf", INCEPTION)
+CMMD = PREFIX + "cmmd"  # CLIP ViT-L/14@336 MMD (features=[clip336] only)
+CLIP_TRUNCATED = PREFIX + "clip_truncated_prompts"
 CI_SUFFIXES = ("_ci_low", "_ci_high")
 PRIMARY_EXTRACTOR_TAG = "metrics.primary_extractor"
 
@@ -68,11 +71,24 @@ def metric_key(stat: str, extractor: str) -> str:
     return f"{PREFIX}{stat}_{extractor}"
 
 
-def extractor_keys(extractor: str, values: Mapping[str, float]) -> dict[str, float]:
-    """One extractor's ``{stat: value}`` as ``{key: value}``, plus ``metrics/fid`` when it is Inception's FD."""
+def extractor_keys(extractor: str, values: Mapping[str, float],
+                   intervals: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
+    """One extractor's ``{stat: value}`` as ``{key: value}``, plus ``metrics/fid`` (``metrics/fid_inf``) when it is
+    Inception's FD (FD∞); ``intervals`` ``{stat: (low, high)}`` add ``<key>_ci_low`` / ``<key>_ci_high``.
+
+        >>> sorted(extractor_keys("clip", {"fd": 3.0}, {"fd": (2.5, 3.5)}).items())
+        [('metrics/fd_clip', 3.0), ('metrics/fd_clip_ci_high', 3.5), ('metrics/fd_clip_ci_low', 2.5)]
+    """
     out = {metric_key(stat, extractor): value for stat, value in values.items()}
-    if extractor == INCEPTION and "fd" in values:
-        out[FID] = values["fd"]
+    for stat, (low, high) in (intervals or {}).items():
+        out[metric_key(stat, extractor) + CI_SUFFIXES[0]] = low
+        out[metric_key(stat, extractor) + CI_SUFFIXES[1]] = high
+    if extractor == INCEPTION:
+        for stat, alias in (("fd", FID), ("fd_inf", FID_INF)):
+            if stat in values:
+                out[alias] = values[stat]
+            if stat in (intervals or {}):
+                out[alias + CI_SUFFIXES[0]], out[alias + CI_SUFFIXES[1]] = intervals[stat]
     return out
 
 
@@ -129,10 +145,12 @@ def label(key: str) -> str:
 STAT_HIGHER_IS_BETTER: dict[str, Optional[bool]] = {
     "fd": False, "fd_floor": False, "kid_mean": False, "kid_std": None, "is_mean": True, "is_std": None,
     "precision": True, "recall": True, "density": True, "coverage": True, "clip_score": True,
+    "fd_inf": False, "vendi": True, "vendi_per_prompt": True,
 }
 # other keys, first matching pattern wins (re.fullmatch on the whole key)
 _DIRECTIONS: tuple[tuple[str, Optional[bool]], ...] = (
-    (r"metrics/fid", False),
+    (r"metrics/fid(_inf)?", False),
+    (r"metrics/cmmd", False),
     (r"metrics/prompt_accuracy", True),
     (r"metrics/sec_per_image|metrics/.*_seconds", False),
     (r"metrics/num_.*", None),

@@ -377,6 +377,23 @@ def test_clip_image_embeds_match_the_model(clip):
     assert clip.input_size == 32 and clip.describe()["model"] == clip.source and len(clip.weights_id) == 12
 
 
+def test_clip336_is_cmmds_embedding_whole_image_tf2_bicubic_normalised(clip_dir):
+    from pipeline.features.base import resize_images
+
+    ex = build_extractor(features_cfg(name="clip336", model=str(clip_dir), resize="bicubic_tf2", batch_size=2), "cpu")
+    x = images_u8(2, 40, 56)  # not square: stretched to 32 × 32, never cropped
+    out = ex(x)
+    assert torch.equal(out["pool"], out["image_embeds"]) and torch.allclose(out["pool"].norm(dim=1), torch.ones(2))
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    pixels = resize_images(x.float() / 255, 32, "bicubic_tf2")
+    with torch.no_grad():
+        e = ex.model.visual_projection(ex.model.vision_model(pixel_values=(pixels - mean) / std).pooler_output)
+    assert torch.allclose(out["pool"], e / e.norm(dim=1, keepdim=True), atol=1e-5)
+    assert ex.describe()["center_crop"] is False and ex.describe()["resize"] == "bicubic_tf2"
+    # TF2 bicubic keeps a constant image constant (taps outside the image dropped and renormalised)
+    assert torch.allclose(resize_images(torch.full((1, 3, 5, 7), 0.3), 11, "bicubic_tf2"), torch.tensor(0.3))
+
+
 def test_clip_text_embeds_and_truncation(clip, caplog):
     short = ["a red square", "b"]
     emb = clip.text_embeds(short)

@@ -55,10 +55,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ResizeModeName = Literal[
-    "bilinear", "bilinear_antialias", "bicubic", "bicubic_antialias", "nearest", "bilinear_tf1"
+    "bilinear", "bilinear_antialias", "bicubic", "bicubic_antialias", "nearest", "bilinear_tf1", "bicubic_tf2"
 ]
 RESIZE_MODES: tuple[str, ...] = (
-    "bilinear", "bilinear_antialias", "bicubic", "bicubic_antialias", "nearest", "bilinear_tf1"
+    "bilinear", "bilinear_antialias", "bicubic", "bicubic_antialias", "nearest", "bilinear_tf1", "bicubic_tf2"
 )
 
 
@@ -195,6 +195,9 @@ def resize_images(
     * ``bicubic`` (no antialias), ``nearest``;
     * ``bilinear_tf1``: TensorFlow 1.x ``resize_bilinear(align_corners=False)``, the exact TF-FID /
       torch-fidelity resize: source = dest · in/out (no half-pixel shift), edge-clamped.
+    * ``bicubic_tf2``: TensorFlow 2 ``tf.image.resize(method="bicubic", antialias=False)`` (CMMD's embedding
+      code): Keys cubic with a = −0.5, half-pixel centres, taps outside the image dropped and the rest renormalised;
+      not clamped (TF does not clamp either).
 
     Bicubic can overshoot; its output is clamped to ``value_range`` so pixels stay pixels (as PIL does). With
     ``center_crop`` the shortest side goes to ``size`` and the centre square is kept (CLIP's geometry);
@@ -217,6 +220,8 @@ def resize_images(
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str, value_range: tuple[float, float]) -> torch.Tensor:
     if mode == "bilinear_tf1":
         return _resize_bilinear_tf1(x, size)
+    if mode == "bicubic_tf2":
+        return _resize_bicubic_tf2(x, size)
     if mode == "nearest":
         return F.interpolate(x, size=size, mode="nearest")
     base, _, aa = mode.partition("_")
@@ -224,6 +229,30 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str, value_range: tupl
     if base == "bicubic":
         out = out.clamp(*value_range)  # a fixed range, not the batch's min/max: images stay independent
     return out
+
+
+def _keys_cubic_matrix(n_in: int, n_out: int, device: torch.device, a: float = -0.5) -> torch.Tensor:
+    """(n_out, n_in) weights of TF2's half-pixel bicubic along one axis: source = (dest + ½)·in/out − ½, four taps
+    around it with the Keys kernel, out-of-range taps dropped and the row renormalised to sum 1."""
+    src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+    base = src.floor()
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for tap in (-1, 0, 1, 2):
+        idx = base + tap
+        t = (src - idx).abs()
+        w = torch.where(t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1,
+                        torch.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, torch.zeros_like(t)))
+        inside = (idx >= 0) & (idx < n_in)
+        rows = torch.arange(n_out)[inside]
+        m.index_put_((rows, idx[inside].long()), w[inside], accumulate=True)
+    return (m / m.sum(dim=1, keepdim=True)).to(device=device, dtype=torch.float32)
+
+
+def _resize_bicubic_tf2(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """TF2 ``tf.image.resize(bicubic, antialias=False)``: separable Keys (a = −0.5) weights as two matmuls."""
+    wh = _keys_cubic_matrix(x.shape[-2], size[0], x.device)
+    ww = _keys_cubic_matrix(x.shape[-1], size[1], x.device)
+    return torch.einsum("oh,nchw,pw->ncop", wh, x.float(), ww)
 
 
 def _resize_bilinear_tf1(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

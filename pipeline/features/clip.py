@@ -25,7 +25,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.features.base import FeatureExtractor, load_hf_model, read_preprocessor_config, register_extractor
 
-__all__ = ["CLIPExtractor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+__all__ = ["CLIPExtractor", "CLIP336Extractor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,28 @@ class CLIPExtractor(FeatureExtractor):
                 text = self.model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
                 out.append(self.model.text_projection(text.pooler_output).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.model.config.projection_dim)
+
+
+class CLIP336Extractor(CLIPExtractor):
+    """CMMD's embedding (Jayasumana et al., google-research/cmmd ``embedding.py``): CLIP ViT-L/14@336, the *whole*
+    image resized to 336 × 336 with TF2 bicubic without antialias (``bicubic_tf2``; no centre crop, so non-square
+    images are stretched), CLIP's mean/std, ``image_embeds`` L2-normalised. ``pool`` is the same normalised
+    embedding (CMMD's kernel works on it; FD on it is FD_CLIP336)."""
+
+    name = "clip336"
+    center_crop = False
+
+    def _forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        embeds = super()._forward(pixels)["image_embeds"]
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        return {"pool": embeds, "image_embeds": embeds}
+
+
+@register_extractor("clip336")
+def build_clip336(cfg: Any, device: torch.device) -> CLIP336Extractor:
+    resize = getattr(cfg.resize, "value", cfg.resize)
+    return CLIP336Extractor(cfg.model, resize=resize, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                            device=device)
 
 
 def _load_tokenizer(auto_cls: Any, model_dir: Path):

@@ -25,6 +25,10 @@ import importlib
 # name -> the module defining it, imported on first access
 _LAZY = {
     "clip_score": "clip",
+    "clip_scores": "clip",
+    "cmmd": "cmmd",
+    "vendi_score": "vendi",
+    "precision_recall_density_coverage": "prdc",
     "frechet_distance": "frechet",
     "frechet_distance_from_stats": "frechet",
     "inception_score": "inception",
@@ -44,6 +48,8 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "density": True,  # ≈ 1 when fake ~ real; above 1 means fake crowds the dense real regions
     "coverage": True,
     "clip_score": True,
+    "cmmd": False,
+    "vendi": True,  # effective number of distinct samples (diversity)
 }
 
 __all__ = [
@@ -51,6 +57,10 @@ __all__ = [
     "FeatureStats",
     "ReferenceStats",
     "clip_score",
+    "clip_scores",
+    "cmmd",
+    "vendi_score",
+    "precision_recall_density_coverage",
     "density_coverage",
     "frechet_distance",
     "frechet_distance_from_stats",

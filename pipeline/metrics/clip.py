@@ -37,11 +37,16 @@ def clip_score(image_embeds: Any, text_embeds: Any) -> float:
         >>> round(clip_score(img, txt), 4)  # (70.7107 + 0) / 2
         35.3553
     """
+    return float(clip_scores(image_embeds, text_embeds).mean())
+
+
+def clip_scores(image_embeds: Any, text_embeds: Any) -> torch.Tensor:
+    """Per pair: 100 · max(cos(E_I, E_C), 0), float64 (N,); :func:`clip_score` is their mean."""
     img = _features(image_embeds, "image_embeds")
     txt = _features(text_embeds, "text_embeds")
     _check_same_shape(img, txt, "image_embeds", "text_embeds")
     cos = (_unit_rows(img, "image_embeds") * _unit_rows(txt.to(img.device), "text_embeds")).sum(dim=1)
-    return float((100.0 * cos.clamp_min(0.0)).mean())
+    return 100.0 * cos.clamp_min(0.0)
 
 
 clip_score.higher_is_better = True  # type: ignore[attr-defined]

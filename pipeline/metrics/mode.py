@@ -28,6 +28,10 @@ class MetricsModeConfig:
     save_images: bool = MISSING
     cache: bool = MISSING
     grid: int = MISSING
+    samples_per_prompt: int = MISSING
+    ci_subsets: int = MISSING
+    ci_bootstrap: int = MISSING
+    worst_prompts: int = MISSING
 
 
 register_mode("metrics", stages=["metrics_check", "metrics"], schema=MetricsModeConfig)

@@ -25,3 +25,24 @@ def sample_grid(images: list[torch.Tensor], prompts: list[str] | None, grid: int
     ax.axis("off")
     fig.subplots_adjust(0.01, 0.01, 0.99, 0.99)
     return fig
+
+
+def worst_prompts_figure(images: list[list[torch.Tensor]], labels: list[str]):
+    """One row per prompt (worst first): its samples, the prompt and its score above the row."""
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(images), max((len(r) for r in images), default=1)
+    h, w = images[0][0].shape[1:] if rows and images[0] else (32, 32)
+    gap_y, gap_x = max(h // 3, 6), max(2, w // 8)
+    mosaic = np.full((rows * (h + gap_y), cols * (w + gap_x), 3), 255, np.uint8)
+    fig, ax = plt.subplots(figsize=(max(cols * 1.4, 5), rows * 1.5))
+    for r, (row, label) in enumerate(zip(images, labels)):
+        y = r * (h + gap_y) + gap_y
+        ax.text(0, y - 1, label, fontsize=6, va="bottom")
+        for c, img in enumerate(row):
+            mosaic[y : y + h, c * (w + gap_x) : c * (w + gap_x) + w] = img.permute(1, 2, 0).numpy()
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title("worst prompts (lowest first) and their samples", fontsize=8)
+    fig.subplots_adjust(0.01, 0.01, 0.99, 0.95)
+    return fig

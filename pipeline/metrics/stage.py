@@ -31,7 +31,10 @@ from pipeline import metrics as M
 from pipeline.errors import UserError
 from pipeline.generation import generate
 from pipeline.models.family import check_mode_support
-from pipeline.metric_keys import PROMPT_ACCURACY, PRIMARY_EXTRACTOR_TAG, extractor_keys, primary_extractor, primary_fd_key
+from pipeline.metric_keys import (CLIP_TRUNCATED, CMMD, PROMPT_ACCURACY, PRIMARY_EXTRACTOR_TAG, extractor_keys, metric_key,
+                                  primary_extractor, primary_fd_key)
+from pipeline.metrics.intervals import (bootstrap_interval, fd_inf, fd_subsample_sd, kernel_subsample_sd,
+                                        normal_interval)
 from pipeline.metrics.plots import sample_grid
 from pipeline.registry import stage
 
@@ -55,6 +58,11 @@ def metrics_check(ctx, cfg):
         if n < k_max + 1:
             raise UserError(f"{key}={n}: precision/recall (k={m.pr_k}) and density/coverage (k={m.dc_k}) need at "
                             f"least k+1 = {k_max + 1} samples")
+    if m.samples_per_prompt < 1:
+        raise UserError(f"mode.metrics.samples_per_prompt={m.samples_per_prompt}: expected >= 1 (samples per prompt)")
+    if m.ci_subsets < 2 or m.ci_bootstrap < 2:
+        raise UserError(f"mode.metrics.ci_subsets={m.ci_subsets}, ci_bootstrap={m.ci_bootstrap}: expected >= 2 "
+                        "replicates for an interval")
     if m.judge not in ("auto", "on", "off"):
         raise UserError(f"mode.metrics.judge={m.judge!r}; expected auto, on or off")
     kind = getattr(cfg.dataset.kind, "value", cfg.dataset.kind)
@@ -100,12 +108,15 @@ def prompts_stage(ctx, cfg):
         return {"prompts": None}
     m = cfg.mode.metrics if cfg.mode.get("metrics") is not None else None
     if m is not None and m.prompts_file:
-        return {"prompts": read_prompts(m.prompts_file)}
-    captions = ctx.get("reference").captions
-    if not captions or any(c is None for c in captions):
-        raise UserError(f"dataset {cfg.dataset.name!r} has no caption for every image; a text-to-image model needs "
-                        "prompts: set mode.metrics.prompts_file=FILE or add captions.jsonl to the folder")
-    return {"prompts": captions}
+        prompts = read_prompts(m.prompts_file)
+    else:
+        prompts = ctx.get("reference").captions
+        if not prompts or any(c is None for c in prompts):
+            raise UserError(f"dataset {cfg.dataset.name!r} has no caption for every image; a text-to-image model "
+                            "needs prompts: set mode.metrics.prompts_file=FILE or add captions.jsonl to the folder")
+    k = int(m.samples_per_prompt) if m is not None else 1
+    # k consecutive samples per prompt: sample i gets prompt i // k (generation cycles through this list)
+    return {"prompts": [p for p in prompts for _ in range(k)]}
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -313,7 +324,7 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
     m = cfg.mode.metrics
     real = ctx.get("real_features")
     columns = _Columns(store.dir / "assembled", int(m.num_samples))
-    judged, grid_images, grid_labels = [], [], []
+    judged, grid_images, grid_labels, prompts = [], [], [], []
     n_invalid, gen_seconds, feat_seconds = 0, 0.0, 0.0
     for lo, hi in batches:
         shard = store.read(lo, hi)
@@ -326,6 +337,7 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
             grid_labels += meta.get("grid_labels") or []
         columns.add(arrays)
         judged += meta["judged"]
+        prompts += meta["prompts"] or []
         n_invalid += int(meta["num_invalid"])
         gen_seconds += float(meta["generation_seconds"])
         feat_seconds += float(meta["features_seconds"])
@@ -339,28 +351,36 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
     scalars = {"metrics/num_samples": n_valid, "metrics/num_invalid": n_invalid, "metrics/num_shards": dist.world_size(),
                "metrics/sec_per_image": gen_seconds / max(m.num_samples, 1), "metrics/generation_seconds": gen_seconds,
                "metrics/fake_features_seconds": feat_seconds, "metrics/reference_seconds": ref_seconds}
-    rows = []
+    rows, per_prompt, skipped = [], {}, {}
     for i, (name, ex) in enumerate(extractors.items()):
-        r_pool, f_pool = real[name]["pool"], columns.tensor(f"{name}.pool")
-        s = {"fd": M.frechet_distance(M.FeatureStats.from_features(f_pool), real[name]["stats"])}
-        subset = min(m.kid_subset_size, len(r_pool), len(f_pool))
-        if subset < m.kid_subset_size:
-            log.info("KID subset size %d capped at N=%d", m.kid_subset_size, subset)
-        s["kid_mean"], s["kid_std"] = M.kernel_distance(r_pool, f_pool, subsets=m.kid_subsets, subset_size=subset, seed=cfg.seed)
-        logits = columns.tensor(f"{name}.logits")
-        if logits is not None:
-            s["is_mean"], s["is_std"] = M.inception_score(logits, splits=min(m.is_splits, len(logits)), seed=cfg.seed)
-        s["precision"], s["recall"] = M.precision_recall(r_pool, f_pool, k=m.pr_k)
-        s["density"], s["coverage"] = M.density_coverage(r_pool, f_pool, k=m.dc_k)
-        text = columns.tensor(f"{name}.text_embeds")
-        if text is not None:
-            s["clip_score"] = M.clip_score(columns.tensor(f"{name}.image_embeds"), text)
-        half = len(r_pool) // 2
-        s["fd_floor"] = M.frechet_distance(r_pool[:half], r_pool[half : 2 * half])  # noise floor at this N
-        scalars.update(extractor_keys(name, s))  # metrics/<stat>_<name> (+ metrics/fid for inception)
-        rows.append({"extractor": name, "primary": i == 0, **ex.describe(), "n_real": len(r_pool), "n_fake": len(f_pool),
-                     "kid_subset_size": subset, **s})
+        s, ci, why_not, per_sample = _extractor_stats(name, ex, real[name], columns, prompts, m, cfg.seed)
+        scalars.update(extractor_keys(name, s, ci))  # metrics/<stat>_<name>[_ci_low|_ci_high] (+ fid for inception)
+        skipped.update({f"skipped.{metric_key(stat.removesuffix('_ci'), name)}{'_ci' if stat.endswith('_ci') else ''}": r
+                        for stat, r in why_not.items()})
+        for column, values in per_sample.items():
+            per_prompt.setdefault(column, values)  # the first extractor that has the column (primary first)
+        if name == "clip336":
+            scalars[CMMD] = M.cmmd(real[name]["pool"], columns.tensor(f"{name}.pool"))
+            sd = kernel_subsample_sd(real[name]["pool"], columns.tensor(f"{name}.pool"), "cmmd", m.ci_subsets, cfg.seed)
+            scalars[CMMD + "_ci_low"], scalars[CMMD + "_ci_high"] = normal_interval(scalars[CMMD], sd)
+        if hasattr(ex, "count_truncated") and prompts and CLIP_TRUNCATED not in scalars:
+            scalars[CLIP_TRUNCATED] = len(ex.count_truncated(sorted(set(prompts))))
+        rows.append({"extractor": name, "primary": i == 0, **ex.describe(), "n_real": len(real[name]["pool"]),
+                     "n_fake": columns.rows(f"{name}.pool"), **s})
         ctx.tag(f"metrics.resize.{name}", ex.resize)
+    if CMMD not in scalars and any(hasattr(ex, "text_embeds") for ex in extractors.values()):
+        skipped[f"skipped.{CMMD}"] = ("CMMD needs features=[clip336] (CLIP ViT-L/14@336, whole image resized to "
+                                      "336² bicubic, as Jayasumana et al.); another CLIP's numbers are not CMMD")
+    for key, reason in skipped.items():
+        ctx.tag(key, reason)
+    spans = [k[: -len("_ci_low")] for k, v in scalars.items() if k.endswith("_ci_low") and v < 0 < scalars[k[:-7] + "_ci_high"]]
+    for key in spans:
+        log.warning("%s = %.4g, 95 %% interval [%.4g, %.4g] spans 0: not distinguishable from 0 at N = %d", key,
+                    scalars[key], scalars[key + "_ci_low"], scalars[key + "_ci_high"], n_valid)
+    if spans:
+        ctx.tag("metrics.interval_spans_zero", ",".join(spans))
+    if prompts:
+        _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_prompt)
     del columns
     shutil.rmtree(store.dir / "assembled", ignore_errors=True)  # rebuilt from the shards whenever needed
     if judged:
@@ -374,6 +394,119 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
              {k: round(v, 4) for k, v in scalars.items() if k != headline})
     log.info("timing: generation %.1f s, fake features + judge %.1f s, reference %.1f s",
              gen_seconds, feat_seconds, ref_seconds)
+
+
+FD_INF_MIN_N = 2000  # FD∞ only when N >= max(2000, d) (Chong & Forsyth fit from 5k; below, covariances are poor)
+NO_RESAMPLING = ("no resampling interval: {stat} depends on the generated set jointly (its k-NN balls), which "
+                 "duplicated samples distort")
+
+
+def _extractor_stats(name, ex, real, columns, prompts, m, seed):
+    """One extractor's statistics, their intervals (``pipeline.metrics.intervals``: subsampling for FD/KID,
+    percentile bootstrap for precision/density/CLIP score), the reasons of what it skips, and per-sample columns
+    for the per-prompt table ({column: (N,) values})."""
+    r_pool, f_pool = real["pool"], columns.tensor(f"{name}.pool")
+    n, d = f_pool.shape
+    s, ci, skipped, per_sample = {}, {}, {}, {}
+    s["fd"] = M.frechet_distance(M.FeatureStats.from_features(f_pool), real["stats"])
+    ci["fd"] = normal_interval(s["fd"], fd_subsample_sd(f_pool, real["stats"], m.ci_subsets, seed))
+    if n >= max(FD_INF_MIN_N, d):
+        s["fd_inf"] = fd_inf(f_pool, real["stats"], seed=seed)
+    else:
+        skipped["fd_inf"] = f"FD∞ needs N >= max({FD_INF_MIN_N}, d = {d}); N = {n}"
+    subset = min(m.kid_subset_size, len(r_pool), n)
+    if subset < m.kid_subset_size:
+        log.info("KID subset size %d capped at N=%d", m.kid_subset_size, subset)
+    s["kid_mean"], s["kid_std"] = M.kernel_distance(r_pool, f_pool, subsets=m.kid_subsets, subset_size=subset, seed=seed)
+    ci["kid_mean"] = normal_interval(s["kid_mean"], kernel_subsample_sd(r_pool, f_pool, "kid", m.ci_subsets, seed))
+    logits = columns.tensor(f"{name}.logits")
+    if logits is not None:
+        s["is_mean"], s["is_std"] = M.inception_score(logits, splits=min(m.is_splits, len(logits)), seed=seed)
+    per_fake: dict = {}
+    s["precision"], s["recall"], s["density"], s["coverage"] = M.precision_recall_density_coverage(
+        r_pool, f_pool, m.pr_k, m.dc_k, per_fake=per_fake)
+    for stat in ("precision", "density"):
+        ci[stat] = bootstrap_interval(per_fake[stat], m.ci_bootstrap, seed)
+    for stat in ("recall", "coverage"):
+        skipped[f"{stat}_ci"] = NO_RESAMPLING.format(stat=stat)
+    text = columns.tensor(f"{name}.text_embeds")
+    if text is not None:
+        scores = M.clip_scores(columns.tensor(f"{name}.image_embeds"), text)
+        s["clip_score"] = float(scores.mean())
+        ci["clip_score"] = bootstrap_interval(scores, m.ci_bootstrap, seed)
+        per_sample["clip_score"] = scores
+    s["vendi"] = M.vendi_score(f_pool)
+    groups = _prompt_groups(prompts)
+    if groups:
+        vendis = {p: M.vendi_score(f_pool[idx]) for p, idx in groups.items()}
+        s["vendi_per_prompt"] = float(np.mean(list(vendis.values())))
+        per_sample["vendi"] = vendis
+    else:
+        skipped["vendi_per_prompt"] = ("no prompt has 2 samples or more: set mode.metrics.samples_per_prompt >= 2"
+                                       if prompts else "no prompts (not a text-conditioned model)")
+    half = len(r_pool) // 2
+    s["fd_floor"] = M.frechet_distance(r_pool[:half], r_pool[half : 2 * half])  # noise floor at this N
+    return s, ci, skipped, per_sample
+
+
+def _prompt_groups(prompts) -> dict[str, list[int]]:
+    """{prompt: indices of its valid samples} for prompts with at least 2 samples, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts or []):
+        groups.setdefault(p, []).append(i)
+    return {p: idx for p, idx in groups.items() if len(idx) >= 2}
+
+
+def _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_sample) -> None:
+    """``tables/metrics_per_prompt.csv`` (per prompt: samples, CLIP score, prompt accuracy where the dataset has a
+    judge, Vendi among its samples) and ``plots/metrics_worst_prompts.png``: the worst prompts (lowest CLIP score,
+    else accuracy, else Vendi) with their samples, regenerated from their seeds (sample i: seed + i)."""
+    from pipeline.metrics.plots import worst_prompts_figure
+
+    m = cfg.mode.metrics
+    indices = columns.tensor("indices").tolist()
+    rows: dict[str, dict] = {}
+    for i, p in enumerate(prompts):
+        row = rows.setdefault(p, {"prompt": p, "num_samples": 0, "_idx": []})
+        row["num_samples"] += 1
+        row["_idx"].append(indices[i])
+    if "clip_score" in per_sample:
+        scores = per_sample["clip_score"].tolist()
+        for p, row in rows.items():
+            row["clip_score"] = float(np.mean([scores[i] for i, q in enumerate(prompts) if q == p]))
+    if judged and len(judged) == len(prompts):
+        for p, row in rows.items():
+            row["prompt_accuracy"] = float(np.mean([j["correct"] for j, q in zip(judged, prompts) if q == p]))
+    for p, v in per_sample.get("vendi", {}).items():
+        rows[p]["vendi"] = v
+    table = [{k: v for k, v in r.items() if k != "_idx"} for r in rows.values()]
+    ctx.save_table(table, "metrics_per_prompt")
+    key = next((k for k in ("clip_score", "prompt_accuracy", "vendi") if k in table[0]), None)
+    if key is None or m.worst_prompts < 1:
+        return
+    worst = sorted(rows.values(), key=lambda r: r.get(key, np.inf))[: m.worst_prompts]
+    images = [_regenerate(ctx, cfg, r["_idx"][: m.samples_per_prompt]) for r in worst]
+    labels = [f"{r['prompt'][:60]}  ({key} {r[key]:.3g})" for r in worst]
+    ctx.save_figure(worst_prompts_figure(images, labels), "metrics_worst_prompts")
+
+
+def _regenerate(ctx, cfg, indices: list[int]) -> list[torch.Tensor]:
+    """The images of samples ``indices`` again, one batch per run of consecutive indices (per-sample seeds: the
+    run's images, up to float rounding when the batch composition differs)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    out: list[torch.Tensor] = []
+    for run in runs:
+        for batch in generate(ctx.get("model"), ctx.get("sampler"), len(run), len(run), cfg.sampler.num_inference_steps,
+                              cfg.sampler.guidance_scale, cfg.seed, prompts=ctx.get("prompts"),
+                              class_ids=cfg.mode.metrics.class_ids, start=run[0], height=cfg.sampler.height,
+                              width=cfg.sampler.width, eta=cfg.sampler.eta, progress=False):
+            out += list(batch.images)
+    return out
 
 
 class _Columns:

@@ -2,7 +2,9 @@
 
 ``FeatureStats`` keeps what torchmetrics' ``FrechetInceptionDistance`` keeps: the sample count, a running float64
 sum and a running float64 sum of outer products, so features can stream through batch by batch and never be held
-all at once. Shards (several jobs, several processes) merge exactly by adding these sums.
+all at once. Shards (several jobs, several processes) merge exactly by adding these sums. A whole set on disk
+(``np.load(..., mmap_mode="r")``) streams through ``FeatureStats.from_features`` in fixed row chunks: memory is one
+chunk plus the d × d sums, and the bits do not depend on how the features were batched or stored.
 
 ``ReferenceStats`` freezes (μ, Σ) for the reference side of many FID computations and computes a square-root
 factor F of Σ (F Fᵀ = Σ) once, on first use, so each further FID against it skips that factorisation.
@@ -16,7 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.metrics._checks import _check_finite, _cov_matrix, _features, _mean_vector
+from pipeline.metrics._checks import (
+    DEFAULT_CHUNK_ROWS,
+    _check_finite,
+    _check_positive_int,
+    _cov_matrix,
+    _device,
+    _FeatureRows,
+    _mean_vector,
+)
 from pipeline.metrics._linalg import FactorMethod, _check_symmetric, _psd_factor
 
 
@@ -56,19 +66,49 @@ class FeatureStats:
         self._sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def update(self, batch: Any) -> FeatureStats:
-        """Add an (N, d) batch of features (numpy or torch; cast to float64). Returns self (updated in place)."""
-        x = _features(batch, "batch", min_samples=0)
-        if self.dim is not None and x.shape[1] != self.dim:
-            raise ValueError(f"Expected batches of {self.dim} features, got shape {tuple(x.shape)}")
-        if self._sum is None or (self.n == 0 and self._sum.device != x.device):
-            self._allocate(x.shape[1], x.device)  # accumulate on the device the features arrive on
-        if x.shape[0] == 0:
-            return self
-        x = x.to(self._sum.device)
-        self._sum += x.sum(dim=0)
-        self._sum_outer.addmm_(x.mT, x)
-        self.n += int(x.shape[0])
+        """Add an (N, d) batch of features (numpy, memmap or torch; widened to float64 ``DEFAULT_CHUNK_ROWS`` rows at
+        a time, so a large batch is never converted whole). Returns self (updated in place; untouched when the
+        batch is rejected)."""
+        src = _FeatureRows(batch, "batch", min_samples=0)
+        if self.dim is not None and src.dim != self.dim:
+            raise ValueError(f"Expected batches of {self.dim} features, got shape {tuple(src.data.shape)}")
+        src.check_finite()
+        if self._sum is None or (self.n == 0 and self._sum.device != src.device):
+            self._allocate(src.dim, src.device)  # accumulate on the device the features arrive on
+        return self._add_rows(src, DEFAULT_CHUNK_ROWS)
+
+    def _add_rows(self, src: _FeatureRows, chunk_rows: int) -> FeatureStats:
+        """Accumulate validated rows in fixed chunks of ``chunk_rows`` (from row 0) on this object's device."""
+        for _, _, x in src.chunks(self._sum.device, chunk_rows):
+            self._sum += x.sum(dim=0)
+            self._sum_outer.addmm_(x.mT, x)
+        self.n += src.n
         return self
+
+    @classmethod
+    def from_features(
+        cls, feats: Any, chunk_rows: int = DEFAULT_CHUNK_ROWS, device: Any = None, name: str = "feats"
+    ) -> FeatureStats:
+        """Statistics of a whole (N, d) feature matrix, streamed in fixed chunks of ``chunk_rows`` rows.
+
+        The input is never converted whole: a ``np.load(..., mmap_mode="r")`` memmap of 50 000 × 2048 float32
+        features costs one float64 chunk (64 MiB at the default) plus the d × d sums. The result depends only on
+        the features and ``chunk_rows``, not on their container (tensor, array, memmap: same bits) nor on how the
+        caller batched them; it equals ``FeatureStats().update(feats)``. Streaming the same features through
+        ``update`` in other batch sizes agrees to float64 rounding (~1e-15 relative), not bit for bit.
+
+        Args:
+            feats: (N, d) features (numpy array, memmap or torch tensor), finite.
+            chunk_rows: rows widened to float64 and accumulated at a time.
+            device: where the sums accumulate (float64); default the device of ``feats`` (CPU for numpy).
+            name: the argument name used in error messages.
+        """
+        chunk_rows = _check_positive_int(chunk_rows, "chunk_rows")
+        src = _FeatureRows(feats, name, min_samples=0)
+        src.check_finite()
+        out = cls()
+        out._allocate(src.dim, _device(device, src.device))
+        return out._add_rows(src, chunk_rows)
 
     def merge(self, other: FeatureStats) -> FeatureStats:
         """Add another shard's statistics to this one (in place; returns self). Exact: the sums just add, so
@@ -177,10 +217,11 @@ class ReferenceStats:
         self.n = None if n is None else int(n)
 
     @classmethod
-    def from_features(cls, feats: Any, factor: FactorMethod = "cholesky") -> ReferenceStats:
-        """(μ, Σ) of an (N, d) feature matrix (float64, unbiased covariance)."""
-        x = _features(feats, "feats", min_samples=2, why="a covariance needs two")
-        return FeatureStats().update(x).reference(factor)
+    def from_features(cls, feats: Any, factor: FactorMethod = "cholesky", device: Any = None) -> ReferenceStats:
+        """(μ, Σ) of an (N, d) feature matrix (float64, unbiased covariance), streamed through
+        ``FeatureStats.from_features`` (memmaps welcome; ``device``: where the statistics are computed)."""
+        src = _FeatureRows(feats, "feats", min_samples=2, why="a covariance needs two")
+        return FeatureStats.from_features(src.data, device=device).reference(factor)
 
     @property
     def dim(self) -> int:
