@@ -23,7 +23,8 @@ from typing import Any
 from pipeline.errors import UserError
 from pipeline.metric_keys import PROMPT_ACCURACY, SEC_PER_IMAGE, metric_key
 from pipeline.sweep_summary import (
-    FAILED_STATUSES, child_rows, columns, fd_key, is_metric, mixed_n_warning, primary_extractor, swept, write_summary,
+    FAILED_STATUSES, child_rows, columns, fd_key, is_metric, mixed_n_warning, primary_extractor, swept, winner_lines,
+    write_summary,
 )
 
 DEFAULT_SORT = "metrics/fd_<primary extractor>"  # what the default is, for --help; see default_sort()
@@ -195,6 +196,8 @@ def compare(target: str | None, tracking_uri: str | None = None, outputs: str | 
         format_table(rows, table_columns(rows, sort_key)),
         "",
         *([f"warning: {warning}", ""] if (warning := mixed_n_warning(rows)) else []),
+        *(["which run wins (per metric: best, runner-up, separable or tie by the 95 % intervals):", *lines, ""]
+          if (lines := winner_lines(rows)) else []),
         f"table: {table}",
         *(f"plot:  {p}" for p in pngs),
     ] + ([] if pngs else ["plots: none apply (need metrics/fd_<primary extractor> with swept steps, guidance "

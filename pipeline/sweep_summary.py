@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from pipeline.metric_keys import (INCEPTION, is_progress, NUM_SAMPLES, NUM_SAMPLES_PARAM, PRIMARY_EXTRACTOR_TAG, PROMPT_ACCURACY,
+from pipeline.metric_keys import (CI_SUFFIXES, INCEPTION, is_progress, NUM_SAMPLES, NUM_SAMPLES_PARAM, PRIMARY_EXTRACTOR_TAG, PROMPT_ACCURACY,
                                   SEC_PER_IMAGE, higher_is_better, is_n_biased, is_timing, metric_key, parse_key)
 from pipeline.metric_keys import label as metric_label
 
@@ -441,6 +441,43 @@ def sentence(rows: list[dict[str, Any]], table: Path, pngs: list[Path]) -> str:
     return f"Sweep done: {outcome}; summary table {table}{plots_}."
 
 
+def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per metric with a direction (``higher_is_better``) that at least two finished runs have: the best run, the
+    runner-up, and whether the best is *separable* from it (their 95 % intervals ``<key>_ci_low/_ci_high`` are
+    disjoint), a *tie* (they overlap: the data do not say which is better), or *no interval* (a metric without one;
+    the order is then only the point estimates'). Interval bounds, timings and counts are never ranked."""
+    done = [r for r in rows if r.get("status") == "FINISHED"]
+    keys = sorted({k for r in done for k in r if k.startswith("metrics/") and not k.endswith(CI_SUFFIXES)
+                   and not is_timing(k) and higher_is_better(k) is not None})
+    out = []
+    for key in keys:
+        have = [r for r in done if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if len(have) < 2:
+            continue
+        higher = higher_is_better(key)
+        best, second = sorted(have, key=lambda r: -r[key] if higher else r[key])[:2]
+        lo = [r.get(key + CI_SUFFIXES[0]) for r in (best, second)]
+        hi = [r.get(key + CI_SUFFIXES[1]) for r in (best, second)]
+        if None in lo or None in hi:
+            verdict = "no interval"
+        else:
+            verdict = "separable" if (lo[0] > hi[1] if higher else hi[0] < lo[1]) else "tie"
+        out.append({"metric": key, "best": best.get("run_name"), "best_value": best[key],
+                    "runner_up": second.get("run_name"), "runner_up_value": second[key], "verdict": verdict})
+    return out
+
+
+def winner_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """``which run wins`` lines for :func:`winners` (printed by ``pipeline.compare`` and the sweep summary)."""
+    lines = []
+    for w in winners(rows):
+        note = {"separable": "separable: the 95 % intervals are disjoint", "tie": "tie: the 95 % intervals overlap",
+                "no interval": "no interval: point estimates only"}[w["verdict"]]
+        lines.append(f"  {w['metric']}: best {w['best']} ({w['best_value']:.4g}), runner-up {w['runner_up']} "
+                     f"({w['runner_up_value']:.4g}) — {note}")
+    return lines
+
+
 def summarise(tracker: Any, children: list[Any], sweep_dir: Path) -> str:
     """Table and plots into the sweep dir and onto the parent run (``tables/``, ``plots/`` artifacts). Returns the
     sweep's closing :func:`sentence`."""
@@ -452,4 +489,7 @@ def summarise(tracker: Any, children: list[Any], sweep_dir: Path) -> str:
     tracker.log_artifact(table, "tables")
     for png in pngs:
         tracker.log_artifact(png, "plots")
+    lines = winner_lines(rows)
+    if lines:
+        log.info("which run wins:\n%s", "\n".join(lines))
     return sentence(rows, table, pngs)

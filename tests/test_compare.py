@@ -269,3 +269,21 @@ def test_reproduce_shows_timing_and_setup_apart_and_compares_the_rest():
     ok, lines = compare({"metrics/fid": 1.0, "metrics/num_shards": 2, "metrics/sec_per_image": 0.1},
                         {"metrics/fid": 1.0, "metrics/num_shards": 1, "metrics/sec_per_image": 0.3}, 0.0)
     assert ok and [l.split()[0] for l in lines] == ["MATCH", "SETUP", "TIMING"]
+
+
+def test_which_run_wins_says_separable_tie_or_no_interval():
+    from pipeline.sweep_summary import winner_lines, winners
+
+    rows = [
+        {"run_name": "a", "status": "FINISHED", "metrics/fd_clip": 10.0, "metrics/fd_clip_ci_low": 9.0,
+         "metrics/fd_clip_ci_high": 11.0, "metrics/precision_clip": 0.50, "metrics/precision_clip_ci_low": 0.45,
+         "metrics/precision_clip_ci_high": 0.55, "metrics/recall_clip": 0.3, "metrics/sec_per_image": 1.0},
+        {"run_name": "b", "status": "FINISHED", "metrics/fd_clip": 13.0, "metrics/fd_clip_ci_low": 12.0,
+         "metrics/fd_clip_ci_high": 14.0, "metrics/precision_clip": 0.52, "metrics/precision_clip_ci_low": 0.47,
+         "metrics/precision_clip_ci_high": 0.57, "metrics/recall_clip": 0.4, "metrics/sec_per_image": 0.5},
+        {"run_name": "c", "status": "FAILED", "metrics/fd_clip": 1.0},
+    ]
+    got = {w["metric"]: (w["best"], w["runner_up"], w["verdict"]) for w in winners(rows)}
+    assert got == {"metrics/fd_clip": ("a", "b", "separable"), "metrics/precision_clip": ("b", "a", "tie"),
+                   "metrics/recall_clip": ("b", "a", "no interval")}  # failed runs, timings and bounds never rank
+    assert any("separable" in line and "fd_clip" in line for line in winner_lines(rows))

@@ -325,33 +325,9 @@ TINY_CONTEXT = 16
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from tiny import tiny_clip
 
-    root = tmp_path_factory.mktemp("clip")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
-    for token in ("re", "red</w>", "<|startoftext|>", "<|endoftext|>"):
-        vocab[token] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\nr e\nre d</w>\n")
-    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
-    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=TINY_CONTEXT, bos_token_id=bos,
-                         eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    model_dir = root / "model"
-    CLIPModel(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    (model_dir / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "crop_size": {"height": 32, "width": 32}}))
-    return model_dir
+    return tiny_clip(tmp_path_factory.mktemp("clip"), TINY_CONTEXT)
 
 
 @pytest.fixture(scope="module")

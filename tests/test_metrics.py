@@ -26,6 +26,7 @@ from pipeline.metrics import (
     kernel_distance,
     precision_recall,
 )
+from pipeline.metrics.prdc import precision_recall_density_coverage
 
 torch.set_num_threads(2)
 # torchmetrics' KID and IS warn that they buffer all features; irrelevant for these small comparisons
@@ -407,6 +408,9 @@ def test_precision_recall_density_coverage_match_naive_reference_exactly(k, chun
     assert (p, r) == (inc["precision"], inc["recall"])
     assert (d, c) == (strict["density"], strict["coverage"])
     assert 0 < p < 1 and 0 < r < 1 and 0 < c < 1  # a non-trivial case
+    # both pairs in one call (one real-radii pass for both k, one real-fake pass): the same numbers
+    assert precision_recall_density_coverage(real, fake, k_pr=k, k_dc=k + 2, chunk_size=chunk_size) == (
+        p, r, *density_coverage(real, fake, k=k + 2, chunk_size=chunk_size))
 
 
 def test_inclusive_versus_strict_ball_on_a_lattice():
@@ -502,8 +506,116 @@ def test_prdc_bad_inputs():
         precision_recall(x, x[:, :2])
     with pytest.raises(ValueError, match="Expected `k` to be a positive integer, got 0"):
         precision_recall(x, x, k=0)
+    with pytest.raises(ValueError, match="Expected `k_dc` to be a positive integer, got 0"):
+        precision_recall_density_coverage(x, x, k_dc=0)
+    with pytest.raises(ValueError, match=r"Expected at least 10 samples in `real` \(k=9 nearest"):
+        precision_recall_density_coverage(x[:9], x, k_pr=3, k_dc=9)
+    with pytest.raises(ValueError, match=r"Expected at least 4 samples in `fake` \(k=3 nearest"):
+        precision_recall_density_coverage(x, x[:3], k_pr=3, k_dc=2)
     with pytest.raises(ValueError, match="NaN"):
         density_coverage(x, np.where(x > 1, np.nan, x))
+
+
+def test_knn_radii_strips_handle_blocks_smaller_than_k():
+    # each distance pair is computed once (upper strips); blocks of 2 rows < k + 1 = 4 and a ragged last block
+    rng = np.random.default_rng(3)
+    real, fake = rng.standard_normal((41, 5)), rng.standard_normal((37, 5)) + 0.3
+    inc, strict = naive_prdc(real, fake, 3, inclusive=True), naive_prdc(real, fake, 3, inclusive=False)
+    for chunk_size in (1, 2, 40):
+        assert precision_recall(real, fake, k=3, chunk_size=chunk_size) == (inc["precision"], inc["recall"])
+        assert density_coverage(real, fake, k=3, chunk_size=chunk_size) == (strict["density"], strict["coverage"])
+
+
+# ------------------------------------------------------------------------- memmaps, chunking, devices
+
+
+@pytest.fixture()
+def memmapped_sets(tmp_path):
+    """Two float32 feature sets saved as .npy and opened as read-only memmaps, with tensor copies."""
+    a, b = gaussian_sets(n1=300, n2=260, d=24, seed=21)
+    np.save(tmp_path / "real.npy", a.astype(np.float32))
+    np.save(tmp_path / "fake.npy", b.astype(np.float32))
+    real_mm = np.load(tmp_path / "real.npy", mmap_mode="r")
+    fake_mm = np.load(tmp_path / "fake.npy", mmap_mode="r")
+    assert isinstance(real_mm, np.memmap) and not real_mm.flags.writeable
+    return real_mm, fake_mm, torch.from_numpy(np.array(real_mm)), torch.from_numpy(np.array(fake_mm))
+
+
+def test_memmap_input_gives_the_same_numbers_as_tensor_input(memmapped_sets, recwarn):
+    real_mm, fake_mm, real_t, fake_t = memmapped_sets
+    for k in (3, 5):
+        assert precision_recall(real_mm, fake_mm, k=k, chunk_size=64) == precision_recall(real_t, fake_t, k=k,
+                                                                                          chunk_size=64)
+        assert density_coverage(real_mm, fake_mm, k=k) == density_coverage(real_t, fake_t, k=k)
+    both = precision_recall_density_coverage(real_mm, fake_mm, k_pr=3, k_dc=5)
+    assert both == precision_recall(real_t, fake_t, k=3) + density_coverage(real_t, fake_t, k=5)
+    kid_mm = kernel_distance(real_mm, fake_mm, subsets=7, subset_size=50, seed=3)
+    assert kid_mm == kernel_distance(real_t, fake_t, subsets=7, subset_size=50, seed=3)
+    assert kid_mm == kernel_distance(np.array(real_mm), fake_t, subsets=7, subset_size=50, seed=3)
+    assert frechet_distance(real_mm, fake_mm) == frechet_distance(real_t, fake_t)
+    # and the float32 values mean what float64 copies of them mean, to rounding
+    assert rel(frechet_distance(real_mm, fake_mm), frechet_distance(real_t.double(), fake_t.double())) < 1e-12
+    assert not [w for w in recwarn if "not writable" in str(w.message)]  # read-only memmaps are never wrapped
+
+
+def test_feature_stats_from_features_streams_fixed_chunks(memmapped_sets):
+    real_mm, _, real_t, _ = memmapped_sets
+    ref = FeatureStats.from_features(real_t, chunk_rows=64)
+    for x in (real_mm, np.array(real_mm), real_t.numpy()):
+        other = FeatureStats.from_features(x, chunk_rows=64)  # same chunks, any container: the same bits
+        assert other.n == 300 and torch.equal(other.cov, ref.cov) and torch.equal(other.mean, ref.mean)
+    assert torch.equal(FeatureStats().update(real_mm).cov, FeatureStats.from_features(real_t).cov)  # default chunks
+    # other chunkings agree to float64 rounding, and with the numpy covariance of the float32 values
+    other = FeatureStats.from_features(real_mm, chunk_rows=7)
+    np.testing.assert_allclose(other.cov.numpy(), ref.cov.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ref.cov.numpy(), np.cov(np.asarray(real_mm, np.float64), rowvar=False),
+                               rtol=1e-11, atol=1e-13)
+    assert ReferenceStats.from_features(real_mm).n == 300
+    with pytest.raises(ValueError, match="Expected `chunk_rows` to be a positive integer, got 0"):
+        FeatureStats.from_features(real_mm, chunk_rows=0)
+    bad = np.array(real_mm)
+    bad[299, 0], bad[5, 1] = np.inf, np.nan
+    with pytest.raises(ValueError, match="Expected finite values in `feats`, got 1 NaN and 1 Inf entries"):
+        FeatureStats.from_features(bad, chunk_rows=64)  # counted over all chunks
+
+
+def test_metrics_device_argument(memmapped_sets):
+    real_mm, fake_mm, real_t, fake_t = memmapped_sets
+    assert precision_recall(real_mm, fake_mm, device="cpu") == precision_recall(real_t, fake_t)
+    assert kernel_distance(real_mm, fake_mm, subsets=2, subset_size=40, device=torch.device("cpu")) == \
+        kernel_distance(real_t, fake_t, subsets=2, subset_size=40)
+    with pytest.raises(ValueError, match="Expected `device` to be None, a torch.device or a device string"):
+        density_coverage(real_mm, fake_mm, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch.cuda.is_available\\(\\) is False"):
+            precision_recall(real_mm, fake_mm, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(memmapped_sets):
+    real_mm, fake_mm, real_t, fake_t = memmapped_sets
+    a, b = gaussian_sets(n1=3000, n2=2500, d=256, seed=22)
+    a32, b32 = torch.from_numpy(a).float(), torch.from_numpy(b).float()
+    # PR / DC: the same counts (random features: no exact distance ties); memmaps and CUDA tensors as input
+    for real, fake, cuda_real, cuda_fake in ((a32, b32, a32.cuda(), b32.cuda()), (real_mm, fake_mm, real_mm, fake_mm)):
+        kw = {} if isinstance(cuda_real, torch.Tensor) else {"device": "cuda"}
+        assert precision_recall(cuda_real, cuda_fake, **kw) == precision_recall(real, fake)
+        assert density_coverage(cuda_real, cuda_fake, **kw) == density_coverage(real, fake)
+        assert precision_recall(real, fake, device="cuda", chunk_size=333) == precision_recall(real, fake)
+    # KID: the same subsets (numpy RandomState), Gram sums in float64
+    cpu_kid = kernel_distance(a32, b32, subsets=20, subset_size=500, seed=2020)
+    for kid in (kernel_distance(a32.cuda(), b32.cuda(), subsets=20, subset_size=500, seed=2020),
+                kernel_distance(a32, b32, subsets=20, subset_size=500, seed=2020, device="cuda")):
+        assert rel(kid[0], cpu_kid[0]) < 1e-6 and rel(kid[1], cpu_kid[1]) < 1e-6
+    # FID: statistics accumulated on the GPU, distance there or on the CPU
+    cpu_fid = frechet_distance(a32, b32)
+    assert cpu_fid > 0.5
+    sa, sb = FeatureStats.from_features(a32, device="cuda"), FeatureStats.from_features(b32.cuda())
+    assert sa.mean.is_cuda and sb.mean.is_cuda
+    for fid in (frechet_distance(sa, sb), frechet_distance(a32, b32, device="cuda"),
+                frechet_distance(sa.reference(), b32), frechet_distance(a32.cuda(), b32.cuda())):
+        assert rel(fid, cpu_fid) < 1e-6
 
 
 # --------------------------------------------------------------------------------------- CLIP score
@@ -537,7 +649,7 @@ def test_clip_score_bad_inputs():
 
 def test_higher_is_better_and_float_outputs():
     assert HIGHER_IS_BETTER == {"fid": False, "kid": False, "is": True, "precision": True, "recall": True,
-                                "density": True, "coverage": True, "clip_score": True}
+                                "density": True, "coverage": True, "clip_score": True, "cmmd": False, "vendi": True}
     assert frechet_distance.higher_is_better is False and inception_score.higher_is_better is True
     x = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
     outs = [frechet_distance(x, x + 1), *kernel_distance(x, x + 1, subsets=2, subset_size=20), *inception_score(x, 4),

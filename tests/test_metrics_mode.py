@@ -27,7 +27,8 @@ def _cfg(models, outputs, model="ddpm", extra=()):
     return compose_cfg([
         "model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={models[model]}", "mode=[metrics]", f"features.shapes_net.model={models['net']}",
         "mode.metrics.num_samples=12", "dataset.num_images=24", "sampler.num_inference_steps=2",
-        "sampler.batch_size=6", "mode.metrics.kid_subsets=3", "mode.metrics.grid=4", *extra], outputs)
+        "sampler.batch_size=6", "mode.metrics.kid_subsets=3", "mode.metrics.grid=4", "mode.metrics.ci_subsets=3",
+        "mode.metrics.ci_bootstrap=20", *extra], outputs)
 
 
 def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models, tmp_path, monkeypatch):
@@ -80,17 +81,56 @@ def test_every_extractor_reports_the_same_key_grammar_and_inception_also_fid(mod
         for stat in stats:
             assert np.isfinite(r[f"metrics/{stat}_{name}"]), (stat, name)
     assert r["metrics/fid"] == r["metrics/fd_inception"] != r["metrics/fd_shapes_net"]  # FID: Inception's FD only
-    per_extractor = {k for k in r if k.endswith(("_shapes_net", "_inception"))}
-    assert set(r) - per_extractor == {"metrics/fid", "metrics/num_samples", "metrics/num_invalid", "metrics/num_shards",
-                                      "metrics/sec_per_image", "metrics/generation_seconds",
-                                      "metrics/fake_features_seconds", "metrics/reference_seconds"}
+    per_extractor = {k for k in r if k.removesuffix("_ci_low").removesuffix("_ci_high").endswith(("_shapes_net", "_inception"))}
+    assert set(r) - per_extractor == {"metrics/fid", "metrics/fid_ci_low", "metrics/fid_ci_high", "metrics/num_samples",
+                                      "metrics/num_invalid", "metrics/num_shards", "metrics/sec_per_image",
+                                      "metrics/generation_seconds", "metrics/fake_features_seconds",
+                                      "metrics/reference_seconds"}
+    # every headline with its interval, by the method right for it; recall/coverage and FD∞ (N < 2000) say why not
+    for stat in ("fd", "kid_mean", "precision", "density"):
+        low, high = r[f"metrics/{stat}_inception_ci_low"], r[f"metrics/{stat}_inception_ci_high"]
+        assert low <= r[f"metrics/{stat}_inception"] <= high or stat in ("precision", "density"), stat
+    assert r["metrics/fid_ci_low"] == r["metrics/fd_inception_ci_low"] and "metrics/fd_inf_inception" not in r
     from mlflow.tracking import MlflowClient
 
     tags = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(out.run_id).data.tags
     assert tags["metrics.primary_extractor"] == "shapes_net"
+    assert "no resampling interval" in tags["skipped.metrics/recall_inception_ci"]
+    assert "FD∞ needs N >= max(2000, d = 2048)" in tags["skipped.metrics/fd_inf_inception"]
     rows = list(csv.DictReader((tmp_path / "run" / "tables" / "metrics_extractors.csv").open()))
     assert [(row["extractor"], row["primary"]) for row in rows] == [("shapes_net", "True"), ("inception", "False")]
     assert float(rows[1]["fd"]) == pytest.approx(r["metrics/fid"]) and "fd_floor" in rows[0]
+
+
+def test_text_to_image_per_prompt_breakdown_vendi_and_cmmd(models, tmp_path):
+    """k = 4 samples per prompt: the per-prompt table and Vendi, the worst-prompts figure, CLIP score with its
+    bootstrap interval; CMMD with features=[clip336] (and skipped, with a tag, with another CLIP)."""
+    import csv
+
+    from tiny import tiny_clip
+
+    clip = tiny_clip(tmp_path / "clip")
+    extra = ["features=[shapes_net,clip336,clip]", f"features.clip336.model={clip}", f"features.clip.model={clip}"]
+    out = run_pipeline(_cfg(models, tmp_path / "out", model="sd", extra=extra), tmp_path / "run")
+    r = out.results
+    rows = list(csv.DictReader((tmp_path / "run" / "tables" / "metrics_per_prompt.csv").open()))
+    assert [int(row["num_samples"]) for row in rows] == [4, 4, 4]  # N = 12, k = 4: prompts i // 4
+    assert {"clip_score", "prompt_accuracy", "vendi"} <= set(rows[0])
+    assert r["metrics/vendi_per_prompt_shapes_net"] == pytest.approx(np.mean([float(row["vendi"]) for row in rows]))
+    assert 1.0 <= r["metrics/vendi_per_prompt_shapes_net"] <= 4.0 and 1.0 <= r["metrics/vendi_shapes_net"] <= 12.0
+    assert (tmp_path / "run" / "plots" / "metrics_worst_prompts.png").is_file()
+    assert r["metrics/clip_score_clip_ci_low"] <= r["metrics/clip_score_clip"] <= r["metrics/clip_score_clip_ci_high"]
+    assert r["metrics/cmmd_ci_low"] <= r["metrics/cmmd"] <= r["metrics/cmmd_ci_high"] and r["metrics/cmmd"] > 0
+    assert r["metrics/clip_truncated_prompts"] >= 0
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(out.run_id).data.tags
+    assert "skipped.metrics/cmmd" not in tags  # clip336 is there
+    out2 = run_pipeline(_cfg(models, tmp_path / "out", model="sd", extra=[
+        "features=[shapes_net,clip]", f"features.clip.model={clip}", "mode.metrics.samples_per_prompt=1"]), tmp_path / "run2")
+    tags = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(out2.run_id).data.tags
+    assert "metrics/cmmd" not in out2.results and "clip336" in tags["skipped.metrics/cmmd"]
+    assert "samples_per_prompt" in tags["skipped.metrics/vendi_per_prompt_shapes_net"]
 
 
 def test_text_to_image_run_judges_prompts(models, tmp_path):

@@ -269,3 +269,37 @@ def tiny_family(name: str, path: Path) -> Path:
     if name not in _FAMILIES:
         raise ValueError(f"unknown family {name!r}; expected one of {FAMILY_NAMES}")
     return _FAMILIES[name](Path(path))
+
+
+def tiny_clip(root: Path, context: int = 16) -> Path:
+    """A random-weight CLIP (ViT on 32 px, projection 16, a letter tokenizer with a ``context``-token text model)
+    saved under ``root/model``; its preprocessor config has non-default mean/std."""
+    import json
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
+    for token in ("re", "red</w>", "<|startoftext|>", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\nr e\nre d</w>\n")
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=context, bos_token_id=bos,
+                         eos_token_id=eos, pad_token_id=eos),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model_dir = root / "model"
+    CLIPModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "crop_size": {"height": 32, "width": 32}}))
+    return model_dir

@@ -26,7 +26,6 @@ import importlib
 _LAZY = {
     "clip_score": "clip",
     "clip_scores": "clip",
-    "cmmd": "cmmd",
     "vendi_score": "vendi",
     "precision_recall_density_coverage": "prdc",
     "frechet_distance": "frechet",
@@ -58,7 +57,6 @@ __all__ = [
     "ReferenceStats",
     "clip_score",
     "clip_scores",
-    "cmmd",
     "vendi_score",
     "precision_recall_density_coverage",
     "density_coverage",

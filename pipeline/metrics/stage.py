@@ -33,6 +33,7 @@ from pipeline.generation import generate
 from pipeline.models.family import check_mode_support
 from pipeline.metric_keys import (CLIP_TRUNCATED, CMMD, PROMPT_ACCURACY, PRIMARY_EXTRACTOR_TAG, extractor_keys, metric_key,
                                   primary_extractor, primary_fd_key)
+from pipeline.metrics.cmmd import cmmd  # (the package attribute ``cmmd`` is this module)
 from pipeline.metrics.intervals import (bootstrap_interval, fd_inf, fd_subsample_sd, kernel_subsample_sd,
                                         normal_interval)
 from pipeline.metrics.plots import sample_grid
@@ -360,7 +361,7 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
         for column, values in per_sample.items():
             per_prompt.setdefault(column, values)  # the first extractor that has the column (primary first)
         if name == "clip336":
-            scalars[CMMD] = M.cmmd(real[name]["pool"], columns.tensor(f"{name}.pool"))
+            scalars[CMMD] = cmmd(real[name]["pool"], columns.tensor(f"{name}.pool"))
             sd = kernel_subsample_sd(real[name]["pool"], columns.tensor(f"{name}.pool"), "cmmd", m.ci_subsets, cfg.seed)
             scalars[CMMD + "_ci_low"], scalars[CMMD + "_ci_high"] = normal_interval(scalars[CMMD], sd)
         if hasattr(ex, "count_truncated") and prompts and CLIP_TRUNCATED not in scalars:
