@@ -63,6 +63,9 @@ def _overrides(root: Path, model_dir: Path, name: str, extra=(), schedule: bool 
             *([f"mode.metrics.class_ids=[{','.join(map(str, CLASS_IDS))}]"] if name == "dit" else []), *extra]
 
 
+SAMPLES_PER_PROMPT = 4  # conf/mode/metrics.yaml's default: sample i gets prompt i // 4
+
+
 def _oracle(pipe, name: str, i: int, prompts: list[str]) -> np.ndarray:
     """The family's own ``__call__`` for sample i alone, as uint8 HWC."""
     g = torch.Generator("cpu").manual_seed(SEED + i)
@@ -76,7 +79,7 @@ def _oracle(pipe, name: str, i: int, prompts: list[str]) -> np.ndarray:
         kw = {"height": size, "width": size} if size else {}
         if name == "pixart":
             kw["use_resolution_binning"] = False
-        out = pipe(prompts[i % len(prompts)], guidance_scale=GUIDANCE, **common, **kw)
+        out = pipe(prompts[(i // SAMPLES_PER_PROMPT) % len(prompts)], guidance_scale=GUIDANCE, **common, **kw)
     return (np.asarray(out.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
 
 
