@@ -92,6 +92,19 @@ def extractor_keys(extractor: str, values: Mapping[str, float],
     return out
 
 
+def interval_text(results: Mapping[str, Any], key: str) -> str:
+    """`` [low, high]`` of ``key``'s 95 % interval in ``results`` ("" without one), with a note when it spans 0:
+    a bare point estimate is never shown as if it were distinguishable from 0.
+
+        >>> interval_text({"k": 1.0, "k_ci_low": -2.0, "k_ci_high": 4.0}, "k")
+        ' [-2, 4] (interval spans 0)'
+    """
+    low, high = results.get(key + CI_SUFFIXES[0]), results.get(key + CI_SUFFIXES[1])
+    if low is None or high is None:
+        return ""
+    return f" [{low:.4g}, {high:.4g}]" + (" (interval spans 0)" if low < 0 < high else "")
+
+
 def primary_extractor(source: Any) -> Optional[str]:
     """The primary (first) extractor's name of ``source``: a run config (anything with ``features``), a mapping
     of extractors by name, an iterable of names, or one name. None when there is none."""

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="MLflow run id, run directory or sweep directory")
     parser.add_argument("overrides", nargs="*", help="key=value: only model.device, tracking.*, paths.* may change")
     parser.add_argument("--tracking-uri", default=None, help="store holding the run (default: the run's own)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the run and its overrides
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     from pipeline.naming import override_key
 

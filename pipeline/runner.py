@@ -257,11 +257,12 @@ def _write_report(run_dir: Path, outcome: RunOutcome, tracker: Any, tags: dict, 
 def log_summary(tracker: Any, outcome: RunOutcome, cfg: Any) -> None:
     """The run's last log lines: status, headline scalars (``pipeline.metric_keys.headline_keys``), run dir, MLflow
     run id and name, the links to the experiment's runs table and to the run, and how to open the MLflow UI."""
-    from pipeline.metric_keys import headline_keys
+    from pipeline.metric_keys import headline_keys, interval_text
     from pipeline.tracking import format_value, summary_lines
 
     try:
-        scalars = [f"{k} = {format_value(outcome.results[k])}" for k in headline_keys(outcome.results, cfg)]
+        scalars = [f"{k} = {format_value(outcome.results[k])}{interval_text(outcome.results, k)}"
+                   for k in headline_keys(outcome.results, cfg)]
         title = f"run {outcome.status}" + (f": {outcome.error}" if outcome.error else "")
         log.info("%s", "\n".join(summary_lines(tracker, title, scalars, "run dir", outcome.run_dir)))
     except Exception:  # noqa: BLE001 - a summary must never hide the run's outcome

@@ -106,7 +106,10 @@ def test_resize_modes_shape_range_identity(mode):
     x = torch.rand(2, 3, 13, 17, generator=torch.Generator().manual_seed(1))
     out = resize_images(x, 29, mode)
     assert out.shape == (2, 3, 29, 29)
-    assert out.min() >= 0 and out.max() <= 1  # bicubic overshoot is clamped
+    if mode == "bicubic_tf2":  # TF2 does not clamp (CMMD's embeddings see the overshoot): neither do we
+        assert -0.3 < out.min() < 0 or 1 < out.max() < 1.3
+    else:
+        assert out.min() >= 0 and out.max() <= 1  # bicubic overshoot is clamped
     square = x[..., :13, :13]
     assert resize_images(square, 13, mode) is square  # already the right size: untouched
     # one image's result does not depend on the rest of the batch

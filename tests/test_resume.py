@@ -96,8 +96,11 @@ def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypa
             if point == CRASH_POINTS[0]:
                 _refusals(run_dir, caplog)
             caplog.clear()
+            # by run dir, or by MLflow run id (its run_dir tag); model.device: an allowed change
+            ref = [before.info.run_id, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"] if point == "external" \
+                else [str(run_dir)]
             with caplog.at_level("INFO"):
-                assert resume.main([str(run_dir), "model.device=cpu"]) == 0, point  # an allowed change
+                assert resume.main([*ref, "model.device=cpu"]) == 0, point
             if point.startswith("shard"):
                 assert any("resuming at sample" in r.getMessage() for r in caplog.records), point
             assert _results(run_dir) == _results(baseline.run_dir), point
