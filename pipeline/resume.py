@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -41,20 +40,18 @@ log = logging.getLogger("pipeline.resume")
 MAY_DIFFER = ("model.device", "tracking.", "paths.")  # what a resumed run may change (prefixes)
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: tree}
+def may_differ(key: str) -> bool:
+    return key == MAY_DIFFER[0] or key.startswith(MAY_DIFFER[1:])
 
 
 def config_differences(saved: dict, new: dict) -> list[str]:
-    """``key: saved -> new`` for every resolved key that differs, but for those in :data:`MAY_DIFFER`."""
-    a, b = _flat(saved), _flat(new)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(a.keys() | b.keys())
-            if a.get(k, object()) != b.get(k, object()) and not (k == MAY_DIFFER[0] or k.startswith(MAY_DIFFER[1:]))]
+    """``key: saved -> new`` for every resolved key that differs (as MLflow params compare them: dot keys, string
+    values), but for those in :data:`MAY_DIFFER`."""
+    from pipeline.tracking import flatten
+
+    a, b = flatten(saved), flatten(new)
+    return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and not may_differ(k)]
 
 
 def check_config(saved: dict, new: dict, where: str) -> None:
@@ -62,6 +59,15 @@ def check_config(saved: dict, new: dict, where: str) -> None:
     if diffs:
         raise UserError(f"{where}: a resumed run must have the saved config (only {', '.join(MAY_DIFFER)}* may "
                         f"differ); these keys differ: {'; '.join(diffs)}")
+
+
+def saved_config(run_dir: Path):
+    """The run's ``config_resolved.yaml`` through the schema (keys added to it since the run are then no
+    differences), None when the run never got that far."""
+    from pipeline.config import validate
+
+    file = run_dir / "config_resolved.yaml"
+    return validate(OmegaConf.to_container(OmegaConf.load(file))) if file.is_file() else None
 
 
 def previous_run(run_dir: Path) -> dict | None:
@@ -111,7 +117,7 @@ def _locate(ref: str, tracking_uri: str | None) -> tuple[Path, dict, str]:
 
 def resume_run(ref: str, overrides: list[str], tracking_uri: str | None = None):
     """Resume one run; returns its :class:`~pipeline.runner.RunOutcome` (None when it had already finished)."""
-    from pipeline.config import to_plain, validate
+    from pipeline.config import to_plain
     from pipeline.naming import override_key
     from pipeline.runner import run_pipeline
     from pipeline.tracking import get_run
@@ -124,12 +130,11 @@ def resume_run(ref: str, overrides: list[str], tracking_uri: str | None = None):
     if not resumable(run_dir, run_id, status):
         log.info("run %s (%s) already FINISHED: nothing to resume", run_id, run_dir)
         return None
-    saved_file = run_dir / "config_resolved.yaml"
-    if not saved_file.is_file():
+    cfg = saved_config(run_dir)
+    if cfg is None:
         raise UserError(f"run dir {run_dir} has no config_resolved.yaml (the run failed before its config resolved); "
                         "start it again instead")
-    cfg = validate(OmegaConf.to_container(OmegaConf.load(saved_file)))
-    saved = to_plain(cfg)  # through the schema: keys added to it since the run are not differences
+    saved = to_plain(cfg)
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     check_config(saved, to_plain(cfg), f"resume {run_id}")
@@ -168,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = Path(args.run)
     if path.is_dir() and is_sweep_dir(path):
-        wrong = [o for o in args.overrides
-                 if not (override_key(o) == MAY_DIFFER[0] or override_key(o).startswith(MAY_DIFFER[1:]))]
+        wrong = [o for o in args.overrides if not may_differ(override_key(o))]
         if wrong:
             log.error("error: a resumed sweep may only change %s*; refused: %s", ", ".join(MAY_DIFFER), wrong)
             return 2

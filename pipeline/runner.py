@@ -326,7 +326,7 @@ def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
 def _earlier_attempt(cfg: DictConfig, job_dir: Path) -> str | None:
     """A sweep job whose dir holds an earlier attempt (a resumed sweep, a job requeued by the cluster): "FINISHED"
     when that attempt finished (skip the job), its run id when it can be resumed, None for a fresh job."""
-    from pipeline.resume import check_config, previous_run, resumable
+    from pipeline.resume import check_config, previous_run, resumable, saved_config
     from pipeline.tracking import get_run, resolve_uri
 
     info = previous_run(job_dir)
@@ -336,10 +336,8 @@ def _earlier_attempt(cfg: DictConfig, job_dir: Path) -> str | None:
     # every rank of a torchrun sweep decides alike (same job dir, same store); only rank 0 owns the lock
     if not resumable(job_dir, info["run_id"], status, check_owner=dist.is_main()):
         return "FINISHED"
-    saved = job_dir / "config_resolved.yaml"
-    if saved.is_file():
-        from pipeline.config import validate
-
-        check_config(to_plain(validate(OmegaConf.to_container(OmegaConf.load(saved)))), resolve(cfg), str(job_dir))
+    saved = saved_config(job_dir)
+    if saved is not None:
+        check_config(to_plain(saved), resolve(cfg), str(job_dir))
     log.info("resuming %s (MLflow run %s, %s)", job_dir, info["run_id"], status)
     return info["run_id"]
