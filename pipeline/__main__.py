@@ -20,11 +20,13 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, cluster pre-emption) ends runs KILLED, like Ctrl-C
 
 
-def _check_list_choices(argv: list[str]) -> None:
-    """``mode=[metric]``: name the valid modes (Hydra says only "Could not load 'mode/metric'"), before Hydra runs."""
+def _check_overrides(argv: list[str]) -> None:
+    """Before Hydra runs (so before any run dir exists): ``mode=[metric]`` names the valid modes (Hydra says only
+    "Could not load 'mode/metric'"), and a misspelled key (``sampler.num_inference_step=5``) names the right one
+    (Hydra would suggest the ``+`` form, which the schema then refuses)."""
     from hydra._internal.utils import get_args_parser
 
-    from pipeline.config import check_list_choices
+    from pipeline.config import check_list_choices, check_override_keys
     from pipeline.errors import UserError
 
     try:
@@ -33,6 +35,7 @@ def _check_list_choices(argv: list[str]) -> None:
         return
     try:
         check_list_choices(overrides)
+        check_override_keys(overrides)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -41,7 +44,7 @@ def _check_list_choices(argv: list[str]) -> None:
 def cli() -> None:
     from pipeline.threads import configure_torch
 
-    _check_list_choices(sys.argv[1:])
+    _check_overrides(sys.argv[1:])
     configure_torch()  # threads = the CPUs this process may use (a joblib sweep then splits them per job)
     signal.signal(signal.SIGTERM, _terminate)
     try:

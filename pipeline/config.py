@@ -19,8 +19,42 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SEED_LIMIT = 2**32  # numpy's seed range; torch's generators take it too (a seed is drawn from [0, 2**32))
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a numeric config value must lie in, checked by :func:`check_values` where the schema is checked
+    (composition, a resumed or reproduced run's saved config), before any work or MLflow run. Every float must be
+    finite as well. ``ge``/``gt``/``le``/``lt``: inclusive/exclusive limits; ``note``: what the value means."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    note: str = ""
+
+    def violated(self, v: float) -> bool:
+        return ((self.ge is not None and not v >= self.ge) or (self.gt is not None and not v > self.gt)
+                or (self.le is not None and not v <= self.le) or (self.lt is not None and not v < self.lt))
+
+    def describe(self) -> str:
+        lo = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
+        hi = f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}" if self.lt is not None else ""
+        if self.lt == SEED_LIMIT:
+            hi = "< 2**32"
+        return " and ".join(p for p in (lo, hi) if p) or "a finite number"
+
+
+def bounded(default: Any = MISSING, **limits: Any) -> Any:
+    """A dataclass field whose value must lie in ``Bounds(**limits)`` (:func:`check_values`)."""
+    return field(default=default, metadata={"bounds": Bounds(**limits)})
+
+
+AT_LEAST_1 = {"ge": 1}
 
 
 class Dtype(str, enum.Enum):
@@ -76,12 +110,12 @@ class DatasetConfig:
     root: Optional[str] = None  # folder datasets
     captions_file: str = "captions.jsonl"
     split: str = "test"
-    num_images: int = 1000
-    size: int = 32
-    seed: int = 0
+    num_images: int = bounded(1000, ge=1)
+    size: int = bounded(32, ge=1)
+    seed: int = bounded(0, ge=0, lt=SEED_LIMIT)
     shapes: List[str] = field(default_factory=list)
     colours: List[str] = field(default_factory=list)
-    p_two: float = 0.5  # shapes: probability of a two-object image
+    p_two: float = bounded(0.5, ge=0, le=1)  # shapes: probability of a two-object image
 
 
 @dataclass
@@ -92,18 +126,20 @@ class SchedulerConfig:
     family: SolverFamily = SolverFamily.diffusion
     cls: Optional[str] = None  # diffusers class, built with from_config(<model's scheduler config>); None = the model's
     timestep_spacing: Optional[TimestepSpacing] = None  # None = keep the model's value
-    steps_offset: Optional[int] = None  # None = keep the model's value
+    steps_offset: Optional[int] = bounded(None, ge=0)  # None = keep the model's value
     options: Dict[str, Any] = field(default_factory=dict)  # further keys this solver sets
 
 
 @dataclass
 class SamplerConfig:
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
-    batch_size: int = 16
-    eta: float = 0.0  # DDIM-type solvers only (a UserError for solvers whose step() takes none)
-    height: Optional[int] = None  # pixels; default: the model's native size
-    width: Optional[int] = None
+    num_inference_steps: int = bounded(25, ge=1)
+    # diffusers' convention: classifier-free guidance only when g > 1; 0 <= g <= 1 = the conditional prediction alone
+    # (Flux.1 and LCM-style UNets embed g instead: see README, Guidance); negative or non-finite values are refused
+    guidance_scale: float = bounded(7.5, ge=0, note="g > 1 = classifier-free guidance, 0..1 = none")
+    batch_size: int = bounded(16, ge=1)
+    eta: float = bounded(0.0, ge=0, le=1)  # DDIM-type solvers only (a UserError for solvers whose step() takes none)
+    height: Optional[int] = bounded(None, ge=1)  # pixels; default: the model's native size
+    width: Optional[int] = bounded(None, ge=1)
 
 
 @dataclass
@@ -112,8 +148,8 @@ class FeaturesConfig:
     model: Optional[str] = None  # hub id / local dir (clip, dinov2) or zoo name
     weights_path: Optional[str] = None  # local weights file (inception)
     resize: ResizeMode = ResizeMode.bilinear
-    image_size: Optional[int] = None
-    batch_size: int = 64
+    image_size: Optional[int] = bounded(None, ge=1)
+    batch_size: int = bounded(64, ge=1)
 
 
 @dataclass
@@ -121,7 +157,7 @@ class TrackingConfig:
     uri: Optional[str] = None  # None = embedded SQLite at <paths.outputs>/mlflow.db
     experiment: str = "diffusion-lens"
     run_name: Optional[str] = None
-    connect_timeout_s: float = 5.0
+    connect_timeout_s: float = bounded(5.0, gt=0)
 
 
 @dataclass
@@ -150,7 +186,7 @@ def build_schema() -> type:
             ("tracking", TrackingConfig, field(default_factory=TrackingConfig)),
             ("paths", PathsConfig, field(default_factory=PathsConfig)),
             ("mode", ModeConfig, field(default_factory=ModeConfig)),
-            ("seed", int, field(default=0)),
+            ("seed", int, bounded(0, ge=0, lt=SEED_LIMIT)),
         ],
     )
 
@@ -173,16 +209,17 @@ def register_configs() -> None:
 def compose_config(overrides=()) -> Any:
     """conf/config.yaml composed with command-line style ``overrides``, as the CLI would (Hydra's compose API;
     for tests, benchmarks and notebooks), with the CLI's checks: :func:`check_list_choices` before composing,
-    :func:`check_keys` after."""
+    :func:`check_config` (keys and value ranges) after."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
     check_list_choices(overrides)
+    check_override_keys(overrides)
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
-    check_keys(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -191,6 +228,89 @@ def validate(cfg: Any) -> Any:
     register_configs()
     schema = OmegaConf.structured(build_schema())
     return OmegaConf.merge(schema, cfg)
+
+
+# ------------------------------------------------------------------------------------------ saved files are data
+# Keys Hydra's instantiate() acts on: never accepted from a file the project reads back.
+INSTANTIATE_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
+# Where a rebuilt run writes and logs: from the command line or the project's defaults, never from a run dir.
+INVOCATION_KEYS = ("paths", "tracking.uri", "tracking.connect_timeout_s")
+
+
+def _refuse_markup(node: Any, path: str, file: str) -> None:
+    """A saved, resolved config holds plain values: an interpolation (``${oc.env:SECRET}``) or an instantiate key
+    (``_target_``) in it was planted, and is refused naming the key and the file."""
+    from pipeline.errors import UserError
+
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if not isinstance(key, str):
+                raise UserError(f"{file}: key {sub!r} is not a string; a saved config holds string keys only")
+            if key in INSTANTIATE_KEYS:
+                raise UserError(f"{file}: {sub}: refused; a saved config is data and is never instantiated")
+            _refuse_markup(value, sub, file)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            _refuse_markup(value, f"{path}[{i}]", file)
+    elif isinstance(node, str) and "${" in node:
+        raise UserError(f"{file}: {path}={node[:80]!r}: refused; a saved config holds resolved values, and an "
+                        "interpolation in it is never resolved again (it would read the environment or other keys)")
+    elif node is not None and not isinstance(node, (str, int, float, bool)):
+        raise UserError(f"{file}: {path}: a {type(node).__name__} where a saved config holds plain values")
+
+
+def load_saved(file: str | Path) -> dict:
+    """A run dir's ``config_resolved.yaml`` read as plain data (YAML's safe loader: no tags, no objects), checked:
+    a mapping, no interpolation, no instantiate key, no key the schema lacks, no value outside its range — each
+    refused with a UserError naming the key and the file. The invocation's own keys (:data:`INVOCATION_KEYS`:
+    where outputs, caches and the tracking store are) are dropped: :func:`rebuild` takes them from the command line
+    or the project's defaults."""
+    import yaml
+
+    from pipeline.errors import UserError
+
+    file = Path(file)
+    try:
+        tree = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{file}: cannot read a saved config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(tree, Mapping):
+        raise UserError(f"{file}: expected a mapping of config groups (model, dataset, ...), got {type(tree).__name__}")
+    if "hydra" in tree:
+        raise UserError(f"{file}: hydra: refused; Hydra's own settings come from the project's config, not a run dir")
+    _refuse_markup(tree, "", str(file))
+    tree = dict(tree)
+    tree.pop("paths", None)
+    if isinstance(tree.get("tracking"), Mapping):
+        tree["tracking"] = {k: v for k, v in tree["tracking"].items() if f"tracking.{k}" not in INVOCATION_KEYS}
+    check_config(tree, where=f"{file}: ")
+    return tree
+
+
+def rebuild(saved: dict, overrides: Sequence[str] = ()) -> Any:
+    """The config of a resumed or reproduced run: ``saved`` (from :func:`load_saved`) on the schema, the project's
+    defaults for the invocation's keys, then the command line's ``key=value`` overrides; checked like a composed
+    config (:func:`check_config`)."""
+    from pipeline.errors import UserError
+
+    from omegaconf.errors import OmegaConfBaseException
+
+    check_override_keys(list(overrides))
+    try:
+        cfg = validate(saved)
+    except OmegaConfBaseException as e:  # a value of the wrong type: name its key
+        raise UserError(f"saved config: {getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}") from None
+    if overrides:
+        bad = [o for o in overrides if "=" not in o or o.startswith(("+", "~"))]
+        if bad:
+            raise UserError(f"expected key=value overrides, got {bad}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        except Exception as e:  # noqa: BLE001 - OmegaConf's validation error names the key
+            raise UserError(f"overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
+    check_config(cfg)
+    return cfg
 
 
 def to_plain(cfg: Any, resolve: bool = True) -> dict:
@@ -282,6 +402,69 @@ def check_keys(cfg: Any, where: str = "") -> None:
                         f"{', '.join(FREE_FORM)} takes free-form keys)")
 
 
+def _bad_values(node: Any, tp: Any, path: str, meta: Mapping, out: list) -> None:
+    """Append ``(path, value, expected)`` for every value of ``node`` outside its schema range (field metadata
+    ``bounds``), every non-finite float, every bool where a number is expected."""
+    import math
+
+    tp = _unwrap(tp)
+    if node is None or path in FREE_FORM or tp is Any:
+        return
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(node, Mapping):
+            return
+        for f in dataclasses.fields(tp):
+            if f.name in node:
+                sub = f"{path}.{f.name}" if path else f.name
+                _bad_values(node[f.name], typing.get_type_hints(tp)[f.name], sub, f.metadata, out)
+        return
+    origin = typing.get_origin(tp)
+    if origin in (dict, Dict) and isinstance(node, Mapping):
+        for key, value in node.items():
+            _bad_values(value, typing.get_args(tp)[1], f"{path}.{key}", {}, out)
+        return
+    if origin in (list, List) and isinstance(node, Sequence) and not isinstance(node, str):
+        for i, value in enumerate(node):
+            _bad_values(value, typing.get_args(tp)[0], f"{path}[{i}]", meta, out)
+        return
+    if tp in (int, float) and isinstance(node, (int, float)) and not isinstance(node, bool):
+        bounds = meta.get("bounds")
+        if isinstance(node, float) and not math.isfinite(node):
+            out.append((path, node, "a finite number" + (f" {bounds.describe()}" if bounds else "")))
+        elif bounds is not None and bounds.violated(node):
+            out.append((path, node, bounds.describe() + (f" ({bounds.note})" if bounds.note else "")))
+
+
+def check_values(cfg: Any, where: str = "") -> None:
+    """Raise a UserError naming every numeric value of ``cfg`` (a composed config or a plain, resolved dict) outside
+    its schema range (:class:`Bounds`) and every NaN/inf float, with the range expected. Interpolations that do
+    not resolve are left to the run's own resolution, which names them."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.errors import UserError
+
+    register_configs()
+    if OmegaConf.is_config(cfg):
+        try:  # Hydra's own node (runtime interpolations) is Hydra's to check
+            task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+            tree = OmegaConf.to_container(task, resolve=True, enum_to_str=True, throw_on_missing=False)
+        except OmegaConfBaseException:
+            return
+    else:
+        tree = cfg
+    bad: list = []
+    _bad_values(tree, build_schema(), "", {}, bad)
+    if bad:
+        raise UserError(where + "; ".join(f"{path}={value!r}: expected {expected}" for path, value, expected in bad))
+
+
+def check_config(cfg: Any, where: str = "") -> None:
+    """Every check a config passes before any work, MLflow run or run dir: its keys (:func:`check_keys`) and
+    values (:func:`check_values`)."""
+    check_keys(cfg, where)
+    check_values(cfg, where)
+
+
 def group_options(group: str) -> list[str]:
     """The options of config group ``group``: its yaml files in conf/ and any ConfigStore entries."""
     from hydra.core.config_store import ConfigStore
@@ -327,15 +510,92 @@ def check_list_choices(overrides: Sequence[str]) -> None:
                                 + f"; available options in '{group}': {', '.join(options)}")
 
 
-def check_sweep(config: Any) -> None:
-    """:func:`check_keys` for every job of a multirun before the first one starts (from
-    :class:`pipeline.tracking.SweepCallback`): the master config, and, where a swept override adds keys
-    (``+key=a,b``), each job's config composed as Hydra's basic sweeper composes it. Jobs that do not compose
-    are left to Hydra's own validation of the batch, which follows."""
+def _dict_entry_field(key: str) -> tuple[str, str] | None:
+    """(dict path, field) when ``key`` is ``<dict of blocks>.<a field of the block>`` (``features.weights_path``)."""
+    tp: Any = build_schema()
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        tp = _unwrap(tp)
+        if typing.get_origin(tp) in (dict, Dict):
+            block = _unwrap(typing.get_args(tp)[1])
+            if i == len(parts) - 1 and dataclasses.is_dataclass(block) and part in _fields(block):
+                return ".".join(parts[:i]), part
+            return None
+        if not dataclasses.is_dataclass(tp) or part not in _fields(tp):
+            return None
+        tp = _fields(tp)[part]
+    return None
+
+
+def _selected_entries(overrides: Sequence[str], bad: str, node: str) -> list[str]:
+    """The entries of dict node ``node`` (``features``: the selected extractors) in the config the other
+    ``overrides`` compose, so a suggestion names an entry Hydra accepts; ``["<name>"]`` when they do not compose."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    rest = [o for o in overrides if o != bad and not o.lstrip("+").startswith(f"{node}.")]
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            names = list(compose("config", overrides=rest)[node])
+    except Exception:  # noqa: BLE001 - the other overrides have their own errors: a generic hint
+        names = []
+    finally:
+        GlobalHydra.instance().clear()
+    return names or ["<name>"]
+
+
+def check_override_keys(overrides: Sequence[str]) -> None:
+    """Every ``key=value`` override (``+``/``++`` forms and sweeps included) must name a key of the schema: a typo
+    (``sampler.num_inference_step=5``) is a UserError naming the closest valid key, before Hydra runs (Hydra's own
+    message would suggest the ``+`` form, which :func:`check_keys` then refuses). Group choices (``model=...``),
+    ``hydra.*`` and deletions are left to Hydra; unparsable overrides to Hydra's own message."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from pipeline.errors import UserError
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # noqa: BLE001 - Hydra reports its own parse errors
+        return
+    bad = []
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_delete() or o.package or key.startswith("hydra") or "/" in key or (CONF_DIR / key).is_dir():
+            continue
+        tree: dict = {}
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = None
+        value = o.input_line.split("=", 1)[1] if "=" in o.input_line else "..."
+        for path, best in unknown_keys(tree):
+            bad.append(f"{o.input_line}: unknown config key {path}"
+                       + (f"; did you mean {best}? e.g. {best}={value}" if best else ""))
+            break
+        else:
+            entry = _dict_entry_field(key)
+            if entry is not None:  # `features.weights_path=x`: a field of one entry, named without its entry
+                names = _selected_entries(overrides, o.input_line, entry[0])
+                example = f"{entry[0]}.{names[0]}.{leaf}"
+                bad.append(f"{o.input_line}: {entry[0]} holds one block per selected option ({', '.join(names)}): "
+                           f"{entry[0]}.<name>.{leaf}; did you mean {example}? e.g. {example}={value}")
+    if bad:
+        raise UserError("; ".join(bad) + f" (a '+' override cannot add keys the schema lacks; only "
+                        f"{', '.join(FREE_FORM)} takes free-form keys)")
+
+
+def check_sweep(config: Any, job_check: Any = None) -> None:
+    """:func:`check_config` (keys, value ranges) and resolution (``???``, interpolations) of every job of a multirun
+    before the first one starts (from :class:`pipeline.tracking.SweepCallback`), each job's config composed as
+    Hydra's basic sweeper composes it, then ``job_check(job config)`` (the runner's preflight): a bad value anywhere
+    refuses the sweep before any job, run dir or MLflow run. Jobs that do not compose are left to Hydra's own
+    validation of the batch, which follows."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    check_keys(config)
+    check_config(config)
     gh = GlobalHydra.instance()
     if not gh.is_initialized() or "BasicSweeper" not in str(OmegaConf.select(config, "hydra.sweeper._target_")):
         return
@@ -346,9 +606,9 @@ def check_sweep(config: Any) -> None:
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(args)
     except Exception:  # noqa: BLE001 - an unresolvable sweep list: the sweeper reports it
         return
-    if not any(o.is_sweep_override() and (o.is_add() or o.is_force_add()) for o in parsed):
-        return  # non-swept `+` overrides are in the master config, checked above
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    from pipeline.errors import UserError
 
     swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
     for batch in BasicSweeper.split_arguments(parsed, None):
@@ -357,4 +617,18 @@ def check_sweep(config: Any) -> None:
                 job_cfg = loader.load_sweep_config(config, list(job))
             except Exception:  # noqa: BLE001 - Hydra's validation of the batch reports it
                 continue
-            check_keys(job_cfg, where=f"sweep job {' '.join(j for j in job if j.split('=')[0] in swept)}: ")
+            where = f"sweep job {' '.join(j for j in job if j.split('=')[0] in swept)}: "
+            check_config(job_cfg, where=where)
+            task = OmegaConf.masked_copy(job_cfg, [k for k in job_cfg if k != "hydra"])
+            try:  # a ??? or a broken interpolation: the whole sweep is refused, before any job or MLflow run
+                to_plain(task)
+            except MissingMandatoryValue as e:
+                raise UserError(f"{where}{e.full_key}: missing mandatory value (???); set it, e.g. "
+                                f"{e.full_key}=...") from None
+            except InterpolationResolutionError as e:
+                raise UserError(f"{where}{e.full_key}: cannot resolve interpolation: {e.msg}") from None
+            if job_check is not None:
+                try:
+                    job_check(task)
+                except UserError as e:
+                    raise UserError(f"{where}{e}") from None

@@ -2,15 +2,18 @@
 
     python -m pipeline.reproduce <mlflow-run-id | run-dir> [key=value ...] [--tracking-uri URI] [--rtol 0]
 
-The saved ``config_resolved.yaml`` (run dir, or the run's MLflow artifacts) is validated against the schema
-and run as a new MLflow run tagged ``reproduced_from=<run id>``. Each scalar is printed with whether it
-matches; exit code 0 only if all match (exactly, by default: on CPU with the same seed they must).
-Trailing ``key=value`` overrides (e.g. ``paths.outputs=/tmp/x``) apply on top of the saved config.
+The saved ``config_resolved.yaml`` (run dir, or the run's MLflow artifacts) is read as data
+(:func:`pipeline.config.load_saved`: no interpolation resolved again, nothing instantiated, every key and value
+checked against the schema) and run as a new MLflow run tagged ``reproduced_from=<run id>``. Each scalar is printed
+with whether it matches; exit code 0 only if all match (exactly, by default: on CPU with the same seed they must).
+Trailing ``key=value`` overrides (e.g. ``paths.outputs=/tmp/x``) apply on top of the saved config. Where the new run
+writes and logs (``paths.*``, ``tracking.uri``) comes from this command line or the project's defaults, never from
+the saved config.
 
 A run id is read from ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///outputs/mlflow.db``, and
 the new run is logged to that same store unless ``tracking.uri=...`` is overridden. A run dir is re-run into
-``--tracking-uri`` when given, else where its saved config says (``tracking.uri``, then ``MLFLOW_TRACKING_URI``,
-then ``<paths.outputs>/mlflow.db``).
+``--tracking-uri`` when given, else ``tracking.uri=...``, else ``MLFLOW_TRACKING_URI``, else
+``<paths.outputs>/mlflow.db``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
 from pipeline.errors import UserError
 
@@ -52,12 +54,31 @@ def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict
                 if name == "run_info.json":
                     continue
                 raise UserError(f"run {ref!r} in {uri} has no artifact {name!r}: {e}") from e
-    cfg = OmegaConf.to_container(OmegaConf.load(files["config_resolved.yaml"]))
-    results = json.loads(files["results.json"].read_text())
-    info = json.loads(files["run_info.json"].read_text()) if files.get("run_info.json") and files["run_info.json"].is_file() else {}
+    from pipeline.config import load_saved
+    from pipeline.resume import previous_run
+
+    cfg = load_saved(files["config_resolved.yaml"])  # data: nothing resolved or instantiated, paths/tracking.uri ours
+    results = _read_results(files["results.json"])
+    info = previous_run(files["run_info.json"].parent) if files.get("run_info.json") and files["run_info.json"].is_file() else {}
+    info = dict(info or {})
     if not path.is_dir():
         info["run_id"] = ref
     return cfg, results, info
+
+
+def _read_results(file: Path) -> dict[str, float]:
+    """``results.json`` as data: a JSON object of ``<mode>/<name>`` keys and numbers (NaN and inf as Python's json
+    writes them); anything else is a UserError naming the file and the key."""
+    try:
+        results = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file}: not a readable JSON object of scalars ({type(e).__name__})") from None
+    if not isinstance(results, dict):
+        raise UserError(f"{file}: expected a JSON object of scalars, got {type(results).__name__}")
+    for key, value in results.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise UserError(f"{file}: {key!r}: expected a number, got {type(value).__name__}")
+    return {k: float(v) for k, v in results.items()}
 
 
 # shown, never compared: wall-clock figures (TIMING: they differ between any two runs; pipeline.metric_keys.is_timing)
@@ -110,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
-    from pipeline.config import validate
+    from pipeline.config import rebuild
     from pipeline.naming import override_key, run_name
     from pipeline.runner import run_pipeline, selected_modes
     from pipeline.tracking import resolve_uri
@@ -118,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             saved, original, info = load_source(args.run, args.tracking_uri, Path(tmp))
-        cfg = validate(saved)
-        if args.overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
+        cfg = rebuild(saved, args.overrides)
         source_id = info.get("run_id", str(args.run))
         run_dir = Path(cfg.paths.outputs) / "reproduce" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
         # the new run goes where the source was read from, unless the command line names a store

@@ -41,8 +41,17 @@ def all_runs(outputs: Path):
     return client.search_runs(exps, max_results=50000)
 
 
+def default_signals() -> None:
+    """A child's SIGINT/SIGTERM back to their defaults (Python then installs its Ctrl-C handler): a suite started in
+    the background (``nohup pytest &``) runs with SIGINT ignored, and a child would inherit that."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_cli(args, outputs: Path, module: str = "pipeline", timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "HYDRA_FULL_ERROR": "0"}
     env.pop("HYDRA_FULL_ERROR")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, **kw)
+                          timeout=timeout, preexec_fn=default_signals, **kw)

@@ -61,36 +61,65 @@ def test_reproduce_by_run_id_and_by_run_dir(main_run, outputs, tmp_path):
     assert proc.returncode == 1 and "MISMATCH schedule/log_snr_max" in proc.stdout
 
 
+def _flat_schedule_model(root: Path) -> Path:
+    """sd15_scheduler's scheduler with ᾱ flat over its first steps (β = 0): it passes every check before work and
+    fails in the schedule stage (``mode.schedule.strict``), a job failing at run time."""
+    import shutil
+
+    from pipeline.models.builtin import BUILTIN_DIR
+
+    flat = root / "flat"
+    shutil.copytree(BUILTIN_DIR / "sd15_scheduler", flat)
+    file = flat / "scheduler" / "scheduler_config.json"
+    config = json.loads(file.read_text())
+    config.update(trained_betas=[0.0] * 10 + [0.01] * 990, num_train_timesteps=1000)
+    file.write_text(json.dumps(config))
+    return flat
+
+
 @pytest.mark.slow
-def test_multirun_makes_one_parent_and_a_child_per_job_even_when_one_fails(outputs):
+def test_multirun_makes_one_parent_and_a_child_per_job_even_when_one_fails(outputs, tmp_path):
+    from pipeline.models.builtin import BUILTIN_DIR
+
+    good, flat = BUILTIN_DIR / "sd15_scheduler", _flat_schedule_model(tmp_path)
     before = {r.info.run_id for r in all_runs(outputs)}
-    proc = run_cli(["-m", f"paths.outputs={outputs}", "mode=[schedule]", "scheduler=ddim,euler",
-                    "model=sd15_scheduler,hub", "mode.schedule.compare=[linear]"], outputs)
+    proc = run_cli(["-m", f"paths.outputs={outputs}", "mode=[schedule]", "scheduler=ddim,euler", "model=hub",
+                    f"model.path={good},{flat}", "mode.schedule.compare=[linear]"], outputs)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the sweep finished, but two jobs failed
-    assert "model.path: missing mandatory value" in proc.stdout + proc.stderr
+    assert "is not strictly decreasing" in proc.stdout + proc.stderr
     new = [r for r in all_runs(outputs) if r.info.run_id not in before]
     parents = [r for r in new if r.data.tags.get("sweep.role") == "parent"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in new if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
-    assert all("missing mandatory value" in r.data.tags["error"] for r in children if r.info.status == "FAILED")
+    assert all("not strictly decreasing" in r.data.tags["error"] for r in children if r.info.status == "FAILED")
     assert parents[0].data.tags["sweep.failed_jobs"] == "2"
     sweep_dir = Path(parents[0].data.tags["sweep.dir"])
     assert len((sweep_dir / "sweep_summary.csv").read_text().strip().splitlines()) == 1 + 4
     _no_run_left_running(outputs)
     # names: the parent by what it sweeps (also its params), each job by its swept overrides
     parent = parents[0]
-    assert parent.data.params == {"sweep.scheduler": "ddim,euler", "sweep.model": "sd15_scheduler,hub"}
+    assert parent.data.params == {"sweep.scheduler": "ddim,euler", "sweep.model.path": f"{good},{flat}"}
     assert parent.data.metrics == {}  # schedule keys have no better direction: no best.<key>
-    assert parent.info.run_name == "sweep·scheduler=ddim,euler·model=sd15_scheduler,hub"
+    assert parent.info.run_name == "sweep·scheduler=ddim,euler·model.path=sd15_scheduler,flat"  # paths by their name
     assert sorted(r.info.run_name for r in children) == sorted(
-        f"scheduler={s}·model={m}" for s in ("ddim", "euler") for m in ("sd15_scheduler", "hub"))
+        f"scheduler={s}·model.path={m}" for s in ("ddim", "euler") for m in ("sd15_scheduler", "flat"))
     assert parent.data.tags["tracking.uri_effective"] == sqlite_uri(outputs)
     runs_url = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs"
     assert f"  this run    {runs_url}/{parent.info.run_id}" in proc.stdout
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.endswith(f"Sweep done: 2 of 4 jobs finished, 2 did not (scheduler=ddim·model=hub; scheduler=euler·model=hub); "
-                         f"summary table {sweep_dir / 'sweep_summary.csv'}."), last
+    assert last.endswith("Sweep done: 2 of 4 jobs finished, 2 did not (scheduler=ddim·model.path=flat; "
+                         f"scheduler=euler·model.path=flat); summary table {sweep_dir / 'sweep_summary.csv'}."), last
+
+
+@pytest.mark.slow
+def test_a_sweep_with_an_impossible_job_is_refused_before_any_job(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(["-m", f"paths.outputs={out}", "mode=[schedule]", "model=sd15_scheduler", "scheduler=ddim,flow_euler",
+                    "mode.schedule.compare=[linear]"], out, timeout=120)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "sweep job scheduler=flow_euler" in text and "Traceback" not in text
+    assert not (out / "mlflow.db").exists() and not (out / "multirun").exists()
 
 
 @pytest.mark.parametrize(

@@ -183,7 +183,7 @@ def test_every_job_of_a_multirun_is_checked_before_the_first_starts():
 
 
 def test_an_unknown_mode_in_a_list_names_the_valid_modes(capsys):
-    from pipeline.__main__ import _check_list_choices
+    from pipeline.__main__ import _check_overrides
     from pipeline.errors import UserError
 
     modes = "available options in 'mode': attention, latent, metrics, schedule"
@@ -192,5 +192,5 @@ def test_an_unknown_mode_in_a_list_names_the_valid_modes(capsys):
     with pytest.raises(UserError, match="unknown features option 'incepton'"):
         compose_cfg(["features=[shapes_net,incepton]"])
     with pytest.raises(SystemExit) as exit_:  # the CLI, before Hydra composes anything (sweeps too)
-        _check_list_choices(["-m", "mode=[schedule],[metric]"])
+        _check_overrides(["-m", "mode=[schedule],[metric]"])
     assert exit_.value.code == 2 and modes in capsys.readouterr().err

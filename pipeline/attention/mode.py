@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
+from pipeline.config import bounded
 from pipeline.errors import UserError
 from pipeline.models.family import FAMILIES as PIPELINE_FAMILIES, check_mode_support
 from pipeline.registry import register_mode
@@ -17,14 +18,14 @@ from pipeline.registry import register_mode
 class AttentionModeConfig:
     prompts: Optional[List[str]] = MISSING
     prompts_file: Optional[str] = MISSING
-    num_prompts: int = MISSING
-    steps: List[int] = MISSING
-    threshold: float = MISSING
-    height: Optional[int] = MISSING
-    width: Optional[int] = MISSING
-    figures: int = MISSING
-    num_reference: int = MISSING
-    t: float = MISSING
+    num_prompts: int = bounded(ge=1)
+    steps: List[int] = bounded(ge=0)
+    threshold: float = bounded(gt=0, lt=1, note="a fraction of the map's maximum")
+    height: Optional[int] = bounded(ge=1)
+    width: Optional[int] = bounded(ge=1)
+    figures: int = bounded(ge=0)
+    num_reference: int = bounded(ge=0, note="0 turns the real-image protocol off")
+    t: float = bounded(gt=0, lt=1, note="the real-image noise level as a fraction")
 
 
 # families whose text→image attention the capture records (the adapter's attention_layout)

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from pipeline.config import DatasetConfig
+from pipeline.config import DatasetConfig, bounded
 from pipeline.errors import UserError
 from pipeline.models.family import check_mode_support
 from pipeline.registry import register_mode
@@ -23,32 +23,32 @@ class DirectionConfig:
     source: str = MISSING  # text models: the prompt pair whose condition difference is the direction
     target: str = MISSING
     prompts: List[str] = MISSING
-    source_class: Optional[int] = MISSING  # class-conditional models: the class pair (null: part skipped)
-    target_class: Optional[int] = MISSING
-    classes: List[int] = MISSING  # class-conditional models: the base classes edited
+    source_class: Optional[int] = bounded(ge=0)  # class-conditional models: the class pair (null: part skipped)
+    target_class: Optional[int] = bounded(ge=0)
+    classes: List[int] = bounded(ge=0)  # class-conditional models: the base classes edited
     scales: List[float] = MISSING
     scale: float = MISSING  # the scale latent/direction_flip_rate reports
-    samples_per_prompt: int = MISSING
+    samples_per_prompt: int = bounded(ge=1)
 
 
 @dataclass
 class LatentModeConfig:
     parts: List[str] = MISSING
-    steps: Optional[int] = MISSING  # null = sampler.num_inference_steps
-    batch_size: Optional[int] = MISSING  # null = sampler.batch_size
-    vae_samples: int = MISSING
-    interp_points: int = MISSING
+    steps: Optional[int] = bounded(ge=1)  # null = sampler.num_inference_steps
+    batch_size: Optional[int] = bounded(ge=1)  # null = sampler.batch_size
+    vae_samples: int = bounded(ge=1)
+    interp_points: int = bounded(ge=3, note="endpoints and a midpoint")
     interp_prompt: Optional[str] = MISSING
-    ppl_pairs: int = MISSING
-    ppl_epsilon: float = MISSING
-    inversion_samples: int = MISSING
+    ppl_pairs: int = bounded(ge=1)
+    ppl_epsilon: float = bounded(gt=0, lt=0.5)
+    inversion_samples: int = bounded(ge=1)
     direction: DirectionConfig = field(default_factory=DirectionConfig)
-    ood_fit_samples: int = MISSING
-    ood_eval_samples: int = MISSING
+    ood_fit_samples: int = bounded(ge=1)  # >= MIN_FIT when the ood part runs (validate)
+    ood_eval_samples: int = bounded(ge=2)
     ood_dataset: DatasetConfig = MISSING
     ood_noise: bool = MISSING
-    recon_timesteps: List[int] = MISSING
-    recon_steps: int = MISSING
+    recon_timesteps: List[int] = bounded(ge=0)
+    recon_steps: int = bounded(ge=1)
     recon_distances: List[str] = MISSING
     shrinkage: str = MISSING
 

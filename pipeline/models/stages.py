@@ -21,23 +21,43 @@ _PIPE_CACHE: dict[tuple, object] = {}
 _EXTRACTOR_CACHE: dict[tuple, object] = {}
 
 
-@stage("scheduler_config", produces=("scheduler_config",))
-def scheduler_config_stage(ctx, cfg):
+def read_scheduler_setup(cfg) -> dict:
     """Only ``scheduler/scheduler_config.json`` (and, in a local pipeline directory, ``model_index.json``) of
     ``model.path``: no weights are read."""
     config, source = load_scheduler_config(cfg.model.path)
     local = Path(str(cfg.model.path)).expanduser()
     model_index = read_model_index(local) if local.is_dir() else None
-    return {"scheduler_config": {"config": config, "source": source, "model_index": model_index}}
+    return {"config": config, "source": source, "model_index": model_index}
+
+
+def make_sampler(cfg, setup: dict):
+    """The ``scheduler=`` solver built ``from_config`` of the model's own scheduler config; a solver that does not
+    fit the model (DDPM-family on a flow model, or the reverse) or an η it would ignore is a UserError."""
+    sampler = build_scheduler(setup["config"], cfg.scheduler, source=setup["source"], model_index=setup.get("model_index"))
+    check_eta(sampler, float(cfg.sampler.eta))  # an η the solver would ignore is an error, not a silent label
+    return sampler
+
+
+def check_model(cfg) -> None:
+    """The model checks that read no weights, for :func:`pipeline.runner.preflight` (before any MLflow run): the
+    device exists, the model's scheduler config and index load, the configured solver fits the model."""
+    from pipeline.models.loading import resolve_device
+
+    resolve_device(cfg.model.device)
+    make_sampler(cfg, read_scheduler_setup(cfg))
+
+
+@stage("scheduler_config", produces=("scheduler_config",))
+def scheduler_config_stage(ctx, cfg):
+    """:func:`read_scheduler_setup`: no weights are read."""
+    return {"scheduler_config": read_scheduler_setup(cfg)}
 
 
 @stage("sampler", needs=("scheduler_config",), produces=("sampler",))
 def sampler_stage(ctx, cfg):
-    """The ``scheduler=`` solver built ``from_config`` of the model's own scheduler config; a solver that does not
-    fit the model (DDPM-family on a flow model, or the reverse) is refused here, before any weights are loaded."""
+    """:func:`make_sampler`, before any weights are loaded."""
     sc = ctx.get("scheduler_config")
-    sampler = build_scheduler(sc["config"], cfg.scheduler, source=sc["source"], model_index=sc.get("model_index"))
-    check_eta(sampler, float(cfg.sampler.eta))  # an η the solver would ignore is an error, not a silent label
+    sampler = make_sampler(cfg, sc)
     ctx.tag("sampler.class", type(sampler).__name__)
     # the solver used, then the config it was built from (whose class is the model's own scheduler)
     log.info("solver %s (scheduler=%s) from scheduler config %s (the model's %s)", type(sampler).__name__,

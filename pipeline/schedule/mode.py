@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
+from pipeline.config import bounded
 from pipeline.registry import register_mode
 from pipeline.schedule.schedules import NamedSchedule
 
@@ -16,8 +17,8 @@ from pipeline.schedule.schedules import NamedSchedule
 class ScheduleModeConfig:
     compare: List[NamedSchedule] = MISSING
     strict: bool = MISSING
-    height: Optional[int] = MISSING
-    width: Optional[int] = MISSING
+    height: Optional[int] = bounded(ge=1)
+    width: Optional[int] = bounded(ge=1)
 
 
 register_mode("schedule", stages=["schedule"], schema=ScheduleModeConfig)
