@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.escape import terminal_text
 from pipeline.metric_keys import PROMPT_ACCURACY, SEC_PER_IMAGE, metric_key
 from pipeline.sweep_summary import (
     FAILED_STATUSES, child_rows, columns, fd_key, is_metric, mixed_n_warning, primary_extractor, swept, winner_lines,
@@ -39,13 +40,13 @@ PAGE = 1000
 def open_store(tracking_uri: str | None, outputs: str | Path) -> tuple[Any, str]:
     """(MlflowClient, uri). A missing SQLite file is an error here, not a fresh empty store."""
     # pipeline.tracking is the one module that imports mlflow; it also caps HTTP retries for servers
-    from pipeline.tracking import MlflowClient, _check_reachable, resolve_uri
+    from pipeline.tracking import _check_reachable, open_client, redact_uri, resolve_uri
 
     uri = resolve_uri(tracking_uri, outputs)  # --tracking-uri, then MLFLOW_TRACKING_URI, then <outputs>/mlflow.db
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise UserError(f"no MLflow store at {uri} (use --tracking-uri, or --outputs for the outputs dir holding mlflow.db)")
+        raise UserError(f"no MLflow store at {redact_uri(uri)} (use --tracking-uri, or --outputs for the outputs dir holding mlflow.db)")
     _check_reachable(uri, 5.0)
-    return MlflowClient(tracking_uri=uri), uri
+    return open_client(uri), uri
 
 
 def search_all(client: Any, experiment_ids: list[str], filter_string: str = "") -> list[Any]:
@@ -61,12 +62,12 @@ def search_all(client: Any, experiment_ids: list[str], filter_string: str = "") 
 def find_runs(client: Any, target: str | None, experiment: str | None = None, uri: str = "") -> tuple[str, list[Any]]:
     """(description, runs): the children of parent run ``target`` (searched in ``experiment`` if given, else in the
     parent's own experiment), or every non-parent run of experiment ``target`` (or ``experiment`` alone)."""
-    from pipeline.tracking import MlflowException
+    from pipeline.tracking import MlflowException, redact_uri
 
     def experiment_id(name: str) -> str:
         exp = client.get_experiment_by_name(name)
         if exp is None:
-            raise UserError(f"experiment {name!r} not found in {uri}")
+            raise UserError(f"experiment {name!r} not found in {redact_uri(uri)}")
         return exp.experiment_id
 
     parent = None
@@ -75,15 +76,15 @@ def find_runs(client: Any, target: str | None, experiment: str | None = None, ur
             parent = client.get_run(target)
         except MlflowException:
             if experiment:
-                raise UserError(f"{target!r} is not a run id in {uri} (with --experiment, TARGET is a parent run id)") from None
+                raise UserError(f"{target!r} is not a run id in {redact_uri(uri)} (with --experiment, TARGET is a parent run id)") from None
             if client.get_experiment_by_name(target) is None:
-                raise UserError(f"{target!r} is neither a run id nor an experiment name in {uri}") from None
+                raise UserError(f"{target!r} is neither a run id nor an experiment name in {redact_uri(uri)}") from None
     if parent is not None:
         exp_ids = [experiment_id(experiment)] if experiment else [parent.info.experiment_id]
         runs = search_all(client, exp_ids, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         if not runs:
             role = parent.data.tags.get("sweep.role")
-            raise UserError(f"run {target!r} has no child runs in {uri}"
+            raise UserError(f"run {target!r} has no child runs in {redact_uri(uri)}"
                             + ("" if role == "parent" else " (not a sweep parent run: give its parent run id or an experiment name)"))
         return f"{parent.info.run_name or 'sweep'} ({target})", runs
     name = target or experiment
@@ -91,7 +92,7 @@ def find_runs(client: Any, target: str | None, experiment: str | None = None, ur
         raise UserError("give a parent run id or an experiment name (or --experiment NAME)")
     runs = [r for r in search_all(client, [experiment_id(name)]) if r.data.tags.get("sweep.role") != "parent"]
     if not runs:
-        raise UserError(f"experiment {name!r} in {uri} has no runs")
+        raise UserError(f"experiment {name!r} in {redact_uri(uri)} has no runs")
     return f"experiment {name}", runs
 
 
@@ -151,7 +152,8 @@ def _cell(key: str, value: Any) -> str:
         return str(value).split(":")[0]  # "job 3: <overrides>": the swept columns show the overrides
     if isinstance(value, float):
         return f"{value:.4g}"
-    text = str(value).replace("\n", " ")
+    # run names, errors and param values are user text: no control character reaches the terminal
+    text = terminal_text(str(value).replace("\n", " "))
     if key == "model.path" and "/" in text:
         text = "…/" + "/".join(text.rstrip("/").split("/")[-2:])
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
@@ -160,7 +162,7 @@ def _cell(key: str, value: Any) -> str:
 def format_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     """Aligned text: numbers right-aligned, text left-aligned."""
     cells = [[_cell(c, r.get(c)) for c in cols] for r in rows]
-    heads = ["run" if c == "run_name" else "id" if c == "run_id" else c for c in cols]
+    heads = ["run" if c == "run_name" else "id" if c == "run_id" else terminal_text(c) for c in cols]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
     numeric = [all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows) for c in cols]
     def line(values):
@@ -177,6 +179,8 @@ def compare(target: str | None, tracking_uri: str | None = None, outputs: str | 
             sort: str | None = None, desc: bool = False, out: str | Path | None = None,
             experiment: str | None = None) -> tuple[str, list[dict[str, Any]], Path, list[Path]]:
     """(printed text, sorted rows, CSV path, plot paths). Raises UserError for anything the user can fix."""
+    from pipeline.tracking import redact_uri
+
     client, uri = open_store(tracking_uri, outputs)
     title, runs = find_runs(client, target, experiment, uri)
     rows = child_rows(runs)
@@ -191,7 +195,7 @@ def compare(target: str | None, tracking_uri: str | None = None, outputs: str | 
     n_failed = sum(r["status"] in FAILED_STATUSES for r in rows)
     order = f"sorted by {sort_key}{' (descending)' if desc else ''}" if sort_key else "in start order"
     text = "\n".join([
-        f"{title}: {len(rows)} runs, {n_failed} failed, {order}; store {uri}",
+        f"{terminal_text(title)}: {len(rows)} runs, {n_failed} failed, {order}; store {redact_uri(uri)}",
         "",
         format_table(rows, table_columns(rows, sort_key)),
         "",

@@ -571,16 +571,16 @@ def check_override_keys(overrides: Sequence[str]) -> None:
         node[leaf] = None
         value = o.input_line.split("=", 1)[1] if "=" in o.input_line else "..."
         for path, best in unknown_keys(tree):
-            bad.append(f"{o.input_line}: unknown config key {path}"
-                       + (f"; did you mean {best}? e.g. {best}={value}" if best else ""))
+            bad.append(f"{path}: unknown config key" + (f"; did you mean {best}? e.g. {best}={value}" if best else "")
+                       + f" (in {o.input_line})")
             break
         else:
             entry = _dict_entry_field(key)
             if entry is not None:  # `features.weights_path=x`: a field of one entry, named without its entry
                 names = _selected_entries(overrides, o.input_line, entry[0])
                 example = f"{entry[0]}.{names[0]}.{leaf}"
-                bad.append(f"{o.input_line}: {entry[0]} holds one block per selected option ({', '.join(names)}): "
-                           f"{entry[0]}.<name>.{leaf}; did you mean {example}? e.g. {example}={value}")
+                bad.append(f"{key}: {entry[0]} holds one block per selected option ({', '.join(names)}): "
+                           f"{entry[0]}.<name>.{leaf}; did you mean {example}? e.g. {example}={value} (in {o.input_line})")
     if bad:
         raise UserError("; ".join(bad) + f" (a '+' override cannot add keys the schema lacks; only "
                         f"{', '.join(FREE_FORM)} takes free-form keys)")

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from pipeline.escape import csv_cell, csv_row
+
 log = logging.getLogger(__name__)
 
 
@@ -85,6 +87,9 @@ class RunContext:
         return path
 
     def save_table(self, rows: Iterable[Mapping[str, Any]], name: str) -> Path:
+        """``tables/<name>.csv``: one column per key seen (first-seen order), a missing key an empty cell. Text cells
+        that a spreadsheet would evaluate (``=``, ``+``, ``-``, ``@``, tab, CR first) get a leading ``'``
+        (:func:`pipeline.escape.csv_cell`, OWASP); numbers are written as they are."""
         rows = list(rows)
         self.tables_dir.mkdir(parents=True, exist_ok=True)
         path = self.tables_dir / f"{name}.csv"
@@ -92,9 +97,10 @@ class RunContext:
         for row in rows:
             fields += [k for k in row if k not in fields]
         with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+            # cells (captions, prompts, names) may be user text: formula starts neutralised (pipeline.escape)
+            writer = csv.writer(f)
+            writer.writerow([csv_cell(k) for k in fields])
+            writer.writerows(csv_row(row, fields) for row in rows)
         if self.tracker is not None:
             self.tracker.log_artifact(path, "tables")
         return path

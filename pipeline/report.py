@@ -18,6 +18,9 @@ anything outside the file (a Content-Security-Policy ``default-src 'none'`` says
   MLflow image ``samples`` at the checkpoint's training step (:func:`checkpoint_steps`), so the MLflow UI's image
   slider steps through the checkpoints.
 
+Every text in the page (captions, run names, tags, table cells) is HTML-escaped (:func:`pipeline.escape.html_text`);
+a table cell that ``pipeline.escape.csv_cell`` quoted against spreadsheet formulas is shown as the user wrote it.
+
 Standard library + PIL only at import time; nothing here imports mlflow (``pipeline.tracking`` does).
 """
 
@@ -26,13 +29,13 @@ from __future__ import annotations
 import base64
 import csv
 import datetime as _dt
-import html
 import json
 import logging
 import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from pipeline.escape import csv_uncell, html_text
 from pipeline.metric_keys import CI_SUFFIXES, NUM_SAMPLES_PARAM, headline_keys, higher_is_better
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,8 @@ _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 # --------------------------------------------------------------------------------------------- values
 def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    """Every text in the page goes through here: user text (captions, run names, tags) is never markup."""
+    return html_text(value)
 
 
 def _fmt(value: Any) -> str:
@@ -184,13 +188,13 @@ class _Html(str):
 def _csv_table(path: Path, open_rows: int = OPEN_ROWS) -> str:
     with path.open(newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, [])
+        header = [csv_uncell(h) for h in next(reader, [])]
         rows = list(reader)
     shown = []
     for row in rows[:MAX_ROWS]:
         cells = []
         for text in row:
-            shown_text, numeric = _cell(text)
+            shown_text, numeric = _cell(csv_uncell(text))  # the text as written, not its spreadsheet-safe form
             cells.append(f'<td class="num">{_e(shown_text)}</td>' if numeric else f"<td>{_e(shown_text)}</td>")
         shown.append(cells)
     note = (f'<p class="note">showing the first {MAX_ROWS} of {len(rows)} rows; the whole table is '
@@ -258,7 +262,11 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        return [{_uncell(k): _uncell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _uncell(value: Any) -> Any:
+    return csv_uncell(value) if isinstance(value, str) else value
 
 
 def _features(config: Mapping[str, Any], tags: Mapping[str, str], extractor_rows: list[dict[str, str]]) -> str:

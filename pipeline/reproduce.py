@@ -42,7 +42,7 @@ def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict
         if missing:
             raise UserError(f"run dir {ref!r} lacks {missing}; expected a run directory written by python -m pipeline")
     else:
-        from pipeline.tracking import download_artifact, get_run, resolve_uri
+        from pipeline.tracking import download_artifact, get_run, redact_uri, resolve_uri
 
         uri = resolve_uri(tracking_uri, "outputs")
         get_run(uri, ref)  # clear error for an unknown id
@@ -53,7 +53,7 @@ def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict
             except Exception as e:  # noqa: BLE001
                 if name == "run_info.json":
                     continue
-                raise UserError(f"run {ref!r} in {uri} has no artifact {name!r}: {e}") from e
+                raise UserError(f"run {ref!r} in {redact_uri(uri)} has no artifact {name!r}: {e}") from e
     from pipeline.config import load_saved
     from pipeline.resume import previous_run
 

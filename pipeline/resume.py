@@ -138,7 +138,7 @@ def trusted_store(recorded: str | None, run_dir: Path) -> str:
 
 def _locate(ref: str, tracking_uri: str | None) -> tuple[Path, dict, str]:
     """(run dir, run info, store) of a run dir or an MLflow run id."""
-    from pipeline.tracking import get_run, resolve_uri
+    from pipeline.tracking import get_run, public_uri, resolve_uri
 
     path = Path(ref)
     if path.is_dir():
@@ -151,7 +151,7 @@ def _locate(ref: str, tracking_uri: str | None) -> tuple[Path, dict, str]:
     run = get_run(uri, ref)
     run_dir = run.data.tags.get("run_dir")
     if not run_dir or not Path(run_dir).is_dir():
-        raise UserError(f"run {ref} in {uri}: its run dir {run_dir!r} is not on this machine; pass the run dir instead")
+        raise UserError(f"run {ref} in {public_uri(uri)}: its run dir {run_dir!r} is not on this machine; pass the run dir instead")
     info = previous_run(Path(run_dir)) or {"run_id": ref}
     return Path(run_dir), info, uri
 

@@ -262,8 +262,13 @@ def run_pipeline(
     except KeyboardInterrupt as e:
         outcome.status, outcome.error, failure = "KILLED", "KeyboardInterrupt (Ctrl-C or SIGTERM)", e
     except BaseException as e:  # noqa: BLE001 - re-raised below, after the run is closed
-        outcome.error, failure = f"{type(e).__name__}: {e}", e
-    closing_error = _close_run(ctx, outcome, tracker, lock, scratch, main, tags, choices, cfg)
+        from pipeline.tracking import redact_text
+
+        outcome.error, failure = redact_text(f"{type(e).__name__}: {e}"), e
+    from pipeline.tracking import deferred_interrupts
+
+    with deferred_interrupts():  # a Ctrl-C or SIGTERM now waits for the run to be closed, then ends it KILLED
+        closing_error = _close_run(ctx, outcome, tracker, lock, scratch, main, tags, choices, cfg)
     if failure is not None:
         raise failure
     if closing_error is not None:

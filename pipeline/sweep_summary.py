@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from pipeline.escape import csv_cell, csv_row, mpl_label, mpl_text
 from pipeline.metric_keys import (CI_SUFFIXES, INCEPTION, is_progress, NUM_SAMPLES, NUM_SAMPLES_PARAM, PRIMARY_EXTRACTOR_TAG, PROMPT_ACCURACY,
                                   SEC_PER_IMAGE, higher_is_better, is_n_biased, is_timing, metric_key, parse_key)
 from pipeline.metric_keys import label as metric_label
@@ -195,12 +196,15 @@ def finished(rows: list[dict[str, Any]], *metrics: str) -> list[dict[str, Any]]:
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The rows as CSV, :func:`columns` order. Run names, errors and param values are user text: a text cell a
+    spreadsheet would evaluate gets a leading ``'`` (:func:`pipeline.escape.csv_cell`, OWASP); numbers stay."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = columns(rows)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns(rows))
-        writer.writeheader()
-        writer.writerows(rows)
+        writer = csv.writer(f)
+        writer.writerow([csv_cell(k) for k in fields])
+        writer.writerows(csv_row(row, fields) for row in rows)
     return path
 
 
@@ -282,8 +286,9 @@ def _points(series: list[dict[str, Any]], keys: list[str], x: Callable[[dict], f
 
 
 def _draw(ax, points: list[tuple], label: str):
-    """The line through ``points`` (in the given order) and each repeated config's runs as hollow markers."""
-    (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    """The line through ``points`` (in the given order) and each repeated config's runs as hollow markers.
+    ``label`` (swept values: user text) is escaped here."""
+    (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mpl_label(label))
     for _, _, runs, _ in points:
         if len(runs) > 1:
             ax.scatter([r[0] for r in runs], [r[1] for r in runs], s=18, facecolors="none", edgecolors=line.get_color())
@@ -305,13 +310,13 @@ def frontier_plot(rows: list[dict[str, Any]]):
                         key=lambda p: (str(p[3][0].get(STEPS, "")).zfill(12), p[0]))  # step order
         line = _draw(ax, points, label)
         for x, y, runs, same in points:
-            ax.annotate(str(same[0].get(STEPS, "?")) + (f" ×{len(runs)}" if len(runs) > 1 else ""), (x, y),
+            ax.annotate(mpl_text(same[0].get(STEPS, "?")) + (f" ×{len(runs)}" if len(runs) > 1 else ""), (x, y),
                         textcoords="offset points", xytext=(4, 4), fontsize=8, color=line.get_color())
     xs = [r[SEC_PER_IMAGE] for r in rows]
     if min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel("seconds per image (generation)")
-    ax.set_ylabel(f"{metric_label(fd)} (lower is better)")
+    ax.set_ylabel(f"{mpl_text(metric_label(fd))} (lower is better)")  # the extractor name is a config string
     ax.set_title(f"quality vs cost (labels: inference steps; {n_note(rows)})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -321,7 +326,8 @@ def frontier_plot(rows: list[dict[str, Any]]):
 
 def _label_metric_axis(ax, metric: str) -> None:
     better = "higher" if metric == PROMPT_ACCURACY else "lower"
-    ax.set_ylabel(f"{'prompt accuracy' if metric == PROMPT_ACCURACY else metric_label(metric)} ({better} is better)")
+    ax.set_ylabel(f"{'prompt accuracy' if metric == PROMPT_ACCURACY else mpl_text(metric_label(metric))} "
+                  f"({better} is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -362,7 +368,7 @@ def checkpoint_plot(rows: list[dict[str, Any]]):
         for label, series in sorted(_series(plotted, CHECKPOINT).items()):
             x = lambda r: labels.index(names[r[CHECKPOINT]])  # noqa: E731
             _draw(ax, sorted(_points(series, swept(plotted), x, metric), key=lambda p: p[0]), label)
-        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+        ax.set_xticks(range(len(labels)), [mpl_text(t) for t in labels], rotation=20, ha="right")  # dir names
         ax.set_xlabel("checkpoint")
         _label_metric_axis(ax, metric)
     fig.suptitle(f"per checkpoint ({n_note(rows)})")

@@ -9,6 +9,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_cfg
 from pipeline.config import CONF_DIR
+from pipeline.errors import UserError
 from pipeline.models.builtin import builtin_path
 from pipeline.models.loading import load_scheduler_config
 from pipeline.models.schedulers import DIFFUSION_SOLVERS, FLOW_SOLVERS, build_scheduler
@@ -19,7 +20,7 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.ya
 SCHEDULERS = sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml"))
 FAMILY = {name: OmegaConf.load(CONF_DIR / "scheduler" / f"{name}.yaml").family for name in SCHEDULERS}
 DIFFUSION = [name for name in SCHEDULERS if FAMILY[name] == "diffusion"]
-COMPOSE_ERRORS = (ConfigCompositionException, ConfigKeyError, ValidationError)
+COMPOSE_ERRORS = (ConfigCompositionException, ConfigKeyError, ValidationError, UserError)  # UserError: named first
 
 
 def test_scheduler_options_are_exactly_the_documented_ones():

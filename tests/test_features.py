@@ -40,7 +40,7 @@ def images_u8(n=3, h=40, w=48, seed=0):
 # registry and input checks
 # ----------------------------------------------------------------------------------------------------------
 def test_unknown_extractor_lists_known_names():
-    with pytest.raises(UserError, match="features.name: unknown feature extractor 'nope'") as e:
+    with pytest.raises(UserError, match="features.nope.name: unknown feature extractor 'nope'") as e:
         build_extractor(features_cfg(name="nope"), "cpu")
     for name in ("inception", "clip", "dinov2"):
         assert name in str(e.value)
@@ -250,7 +250,7 @@ def test_inception_safetensors_and_resize_mode(inception_file, inception, tmp_pa
 
 def test_inception_missing_weights_messages(tmp_path, monkeypatch):
     missing = tmp_path / "nowhere.pth"
-    with pytest.raises(UserError, match="features.weights_path") as e:
+    with pytest.raises(UserError, match="features.inception.weights_path") as e:
         build_extractor(features_cfg(name="inception", weights_path=str(missing)), "cpu")
     assert str(missing) in str(e.value) and inc.WEIGHTS_FILE in str(e.value)
 
@@ -262,7 +262,7 @@ def test_inception_missing_weights_messages(tmp_path, monkeypatch):
         build_extractor(features_cfg(name="inception"), "cpu")
     msg = str(e.value)
     assert inc.WEIGHTS_URL in msg and str(tmp_path / "cache" / inc.WEIGHTS_FILE) in msg
-    assert "features.weights_path=" in msg and "offline" in msg
+    assert "features.inception.weights_path=" in msg and "offline" in msg
 
     # online but unreachable: the same instructions, with the reason
     monkeypatch.setattr(inc, "WEIGHTS_URL", "http://127.0.0.1:9/weights.pth")
@@ -316,7 +316,7 @@ def test_inception_rejects_other_state_dicts(tmp_path):
     torch.save({"layer.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(UserError, match="not an FID Inception-v3 state dict.*missing keys"):
         build_extractor(features_cfg(name="inception", weights_path=str(path)), "cpu")
-    with pytest.raises(UserError, match="features.image_size"):
+    with pytest.raises(UserError, match="features.inception.image_size"):
         build_extractor(features_cfg(name="inception", weights_path=str(path), image_size=224), "cpu")
 
 
@@ -392,11 +392,11 @@ def test_clip_text_embeds_and_truncation(clip, caplog):
 
 
 def test_hub_id_offline_names_the_key(tmp_path):
-    with pytest.raises(UserError, match="features.model: 'no-such-org/no-such-clip'.*HF_HUB_OFFLINE"):
+    with pytest.raises(UserError, match="features.clip.model: 'no-such-org/no-such-clip'.*HF_HUB_OFFLINE"):
         build_extractor(features_cfg(name="clip", model="no-such-org/no-such-clip"), "cpu")
-    with pytest.raises(UserError, match="features.model: .* is not a model directory"):
+    with pytest.raises(UserError, match="features.dinov2.model: .* is not a model directory"):
         build_extractor(features_cfg(name="dinov2", model=str(tmp_path / "missing" / "dir")), "cpu")
-    with pytest.raises(UserError, match="features.model: no \\*.safetensors weights"):
+    with pytest.raises(UserError, match="features.dinov2.model: no \\*.safetensors weights"):
         build_extractor(features_cfg(name="dinov2", model=str(tmp_path)), "cpu")
 
 
@@ -428,7 +428,7 @@ def test_dinov2_pool_is_the_normalised_cls_token(dinov2_dir):
     with torch.no_grad():
         hidden = ext.model(pixel_values=(pixels - mean) / std).last_hidden_state
     assert torch.allclose(out["pool"], hidden[:, 0], atol=1e-5)  # last_hidden_state is post-LayerNorm
-    with pytest.raises(UserError, match="features.image_size: 20 is not a multiple"):
+    with pytest.raises(UserError, match="features.dinov2.image_size: 20 is not a multiple"):
         build_extractor(features_cfg(name="dinov2", model=str(dinov2_dir), image_size=20), "cpu")
 
 
@@ -442,3 +442,55 @@ def test_feature_configs_compose(name):
     cfg = compose_cfg([f"features=[{name}]"]).features[name]
     assert cfg.name == name and name in available_extractors()
     assert cfg.resize.value in features_base.RESIZE_MODES
+
+
+# ----------------------------------------------------------------------------------------------------------
+# every override a message suggests is one the command line accepts (issue 24)
+# ----------------------------------------------------------------------------------------------------------
+def _suggested_overrides(message: str) -> list[str]:
+    """``features.<name>.<field>=VALUE`` and ``features=[...]`` overrides a message suggests."""
+    import re
+
+    return re.findall(r"(?<![\w.])(features\.[\w.]+=[^\s;,():]+|features=\[[\w,]+\])", message)
+
+
+def test_every_suggested_features_override_composes(tmp_path, monkeypatch, caplog, clip_dir, dinov2_dir):
+    """Each override a features message suggests, fed back with the options of the run that got the message,
+    composes through the CLI's own checks and sets that key (``features.weights_path=…`` did not: features holds
+    one block per extractor)."""
+    from pipeline.config import compose_config
+
+    monkeypatch.setenv("DIFFUSION_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = ["model=hub", f"model.path={tmp_path}"]  # model=hub selects features=[inception]
+    cases = [  # (options of the run, how the message arises)
+        (hub, lambda: build_extractor(features_cfg(name="inception"), "cpu")),  # offline, no cached weights
+        (hub, lambda: build_extractor(features_cfg(name="inception", weights_path=str(tmp_path / "no.pth")), "cpu")),
+        (hub, lambda: build_extractor(features_cfg(name="inception", weights_path=str(tmp_path / "no.pth"),
+                                                   image_size=224), "cpu")),
+        (["features=[clip]"], lambda: build_extractor(features_cfg(name="clip", model="no-such-org/clip"), "cpu")),
+        (["features=[dinov2]"], lambda: build_extractor(features_cfg(name="dinov2", model=str(dinov2_dir),
+                                                                     image_size=20), "cpu")),
+        ([], lambda: build_extractor(features_cfg(name="nope"), "cpu")),
+    ]
+    messages = []
+    for options, make in cases:
+        with pytest.raises(UserError) as e:
+            make()
+        messages.append((options, str(e.value)))
+    with caplog.at_level(logging.WARNING, logger="pipeline.features.clip"):  # a warning suggests one too
+        build_extractor(features_cfg(name="clip", model=str(clip_dir), image_size=24), "cpu")
+    messages.append((["features=[clip]"], caplog.text))
+    for options, message in messages:
+        suggested = _suggested_overrides(message)
+        assert suggested, message
+        for override in suggested:
+            cfg = compose_config([*options, override])
+            key, value = override.split("=", 1)
+            if key != "features":
+                got = OmegaConf.select(cfg, key)
+                assert ("null" if got is None else str(got)) == value, (override, message)
+    assert "features.inception.weights_path=/path/to/" in messages[0][1]
+    with pytest.raises(UserError, match="did you mean features.inception.weights_path"):
+        compose_config([*hub, "features.weights_path=/path/to/w.pth"])  # what the message used to suggest

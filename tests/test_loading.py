@@ -102,3 +102,33 @@ def test_loading_and_generating_print_no_warning():
     noise = [line for line in proc.stderr.splitlines() if "it/s]" not in line and line.strip()]
     assert not [line for line in noise if "transformers" in line.lower() or "diffusers" in line.lower()
                 or "warn" in line.lower()], noise
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('["StableDiffusionPipeline"]', "holds a JSON list"),
+    ("3", "holds a JSON number"),
+    ("null", "holds null"),
+    ('"StableDiffusionPipeline"', "holds a JSON string"),
+    ('{"_class_name": "StableDiffusionPipeline",', "is not valid JSON"),
+    (b'{"_class_name": "\xff"}', "is not valid JSON \\(UnicodeDecodeError"),
+    ('{"unet": ["diffusers", "UNet2DConditionModel"]}', 'has no "_class_name" key'),
+    ('{"_class_name": ["StableDiffusionPipeline"]}', '"_class_name": \\[\'StableDiffusionPipeline\'\\]'),
+])
+def test_a_broken_model_index_is_a_user_error_naming_the_file(tmp_path, content, expected):
+    """A model_index.json that is not a JSON object with a string _class_name: a UserError naming the file and what
+    was expected, from loading and from the component scan (not an AttributeError/KeyError from whichever came
+    first); nothing is loaded."""
+    from omegaconf import OmegaConf
+
+    from pipeline.models.loading import _component_kwargs, read_pipeline_index
+
+    file = tmp_path / "model_index.json"
+    file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    model_cfg = OmegaConf.create({"path": str(tmp_path), "device": "cpu", "dtype": "float32", "allow_pickle": False,
+                                  "variant": None, "revision": None})
+    for attempt in (lambda: load_pipeline(model_cfg, torch.device("cpu")), lambda: _component_kwargs(tmp_path),
+                    lambda: read_pipeline_index(tmp_path)):
+        with pytest.raises(UserError, match=expected) as e:
+            attempt()
+        assert str(file) in str(e.value) and '"_class_name"' in str(e.value), str(e.value)
+    assert read_pipeline_index(tmp_path / "elsewhere") is None  # no file: not a local pipeline directory

@@ -158,7 +158,7 @@ def test_deep_links_skip_the_genai_overview_and_keep_no_secret():
                                                        "http://127.0.0.1:5000/#/experiments/3/runs/abc")
     assert run_links("abc", "https://me:token@mlflow.lab:8443/", "7") == (
         "https://mlflow.lab:8443/#/experiments/7/runs", "https://mlflow.lab:8443/#/experiments/7/runs/abc")
-    assert public_uri("https://me:token@mlflow.lab/") == "https://mlflow.lab/"
+    assert public_uri("https://me:token@mlflow.lab/") == "https://me:***@mlflow.lab/"  # redacted, the user kept
     assert ui_command("sqlite:////o/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////o/mlflow.db"
     assert "mlflow ui" not in ui_command("http://h:5000") and "http://h:5000" in ui_command("http://h:5000")
 

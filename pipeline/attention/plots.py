@@ -1,5 +1,6 @@
 """Figures of the attention mode: overlays per word over snapshot steps, per-resolution breakdown, IoU vs τ.
-Every overlay is drawn min-max normalised (as scored) on one fixed 0..1 colour scale."""
+Every overlay is drawn min-max normalised (as scored) on one fixed 0..1 colour scale. Prompts and their words are
+user text: drawn through :func:`pipeline.escape.mpl_text`, never as mathtext."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.attention.scoring import CURVE_THRESHOLDS, normalise
+from pipeline.escape import mpl_text
 
 __all__ = ["overlay_figure", "resolution_figure", "threshold_figure"]
 
@@ -39,14 +41,14 @@ def overlay_figure(image: np.ndarray, words: list[str], snaps: dict[int, torch.T
     im = None
     for r, word in enumerate(words):
         axes[r, 0].imshow(image)
-        axes[r, 0].set_ylabel(word, fontsize=8)
+        axes[r, 0].set_ylabel(mpl_text(word), fontsize=8)
         for c, m in enumerate([*(snaps[s][r] for s in sorted(snaps)), final[r]]):
             im = _overlay(axes[r, c + 1], image, m)
             if r == 0:
                 axes[r, c + 1].set_title(cols[c], fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(prompt, fontsize=9)
+    fig.suptitle(mpl_text(prompt), fontsize=9)
     _colour_bar(fig, im, threshold)
     return fig
 
@@ -65,10 +67,10 @@ def resolution_figure(image: np.ndarray, words: list[str], by_res: dict[tuple[in
             im = _overlay(axes[r, c], image, by_res[g][c])
             axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
             if r == 0:
-                axes[r, c].set_title(word, fontsize=8)
+                axes[r, c].set_title(mpl_text(word), fontsize=8)
             if c == 0:
                 axes[r, c].set_ylabel(f"{g[0]}x{g[1]}", fontsize=8)
-    fig.suptitle(f"attention per token grid: {prompt}", fontsize=9)
+    fig.suptitle(f"attention per token grid: {mpl_text(prompt)}", fontsize=9)
     _colour_bar(fig, im, threshold)
     return fig
 
@@ -79,7 +81,7 @@ def threshold_figure(means: dict[str, np.ndarray], threshold: float, n_objects: 
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for kind, marker in zip(means, "os^"):
-        ax.plot(CURVE_THRESHOLDS, means[kind], marker=marker, label=f"{kind} words")
+        ax.plot(CURVE_THRESHOLDS, means[kind], marker=marker, label=f"{mpl_text(kind)} words")
     ax.axvline(threshold, color="grey", linestyle="--", linewidth=1, label=f"configured τ = {threshold:g}")
     ax.set_xlabel("threshold τ on the min-max normalised map")
     ax.set_ylabel("mean IoU with the object mask")

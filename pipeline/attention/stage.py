@@ -49,7 +49,7 @@ ROW_SUM_TOLERANCE = 1e-3  # float32 probabilities: |Σ p − 1| is ~1e-6 whateve
 
 
 # ----------------------------------------------------------------------------------------------- prompts
-def _prompts(cfg) -> list[str]:
+def _prompts(ctx, cfg) -> list[str]:
     a = cfg.mode.attention
     if a.prompts:
         return list(a.prompts)
@@ -60,6 +60,8 @@ def _prompts(cfg) -> list[str]:
     from pipeline.data.reference import reference_set
 
     ref = reference_set(cfg.dataset, a.num_prompts, cache_dir=cfg.paths.cache)
+    if ref.num_bad_caption_lines:
+        ctx.tag("attention.num_bad_caption_lines", ref.num_bad_caption_lines)
     if not ref.captions or any(c is None for c in ref.captions):
         raise UserError(f"dataset {cfg.dataset.name!r} has no captions: set mode.attention.prompts=[...] or prompts_file")
     return ref.captions
@@ -131,6 +133,8 @@ def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -
 
     a = cfg.mode.attention
     rows = truth.reference(int(a.num_reference))
+    if getattr(truth, "num_bad_lines", 0):  # objects.jsonl lines refused (bad JSON, paths outside the folder)
+        ctx.tag("attention.num_bad_object_lines", truth.num_bad_lines)
     if not rows:
         ctx.tag("skipped.attention/miou_reference", f"dataset {cfg.dataset.name!r}: no readable reference image with masks")
         return {}
@@ -177,7 +181,7 @@ def attention_stage(ctx, cfg):
         refuse_untexted(type(model.pipe).__name__, model.family)
     height, width = model.resolve_size(a.height or cfg.sampler.height, a.width or cfg.sampler.width)
     layout = model.attention_layout(height, width)
-    prompts = _prompts(cfg)
+    prompts = _prompts(ctx, cfg)
     steps, guidance = int(cfg.sampler.num_inference_steps), float(cfg.sampler.guidance_scale)
     cfg_batch = model.uses_cfg(guidance)
     sampler = ctx.get("sampler")

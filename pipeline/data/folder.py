@@ -5,6 +5,25 @@
 that cannot be decoded are skipped, counted in ``num_skipped`` and logged — never a crash. A folder
 with no readable image is a ValueError naming the path.
 
+The folder and its jsonl files are untrusted data:
+
+* **Captions are strings.** A captions line that is not a JSON object with a string ``file`` and a string
+  ``caption`` (``null``, a number, a boolean, a list or an object) is skipped with a warning naming the file and
+  its line number, and recorded in :attr:`FolderDataset.bad_caption_lines` (line number, reason) — never turned
+  into a prompt such as ``"None"``. An empty or blank caption counts the same way (the image is left without a
+  caption: an empty prompt is the unconditional one, not a description). Undecodable (non-UTF-8) lines too.
+  A file captioned twice keeps its later caption, with a warning.
+* **Every PIL mode converts to RGB with its full range scaled** (:func:`to_rgb`): 16-bit and 32-bit integer
+  images are scaled, not clipped to white; alpha is dropped (see :func:`to_rgb` for each mode's rule).
+* **Paths in dataset files stay inside the folder** (:func:`dataset_path`): a jsonl entry whose path is absolute,
+  contains a ``..`` component, or (for paths that are opened: ``objects.jsonl``'s images and masks) resolves,
+  symbolic links followed, to a location outside the folder is skipped with a warning naming the file, line and
+  path, and is never opened. There is no switch to allow otherwise: copy the files into the folder (or point
+  ``dataset.root`` at a folder that holds them all; the root itself may be a symbolic link). A captions entry is only
+  a name matched against the scanned images, so it is checked lexically (absolute / ``..``). The image files
+  themselves are found by listing the folder (top level): those are read as they are, symbolic links included —
+  a folder of links to images kept elsewhere is a supported way to build a subset.
+
 What a folder holds is known without decoding it: its :class:`Manifest` lists every candidate file's relative path,
 size and ``mtime_ns`` (plus the captions file's), and its :attr:`Manifest.digest` changes when one file is changed,
 added or removed. Decoding every file to find the unreadable ones (the *check*: readable files, skipped files and
@@ -26,11 +45,14 @@ from functools import cached_property
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "FolderSample", "FolderDataset", "Manifest", "scan", "decoded_count"]
+__all__ = ["IMAGE_SUFFIXES", "FolderSample", "FolderDataset", "Manifest", "scan", "decoded_count", "to_rgb",
+           "dataset_path", "read_jsonl"]
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CHECK_VERSION = 1  # bump when the check's content or meaning changes
+CHECK_VERSION = 2  # bump when the check's content or meaning changes (2: to_rgb reads every PIL mode)
+DECODE_VERSION = 2  # bump when to_rgb gives other pixels for some file (2: 16-bit/I/F scaled, not clipped):
+# it is part of a folder reference set's identity, so features cached from the old pixels are recomputed
 
 _decoded = 0
 _decoded_lock = threading.Lock()
@@ -48,7 +70,75 @@ class FolderSample:
     path: pathlib.Path
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _scale_16bit(a: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255, x / 65535 * 255 rounded half up, exactly (integer arithmetic)."""
+    return ((a.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _min_max(a: np.ndarray) -> np.ndarray:
+    """The finite values' minimum -> 0 and maximum -> 255 (rounded); a constant image -> 0; NaN -> 0, +inf -> 255,
+    -inf -> 0."""
+    a = a.astype(np.float64)
+    finite = np.isfinite(a)
+    out = np.zeros(a.shape, dtype=np.float64)
+    if finite.any():
+        lo, hi = float(a[finite].min()), float(a[finite].max())
+        if hi > lo:
+            out[finite] = (a[finite] - lo) * (255.0 / (hi - lo))
+    out[a == np.inf] = 255.0
+    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+
+
+def to_rgb(im) -> np.ndarray:
+    """A PIL image of any mode as an (H, W, 3) uint8 RGB array, its full range scaled to 0..255.
+
+    * 8-bit modes (1, L, P, RGB, RGBX, CMYK, YCbCr, LAB, HSV) go through PIL's own conversion to RGB (CMYK by PIL's
+      plain formula, LAB as CIE L*a*b* D50 → sRGB; an embedded ICC profile is not applied).
+    * Alpha is dropped, not composited: LA, PA, RGBA and a P image with a transparent colour give their colour
+      channels as stored (a fully transparent pixel keeps its colour); premultiplied La / RGBa are un-premultiplied
+      first.
+    * I;16 / I;16L / I;16B / I;16N (16-bit grey): x / 65535 × 255, rounded (65535 → 255, 32768 → 128).
+    * I (32-bit signed): if every value lies in 0..65535 the 16-bit rule (I is how 16-bit data often arrives);
+      otherwise the image's minimum → 0 and maximum → 255 (min–max; a constant image → 0).
+    * F (32-bit float): if every finite value lies in [0, 1], x × 255 rounded (the float-image convention);
+      otherwise min–max over the finite values. NaN and −inf → 0, +inf → 255.
+    * 16-bit-per-channel RGB/RGBA PNGs: Pillow opens them as 8-bit RGB/RGBA itself, keeping the high byte
+      (x >> 8: 65535 → 255, 32768 → 128; at most 1 below x / 65535 × 255 rounded) — scaled, not clipped; the low
+      byte is lost, as Pillow offers no 16-bit RGB mode.
+
+    Grey results are repeated over the three channels. A multi-frame file gives its first frame. A mode PIL cannot
+    convert is a ValueError naming it (the caller counts the file as unreadable)."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT:
+        grey = _scale_16bit(np.asarray(im))
+    elif mode == "I":
+        a = np.asarray(im)
+        grey = _scale_16bit(a) if a.size and a.min() >= 0 and a.max() <= 65535 else _min_max(a)
+    elif mode == "F":
+        a = np.asarray(im)
+        finite = a[np.isfinite(a)]
+        if finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1):
+            grey = np.rint(np.clip(np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0), 0, 1) * 255).astype(np.uint8)
+        else:
+            grey = _min_max(a)
+    else:
+        if mode in ("La", "RGBa"):  # premultiplied: PIL converts these to their straight-alpha form only
+            im = im.convert({"La": "LA", "RGBa": "RGBA"}[mode])
+        elif mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")  # PIL warns on P -> RGB with a transparent colour; the alpha is dropped below
+        try:
+            rgb = im.convert("RGB")
+        except ValueError as err:
+            raise ValueError(f"PIL mode {mode!r} cannot be converted to RGB: {err}") from err
+        return np.asarray(rgb, dtype=np.uint8).copy()
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
 def _load_rgb(path: pathlib.Path) -> np.ndarray:
+    """The image at ``path`` as (H, W, 3) uint8 RGB (:func:`to_rgb`)."""
     from PIL import Image
 
     global _decoded
@@ -56,7 +146,69 @@ def _load_rgb(path: pathlib.Path) -> np.ndarray:
         _decoded += 1
     with Image.open(path) as im:
         im.load()  # decode now: a truncated file must fail here, not later
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        return to_rgb(im)
+
+
+# ----------------------------------------------------------------------------------------------- untrusted jsonl
+def dataset_path(root: str | pathlib.Path, name: object, follow_links: bool = True) -> str:
+    """``name``, a path a dataset file gives, as a normalised relative posix path inside ``root`` (``./a.png`` ->
+    ``a.png``); a ValueError saying why when it is not one: not a non-empty string, a NUL byte, an absolute path, a
+    ``..`` component, or (``follow_links``, for paths that will be opened) a location outside ``root`` once
+    symbolic links are resolved. Nothing is opened; ``follow_links`` resolves the path on the file system."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"expected a non-empty path relative to the dataset folder, got {_json_type(name)} {name!r}")
+    if "\0" in name:
+        raise ValueError(f"path {name!r} contains a NUL byte")
+    pure = pathlib.PurePosixPath(name)
+    if pure.is_absolute() or os.path.isabs(name):
+        raise ValueError(f"path {name!r} is absolute; expected a path relative to the dataset folder {root}")
+    if ".." in pure.parts:
+        raise ValueError(f"path {name!r} has a '..' component; expected a path inside the dataset folder {root}")
+    rel = pure.as_posix()
+    if rel in ("", "."):
+        raise ValueError(f"path {name!r} names the dataset folder itself; expected a file inside it")
+    if follow_links:
+        base = pathlib.Path(root).resolve()
+        target = (base / rel).resolve()
+        if target != base and base not in target.parents:
+            raise ValueError(f"path {name!r} resolves to {target}, outside the dataset folder {base} "
+                             "(a symbolic link out of the folder; copy the file into the folder instead)")
+    return rel
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages ("null", not "NoneType")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def read_jsonl(path: pathlib.Path):
+    """``(line number, parsed value or None, error or None)`` for every non-blank line of ``path``: a line that is
+    not UTF-8 or not JSON gives its error instead of a value (the caller skips and counts it). A UTF-8 byte-order
+    mark on line 1 is ignored."""
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            yield n, None, f"not UTF-8 ({err})"
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line), None
+        except ValueError as err:
+            yield n, None, f"not JSON ({err}): {line[:80]!r}"
 
 
 # ----------------------------------------------------------------------------------------------- manifest
@@ -147,6 +299,32 @@ def _decode_check(manifest: Manifest) -> _Check:
 
 
 # ----------------------------------------------------------------------------------------------- dataset
+_CAPTION_ROW = '{"file": "<path relative to the folder>", "caption": "<text>"}'
+
+
+def _caption_row_error(root: pathlib.Path, row: object) -> str | None:
+    """Why a parsed captions line is refused, or None when it is good."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object {_CAPTION_ROW}, got {_json_type(row)}"
+    missing = [k for k in ("file", "caption") if k not in row]
+    if missing:
+        return f"no {' or '.join(repr(k) for k in missing)} key; expected {_CAPTION_ROW}"
+    if not isinstance(row["caption"], str):
+        return f"caption is {_json_type(row['caption'])} ({json.dumps(row['caption'])[:60]}); expected a string"
+    if not row["caption"].strip():
+        return "caption is empty; expected text (leave the file out of the captions file for no caption)"
+    try:
+        dataset_path(root, row["file"], follow_links=False)
+    except ValueError as err:
+        return f"file: {err}"
+    return None
+
+
+def _line_list(lines: list[tuple[int, str]], limit: int = 10) -> str:
+    shown = ", ".join(str(n) for n, _ in lines[:limit])
+    return shown + (f", ... ({len(lines) - limit} more)" if len(lines) > limit else "")
+
+
 class FolderDataset:
     """Images of ``root`` with their captions, if any. Every file is decoded once at construction to find the
     unreadable ones, unless ``check_cache`` (a directory) holds that check for the folder's current
@@ -156,6 +334,7 @@ class FolderDataset:
                  check_cache: str | pathlib.Path | None = None, manifest: Manifest | None = None):
         self.root = pathlib.Path(root)
         self.manifest = manifest if manifest is not None else scan(self.root, captions_file)
+        self.bad_caption_lines: list[tuple[int, str]] = []  # (line number, reason) of each captions line skipped
         self.captions = self._read_captions(captions_file) if captions_file else {}
         cached = None
         if check_cache is not None:
@@ -184,20 +363,35 @@ class FolderDataset:
                         len(self.manifest.files))
 
     def _read_captions(self, captions_file: str) -> dict[str, str]:
+        """``{relative path: caption}``; every line that is not ``{"file": <path inside the folder>, "caption":
+        <non-empty string>}`` is skipped, logged (file, line, reason) and kept in :attr:`bad_caption_lines`."""
         path = self.root / captions_file
         if not path.is_file():
             return {}
-        captions = {}
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
+        captions: dict[str, str] = {}
+        first_line: dict[str, int] = {}
+        for n, row, error in read_jsonl(path):
+            if error is None:
+                error = _caption_row_error(self.root, row)
+            if error is not None:
+                self.bad_caption_lines.append((n, error))
+                log.warning("%s line %d skipped: %s", path, n, error)
                 continue
-            try:
-                row = json.loads(line)
-                captions[str(row["file"])] = str(row["caption"])
-            except (ValueError, KeyError, TypeError) as err:
-                log.warning("%s line %d skipped: expected {\"file\": ..., \"caption\": ...}, got %r (%s)",
-                            path, n, line[:80], err)
+            name = dataset_path(self.root, row["file"], follow_links=False)
+            if name in captions:
+                log.warning("%s line %d: %s is captioned again (first on line %d); the later caption is used",
+                            path, n, name, first_line[name])
+            first_line.setdefault(name, n)
+            captions[name] = row["caption"]
+        if self.bad_caption_lines:
+            log.warning("%s: %d line(s) skipped (lines %s); their images have no caption", path,
+                        len(self.bad_caption_lines), _line_list(self.bad_caption_lines))
         return captions
+
+    @property
+    def num_bad_caption_lines(self) -> int:
+        """Lines of the captions file skipped as malformed (see :attr:`bad_caption_lines`)."""
+        return len(self.bad_caption_lines)
 
     @cached_property
     def paths(self) -> list[pathlib.Path]:

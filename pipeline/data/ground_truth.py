@@ -5,7 +5,8 @@
 * :func:`object_masks` — which caption words name which object, and that object's pixels: ``dataset=shapes``
   (masks of its reference images; on *generated* images the prompt gives the side and the object's pixels are
   segmented from the image), and a folder with ``objects.jsonl`` + ``masks/`` (the layout
-  :func:`pipeline.data.shapes.export` writes; masks of its reference images only).
+  :func:`pipeline.data.shapes.export` writes; masks of its reference images only). ``objects.jsonl`` is untrusted:
+  malformed lines and paths leaving the folder are skipped, counted and never opened (:class:`FolderObjectMasks`).
 
 A dataset without them gets its scores skipped with a ``skipped.<key>`` tag naming the reason — never computed
 from the shapes heuristics on images they were not made for.
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 __all__ = ["GroundTruth", "ShapesGroundTruth", "ground_truth", "ObjectTruth", "ObjectMasks", "object_masks",
-           "object_word_positions"]
+           "object_word_positions", "FolderObjectMasks", "load_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +151,86 @@ class ShapesObjectMasks:
         return out
 
 
+_OBJECTS_ROW = ('{"file": "<image path>", "caption": "<text>", "objects": [{"words": ["<word>", ...], '
+                '"mask": "<mask path>", "side": <optional string>}, ...]}')
+
+
+def _objects_row_error(root: Path, row: Any) -> str | None:
+    """Why a parsed ``objects.jsonl`` line is refused (None: good). Every path on the line is checked here, before
+    any file is opened (:func:`pipeline.data.folder.dataset_path`)."""
+    from pipeline.data.folder import _json_type, dataset_path
+
+    if not isinstance(row, dict):
+        return f"expected a JSON object {_OBJECTS_ROW}, got {_json_type(row)}"
+    missing = [k for k in ("file", "caption", "objects") if k not in row]
+    if missing:
+        return f"no {' or '.join(repr(k) for k in missing)} key; expected {_OBJECTS_ROW}"
+    if not isinstance(row["caption"], str) or not row["caption"].strip():
+        return (f"caption is {_json_type(row['caption'])} ({json.dumps(row['caption'])[:60]}); "
+                "expected a non-empty string")
+    if not isinstance(row["objects"], list) or not row["objects"]:
+        return f"objects is {_json_type(row['objects'])}; expected a non-empty array of objects"
+    try:
+        dataset_path(root, row["file"])
+    except ValueError as err:
+        return f"file: {err}"
+    for k, o in enumerate(row["objects"]):
+        if not isinstance(o, dict) or "words" not in o or "mask" not in o:
+            return f"objects[{k}]: expected {{\"words\": [...], \"mask\": ...}}, got {json.dumps(o)[:80]}"
+        words = o["words"]
+        if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
+            return f"objects[{k}].words: expected a non-empty array of non-empty strings, got {json.dumps(words)[:80]}"
+        if not isinstance(o.get("side"), (str, type(None))):
+            return f"objects[{k}].side is {_json_type(o['side'])}; expected a string or null"
+        try:
+            dataset_path(root, o["mask"])
+        except ValueError as err:
+            return f"objects[{k}].mask: {err}"
+    return None
+
+
+_INTEGER_MODES = ("1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def load_mask(path: Path) -> np.ndarray:
+    """(H, W) bool: a mask file's object pixels. The file is read with :func:`pipeline.data.folder.to_rgb` (any PIL
+    mode, full range scaled, alpha dropped) and a pixel is object where its largest channel is above half the range
+    (> 127 of 255: 0/255 masks, 16-bit 0/65535 masks and antialiased edges at half coverage). A single-band integer
+    mask whose values are all 0 or 1 — a 0/1 label image — is read as is (1 = object)."""
+    from PIL import Image
+
+    from pipeline.data.folder import to_rgb
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in _INTEGER_MODES:
+            raw = np.asarray(im)
+            if raw.size and raw.min() >= 0 and raw.max() == 1:  # a 0/1 label image: threshold would empty it
+                return raw == 1
+        return to_rgb(im).max(axis=2) > 127
+
+
 class FolderObjectMasks:
     """A folder with ``objects.jsonl`` — one ``{"file", "caption", "objects": [{"words": [...], "mask":
-    "masks/NNNNN_K.png"}, ...]}`` per image — and the mask PNGs (non-zero = object). Generated images of these
-    captions cannot be segmented (no grammar): only the reference images are scored."""
+    "masks/NNNNN_K.png"}, ...]}`` per image — and the mask PNGs (object where above half the range:
+    :func:`load_mask`). Generated images of these captions cannot be segmented (no grammar): only the reference
+    images are scored.
+
+    ``objects.jsonl`` is untrusted data: a line that is not such an object (a non-string caption or word, a missing
+    key, not JSON), whose image or mask path is absolute, has a ``..`` component or resolves outside the folder
+    (symbolic links followed; :func:`pipeline.data.folder.dataset_path`), or whose image or mask cannot be read is
+    skipped with a warning naming the file, the line and the reason, and recorded in :attr:`bad_lines`. A refused
+    path is never opened. There is no switch to allow paths outside the folder: copy the files into it."""
 
     name = "folder"
 
     def __init__(self, root: Path, meta: Path):
         self.root, self.meta = root, meta
+        self.bad_lines: list[tuple[int, str]] = []  # (line number, reason) skipped by the last reference()
+
+    @property
+    def num_bad_lines(self) -> int:
+        return len(self.bad_lines)
 
     def objects(self, prompt: str) -> list[ObjectTruth] | None:
         return None
@@ -167,29 +239,33 @@ class FolderObjectMasks:
         raise NotImplementedError("folder datasets have no masks for generated images")
 
     def reference(self, n: int) -> list[ReferenceImage]:
-        from PIL import Image
+        from pipeline.data.folder import _load_rgb, dataset_path, read_jsonl
 
-        from pipeline.data.folder import _load_rgb
-
-        out = []
-        for k, line in enumerate(self.meta.read_text().splitlines(), 1):
+        out: list[ReferenceImage] = []
+        self.bad_lines = []
+        for k, row, error in read_jsonl(self.meta):
             if len(out) >= n:
                 break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                image = _load_rgb(self.root / row["file"])
-                objs = []
-                for o in row["objects"]:
-                    with Image.open(self.root / o["mask"]) as im:
-                        mask = np.asarray(im.convert("L")) > 127
-                    if mask.shape != image.shape[:2]:
-                        raise ValueError(f"mask {o['mask']} is {mask.shape}, image {image.shape[:2]}")
-                    objs.append(ObjectTruth(tuple(str(w) for w in o["words"]), o.get("side"), mask))
-                out.append(ReferenceImage(image, str(row["caption"]), objs))
-            except Exception as err:  # one bad row is skipped and logged, not a crash
-                log.warning("%s line %d skipped: %s", self.meta, k, err)
+            if error is None:
+                error = _objects_row_error(self.root, row)
+            if error is None:
+                try:  # paths checked above: only files inside the folder are opened
+                    image = _load_rgb(self.root / dataset_path(self.root, row["file"]))
+                    objs = []
+                    for o in row["objects"]:
+                        mask = load_mask(self.root / dataset_path(self.root, o["mask"]))
+                        if mask.shape != image.shape[:2]:
+                            raise ValueError(f"mask {o['mask']} is {mask.shape}, image {image.shape[:2]}")
+                        objs.append(ObjectTruth(tuple(o["words"]), o.get("side"), mask))
+                    out.append(ReferenceImage(image, row["caption"], objs))
+                except Exception as err:  # PIL raises several types for corrupt data; one bad row is not a crash
+                    error = f"{type(err).__name__}: {err}"
+            if error is not None:
+                self.bad_lines.append((k, error))
+                log.warning("%s line %d skipped: %s", self.meta, k, error)
+        if self.bad_lines:
+            shown = ", ".join(str(k) for k, _ in self.bad_lines[:10]) + (", ..." if len(self.bad_lines) > 10 else "")
+            log.warning("%s: %d line(s) skipped (lines %s)", self.meta, len(self.bad_lines), shown)
         return out
 
 

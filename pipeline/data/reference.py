@@ -1,15 +1,19 @@
 """The reference (real) image set of a run, whatever the dataset kind: batches, captions and identity.
 
 ``identity`` + ``content_hash`` key the reference-feature cache: the identity says what the set claims to be
-(dataset name, kind, split, N, generation parameters or root), the content hash what it is, without decoding an
-image (folders: the digest of the folder's manifest — relative path, size and mtime_ns of every candidate file and
-of the captions file, :class:`pipeline.data.folder.Manifest`; shapes: sha256 of the renderer's source and the
-parameters), so an edited folder or a changed renderer recomputes.
+(dataset name, kind, split, N, generation parameters or root and decoding version), the content hash what it is,
+without decoding an image (folders: the digest of the folder's manifest — relative path, size and mtime_ns of every
+candidate file and of the captions file, :class:`pipeline.data.folder.Manifest`; shapes: sha256 of the renderer's
+source and the parameters), so an edited folder, a changed renderer or a changed decoding recomputes.
 
 :func:`reference_set` is the one place every mode gets reference images from. Per process it keeps one dataset
 object per dataset config (a folder's: as long as its manifest is unchanged, re-scanned at every call; shapes: its
 captions, rendered once), so the stages of a run (and the jobs of a sweep) share one decoding check and one caption
 pass, and a :class:`ReferenceSet` is a cheap view of its first N images.
+
+A folder's unreadable images (``num_skipped``) and malformed captions lines (``num_bad_caption_lines``, with their
+line numbers and reasons in ``bad_caption_lines``; :mod:`pipeline.data.folder` says what a good line is) are
+logged here and carried on the set for the stages to report.
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ class ReferenceSet:
     _hash: str | None = None  # what the set is (see the module docstring); required
     _shape: tuple[int, ...] | None = None  # (H, W, 3) of image 0, when known without decoding it
     files: list[str] | None = None  # folders: relative paths of the n images (in order); None otherwise
+    bad_caption_lines: tuple[tuple[int, str], ...] = ()  # folders: (line, reason) of each captions line skipped
+
+    @property
+    def num_bad_caption_lines(self) -> int:
+        """Captions-file lines skipped as malformed (non-string or empty caption, a path outside the folder, not
+        JSON): counted like ``num_skipped``, their images have no caption."""
+        return len(self.bad_caption_lines)
 
     def item(self, i: int) -> Any:
         """The dataset's own sample ``i`` (shapes: a Sample with objects and masks; folder: a FolderSample)."""
@@ -129,7 +140,7 @@ def _shapes(dataset_cfg: Any, n: int, split: str) -> ReferenceSet:
 
 
 def _folder(dataset_cfg: Any, n: int, cache_dir: str | Path | None) -> ReferenceSet:
-    from pipeline.data.folder import FolderDataset, scan
+    from pipeline.data.folder import DECODE_VERSION, FolderDataset, scan
 
     if not dataset_cfg.root:
         raise UserError("dataset.root: expected the folder of reference images (dataset=folder dataset.root=DIR)")
@@ -146,12 +157,19 @@ def _folder(dataset_cfg: Any, n: int, cache_dir: str | Path | None) -> Reference
         raise UserError(f"dataset.root: {e}") from e
     if ds.num_skipped:
         log.warning("dataset.root %s: %d unreadable file(s) skipped", dataset_cfg.root, ds.num_skipped)
+    if ds.num_bad_caption_lines:
+        log.warning("dataset.root %s: %d line(s) of %s skipped (line %s); their images have no caption",
+                    dataset_cfg.root, ds.num_bad_caption_lines, captions_file,
+                    ", ".join(f"{k}: {why}" for k, why in ds.bad_caption_lines[:3])
+                    + (", ..." if ds.num_bad_caption_lines > 3 else ""))
     n = min(n, len(ds))
     names = ds.names(n)
     captions = [ds.captions.get(name) for name in names] if ds.has_captions else None
-    identity = {"name": dataset_cfg.name, "kind": "folder", "root": str(ds.root.resolve()), "n": n}
+    # "decode": how the images are decoded (folder.to_rgb), so a change to it recomputes cached features
+    identity = {"name": dataset_cfg.name, "kind": "folder", "root": str(ds.root.resolve()), "n": n,
+                "decode": DECODE_VERSION}
     return ReferenceSet(identity, ds, n, captions, ds.num_skipped, _hash=manifest.digest, _shape=ds.shapes[0],
-                        files=names)
+                        files=names, bad_caption_lines=tuple(ds.bad_caption_lines))
 
 
 def read_prompts(path: str) -> list[str]:

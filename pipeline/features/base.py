@@ -310,8 +310,9 @@ def files_id(paths: Iterable[str | os.PathLike], length: int = 12) -> str:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[A-Za-z0-9][\w.\-]*$")
 
 
-def resolve_hf_model_dir(model: str | None, key: str = "features.model", allow_patterns=None) -> Path:
-    """A local directory for a hub id or local dir; offline and not cached -> ``UserError`` naming ``key``."""
+def resolve_hf_model_dir(model: str | None, key: str, allow_patterns=None) -> Path:
+    """A local directory for a hub id or local dir; offline and not cached -> ``UserError`` naming ``key`` (the
+    config key as the command line spells it, ``features.<name>.model``: messages suggest ``key=DIR``)."""
     if not model:
         raise UserError(f"{key}: not set; expected a Hugging Face hub id or a local model directory")
     p = Path(model).expanduser()
@@ -337,7 +338,7 @@ def resolve_hf_model_dir(model: str | None, key: str = "features.model", allow_p
 _HF_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
 
-def load_hf_model(model_cls: Any, model: str | None, key: str = "features.model") -> tuple[Any, Path, str]:
+def load_hf_model(model_cls: Any, model: str | None, key: str) -> tuple[Any, Path, str]:
     """``model_cls.from_pretrained`` on a hub id or local dir, safetensors only, fp32, eval mode.
 
     Returns ``(model, model_dir, weights_id)``; every failure is a ``UserError`` naming ``key``.
@@ -358,18 +359,22 @@ def load_hf_model(model_cls: Any, model: str | None, key: str = "features.model"
     return net, model_dir, files_id(weights)
 
 
-def read_preprocessor_config(model_dir: Path) -> dict[str, Any]:
+def read_preprocessor_config(model_dir: Path, key: str) -> dict[str, Any]:
     """``preprocessor_config.json`` as a dict ({} when absent) — read directly, so no image processor (and no
-    torchvision / PIL pipeline) is involved: preprocessing is done in torch by the extractor."""
+    torchvision / PIL pipeline) is involved: preprocessing is done in torch by the extractor. ``key``: the model's
+    config key (``features.<name>.model``), named by errors."""
     import json
 
     path = model_dir / "preprocessor_config.json"
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"features.model: {str(path)!r} is not valid JSON: {e}") from e
+        raise UserError(f"{key}: {str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise UserError(f"{key}: {str(path)!r} holds a JSON {type(config).__name__}; expected a JSON object")
+    return config
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -402,20 +407,24 @@ def available_extractors() -> list[str]:
 
 
 def build_extractor(features_cfg: Any, device: str | torch.device | None = None) -> FeatureExtractor:
-    """Build the extractor named by ``features_cfg.name`` on ``device`` (``None``/``"auto"``: CUDA if present)."""
+    """Build the extractor named by ``features_cfg.name`` on ``device`` (``None``/``"auto"``: CUDA if present).
+    Messages name the block's fields as the command line spells them, ``features.<name>.<field>`` (``features``
+    holds one block per extractor, each shipped block under its extractor's name)."""
     import pipeline.features  # noqa: F401  (importing the package registers every extractor module)
 
     name = features_cfg.name
+    prefix = f"features.{name}"
     if name not in _EXTRACTORS:
-        raise UserError(f"features.name: unknown feature extractor {name!r}; expected one of {available_extractors()}")
+        raise UserError(f"{prefix}.name: unknown feature extractor {name!r}; expected one of {available_extractors()}"
+                        " (extractors are picked with e.g. features=[shapes_net])")
     resize = getattr(features_cfg.resize, "value", features_cfg.resize)
     if resize not in RESIZE_MODES:
-        raise UserError(f"features.resize: {resize!r} is not a resize mode; expected one of {list(RESIZE_MODES)}")
+        raise UserError(f"{prefix}.resize: {resize!r} is not a resize mode; expected one of {list(RESIZE_MODES)}")
     if features_cfg.batch_size is None or int(features_cfg.batch_size) < 1:
-        raise UserError(f"features.batch_size: expected a positive integer, got {features_cfg.batch_size!r}")
+        raise UserError(f"{prefix}.batch_size: expected a positive integer, got {features_cfg.batch_size!r}")
     size = getattr(features_cfg, "image_size", None)
     if size is not None and int(size) < 1:
-        raise UserError(f"features.image_size: expected a positive integer or null, got {size!r}")
+        raise UserError(f"{prefix}.image_size: expected a positive integer or null, got {size!r}")
     extractor = _EXTRACTORS[name](features_cfg, resolve_device(device))
     log.info("feature extractor %r", extractor)
     return extractor

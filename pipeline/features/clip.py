@@ -6,7 +6,7 @@ the same tensor, for FD/KD/PR/DC on CLIP features (torch-fidelity's ``clip-*`` e
 projected embedding; dgm-eval uses the pre-projection one).
 
 Preprocessing is done in torch so uint8 batches go straight in: shortest side to the model's image size with
-``features.resize`` (CLIP's own processor: PIL bicubic ≈ ``bicubic_antialias``), centre crop, then the
+``features.<name>.resize`` (CLIP's own processor: PIL bicubic ≈ ``bicubic_antialias``), centre crop, then the
 model's mean/std (``preprocessor_config.json``, else OpenAI's constants).
 
 Text: CLIP's context is 77 tokens. Longer prompts are truncated — the Hugging Face tokenizer keeps the
@@ -41,23 +41,25 @@ class CLIPExtractor(FeatureExtractor):
     center_crop = True
 
     def __init__(self, model: str, resize: str = "bicubic_antialias", image_size: int | None = None,
-                 batch_size: int = 64, device: str | torch.device = "cpu"):
+                 batch_size: int = 64, device: str | torch.device = "cpu", key: str | None = None):
+        """``key``: this block's config key, ``features.<name>`` (default ``features.<self.name>``), named by errors."""
         from transformers import AutoTokenizer, CLIPModel
 
-        self.model, self.model_dir, self.weights_id = load_hf_model(CLIPModel, model)
+        key = key or f"features.{self.name}"
+        self.model, self.model_dir, self.weights_id = load_hf_model(CLIPModel, model, f"{key}.model")
         self.source = model
         self.device = torch.device(device)
         self.model.to(self.device)
-        self.tokenizer = _load_tokenizer(AutoTokenizer, self.model_dir)
+        self.tokenizer = _load_tokenizer(AutoTokenizer, self.model_dir, f"{key}.model")
 
         native = int(self.model.config.vision_config.image_size)
         self.input_size = int(image_size or native)
         # another size works only by interpolating the position embeddings: allowed, but no longer "CLIP"
         self._interpolate_pos = self.input_size != native
         if self._interpolate_pos:
-            log.warning("features.image_size=%d differs from the CLIP model's %d: position embeddings are "
-                        "interpolated", self.input_size, native)
-        pre = read_preprocessor_config(self.model_dir)
+            log.warning("%s.image_size=%d differs from the CLIP model's %d: position embeddings are "
+                        "interpolated (%s.image_size=null uses the model's)", key, self.input_size, native, key)
+        pre = read_preprocessor_config(self.model_dir, f"{key}.model")
         self._mean = torch.tensor(pre.get("image_mean", OPENAI_CLIP_MEAN), dtype=torch.float32,
                                   device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pre.get("image_std", OPENAI_CLIP_STD), dtype=torch.float32,
@@ -125,14 +127,14 @@ class CLIP336Extractor(CLIPExtractor):
 def build_clip336(cfg: Any, device: torch.device) -> CLIP336Extractor:
     resize = getattr(cfg.resize, "value", cfg.resize)
     return CLIP336Extractor(cfg.model, resize=resize, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                            device=device)
+                            device=device, key=f"features.{cfg.name}")
 
 
-def _load_tokenizer(auto_cls: Any, model_dir: Path):
+def _load_tokenizer(auto_cls: Any, model_dir: Path, key: str):
     try:
         return auto_cls.from_pretrained(str(model_dir))
     except Exception as e:
-        raise UserError(f"features.model: no usable CLIP tokenizer in {str(model_dir)!r} (expected "
+        raise UserError(f"{key}: no usable CLIP tokenizer in {str(model_dir)!r} (expected "
                         f"tokenizer.json or vocab.json + merges.txt): {type(e).__name__}: {e}") from e
 
 
@@ -140,4 +142,4 @@ def _load_tokenizer(auto_cls: Any, model_dir: Path):
 def build_clip(cfg: Any, device: torch.device) -> CLIPExtractor:
     resize = getattr(cfg.resize, "value", cfg.resize)
     return CLIPExtractor(cfg.model, resize=resize, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                         device=device)
+                         device=device, key=f"features.{cfg.name}")

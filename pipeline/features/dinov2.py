@@ -4,7 +4,7 @@
 returns (the torch-hub model's ``forward`` = ``x_norm_clstoken``), so FD_DINOv2 values are comparable with
 that code base. Mean-pooled patch tokens would be the other common choice; they are not used here.
 
-Preprocessing follows dgm-eval: stretch to 224×224 (``features.image_size``, default 224; dgm-eval uses
+Preprocessing follows dgm-eval: stretch to 224×224 (``features.dinov2.image_size``, default 224; dgm-eval uses
 bicubic, ≈ ``bicubic_antialias``), then ImageNet mean/std (from ``preprocessor_config.json`` when present).
 Dinov2Model interpolates its position embeddings (pretrained at 518) to any multiple of the patch size.
 """
@@ -32,19 +32,20 @@ class DINOv2Extractor(FeatureExtractor):
     outputs = ("pool",)
 
     def __init__(self, model: str, resize: str = "bicubic_antialias", image_size: int | None = None,
-                 batch_size: int = 64, device: str | torch.device = "cpu"):
+                 batch_size: int = 64, device: str | torch.device = "cpu", key: str = "features.dinov2"):
+        """``key``: this block's config key (``features.<name>``), named by errors."""
         from transformers import Dinov2Model
 
-        self.model, self.model_dir, self.weights_id = load_hf_model(Dinov2Model, model)
+        self.model, self.model_dir, self.weights_id = load_hf_model(Dinov2Model, model, f"{key}.model")
         self.source = model
         self.device = torch.device(device)
         self.model.to(self.device)
         self.input_size = int(image_size or DEFAULT_SIZE)
         patch = int(self.model.config.patch_size)
         if self.input_size % patch:
-            raise UserError(f"features.image_size: {self.input_size} is not a multiple of the DINOv2 patch size "
-                            f"{patch} (e.g. {DEFAULT_SIZE})")
-        pre = read_preprocessor_config(self.model_dir)
+            raise UserError(f"{key}.image_size: {self.input_size} is not a multiple of the DINOv2 patch size "
+                            f"{patch} (e.g. {key}.image_size={patch * round(self.input_size / patch) or patch})")
+        pre = read_preprocessor_config(self.model_dir, f"{key}.model")
         self._mean = torch.tensor(pre.get("image_mean", IMAGENET_MEAN), device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pre.get("image_std", IMAGENET_STD), device=self.device).view(1, 3, 1, 1)
         self.resize = resize
@@ -62,4 +63,4 @@ class DINOv2Extractor(FeatureExtractor):
 def build_dinov2(cfg: Any, device: torch.device) -> DINOv2Extractor:
     resize = getattr(cfg.resize, "value", cfg.resize)
     return DINOv2Extractor(cfg.model, resize=resize, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                           device=device)
+                           device=device, key=f"features.{cfg.name}")

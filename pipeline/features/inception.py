@@ -22,7 +22,7 @@ state dict uses the torchvision-style names below (``Mixed_5b.branch_pool.conv.w
 pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` uses the same names and loads too.
 
 Note on resizing: torch-fidelity (and torchmetrics' FID with ``antialias=False``) resize with TF1's
-bilinear (``features.resize=bilinear_tf1`` here); ``bilinear`` is torch's half-pixel bilinear (pytorch-fid).
+bilinear (``features.inception.resize=bilinear_tf1`` here); ``bilinear`` is torch's half-pixel bilinear (pytorch-fid).
 The two agree exactly only for 299×299 inputs.
 """
 
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
+# the config key of the weights file, as the command line spells it (``features`` holds one block per extractor)
+WEIGHTS_KEY = "features.inception.weights_path"
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"  # same tensors, same key names
 # {file name: sha256 of the genuine file}. Only values computed from the real files go here — a wrong pin would
 # refuse the genuine file for every user — so it stays empty until someone with network access computes them
@@ -259,9 +261,9 @@ def _offline() -> bool:
 
 def _missing_weights_message(reason: str) -> str:
     return (
-        f"features.weights_path: the FID Inception weights are needed ({reason}). Download "
+        f"{WEIGHTS_KEY}: the FID Inception weights are needed ({reason}). Download "
         f"{WEIGHTS_FILE} from {WEIGHTS_URL} on a connected machine and either put it at "
-        f"{default_weights_dir() / WEIGHTS_FILE} or pass features.weights_path=/path/to/{WEIGHTS_FILE}"
+        f"{default_weights_dir() / WEIGHTS_FILE} or pass {WEIGHTS_KEY}=/path/to/{WEIGHTS_FILE}"
     )
 
 
@@ -274,7 +276,7 @@ def verify_weights(path: Path, name: str | None = None) -> str:
     if pinned is None:
         log.info("%s: sha256 %s (not pinned)", path, digest)
     elif digest != pinned:
-        raise UserError(f"features.weights_path: {str(path)!r} ({name}) has sha256 {digest}, but {name} is pinned to "
+        raise UserError(f"{WEIGHTS_KEY}: {str(path)!r} ({name}) has sha256 {digest}, but {name} is pinned to "
                         f"{pinned}: the file is corrupt or not the genuine one; delete it and download it again from "
                         f"{WEIGHTS_URL}")
     return digest
@@ -299,7 +301,7 @@ def find_weights(weights_path: str | None, download: bool | None = None) -> Path
     if weights_path:
         p = Path(weights_path).expanduser()
         if not p.is_file():
-            raise UserError(f"features.weights_path: {str(p)!r} does not exist or is not a file; "
+            raise UserError(f"{WEIGHTS_KEY}: {str(p)!r} does not exist or is not a file; "
                             + _missing_weights_message("no file at that path"))
         verify_weights(p)
         return p
@@ -330,10 +332,10 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"features.weights_path: cannot read {str(path)!r} as a state dict "
+        raise UserError(f"{WEIGHTS_KEY}: cannot read {str(path)!r} as a state dict "
                         f"(.pth or .safetensors): {type(e).__name__}: {e}") from e
     if not isinstance(state, dict):
-        raise UserError(f"features.weights_path: {str(path)!r} holds a {type(state).__name__}, expected a state dict")
+        raise UserError(f"{WEIGHTS_KEY}: {str(path)!r} holds a {type(state).__name__}, expected a state dict")
     return state
 
 
@@ -356,14 +358,14 @@ class InceptionExtractor(FeatureExtractor):
         missing, unexpected = _key_mismatch(self.net, state)
         if missing or unexpected:
             raise UserError(
-                f"features.weights_path: {str(path)!r} is not an FID Inception-v3 state dict "
+                f"{WEIGHTS_KEY}: {str(path)!r} is not an FID Inception-v3 state dict "
                 f"({WEIGHTS_FILE} layout): {len(missing)} missing keys (e.g. {missing[:3]}), "
                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
             )
         try:
             self.net.load_state_dict(state, strict=False)  # num_batches_tracked is not in the file
         except RuntimeError as e:  # shape mismatch
-            raise UserError(f"features.weights_path: {str(path)!r}: {e}") from e
+            raise UserError(f"{WEIGHTS_KEY}: {str(path)!r}: {e}") from e
         self.device = torch.device(device)
         self.net.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
         self.weights_path = path
@@ -385,7 +387,8 @@ def _key_mismatch(net: nn.Module, state: dict[str, Any]) -> tuple[list[str], lis
 def build_inception(cfg: Any, device: torch.device) -> InceptionExtractor:
     size = getattr(cfg, "image_size", None)
     if size is not None and int(size) != INPUT_SIZE:
-        raise UserError(f"features.image_size: the FID Inception takes {INPUT_SIZE}×{INPUT_SIZE} inputs, got {size}; "
-                        "leave it null (images of any size are resized per features.resize)")
+        key = f"features.{cfg.name}"
+        raise UserError(f"{key}.image_size: the FID Inception takes {INPUT_SIZE}×{INPUT_SIZE} inputs, got {size}; "
+                        f"leave it null ({key}.image_size=null: images of any size are resized per {key}.resize)")
     resize = getattr(cfg.resize, "value", cfg.resize)
     return InceptionExtractor(find_weights(cfg.weights_path), resize=resize, batch_size=cfg.batch_size, device=device)

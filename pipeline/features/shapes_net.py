@@ -51,7 +51,9 @@ class ShapesNetExtractor(FeatureExtractor):
         return self.net.judge(x)
 
 
-def _resolve(model: str | None) -> Path:
+def _resolve(model: str | None, key: str = "features.shapes_net.model") -> Path:
+    """The network's directory: ``model`` (a directory or a zoo name; None: the zoo's shapes_net); ``key``: the
+    config key named by errors."""
     from pipeline import zoo
 
     name = model or "shapes_net"
@@ -60,10 +62,10 @@ def _resolve(model: str | None) -> Path:
     try:
         return zoo.locate(name)
     except (KeyError, FileNotFoundError) as e:
-        raise UserError(f"features.model: {e}") from e
+        raise UserError(f"{key}: {e}") from e
 
 
 @register_extractor("shapes_net")
 def build_shapes_net(cfg: Any, device: torch.device) -> ShapesNetExtractor:
     resize = getattr(cfg.resize, "value", cfg.resize)
-    return ShapesNetExtractor(_resolve(cfg.model), resize, cfg.batch_size, device)
+    return ShapesNetExtractor(_resolve(cfg.model, f"features.{cfg.name}.model"), resize, cfg.batch_size, device)

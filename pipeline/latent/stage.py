@@ -124,6 +124,8 @@ def latent_vae_stage(ctx, cfg):
     ctx.log_scalars({"latent/recon_psnr": float(p.mean()), "latent/recon_psnr_min": float(p.min())})
     if ref.num_skipped:
         ctx.tag("latent.num_skipped", ref.num_skipped)
+    if ref.num_bad_caption_lines:  # malformed captions.jsonl lines, skipped like unreadable images
+        ctx.tag("latent.num_bad_caption_lines", ref.num_bad_caption_lines)
     ctx.save_figure(round_trip_figure(shown, p, f"VAE round trip (z = (mode - {shift:g}) x {scale:g})"), "latent_vae")
     log.info("latent: VAE round-trip PSNR %.2f dB on %d images", float(p.mean()), len(p))
     return {}

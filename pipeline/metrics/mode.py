@@ -1,6 +1,6 @@
-"""The metrics mode's ``mode.metrics`` schema and registration (no stage import: the config schema needs only
-this). Every default and its explanation is in ``conf/mode/metrics.yaml``; the checks that need no model run in
-the ``metrics_check`` stage (``pipeline.metrics.stage``)."""
+"""The metrics mode's ``mode.metrics`` schema, its cross-key checks and registration (no stage import: the config
+schema needs only this). Every default and its explanation is in ``conf/mode/metrics.yaml``; :func:`validate` runs in
+the runner's preflight, before any MLflow run or work."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import List, Optional
 from omegaconf import MISSING
 
 from pipeline.config import bounded
+from pipeline.errors import UserError
+from pipeline.models.family import check_mode_support
 from pipeline.registry import register_mode
 
 
@@ -35,4 +37,31 @@ class MetricsModeConfig:
     worst_prompts: int = bounded(ge=0, note="0 = no worst-prompts figure")
 
 
-register_mode("metrics", stages=["metrics_check", "metrics"], schema=MetricsModeConfig)
+def num_reference(cfg) -> int:
+    """Real images compared against: ``mode.metrics.num_reference``, default ``dataset.num_images``."""
+    m = cfg.mode.metrics
+    return int(m.num_reference if m.num_reference is not None else cfg.dataset.num_images)
+
+
+def validate(cfg) -> None:
+    """Cross-key checks of ``mode.metrics``, the dataset and the model's class, before any MLflow run or work (the
+    single-key ranges are the schema's)."""
+    m = cfg.mode.metrics
+    k_max = max(m.pr_k, m.dc_k)
+    for key, n in (("mode.metrics.num_samples", m.num_samples), ("mode.metrics.num_reference", num_reference(cfg))):
+        if n < k_max + 1:
+            raise UserError(f"{key}={n}: precision/recall (k={m.pr_k}) and density/coverage (k={m.dc_k}) need at "
+                            f"least k+1 = {k_max + 1} samples")
+    if m.judge not in ("auto", "on", "off"):
+        raise UserError(f"mode.metrics.judge={m.judge!r}; expected auto, on or off")
+    kind = getattr(cfg.dataset.kind, "value", cfg.dataset.kind)
+    if kind == "folder" and not cfg.dataset.root:
+        raise UserError("dataset.root: the metrics mode compares against a reference image folder; set "
+                        "dataset.root=DIR (dataset=folder), or use dataset=shapes")
+    if m.judge == "on" and kind != "shapes":
+        raise UserError(f"mode.metrics.judge=on: dataset {cfg.dataset.name!r} has no ground truth to judge prompt "
+                        "adherence with (only dataset=shapes has); set mode.metrics.judge=auto or off")
+    check_mode_support(cfg.model.path, "metrics")  # a class the adapter cannot drive: refused before any work
+
+
+register_mode("metrics", stages=["metrics_check", "metrics"], schema=MetricsModeConfig, validate=validate)

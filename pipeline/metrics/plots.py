@@ -1,9 +1,14 @@
-"""Figures of the metrics mode: the logged sample grid."""
+"""Figures of the metrics mode: the logged sample grid and the worst prompts. Prompts and labels are user text:
+drawn through :func:`pipeline.escape.mpl_text`, never as mathtext."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from pipeline.escape import mpl_text
+
+PROMPT_MAX_CHARS = 80  # under a tile: longer prompts are cut, so the mosaic keeps its size
 
 
 def sample_grid(images: list[torch.Tensor], prompts: list[str] | None, grid: int):
@@ -20,7 +25,8 @@ def sample_grid(images: list[torch.Tensor], prompts: list[str] | None, grid: int
         y, x = r * (h + gap_y), c * (w + gap_x)
         mosaic[y : y + h, x : x + w] = images[i].permute(1, 2, 0).numpy()
         if prompts:
-            ax.text(x + w / 2, y + h + 0.5, prompts[i].replace(" and ", "\n& "), fontsize=4.5, ha="center", va="top")
+            ax.text(x + w / 2, y + h + 0.5, mpl_text(str(prompts[i]).replace(" and ", "\n& "), PROMPT_MAX_CHARS),
+                    fontsize=4.5, ha="center", va="top")
     ax.imshow(mosaic, interpolation="nearest")
     ax.axis("off")
     fig.subplots_adjust(0.01, 0.01, 0.99, 0.99)
@@ -38,7 +44,7 @@ def worst_prompts_figure(images: list[list[torch.Tensor]], labels: list[str]):
     fig, ax = plt.subplots(figsize=(max(cols * 1.4, 5), rows * 1.5))
     for r, (row, label) in enumerate(zip(images, labels)):
         y = r * (h + gap_y) + gap_y
-        ax.text(0, y - 1, label, fontsize=6, va="bottom")
+        ax.text(0, y - 1, mpl_text(label), fontsize=6, va="bottom")
         for c, img in enumerate(row):
             mosaic[y : y + h, c * (w + gap_x) : c * (w + gap_x) + w] = img.permute(1, 2, 0).numpy()
     ax.imshow(mosaic, interpolation="nearest")

@@ -76,9 +76,30 @@ def read_json(path: str | Path) -> dict | None:
         raise UserError(f"model.path: {str(path)!r} is not valid JSON: {e}") from e
 
 
-def read_model_index(model_dir: str | Path) -> dict | None:
-    """``model_index.json`` of a local pipeline directory, or None (a scheduler-only directory, a hub id)."""
-    return read_json(Path(model_dir) / "model_index.json")
+_MODEL_INDEX_EXPECTED = ('expected a JSON object naming the pipeline class, e.g. {"_class_name": '
+                         '"StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], ...}')
+
+
+def read_model_index(local: str | Path) -> dict | None:
+    """``model_index.json`` of a local pipeline directory (None when there is none), checked: a file that is not
+    UTF-8 JSON, not a JSON object, or has no string ``_class_name`` is a UserError naming the file and what was
+    expected — never a traceback from whichever caller used it first (the preflight checks, loading, the modes)."""
+    file = Path(local) / "model_index.json"
+    if not file.is_file():
+        return None
+    try:
+        index = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"model.path: {str(file)!r} is not valid JSON ({type(e).__name__}: {e}); "
+                        f"{_MODEL_INDEX_EXPECTED}") from e
+    if not isinstance(index, dict):
+        kind = "null" if index is None else {list: "a JSON list", str: "a JSON string", bool: "a JSON boolean"}.get(
+            type(index), "a JSON number")
+        raise UserError(f"model.path: {str(file)!r} holds {kind}; {_MODEL_INDEX_EXPECTED}")
+    if not isinstance(index.get("_class_name"), str) or not index["_class_name"]:
+        got = "no \"_class_name\" key" if "_class_name" not in index else f"\"_class_name\": {index['_class_name']!r}"
+        raise UserError(f"model.path: {str(file)!r} has {got}; {_MODEL_INDEX_EXPECTED}")
+    return index
 
 
 def check_mode_support(model_path: str, mode: str, families: set[str] | None = None) -> Family | None:

@@ -90,12 +90,20 @@ def load_scheduler_config(model_path: str) -> tuple[dict[str, Any], str]:
         except Exception as e:  # offline, unknown repo, gated repo: all the same to the user
             raise UserError(_offline_hint(hub_id) + f" [{type(e).__name__}]") from e
     try:
-        config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"scheduler config {str(file)!r} is not valid JSON: {e}") from e
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError (not UTF-8)
+        raise UserError(f"scheduler config {str(file)!r} is not valid JSON ({type(e).__name__}: {e}); expected a "
+                        "JSON object of scheduler settings (diffusers' scheduler_config.json)") from e
     if not isinstance(config, dict):
         raise UserError(f"scheduler config {str(file)!r}: expected a JSON object, got {type(config).__name__}")
     return config, str(file)
+
+
+def read_pipeline_index(local: Path) -> dict[str, Any] | None:
+    """:func:`pipeline.models.family.read_model_index` (the one check of ``model_index.json``)."""
+    from pipeline.models.family import read_model_index
+
+    return read_model_index(local)
 
 
 def _has_pickled_weights(local: Path) -> bool:
@@ -106,9 +114,7 @@ def _component_kwargs(local: Path | None) -> dict[str, Any]:
     """Components to pass explicitly, from ``model_index.json``: ``None`` for every component recorded as
     ``[null, null]`` (an SD3 saved without T5 loads), and no safety checker at all — SD 1.x checkpoints list one
     (~1.2 GB); analysis needs the raw images, so it is never loaded."""
-    from pipeline.models.family import read_model_index
-
-    index = read_model_index(local) if local is not None else None
+    index = read_pipeline_index(local) if local is not None else None
     if index is None:
         return {}
     kwargs: dict[str, Any] = {k: None for k, v in index.items()
@@ -134,7 +140,7 @@ def load_pipeline(model_cfg: Any, device: torch.device | None = None):
     the project cannot drive is refused from ``model_index.json`` before any weights are read."""
     from diffusers import DiffusionPipeline
 
-    from pipeline.models.family import family_of_class, read_model_index
+    from pipeline.models.family import family_of_class
 
     local, hub_id = _local_or_hub(model_cfg.path)
     source = str(local) if local is not None else hub_id
@@ -151,7 +157,7 @@ def load_pipeline(model_cfg: Any, device: torch.device | None = None):
     if local is not None and not (local / "model_index.json").is_file():
         raise UserError(f"model.path: {source!r} has no model_index.json; expected a diffusers pipeline directory")
     if local is not None:
-        family_of_class(str(read_model_index(local).get("_class_name")))
+        family_of_class(read_pipeline_index(local)["_class_name"])
     kwargs.update(_component_kwargs(local))
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)

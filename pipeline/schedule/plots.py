@@ -1,10 +1,12 @@
 """Figures of the schedule mode: one panel per schedule (ᾱ, log-SNR with the visited steps, β or flow σ(u)) and
-the log-SNR overlay of every compared schedule."""
+the log-SNR overlay of every compared schedule. Schedule labels come from the config (user text): drawn through
+:func:`pipeline.escape.mpl_text`; the project's own titles may use mathtext, the labels never do."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from pipeline.escape import mpl_label, mpl_text
 from pipeline.schedule.schedules import NoiseSchedule
 
 
@@ -32,7 +34,7 @@ def panel_figure(schedule: NoiseSchedule, label: str, ts: np.ndarray):
         axes[2].semilogy(t, np.clip(schedule.betas, 1e-12, None))  # a σ schedule has no β_0 (NaN: not drawn)
         axes[2].set(title="β" + (" (σ grid: no step before t = 0)" if schedule.kind == "sigma" else ""),
                     xlabel="training step t")
-    fig.suptitle(label)
+    fig.suptitle(mpl_text(label))
     fig.tight_layout()
     return fig
 
@@ -46,7 +48,7 @@ def overlay_figure(curves: list[tuple[str, NoiseSchedule, np.ndarray]]):
         ls = schedule.log_snr
         # the model's own curve: black, dashed and on top (it often coincides with a reference schedule)
         style = dict(color="black", ls="--", lw=1.6, zorder=4) if i == 0 else dict(color=f"C{i}", lw=1.2)
-        ax.plot(x, np.where(np.isfinite(ls), ls, np.nan), label=label, **style)
+        ax.plot(x, np.where(np.isfinite(ls), ls, np.nan), label=mpl_label(label), **style)
         ax.scatter(schedule.normalised_time(ts), schedule.log_snr_at(ts), color=style["color"], s=10, zorder=5)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(xlabel="normalised time t / (T-1)  (flow: u, σ = shift(u))", ylabel="log-SNR",
