@@ -31,7 +31,7 @@ from pipeline import distributed as dist
 from pipeline.config import check_config, to_plain
 from pipeline.context import RunContext
 from pipeline.errors import ModeSkipped, UserError
-from pipeline.progress import LOCK_FILE, PROGRESS_DIR, RunLock
+from pipeline.progress import LOCK_FILE, PROGRESS_DIR, RunLock, crash_point
 from pipeline.registry import MODES, STAGES, load_stages, producer_of
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def _run_stage(name: str, ctx: RunContext, done: set[str], chain: tuple[str, ...
         if need not in ctx.artifacts:
             _run_stage(producer_of(need).name, ctx, done, chain + (name,))
     log.info("stage %s", name)
+    crash_point(f"stage_{name}")  # tests: a signal at a stage start
     tic = time.perf_counter()
     produced = st.fn(ctx, ctx.cfg) or {}
     if set(produced) != set(st.produces):
@@ -303,6 +304,7 @@ def _close_run(ctx: RunContext, outcome: RunOutcome, tracker: Any, lock: Any, sc
     run_dir = outcome.run_dir
     outcome.results = dict(ctx.results)
     problems: list[str] = []
+    crash_point("closing")  # tests: a signal during the closing steps (held until they are done)
 
     def step(what: str, fn: Any) -> bool:
         try:

@@ -44,7 +44,7 @@ def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models,
     # one key grammar: metrics/<stat>_<extractor> for the primary extractor too; metrics/fid only with Inception
     assert not any(f"metrics/{s}" in r for s in [*stats, "fid", "fid_floor", "clip_score"])
     assert (tmp_path / "r1" / "plots" / "metrics_samples.png").is_file()
-    cached = list((out / "cache" / "reference").glob("shapes_net-*.pt"))
+    cached = list((out / "cache" / "reference").glob("shapes_net-*.npz"))
     assert len(cached) == 1
 
     from mlflow.tracking import MlflowClient
@@ -61,7 +61,7 @@ def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models,
     third = run_pipeline(_cfg(models, out, extra=["dataset.num_images=20"]), tmp_path / "r3")
     fourth = run_pipeline(_cfg(models, out, extra=["features.shapes_net.resize=nearest"]), tmp_path / "r4")
     assert {client.get_run(o.run_id).data.tags["reference_cache"] for o in (third, fourth)} == {"miss"}
-    assert len(list((out / "cache" / "reference").glob("*.pt"))) == 3
+    assert len(list((out / "cache" / "reference").glob("*.npz"))) == 3
 
 
 def test_every_extractor_reports_the_same_key_grammar_and_inception_also_fid(models, tmp_path):

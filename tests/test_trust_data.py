@@ -271,3 +271,34 @@ def test_captions_jsonl_paths_outside_the_folder_are_refused(objects_folder):
     assert ds.captions == {"0.png": "inside"} and [n for n, _ in ds.bad_caption_lines] == [1, 2]
     # link.png is a file of the folder's own listing (read as it is); its caption key is a plain name
     assert "link.png" in ds.names()
+
+
+def test_a_tampered_folder_check_cache_is_refused_naming_it(tmp_path, caplog):
+    """The folder check cache is data: a flipped value (checksum) or a consistent forgery naming a file outside the
+    folder (file list) is a warning naming the file, and the folder is decoded again — nothing outside is opened."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data import folder as F
+
+    root, cache = tmp_path / "imgs", tmp_path / "cache"
+    root.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((4, 4, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+    F.FolderDataset(root, check_cache=cache)
+    [file] = cache.glob("folder-*.json")
+    row = json.loads(file.read_text())
+    for forged in ({**row, "shapes": [[4, 4, 3], [9, 9, 3]]},  # checksum no longer matches
+                   {**row, "readable": row["readable"] + ["../secret.png"], "shapes": row["shapes"] + [[4, 4, 3]]}):
+        body = {k: forged[k] for k in ("version", "root", "digest", "readable", "shapes", "skipped")}
+        if forged["shapes"][-1] == [4, 4, 3]:  # the forger recomputes the checksum too
+            forged["sha256"] = F._body_sha256(body)
+        file.write_text(json.dumps(forged))
+        caplog.clear()
+        before = F.decoded_count()
+        with caplog.at_level("WARNING"):
+            ds = F.FolderDataset(root, check_cache=cache)
+        assert str(file) in caplog.text and ds.names() == ["0.png", "1.png"] and ds.shapes == [(4, 4, 3)] * 2
+        assert F.decoded_count() == before + 2  # checked again by decoding

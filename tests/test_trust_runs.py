@@ -287,3 +287,21 @@ def test_ctrl_c_ends_killed_with_the_resume_command(tmp_path, monkeypatch, caplo
     assert "incomplete" in caplog.text and "run KILLED" in caplog.text
     run_id = json.loads((run_dir / "run_info.json").read_text())["run_id"]
     assert _status(tmp_path / "out", run_id).info.status == "KILLED" and not (run_dir / "run.lock").exists()
+
+
+def test_sigterm_during_the_closing_steps_waits_for_them(tmp_path):
+    """SIGTERM (a cluster's pre-emption) arriving while the run closes: every closing step still runs — results,
+    report, artifacts, the MLflow status, the lock — then the process ends 130, nothing RUNNING, no lock, no temp file."""
+    import os
+
+    from conftest import default_signals
+
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "DIFFUSION_LENS_CRASH_AT": "closing:1:SIGTERM"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *FAST, f"paths.outputs={out}", f"hydra.run.dir={run_dir}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180, preexec_fn=default_signals)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    [run] = all_runs(out)
+    assert run.info.status == "FINISHED" and json.loads((run_dir / "results.json").read_text())  # the work was done
+    assert (run_dir / "report.html").is_file() and not (run_dir / "run.lock").exists()
+    assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob(".*.tmp"))

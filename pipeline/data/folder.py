@@ -50,7 +50,7 @@ __all__ = ["IMAGE_SUFFIXES", "FolderSample", "FolderDataset", "Manifest", "scan"
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CHECK_VERSION = 2  # bump when the check's content or meaning changes (2: to_rgb reads every PIL mode)
+CHECK_VERSION = 3  # bump when the check's content or meaning changes (2: to_rgb reads every PIL mode)
 DECODE_VERSION = 2  # bump when to_rgb gives other pixels for some file (2: 16-bit/I/F scaled, not clipped):
 # it is part of a folder reference set's identity, so features cached from the old pixels are recomputed
 
@@ -263,26 +263,53 @@ def _check_path(cache_dir: pathlib.Path, manifest: Manifest) -> pathlib.Path:
     return cache_dir / f"folder-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
+def _check_body(manifest: Manifest, check: _Check) -> dict:
+    return {"version": CHECK_VERSION, "root": str(manifest.root.resolve()), "digest": manifest.digest,
+            "readable": list(check.readable), "shapes": [list(s) for s in check.shapes],
+            "skipped": [list(s) for s in check.skipped]}
+
+
+def _body_sha256(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _load_check(path: pathlib.Path, manifest: Manifest) -> _Check | None:
+    """The cached check of ``manifest``, verified (it is data: a cache another job or person wrote): a sha256 over
+    its content, the manifest's digest, names that are exactly the manifest's files, (H, W, 3) shapes. Absent: None;
+    anything else wrong: a warning naming the file, then None (the folder is decoded again)."""
+    if not path.is_file():
+        return None
     try:
         row = json.loads(path.read_text())
+        body = {k: row[k] for k in ("version", "root", "digest", "readable", "shapes", "skipped")}
+        if row.get("sha256") != _body_sha256(body):
+            raise ValueError("checksum mismatch")
         if row["digest"] != manifest.digest:
-            return None
+            raise ValueError("written for another state of the folder")
         check = _Check(tuple(row["readable"]), tuple(tuple(s) for s in row["shapes"]),
                        tuple(tuple(s) for s in row["skipped"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # absent or unreadable: decode again
-    if len(check.readable) != len(check.shapes):
+        names = {name for name, _, _ in manifest.files}
+        listed = list(check.readable) + [n for n, _ in check.skipped]
+        if sorted(listed) != sorted(names) or len(check.readable) != len(check.shapes):
+            raise ValueError("its file list is not the folder's")
+        if not all(len(s) == 3 and s[2] == 3 and all(isinstance(x, int) and x > 0 for x in s) for s in check.shapes):
+            raise ValueError("an image shape is not (H, W, 3)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("folder check cache %s unusable (%s): the folder is checked again", path, e)
         return None
     return check
 
 
 def _save_check(path: pathlib.Path, manifest: Manifest, check: _Check) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    body = _check_body(manifest, check)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: parallel writers never share it
-    tmp.write_text(json.dumps({"version": CHECK_VERSION, "root": str(manifest.root.resolve()), "digest": manifest.digest,
-                               "readable": check.readable, "shapes": check.shapes, "skipped": check.skipped}))
-    tmp.replace(path)  # atomic: a parallel job never reads half a file
+    try:
+        tmp.write_text(json.dumps({**body, "sha256": _body_sha256(body)}))
+        tmp.replace(path)  # atomic: a parallel job never reads half a file
+    except OSError as e:  # a full disk costs the cache, not the run
+        tmp.unlink(missing_ok=True)
+        log.warning("could not write the folder check cache %s: %s", path, e)
 
 
 def _decode_check(manifest: Manifest) -> _Check:

@@ -14,7 +14,6 @@ Shapes pairs differing in exactly one attribute are judged by the shapes judge (
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import numpy as np
 import torch

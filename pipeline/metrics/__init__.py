@@ -11,6 +11,9 @@ Each function's docstring states its convention and the reference implementation
 - ``density_coverage``: D/C as the prdc package (k = 5, strict balls).
 - ``clip_score``: mean over pairs of 100 · max(cos, 0).
 
+``one_thread`` runs torch CPU work on one intra-op thread: reductions and LAPACK then give the same bits whatever
+the process's thread count (FD and its statistics use it always; the metrics mode wraps its other statistics too).
+
 ``HIGHER_IS_BETTER`` says, per metric name, which direction is better (per logged result key, for every mode:
 ``pipeline.metric_keys.higher_is_better``, which needs no torch; the two agree, tested).
 
@@ -36,6 +39,7 @@ _LAZY = {
     "precision_recall": "prdc",
     "FeatureStats": "stats",
     "ReferenceStats": "stats",
+    "one_thread": "stats",
 }
 
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -65,6 +69,7 @@ __all__ = [
     "inception_score",
     "kernel_distance",
     "precision_recall",
+    "one_thread",
 ]
 
 

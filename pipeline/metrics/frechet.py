@@ -11,7 +11,9 @@ Notation (code name → paper name, Heusel et al. 2017):
 
 Everything is float64. No ``scipy.linalg.sqrtm``: the trace of the square root comes from the eigenvalues of the
 symmetric PSD matrix Fᵀ Σ₂ F (``torch.linalg.eigvalsh``), tiny negative eigenvalues clipped to 0, so the result is
-finite even when a covariance is rank-deficient (fewer samples than dimensions; a warning is logged then).
+finite even when a covariance is rank-deficient (fewer samples than dimensions; a warning is logged then). On CPU
+every step runs on one intra-op thread (``stats.one_thread``): LAPACK's results depend on the thread count, so this
+makes the same features give the same bits in any process, whatever its thread count was before.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from pipeline.metrics._checks import _check_same_dim, _cov_matrix, _device, _FeatureRows, _mean_vector
 from pipeline.metrics._linalg import _check_symmetric, _psd_factor, _sqrt_trace
-from pipeline.metrics.stats import FeatureStats, ReferenceStats
+from pipeline.metrics.stats import FeatureStats, ReferenceStats, one_thread
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,21 @@ def _frechet_compute(
     n2: int | None = None,
 ) -> float:
     """The Fréchet distance from validated float64 statistics; ``factor1`` (F with F Fᵀ = Σ₁ and whether F is lower
-    triangular, e.g. a ``ReferenceStats``' cached factor) is computed here when not given."""
+    triangular, e.g. a ``ReferenceStats``' cached factor) is computed here when not given. One CPU thread: the
+    Cholesky factor, the products and the eigenvalues then have the same bits whatever the thread count was."""
+    with one_thread():
+        return _frechet_steps(mu1, sigma1, mu2, sigma2, factor1, n1, n2)
+
+
+def _frechet_steps(
+    mu1: torch.Tensor,
+    sigma1: torch.Tensor,
+    mu2: torch.Tensor,
+    sigma2: torch.Tensor,
+    factor1: tuple[torch.Tensor, bool] | None,
+    n1: int | None,
+    n2: int | None,
+) -> float:
     d = mu1.shape[0]
     # 1. mean term and covariance traces
     mean_term = float((mu1 - mu2.to(mu1.device)).square().sum())

@@ -9,9 +9,11 @@ N, extractor + weights hash and resize mode. Keys follow ``pipeline.metric_keys`
 its ``metrics/fd_<extractor>`` is the run's headline number.
 
 Under ``torchrun`` (see ``pipeline.distributed``) each rank generates and extracts only its contiguous shard of the
-N samples; FID statistics are merged as exact float64 sums and the per-sample matrices gathered in sample order, so
-rank 0 computes every metric on exactly the single-process sets and logs it (``metrics/num_shards`` = world size).
-Only rank 0 loads or extracts the reference features.
+N samples and persists it batch by batch; rank 0 reads every shard in sample order, so it computes every metric on
+exactly the single-process sets and logs it (``metrics/num_shards`` = world size). Only rank 0 loads or extracts
+the reference features. The statistics run on one CPU thread where their bits would depend on the thread count
+(see :func:`_extractor_stats`), so a resumed, a sharded and an uninterrupted run give the same scalars exactly on
+CPU. Everything read back (shards, reference cache entries) is checksummed and checked against its name.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -30,7 +31,6 @@ from pipeline import distributed as dist
 from pipeline import metrics as M
 from pipeline.errors import UserError
 from pipeline.generation import generate
-from pipeline.models.family import check_mode_support
 from pipeline.metric_keys import (CLIP_TRUNCATED, CMMD, PROMPT_ACCURACY, PRIMARY_EXTRACTOR_TAG, extractor_keys, metric_key,
                                   primary_extractor, primary_fd_key)
 from pipeline.metrics.cmmd import cmmd  # (the package attribute ``cmmd`` is this module)
@@ -41,39 +41,18 @@ from pipeline.registry import stage
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the cached content or its meaning changes
+CACHE_VERSION = 3  # bump when the cached content or its meaning changes (3: verified .npz, was a torch pickle)
 REPORTED_N = 10_000  # below this, FID & co. are biased: say so
 
 
-def _n_reference(cfg) -> int:
-    m = cfg.mode.metrics
-    return int(m.num_reference if m.num_reference is not None else cfg.dataset.num_images)
+from pipeline.metrics.mode import num_reference as _n_reference  # noqa: E402 - one definition, with the checks
 
 
 @stage("metrics_check")
 def metrics_check(ctx, cfg):
-    """Checks that need no model, before anything is loaded or generated."""
+    """The run's notes before anything is loaded or generated (the checks are :func:`pipeline.metrics.mode.validate`,
+    run before the MLflow run exists)."""
     m = cfg.mode.metrics
-    k_max = max(m.pr_k, m.dc_k)
-    for key, n in (("mode.metrics.num_samples", m.num_samples), ("mode.metrics.num_reference", _n_reference(cfg))):
-        if n < k_max + 1:
-            raise UserError(f"{key}={n}: precision/recall (k={m.pr_k}) and density/coverage (k={m.dc_k}) need at "
-                            f"least k+1 = {k_max + 1} samples")
-    if m.samples_per_prompt < 1:
-        raise UserError(f"mode.metrics.samples_per_prompt={m.samples_per_prompt}: expected >= 1 (samples per prompt)")
-    if m.ci_subsets < 2 or m.ci_bootstrap < 2:
-        raise UserError(f"mode.metrics.ci_subsets={m.ci_subsets}, ci_bootstrap={m.ci_bootstrap}: expected >= 2 "
-                        "replicates for an interval")
-    if m.judge not in ("auto", "on", "off"):
-        raise UserError(f"mode.metrics.judge={m.judge!r}; expected auto, on or off")
-    kind = getattr(cfg.dataset.kind, "value", cfg.dataset.kind)
-    if kind == "folder" and not cfg.dataset.root:
-        raise UserError("dataset.root: the metrics mode compares against a reference image folder; set "
-                        "dataset.root=DIR (dataset=folder), or use dataset=shapes")
-    if m.judge == "on" and kind != "shapes":
-        raise UserError(f"mode.metrics.judge=on: dataset {cfg.dataset.name!r} has no ground truth to judge prompt "
-                        "adherence with (only dataset=shapes has); set mode.metrics.judge=auto or off")
-    check_mode_support(cfg.model.path, "metrics")  # a class the adapter cannot drive: refused before any work
     if m.num_samples < REPORTED_N:
         log.warning("metrics on N=%d generated images: FID/KID are biased at small N; use >= %d for reported numbers",
                     m.num_samples, REPORTED_N)
@@ -96,6 +75,8 @@ def reference_stage(ctx, cfg):
     ref = reference_set(cfg.dataset, _n_reference(cfg), cache_dir=cfg.paths.cache if _use_cache(cfg) else None)
     if ref.num_skipped:
         ctx.tag("reference.num_skipped", ref.num_skipped)
+    if ref.num_bad_caption_lines:  # malformed captions.jsonl lines, skipped like unreadable images
+        ctx.tag("reference.num_bad_caption_lines", ref.num_bad_caption_lines)
     log.info("reference set: %d images of %s (%s)", ref.n, cfg.dataset.name, ref.identity.get("split", ref.identity.get("root")))
     return {"reference": ref}
 
@@ -122,13 +103,13 @@ def prompts_stage(ctx, cfg):
 
 # ----------------------------------------------------------------------------------------------- cache
 def _cache_path(cfg, ref, extractor) -> tuple[Path, dict]:
-    """``<paths.cache>/reference/<extractor>-<digest>.pt``; the key: the set's identity and content hash (folders:
+    """``<paths.cache>/reference/<extractor>-<digest>.npz``; the key: the set's identity and content hash (folders:
     their manifest, nothing decoded), N, the extractor's describe() (weights hash, input size, resize) and
     :data:`CACHE_VERSION`."""
     key = {"version": CACHE_VERSION, "dataset": ref.identity, "content": ref.content_hash(), "n": ref.n,
            "extractor": extractor.describe()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return Path(cfg.paths.cache) / "reference" / f"{extractor.name}-{digest}.pt", key
+    return Path(cfg.paths.cache) / "reference" / f"{extractor.name}-{digest}.npz", key
 
 
 def _entry_files(ref) -> str | None:
@@ -136,14 +117,49 @@ def _entry_files(ref) -> str | None:
     return None if ref.files is None else "\n".join(ref.files)
 
 
-def _load_entry(path: Path, ref) -> torch.Tensor | None:
-    """The cached pool, or None when the entry does not describe ``ref`` (another file list or image shape)."""
-    entry = torch.load(path, weights_only=True)
-    if (entry.get("files") != _entry_files(ref) or entry.get("image_shape") != list(ref.image_shape())
-            or entry.get("num_skipped") != ref.num_skipped or len(entry["pool"]) != ref.n):
-        log.warning("reference cache %s does not describe this reference set: recomputed", path.name)
+def _entry_meta(key: dict, ref) -> dict:
+    """What an entry records besides its features: its full key (a file copied over another entry's name is
+    caught) and what the features were computed from (image shape, skipped files, a folder's readable files)."""
+    return {"key": json.dumps(key, sort_keys=True, default=str), "files": _entry_files(ref),
+            "image_shape": [int(s) for s in ref.image_shape()], "num_skipped": int(ref.num_skipped)}
+
+
+def _load_entry(path: Path, key: dict, ref) -> torch.Tensor | None:
+    """The cached (N, d) pool, or None after a warning naming ``path`` and what is wrong with it: damaged (truncated,
+    checksum mismatch, not a verified ``.npz``, unreadable) or describing another key or reference set. The caller
+    then extracts the features again and overwrites the entry. The file is data: nothing in it is unpickled
+    (:func:`pipeline.progress.load_verified`, sha256 over the features and the meta)."""
+    from pipeline.progress import load_verified
+
+    try:
+        arrays, meta = load_verified(path)
+    except (OSError, ValueError) as e:
+        log.warning("reference cache %s is damaged (%s): its features are extracted again and the file rewritten",
+                    path, e)
         return None
-    return entry["pool"]
+    want = _entry_meta(key, ref)
+    differ = [name for name in want if meta.get(name) != want[name]]
+    pool = arrays.get("pool")
+    if pool is None or pool.ndim != 2 or pool.dtype.kind != "f" or len(pool) != ref.n:
+        differ.append(f"pool {None if pool is None else (pool.dtype.name, pool.shape)} for N = {ref.n}")
+    if differ:
+        log.warning("reference cache %s does not describe this reference set (%s differ): its features are extracted "
+                    "again and the file rewritten", path, ", ".join(differ))
+        return None
+    return torch.from_numpy(pool)
+
+
+def _save_entry(path: Path, key: dict, ref, pool: torch.Tensor) -> None:
+    """Write the entry atomically (a parallel job reads the old file or the new one, never half of one). A failed
+    write (full disk, read-only cache) costs only the cache: a warning, and the run goes on."""
+    from pipeline.progress import save_verified
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_verified(path, {"pool": pool.detach().cpu().numpy()}, _entry_meta(key, ref))
+    except OSError as e:
+        log.warning("reference cache %s not written (%s): this run goes on without it; free space there, set "
+                    "paths.cache=DIR elsewhere, or mode.metrics.cache=false", path, e)
 
 
 _REF_STATS: dict[str, M.ReferenceStats] = {}  # per process: the reference square-root factor is computed once
@@ -153,7 +169,8 @@ _REF_STATS: dict[str, M.ReferenceStats] = {}  # per process: the reference squar
 def real_features_stage(ctx, cfg):
     """Reference pool features per extractor, from the disk cache when its key matches (rank 0 only when
     distributed: the other ranks return None and never touch the cache). An entry also records what it was
-    computed from: the image shape, the number of skipped files and the folder's readable file list."""
+    computed from: the image shape, the number of skipped files and the folder's readable file list; a damaged or
+    mismatching entry is recomputed and rewritten (:func:`_load_entry`)."""
     if dist.init(ctx.device) and not dist.is_main():
         return {"real_features": None}
     ref = ctx.get("reference")
@@ -162,18 +179,14 @@ def real_features_stage(ctx, cfg):
     for name, ex in ctx.get("extractors").items():
         path, key = _cache_path(cfg, ref, ex)
         tic = time.perf_counter()
-        pool = _load_entry(path, ref) if use_cache and path.is_file() else None
+        pool = _load_entry(path, key, ref) if use_cache and path.is_file() else None
         hits.append(pool is not None)
         if pool is not None:
             log.info("reference cache hit: %s (%s)", path.name, name)
         else:
             pool = _extract_reference(ref, ex, int(cfg.features[name].batch_size))
             if use_cache:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: parallel writers never share it
-                torch.save({"pool": pool, "key": json.dumps(key, default=str), "files": _entry_files(ref),
-                            "image_shape": list(ref.image_shape()), "num_skipped": ref.num_skipped}, tmp)
-                tmp.replace(path)  # atomic: a parallel job never reads half a file
+                _save_entry(path, key, ref, pool)
             log.info("reference cache miss: extracted %d x %d (%s) -> %s", *pool.shape, name, path.name)
         stats_key = str(path) + str(ref.n)
         if stats_key not in _REF_STATS:
@@ -216,7 +229,7 @@ def _judge_for(ctx, cfg, extractors, prompts):
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-SHARD_VERSION = 1  # bump when what a shard holds changes: older shards are then regenerated
+SHARD_VERSION = 2  # bump when what a shard holds changes: older shards are then regenerated (2: records its range)
 _PER_SAMPLE = ("pool", "logits", "image_embeds")  # extractor outputs kept per sample
 
 
@@ -361,8 +374,10 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
         for column, values in per_sample.items():
             per_prompt.setdefault(column, values)  # the first extractor that has the column (primary first)
         if name == "clip336":
-            scalars[CMMD] = cmmd(real[name]["pool"], columns.tensor(f"{name}.pool"))
-            sd = kernel_subsample_sd(real[name]["pool"], columns.tensor(f"{name}.pool"), "cmmd", m.ci_subsets, cfg.seed)
+            with M.one_thread():  # kernel sums: the same bits whatever the thread count (see _extractor_stats)
+                scalars[CMMD] = cmmd(real[name]["pool"], columns.tensor(f"{name}.pool"))
+                sd = kernel_subsample_sd(real[name]["pool"], columns.tensor(f"{name}.pool"), "cmmd", m.ci_subsets,
+                                         cfg.seed)
             scalars[CMMD + "_ci_low"], scalars[CMMD + "_ci_high"] = normal_interval(scalars[CMMD], sd)
         if hasattr(ex, "count_truncated") and prompts and CLIP_TRUNCATED not in scalars:
             scalars[CLIP_TRUNCATED] = len(ex.count_truncated(sorted(set(prompts))))
@@ -380,14 +395,15 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
                     scalars[key], scalars[key + "_ci_low"], scalars[key + "_ci_high"], n_valid)
     if spans:
         ctx.tag("metrics.interval_spans_zero", ",".join(spans))
+    if judged:
+        scalars[PROMPT_ACCURACY] = float(np.mean([j["correct"] for j in judged]))
+    ctx.log_scalars(scalars)  # the numbers first: a table or figure that fails must not lose them
+    if judged:
+        ctx.save_table(judged, "metrics_prompt_judgements")
     if prompts:
         _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_prompt)
     del columns
     shutil.rmtree(store.dir / "assembled", ignore_errors=True)  # rebuilt from the shards whenever needed
-    if judged:
-        scalars[PROMPT_ACCURACY] = float(np.mean([j["correct"] for j in judged]))
-        ctx.save_table(judged, "metrics_prompt_judgements")
-    ctx.log_scalars(scalars)
     ctx.save_table(rows, "metrics_extractors")
     ctx.save_figure(sample_grid(grid_images[: m.grid ** 2], grid_labels[: m.grid ** 2] or None, m.grid), "metrics_samples")
     headline = primary_fd_key(extractors)
@@ -405,48 +421,56 @@ NO_RESAMPLING = ("no resampling interval: {stat} depends on the generated set jo
 def _extractor_stats(name, ex, real, columns, prompts, m, seed):
     """One extractor's statistics, their intervals (``pipeline.metrics.intervals``: subsampling for FD/KID,
     percentile bootstrap for precision/density/CLIP score), the reasons of what it skips, and per-sample columns
-    for the per-prompt table ({column: (N,) values})."""
+    for the per-prompt table ({column: (N,) values}).
+
+    Everything but precision/recall/density/coverage runs on one CPU thread (``M.one_thread``): torch's reductions
+    and LAPACK split their work by thread count, which the thread policy, torchrun and a resume all change, and a
+    resumed run must give the uninterrupted run's bits. PR/DC keep the process's threads: their k-NN distances are
+    gemm tiles split over the output (no split reduction), then per-row comparisons, so their counts do not depend
+    on the thread count, and they are the costliest step at large N."""
     r_pool, f_pool = real["pool"], columns.tensor(f"{name}.pool")
     n, d = f_pool.shape
     s, ci, skipped, per_sample = {}, {}, {}, {}
-    s["fd"] = M.frechet_distance(M.FeatureStats.from_features(f_pool), real["stats"])
-    ci["fd"] = normal_interval(s["fd"], fd_subsample_sd(f_pool, real["stats"], m.ci_subsets, seed))
-    if n >= max(FD_INF_MIN_N, d):
-        s["fd_inf"] = fd_inf(f_pool, real["stats"], seed=seed)
-    else:
-        skipped["fd_inf"] = f"FD∞ needs N >= max({FD_INF_MIN_N}, d = {d}); N = {n}"
-    subset = min(m.kid_subset_size, len(r_pool), n)
-    if subset < m.kid_subset_size:
-        log.info("KID subset size %d capped at N=%d", m.kid_subset_size, subset)
-    s["kid_mean"], s["kid_std"] = M.kernel_distance(r_pool, f_pool, subsets=m.kid_subsets, subset_size=subset, seed=seed)
-    ci["kid_mean"] = normal_interval(s["kid_mean"], kernel_subsample_sd(r_pool, f_pool, "kid", m.ci_subsets, seed))
-    logits = columns.tensor(f"{name}.logits")
-    if logits is not None:
-        s["is_mean"], s["is_std"] = M.inception_score(logits, splits=min(m.is_splits, len(logits)), seed=seed)
     per_fake: dict = {}
-    s["precision"], s["recall"], s["density"], s["coverage"] = M.precision_recall_density_coverage(
-        r_pool, f_pool, m.pr_k, m.dc_k, per_fake=per_fake)
-    for stat in ("precision", "density"):
-        ci[stat] = bootstrap_interval(per_fake[stat], m.ci_bootstrap, seed)
-    for stat in ("recall", "coverage"):
-        skipped[f"{stat}_ci"] = NO_RESAMPLING.format(stat=stat)
-    text = columns.tensor(f"{name}.text_embeds")
-    if text is not None:
-        scores = M.clip_scores(columns.tensor(f"{name}.image_embeds"), text)
-        s["clip_score"] = float(scores.mean())
-        ci["clip_score"] = bootstrap_interval(scores, m.ci_bootstrap, seed)
-        per_sample["clip_score"] = scores
-    s["vendi"] = M.vendi_score(f_pool)
-    groups = _prompt_groups(prompts)
-    if groups:
-        vendis = {p: M.vendi_score(f_pool[idx]) for p, idx in groups.items()}
-        s["vendi_per_prompt"] = float(np.mean(list(vendis.values())))
-        per_sample["vendi"] = vendis
-    else:
-        skipped["vendi_per_prompt"] = ("no prompt has 2 samples or more: set mode.metrics.samples_per_prompt >= 2"
-                                       if prompts else "no prompts (not a text-conditioned model)")
-    half = len(r_pool) // 2
-    s["fd_floor"] = M.frechet_distance(r_pool[:half], r_pool[half : 2 * half])  # noise floor at this N
+    prdc = M.precision_recall_density_coverage(r_pool, f_pool, m.pr_k, m.dc_k, per_fake=per_fake)
+    with M.one_thread():
+        s["fd"] = M.frechet_distance(M.FeatureStats.from_features(f_pool), real["stats"])
+        ci["fd"] = normal_interval(s["fd"], fd_subsample_sd(f_pool, real["stats"], m.ci_subsets, seed))
+        if n >= max(FD_INF_MIN_N, d):
+            s["fd_inf"] = fd_inf(f_pool, real["stats"], seed=seed)
+        else:
+            skipped["fd_inf"] = f"FD∞ needs N >= max({FD_INF_MIN_N}, d = {d}); N = {n}"
+        subset = min(m.kid_subset_size, len(r_pool), n)
+        if subset < m.kid_subset_size:
+            log.info("KID subset size %d capped at N=%d", m.kid_subset_size, subset)
+        s["kid_mean"], s["kid_std"] = M.kernel_distance(r_pool, f_pool, subsets=m.kid_subsets, subset_size=subset,
+                                                        seed=seed)
+        ci["kid_mean"] = normal_interval(s["kid_mean"], kernel_subsample_sd(r_pool, f_pool, "kid", m.ci_subsets, seed))
+        logits = columns.tensor(f"{name}.logits")
+        if logits is not None:
+            s["is_mean"], s["is_std"] = M.inception_score(logits, splits=min(m.is_splits, len(logits)), seed=seed)
+        s["precision"], s["recall"], s["density"], s["coverage"] = prdc
+        for stat in ("precision", "density"):
+            ci[stat] = bootstrap_interval(per_fake[stat], m.ci_bootstrap, seed)
+        for stat in ("recall", "coverage"):
+            skipped[f"{stat}_ci"] = NO_RESAMPLING.format(stat=stat)
+        text = columns.tensor(f"{name}.text_embeds")
+        if text is not None:
+            scores = M.clip_scores(columns.tensor(f"{name}.image_embeds"), text)
+            s["clip_score"] = float(scores.mean())
+            ci["clip_score"] = bootstrap_interval(scores, m.ci_bootstrap, seed)
+            per_sample["clip_score"] = scores
+        s["vendi"] = M.vendi_score(f_pool)
+        groups = _prompt_groups(prompts)
+        if groups:
+            vendis = {p: M.vendi_score(f_pool[idx]) for p, idx in groups.items()}
+            s["vendi_per_prompt"] = float(np.mean(list(vendis.values())))
+            per_sample["vendi"] = vendis
+        else:
+            skipped["vendi_per_prompt"] = ("no prompt has 2 samples or more: set mode.metrics.samples_per_prompt >= 2"
+                                           if prompts else "no prompts (not a text-conditioned model)")
+        half = len(r_pool) // 2
+        s["fd_floor"] = M.frechet_distance(r_pool[:half], r_pool[half : 2 * half])  # noise floor at this N
     return s, ci, skipped, per_sample
 
 
@@ -479,13 +503,18 @@ def _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_sample) -> None:
         for p, row in rows.items():
             row["prompt_accuracy"] = float(np.mean([j["correct"] for j, q in zip(judged, prompts) if q == p]))
     for p, v in per_sample.get("vendi", {}).items():
-        rows[p]["vendi"] = v
+        rows[p]["vendi"] = v  # only prompts with 2 samples or more have one
     table = [{k: v for k, v in r.items() if k != "_idx"} for r in rows.values()]
-    ctx.save_table(table, "metrics_per_prompt")
-    key = next((k for k in ("clip_score", "prompt_accuracy", "vendi") if k in table[0]), None)
+    ctx.save_table(table, "metrics_per_prompt")  # a prompt without a value: an empty cell
+    key = next((k for k in ("clip_score", "prompt_accuracy", "vendi") if any(k in r for r in table)), None)
     if key is None or m.worst_prompts < 1:
         return
-    worst = sorted(rows.values(), key=lambda r: r.get(key, np.inf))[: m.worst_prompts]
+    ranked = [r for r in rows.values() if key in r]
+    if len(ranked) < len(rows):  # N not a multiple of samples_per_prompt: the last prompt has too few samples
+        log.info("worst prompts by %s: %d of %d prompts have no %s (Vendi needs 2 samples of a prompt; with N not a "
+                 "multiple of mode.metrics.samples_per_prompt the last prompt has fewer) and are not ranked", key,
+                 len(rows) - len(ranked), len(rows), key)
+    worst = sorted(ranked, key=lambda r: r[key])[: m.worst_prompts]
     images = [_regenerate(ctx, cfg, r["_idx"][: m.samples_per_prompt]) for r in worst]
     labels = [f"{r['prompt'][:60]}  ({key} {r[key]:.3g})" for r in worst]
     ctx.save_figure(worst_prompts_figure(images, labels), "metrics_worst_prompts")

@@ -8,12 +8,16 @@ chunk plus the d × d sums, and the bits do not depend on how the features were 
 
 ``ReferenceStats`` freezes (μ, Σ) for the reference side of many FID computations and computes a square-root
 factor F of Σ (F Fᵀ = Σ) once, on first use, so each further FID against it skips that factorisation.
+
+Reproducibility: on CPU the sums and the factor are computed on one intra-op thread (:func:`one_thread`), so the
+same features give the same bits whatever the process's thread count was set to before.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import cached_property
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -30,11 +34,35 @@ from pipeline.metrics._checks import (
 from pipeline.metrics._linalg import FactorMethod, _check_symmetric, _psd_factor
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the enclosed torch CPU work on one intra-op thread, then restore the thread count.
+
+    Why: MKL's LAPACK (Cholesky, symmetric eigenvalues) and torch's parallel reductions split their work by thread
+    count, so the same float64 input gives results that differ in the last bits when the count differs — ~1e-9
+    relative on a Fréchet distance once its terms cancel. The count depends on what ran before (``pipeline.threads``
+    lowers it on a busy machine, torchrun starts ranks with 1, a resumed run that generates nothing keeps its start
+    value), so a resumed run's FD differed from the uninterrupted run's. One thread is the one count every machine
+    and launch can give: the same bits whatever ran before. CUDA work is unaffected.
+    """
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class FeatureStats:
     """Running float64 statistics of a stream of (N, d) feature batches.
 
     Convention: ``mean`` = Σx / n and ``cov`` = (Σ xxᵀ − n·μμᵀ) / (n − 1), the unbiased (ddof=1) covariance, as
-    torchmetrics' ``FrechetInceptionDistance.compute`` and torch-fidelity's ``np.cov(rowvar=False)``.
+    torchmetrics' ``FrechetInceptionDistance.compute`` and torch-fidelity's ``np.cov(rowvar=False)``. The sums
+    accumulate in float64, chunk by chunk from row 0, on one CPU thread (:func:`one_thread`): their bits depend on
+    the features and the chunking only.
 
     Args:
         dim: the feature dimension d; inferred from the first batch when None.
@@ -78,10 +106,12 @@ class FeatureStats:
         return self._add_rows(src, DEFAULT_CHUNK_ROWS)
 
     def _add_rows(self, src: _FeatureRows, chunk_rows: int) -> FeatureStats:
-        """Accumulate validated rows in fixed chunks of ``chunk_rows`` (from row 0) on this object's device."""
-        for _, _, x in src.chunks(self._sum.device, chunk_rows):
-            self._sum += x.sum(dim=0)
-            self._sum_outer.addmm_(x.mT, x)
+        """Accumulate validated rows in fixed chunks of ``chunk_rows`` (from row 0) on this object's device, on one
+        CPU thread (the reduction order must not depend on the thread count)."""
+        with one_thread():
+            for _, _, x in src.chunks(self._sum.device, chunk_rows):
+                self._sum += x.sum(dim=0)
+                self._sum_outer.addmm_(x.mT, x)
         self.n += src.n
         return self
 
@@ -229,7 +259,8 @@ class ReferenceStats:
 
     @cached_property
     def _factor(self) -> tuple[torch.Tensor, bool]:
-        return _psd_factor(self.sigma, self.factor_method, "sigma")
+        with one_thread():  # LAPACK's bits depend on the thread count
+            return _psd_factor(self.sigma, self.factor_method, "sigma")
 
     @property
     def sqrt_factor(self) -> torch.Tensor:
