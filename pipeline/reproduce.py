@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="store holding the run id, and of the new run unless tracking.uri=... is given "
                              "(default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
     parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance per scalar (default: exact)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the run and its overrides
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
     from pipeline.config import rebuild

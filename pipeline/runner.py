@@ -234,8 +234,9 @@ def run_pipeline(
             shutil.rmtree(scratch, ignore_errors=True)
         if isinstance(e, (UserError, KeyboardInterrupt)):
             raise
-        raise UserError(f"tracking store {public_uri(store)}: {_first_line(e)}; nothing was run. Check that the store is reachable and writable (a "
-                        "read-only or full disk, a server down), or choose another with tracking.uri=...") from e
+        raise UserError(f"tracking store {public_uri(store)}: {_first_line(e)}; nothing was run. Check that the "
+                        "store is reachable and writable (a read-only or full disk, a server down), or choose another "
+                        "with tracking.uri=...") from e
     ctx = RunContext(cfg, run_dir, tracker if main else None)
     outcome = RunOutcome(run_id, "FAILED", run_dir)
     failure: BaseException | None = None

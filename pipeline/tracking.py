@@ -64,6 +64,8 @@ DEFAULT_UI = "http://127.0.0.1:5000"  # where a plain `mlflow ui` serves
 EFFECTIVE_URI_TAG = "tracking.uri_effective"
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 MAX_PARAM_KEY = 250
+MAX_TAG_VALUE = 5000
+MAX_RUN_NAME = 250
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -467,10 +469,11 @@ class Tracker:
         return exp.experiment_id
 
     def start(self, run_name: str | None, tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> str:
-        tags = {k: redact_text(v) for k, v in (tags or {}).items()}
+        # MLflow's limits (tag value 5000 in SQL stores, run name 250): cut here, never a refused run
+        tags = {k[:MAX_PARAM_KEY]: redact_text(v)[:MAX_TAG_VALUE] for k, v in (tags or {}).items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run_name = redact_text(run_name) if run_name else run_name
+        run_name = redact_text(run_name)[:MAX_RUN_NAME] if run_name else run_name
         run = _retry_locked(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
         self.run_id, self.run_name = run.info.run_id, run.info.run_name
         return self.run_id
@@ -507,7 +510,7 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Values through :func:`redact_text` (an ``error`` tag quoting a URI, the overrides of a sweep)."""
-        items = [RunTag(k, redact_text(v)[:5000]) for k, v in tags.items()]
+        items = [RunTag(k, redact_text(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
         if items:
             _retry_locked(self.client.log_batch, self.run_id, tags=items)
 

@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.generation import denoiser_call_steps, generators, sample
 from pipeline.models.adapter import AttentionLayout, ModelAdapter
 from pipeline.runner import run_pipeline
-from tiny import _t5_tokenizer, tiny_family, tiny_sd
+from tiny import _t5_tokenizer, tiny_family
 
 PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle on the left"]
 TEXT_FAMILIES = ("sd", "sdxl", "pixart", "sd3", "sd3_no_t5", "flux")

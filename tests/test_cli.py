@@ -43,7 +43,8 @@ def test_main_job_writes_run_dir_and_mlflow_run(main_run, outputs):
 
 def test_reproduce_by_run_id_and_by_run_dir(main_run, outputs, tmp_path):
     run_dir, run_id = main_run
-    proc = run_cli([run_id, "--tracking-uri", sqlite_uri(outputs)], outputs, module="pipeline.reproduce")
+    proc = run_cli([run_id, "--tracking-uri", sqlite_uri(outputs), f"paths.outputs={outputs}"], outputs,
+                   module="pipeline.reproduce")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     n = len(json.loads((run_dir / "results.json").read_text()))
     assert f"{n}/{n} scalars match" in proc.stdout
@@ -56,7 +57,7 @@ def test_reproduce_by_run_id_and_by_run_dir(main_run, outputs, tmp_path):
     results = json.loads((tampered / "results.json").read_text())
     results["schedule/log_snr_max"] += 1e-9
     (tampered / "results.json").write_text(json.dumps(results))
-    proc = run_cli([str(tampered)], outputs, module="pipeline.reproduce")
+    proc = run_cli([str(tampered), f"paths.outputs={outputs}"], outputs, module="pipeline.reproduce")
     assert proc.returncode == 1 and "MISMATCH schedule/log_snr_max" in proc.stdout
 
 
@@ -128,16 +129,21 @@ def test_a_sweep_with_an_impossible_job_is_refused_before_any_job(tmp_path):
         (["sampler.num_inference_stepz=3"], "num_inference_stepz"),
         (["model.path=/nonexistent/model"], "model.path: directory '/nonexistent/model' does not exist"),
         (["tracking.uri=http://127.0.0.1:9"], "tracking.uri: cannot reach MLflow server"),
+        ([f"seed={2**64}", "sampler.guidance_scale=nan"], "seed=18446744073709551616: expected >= 0 and < 2**32"),
     ],
-    ids=["unknown-option", "misspelled-key", "missing-model-path", "unreachable-server"],
+    ids=["unknown-option", "misspelled-key", "missing-model-path", "unreachable-server", "out-of-range"],
 )
 def test_bad_input_gives_a_short_error_and_leaves_nothing_running(args, expected, outputs):
+    """Refused before any work: one message, no traceback, no new run dir and no new MLflow run."""
+    dirs = set((outputs / "runs").rglob("*")) if (outputs / "runs").exists() else set()
+    before = {r.info.run_id for r in all_runs(outputs)} if (outputs / "mlflow.db").exists() else set()
     proc = run_cli([f"paths.outputs={outputs}", *args], outputs, timeout=120)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert expected in text, text
     assert "Traceback" not in text
-    _no_run_left_running(outputs)
+    assert (set((outputs / "runs").rglob("*")) if (outputs / "runs").exists() else set()) <= dirs
+    assert not (outputs / "mlflow.db").exists() or {r.info.run_id for r in all_runs(outputs)} == before
 
 
 @pytest.mark.slow

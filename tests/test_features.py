@@ -4,7 +4,6 @@ CLIP and DINOv2 (tiny random-weight models saved locally). Offline; no downloade
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from pipeline.metrics import ood as O
 from pipeline.metrics.image import psnr
 from pipeline.errors import UserError
 from pipeline.runner import run_pipeline
-from tiny import tiny_ddpm, tiny_models, tiny_sd
+from tiny import tiny_models
 
 torch.set_num_threads(1)  # small, and no oversubscription on a busy 2-core machine
 

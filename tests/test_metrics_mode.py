@@ -3,8 +3,6 @@ model: test_shapes_e2e.py.)"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from conftest import compose_cfg
 from pipeline import generation
 from pipeline.errors import UserError
 from pipeline.runner import run_pipeline
-from tiny import tiny_ddpm, tiny_models, tiny_sd
+from tiny import tiny_models
 
 
 @pytest.fixture(scope="module")

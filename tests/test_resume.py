@@ -100,7 +100,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypa
             ref = [before.info.run_id, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"] if point == "external" \
                 else [str(run_dir)]
             with caplog.at_level("INFO"):
-                assert resume.main([*ref, "model.device=cpu"]) == 0, point
+                assert resume.main([*ref, "model.device=cpu", f"paths.outputs={out}"]) == 0, point
             if point.startswith("shard"):
                 assert any("resuming at sample" in r.getMessage() for r in caplog.records), point
             assert _results(run_dir) == _results(baseline.run_dir), point
@@ -108,7 +108,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypa
             assert after.info.run_id == before.info.run_id, point
             assert after.info.status == "FINISHED" and after.data.tags["resumed"] == "1", point
             assert not (run_dir / "progress").exists() and not (run_dir / "run.lock").exists()
-            assert resume.main([str(run_dir)]) == 0  # finished: nothing to do
+            assert resume.main([str(run_dir), f"paths.outputs={out}"]) == 0  # finished: nothing to do
             assert all_runs(out)[0].data.tags["resumed"] == "1"
     finally:
         torch.set_num_threads(threads)

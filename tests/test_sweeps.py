@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import multiprocessing as mp
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import REPO, all_runs, run_cli
+from conftest import all_runs, run_cli
 from pipeline.config import CONF_DIR, register_configs
 from tiny import tiny_models
 

@@ -132,7 +132,7 @@ def test_store_precedence_tracking_uri_then_env_then_default(outputs, tmp_path, 
     assert open_store(None, tmp_path / "elsewhere")[1] == env_uri  # compare: the variable, then --outputs' default
     assert open_store(sqlite_uri(outputs), tmp_path)[1] == sqlite_uri(outputs)  # --tracking-uri wins
     # reproduce by run id without --tracking-uri: read from the variable's store, the new run logged there too
-    assert reproduce.main([out.run_id]) == 0
+    assert reproduce.main([out.run_id, f"paths.outputs={out_dir}"]) == 0
     again = MlflowClient(env_uri).search_runs([run.info.experiment_id], f"tags.reproduced_from = '{out.run_id}'")
     assert len(again) == 1 and again[0].data.tags["tracking.uri_effective"] == env_uri
     assert again[0].info.run_name == f"reproduce {out.run_id[:8]}·schedule·shapes_sd·native×25·g7.5"
@@ -145,9 +145,10 @@ def test_store_precedence_tracking_uri_then_env_then_default(outputs, tmp_path, 
         return RunOutcome("x", "FINISHED", run_dir, dict(out.results))
 
     monkeypatch.setattr("pipeline.runner.run_pipeline", fake_run)
-    assert reproduce.main([out.run_id, f"tracking.uri={sqlite_uri(outputs)}"]) == 0
+    assert reproduce.main([out.run_id, f"tracking.uri={sqlite_uri(outputs)}", f"paths.outputs={out_dir}"]) == 0
     assert seen["tracking_uri"] is None and seen["uri"] == sqlite_uri(outputs)
-    assert reproduce.main([out.run_id, "--tracking-uri", env_uri]) == 0 and seen["tracking_uri"] == env_uri
+    assert reproduce.main([out.run_id, "--tracking-uri", env_uri, f"paths.outputs={out_dir}"]) == 0
+    assert seen["tracking_uri"] == env_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_uri(None, tmp_path) == default_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"

@@ -8,14 +8,12 @@ from __future__ import annotations
 import errno
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, all_runs, compose_cfg, run_cli
+from conftest import all_runs, compose_cfg
 
 FAST = ["mode.schedule.compare=[linear]"]  # a schedule run: under a second warm
 
@@ -157,13 +155,6 @@ def test_out_of_range_values_name_their_key(override, key):
         compose_cfg([*extra, override])
 
 
-def test_a_refused_run_leaves_no_run_dir_and_no_mlflow_run(tmp_path):
-    out = tmp_path / "out"
-    proc = run_cli([f"seed={2**64}", f"paths.outputs={out}"], out, timeout=120)
-    assert proc.returncode == 2 and "seed=" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
-    assert not (out / "mlflow.db").exists() and not list(out.rglob("*.log")) and not (out / "runs").exists()
-
-
 def _suggestions(message: str) -> list[str]:
     """Every ``e.g. key=value`` / ``set key=value`` a message suggests."""
     return re.findall(r"(?:e\.g\.|set|add|use) ((?:[\w/]+\.)*[\w/]+=[^\s;,)]+)", message)
@@ -289,18 +280,27 @@ def test_ctrl_c_ends_killed_with_the_resume_command(tmp_path, monkeypatch, caplo
     assert _status(tmp_path / "out", run_id).info.status == "KILLED" and not (run_dir / "run.lock").exists()
 
 
-def test_sigterm_during_the_closing_steps_waits_for_them(tmp_path):
-    """SIGTERM (a cluster's pre-emption) arriving while the run closes: every closing step still runs — results,
-    report, artifacts, the MLflow status, the lock — then the process ends 130, nothing RUNNING, no lock, no temp file."""
-    import os
+def test_sigterm_during_the_closing_steps_waits_for_them(tmp_path, monkeypatch):
+    """SIGTERM (a cluster's pre-emption) arriving while the run closes — sent by the process itself at that point
+    (``crash_point("closing")``): every closing step still runs (results, report, artifacts, the MLflow status, the
+    lock), then the interrupt ends the call; nothing RUNNING, no lock, no temp file."""
+    import signal
 
-    from conftest import default_signals
+    from pipeline import progress
+    from pipeline.runner import run_pipeline
 
+    def terminate(signum, frame):  # as the CLI's handler: SIGTERM ends runs like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    monkeypatch.setenv(progress.CRASH_ENV, "closing:1:SIGTERM")
+    monkeypatch.setattr(progress, "_CRASH_COUNTS", {})
     out, run_dir = tmp_path / "out", tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "DIFFUSION_LENS_CRASH_AT": "closing:1:SIGTERM"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *FAST, f"paths.outputs={out}", f"hydra.run.dir={run_dir}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180, preexec_fn=default_signals)
-    assert proc.returncode == 130, proc.stderr[-3000:]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(compose_cfg(FAST, out), run_dir)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     [run] = all_runs(out)
     assert run.info.status == "FINISHED" and json.loads((run_dir / "results.json").read_text())  # the work was done
     assert (run_dir / "report.html").is_file() and not (run_dir / "run.lock").exists()

@@ -20,7 +20,6 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

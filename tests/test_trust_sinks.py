@@ -4,7 +4,6 @@ figures, CSV tables, HTML and the terminal as data. ``pipeline.escape`` is the o
 from __future__ import annotations
 
 import csv
-import json
 import re
 
 import numpy as np
