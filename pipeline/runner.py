@@ -32,7 +32,7 @@ from pipeline.config import check_config, to_plain
 from pipeline.context import RunContext
 from pipeline.errors import ModeSkipped, UserError
 from pipeline.progress import LOCK_FILE, PROGRESS_DIR, RunLock, crash_point
-from pipeline.registry import MODES, STAGES, load_stages, producer_of
+from pipeline.registry import MODES, STAGES, load_modes, load_stages, producer_of
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def preflight(cfg: DictConfig, choices: dict[str, Any] | None = None) -> tuple[d
     keys and value ranges (:func:`pipeline.config.check_config`), every interpolation and ``???``, the selected
     modes and each mode's cross-key checks, the device and the solver against the model's scheduler config
     (:func:`pipeline.models.stages.check_model`). Returns (the resolved config as plain containers, the modes)."""
-    load_stages()  # every mode and stage registered (the config schema needs only the modes)
+    load_modes()  # every mode's schema and checks (its stages are imported when the run executes them)
     check_config(cfg)
     plain = resolve(cfg)
     modes = selected_modes(cfg, choices)

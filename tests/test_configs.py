@@ -181,6 +181,20 @@ def test_every_job_of_a_multirun_is_checked_before_the_first_starts():
         with pytest.raises(UserError, match=r"sweep job scheduler=ddim \+sampler.num_inference_step=5: sampler.num_inference_step: "
                                             r"unknown config key; did you mean sampler.num_inference_steps\?"):
             check_sweep(master)
+        # the runner's preflight of every job (pipeline.runner.SweepPreflight, the callback before the MLflow one):
+        # one job whose solver does not fit the model refuses the whole sweep, naming the job
+        impossible = compose("config", ["model=sd15_scheduler", "mode=[schedule]", "scheduler=ddim,flow_euler"],
+                             run_mode=RunMode.MULTIRUN)
+        assert list(impossible.hydra.callbacks) == ["preflight", "mlflow_sweep"]
+        from pipeline.runner import SweepPreflight
+
+        with pytest.raises(SystemExit) as exit_:
+            SweepPreflight().on_multirun_start(impossible)
+        assert exit_.value.code == 2
+        with pytest.raises(UserError, match=r"sweep job scheduler=flow_euler: scheduler=flow_euler: a rectified-flow"):
+            from pipeline.runner import preflight
+
+            check_sweep(impossible, job_check=preflight)
 
 
 def test_an_unknown_mode_in_a_list_names_the_valid_modes(capsys):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import compose_cfg
 
-PROFILE = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+PROFILE = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 # key -> the range the run may use (the schema's bounds, restated here as the property's oracle)
 NUMERIC = {

@@ -24,7 +24,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import run_cli
 from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.tracking import (
@@ -337,15 +336,21 @@ def test_wrong_or_missing_password_is_one_line_user_error(auth_server, tmp_path)
         Tracker(cfg, tmp_path, uri=f"http://{ADMIN}:***@{host}")
 
 
-def test_cli_run_on_a_password_protected_server_leaks_nothing(auth_server, tmp_path):
+def test_a_run_on_a_password_protected_server_leaks_nothing(auth_server, tmp_path, capfd, caplog):
+    """A whole run (in process: the CLI adds Hydra's own .hydra/*.yaml, redacted by SweepCallback.on_job_start,
+    tested above) with the password in tracking.uri: nothing printed, logged, tagged or written holds it."""
+    from conftest import compose_cfg
+    from pipeline.runner import run_pipeline
+
     host, root = auth_server
     out = tmp_path / "outputs"
-    proc = run_cli(["model=sd15_scheduler", "mode=[schedule]", "mode.schedule.compare=[linear]", "tracking=server",
-                    f"tracking.uri=http://{ADMIN}:{PASSWORD}@{host}", "tracking.experiment=secrets-cli",
-                    f"paths.outputs={out}"], out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert PASSWORD not in proc.stdout + proc.stderr
-    assert f"http://{host}/#/experiments/" in proc.stdout + proc.stderr  # the summary's links, no userinfo
+    cfg = compose_cfg(["model=sd15_scheduler", "mode=[schedule]", "mode.schedule.compare=[linear]", "tracking=server",
+                       f"tracking.uri=http://{ADMIN}:{PASSWORD}@{host}", "tracking.experiment=secrets-cli"], out)
+    with caplog.at_level("INFO"):
+        assert run_pipeline(cfg, out / "run").status == "FINISHED"
+    printed = "".join(capfd.readouterr()) + caplog.text
+    assert PASSWORD not in printed
+    assert f"http://{host}/#/experiments/" in printed  # the summary's links, no userinfo
     client = _admin_client(host)
     exp = client.get_experiment_by_name("secrets-cli")
     (run,) = client.search_runs([exp.experiment_id])
