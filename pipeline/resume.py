@@ -158,7 +158,7 @@ def _locate(ref: str, tracking_uri: str | None) -> tuple[Path, dict, str]:
 
 def resume_run(ref: str, overrides: list[str], tracking_uri: str | None = None):
     """Resume one run; returns its :class:`~pipeline.runner.RunOutcome` (None when it had already finished)."""
-    from pipeline.config import to_plain
+    from pipeline.config import load_saved, rebuild, to_plain
     from pipeline.naming import override_key
     from pipeline.runner import run_pipeline
     from pipeline.tracking import get_run
@@ -171,12 +171,13 @@ def resume_run(ref: str, overrides: list[str], tracking_uri: str | None = None):
     if not resumable(run_dir, run_id, status):
         log.info("run %s (%s) already FINISHED: nothing to resume", run_id, run_dir)
         return None
-    saved_cfg = saved_config(run_dir)
-    if saved_cfg is None:
+    file = run_dir / "config_resolved.yaml"
+    if not file.is_file():
         raise UserError(f"run dir {run_dir} has no config_resolved.yaml (the run failed before its config resolved); "
                         "start it again instead")
-    cfg = saved_config(run_dir, overrides)
-    check_unchanged(to_plain(saved_cfg), to_plain(cfg), f"resume {run_id}")
+    saved = load_saved(file)  # read and checked once; the overrides go on top of the same data
+    cfg = rebuild(saved, overrides)
+    check_unchanged(to_plain(rebuild(saved)), to_plain(cfg), f"resume {run_id}")
     log.info("resuming run %s (%s) in %s", run_id, status, run_dir)
     return run_pipeline(cfg, run_dir, choices=info.get("choices"), parent_run_id=info.get("parent_run_id"),
                         tracking_uri=store, resume_run_id=run_id)

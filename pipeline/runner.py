@@ -302,6 +302,8 @@ def _close_run(ctx: RunContext, outcome: RunOutcome, tracker: Any, lock: Any, sc
     FINISHED and its results are on disk), report.html, artifacts, the MLflow status, the lock, the summary. Each
     step that fails is reported and the rest still run; never raises. Returns one paragraph when closing failed a
     run whose work had finished (it then ends FAILED and stays resumable), else None."""
+    from pipeline.tracking import public_uri
+
     run_dir = outcome.run_dir
     outcome.results = dict(ctx.results)
     problems: list[str] = []
@@ -338,7 +340,7 @@ def _close_run(ctx: RunContext, outcome: RunOutcome, tracker: Any, lock: Any, sc
     paragraph = None
     if problems:
         store = "" if ended else (f" The MLflow run {outcome.run_id} may still show RUNNING in "
-                                  f"{_public(tracker)}; resuming it sets its status.")
+                                  f"{public_uri(str(getattr(tracker, 'uri', '')))}; resuming it sets its status.")
         paragraph = (f"run {outcome.run_id} in {run_dir}: closing the run did not complete: {'; '.join(problems)}."
                      f"{store} Free disk space or fix the store, then finish it with: {resume_command(run_dir)}")
         log.error("%s", paragraph)
@@ -349,12 +351,6 @@ def _close_run(ctx: RunContext, outcome: RunOutcome, tracker: Any, lock: Any, sc
                       outcome.run_id, outcome.status, resume_command(run_dir))
     unfinished = not ended or (outcome.error or "").startswith("results.json")
     return paragraph if problems and unfinished else None
-
-
-def _public(tracker: Any) -> str:
-    from pipeline.tracking import public_uri
-
-    return public_uri(str(getattr(tracker, "uri", "")))
 
 
 def _write_report(run_dir: Path, outcome: RunOutcome, tracker: Any, tags: dict, choices: dict) -> None:

@@ -120,15 +120,16 @@ def test_a_broken_model_index_is_a_user_error_naming_the_file(tmp_path, content,
     first); nothing is loaded."""
     from omegaconf import OmegaConf
 
-    from pipeline.models.loading import _component_kwargs, read_pipeline_index
+    from pipeline.models.family import read_model_index
+    from pipeline.models.loading import _component_kwargs
 
     file = tmp_path / "model_index.json"
     file.write_bytes(content if isinstance(content, bytes) else content.encode())
     model_cfg = OmegaConf.create({"path": str(tmp_path), "device": "cpu", "dtype": "float32", "allow_pickle": False,
                                   "variant": None, "revision": None})
     for attempt in (lambda: load_pipeline(model_cfg, torch.device("cpu")), lambda: _component_kwargs(tmp_path),
-                    lambda: read_pipeline_index(tmp_path)):
+                    lambda: read_model_index(tmp_path)):
         with pytest.raises(UserError, match=expected) as e:
             attempt()
         assert str(file) in str(e.value) and '"_class_name"' in str(e.value), str(e.value)
-    assert read_pipeline_index(tmp_path / "elsewhere") is None  # no file: not a local pipeline directory
+    assert read_model_index(tmp_path / "elsewhere") is None  # no file: not a local pipeline directory

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import UserError
+from pipeline.models.family import read_model_index
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,6 @@ def load_scheduler_config(model_path: str) -> tuple[dict[str, Any], str]:
     return config, str(file)
 
 
-def read_pipeline_index(local: Path) -> dict[str, Any] | None:
-    """:func:`pipeline.models.family.read_model_index` (the one check of ``model_index.json``)."""
-    from pipeline.models.family import read_model_index
-
-    return read_model_index(local)
-
-
 def _has_pickled_weights(local: Path) -> bool:
     return any(local.rglob("*.bin")) or any(local.rglob("*.ckpt")) or any(local.rglob("*.pt"))
 
@@ -114,7 +108,7 @@ def _component_kwargs(local: Path | None) -> dict[str, Any]:
     """Components to pass explicitly, from ``model_index.json``: ``None`` for every component recorded as
     ``[null, null]`` (an SD3 saved without T5 loads), and no safety checker at all — SD 1.x checkpoints list one
     (~1.2 GB); analysis needs the raw images, so it is never loaded."""
-    index = read_pipeline_index(local) if local is not None else None
+    index = read_model_index(local) if local is not None else None
     if index is None:
         return {}
     kwargs: dict[str, Any] = {k: None for k, v in index.items()
@@ -157,7 +151,7 @@ def load_pipeline(model_cfg: Any, device: torch.device | None = None):
     if local is not None and not (local / "model_index.json").is_file():
         raise UserError(f"model.path: {source!r} has no model_index.json; expected a diffusers pipeline directory")
     if local is not None:
-        family_of_class(read_pipeline_index(local)["_class_name"])
+        family_of_class(read_model_index(local)["_class_name"])
     kwargs.update(_component_kwargs(local))
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
