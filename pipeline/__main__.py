@@ -6,7 +6,7 @@ import sys
 import hydra
 
 from pipeline.config import register_configs
-from pipeline.runner import FAILED_JOBS, run_from_hydra
+from pipeline.run.runner import FAILED_JOBS, run_from_hydra
 
 register_configs()
 
@@ -42,7 +42,7 @@ def _check_overrides(argv: list[str]) -> None:
 
 
 def cli() -> None:
-    from pipeline.threads import configure_torch
+    from pipeline.core.threads import configure_torch
 
     _check_overrides(sys.argv[1:])
     configure_torch()  # threads = the CPUs this process may use (a joblib sweep then splits them per job)
@@ -50,13 +50,13 @@ def cli() -> None:
     try:
         main()
     except KeyboardInterrupt:
-        from pipeline.tracking import close_open_parents
+        from pipeline.record.tracking import close_open_parents
 
         close_open_parents("KILLED")
         sys.exit(130)
     except SystemExit as e:
         if e.code not in (0, None):  # Hydra reports a composition error (e.g. an unknown option in a sweep list)
-            from pipeline.tracking import close_open_parents
+            from pipeline.record.tracking import close_open_parents
 
             close_open_parents("FAILED", "sweep stopped before its jobs finished: a configuration error (see the log)")
         raise

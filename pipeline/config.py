@@ -168,7 +168,7 @@ class PathsConfig:
 
 def build_schema() -> type:
     """The top-level schema; ``mode`` gets one optional field per registered mode."""
-    from pipeline.registry import MODES, load_modes
+    from pipeline.core.registry import MODES, load_modes
 
     load_modes()  # each mode package's schema (pipeline/<M>/mode.py), not its stages
 
@@ -588,7 +588,7 @@ def check_override_keys(overrides: Sequence[str]) -> None:
 
 def check_sweep(config: Any, job_check: Any = None) -> None:
     """:func:`check_config` (keys, value ranges) and resolution (``???``, interpolations) of every job of a multirun
-    before the first one starts (from :class:`pipeline.tracking.SweepCallback`), each job's config composed as
+    before the first one starts (from :class:`pipeline.record.tracking.SweepCallback`), each job's config composed as
     Hydra's basic sweeper composes it, then ``job_check(job config)`` (the runner's preflight): a bad value anywhere
     refuses the sweep before any job, run dir or MLflow run. Jobs that do not compose are left to Hydra's own
     validation of the batch, which follows."""

@@ -14,13 +14,13 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from conftest import compose_cfg, run_cli
-from pipeline.attention import AttentionCapture, capture, cross_attention_layers, layer_grid
-from pipeline.attention.scoring import spatial_entropy
-from pipeline.attention.tokens import prompt_tokens
+from pipeline.modes.attention import AttentionCapture, capture, cross_attention_layers, layer_grid
+from pipeline.modes.attention.scoring import spatial_entropy
+from pipeline.modes.attention.tokens import prompt_tokens
 from pipeline.errors import UserError
-from pipeline.generation import denoiser_call_steps, generators, sample
+from pipeline.models.generation import denoiser_call_steps, generators, sample
 from pipeline.models.adapter import AttentionLayout, ModelAdapter
-from pipeline.runner import run_pipeline
+from pipeline.run.runner import run_pipeline
 from tiny import _t5_tokenizer, tiny_family
 
 PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle on the left"]
@@ -114,7 +114,7 @@ def test_sd3_joint_maps_equal_a_hand_computation_from_q_and_k(family_paths):
 
 def test_joint_maps_read_the_same_block_in_either_token_order():
     """Flux's [text; image] order gives the maps SD3's [image; text] order gives for the same tokens."""
-    from pipeline.attention import joint_segment_maps
+    from pipeline.modes.attention import joint_segment_maps
 
     g = torch.Generator().manual_seed(0)
     q_img, k_img, q_txt, k_txt = (torch.randn(2, 3, n, 8, generator=g) for n in (12, 12, 7, 7))
@@ -320,7 +320,7 @@ def test_each_captioned_object_is_scored_with_its_own_words():
 
 
 def test_attention_overlays_have_one_colour_bar_on_a_fixed_scale():
-    from pipeline.attention.plots import overlay_figure, resolution_figure
+    from pipeline.modes.attention.plots import overlay_figure, resolution_figure
 
     image = np.zeros((16, 16, 3), dtype=np.uint8)
     maps = torch.rand(2, 16, 16) * 1e-3  # raw attention: drawn min-max normalised on 0..1, as scored

@@ -44,7 +44,7 @@ def test_main_job_writes_run_dir_and_mlflow_run(main_run, outputs):
 def test_reproduce_by_run_id_and_by_run_dir(main_run, outputs, tmp_path):
     run_dir, run_id = main_run
     proc = run_cli([run_id, "--tracking-uri", sqlite_uri(outputs), f"paths.outputs={outputs}"], outputs,
-                   module="pipeline.reproduce")
+                   module="pipeline.run.reproduce")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     n = len(json.loads((run_dir / "results.json").read_text()))
     assert f"{n}/{n} scalars match" in proc.stdout
@@ -57,7 +57,7 @@ def test_reproduce_by_run_id_and_by_run_dir(main_run, outputs, tmp_path):
     results = json.loads((tampered / "results.json").read_text())
     results["schedule/log_snr_max"] += 1e-9
     (tampered / "results.json").write_text(json.dumps(results))
-    proc = run_cli([str(tampered), f"paths.outputs={outputs}"], outputs, module="pipeline.reproduce")
+    proc = run_cli([str(tampered), f"paths.outputs={outputs}"], outputs, module="pipeline.run.reproduce")
     assert proc.returncode == 1 and "MISMATCH schedule/log_snr_max" in proc.stdout
 
 

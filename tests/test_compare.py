@@ -1,5 +1,5 @@
 """Sweep comparison from MLflow alone: rows per child (failed ones too), sorting, which plots fit which sweep,
-the parent run's artifacts, and ``python -m pipeline.compare`` by parent id / experiment name / bad target.
+the parent run's artifacts, and ``python -m pipeline.record.compare`` by parent id / experiment name / bad target.
 Runs are fabricated directly in a temporary SQLite store (no pipeline runs), so this is fast."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from conftest import run_cli, sqlite_uri
-from pipeline import compare as C
-from pipeline.metric_keys import PRIMARY_EXTRACTOR_TAG
-from pipeline.sweep_summary import child_rows, plot_kinds, plots, summarise, swept
+from pipeline.record import compare as C
+from pipeline.core.metric_keys import PRIMARY_EXTRACTOR_TAG
+from pipeline.record.sweep_summary import child_rows, plot_kinds, plots, summarise, swept
 
 ZOO = "/repo/pipeline/zoo/weights"
 SCHED_FID = {("ddim", 10): 60.0, ("ddim", 25): 40.0, ("ddim", 50): 35.0, ("ddim", 100): 34.0,
@@ -214,7 +214,7 @@ def test_missing_store_is_an_error_not_a_new_db(tmp_path, capsys):
 
 def test_cli_subprocess_by_parent_id(store, tmp_path):
     proc = run_cli([store.ids["sched"], "--tracking-uri", store.uri, "--out", str(tmp_path)], store.root,
-                   module="pipeline.compare", timeout=120)
+                   module="pipeline.record.compare", timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert "9 runs, 1 failed, sorted by metrics/fd_shapes_net" in lines[0]
@@ -262,7 +262,7 @@ def test_runs_that_differ_only_in_timing_are_one_point(store):
 
 
 def test_reproduce_shows_timing_and_setup_apart_and_compares_the_rest():
-    from pipeline.reproduce import compare, kind
+    from pipeline.run.reproduce import compare, kind
 
     assert [kind(k) for k in ("metrics/sec_per_image", "metrics/generation_seconds", "metrics/num_shards",
                               "metrics/fid")] == ["TIMING", "TIMING", "SETUP", "RESULT"]
@@ -272,7 +272,7 @@ def test_reproduce_shows_timing_and_setup_apart_and_compares_the_rest():
 
 
 def test_which_run_wins_says_separable_tie_or_no_interval():
-    from pipeline.sweep_summary import winner_lines, winners
+    from pipeline.record.sweep_summary import winner_lines, winners
 
     rows = [
         {"run_name": "a", "status": "FINISHED", "metrics/fd_clip": 10.0, "metrics/fd_clip_ci_low": 9.0,

@@ -13,7 +13,7 @@ from pipeline.errors import UserError
 from pipeline.models.builtin import builtin_path
 from pipeline.models.loading import load_scheduler_config
 from pipeline.models.schedulers import DIFFUSION_SOLVERS, FLOW_SOLVERS, build_scheduler
-from pipeline.registry import MODE_PACKAGES, MODES, load_modes
+from pipeline.core.registry import MODE_PACKAGES, MODES, load_modes
 
 GROUPS = ["model", "dataset", "scheduler", "mode", "features", "tracking", "experiment"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
@@ -154,7 +154,7 @@ def test_a_key_added_with_plus_that_the_schema_lacks_is_rejected_naming_the_clos
 
 def test_run_pipeline_rejects_an_unknown_key_before_any_mlflow_run(tmp_path):
     from pipeline.errors import UserError
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
 
     cfg = compose_cfg(["+scheduler.options.foo=1"], outputs=tmp_path)
     with open_dict(cfg):  # what Hydra does with `+sampler.num_inference_step=5`
@@ -181,18 +181,18 @@ def test_every_job_of_a_multirun_is_checked_before_the_first_starts():
         with pytest.raises(UserError, match=r"sweep job scheduler=ddim \+sampler.num_inference_step=5: sampler.num_inference_step: "
                                             r"unknown config key; did you mean sampler.num_inference_steps\?"):
             check_sweep(master)
-        # the runner's preflight of every job (pipeline.runner.SweepPreflight, the callback before the MLflow one):
+        # the runner's preflight of every job (pipeline.run.runner.SweepPreflight, the callback before the MLflow one):
         # one job whose solver does not fit the model refuses the whole sweep, naming the job
         impossible = compose("config", ["model=sd15_scheduler", "mode=[schedule]", "scheduler=ddim,flow_euler"],
                              run_mode=RunMode.MULTIRUN)
         assert list(impossible.hydra.callbacks) == ["preflight", "mlflow_sweep"]
-        from pipeline.runner import SweepPreflight
+        from pipeline.run.runner import SweepPreflight
 
         with pytest.raises(SystemExit) as exit_:
             SweepPreflight().on_multirun_start(impossible)
         assert exit_.value.code == 2
         with pytest.raises(UserError, match=r"sweep job scheduler=flow_euler: scheduler=flow_euler: a rectified-flow"):
-            from pipeline.runner import preflight
+            from pipeline.run.runner import preflight
 
             check_sweep(impossible, job_check=preflight)
 

@@ -18,7 +18,7 @@ N = 101  # uneven shards: 50 + 51 rows
 def _collective_worker(rank: int, world: int, init: str, out: str) -> None:
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    from pipeline import distributed as dist
+    from pipeline.core import distributed as dist
 
     start, count = dist.shard(N)
     result = {
@@ -33,7 +33,7 @@ def _collective_worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 def test_shards_and_collectives(tmp_path, monkeypatch):
-    from pipeline import distributed as dist
+    from pipeline.core import distributed as dist
 
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -56,7 +56,7 @@ def test_torchrun_sweep_killed_and_relaunched_runs_each_job_once_with_the_single
     """A 2-job sweep under torchrun (2 CPU ranks), SIGKILLed in its first job, relaunched into the same sweep dir:
     each job is one MLflow run under one parent (every job sharded across both ranks), the killed job resumed in
     its own run, and its scalars equal a single process's on the same samples, exactly."""
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
     from pipeline.zoo.shapes_net import ShapesNet
     from tiny import tiny_ddpm
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import all_runs, compose_cfg, run_cli
 from pipeline.errors import UserError
-from pipeline.runner import run_pipeline
+from pipeline.run.runner import run_pipeline
 from tiny import FAMILY_NAMES, tiny_family
 
 SEED, STEPS, GUIDANCE, N = 5, 3, 4.0, 6
@@ -125,7 +125,7 @@ def test_images_do_not_depend_on_the_batch_size_for_any_solver(name, solver, fam
     import diffusers
     from diffusers import DiffusionPipeline
 
-    from pipeline.generation import generate
+    from pipeline.models.generation import generate
     from pipeline.models.adapter import ModelAdapter
 
     pipe = DiffusionPipeline.from_pretrained(family_dir(name), use_safetensors=True)
@@ -150,7 +150,7 @@ def test_eta_is_refused_by_solvers_without_it(root, family_dir, tmp_path):
 def test_eta_changes_ddim_images(family_dir):
     from diffusers import DiffusionPipeline
 
-    from pipeline.generation import generate
+    from pipeline.models.generation import generate
     from pipeline.models.adapter import ModelAdapter
 
     pipe = DiffusionPipeline.from_pretrained(family_dir("ddpm"), use_safetensors=True)

@@ -1,4 +1,4 @@
-"""Latent mode: the pure math of pipeline.latent against numbers and reference implementations, and the mode end to
+"""Latent mode: the pure math of pipeline.modes.latent against numbers and reference implementations, and the mode end to
 end on tiny random-weight pipelines (SD and DDPM). Checks on the trained shapes model run when it is present."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg
-from pipeline.latent import interpolation as LI
-from pipeline.latent import inversion as LV
+from pipeline.modes.latent import interpolation as LI
+from pipeline.modes.latent import inversion as LV
 from pipeline.metrics import ood as O
 from pipeline.metrics.image import psnr
 from pipeline.errors import UserError
-from pipeline.runner import run_pipeline
+from pipeline.run.runner import run_pipeline
 from tiny import tiny_models
 
 torch.set_num_threads(1)  # small, and no oversubscription on a busy 2-core machine
@@ -182,7 +182,7 @@ def test_zscore_and_standardised_mean():
 
 # ----------------------------------------------------------------------------------------------- direction helpers
 def test_direction_edit_and_flip_rows():
-    from pipeline.latent.directions import edited_side, flip_rows, shapes_edit as _edit
+    from pipeline.modes.latent.directions import edited_side, flip_rows, shapes_edit as _edit
 
     edit = _edit("a red circle on the left", "a blue circle on the left")
     assert edit == ("colour", "red", "blue")
@@ -381,7 +381,7 @@ def test_mode_on_the_pixel_space_shapes_model_and_its_reconstruction_score(tmp_p
 
 
 def test_ood_histogram_range_is_robust_to_a_stray_score():
-    from pipeline.latent.plots import robust_bins
+    from pipeline.modes.latent.plots import robust_bins
 
     rng = np.random.default_rng(0)
     held_out, ood = rng.normal(0, 1, 100), rng.normal(2, 1, 100)

@@ -9,7 +9,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from conftest import compose_cfg
 from pipeline.errors import UserError
 from pipeline.models.loading import load_pipeline, load_scheduler_config, resolve_device
-from pipeline.runner import run_pipeline
+from pipeline.run.runner import run_pipeline
 
 
 def _tiny_ddpm(path, safe: bool = True):
@@ -91,7 +91,7 @@ def test_loading_and_generating_print_no_warning():
         "from pipeline.config import compose_config\n"
         "from pipeline.models.loading import load_pipeline\n"
         "from pipeline.models.adapter import ModelAdapter\n"
-        "from pipeline.generation import generate\n"
+        "from pipeline.models.generation import generate\n"
         "cfg = compose_config([])\n"
         "pipe = load_pipeline(cfg.model, torch.device('cpu'))\n"
         "b = list(generate(ModelAdapter(pipe), pipe.scheduler, 1, 1, 2, 5.0, 0, prompts=['a red circle'], progress=False))\n"

@@ -1,4 +1,4 @@
-"""The metrics mode's one key grammar (pipeline.metric_keys) and how the sweep summary picks the primary FD."""
+"""The metrics mode's one key grammar (pipeline.core.metric_keys) and how the sweep summary picks the primary FD."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from conftest import REPO, compose_cfg
-from pipeline import metric_keys as K
-from pipeline.sweep_summary import fd_key, primary_extractor
+from pipeline.core import metric_keys as K
+from pipeline.record.sweep_summary import fd_key, primary_extractor
 
 
 def test_docstring_examples():
@@ -80,7 +80,7 @@ def test_sweep_rows_rank_by_the_tagged_primary_extractor():
 
 
 def test_the_key_module_and_compare_need_no_torch():
-    code = "import sys, pipeline.metric_keys, pipeline.compare; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, pipeline.core.metric_keys, pipeline.record.compare; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

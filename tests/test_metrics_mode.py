@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg
-from pipeline import generation
+from pipeline.models import generation
 from pipeline.errors import UserError
-from pipeline.runner import run_pipeline
+from pipeline.run.runner import run_pipeline
 from tiny import tiny_models
 
 
@@ -52,7 +52,7 @@ def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models,
     assert client.get_run(first.run_id).data.tags["metrics.primary_extractor"] == "shapes_net"
     second = run_pipeline(_cfg(models, out), tmp_path / "r2")
     assert client.get_run(second.run_id).data.tags["reference_cache"] == "hit"
-    timing = ("sec_per_image", "seconds")  # as pipeline.reproduce: timing is shown, never compared
+    timing = ("sec_per_image", "seconds")  # as pipeline.run.reproduce: timing is shown, never compared
     assert ({k: v for k, v in second.results.items() if not any(t in k for t in timing)}
             == {k: v for k, v in r.items() if not any(t in k for t in timing)})
     # any change of the key recomputes: N, resize mode

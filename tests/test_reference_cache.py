@@ -34,7 +34,7 @@ def _dataset_cfg(root):
 
 def _cache_key(ref):
     """The reference-feature cache file a metrics run would use for ``ref`` (shapes_net's describe() stand-in)."""
-    from pipeline.metrics.stage import _cache_path
+    from pipeline.modes.metrics.stage import _cache_path
 
     class Extractor:
         name = "x"

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import compose_cfg
-from pipeline.report import (REPORT_NAME, SAMPLES_KEY, checkpoint_steps, log_checkpoint_samples, scalar_rows,
+from pipeline.record.report import (REPORT_NAME, SAMPLES_KEY, checkpoint_steps, log_checkpoint_samples, scalar_rows,
                              write_run_report, write_sweep_report)
 
 TAGS = {"git.commit": "0123456789abcdef0123456789abcdef01234567", "git.dirty": "false", "version.torch": "2.9.9",
@@ -163,9 +163,9 @@ def test_run_report_is_one_self_contained_file_with_scalars_intervals_and_proven
 
 
 def test_report_reads_results_json_and_recomputes_environment_tags_when_not_given(run_dir):
-    from pipeline.tracking import git_info
+    from pipeline.record.tracking import git_info
 
-    text = write_run_report(run_dir).read_text()  # results.json, pipeline.tracking.environment_tags()
+    text = write_run_report(run_dir).read_text()  # results.json, pipeline.record.tracking.environment_tags()
     prov = text.split('id="provenance"')[1].split("</section>")[0]
     assert "10 [8, 12]" in text and "mlflow 3." in prov and "hydra-core " in prov
     assert git_info()["git.commit"][:12] in prov
@@ -188,13 +188,13 @@ def test_checkpoint_steps_final_model_is_last_step_plus_one():
 
 
 def test_a_failing_report_never_changes_the_run(monkeypatch, tmp_path, caplog):
-    import pipeline.report
-    from pipeline.runner import RunOutcome, _write_report
+    import pipeline.record.report
+    from pipeline.run.runner import RunOutcome, _write_report
 
     def boom(*a, **k):
         raise RuntimeError("report broke")
 
-    monkeypatch.setattr(pipeline.report, "write_run_report", boom)
+    monkeypatch.setattr(pipeline.record.report, "write_run_report", boom)
     tracker = SimpleNamespace(run_tags=lambda: {})
     with caplog.at_level(logging.WARNING):
         _write_report(tmp_path, RunOutcome("id", "FINISHED", tmp_path), tracker, {}, {})  # no exception
@@ -205,7 +205,7 @@ def test_a_real_run_uploads_its_report_as_an_artifact(outputs, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from conftest import sqlite_uri
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
 
     cfg = compose_cfg(["model=sd15_scheduler", "mode=[schedule]", "mode.schedule.compare=[linear]"], outputs)
     out = run_pipeline(cfg, tmp_path / "run", choices={"model": "sd15_scheduler", "mode": ["schedule"]})
@@ -234,7 +234,7 @@ def _child(tmp_path, name, path, status="FINISHED", grid=True, start=0, fd=1.0, 
 
 
 def test_checkpoint_sweep_report_and_stepped_sample_grids_on_the_parent(outputs, tmp_path):
-    from pipeline.tracking import Tracker
+    from pipeline.record.tracking import Tracker
 
     children = [_child(tmp_path, "c0", "/z/ckpt/step_00250", start=1, fd=5.0),
                 _child(tmp_path, "c1", "/z/shapes_sd", start=2, fd=1.5),  # the final model: 1000 + 1

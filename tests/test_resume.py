@@ -60,7 +60,7 @@ def killed(tmp_path_factory):
 
 
 def _results(run_dir: Path) -> dict:
-    from pipeline.metric_keys import is_timing
+    from pipeline.core.metric_keys import is_timing
 
     return {k: v for k, v in json.loads((run_dir / "results.json").read_text()).items() if not is_timing(k)}
 
@@ -69,9 +69,10 @@ def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypa
     import torch
 
     monkeypatch.setenv("DIFFUSION_LENS_THREAD_POLICY", "off")  # one thread throughout, as the subprocesses
-    from pipeline import progress, resume
-    from pipeline.runner import run_pipeline
-    from pipeline.sweep_summary import best_runs, child_rows
+    from pipeline.core import progress
+    from pipeline.run import resume
+    from pipeline.run.runner import run_pipeline
+    from pipeline.record.sweep_summary import best_runs, child_rows
 
     root, args = killed
     threads = torch.get_num_threads()
@@ -115,7 +116,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypa
 
 
 def _refusals(run_dir: Path, caplog) -> None:
-    from pipeline import resume
+    from pipeline.run import resume
 
     with caplog.at_level("ERROR"):
         assert resume.main([str(run_dir), "sampler.batch_size=8", "model.device=cpu"]) == 2
@@ -130,7 +131,7 @@ def _refusals(run_dir: Path, caplog) -> None:
         assert f"pid {sleeper.pid}" in caplog.text and "alive" in caplog.text
         lock["heartbeat"] = time.time() - 600  # no heartbeat for 10 minutes: stale although the pid lives
         (run_dir / "run.lock").write_text(json.dumps(lock))
-        from pipeline.progress import lock_owner
+        from pipeline.core.progress import lock_owner
 
         assert lock_owner(run_dir) is None
     finally:
@@ -139,7 +140,7 @@ def _refusals(run_dir: Path, caplog) -> None:
 
 
 def test_killed_sweep_resumes_its_unfinished_jobs_under_its_parent(killed, monkeypatch):
-    from pipeline import resume
+    from pipeline.run import resume
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     root, _ = killed

@@ -13,9 +13,9 @@ from pipeline.errors import UserError
 from pipeline.models.builtin import builtin_path
 from pipeline.models.loading import load_scheduler_config
 from pipeline.models.schedulers import build_scheduler
-from pipeline.runner import run_pipeline
-from pipeline.schedule.schedules import named_schedule
-from pipeline.schedule.stage import visited
+from pipeline.run.runner import run_pipeline
+from pipeline.modes.schedule.schedules import named_schedule
+from pipeline.modes.schedule.stage import visited
 
 # name: (log-SNR at t=0, log-SNR at t=999, sqrt(alpha_bar_T), SNR_T)
 CLOSED_FORMS = {
@@ -55,7 +55,7 @@ def test_sigma_schedules():
 
 
 def test_beta_panel_of_sigma_schedules_has_no_spike_at_t0_and_the_10_note_only_for_linear_beta():
-    from pipeline.schedule.stage import findings, schedule_scalars
+    from pipeline.modes.schedule.stage import findings, schedule_scalars
 
     for name in ("karras", "edm"):  # no step before t = 0 on a σ grid: β_0 is not drawn
         betas = named_schedule(name).betas

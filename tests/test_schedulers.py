@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.models.builtin import builtin_path, family_solvers
 from pipeline.models.loading import load_scheduler_config
 from pipeline.models.schedulers import FLOW_SOLVERS, build_scheduler, set_flow_timesteps
-from pipeline.runner import run_pipeline
+from pipeline.run.runner import run_pipeline
 
 SD3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 FLUX = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
@@ -92,8 +92,8 @@ def test_solvers_that_do_not_fit_the_model_are_refused_by_name(sd3_dir, flux_dir
 def test_refusal_comes_before_any_weights_are_read(flux_dir, tmp_path, monkeypatch):
     """Every stage that needs the pipeline gets it from the ``pipe`` stage, which needs the ``sampler`` first."""
     import pipeline.models.stages as common
-    from pipeline.context import RunContext
-    from pipeline.runner import _run_stage
+    from pipeline.core.context import RunContext
+    from pipeline.run.runner import _run_stage
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights loaded before the scheduler option was checked")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import compose_cfg
-from pipeline.runner import run_pipeline
+from pipeline.run.runner import run_pipeline
 
 
 def _run(tmp_path, name, overrides):

@@ -153,7 +153,7 @@ def test_sweep_on_a_tracking_server_and_compare_reads_it_back(mlflow_server, tmp
     assert any(a.path.endswith("sweep_summary.csv") for a in client.list_artifacts(parent.info.run_id, "tables"))
 
     proc = run_cli([parent.info.run_id, "--tracking-uri", mlflow_server, "--sort", "schedule/num_visited",
-                    "--out", str(tmp_path / "cmp")], out, module="pipeline.compare")
+                    "--out", str(tmp_path / "cmp")], out, module="pipeline.record.compare")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = (tmp_path / "cmp").glob("*.csv")
     rows = list(csv.DictReader(next(table).open()))
@@ -164,7 +164,7 @@ def _hammer(uri: str, outputs: str, k: int, q) -> None:
     """One process of the SQLite stress test: a run with many separate small writes."""
     from omegaconf import OmegaConf
 
-    from pipeline.tracking import Tracker
+    from pipeline.record.tracking import Tracker
 
     try:
         t = Tracker(OmegaConf.create({"uri": uri, "experiment": "stress"}), outputs)
@@ -181,7 +181,7 @@ def _hammer(uri: str, outputs: str, k: int, q) -> None:
 
 @pytest.mark.slow
 def test_four_processes_write_one_sqlite_store_without_lock_errors(tmp_path):
-    from pipeline.tracking import Tracker, default_uri
+    from pipeline.record.tracking import Tracker, default_uri
     from omegaconf import OmegaConf
 
     uri = default_uri(tmp_path)

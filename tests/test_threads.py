@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import threads
+from pipeline.core import threads
 
 
 def test_cpu_share_follows_what_other_processes_leave_free(monkeypatch):

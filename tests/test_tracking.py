@@ -14,9 +14,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import compose_cfg, sqlite_uri
-from pipeline import naming, registry
-from pipeline.runner import RunOutcome, run_pipeline
-from pipeline.tracking import Tracker, default_uri, flatten, public_uri, resolve_uri, run_links, ui_command
+from pipeline.record import naming
+from pipeline.core import registry
+from pipeline.run.runner import RunOutcome, run_pipeline
+from pipeline.record.tracking import Tracker, default_uri, flatten, public_uri, resolve_uri, run_links, ui_command
 
 
 def test_flatten_uses_dot_keys():
@@ -36,7 +37,7 @@ def test_run_is_logged_completely(outputs, tmp_path, caplog):
     assert "solver EulerDiscreteScheduler (scheduler=euler) from scheduler config" in caplog.text
     assert "(the model's DDIMScheduler)" in caplog.text and "(DDIMScheduler)" not in caplog.text
     # the summary is the run's last word: headline scalars, run dir, run id and name, deep links, mlflow ui
-    summary = [r.getMessage() for r in caplog.records if r.name == "pipeline.runner"][-1].splitlines()
+    summary = [r.getMessage() for r in caplog.records if r.name == "pipeline.run.runner"][-1].splitlines()
     runs_url = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs"
     assert summary == [
         "run FINISHED",
@@ -113,10 +114,10 @@ def test_ctrl_c_ends_the_run_killed(outputs, tmp_path, monkeypatch):
 
 
 def test_store_precedence_tracking_uri_then_env_then_default(outputs, tmp_path, monkeypatch):
-    """MLFLOW_TRACKING_URI is the store when tracking.uri is null, for a run, pipeline.reproduce and pipeline.compare;
+    """MLFLOW_TRACKING_URI is the store when tracking.uri is null, for a run, pipeline.run.reproduce and pipeline.record.compare;
     a configured tracking.uri (or --tracking-uri) wins; config_resolved.yaml keeps tracking.uri as configured."""
-    from pipeline import reproduce
-    from pipeline.compare import open_store
+    from pipeline.run import reproduce
+    from pipeline.record.compare import open_store
 
     env_uri = f"sqlite:///{tmp_path / 'env.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
@@ -144,7 +145,7 @@ def test_store_precedence_tracking_uri_then_env_then_default(outputs, tmp_path, 
         seen.update(kw, uri=cfg.tracking.uri)
         return RunOutcome("x", "FINISHED", run_dir, dict(out.results))
 
-    monkeypatch.setattr("pipeline.runner.run_pipeline", fake_run)
+    monkeypatch.setattr("pipeline.run.runner.run_pipeline", fake_run)
     assert reproduce.main([out.run_id, f"tracking.uri={sqlite_uri(outputs)}", f"paths.outputs={out_dir}"]) == 0
     assert seen["tracking_uri"] is None and seen["uri"] == sqlite_uri(outputs)
     assert reproduce.main([out.run_id, "--tracking-uri", env_uri, f"paths.outputs={out_dir}"]) == 0
@@ -178,7 +179,7 @@ def test_run_names():
 
 
 def test_sweep_parent_best_per_direction_and_closing_sentence(tmp_path):
-    from pipeline.sweep_summary import best_runs, sentence
+    from pipeline.record.sweep_summary import best_runs, sentence
 
     def run(rid, status, start, **metrics):
         return SimpleNamespace(info=SimpleNamespace(run_id=rid, status=status, start_time=start),

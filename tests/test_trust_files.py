@@ -64,7 +64,7 @@ def _features_stage(tmp_path: Path, extractor: _Extractor, ref: _Ref | None = No
     """One call of the ``real_features`` stage on a fake reference set; (pool, ``reference_cache`` tag)."""
     from omegaconf import OmegaConf
 
-    from pipeline.metrics.stage import real_features_stage
+    from pipeline.modes.metrics.stage import real_features_stage
 
     cfg = OmegaConf.create({"paths": {"cache": str(tmp_path / "cache")}, "mode": {"metrics": {"cache": True}},
                             "features": {"fake": {"batch_size": 4}}})
@@ -76,7 +76,7 @@ def _features_stage(tmp_path: Path, extractor: _Extractor, ref: _Ref | None = No
 
 
 def test_reference_cache_damage_is_a_warning_naming_the_file_then_a_recompute(tmp_path, caplog):
-    from pipeline.progress import load_verified
+    from pipeline.core.progress import load_verified
 
     ex = _Extractor()
     pool, tag = _features_stage(tmp_path, ex)
@@ -121,7 +121,7 @@ def test_reference_cache_damage_is_a_warning_naming_the_file_then_a_recompute(tm
 
 
 def test_unwritable_reference_cache_costs_only_the_cache(tmp_path, caplog, monkeypatch):
-    from pipeline import progress
+    from pipeline.core import progress
 
     def full(path, data, _crash=None):
         raise OSError(28, "No space left on device")
@@ -140,7 +140,7 @@ def _shard(store, lo: int, hi: int) -> None:
 
 
 def test_a_shard_under_another_shards_name_is_rejected_deleted_and_regenerated(tmp_path, caplog):
-    from pipeline.progress import ShardStore, save_verified
+    from pipeline.core.progress import ShardStore, save_verified
 
     store = ShardStore(tmp_path / "shards", {"config": 1})
     for lo in (0, 4, 8):
@@ -170,7 +170,7 @@ RACERS = 8
 
 def _racer(run_dir: str, barrier, results, done) -> None:
     from pipeline.errors import UserError
-    from pipeline.progress import RunLock
+    from pipeline.core.progress import RunLock
 
     barrier.wait(timeout=60)
     try:
@@ -227,7 +227,7 @@ def test_exactly_one_of_racing_processes_takes_a_free_or_stale_lock(tmp_path):
 
 def test_a_lock_taken_over_is_neither_refreshed_nor_removed_by_its_old_owner(tmp_path, caplog):
     from pipeline.errors import UserError
-    from pipeline.progress import RunLock, lock_owner
+    from pipeline.core.progress import RunLock, lock_owner
 
     old = RunLock(tmp_path).acquire()
     first = json.loads((tmp_path / "run.lock").read_text())
@@ -254,7 +254,7 @@ def test_a_lock_taken_over_is_neither_refreshed_nor_removed_by_its_old_owner(tmp
 def test_without_flock_the_lock_still_works_and_says_it_is_not_atomic(tmp_path, caplog, monkeypatch):
     import errno
 
-    from pipeline import progress
+    from pipeline.core import progress
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -274,8 +274,8 @@ def _stats_from_shards(tmp_path: Path, pool, logits, real, batch: int, threads: 
     process's thread count was set to ``threads`` (as the thread policy, torchrun or a resume leave it)."""
     import torch
 
-    from pipeline.metrics.stage import _Columns, _extractor_stats
-    from pipeline.progress import ShardStore
+    from pipeline.modes.metrics.stage import _Columns, _extractor_stats
+    from pipeline.core.progress import ShardStore
 
     n = len(pool)
     store = ShardStore(tmp_path / f"shards{batch}", {"batch": batch})
@@ -327,7 +327,7 @@ def test_folder_run_with_n_not_a_multiple_of_samples_per_prompt_finishes(tmp_pat
     from PIL import Image
     from tiny import tiny_sd
 
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
     from pipeline.zoo.shapes_net import ShapesNet
 
     torch.manual_seed(0)

@@ -78,7 +78,7 @@ def test_user_text_reaches_every_sink_as_data(text):
     import matplotlib.pyplot as plt
     from matplotlib.text import Text
 
-    from pipeline.escape import csv_cell, csv_uncell, html_text, mpl_text, terminal_text
+    from pipeline.core.escape import csv_cell, csv_uncell, html_text, mpl_text, terminal_text
 
     shown, math = Text()._preprocess_math(mpl_text(text))
     assert math is False
@@ -177,8 +177,8 @@ def test_a_run_on_hostile_captions_finishes_with_them_escaped_or_refuses_before_
 
     from conftest import all_runs
     from pipeline.errors import UserError
-    from pipeline.escape import csv_uncell
-    from pipeline.runner import run_pipeline
+    from pipeline.core.escape import csv_uncell
+    from pipeline.run.runner import run_pipeline
 
     work = Path(tempfile.mkdtemp(dir=caption_run_setup))
     folder = work / "real"

@@ -21,7 +21,7 @@ FAST = ["mode.schedule.compare=[linear]"]  # a schedule run: under a second warm
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
     """One finished schedule run (its dir and store), the source the tampered copies are made from."""
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
 
     root = tmp_path_factory.mktemp("trust_runs")
     out = run_pipeline(compose_cfg(FAST, root / "out"), root / "run")
@@ -46,7 +46,7 @@ def _edit_config(run_dir: Path, edit) -> None:
 # --------------------------------------------------------------------------------- saved files are data
 def test_reproduce_never_resolves_a_planted_interpolation_nor_writes_where_the_dir_says(source_run, tmp_path, monkeypatch,
                                                                                         caplog, capsys):
-    from pipeline import reproduce
+    from pipeline.run import reproduce
 
     root, src = source_run
     monkeypatch.setenv("DL_TEST_SECRET", "hunter2-secret")
@@ -76,7 +76,7 @@ def test_reproduce_never_resolves_a_planted_interpolation_nor_writes_where_the_d
 
 
 def test_resume_refuses_a_tampered_run_dir_naming_key_and_file(source_run, tmp_path, caplog):
-    from pipeline import resume
+    from pipeline.run import resume
 
     root, src = source_run
     unknown = _copy(src.run_dir, tmp_path / "unknown")
@@ -117,7 +117,7 @@ def _sweep_dir(tmp_path: Path, task: list[str], hydra: list[str]) -> Path:
     (["sampler.num_inference_step=3,4"], [], "sampler.num_inference_step"),
 ])
 def test_a_crafted_sweep_dir_is_refused_before_anything_runs(tmp_path, monkeypatch, caplog, task, hydra, named):
-    from pipeline import resume
+    from pipeline.run import resume
 
     launched = []
     monkeypatch.setattr(resume.subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 0)
@@ -128,7 +128,7 @@ def test_a_crafted_sweep_dir_is_refused_before_anything_runs(tmp_path, monkeypat
 
 
 def test_a_sweep_dir_replays_its_task_and_launcher_settings(tmp_path, monkeypatch):
-    from pipeline import resume
+    from pipeline.run import resume
 
     launched = []
     monkeypatch.setattr(resume.subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 0)
@@ -185,8 +185,8 @@ def _status(out: Path, run_id: str):
 
 
 def test_disk_full_while_closing_ends_failed_then_resumes(tmp_path, monkeypatch):
-    from pipeline import resume, runner
-    from pipeline.context import RunContext
+    from pipeline.run import resume, runner
+    from pipeline.core.context import RunContext
     from pipeline.errors import UserError
 
     real_execute, real_write = runner.execute, RunContext.write_results
@@ -208,7 +208,7 @@ def test_disk_full_while_closing_ends_failed_then_resumes(tmp_path, monkeypatch)
     with pytest.raises(UserError) as e:
         runner.run_pipeline(compose_cfg(FAST, out), run_dir)
     message = str(e.value)
-    assert "results.json" in message and f"python -m pipeline.resume {run_dir.resolve()}" in message
+    assert "results.json" in message and f"python -m pipeline.run.resume {run_dir.resolve()}" in message
     assert "\n" not in message
     run_id = json.loads((run_dir / "run_info.json").read_text())["run_id"]
     run = _status(out, run_id)
@@ -225,7 +225,9 @@ def test_disk_full_while_closing_ends_failed_then_resumes(tmp_path, monkeypatch)
 def test_a_store_that_refuses_writes_is_one_paragraph_and_leaves_no_lock(tmp_path, monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    from pipeline import runner, tracking
+    from pipeline.run import runner
+
+    from pipeline.record import tracking
     from pipeline.errors import UserError
 
     def readonly(*a, **k):
@@ -241,7 +243,8 @@ def test_a_store_that_refuses_writes_is_one_paragraph_and_leaves_no_lock(tmp_pat
 
 
 def test_a_store_lost_mid_run_ends_with_the_resume_command_and_no_lock(tmp_path, monkeypatch, caplog):
-    from pipeline import runner, tracking
+    from pipeline.run import runner
+    from pipeline.record import tracking
 
     def down(*a, **k):
         raise ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded")
@@ -259,13 +262,13 @@ def test_a_store_lost_mid_run_ends_with_the_resume_command_and_no_lock(tmp_path,
     run_dir = tmp_path / "run"
     with caplog.at_level("ERROR"), pytest.raises(ConnectionError):
         runner.run_pipeline(compose_cfg(FAST, tmp_path / "out"), run_dir)
-    assert f"python -m pipeline.resume {run_dir.resolve()}" in caplog.text
+    assert f"python -m pipeline.run.resume {run_dir.resolve()}" in caplog.text
     assert not (run_dir / "run.lock").exists()
     assert runner.environment_failure(ConnectionError("x"), run_dir) is not None
 
 
 def test_ctrl_c_ends_killed_with_the_resume_command(tmp_path, monkeypatch, caplog):
-    from pipeline import runner
+    from pipeline.run import runner
 
     def interrupted(ctx, modes):
         raise KeyboardInterrupt
@@ -274,7 +277,7 @@ def test_ctrl_c_ends_killed_with_the_resume_command(tmp_path, monkeypatch, caplo
     run_dir = tmp_path / "run"
     with caplog.at_level("INFO"), pytest.raises(KeyboardInterrupt):
         runner.run_pipeline(compose_cfg(FAST, tmp_path / "out"), run_dir)
-    assert f"python -m pipeline.resume {run_dir.resolve()}" in caplog.text
+    assert f"python -m pipeline.run.resume {run_dir.resolve()}" in caplog.text
     assert "incomplete" in caplog.text and "run KILLED" in caplog.text
     run_id = json.loads((run_dir / "run_info.json").read_text())["run_id"]
     assert _status(tmp_path / "out", run_id).info.status == "KILLED" and not (run_dir / "run.lock").exists()
@@ -286,8 +289,8 @@ def test_sigterm_during_the_closing_steps_waits_for_them(tmp_path, monkeypatch):
     lock), then the interrupt ends the call; nothing RUNNING, no lock, no temp file."""
     import signal
 
-    from pipeline import progress
-    from pipeline.runner import run_pipeline
+    from pipeline.core import progress
+    from pipeline.run.runner import run_pipeline
 
     def terminate(signum, frame):  # as the CLI's handler: SIGTERM ends runs like Ctrl-C
         raise KeyboardInterrupt

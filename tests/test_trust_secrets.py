@@ -24,9 +24,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import tracking
+from pipeline.record import tracking
 from pipeline.errors import UserError
-from pipeline.tracking import (
+from pipeline.record.tracking import (
     Tracker,
     _check_reachable,
     download_artifact,
@@ -122,7 +122,7 @@ def test_hydra_files_are_redacted_when_the_job_starts(tmp_path):
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from pipeline.tracking import SweepCallback
+    from pipeline.record.tracking import SweepCallback
 
     sweep, job = tmp_path / "sweep", tmp_path / "sweep" / "0"
     (job / ".hydra").mkdir(parents=True)
@@ -340,7 +340,7 @@ def test_a_run_on_a_password_protected_server_leaks_nothing(auth_server, tmp_pat
     """A whole run (in process: the CLI adds Hydra's own .hydra/*.yaml, redacted by SweepCallback.on_job_start,
     tested above) with the password in tracking.uri: nothing printed, logged, tagged or written holds it."""
     from conftest import compose_cfg
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
 
     host, root = auth_server
     out = tmp_path / "outputs"

@@ -1,5 +1,5 @@
 """User text is never markup (issue 24, item 5): captions, prompts, run names, file names and config strings reach
-figures, CSV tables, HTML and the terminal as data. ``pipeline.escape`` is the one place that knows each sink."""
+figures, CSV tables, HTML and the terminal as data. ``pipeline.core.escape`` is the one place that knows each sink."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.context import RunContext
-from pipeline.escape import MPL_MAX_CHARS, csv_cell, csv_uncell, mpl_label, mpl_text, terminal_text
+from pipeline.core.context import RunContext
+from pipeline.core.escape import MPL_MAX_CHARS, csv_cell, csv_uncell, mpl_label, mpl_text, terminal_text
 
 LONG = "a red circle on the left " * 80  # 2000 characters
 HOSTILE = [
@@ -47,13 +47,13 @@ def _save(ctx: RunContext, fig, name: str):
 
 def test_every_figure_with_user_text_saves_with_hostile_captions(tmp_path):
     """Each plotting function that shows a caption, prompt or config string, fed hostile text in every such slot
-    (the worst-prompts figure raised on ``$\\frac{a}{$`` before pipeline.escape)."""
-    from pipeline import sweep_summary as S
-    from pipeline.attention.plots import overlay_figure, resolution_figure
-    from pipeline.latent.plots import direction_figure, interpolation_figure, ood_histogram, round_trip_figure
-    from pipeline.metrics.plots import sample_grid, worst_prompts_figure
-    from pipeline.schedule.plots import overlay_figure as schedule_overlay, panel_figure
-    from pipeline.schedule.schedules import NoiseSchedule
+    (the worst-prompts figure raised on ``$\\frac{a}{$`` before pipeline.core.escape)."""
+    from pipeline.record import sweep_summary as S
+    from pipeline.modes.attention.plots import overlay_figure, resolution_figure
+    from pipeline.modes.latent.plots import direction_figure, interpolation_figure, ood_histogram, round_trip_figure
+    from pipeline.modes.metrics.plots import sample_grid, worst_prompts_figure
+    from pipeline.modes.schedule.plots import overlay_figure as schedule_overlay, panel_figure
+    from pipeline.modes.schedule.schedules import NoiseSchedule
 
     ctx = RunContext(None, tmp_path / "run")
     tile = torch.zeros(3, 8, 8, dtype=torch.uint8)
@@ -102,7 +102,7 @@ def _read(path):
 
 
 def test_csv_tables_neutralise_formula_cells_and_keep_numbers(tmp_path):
-    from pipeline.sweep_summary import write_table
+    from pipeline.record.sweep_summary import write_table
 
     rows = [{"prompt": p, "value": v, "text_number": t} for p, v, t in
             zip(FORMULAS, [-0.5, 3, float("-inf"), np.float32(-2.5), None, True, 1e-9, -7],
@@ -127,7 +127,7 @@ def test_csv_tables_neutralise_formula_cells_and_keep_numbers(tmp_path):
 
 
 def test_report_shows_neutralised_cells_as_written_and_escaped(tmp_path):
-    from pipeline.report import write_run_report
+    from pipeline.record.report import write_run_report
 
     ctx = RunContext(None, tmp_path / "run")
     ctx.save_table([{"prompt": "=HYPERLINK(\"http://x\",\"<b>y</b>\")", "vendi": -1.5}], "metrics_per_prompt")
@@ -137,7 +137,7 @@ def test_report_shows_neutralised_cells_as_written_and_escaped(tmp_path):
 
 
 def test_compare_table_prints_no_control_characters():
-    from pipeline.compare import format_table
+    from pipeline.record.compare import format_table
 
     rows = [{"run_name": "ok\x1b[2J\x1b[31mred\rover", "run_id": "abc", "status": "FINISHED", "metrics/x": 1.0}]
     text = format_table(rows, ["run_name", "status", "metrics/x"])

@@ -15,12 +15,10 @@ Each function's docstring states its convention and the reference implementation
 the process's thread count (FD and its statistics use it always; the metrics mode wraps its other statistics too).
 
 ``HIGHER_IS_BETTER`` says, per metric name, which direction is better (per logged result key, for every mode:
-``pipeline.metric_keys.higher_is_better``, which needs no torch; the two agree, tested).
+``pipeline.core.metric_keys.higher_is_better``, which needs no torch; the two agree, tested).
 
-The metrics *mode* lives here too, in three I/O rooms: ``mode`` (the ``mode.metrics`` schema and its
-registration), ``stage`` (the stages: reference set, reference-feature cache, generation, logging) and ``plots``
-(its figures). Everything else in this package stays pure. The functions above are imported on first use
-(:pep:`562`), so importing ``pipeline.metrics.mode`` (the config schema does) loads no torch.
+The metrics *mode* (schema, stages, plots) is :mod:`pipeline.modes.metrics`; this package is its math and nothing
+else. The functions above are imported on first use (:pep:`562`), so importing the package loads no torch.
 """
 
 import importlib

@@ -40,7 +40,7 @@ def one_thread() -> Iterator[None]:
 
     Why: MKL's LAPACK (Cholesky, symmetric eigenvalues) and torch's parallel reductions split their work by thread
     count, so the same float64 input gives results that differ in the last bits when the count differs — ~1e-9
-    relative on a Fréchet distance once its terms cancel. The count depends on what ran before (``pipeline.threads``
+    relative on a Fréchet distance once its terms cancel. The count depends on what ran before (``pipeline.core.threads``
     lowers it on a busy machine, torchrun starts ranks with 1, a resumed run that generates nothing keeps its start
     value), so a resumed run's FD differed from the uninterrupted run's. One thread is the one count every machine
     and launch can give: the same bits whatever ran before. CUDA work is unaffected.

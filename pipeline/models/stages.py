@@ -7,11 +7,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.generation import check_eta
+from pipeline.models.generation import check_eta
 from pipeline.models.family import read_model_index
 from pipeline.models.loading import load_pipeline, load_scheduler_config, resolve_dtype
 from pipeline.models.schedulers import build_scheduler
-from pipeline.registry import stage
+from pipeline.core.registry import stage
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def make_sampler(cfg, setup: dict):
 
 
 def check_model(cfg) -> None:
-    """The model checks that read no weights, for :func:`pipeline.runner.preflight` (before any MLflow run): the
+    """The model checks that read no weights, for :func:`pipeline.run.runner.preflight` (before any MLflow run): the
     device exists, the model's scheduler config and index load, the configured solver fits the model."""
     from pipeline.models.loading import resolve_device
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.attention import CrossAttentionRecorder, cross_attention_layers, layer_grid
+from pipeline.modes.attention import CrossAttentionRecorder, cross_attention_layers, layer_grid
 from pipeline.data.shapes import ShapesDataset, parse_caption, vocabulary
 
 log = logging.getLogger(__name__)
@@ -545,7 +545,7 @@ def tracked_train(cfg) -> dict[str, pathlib.Path]:
     environment tags, always ended (FAILED/KILLED on error)."""
     from omegaconf import OmegaConf
 
-    from pipeline.tracking import Tracker, environment_tags, flatten
+    from pipeline.record.tracking import Tracker, environment_tags, flatten
 
     tracker = Tracker(cfg.tracking, cfg.paths.outputs)
     tracker.start(f"zoo train {','.join(cfg.components)}", tags={**environment_tags(str(_device(cfg.device))),

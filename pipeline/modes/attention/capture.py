@@ -1,0 +1,375 @@
+"""Record text→image attention probabilities during one generation, in DAAM's manner:
+
+    with capture(model, height, width, snapshot_steps={5, 15}, call_steps=steps) as cap:
+        images = sample(model, sampler, cond, gens, steps, height, width)
+    cap.aggregate()   # (n, S, h, w) CPU float32, h × w = the latent grid
+
+``capture`` installs recording processors through diffusers' own extension point (``set_attn_processor``) on the
+layers the family's :class:`~pipeline.models.adapter.AttentionLayout` names, and restores the originals on exit,
+also on error. Locating layers (the adapter) is separate from hooking them (here).
+
+Two kinds of layer (diffusers 0.42 processors, reproduced step by step so the images do not change):
+
+* **cross** — UNet ``attn2`` (SD 1.x/2.x, SDXL) and PixArt's transformer ``attn2``: image queries, text keys.
+  ``probs = softmax(Q Kᵀ · scale + mask)`` is computed in float32 and also used for the output (the classic
+  ``AttnProcessor`` algorithm; with SDPA the probabilities never exist). Maps are the raw probabilities over the
+  whole text context (CLIP padding included, as DAAM; PixArt's mask gives padding zero mass).
+* **joint** — SD3 (``JointAttnProcessor2_0``, order [image; text]) and Flux double- and single-stream blocks
+  (``FluxAttnProcessor``, order [text; image]). The output is the stock ``scaled_dot_product_attention`` on the
+  stock Q, K, V (identical images); the maps come from the image-query rows of the joint softmax, recomputed in
+  float32 in chunks of query rows (one full fp32 matrix at SD3 1024² would be ~1.9 GB per layer per image):
+  ``text_share`` = the softmax mass on all text keys; per-word maps = the block of the layout's text segment
+  (T5 when loaded, else CLIP-L), averaged over heads and renormalised over the segment's non-padding tokens
+  — the convention of attention-map-diffusers and of ConceptAttention's cross-attention baseline.
+
+Under classifier-free guidance the batch is [uncond, cond] (every text family the adapter drives) and only the
+conditional half is recorded. Probabilities are float32 whatever the model dtype, so bf16/fp16 rows still sum to 1.
+
+Memory is flat in the number of steps: per token grid one running float32 sum (n, HW, S) on the model's device,
+plus the same at each snapshot step. Steps are *solver* steps: ``call_steps[i]`` is the solver step of the i-th
+denoiser call (Heun calls the model twice per step; :func:`pipeline.models.generation.denoiser_call_steps`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AttentionCapture", "capture", "layer_grid", "joint_segment_maps", "CrossAttentionRecorder",
+           "cross_attention_layers"]
+
+_CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk of query rows in joint attention
+
+
+def layer_grid(hw: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a UNet layer's token grid: the latent downsampled by a power of two (ceil, as padded convs do)."""
+    H, W = latent_hw
+    for f in (1, 2, 4, 8, 16, 32, 64):
+        h, w = math.ceil(H / f), math.ceil(W / f)
+        if h * w == hw:
+            return h, w
+    raise ValueError(f"Expected a layer of (latent / 2^k) tokens for latent {latent_hw}, got {hw} tokens")
+
+
+def joint_segment_maps(query: torch.Tensor, key: torch.Tensor, n_image: int, text_first: bool,
+                       segment: tuple[int, int], valid: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image-query rows of one joint attention: per-token maps of a text segment and the text share.
+
+    ``query``, ``key``: (n, heads, L, d) with L = n_image + n_text, ordered [text; image] if ``text_first`` else
+    [image; text]. ``segment``: (start, stop) within the text tokens; ``valid``: (n, stop − start) bool, the
+    segment's non-padding tokens (all if None). Returns float32 ``maps`` (n, n_image, S) — the head-averaged
+    softmax over *all* keys restricted to the segment, renormalised to sum to 1 over its valid tokens —,
+    ``share`` (n, n_image) — the head-averaged mass on all text keys — and the largest |row sum − 1| seen (a
+    0-d tensor on the device: reading it would wait for the GPU).
+    """
+    n, heads, L, d = query.shape
+    n_text = L - n_image
+    rows = slice(n_text, L) if text_first else slice(0, n_image)
+    t0 = 0 if text_first else n_image
+    seg = slice(t0 + segment[0], t0 + segment[1])
+    S = segment[1] - segment[0]
+    k = key.float()
+    maps = query.new_empty((n, n_image, S), dtype=torch.float32)
+    share = query.new_empty((n, n_image), dtype=torch.float32)
+    chunk = max(1, _CHUNK_BYTES // (4 * n * heads * L))
+    err = torch.zeros((), device=query.device)
+    q_img = query[:, :, rows]
+    for r0 in range(0, n_image, chunk):
+        r1 = min(n_image, r0 + chunk)
+        probs = (torch.matmul(q_img[:, :, r0:r1].float(), k.transpose(-1, -2)) / math.sqrt(d)).softmax(-1)
+        err = torch.maximum(err, (probs.sum(-1) - 1).abs().max())
+        share[:, r0:r1] = probs[..., t0 : t0 + n_text].sum(-1).mean(1)
+        maps[:, r0:r1] = probs[..., seg].mean(1)
+        del probs
+    if valid is not None:
+        maps = maps * valid[:, None, :].to(maps)
+    maps = maps / maps.sum(-1, keepdim=True).clamp_min(1e-30)
+    return maps, share, err
+
+
+def cross_attention_layers(denoiser) -> list[str]:
+    """``attn_processors`` keys of the cross-attention layers (``attn2``) of a UNet or PixArt-style transformer."""
+    return [name for name in denoiser.attn_processors if name.endswith("attn2.processor")]
+
+
+class CrossAttentionRecorder:
+    """Cross-attention written out step by step (diffusers' classic ``AttnProcessor``), handing the float32
+    probabilities (B·heads, HW, T) to ``sink._record_cross(name, probs, heads)`` — the capture, or the training's
+    token-grounding loss (the graph is kept)."""
+
+    def __init__(self, cap, name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        # 1. pre-norms and flattening, as the stock processors do
+        residual = hidden_states
+        if getattr(attn, "spatial_norm", None) is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if encoder_hidden_states is None:  # not cross-attention after all: behave as self-attention
+            encoder_hidden_states = hidden_states
+        batch = encoder_hidden_states.shape[0]
+        attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        # 2. project: query from the image tokens, key/value from the text tokens
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query, key, value = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+        # 3. probabilities = softmax(Q Kᵀ · scale + mask) in float32: what the maps are made of
+        scores = torch.bmm(query.float(), key.float().transpose(1, 2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask.float()
+        probs = scores.softmax(-1)  # (B·heads, HW, T)
+        del scores
+        self.cap._record_cross(self.name, probs, attn.heads)
+        # 4. weighted values, output projection, post-processing
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class _SD3JointRecorder:
+    """SD3's ``JointAttnProcessor2_0`` (diffusers 0.42), step for step, recording the joint softmax's image rows."""
+
+    def __init__(self, cap: "AttentionCapture", name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        residual = hidden_states
+        b = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(b, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:  # the text stream, appended after the image tokens
+            cq, ck, cv = (p(encoder_hidden_states).view(b, -1, attn.heads, head_dim).transpose(1, 2)
+                          for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            query, key, value = torch.cat([query, cq], dim=2), torch.cat([key, ck], dim=2), torch.cat([value, cv], dim=2)
+            self.cap._record_joint(self.name, query, key, n_image=residual.shape[1], text_first=False)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1]:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        return (hidden_states, encoder_hidden_states) if encoder_hidden_states is not None else hidden_states
+
+
+class _FluxJointRecorder:
+    """Flux's ``FluxAttnProcessor`` (diffusers 0.42), step for step, recording the joint softmax's image rows.
+    Double-stream blocks get the text stream separately; single-stream blocks get [text; image] in one sequence."""
+
+    def __init__(self, cap: "AttentionCapture", name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        n_image = hidden_states.shape[1] if encoder_hidden_states is not None else self.cap.n_image_tokens
+        if attn.added_kv_proj_dim is not None:
+            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            query, key, value = torch.cat([eq, query], dim=1), torch.cat([ek, key], dim=1), torch.cat([ev, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        self.cap._record_joint(self.name, query.transpose(1, 2), key.transpose(1, 2), n_image=n_image, text_first=True)
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+_RECORDERS = {"cross": CrossAttentionRecorder, "sd3": _SD3JointRecorder, "flux": _FluxJointRecorder}
+
+
+class _Sum:
+    """Running float32 sum of head-averaged maps over layer calls, for one token grid."""
+
+    def __init__(self):
+        self.maps: torch.Tensor | None = None  # (n, HW, S)
+        self.calls = 0
+
+    def add(self, maps: torch.Tensor) -> None:
+        self.maps = maps.clone() if self.maps is None else self.maps.add_(maps)
+        self.calls += 1
+
+
+class AttentionCapture:
+    """The recording state of one generation; use through :func:`capture`."""
+
+    def __init__(self, denoiser, layout, latent_hw: tuple[int, int], snapshot_steps: Sequence[int] = (),
+                 call_steps: Sequence[int] | None = None, cfg: bool = False, valid_tokens: Sequence[int] | None = None):
+        self.denoiser, self.layout, self.latent_hw = denoiser, layout, tuple(latent_hw)
+        self.snapshot_steps, self.call_steps, self.cfg = set(snapshot_steps), call_steps, cfg
+        self.valid_tokens = None if valid_tokens is None else list(valid_tokens)  # per sample: non-padding tokens
+        self.sums: dict[tuple[int, int], _Sum] = {}
+        self.snaps: dict[int, dict[tuple[int, int], _Sum]] = {}
+        self._share_sum: torch.Tensor | None = None  # (n,) sum over joint-layer calls of the mean text share
+        self._share_calls = 0
+        self._row_error: torch.Tensor | None = None  # max |Σ_keys p − 1| so far, on the device (no GPU sync per layer)
+        self._valid: torch.Tensor | None = None  # (n, S) bool on the device, built on the first joint layer
+        self.calls = 0
+        self.step = -1
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.layout.grid[0] * self.layout.grid[1]
+
+    # --- context manager ---------------------------------------------------------------------------------
+    def __enter__(self) -> "AttentionCapture":
+        self._originals = dict(self.denoiser.attn_processors)
+        missing = [k for k in self.layout.layers if k not in self._originals]
+        if not self.layout.layers or missing:
+            raise ValueError(f"Expected attention layers {list(self.layout.layers)[:3]}... in "
+                             f"{type(self.denoiser).__name__}, missing {missing[:3]}")
+        recorder = _RECORDERS[self.layout.recorder]
+        # set_attn_processor(dict) needs an entry for every layer: the others keep their own processor
+        self.denoiser.set_attn_processor({k: (recorder(self, k) if k in self.layout.layers else p)
+                                          for k, p in self._originals.items()})
+        self._hook = self.denoiser.register_forward_pre_hook(self._next_call)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hook.remove()
+        self.denoiser.set_attn_processor(self._originals)
+
+    def _next_call(self, module, args) -> None:
+        if self.call_steps is not None and self.calls >= len(self.call_steps):
+            raise ValueError(f"denoiser call {self.calls + 1} but call_steps has {len(self.call_steps)} entries: build "
+                             "it with denoiser_call_steps() for the same solver, steps and size")
+        self.step = self.call_steps[self.calls] if self.call_steps is not None else self.calls
+        self.calls += 1
+
+    def _error(self, err: torch.Tensor) -> None:
+        self._row_error = err.detach() if self._row_error is None else torch.maximum(self._row_error, err.detach())
+
+    @property
+    def max_row_sum_error(self) -> float:
+        """max |Σ_keys p − 1| over every recorded float32 row (read once, at the end)."""
+        return 0.0 if self._row_error is None else float(self._row_error)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the capture holds: running sums and snapshot sums (flat in the number of steps)."""
+        sums = [*self.sums.values(), *(s for step in self.snaps.values() for s in step.values())]
+        return sum(s.maps.numel() * s.maps.element_size() for s in sums if s.maps is not None)
+
+    # --- recording ---------------------------------------------------------------------------------------
+    def _cond(self, t: torch.Tensor) -> torch.Tensor:
+        return t[t.shape[0] // 2:] if self.cfg else t  # [uncond, cond] -> cond
+
+    def _add(self, grid: tuple[int, int], maps: torch.Tensor) -> None:
+        self.sums.setdefault(grid, _Sum()).add(maps)
+        if self.step in self.snapshot_steps:
+            self.snaps.setdefault(self.step, {}).setdefault(grid, _Sum()).add(maps)
+
+    def _record_cross(self, name: str, probs: torch.Tensor, heads: int) -> None:
+        bh, hw, t = probs.shape
+        p = self._cond(probs.detach().reshape(bh // heads, heads, hw, t))
+        self._error((p.sum(-1) - 1).abs().max())
+        self._add(layer_grid(hw, self.layout.grid), p.mean(1))  # UNet layers: the grid halved k times
+
+    def _record_joint(self, name: str, query: torch.Tensor, key: torch.Tensor, n_image: int, text_first: bool) -> None:
+        q, k = self._cond(query), self._cond(key)
+        if self._valid is None and self.valid_tokens is not None:
+            S = self.layout.segment[1] - self.layout.segment[0]
+            self._valid = torch.arange(S, device=q.device)[None, :] < torch.tensor(self.valid_tokens, device=q.device)[:, None]
+        maps, share, err = joint_segment_maps(q, k, n_image, text_first, self.layout.segment, self._valid)
+        self._error(err)
+        if n_image != self.n_image_tokens:
+            raise ValueError(f"Expected {self.layout.grid} image tokens in {name}, got {n_image}")
+        share = share.mean(1)
+        self._share_sum = share if self._share_sum is None else self._share_sum + share
+        self._share_calls += 1
+        self._add(self.layout.grid, maps)
+
+    # --- results (CPU float32) -----------------------------------------------------------------------------
+    def _to_latent(self, grid: tuple[int, int], p: torch.Tensor) -> torch.Tensor:
+        """(n, HW, S) -> (n, S, H, W) at latent resolution (bilinear)."""
+        n, _, s = p.shape
+        maps = p.transpose(1, 2).reshape(n, s, *grid).float().cpu()
+        if grid == self.latent_hw:
+            return maps
+        return F.interpolate(maps, size=self.latent_hw, mode="bilinear", align_corners=False)
+
+    def _mean(self, sums: dict[tuple[int, int], _Sum]) -> torch.Tensor:
+        # every layer weighted equally: Σ over grids of the upsampled sums / Σ of layer calls
+        calls = sum(s.calls for s in sums.values())
+        return sum(self._to_latent(g, s.maps) for g, s in sums.items()) / max(calls, 1)
+
+    def aggregate(self) -> torch.Tensor:
+        """(n, S, H, W): mean over steps and layers of the maps, at latent resolution."""
+        if not self.sums:
+            raise RuntimeError("no attention was recorded: was the denoiser called inside the capture?")
+        return self._mean(self.sums)
+
+    def by_resolution(self) -> dict[tuple[int, int], torch.Tensor]:
+        """{token grid (h, w): (n, S, H, W)}: the mean over that grid's layers, at latent resolution."""
+        return {g: self._to_latent(g, s.maps) / max(s.calls, 1) for g, s in self.sums.items()}
+
+    def snapshots(self) -> dict[int, torch.Tensor]:
+        """{solver step: (n, S, H, W)}: the mean over that step's denoiser calls and layers."""
+        return {step: self._mean(sums) for step, sums in sorted(self.snaps.items())}
+
+    def text_share(self) -> torch.Tensor | None:
+        """(n,) the joint softmax's mean mass on text keys (joint attention only; None for cross-attention)."""
+        return None if self._share_sum is None else (self._share_sum / self._share_calls).float().cpu()
+
+
+def capture(model, height: int, width: int, snapshot_steps: Sequence[int] = (), call_steps: Sequence[int] | None = None,
+            cfg: bool = False, prompts: Sequence[str] | None = None,
+            valid_tokens: Sequence[int] | None = None) -> AttentionCapture:
+    """A context manager recording ``model``'s text→image attention (``model`` is a
+    :class:`~pipeline.models.adapter.ModelAdapter`; its ``attention_layout`` says where and which tokens).
+
+    ``call_steps``: solver step of each denoiser call (default: one call per step;
+    :func:`pipeline.models.generation.denoiser_call_steps`); ``cfg``: the batch is [uncond, cond]; ``prompts`` (or
+    ``valid_tokens``, per sample the segment's non-padding token count): the batch's prompts, which joint-attention
+    maps are renormalised over — required there, so padding never silently joins the renormalisation."""
+    layout = model.attention_layout(height, width)
+    latent_hw = tuple(model.latent_shape(height, width)[1:])
+    if valid_tokens is None and prompts is not None:
+        from pipeline.modes.attention.tokens import prompt_tokens
+
+        valid_tokens = [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts]
+    if layout.renormalise and valid_tokens is None:
+        raise ValueError(f"{type(model.pipe).__name__}: joint-attention maps are renormalised over each prompt's "
+                         "non-padding tokens; pass prompts=[...] (or valid_tokens=[...]) to capture()")
+    return AttentionCapture(model.denoiser, layout, latent_hw, snapshot_steps, call_steps, cfg, valid_tokens)

@@ -1,0 +1,66 @@
+"""The attention mode's ``mode.attention`` schema, its cross-key checks and registration (no stage import: the
+config schema needs only this). Every default and its explanation is in ``conf/mode/attention.yaml``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+from pipeline.config import bounded
+from pipeline.errors import UserError
+from pipeline.models.family import FAMILIES as PIPELINE_FAMILIES, check_mode_support
+from pipeline.core.registry import register_mode
+
+
+@dataclass
+class AttentionModeConfig:
+    prompts: Optional[List[str]] = MISSING
+    prompts_file: Optional[str] = MISSING
+    num_prompts: int = bounded(ge=1)
+    steps: List[int] = bounded(ge=0)
+    threshold: float = bounded(gt=0, lt=1, note="a fraction of the map's maximum")
+    height: Optional[int] = bounded(ge=1)
+    width: Optional[int] = bounded(ge=1)
+    figures: int = bounded(ge=0)
+    num_reference: int = bounded(ge=0, note="0 turns the real-image protocol off")
+    t: float = bounded(gt=0, lt=1, note="the real-image noise level as a fraction")
+
+
+# families whose text→image attention the capture records (the adapter's attention_layout)
+FAMILIES = {"sd", "sdxl", "pixart", "sd3", "flux"}
+
+
+def refuse_untexted(cls: str, fam) -> None:
+    """A UserError: the attention mode needs a text-conditioned model (``fam`` is its family)."""
+    kind = "class-conditional" if fam.conditioning == "class" else "unconditional"
+    raise UserError(f"mode=[attention] needs a text-conditioned model: {cls} ({fam.name}) is {kind}, so there are no "
+                    f"prompt tokens to map; text-to-image families: "
+                    f"{', '.join(c for c, f in PIPELINE_FAMILIES.items() if f.name in FAMILIES)}")
+
+
+def validate(cfg) -> None:
+    """Cross-key checks of ``mode.attention`` and the model's family, before any stage runs."""
+    fam = check_mode_support(cfg.model.path, "attention", None)
+    if fam is not None and fam.conditioning != "text":
+        from pipeline.models.family import read_model_index
+
+        refuse_untexted(str(read_model_index(cfg.model.path).get("_class_name")), fam)
+    if fam is not None:
+        check_mode_support(cfg.model.path, "attention", FAMILIES)
+    a, n = cfg.mode.attention, int(cfg.sampler.num_inference_steps)
+    bad = [s for s in a.steps if not 0 <= s < n]
+    if bad or not a.steps:
+        raise UserError(f"mode.attention.steps={list(a.steps)}: snapshot solver steps must be in 0..{n - 1} "
+                        f"(sampler.num_inference_steps={n}); e.g. {[round(f * (n - 1)) for f in (0.1, 0.3, 0.6, 0.9)]}")
+    if not 0 < a.threshold < 1:
+        raise UserError(f"mode.attention.threshold={a.threshold}: expected a fraction of the map's maximum in (0, 1)")
+    if not 0 < a.t < 1:
+        raise UserError(f"mode.attention.t={a.t}: expected the real-image noise level as a fraction in (0, 1)")
+    if a.num_reference < 0:
+        raise UserError(f"mode.attention.num_reference={a.num_reference}: expected >= 0 (0 turns the real-image "
+                        "protocol off)")
+
+
+register_mode("attention", stages=["attention"], schema=AttentionModeConfig, validate=validate)

@@ -1,0 +1,295 @@
+"""The attention mode's stage: per-word text→image attention maps of every text-to-image family (SD 1.x/2.x,
+SDXL and PixArt cross-attention; SD3 and Flux joint attention — see :mod:`pipeline.modes.attention.capture`), aggregated
+over heads, layers and solver steps, and scored against object masks where the dataset has them.
+
+Generated images (``attention/miou*``): DAAM's protocol — a word's map, min-max normalised to [0, 1] and
+thresholded at ``threshold`` (τ = 0.4), is compared by IoU with the object's mask. The dataset's ground truth
+(:func:`pipeline.data.ground_truth.object_masks`) says which words name which object and segments it: on shapes,
+the prompt gives the side and the object's pixels are the bright ones in that half of the *generated* image;
+objects the model did not draw are not scored and counted. Control: in two-object captions, each mask against
+the *other* object's head word (``attention/miou_swapped``) — maps that localise score well above it.
+
+Reference images (``attention/miou_reference``): DAAM's real-image protocol — each reference image with masks is
+encoded, noised to ``t`` (a fraction of the training schedule: DDPM timestep ``t·T``, flow σ = t) with its own
+seed, denoised one step with its caption while capturing, and the head word's map scored against its mask.
+
+Scalars: attention/miou (head words: the shape), attention/miou_colour (the word before it: the colour),
+attention/miou_swapped, attention/miou_<h>x<w> and attention/miou_ceiling_<h>x<w> (one token grid; the IoU a
+perfect map at that grid would reach), attention/miou_reference, attention/entropy_early / entropy_late
+(normalised spatial entropy of content-word maps at the first and last snapshot *solver* step),
+attention/bos_share (the start token's mean share; CLIP segments only), attention/text_share (joint attention:
+the softmax mass on text keys), attention/num_prompts, num_scored, num_unscored, num_truncated,
+num_reference_scored. Table + plot ``attention_iou_by_threshold``. ``tables/attention_maps.npz``: per prompt the
+word maps at *latent* resolution (float16; upsample for display), the words and the image.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.modes.attention.capture import capture
+from pipeline.modes.attention.mode import refuse_untexted
+from pipeline.modes.attention.plots import overlay_figure, resolution_figure, threshold_figure
+from pipeline.modes.attention.scoring import CURVE_THRESHOLDS, binarise, ideal_map, iou, normalise, spatial_entropy, to_image
+from pipeline.modes.attention.tokens import prompt_tokens, word_maps
+from pipeline.errors import UserError
+from pipeline.models.generation import denoiser_call_steps, generators, sample, to_uint8
+from pipeline.core.registry import stage
+
+log = logging.getLogger(__name__)
+
+STOP_WORDS = {"a", "an", "the", "on", "of", "and", "to", "in", "at", "with", "next", "is", "by", "its"}
+ROW_SUM_TOLERANCE = 1e-3  # float32 probabilities: |Σ p − 1| is ~1e-6 whatever the model dtype
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def _prompts(ctx, cfg) -> list[str]:
+    a = cfg.mode.attention
+    if a.prompts:
+        return list(a.prompts)
+    if a.prompts_file:
+        from pipeline.data.reference import read_prompts
+
+        return read_prompts(a.prompts_file)
+    from pipeline.data.reference import reference_set
+
+    ref = reference_set(cfg.dataset, a.num_prompts, cache_dir=cfg.paths.cache)
+    if ref.num_bad_caption_lines:
+        ctx.tag("attention.num_bad_caption_lines", ref.num_bad_caption_lines)
+    if not ref.captions or any(c is None for c in ref.captions):
+        raise UserError(f"dataset {cfg.dataset.name!r} has no captions: set mode.attention.prompts=[...] or prompts_file")
+    return ref.captions
+
+
+class _NpzWriter:
+    """``np.savez_compressed`` written one array at a time, so a run holds no prompt's maps or image after its batch
+    (``np.load`` reads the file as usual). Written to ``<name>.partial`` and renamed when complete."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_suffix(path.suffix + ".partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.zf = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_DEFLATED)
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        with self.zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+    def close(self) -> Path:
+        self.zf.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+
+class _Scores:
+    """IoU accumulators of the generated images."""
+
+    def __init__(self):
+        self.head, self.modifier, self.swapped = [], [], []
+        self.by_grid: dict[tuple[int, int], list[float]] = {}
+        self.ceiling: dict[tuple[int, int], list[float]] = {}
+        self.curves: dict[str, list[list[float]]] = {"shape": [], "colour": []}  # per object: IoU at each τ
+        self.unscored = 0
+
+
+def _score_generated(scores: _Scores, truth, image: np.ndarray, prompt: str, words: list[str], final: torch.Tensor,
+                     res_maps: dict, threshold: float) -> None:
+    """Score one generated image's word maps (image resolution) against its objects' masks."""
+    from pipeline.data.ground_truth import object_word_positions
+
+    objects = truth.objects(prompt) or []
+    slots = object_word_positions(words, objects)
+    size = image.shape[:2]
+    for k, obj in enumerate(objects):
+        mask = truth.generated_mask(image, obj)
+        if mask.sum() < 4 or slots[k] is None:  # not drawn, or its words truncated away
+            scores.unscored += 1
+            continue
+        head = slots[k][-1]
+        norm = normalise(final[head])  # once per word: the headline τ and the τ curve
+        scores.head.append(iou(norm >= threshold, mask))
+        scores.curves["shape"].append([iou(norm >= t, mask) for t in CURVE_THRESHOLDS])
+        if len(slots[k]) >= 2:
+            norm_mod = normalise(final[slots[k][-2]])
+            scores.modifier.append(iou(norm_mod >= threshold, mask))
+            scores.curves["colour"].append([iou(norm_mod >= t, mask) for t in CURVE_THRESHOLDS])
+        for g, rm in res_maps.items():
+            scores.by_grid.setdefault(g, []).append(iou(binarise(rm[head], threshold), mask))
+            scores.ceiling.setdefault(g, []).append(iou(binarise(ideal_map(mask, g, size), threshold), mask))
+        if len(objects) == 2 and slots[1 - k] is not None:  # control: the other object's head word
+            scores.swapped.append(iou(binarise(final[slots[1 - k][-1]], threshold), mask))
+
+
+def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -> dict[str, float]:
+    """DAAM's real-image protocol on the dataset's reference images with masks (see the module docstring)."""
+    from PIL import Image
+
+    from pipeline.data.ground_truth import object_word_positions
+
+    a = cfg.mode.attention
+    rows = truth.reference(int(a.num_reference))
+    if getattr(truth, "num_bad_lines", 0):  # objects.jsonl lines refused (bad JSON, paths outside the folder)
+        ctx.tag("attention.num_bad_object_lines", truth.num_bad_lines)
+    if not rows:
+        ctx.tag("skipped.attention/miou_reference", f"dataset {cfg.dataset.name!r}: no readable reference image with masks")
+        return {}
+    sched = type(ctx.get("sampler")).from_config(ctx.get("sampler").config)
+    model.set_timesteps(sched, int(cfg.sampler.num_inference_steps), height, width)
+    target = float(a.t) * float(sched.config.num_train_timesteps)
+    t = sched.timesteps[int((sched.timesteps.float() - target).abs().argmin())]
+    guidance = float(cfg.sampler.guidance_scale)
+    ious, bs = [], int(cfg.sampler.batch_size)
+    for lo in range(0, len(rows), bs):
+        batch = rows[lo : lo + bs]
+        pixels = np.stack([np.asarray(Image.fromarray(r.image).resize((width, height), Image.BICUBIC)) for r in batch])
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        captions = [r.caption for r in batch]
+        toks = [prompt_tokens(layout.tokenizer, c, layout.max_length) for c in captions]
+        cond = model.condition(len(batch), guidance, height, width, prompts=captions)
+        z = model.encode(x)
+        xt = model.add_noise(sched, z, generators(cfg.seed, range(lo, lo + len(batch))), t)
+        with torch.no_grad(), capture(model, height, width, cfg=cond.cfg, valid_tokens=[k.num_tokens for k in toks]) as cap:
+            model.denoise(xt, t, cond, sched)
+        agg = cap.aggregate()
+        for i, row in enumerate(batch):
+            slots = object_word_positions(toks[i].words, row.objects)
+            for obj, slot in zip(row.objects, slots):
+                if slot is None or obj.mask.sum() < 4:
+                    continue
+                m = to_image(word_maps(agg[i], [toks[i].positions[slot[-1]]]), obj.mask.shape)[0]
+                ious.append(iou(binarise(m, a.threshold), obj.mask))
+    out = {"attention/num_reference_scored": len(ious)}
+    if ious:
+        out["attention/miou_reference"] = float(np.mean(ious))
+    else:
+        ctx.tag("skipped.attention/miou_reference", "no reference object's words were found in its caption")
+    log.info("attention on %d reference images (t = %s): %d objects scored", len(rows), int(t), len(ious))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- stage
+@stage("attention", needs=("model", "sampler"))
+def attention_stage(ctx, cfg):
+    a = cfg.mode.attention
+    model = ctx.get("model")
+    if not model.text:
+        refuse_untexted(type(model.pipe).__name__, model.family)
+    height, width = model.resolve_size(a.height or cfg.sampler.height, a.width or cfg.sampler.width)
+    layout = model.attention_layout(height, width)
+    prompts = _prompts(ctx, cfg)
+    steps, guidance = int(cfg.sampler.num_inference_steps), float(cfg.sampler.guidance_scale)
+    cfg_batch = model.uses_cfg(guidance)
+    sampler = ctx.get("sampler")
+    call_steps = denoiser_call_steps(model, sampler, steps, height, width)
+
+    from pipeline.data.ground_truth import object_masks
+
+    truth = object_masks(cfg.dataset)
+    if truth is None or truth.name != "shapes":
+        reason = (f"dataset {cfg.dataset.name!r} cannot segment generated images (no caption grammar); "
+                  "maps, entropy and shares only")
+        log.info("attention IoU on generated images skipped: %s", reason)
+        ctx.tag("skipped.attention/miou", reason)
+
+    scores = _Scores()
+    ent_early, ent_late, bos, share = [], [], [], []
+    n_trunc = 0
+    npz = _NpzWriter(ctx.run_dir / "tables" / "attention_maps.npz")
+    npz.add("prompts", np.array(prompts))
+    npz.add("latent_hw", np.array(model.latent_shape(height, width)[1:]))
+    npz.add("image_hw", np.array([height, width]))
+    figures = 0
+    batch_size = int(cfg.sampler.batch_size)
+    bar = tqdm(total=len(prompts), desc="attention", unit="prompt", dynamic_ncols=True)
+    for lo in range(0, len(prompts), batch_size):
+        batch = prompts[lo : lo + batch_size]
+        toks = [prompt_tokens(layout.tokenizer, p, layout.max_length) for p in batch]
+        for p, t in zip(batch, toks):
+            if t.truncated:
+                n_trunc += 1
+                log.warning("prompt longer than the %s segment's %d tokens, truncated: %r", layout.segment_name,
+                            layout.max_length, p)
+        gens = generators(cfg.seed, range(lo, lo + len(batch)))
+        cond = model.condition(len(batch), guidance, height, width, prompts=batch)
+        with capture(model, height, width, a.steps, call_steps, cfg=cfg_batch,
+                     valid_tokens=[t.num_tokens for t in toks]) as cap:
+            out = sample(model, sampler, cond, gens, steps, height, width, eta=float(cfg.sampler.eta))
+        if cap.max_row_sum_error > ROW_SUM_TOLERANCE:
+            raise RuntimeError(f"attention probabilities do not sum to 1 over keys (error {cap.max_row_sum_error:.2e})")
+        images = to_uint8(out.float().nan_to_num().clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
+        agg, by_res, snapshots, text_share = cap.aggregate(), cap.by_resolution(), cap.snapshots(), cap.text_share()
+        for i, prompt in enumerate(batch):
+            words, positions = toks[i].words, toks[i].positions
+            if toks[i].start_token:
+                bos.append(float(agg[i, 0].mean()))
+            if text_share is not None:
+                share.append(float(text_share[i]))
+            latent = word_maps(agg[i], positions)  # (n_words, h, w) at latent resolution
+            content = [k for k, w in enumerate(words) if w.lower().strip(".,") not in STOP_WORDS]
+            snaps = {s: word_maps(m[i], positions) for s, m in snapshots.items()}
+            if snaps and content:
+                first, last = snaps[min(snaps)], snaps[max(snaps)]
+                ent_early.append(np.mean([spatial_entropy(first[k]) for k in content]))
+                ent_late.append(np.mean([spatial_entropy(last[k]) for k in content]))
+            npz.add(f"maps_{lo + i:04d}", latent.numpy().astype(np.float16))
+            npz.add(f"words_{lo + i:04d}", np.array(words))
+            npz.add(f"image_{lo + i:04d}", images[i])
+            scored = truth is not None and truth.name == "shapes"
+            final = to_image(latent, (height, width)) if scored or figures < a.figures else None
+            res_maps = {g: to_image(word_maps(m[i], positions), (height, width)) for g, m in by_res.items()} \
+                if scored or figures < a.figures else {}
+            if scored:
+                _score_generated(scores, truth, images[i], prompt, words, final, res_maps, a.threshold)
+            if figures < a.figures and content:
+                snaps_img = {s: to_image(v[content], (height, width)) for s, v in snaps.items()}
+                ctx.save_figure(overlay_figure(images[i], [words[k] for k in content], snaps_img, final[content], prompt,
+                                               a.threshold), f"attention_overlay_{figures}")
+                ctx.save_figure(resolution_figure(images[i], [words[k] for k in content],
+                                                  {g: m[content] for g, m in res_maps.items()}, prompt, a.threshold),
+                                f"attention_resolutions_{figures}")
+                figures += 1
+        bar.update(len(batch))
+    bar.close()
+
+    if scores.curves["shape"]:
+        # how much of the score is the choice of τ: mean IoU of head and modifier words at each threshold
+        means = {kind: np.mean(v, axis=0) for kind, v in scores.curves.items() if v}
+        ctx.save_table([{"threshold": t, **{f"miou_{kind}": float(m[j]) for kind, m in means.items()}}
+                        for j, t in enumerate(CURVE_THRESHOLDS)], "attention_iou_by_threshold")
+        ctx.save_figure(threshold_figure(means, a.threshold, len(scores.curves["shape"])), "attention_iou_by_threshold")
+
+    path = npz.close()
+    if ctx.tracker is not None:
+        ctx.tracker.log_artifact(path, "tables")
+
+    scalars = {"attention/num_prompts": len(prompts), "attention/num_truncated": n_trunc,
+               "attention/num_scored": len(scores.head), "attention/num_unscored": scores.unscored}
+    if bos:
+        scalars["attention/bos_share"] = float(np.mean(bos))
+    else:
+        ctx.tag("skipped.attention/bos_share", f"the {layout.segment_name} segment has no start token")
+    if share:
+        scalars["attention/text_share"] = float(np.mean(share))
+    if ent_early:
+        scalars["attention/entropy_early"] = float(np.mean(ent_early))
+        scalars["attention/entropy_late"] = float(np.mean(ent_late))
+    for key, vals in (("miou", scores.head), ("miou_colour", scores.modifier), ("miou_swapped", scores.swapped)):
+        if vals:
+            scalars[f"attention/{key}"] = float(np.mean(vals))
+    for g, vals in sorted(scores.by_grid.items(), reverse=True):
+        scalars[f"attention/miou_{g[0]}x{g[1]}"] = float(np.mean(vals))
+        scalars[f"attention/miou_ceiling_{g[0]}x{g[1]}"] = float(np.mean(scores.ceiling[g]))
+    if a.num_reference > 0:
+        if truth is None:
+            ctx.tag("skipped.attention/miou_reference", f"dataset {cfg.dataset.name!r} has no object masks "
+                    "(objects.jsonl + masks/, the layout pipeline.data.shapes.export writes)")
+        else:
+            scalars.update(_reference_scores(ctx, cfg, model, layout, height, width, truth))
+    ctx.log_scalars(scalars)
+    log.info("attention: %s", {k: round(v, 4) for k, v in scalars.items()})
+    return {}

@@ -1,0 +1,219 @@
+"""The schedule mode's stage: noise-schedule inspection of the model's scheduler and of reference schedules.
+
+Scalars (model's scheduler under ``schedule/<name>``, each compared schedule under
+``schedule/<schedule>/<name>``): log_snr_max, log_snr_min (finite part), terminal_snr, zero_terminal_snr,
+monotonic, sigma_max, first_visited_t, last_visited_t, first_visited_log_snr, num_visited. Tag
+``schedule/prediction_type``: epsilon / v_prediction / sample / flow.
+
+A rectified-flow model (SD3, Flux) is read from configs only (``scheduler/``, ``model_index.json``, ``vae/`` and
+``transformer/config.json``): σ(u) with its shift — Flux's resolution-dependent one at ``mode.schedule.height/width``
+(default: the model's native size) — as the equivalent ᾱ = SNR / (1 + SNR), and the σ's its solver visits. Every
+curve shares one log-SNR axis over normalised time (t / (T − 1); flow: u). Compared β schedules on a flow model are
+shown at the normalised times the model's solver visits (no DDPM-family solver drives a flow model).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.models.family import read_json
+from pipeline.models.schedulers import build_scheduler, flow_shift, is_flow_model, set_flow_timesteps, uses_dynamic_shift
+from pipeline.core.registry import stage
+from pipeline.modes.schedule.plots import overlay_figure, panel_figure
+from pipeline.modes.schedule.schedules import (NoiseSchedule, flow_positions, flow_schedule, from_scheduler,
+                                         karras_sigmas, named_schedule, visited_positions)
+
+log = logging.getLogger(__name__)
+
+
+# the keys of a diffusers config that make the β schedule; every other key belongs to the solver
+_SCHEDULE_KEYS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                  "trained_betas": None, "rescale_betas_zero_snr": False}
+
+
+def visited(schedule: NoiseSchedule, solver_cfg, num_steps: int, sampler=None) -> np.ndarray:
+    """Training-step positions the configured solver evaluates the model at, in order (may be fractional).
+    ``sampler``: the run's solver, run on this schedule's β (a copy; for the model's own schedule, itself)."""
+    if schedule.kind == "sigma":
+        # continuous σ schedules are sampled on their own ρ=7 Karras discretisation (EDM, use_karras_sigmas)
+        s = schedule.sigmas
+        return visited_positions(schedule, karras_sigmas(s[0], s[-1], num_steps)[::-1])
+    if sampler is None:
+        sampler = build_scheduler(schedule.scheduler_config, solver_cfg, source=f"schedule {schedule.name!r}")
+    else:  # never mutate the run's shared sampler
+        beta = {k: (schedule.scheduler_config or {}).get(k, d) for k, d in _SCHEDULE_KEYS.items()}
+        sampler = type(sampler).from_config({**dict(sampler.config), **beta})
+    sampler.set_timesteps(num_steps)
+    return sampler.timesteps.double().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- flow models
+def _component_config(model_path: str, component: str) -> dict | None:
+    """``<component>/config.json`` of a local model directory (or the hub, if reachable); None if absent."""
+    local = Path(str(model_path)).expanduser()
+    if local.is_dir():
+        file = local / component / "config.json"
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(str(model_path), f"{component}/config.json"))
+        except Exception:  # offline / no such file: the pipelines' defaults apply
+            return None
+    return read_json(file)
+
+
+def flow_geometry(model_path: str, family_name: str | None, height: int | None, width: int | None
+                  ) -> tuple[int, int, int | None]:
+    """(height, width, image_seq_len) of a flow model at ``height x width`` pixels (None: its native size), from
+    configs only: VAE scale 2^(len(block_out_channels) − 1) (8 without a VAE config); Flux: native 128·scale
+    (FluxPipeline's default_sample_size), 2×2-packed tokens (h / scale / 2)·(w / scale / 2); SD3: native
+    transformer sample_size·scale, (h / scale / patch)·(w / scale / patch) tokens. image_seq_len is None for an
+    unknown family (a scheduler-only directory)."""
+    vae = _component_config(model_path, "vae") or {}
+    scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 8
+    if family_name == "flux":
+        native, patch, pack = 128 * scale, 1, 2
+    elif family_name == "sd3":
+        transformer = _component_config(model_path, "transformer") or {}
+        native, patch, pack = int(transformer.get("sample_size") or 128) * scale, int(transformer.get("patch_size") or 2), 1
+    else:
+        native, patch, pack = None, 1, 1
+    h, w = int(height or native or 0), int(width or native or 0)
+    for key, v in (("height", h), ("width", w)):
+        if v <= 0:
+            raise UserError(f"mode.schedule.{key}: expected a positive number of pixels, got {v}")
+    if native is None:
+        return h, w, None
+    step = scale * patch * pack
+    return h, w, (h // step) * (w // step)
+
+
+def _flow_model(ctx, cfg, steps: int) -> tuple[NoiseSchedule, np.ndarray, str]:
+    """The flow model's schedule, the training-step positions its solver visits, and a label suffix."""
+    from pipeline.models.family import FAMILIES
+
+    sc, sampler, mcfg = ctx.get("scheduler_config"), ctx.get("sampler"), cfg.mode.schedule
+    family = FAMILIES.get(str((sc.get("model_index") or {}).get("_class_name")))
+    family_name = family.name if family is not None else None
+    h, w, seq = flow_geometry(cfg.model.path, family_name, mcfg.height, mcfg.width)
+    if seq is None and uses_dynamic_shift(sc["config"]):
+        raise UserError(f"model.path: {sc['source']} uses a resolution-dependent shift (use_dynamic_shifting) but "
+                        "there is no model_index.json naming the family (FluxPipeline / StableDiffusion3Pipeline) to "
+                        "count image tokens from; point model.path at the pipeline directory")
+    shift = flow_shift(sampler, seq, family_name)
+    T = int(sampler.config.num_train_timesteps)
+    model = flow_schedule("model", shift, T)
+    solver = type(sampler).from_config(sampler.config)  # never mutate the run's shared sampler
+    set_flow_timesteps(solver, steps, "cpu", seq, family_name)
+    sigmas = solver.timesteps.double().numpy() / T  # the model is evaluated at timestep σ·T
+    ctx.tag("schedule/flow_shift", f"{shift:.6g}")
+    dynamic = uses_dynamic_shift(sc["config"])
+    return model, flow_positions(model, sigmas), f"flow, shift {shift:.3g}" + (f" at {h}x{w}" if dynamic else "")
+
+
+def schedule_scalars(schedule: NoiseSchedule, ts: np.ndarray) -> dict[str, float]:
+    out = schedule.summary()
+    first_ls = float(schedule.log_snr_at(ts[0]))
+    if not np.isfinite(first_ls):  # zero-terminal-SNR schedule visiting t = T-1: keep the finite part, as for log_snr_min
+        first_ls = out["log_snr_min"]
+    out.update(first_visited_t=float(ts[0]), last_visited_t=float(ts[-1]), first_visited_log_snr=first_ls,
+               num_visited=float(len(ts)))
+    return out
+
+
+def findings(label: str, s: dict[str, float], kind: str = "discrete", beta_schedule: str | None = None) -> list[str]:
+    """One line per property of a schedule. DDPM-linear's log-SNR span of about ±10 is the yardstick only for
+    linear-β schedules (linear, scaled_linear and its zero-SNR rescaling, a model's trained β): the cosine schedule
+    and the σ schedules (karras, edm) and flow paths are described by what they are instead."""
+    span = f"{label}: log-SNR spans {s['log_snr_max']:+.2f} -> {s['log_snr_min']:+.2f}"
+    if kind == "flow":  # a σ ∈ [0, 1] path: DDPM-linear's ±10 is no yardstick for it
+        notes = [span + " (rectified flow: log-SNR = 2·log((1 − σ)/σ))"]
+    elif kind == "sigma":
+        notes = [span + f" (σ schedule: log-SNR = −2·log σ, σ from {math.exp(-s['log_snr_max'] / 2):.3g} "
+                        f"to {s['sigma_max']:.3g})"]
+    elif beta_schedule == "squaredcos_cap_v2":
+        notes = [span + " (cosine schedule: ᾱ ∝ cos²((t/T + 0.008)/1.008·π/2), β capped at 0.999)"]
+    else:
+        notes = [span + ("" if abs(s["log_snr_max"] - 10) < 1.5 and abs(s["log_snr_min"] + 10) < 1.5
+                         else " (not the ±10 of DDPM-linear)")]
+    if s["zero_terminal_snr"]:
+        notes.append(f"{label}: zero terminal SNR (ᾱ_T = 0): the last training step is pure noise")
+    else:
+        notes.append(f"{label}: non-zero terminal SNR (SNR_T = {s['terminal_snr']:.3g}): sampling from pure noise "
+                     "starts off the training distribution (Lin et al., WACV 2024) — a property, not an error")
+    if not s["monotonic"]:
+        notes.append(f"{label}: ᾱ is NOT strictly decreasing")
+    return notes
+
+
+def _curve_rows(schedule: NoiseSchedule) -> list[dict]:
+    rows = [
+        {"t": t, "beta": b, "alpha_cumprod": a, "snr": s, "log_snr": ls, "sigma": sg}
+        for t, (b, a, s, ls, sg) in enumerate(zip(schedule.betas, schedule.alphas_cumprod, schedule.snr,
+                                                  schedule.log_snr, schedule.sigmas))
+    ]
+    if schedule.kind == "flow":
+        for row, u, fs in zip(rows, schedule.normalised_time(np.arange(len(rows))), schedule.flow_sigmas):
+            row.update(u=u, flow_sigma=fs)
+    return rows
+
+
+@stage("schedule", needs=("scheduler_config", "sampler"))
+def schedule_stage(ctx, cfg):
+    mcfg = cfg.mode.schedule
+    steps = int(cfg.sampler.num_inference_steps)
+    sampler = ctx.get("sampler")
+    sc = ctx.get("scheduler_config")
+    source = sc["source"]
+    where = source.split('/')[-3] if source.count('/') >= 2 else source
+    flow = is_flow_model(sc["config"], sc.get("model_index"))
+    ctx.tag("schedule/prediction_type", "flow" if flow else str(sampler.config.get("prediction_type") or "epsilon"))
+    if flow:
+        model, ts, what = _flow_model(ctx, cfg, steps)
+        label = f"model ({where}, {type(sampler).__name__}, {what}, {steps} steps)"
+    else:
+        model = from_scheduler("model", sampler)
+        ts = visited(model, cfg.scheduler, steps, sampler=sampler)
+        label = f"model ({where}, {type(sampler).__name__}, {steps} steps)"
+
+    curves = [(label, model, ts)]
+    for name in mcfg.compare:
+        name = getattr(name, "value", name)
+        schedule = named_schedule(name, model.num_train_timesteps)
+        if flow and schedule.kind == "discrete":  # at the normalised times the flow solver visits
+            cmp_ts = model.normalised_time(ts) * (schedule.num_train_timesteps - 1)
+        else:
+            cmp_ts = visited(schedule, cfg.scheduler, steps, sampler=sampler)
+        curves.append((name, schedule, cmp_ts))
+
+    summary_rows, visited_rows, notes = [], [], []
+    for i, (name_label, schedule, ts) in enumerate(curves):
+        prefix = "schedule" if i == 0 else f"schedule/{schedule.name}"
+        scalars = schedule_scalars(schedule, ts)
+        ctx.log_scalars({f"{prefix}/{k}": v for k, v in scalars.items()})
+        notes += findings(name_label, scalars, schedule.kind, (schedule.scheduler_config or {}).get("beta_schedule"))
+        summary_rows.append({"schedule": name_label, **scalars})
+        visited_rows += [{"schedule": name_label, "step": j, "t": float(t), "log_snr": float(schedule.log_snr_at(t))}
+                         for j, t in enumerate(ts)]
+        ctx.save_table(_curve_rows(schedule), f"schedule_curve_{schedule.name}")
+        ctx.save_figure(panel_figure(schedule, name_label, ts), f"schedule_{schedule.name}")
+    ctx.save_figure(overlay_figure(curves), "schedule_log_snr_overlay")
+    ctx.save_table(summary_rows, "schedule_summary")
+    ctx.save_table(visited_rows, "schedule_visited")
+    ctx.save_text("\n".join(f"- {n}" for n in notes) + "\n", "schedule_findings.md")
+    for note in notes:
+        log.info("finding: %s", note)
+
+    if not model.monotonic and mcfg.strict:
+        t_bad = model.first_non_decreasing_t()
+        raise UserError(
+            f"{source}: ᾱ (alphas_cumprod) is not strictly decreasing (first at t={t_bad}); expected a diffusion "
+            "schedule (check beta_schedule / trained_betas). Set mode.schedule.strict=false to only report it"
+        )
+    return {}

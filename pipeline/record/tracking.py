@@ -1,0 +1,761 @@
+"""MLflow tracking. The only module that imports mlflow.
+
+Every run is an MLflow run. The store (:func:`resolve_uri`): a non-null ``tracking.uri`` (any config or the command
+line) wins, then the environment variable ``MLFLOW_TRACKING_URI``, then the embedded SQLite store
+``<paths.outputs>/mlflow.db`` (artifacts under ``<paths.outputs>/mlartifacts``). A multirun gets one parent run
+(opened by :class:`SweepCallback`) and one child run per job (tag ``mlflow.parentRunId``). Runs are always
+ended, with FAILED/KILLED and an ``error`` tag when something goes wrong.
+
+MLflow 3 opens an experiment on its GenAI overview page; :func:`run_links` gives the deep links to the runs table
+(``<ui>/#/experiments/<id>/runs``) and to one run, and :func:`ui_command` the command that serves a local store.
+
+Credentials. A store URI may carry them (``http://user:password@host:5000``, ``postgresql://user:password@db/mlflow``),
+or MLflow's own environment variables may (``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD`` for HTTP
+Basic, ``MLFLOW_TRACKING_TOKEN`` for a Bearer token; also MLflow's ``~/.mlflow/credentials``). The URI is handed to
+MLflow as given: MLflow (through ``requests``) sends a URI's ``user:password`` as Basic auth to that host only, and the
+variables otherwise; userinfo wins over the variables, as in MLflow. A lone ``https://token@host`` is sent by neither
+(``requests`` ignores a userinfo without ``:``): a token goes in ``MLFLOW_TRACKING_TOKEN``. Nothing is copied into the
+environment, so credentials never follow the process to another store or into child processes.
+:func:`_check_reachable` asks the server through MLflow's own HTTP layer with the same credentials, so it fails
+exactly where :class:`MlflowClient` would: a 401/403 is "reachable but refused, check the credentials", not
+"unreachable". A URI whose password is the redaction mark (``user:***@host``, as saved in a run dir) has its userinfo
+dropped, so the variables apply. Every URI this module prints, logs, tags, raises or returns for display goes through
+:func:`redact_uri` / :func:`redact_text` (``user:***@host``, secret query values ``***``), and every exception raised
+by a :class:`Tracker`'s client leaves with its message (and its chain's) redacted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from hydra.experimental.callback import Callback
+
+from pipeline.errors import UserError
+
+# Fail fast on an unreachable server instead of MLflow's default minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+# MLflow prints "View run ... at: <tracking URI>/#/..." when a server run ends, userinfo (the password) included; the
+# project prints its own links (summary_lines, no credential), so MLflow's are always off.
+os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+log = logging.getLogger(__name__)
+for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+SWEEP_PARAMS_FILE = "mlflow_sweep_params.json"  # {swept key: [values]}, read by each job to name its run
+ENV_URI = "MLFLOW_TRACKING_URI"
+DEFAULT_UI = "http://127.0.0.1:5000"  # where a plain `mlflow ui` serves
+EFFECTIVE_URI_TAG = "tracking.uri_effective"
+MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
+MAX_PARAM_KEY = 250
+MAX_TAG_VALUE = 5000
+MAX_RUN_NAME = 250
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_uri(outputs_dir: str | Path) -> str:
+    return f"sqlite:///{Path(outputs_dir).resolve() / 'mlflow.db'}"
+
+
+def resolve_uri(configured: str | None, outputs_dir: str | Path) -> str:
+    """The store to use: ``configured`` (``tracking.uri``, or a CLI's ``--tracking-uri``) when set, else the
+    environment variable ``MLFLOW_TRACKING_URI``, else ``sqlite:///<outputs_dir>/mlflow.db``."""
+    return configured or os.environ.get(ENV_URI) or default_uri(outputs_dir)
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+REDACTED = "***"
+# scheme://userinfo@ : userinfo runs to the last "@" before the host's end ("/", "?", "#", whitespace, a quote)
+_USERINFO = re.compile(r"""(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#@'"<>`]*(?:@[^\s/?#@'"<>`]*)*)@""")
+# ?key=value / &key=value / ;key=value whose key names a secret (case-insensitive, "-" and "_" ignored)
+_QUERY = re.compile(r"""(?P<lead>[?&;])(?P<key>[A-Za-z0-9_.\-]+)=(?P<value>[^&;#\s'"<>`]+)""")
+_SECRET_KEY_EXACT = {"sig", "key", "pass", "pw", "sas", "code", "auth"}
+_SECRET_KEY_PARTS = ("password", "passwd", "pwd", "secret", "token", "signature", "credential", "apikey", "accesskey",
+                     "privatekey", "authorization", "sessionkey")
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+_SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def _secret_key(key: str) -> bool:
+    k = key.lower().replace("-", "").replace("_", "")
+    return k in _SECRET_KEY_EXACT or any(part in k for part in _SECRET_KEY_PARTS)
+
+
+def _redact_userinfo(m: re.Match) -> str:
+    user, sep, _password = m["userinfo"].partition(":")
+    # user:password -> user:***, a lone token (https://token@host) -> ***
+    return f"{m['scheme']}{user}:{REDACTED}@" if sep else f"{m['scheme']}{REDACTED}@"
+
+
+def _redact_query(m: re.Match) -> str:
+    return f"{m['lead']}{m['key']}={REDACTED}" if _secret_key(m["key"]) else m[0]
+
+
+def redact_text(text: Any) -> str:
+    """``text`` with every credential in it replaced by ``***``: the userinfo of any ``scheme://user:password@host``
+    (``user:***@host``; a token alone: ``***@host``), the values of query keys that name a secret (``password``,
+    ``token``, ``access_token``, ``sig``, ``X-Amz-Signature``, ``api_key``...), and the values of
+    ``MLFLOW_TRACKING_PASSWORD``/``MLFLOW_TRACKING_TOKEN`` (8 characters or more) wherever they appear. Safe to print,
+    log, tag and write. Text without credentials comes back unchanged.
+
+    >>> redact_text("cannot reach 'http://me:pa55@host:5000/' (refused)")
+    "cannot reach 'http://me:***@host:5000/' (refused)"
+    """
+    text = str(text)
+    if "@" in text:
+        text = _USERINFO.sub(_redact_userinfo, text)
+    if "=" in text:
+        text = _QUERY.sub(_redact_query, text)
+    for name in _SECRET_ENV:
+        value = os.environ.get(name) or ""
+        if len(value) >= 8 and value in text:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` safe to log, tag and show: credentials replaced by ``***`` (``http://user:pass@h:5000/p`` ->
+    ``http://user:***@h:5000/p``, ``https://token@h`` -> ``https://***@h``, ``?password=x`` -> ``?password=***``),
+    for any scheme (``postgresql://``, ``mysql+pymysql://``...). A URI without credentials comes back unchanged.
+
+    >>> redact_uri("postgresql://mlflow:s3cret@db:5432/mlflow?sslmode=require")
+    'postgresql://mlflow:***@db:5432/mlflow?sslmode=require'
+    """
+    return redact_text(uri)
+
+
+public_uri = redact_uri  # the name the rest of the project uses
+
+
+def _split_userinfo(uri: str) -> tuple[str | None, str]:
+    """``(userinfo or None, uri without it)``; the userinfo ends at the last "@" of the authority, as in urllib."""
+    scheme, sep, rest = uri.partition("://")
+    end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+    netloc = rest[:end]
+    if not sep or "@" not in netloc:
+        return None, uri
+    info, _, host = netloc.rpartition("@")
+    return info, f"{scheme}://{host}{rest[end:]}"
+
+
+def usable_uri(uri: str) -> str:
+    """The store URI to connect with: ``uri`` itself, except that a redacted one (``user:***@host``, as a run dir
+    saves it) loses its userinfo, so that MLflow's credential variables apply instead of the password ``***``."""
+    info, bare = _split_userinfo(uri)
+    if info is not None and (info == REDACTED or info.partition(":")[2] == REDACTED):
+        return bare
+    return uri
+
+
+def ui_base(uri: str) -> str:
+    """The MLflow UI of store ``uri``: the server itself, or what ``mlflow ui`` serves for a local store. A link to
+    click: no userinfo at all (the browser asks for the credentials), secret query values redacted."""
+    return redact_uri(_split_userinfo(uri)[1]).rstrip("/") if is_server(uri) else DEFAULT_UI
+
+
+def run_links(run_id: str, uri: str, experiment_id: str | None = None) -> tuple[str, str]:
+    """``(experiment runs table, the run)`` in the MLflow UI of ``uri``. MLflow 3 opens an experiment on its GenAI
+    overview ("Traces 0"); these go straight to the runs. ``experiment_id`` defaults to the run's own."""
+    if experiment_id is None:
+        experiment_id = get_run(uri, run_id).info.experiment_id
+    runs = f"{ui_base(uri)}/#/experiments/{experiment_id}/runs"
+    return runs, f"{runs}/{run_id}"
+
+
+def ui_command(uri: str) -> str:
+    """How to browse store ``uri``: ``mlflow ui --backend-store-uri <uri>`` for a local store; a server is its UI.
+    Credentials are redacted: the command then says to put them back."""
+    if is_server(uri):
+        return f"open {ui_base(uri)} (the tracking server serves the UI)"
+    shown = redact_uri(uri)
+    return f"mlflow ui --backend-store-uri {shown}" + ("  (credentials redacted: put yours back)" if shown != uri else "")
+
+
+def redact_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Rewrite each text file in ``paths`` through :func:`redact_text` (atomically; unchanged files are not touched):
+    for files written by others that quote a URI as typed (Hydra's ``.hydra/*.yaml``, a sweep's ``multirun.yaml``).
+    Returns the files changed."""
+    changed = []
+    for path in map(Path, paths):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        clean = redact_text(text)
+        if clean != text:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.redact.tmp")  # parallel jobs redact one multirun.yaml
+            try:
+                tmp.write_text(clean, encoding="utf-8")
+                os.replace(tmp, path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                log.warning("could not redact the credentials in %s: %s", path, e)
+                continue
+            changed.append(path)
+    return changed
+
+
+def _redact_exception(exc: BaseException) -> BaseException:
+    """Redact, in place, the message of ``exc`` and of the exceptions it chains (a traceback prints them all):
+    MLflow's HTTP errors quote the request URL, userinfo included."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and len(seen) < 16:
+        seen.add(id(e))
+        try:
+            e.args = tuple(redact_text(a) if isinstance(a, str) else a for a in e.args)
+            if isinstance(getattr(e, "message", None), str):
+                e.message = redact_text(e.message)
+        except Exception:  # noqa: BLE001 - an exception type with read-only attributes keeps its text
+            pass
+        for attr in ("url", "filename"):  # requests' / OSError's own copies
+            if isinstance(getattr(e, attr, None), str):
+                try:
+                    setattr(e, attr, redact_text(getattr(e, attr)))
+                except Exception:  # noqa: BLE001
+                    pass
+        e = e.__cause__ or e.__context__
+    return exc
+
+
+class _RedactingClient:
+    """An :class:`MlflowClient` whose every method call re-raises its exception with credentials redacted."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:
+                raise _redact_exception(e)
+
+        call.__name__ = getattr(attr, "__name__", name)
+        call.__doc__ = getattr(attr, "__doc__", None)
+        return call
+
+
+def open_client(uri: str) -> Any:
+    """An :class:`MlflowClient` of store ``uri`` (:func:`usable_uri`) whose errors never quote a credential."""
+    return _RedactingClient(MlflowClient(tracking_uri=usable_uri(uri)))
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The innermost cause of a failed request, one line (``[Errno 111] Connection refused``), redacted."""
+    e, seen = exc, set()
+    reason: Any = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        reason = getattr(e, "reason", None) or e
+        e = e.__cause__ or e.__context__
+    text = str(reason)
+    text = re.sub(r"^<[^>]*>:\s*", "", text)  # urllib3's "<HTTPConnection object at 0x...>: " prefix
+    return redact_text(text.splitlines()[0] if text else type(reason).__name__)
+
+
+def _check_reachable(uri: str, timeout: float) -> None:
+    """A clear error now rather than a hang later when a tracking server is down or refuses the credentials.
+
+    Asks ``/health`` (is it up?) then ``experiments/search`` (do the credentials open it? A basic-auth server answers
+    ``/health`` to anyone) through MLflow's own HTTP layer and credentials (URI userinfo, the ``MLFLOW_TRACKING_*``
+    variables, TLS settings), so the check passes and fails where :class:`MlflowClient` does."""
+    if not is_server(uri):
+        return
+    redacted_mark = usable_uri(uri) != uri
+    uri = usable_uri(uri)
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    shown = redact_uri(uri)
+    creds = get_default_host_creds(uri.rstrip("/"))
+    try:
+        resp = http_request(creds, "/health", "GET", max_retries=0, timeout=timeout, raise_on_status=False)
+        if resp.ok:
+            resp = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", max_retries=0, timeout=timeout,
+                                raise_on_status=False, params={"max_results": 1})
+            if resp.status_code not in (401, 403):
+                return  # any other answer is the client's to report
+    except Exception as e:  # noqa: BLE001 - MlflowException around requests' errors, an invalid URL...
+        raise UserError(
+            f"tracking.uri: cannot reach MLflow server {shown!r} ({_short_reason(e)}); start one "
+            "(`mlflow server --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000`) "
+            "or leave tracking.uri unset to use the embedded SQLite store"
+        ) from None
+    status = f"HTTP {resp.status_code} {resp.reason or ''}".strip()
+    if resp.status_code in (401, 403):
+        info = _split_userinfo(uri)[0]
+        if info is not None and ":" not in info and not (creds.username or creds.token):
+            given = ("a user name or token alone in the URI (https://TOKEN@host) is not sent, neither by MLflow nor by "
+                     "this check: give user:password, or the token in MLFLOW_TRACKING_TOKEN")
+        elif info is not None or creds.username or creds.password or creds.token:
+            given = "the credentials given were refused"
+        elif redacted_mark:
+            given = "the URI's password is the redaction mark *** (a URI as a run dir saves it) and no variable is set"
+        else:
+            given = "it needs credentials and none were given"
+        raise UserError(
+            f"tracking.uri: MLflow server {shown!r} is reachable but refused access ({status}): {given}. Check the "
+            "credentials: user and password in the URI (http://USER:PASSWORD@host:port, special characters "
+            "percent-encoded) or in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or a bearer token in "
+            "MLFLOW_TRACKING_TOKEN"
+        )
+    raise UserError(
+        f"tracking.uri: cannot reach MLflow server {shown!r} ({status} from /health); start one "
+        "(`mlflow server --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000`) "
+        "or leave tracking.uri unset to use the embedded SQLite store"
+    )
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten a nested dict to dot keys (MLflow does not: a dict param becomes its repr)."""
+    flat: dict[str, str] = {}
+    if isinstance(tree, Mapping):
+        if not tree and prefix:
+            flat[prefix] = "{}"
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    else:
+        flat[prefix] = str(tree)
+    return flat
+
+
+def _clip_param(key: str, value: str) -> tuple[str, str]:
+    if len(value) > MAX_PARAM_VALUE:
+        value = value[: MAX_PARAM_VALUE - 20] + "...[truncated]"
+    return key[:MAX_PARAM_KEY], value
+
+
+def git_info() -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (subprocess.SubprocessError, OSError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower(), "mlflow.source.git.commit": commit}
+
+
+def environment_tags(device: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {**git_info(), "device": device, "version.python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "torchmetrics", "mlflow", "hydra-core"):
+        try:
+            tags[f"version.{pkg}"] = version(pkg)
+        except PackageNotFoundError:
+            tags[f"version.{pkg}"] = "not installed"
+    return tags
+
+
+class deferred_interrupts:
+    """Hold SIGINT/SIGTERM while a block runs and deliver them (as KeyboardInterrupt) when it ends: a store write
+    cut by Ctrl-C leaves SQLite mid-transaction (the next write of the process then waits on its own lock) and a
+    run's closing steps half done. Main thread only (signals are delivered there); elsewhere a no-op. Nests."""
+
+    _depth = 0
+
+    def __enter__(self) -> "deferred_interrupts":
+        import signal
+        import threading
+
+        self.active = threading.current_thread() is threading.main_thread() and deferred_interrupts._depth == 0
+        if threading.current_thread() is threading.main_thread():
+            deferred_interrupts._depth += 1
+        if self.active:
+            self.received: list[int] = []
+            self.previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+            for sig in self.previous:
+                if self.previous[sig] not in (signal.SIG_IGN, None):
+                    signal.signal(sig, lambda signum, frame: self.received.append(signum))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            deferred_interrupts._depth -= 1
+        if not self.active:
+            return
+        for sig, handler in self.previous.items():
+            if handler not in (signal.SIG_IGN, None):
+                signal.signal(sig, handler)
+        if self.received and exc[0] is None:  # the block finished: now the interrupt, through the usual handler
+            signum = self.received[0]
+            handler = self.previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:
+                raise KeyboardInterrupt
+
+
+def _retry_locked(call, *args, attempts: int = 8, **kwargs):
+    """Call a store write, retrying when SQLite reports a lock. MLflow's busy_timeout (20 s) covers most waits,
+    but SQLite returns "database is locked" at once when two readers both try to upgrade to writers; parallel
+    jobs (hydra/launcher=joblib) on one mlflow.db hit that, and a retry is then safe. Ctrl-C and SIGTERM wait for
+    the write to end (:class:`deferred_interrupts`)."""
+    for attempt in range(attempts):
+        try:
+            with deferred_interrupts():
+                return call(*args, **kwargs)
+        except MlflowException as e:
+            if "database is locked" not in str(e) or attempt == attempts - 1:
+                raise
+            log.info("MLflow store locked, retrying (%d/%d)", attempt + 1, attempts)
+            time.sleep(0.2 * 2**attempt)
+
+
+class Tracker:
+    """One MLflow run, addressed by id (never MLflow's global active run, so jobs cannot leak into each other)."""
+
+    def __init__(self, tracking_cfg: Any, outputs_dir: str | Path, uri: str | None = None):
+        """``uri``: the store, when the caller has already chosen it (``pipeline.run.reproduce``); otherwise
+        :func:`resolve_uri` of ``tracking.uri``. Credentials: see the module's docstring; ``self.uri`` holds them, show
+        ``public_uri(self.uri)``."""
+        given = uri or resolve_uri(tracking_cfg.uri, outputs_dir)
+        self.uri = usable_uri(given)
+        self.local_store = not self.uri.startswith(("http://", "https://", "databricks"))
+        _check_reachable(given, float(getattr(tracking_cfg, "connect_timeout_s", 5.0)))
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        self.artifact_root = (Path(outputs_dir).resolve() / "mlartifacts").as_uri() if self.local_store else None
+        self.client = open_client(self.uri)
+        self.experiment_id = self._experiment(tracking_cfg.experiment)
+        self.run_id: str | None = None
+        self.run_name: str | None = None
+        self._logged_params: dict[str, str] = {}  # a reopened run's params (never logged twice)
+
+    def _experiment(self, name: str) -> str:
+        for attempt in range(5):
+            try:
+                exp = self.client.get_experiment_by_name(name)
+                if exp is not None:
+                    return exp.experiment_id
+                return self.client.create_experiment(name, artifact_location=self.artifact_root)
+            except MlflowException:
+                # another process created it (or migrated the store) between our get and create
+                time.sleep(0.2 * (attempt + 1))
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            raise UserError(f"tracking.experiment: could not create MLflow experiment {name!r} at {redact_uri(self.uri)}")
+        return exp.experiment_id
+
+    def start(self, run_name: str | None, tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> str:
+        # MLflow's limits (tag value 5000 in SQL stores, run name 250): cut here, never a refused run
+        tags = {k[:MAX_PARAM_KEY]: redact_text(v)[:MAX_TAG_VALUE] for k, v in (tags or {}).items()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_name = redact_text(run_name)[:MAX_RUN_NAME] if run_name else run_name
+        run = _retry_locked(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
+        self.run_id, self.run_name = run.info.run_id, run.info.run_name
+        return self.run_id
+
+    def reopen(self, run_id: str, status: str = "RUNNING") -> Any:
+        """Continue an existing run (``pipeline.run.resume``): its status back to RUNNING; returns its data (params, tags).
+        Later :meth:`log_params` calls skip params the run already has (MLflow refuses to change a logged value)."""
+        run = _retry_locked(self.client.get_run, run_id)
+        _retry_locked(self.client.update_run, run_id, status=status)
+        self.run_id, self.run_name = run_id, run.info.run_name
+        self._logged_params = dict(run.data.params)
+        return run.data
+
+    def log_params(self, params: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+        """Returns {key: (logged, new)} for params of a reopened run whose value differs (kept as logged). Values are
+        stored through :func:`redact_text`: no credential reaches the store."""
+        items = [Param(*_clip_param(k, redact_text(v))) for k, v in params.items()]
+        logged = self._logged_params
+        changed = {p.key: (logged[p.key], p.value) for p in items if p.key in logged and logged[p.key] != p.value}
+        items = [p for p in items if p.key not in logged]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            _retry_locked(self.client.log_batch, self.run_id, params=items[i : i + 100])
+        return changed
+
+    def log_metric(self, key: str, value: float, step: int = 0) -> None:
+        _retry_locked(self.client.log_batch, self.run_id, metrics=[Metric(key, float(value), int(time.time() * 1000), step)])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """One round trip per 1000 metrics (MLflow's batch cap), not one per scalar."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            _retry_locked(self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Values through :func:`redact_text` (an ``error`` tag quoting a URI, the overrides of a sweep)."""
+        items = [RunTag(k, redact_text(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
+        if items:
+            _retry_locked(self.client.log_batch, self.run_id, tags=items)
+
+    def delete_tag(self, key: str) -> None:
+        _retry_locked(self.client.delete_tag, self.run_id, key)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None, exclude: Iterable[str] = ()) -> None:
+        """Upload ``directory``; top-level entries named in ``exclude`` stay local (a run's progress shards)."""
+        directory, exclude = Path(directory), set(exclude)
+        if not exclude:
+            self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+            return
+        for entry in sorted(directory.iterdir()):
+            if entry.name in exclude:
+                continue
+            sub = "/".join(p for p in (artifact_path, entry.name) if p)
+            if entry.is_dir():
+                self.client.log_artifacts(self.run_id, str(entry), sub)
+            else:
+                self.client.log_artifact(self.run_id, str(entry), artifact_path)
+
+    # ---- run reports (pipeline.record.report): the run as stored, and images stepped for MLflow's image slider
+    def get_run(self) -> Any:
+        """This run as the store holds it now (``info``, ``data.params/metrics/tags``)."""
+        return _retry_locked(self.client.get_run, self.run_id)
+
+    def run_tags(self) -> dict[str, str]:
+        """This run's tags as stored ({} when the store cannot be read: a report then shows fewer tags)."""
+        try:
+            return dict(self.get_run().data.tags)
+        except Exception:  # noqa: BLE001 - a report's provenance must never fail a run
+            log.debug("could not read the tags of run %s", self.run_id, exc_info=True)
+            return {}
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """A PIL image as MLflow image ``key`` at ``step`` (the UI's image slider steps through them); written
+        before returning, so a parent run closed next holds it."""
+        self.client.log_image(self.run_id, image, key=key, step=int(step), synchronous=True)
+
+    def logged_image_steps(self, key: str) -> set[int]:
+        """Steps at which image ``key`` is already logged on this run (``images/<key>+step+<n>+...``)."""
+        try:
+            files = self.client.list_artifacts(self.run_id, "images")
+        except Exception:  # noqa: BLE001 - no images yet, or a store that cannot list: log them all
+            return set()
+        steps = set()
+        for f in files:
+            name = f.path.rsplit("/", 1)[-1]
+            for sep in ("+", "%"):  # MLflow 3 uses "+", earlier versions "%"
+                parts = name.split(sep)
+                if len(parts) > 2 and parts[0] == key.replace("/", "~") and parts[1] == "step" and parts[2].isdigit():
+                    steps.add(int(parts[2]))
+        return steps
+    # ---- end of run reports
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            _retry_locked(self.client.set_terminated, self.run_id, status=status)
+
+    def links(self, run_id: str | None = None) -> tuple[str, str]:
+        """:func:`run_links` of this tracker's run (or ``run_id``) in its experiment."""
+        return run_links(run_id or self.run_id, self.uri, self.experiment_id)
+
+    def child_runs(self, parent_run_id: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
+        )
+
+
+# --------------------------------------------------------------------------------------------- sweeps
+_OPEN_PARENTS: dict[str, Tracker] = {}
+
+
+def close_open_parents(status: str = "KILLED", error: str | None = None) -> None:
+    """End every parent run this process opened and did not close (Ctrl-C, crash at exit)."""
+    for run_id, tracker in list(_OPEN_PARENTS.items()):
+        try:
+            tracker.set_tags({"error": error or f"sweep ended early ({status})"})
+            tracker.end(status)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            log.warning("could not close parent run %s", run_id)
+        _OPEN_PARENTS.pop(run_id, None)
+
+
+atexit.register(close_open_parents)
+
+
+def read_parent_run_id(sweep_dir: str | Path) -> str | None:
+    file = Path(sweep_dir) / PARENT_RUN_FILE
+    return file.read_text().strip() if file.is_file() else None
+
+
+def read_sweep_params(sweep_dir: str | Path) -> dict[str, list[str]]:
+    """``{key: [values]}`` the sweep in ``sweep_dir`` varies (written by :class:`SweepCallback`); {} without one."""
+    file = Path(sweep_dir) / SWEEP_PARAMS_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def format_value(value: Any) -> str:
+    """A scalar for a summary line: whole numbers without ``.0``, others to 4 significant digits."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_lines(tracker: Tracker, title: str, scalars: Iterable[str], dir_label: str, directory: str | Path) -> list[str]:
+    """The end-of-run summary of ``tracker``'s run: title, headline scalars, its directory, the MLflow run id and name,
+    the deep links (runs table of the experiment, the run) and how to browse the store."""
+    runs_url, run_url = tracker.links()
+    scalars = list(scalars)
+    name = f"  ({tracker.run_name})" if tracker.run_name else ""
+    return [title,
+            "  " + ("  ·  ".join(scalars) if scalars else "(no headline scalars)"),
+            f"  {dir_label:<11} {directory}",
+            f"  {'MLflow run':<11} {tracker.run_id}{name}",
+            f"  {'runs table':<11} {runs_url}",
+            f"  {'this run':<11} {run_url}",
+            f"  {'browse':<11} {ui_command(tracker.uri)}"]
+
+
+class SweepCallback(Callback):
+    """Opens one parent MLflow run per multirun and closes it with a summary of its children. For every job (single
+    runs too) it also redacts the files Hydra wrote with the overrides as typed (:meth:`on_job_start`)."""
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        """Hydra has just saved ``.hydra/{config,hydra,overrides}.yaml`` (and a sweep's ``multirun.yaml``) with the
+        command line as typed, ``tracking.uri=http://user:password@...`` included, and the run dir is uploaded as
+        artifacts: redact them before the task runs. A resume replays ``user:***@host``, which connects with MLflow's
+        credential variables (:func:`usable_uri`) or a ``tracking.uri=`` given again."""
+        from hydra.types import RunMode
+        from omegaconf import OmegaConf
+
+        files: list[Path] = []
+        out, sub = OmegaConf.select(config, "hydra.runtime.output_dir"), OmegaConf.select(config, "hydra.output_subdir")
+        if out and sub:
+            files += sorted((Path(out) / sub).glob("*.yaml"))
+        if OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN and OmegaConf.select(config, "hydra.sweep.dir"):
+            files.append(Path(config.hydra.sweep.dir) / "multirun.yaml")
+        redact_files(files)
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from pipeline.core import distributed
+
+        # every job's config was checked by pipeline.run.runner.SweepPreflight, the callback before this one
+        if not distributed.is_main():  # under torchrun only rank 0 records the sweep
+            return
+        try:
+            tracker = Tracker(config.tracking, config.paths.outputs)
+        except UserError as e:
+            log.error("%s", e)
+            raise SystemExit(2) from None
+        from omegaconf import OmegaConf
+
+        from pipeline.record.naming import sweep_name, swept_values
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        earlier = read_parent_run_id(sweep_dir)
+        if earlier:  # python -m pipeline.run.resume SWEEP_DIR: the same parent run, its finished jobs skipped
+            prior = tracker.reopen(earlier)
+            tracker.set_tags({"resumed": int(prior.tags.get("resumed", "0")) + 1})
+            if "error" in prior.tags:
+                tracker.delete_tag("error")
+            _OPEN_PARENTS[earlier] = tracker
+            log.info("MLflow parent run %s resumed (%s)", earlier, public_uri(tracker.uri))
+            return
+        overrides = " ".join(config.hydra.overrides.task)
+        swept = swept_values(config.hydra.overrides.task, OmegaConf.select(config, "hydra.sweeper.params", default=None))
+        run_id = tracker.start(
+            run_name=config.tracking.run_name or sweep_name(swept) or f"sweep {sweep_dir.name}",
+            tags={"sweep.role": "parent", "sweep.dir": str(sweep_dir.resolve()), "sweep.overrides": overrides,
+                  EFFECTIVE_URI_TAG: public_uri(tracker.uri), **environment_tags("n/a")},
+        )
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_RUN_FILE).write_text(run_id)
+        (sweep_dir / SWEEP_PARAMS_FILE).write_text(json.dumps(swept))
+        _OPEN_PARENTS[run_id] = tracker
+        tracker.log_params({f"sweep.{k}": ",".join(v) for k, v in swept.items()})
+        log.info("MLflow parent run %s (%s)", run_id, public_uri(tracker.uri))
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        run_id = read_parent_run_id(sweep_dir)
+        tracker = _OPEN_PARENTS.pop(run_id, None) if run_id else None
+        if tracker is None:
+            return
+        from pipeline.core.metric_keys import headline_keys
+        from pipeline.record.sweep_summary import best_runs, child_rows, primary_extractor, summarise
+
+        sentence, lines = None, []
+        try:
+            children = tracker.child_runs(run_id)
+            statuses = [c.info.status for c in children]
+            tracker.set_tags({"sweep.jobs": len(children), "sweep.failed_jobs": statuses.count("FAILED")})
+            best = best_runs(children)  # {result key: (value, run id)} over the finished children, by direction
+            tracker.log_metrics({f"best.{k}": v for k, (v, _) in best.items()})
+            tracker.set_tags({f"best.{k}.run_id": rid for k, (_, rid) in best.items()})
+            names = {c.info.run_id: c.info.run_name for c in children}
+            primary = primary_extractor(child_rows(children))
+            scalars = [f"best {k} = {format_value(best[k][0])} ({names.get(best[k][1])})"
+                       for k in headline_keys(best, primary)]
+            lines = summary_lines(tracker, "sweep summary:", scalars, "sweep dir", sweep_dir)
+            sentence = summarise(tracker, children, sweep_dir)
+            # ---- sweep report.html and checkpoint sample grids (pipeline.record.report); neither may change the sweep
+            try:
+                from pipeline.record.report import write_sweep_report
+
+                report = write_sweep_report(sweep_dir, tracker.get_run(), children)
+                tracker.log_artifact(report)
+                log.info("sweep report %s", report)
+            except Exception:  # noqa: BLE001
+                log.warning("could not write the sweep report of %s", sweep_dir, exc_info=True)
+            try:
+                from pipeline.record.report import log_checkpoint_samples
+
+                logged = log_checkpoint_samples(tracker, children)
+                if logged:
+                    log.info("sample grids on the parent run, image 'samples' at steps %s", sorted(logged.values()))
+            except Exception:  # noqa: BLE001
+                log.warning("could not log the checkpoint sample grids of %s", sweep_dir, exc_info=True)
+            # ---- end of sweep report
+        finally:
+            tracker.end("FINISHED")
+        if lines:
+            log.info("%s", "\n".join(lines))
+        if sentence:
+            log.info("%s", sentence)
+
+
+def iter_artifact_files(directory: Path) -> Iterable[Path]:
+    return (p for p in sorted(directory.rglob("*")) if p.is_file())
+
+
+def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst),
+                                                        tracking_uri=usable_uri(uri)))
+    except Exception as e:
+        raise _redact_exception(e)
+
+
+def get_run(uri: str, run_id: str):
+    try:
+        return open_client(uri).get_run(run_id)
+    except MlflowException as e:
+        raise UserError(f"run id {run_id!r} not found in tracking store {redact_uri(uri)}: {redact_text(e.message)}") from e
