@@ -1,7 +1,7 @@
 """Generation through the project's adapter vs the family's own ``pipe.__call__`` on the same seeds (CPU).
 
 Baseline: diffusers' pipeline ``__call__`` with a list of per-sample CPU generators, the same prompts, steps,
-guidance and size. Measured: ``pipeline.generation.generate`` (the one generation path of every mode) through
+guidance and size. Measured: ``pipeline.models.generation.generate`` (the one generation path of every mode) through
 ``pipeline.models.adapter.ModelAdapter``. Each side is timed ``--repeats`` times (minimum reported, after one
 warm-up), alternating, in one process; the images are checked equal (max |Δ| in uint8).
 
@@ -55,7 +55,7 @@ def small_sd3(path: Path) -> Path:
 def bench(name: str, path: Path, steps: int, guidance: float, repeats: int, extra_call: dict) -> float:
     from diffusers import DiffusionPipeline
 
-    from pipeline.generation import generate, generators, to_uint8
+    from pipeline.models.generation import generate, generators, to_uint8
     from pipeline.models.adapter import ModelAdapter
 
     pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.attention.scoring import binarise, iou, to_image
+from pipeline.modes.attention.scoring import binarise, iou, to_image
 from pipeline.data.shapes import ShapesDataset
 
 LAYOUTS = {  # layer grid -> number of cross-attention layers at that grid

@@ -35,10 +35,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--model", default=None, help="a StableDiffusionPipeline dir (default: the built-in shapes_sd)")
     args = ap.parse_args()
-    from pipeline.attention.scoring import iou
+    from pipeline.modes.attention.scoring import iou
     from pipeline.config import compose_config
     from pipeline.data.ground_truth import ShapesObjectMasks
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
 
     masks = ShapesObjectMasks()  # generated images: the prompt's side, bright pixels (the mode's segmentation)
 

@@ -1,9 +1,9 @@
 """Figures for the attention mode, per model: (1) generation with the attention capture vs plain generation;
 (2) memory flat in the number of steps.
 
-(1) Baseline: plain generation through the project's one generation path — ``pipeline.generation.sample`` with
+(1) Baseline: plain generation through the project's one generation path — ``pipeline.models.generation.sample`` with
 the model's stock attention processors (SDPA) — on the same adapter, prompts, seeds, steps, guidance (5) and batch.
-Measured: the same call inside ``pipeline.attention.capture`` exactly as the attention stage drives it (snapshot at
+Measured: the same call inside ``pipeline.modes.attention.capture`` exactly as the attention stage drives it (snapshot at
 solver step ``steps // 2``, ``denoiser_call_steps``, the CFG flag, valid token counts where the layout
 renormalises), plus reading the results back (``aggregate()`` and ``snapshots()``: maps to CPU at latent
 resolution). Both sides include prompt encoding (``adapter.condition``); tokenizing the prompts into word positions
@@ -88,10 +88,10 @@ def held_bytes(cap) -> int:
 
 
 def generate(model, h: int, w: int, prompts: list[str], steps: int, with_capture: bool) -> Run:
-    """One batch through ``pipeline.generation.sample``, plain or inside the attention capture (timed)."""
-    from pipeline.attention.capture import capture
-    from pipeline.attention.tokens import prompt_tokens
-    from pipeline.generation import denoiser_call_steps, generators, sample
+    """One batch through ``pipeline.models.generation.sample``, plain or inside the attention capture (timed)."""
+    from pipeline.modes.attention.capture import capture
+    from pipeline.modes.attention.tokens import prompt_tokens
+    from pipeline.models.generation import denoiser_call_steps, generators, sample
 
     sampler = model.pipe.scheduler
     layout = model.attention_layout(h, w)
@@ -147,7 +147,7 @@ def main() -> None:
           f"guidance {GUIDANCE}, min of {args.repeats} interleaved runs each")
     held = {}
     with tempfile.TemporaryDirectory() as tmp:
-        print("(1) generation time, capture vs plain (pipeline.generation.sample)")
+        print("(1) generation time, capture vs plain (pipeline.models.generation.sample)")
         for name in names:
             model, h, w = load(name, Path(tmp))
             for capt in (False, True):  # warm-up

@@ -1,5 +1,5 @@
 """The default metrics job alone and next to one competing CPU-bound process, before and after the thread policy
-(``pipeline/threads.py``: threads = available CPUs, lowered batch by batch to the CPUs other processes leave free).
+(``pipeline/core/threads.py``: threads = available CPUs, lowered batch by batch to the CPUs other processes leave free).
 
 "before" = ``DIFFUSION_LENS_THREAD_POLICY=off`` (torch's defaults: active-spinning OpenMP threads). Each job is
 ``python -m pipeline 'mode=[metrics]'`` on the built-in shapes_sd in its own process (outputs in a temporary

@@ -2,12 +2,12 @@
 weights (components built from the published configs: nothing downloaded), fp16 on CUDA.
 
 Baseline ("raw-UNet bound"): the UNet alone, ``steps`` forward calls at the CFG batch 2B on random inputs — what
-generation cannot beat. Measured: ``pipeline.generation.generate`` (the one generation path: text encoding, the
+generation cannot beat. Measured: ``pipeline.models.generation.generate`` (the one generation path: text encoding, the
 solver loop through the adapter, VAE decode, uint8 conversion) at batch B. Printed separately: UNet, text-encoding
 and VAE-decode time per batch. Goal: throughput ratio >= 0.88.
 
-Attention section (``--attention``): generation inside the attention capture (``pipeline.attention.capture``
-around ``pipeline.generation.sample``, as the attention stage drives it: snapshot at step ``steps // 2``,
+Attention section (``--attention``): generation inside the attention capture (``pipeline.modes.attention.capture``
+around ``pipeline.models.generation.sample``, as the attention stage drives it: snapshot at step ``steps // 2``,
 ``denoiser_call_steps``, the CFG flag; then ``aggregate()`` and ``snapshots()`` read back to the CPU) vs plain
 generation through the same path with the stock SDPA processors — same adapter, prompts, seeds, steps, guidance,
 batch; warm-up, then interleaved plain/capture pairs, minimum of each. Both sides include prompt encoding. Also the
@@ -18,7 +18,7 @@ with random weights (UNet, VAE and the CLIP-L + OpenCLIP-bigG text encoders from
 4 prompts, 10 steps, Euler, 512²: 70 cross-attention layers at 32² and 16² tokens). Goal: capture / plain <= 1.3.
 
 Latent section (``--latent``): on the SDXL-architecture pipeline in fp16 at 512² (random weights), the latent mode's
-parts ``vae``, ``interpolation`` and ``inversion`` through ``pipeline.latent.space.LatentSpace`` with small counts
+parts ``vae``, ``interpolation`` and ``inversion`` through ``pipeline.modes.latent.space.LatentSpace`` with small counts
 (2 images, 10 steps): VAE round trip (``force_upcast``), a slerp midpoint generated in float32 (the PPL path) and a
 DDIM inversion round trip; prints whether every output is finite (no NaN), the PSNRs, timings and peak memory.
 
@@ -169,9 +169,9 @@ def _reset_peak(device: torch.device) -> int:
 def attention_overhead(label: str, pipe, n: int, steps: int, size: tuple[int, int] | None, device: torch.device,
                        repeats: int, guidance: float = 7.5) -> None:
     """Generation inside the attention capture vs plain generation (see the module docstring), one line per model."""
-    from pipeline.attention.capture import capture
-    from pipeline.attention.tokens import prompt_tokens
-    from pipeline.generation import denoiser_call_steps, generators, sample
+    from pipeline.modes.attention.capture import capture
+    from pipeline.modes.attention.tokens import prompt_tokens
+    from pipeline.models.generation import denoiser_call_steps, generators, sample
     from pipeline.models.adapter import ModelAdapter
 
     model = ModelAdapter(pipe)
@@ -254,7 +254,7 @@ def main() -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if args.tiny:
         torch.set_num_threads(1)  # a dry run: tiny ops gain nothing from threads, which spin on a shared machine
-    from pipeline.generation import generate
+    from pipeline.models.generation import generate
     from pipeline.models.adapter import ModelAdapter
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -306,8 +306,8 @@ def latent_check(pipe, device: torch.device, tiny: bool) -> None:
     """vae, interpolation (float32 PPL path) and inversion on one pipeline, small counts: finite outputs?"""
     import torch.nn.functional as F
 
-    from pipeline.latent.interpolation import slerp
-    from pipeline.latent.space import LatentSpace, ddim_config
+    from pipeline.modes.latent.interpolation import slerp
+    from pipeline.modes.latent.space import LatentSpace, ddim_config
     from pipeline.metrics.image import psnr
     from pipeline.models.adapter import ModelAdapter
 

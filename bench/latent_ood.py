@@ -27,7 +27,7 @@ BAR = 0.95
 
 def run(model: str, name: str, extra: list[str], outputs: pathlib.Path) -> dict[str, float]:
     from pipeline.config import compose_config
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
 
     cfg = compose_config(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={model}", "mode=[latent]", "mode.latent.parts=[ood]",
                    f"paths.outputs={outputs}", f"tracking.run_name=bench_latent_ood_{name}", *extra])

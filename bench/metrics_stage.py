@@ -38,7 +38,7 @@ _CHILD = r"""
 import json, resource, sys
 sys.path.insert(0, {tests!r})
 from conftest import compose_cfg
-from pipeline.runner import run_pipeline
+from pipeline.run.runner import run_pipeline
 cfg = compose_cfg({overrides!r}, {out!r})
 run_pipeline(cfg, {out!r} + "/run")
 print("RESULT", json.dumps({{"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
@@ -49,9 +49,9 @@ def cache_figure(n_ref: int) -> None:
     import torch
 
     from conftest import compose_cfg
-    from pipeline.context import RunContext
+    from pipeline.core.context import RunContext
     from pipeline.features.inception import FIDInceptionV3
-    from pipeline.runner import _run_stage
+    from pipeline.run.runner import _run_stage
 
     with tempfile.TemporaryDirectory() as tmp:
         w = Path(tmp) / "inception_random.pth"
@@ -103,9 +103,9 @@ _TIMED = ("fd_subsample_sd", "kernel_subsample_sd", "bootstrap_interval")
 
 def additions_default_run() -> None:
     """Split of the default metrics run's metrics stage: generation + features / intervals / the rest."""
-    import pipeline.metrics.stage as st
+    import pipeline.modes.metrics.stage as st
     from conftest import compose_cfg
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
 
     spent = {name: 0.0 for name in (*_TIMED, "fd_inf", "_per_prompt_outputs")}
 
@@ -121,7 +121,7 @@ def additions_default_run() -> None:
     for name in spent:
         setattr(st, name, timed(name, getattr(st, name)))
     wall = {}
-    from pipeline.registry import STAGES, load_stages
+    from pipeline.core.registry import STAGES, load_stages
 
     load_stages()
     original = STAGES["metrics"].fn

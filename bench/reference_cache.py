@@ -35,8 +35,8 @@ import json, logging, sys, time
 sys.path[:0] = [{tree!r}, {tree!r} + "/tests"]
 import torch
 from conftest import compose_cfg
-from pipeline.context import RunContext
-from pipeline.runner import _run_stage
+from pipeline.core.context import RunContext
+from pipeline.run.runner import _run_stage
 import pipeline.data.folder as F
 
 if hasattr(F, "decoded_count"):
@@ -56,8 +56,8 @@ class Hits(logging.Handler):
         msg = record.getMessage()
         if msg.startswith("reference cache "):
             hits.append(msg.startswith("reference cache hit"))
-logging.getLogger("pipeline.metrics.stage").addHandler(Hits())
-logging.getLogger("pipeline.metrics.stage").setLevel(logging.INFO)
+logging.getLogger("pipeline.modes.metrics.stage").addHandler(Hits())
+logging.getLogger("pipeline.modes.metrics.stage").setLevel(logging.INFO)
 
 cfg = compose_cfg({overrides!r}, {out!r})
 ctx = RunContext(cfg, {out!r} + "/run")

@@ -36,7 +36,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.report import REPORT_NAME, write_run_report  # noqa: E402
+from pipeline.record.report import REPORT_NAME, write_run_report  # noqa: E402
 
 _PROBE = """<script>addEventListener("load", () => {
   const imgs = [...document.images];
@@ -57,7 +57,7 @@ def chromium() -> str:
 def run_default(modes: str, n: int | None, outputs: Path) -> tuple[Path, float]:
     from conftest import compose_cfg
 
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
 
     overrides = [f"mode=[{modes}]"] + ([f"mode.metrics.num_samples={n}"] if n else [])
     cfg = compose_cfg(overrides, outputs)

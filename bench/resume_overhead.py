@@ -4,7 +4,7 @@
 
 Three subprocesses on the default model (shapes_sd, ``mode=[metrics]``, N = ``--n``, batch 16), outputs in a
 temporary folder, reference cache warm for all (a first run fills it): (1) uninterrupted; (2) killed after half of
-its batches are on disk (``DIFFUSION_LENS_CRASH_AT=shard_written:<half>``, SIGKILL); (3) ``python -m pipeline.resume``
+its batches are on disk (``DIFFUSION_LENS_CRASH_AT=shard_written:<half>``, SIGKILL); (3) ``python -m pipeline.run.resume``
 of (2). Prints each wall time, the ratio (2 + 3) / 1, and the same ratio without the second start-up (the killed
 run's wall time minus the generation and feature time in its shards: imports, model load, reference features),
 goal ≤ 1.05×; and whether the resumed run's scalars equal the uninterrupted run's (timings aside).
@@ -50,7 +50,7 @@ def shard_seconds(run_dir: pathlib.Path) -> float:
 
 
 def main() -> None:
-    from pipeline.metric_keys import is_timing
+    from pipeline.core.metric_keys import is_timing
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=256)
@@ -65,7 +65,7 @@ def main() -> None:
         whole = launch([*common, f"hydra.run.dir={tmp / 'whole'}"])
         killed = launch([*common, f"hydra.run.dir={tmp / 'killed'}"], crash=f"shard_written:{batches // 2}")
         startup = killed - shard_seconds(tmp / "killed")
-        resumed = launch([str(tmp / "killed")], module="pipeline.resume")
+        resumed = launch([str(tmp / "killed")], module="pipeline.run.resume")
         a, b = (json.loads((tmp / d / "results.json").read_text()) for d in ("whole", "killed"))
     same = {k: v for k, v in a.items() if not is_timing(k)} == {k: v for k, v in b.items() if not is_timing(k)}
     print(f"uninterrupted            {whole:7.1f} s   (N = {args.n}, {batches} batches of 16)")

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from conftest import compose_cfg  # noqa: E402
 
-from pipeline.context import RunContext  # noqa: E402
-from pipeline.runner import execute, run_pipeline  # noqa: E402
+from pipeline.core.context import RunContext  # noqa: E402
+from pipeline.run.runner import execute, run_pipeline  # noqa: E402
 
 
 def main() -> None:
