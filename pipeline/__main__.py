@@ -7,6 +7,10 @@ import hydra
 
 from pipeline.config import register_configs
 from pipeline.run.runner import FAILED_JOBS, run_from_hydra
+from pipeline.config import check_list_choices, check_override_keys
+from pipeline.core.threads import configure_torch
+from pipeline.errors import UserError
+from pipeline.record.tracking import close_open_parents
 
 register_configs()
 
@@ -26,8 +30,6 @@ def _check_overrides(argv: list[str]) -> None:
     (Hydra would suggest the ``+`` form, which the schema then refuses)."""
     from hydra._internal.utils import get_args_parser
 
-    from pipeline.config import check_list_choices, check_override_keys
-    from pipeline.errors import UserError
 
     try:
         overrides = get_args_parser().parse_known_args(argv)[0].overrides
@@ -42,7 +44,6 @@ def _check_overrides(argv: list[str]) -> None:
 
 
 def cli() -> None:
-    from pipeline.core.threads import configure_torch
 
     _check_overrides(sys.argv[1:])
     configure_torch()  # threads = the CPUs this process may use (a joblib sweep then splits them per job)
@@ -50,13 +51,11 @@ def cli() -> None:
     try:
         main()
     except KeyboardInterrupt:
-        from pipeline.record.tracking import close_open_parents
 
         close_open_parents("KILLED")
         sys.exit(130)
     except SystemExit as e:
         if e.code not in (0, None):  # Hydra reports a composition error (e.g. an unknown option in a sweep list)
-            from pipeline.record.tracking import close_open_parents
 
             close_open_parents("FAILED", "sweep stopped before its jobs finished: a configuration error (see the log)")
         raise

@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from pipeline.core.registry import MODES, load_modes
+from pipeline.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SEED_LIMIT = 2**32  # numpy's seed range; torch's generators take it too (a seed is drawn from [0, 2**32))
@@ -168,7 +170,6 @@ class PathsConfig:
 
 def build_schema() -> type:
     """The top-level schema; ``mode`` gets one optional field per registered mode."""
-    from pipeline.core.registry import MODES, load_modes
 
     load_modes()  # each mode package's schema (pipeline/<M>/mode.py), not its stages
 
@@ -199,6 +200,8 @@ def register_configs() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    # the one import up the layers: the yaml resolvers (${zoo:…}, ${family_solvers:…}) read model directories, and
+    # registering them here gives every way of composing (CLI, compose_config, tests) the same resolvers
     from pipeline.models.builtin import register_resolvers
 
     register_resolvers()
@@ -240,7 +243,6 @@ INVOCATION_KEYS = ("paths", "tracking.uri", "tracking.connect_timeout_s")
 def _refuse_markup(node: Any, path: str, file: str) -> None:
     """A saved, resolved config holds plain values: an interpolation (``${oc.env:SECRET}``) or an instantiate key
     (``_target_``) in it was planted, and is refused naming the key and the file."""
-    from pipeline.errors import UserError
 
     if isinstance(node, Mapping):
         for key, value in node.items():
@@ -268,7 +270,6 @@ def load_saved(file: str | Path) -> dict:
     or the project's defaults."""
     import yaml
 
-    from pipeline.errors import UserError
 
     file = Path(file)
     try:
@@ -292,7 +293,6 @@ def rebuild(saved: dict, overrides: Sequence[str] = ()) -> Any:
     """The config of a resumed or reproduced run: ``saved`` (from :func:`load_saved`) on the schema, the project's
     defaults for the invocation's keys, then the command line's ``key=value`` overrides; checked like a composed
     config (:func:`check_config`)."""
-    from pipeline.errors import UserError
 
     from omegaconf.errors import OmegaConfBaseException
 
@@ -393,7 +393,6 @@ def unknown_keys(cfg: Any) -> list[tuple[str, Optional[str]]]:
 def check_keys(cfg: Any, where: str = "") -> None:
     """Raise a UserError naming every key of ``cfg`` the schema does not have (:func:`unknown_keys`) and the
     closest valid key. ``where`` prefixes the message (e.g. the sweep job)."""
-    from pipeline.errors import UserError
 
     bad = unknown_keys(cfg)
     if bad:
@@ -441,7 +440,6 @@ def check_values(cfg: Any, where: str = "") -> None:
     not resolve are left to the run's own resolution, which names them."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from pipeline.errors import UserError
 
     register_configs()
     if OmegaConf.is_config(cfg):
@@ -484,7 +482,6 @@ def check_list_choices(overrides: Sequence[str]) -> None:
     valid options the same way. Overrides Hydra cannot parse are left to Hydra's own message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from pipeline.errors import UserError
 
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
@@ -552,7 +549,6 @@ def check_override_keys(overrides: Sequence[str]) -> None:
     ``hydra.*`` and deletions are left to Hydra; unparsable overrides to Hydra's own message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from pipeline.errors import UserError
 
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
@@ -588,7 +584,7 @@ def check_override_keys(overrides: Sequence[str]) -> None:
 
 def check_sweep(config: Any, job_check: Any = None) -> None:
     """:func:`check_config` (keys, value ranges) and resolution (``???``, interpolations) of every job of a multirun
-    before the first one starts (from :class:`pipeline.record.tracking.SweepCallback`), each job's config composed as
+    before the first one starts (from :class:`pipeline.record.sweep.SweepCallback`), each job's config composed as
     Hydra's basic sweeper composes it, then ``job_check(job config)`` (the runner's preflight): a bad value anywhere
     refuses the sweep before any job, run dir or MLflow run. Jobs that do not compose are left to Hydra's own
     validation of the batch, which follows."""
@@ -608,7 +604,6 @@ def check_sweep(config: Any, job_check: Any = None) -> None:
         return
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    from pipeline.errors import UserError
 
     swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
     for batch in BasicSweeper.split_arguments(parsed, None):

@@ -188,13 +188,13 @@ def test_checkpoint_steps_final_model_is_last_step_plus_one():
 
 
 def test_a_failing_report_never_changes_the_run(monkeypatch, tmp_path, caplog):
-    import pipeline.record.report
+    import pipeline.run.runner
     from pipeline.run.runner import RunOutcome, _write_report
 
     def boom(*a, **k):
         raise RuntimeError("report broke")
 
-    monkeypatch.setattr(pipeline.record.report, "write_run_report", boom)
+    monkeypatch.setattr(pipeline.run.runner, "write_run_report", boom)
     tracker = SimpleNamespace(run_tags=lambda: {})
     with caplog.at_level(logging.WARNING):
         _write_report(tmp_path, RunOutcome("id", "FINISHED", tmp_path), tracker, {}, {})  # no exception

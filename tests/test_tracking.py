@@ -145,7 +145,7 @@ def test_store_precedence_tracking_uri_then_env_then_default(outputs, tmp_path, 
         seen.update(kw, uri=cfg.tracking.uri)
         return RunOutcome("x", "FINISHED", run_dir, dict(out.results))
 
-    monkeypatch.setattr("pipeline.run.runner.run_pipeline", fake_run)
+    monkeypatch.setattr("pipeline.run.reproduce.run_pipeline", fake_run)
     assert reproduce.main([out.run_id, f"tracking.uri={sqlite_uri(outputs)}", f"paths.outputs={out_dir}"]) == 0
     assert seen["tracking_uri"] is None and seen["uri"] == sqlite_uri(outputs)
     assert reproduce.main([out.run_id, "--tracking-uri", env_uri, f"paths.outputs={out_dir}"]) == 0

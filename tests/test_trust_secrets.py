@@ -122,7 +122,7 @@ def test_hydra_files_are_redacted_when_the_job_starts(tmp_path):
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from pipeline.record.tracking import SweepCallback
+    from pipeline.record.sweep import SweepCallback
 
     sweep, job = tmp_path / "sweep", tmp_path / "sweep" / "0"
     (job / ".hydra").mkdir(parents=True)

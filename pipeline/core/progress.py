@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.core.metric_keys import PROGRESS_PREFIX
 
 try:
     import fcntl
@@ -454,7 +455,6 @@ class LiveProgress:
             return
         done = min(self.done * self.scale, self.total)
         rate = self.new * self.scale / max(now - self.t0, 1e-9)
-        from pipeline.core.metric_keys import PROGRESS_PREFIX
 
         try:
             self.tracker.log_metrics({f"{PROGRESS_PREFIX}samples_done": done, f"{PROGRESS_PREFIX}images_per_s": rate},

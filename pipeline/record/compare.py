@@ -27,6 +27,7 @@ from pipeline.record.sweep_summary import (
     FAILED_STATUSES, child_rows, columns, fd_key, is_metric, mixed_n_warning, primary_extractor, swept, winner_lines,
     write_summary,
 )
+from pipeline.record.tracking import MlflowException, _check_reachable, open_client, redact_uri, resolve_uri
 
 DEFAULT_SORT = "metrics/fd_<primary extractor>"  # what the default is, for --help; see default_sort()
 # shown in the printed table when present (the CSV has every metric): the primary extractor's FD, timing, prompt
@@ -40,7 +41,6 @@ PAGE = 1000
 def open_store(tracking_uri: str | None, outputs: str | Path) -> tuple[Any, str]:
     """(MlflowClient, uri). A missing SQLite file is an error here, not a fresh empty store."""
     # pipeline.record.tracking is the one module that imports mlflow; it also caps HTTP retries for servers
-    from pipeline.record.tracking import _check_reachable, open_client, redact_uri, resolve_uri
 
     uri = resolve_uri(tracking_uri, outputs)  # --tracking-uri, then MLFLOW_TRACKING_URI, then <outputs>/mlflow.db
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
@@ -62,7 +62,6 @@ def search_all(client: Any, experiment_ids: list[str], filter_string: str = "") 
 def find_runs(client: Any, target: str | None, experiment: str | None = None, uri: str = "") -> tuple[str, list[Any]]:
     """(description, runs): the children of parent run ``target`` (searched in ``experiment`` if given, else in the
     parent's own experiment), or every non-parent run of experiment ``target`` (or ``experiment`` alone)."""
-    from pipeline.record.tracking import MlflowException, redact_uri
 
     def experiment_id(name: str) -> str:
         exp = client.get_experiment_by_name(name)
@@ -179,7 +178,6 @@ def compare(target: str | None, tracking_uri: str | None = None, outputs: str | 
             sort: str | None = None, desc: bool = False, out: str | Path | None = None,
             experiment: str | None = None) -> tuple[str, list[dict[str, Any]], Path, list[Path]]:
     """(printed text, sorted rows, CSV path, plot paths). Raises UserError for anything the user can fix."""
-    from pipeline.record.tracking import redact_uri
 
     client, uri = open_store(tracking_uri, outputs)
     title, runs = find_runs(client, target, experiment, uri)

@@ -13,7 +13,7 @@ anything outside the file (a Content-Security-Policy ``default-src 'none'`` says
   ``pipeline.run.runner.run_pipeline`` writes it before the artifact upload, so it is one of the run's artifacts.
 - :func:`write_sweep_report` builds ``<sweep_dir>/report.html`` for a sweep's parent run: the child runs (name,
   status, what was swept, headline metrics with intervals, error), the best values, the sweep plots and each
-  child's sample grid. :class:`pipeline.record.tracking.SweepCallback` writes and logs it when the sweep ends.
+  child's sample grid. :class:`pipeline.record.sweep.SweepCallback` writes and logs it when the sweep ends.
 - :func:`log_checkpoint_samples`: in a checkpoint sweep, each child's sample grid is logged on the parent run as
   MLflow image ``samples`` at the checkpoint's training step (:func:`checkpoint_steps`), so the MLflow UI's image
   slider steps through the checkpoints.
@@ -37,6 +37,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from pipeline.core.escape import csv_uncell, html_text
 from pipeline.core.metric_keys import CI_SUFFIXES, NUM_SAMPLES_PARAM, headline_keys, higher_is_better
+from pipeline.record.sweep_summary import CHECKPOINT, checkpoint_label, child_rows, mixed_n_warning, primary_extractor, swept
+from pipeline.record.tracking import environment_tags
+from pipeline.zoo import checkpoint_step
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +392,6 @@ def write_run_report(run_dir: str | Path, results: Optional[Mapping[str, Any]] =
         results = json.loads(file.read_text()) if file.is_file() else {}
     config = _load_config(run_dir)
     if tags is None:
-        from pipeline.record.tracking import environment_tags
 
         tags = environment_tags(str(_get(config, "model.device", "n/a")))
     tags, params = dict(tags), dict(params or {})
@@ -453,7 +455,6 @@ def checkpoint_steps(paths: Iterable[Any]) -> dict[str, int]:
     (``step_00250`` -> 250, :func:`pipeline.zoo.checkpoint_step`); a path without one (the final model) comes after
     the last checkpoint: last step + 1 (+ 2, ... for several, in the given order). {} when no path names a step
     (a sweep over different models, not over checkpoints)."""
-    from pipeline.zoo import checkpoint_step
 
     paths = list(dict.fromkeys(str(p) for p in paths if p is not None))
     steps = {p: checkpoint_step(p.rstrip("/")) for p in paths}
@@ -516,8 +517,6 @@ def write_sweep_report(sweep_dir: str | Path, parent_run: Any, children: Sequenc
     (``sweep_*.png`` in ``sweep_dir``) and each child's sample grid (``<child run_dir>/plots/metrics_samples.png``;
     in a checkpoint sweep in training order, labelled with the step). ``parent_run``: the parent's MLflow run (or
     None); ``children``: the child runs (``pipeline.record.tracking.Tracker.child_runs``). Returns the path."""
-    from pipeline.record.sweep_summary import (CHECKPOINT, checkpoint_label, child_rows, mixed_n_warning,
-                                        primary_extractor, swept)
 
     sweep_dir = Path(sweep_dir)
     rows = child_rows(list(children))

@@ -1,6 +1,6 @@
 """Summary of a sweep: one table row per child run, and the plots that fit what was swept.
 
-Used twice: by :class:`pipeline.record.tracking.SweepCallback` at the end of a multirun (the CSV and the plots become
+Used twice: by :class:`pipeline.record.sweep.SweepCallback` at the end of a multirun (the CSV and the plots become
 artifacts of the parent MLflow run and files in the sweep dir) and by ``python -m pipeline.record.compare``, which
 builds the same rows from any MLflow store. Everything here works on the MLflow run objects alone (params,
 metrics, tags), never on local run directories.

@@ -29,6 +29,12 @@ from pathlib import Path
 
 
 from pipeline.errors import UserError
+from pipeline.config import load_saved, rebuild
+from pipeline.core.metric_keys import is_timing
+from pipeline.record.naming import override_key, run_name
+from pipeline.record.tracking import download_artifact, get_run, redact_uri, resolve_uri
+from pipeline.run.runner import run_pipeline, selected_modes
+from pipeline.run.saved import previous_run
 
 log = logging.getLogger("pipeline.run.reproduce")
 
@@ -42,7 +48,6 @@ def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict
         if missing:
             raise UserError(f"run dir {ref!r} lacks {missing}; expected a run directory written by python -m pipeline")
     else:
-        from pipeline.record.tracking import download_artifact, get_run, redact_uri, resolve_uri
 
         uri = resolve_uri(tracking_uri, "outputs")
         get_run(uri, ref)  # clear error for an unknown id
@@ -54,8 +59,6 @@ def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict
                 if name == "run_info.json":
                     continue
                 raise UserError(f"run {ref!r} in {redact_uri(uri)} has no artifact {name!r}: {e}") from e
-    from pipeline.config import load_saved
-    from pipeline.run.resume import previous_run
 
     cfg = load_saved(files["config_resolved.yaml"])  # data: nothing resolved or instantiated, paths/tracking.uri ours
     results = _read_results(files["results.json"])
@@ -89,13 +92,7 @@ SETUP_KEYS = ("metrics/num_shards",)
 
 def kind(key: str) -> str:
     """``TIMING``, ``SETUP`` (both shown, not compared) or ``RESULT``."""
-    from pipeline.core.metric_keys import is_timing
-
     return "SETUP" if key in SETUP_KEYS else "TIMING" if is_timing(key) else "RESULT"
-
-
-def is_timing(key: str) -> bool:
-    return kind(key) == "TIMING"
 
 
 def same(a: float | None, b: float | None, rtol: float) -> bool:
@@ -131,10 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # options may come between the run and its overrides
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 
-    from pipeline.config import rebuild
-    from pipeline.record.naming import override_key, run_name
-    from pipeline.run.runner import run_pipeline, selected_modes
-    from pipeline.record.tracking import resolve_uri
 
     try:
         with tempfile.TemporaryDirectory() as tmp:

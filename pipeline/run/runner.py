@@ -33,6 +33,15 @@ from pipeline.core.context import RunContext
 from pipeline.errors import ModeSkipped, UserError
 from pipeline.core.progress import LOCK_FILE, PROGRESS_DIR, RunLock, crash_point
 from pipeline.core.registry import MODES, STAGES, load_modes, load_stages, producer_of
+from pipeline.config import check_sweep
+from pipeline.core.metric_keys import headline_keys, interval_text
+from pipeline.core.threads import available_cpus
+from pipeline.models.loading import resolve_device
+from pipeline.models.stages import check_model
+from pipeline.record.naming import job_name, run_name as default_run_name
+from pipeline.record.report import write_run_report
+from pipeline.record.tracking import EFFECTIVE_URI_TAG, Tracker, deferred_interrupts, environment_tags, flatten, format_value, get_run, public_uri, read_parent_run_id, read_sweep_params, redact_text, resolve_uri, summary_lines
+from pipeline.run.saved import check_unchanged, previous_run, resumable, saved_config
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +148,6 @@ def preflight(cfg: DictConfig, choices: dict[str, Any] | None = None) -> tuple[d
     for mode in modes:
         if MODES[mode].validate is not None:
             MODES[mode].validate(cfg)
-    from pipeline.models.stages import check_model
 
     check_model(cfg)  # device, scheduler config, solver vs model: no weights read
     return plain, modes
@@ -151,7 +159,6 @@ class SweepPreflight(Callback):
     fit one of the models) is refused whole, naming the job, before any run dir or MLflow run exists."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from pipeline.config import check_sweep
 
         try:
             check_sweep(config, job_check=preflight)
@@ -194,80 +201,26 @@ def run_pipeline(
     RUNNING again, tag ``resumed`` = number of resumptions); the metrics mode then generates only the batches that
     have no shard in ``run_dir/progress/``. The run dir is locked (``run.lock``, heartbeat) while the run is in it;
     its ``progress/`` is deleted when the run finishes and never uploaded."""
-    from pipeline.models.loading import resolve_device
-    from pipeline.record.naming import run_name as default_run_name
-    from pipeline.record.tracking import EFFECTIVE_URI_TAG, Tracker, environment_tags, flatten, public_uri, resolve_uri
 
     choices = {k: v for k, v in (choices or {}).items() if v is not None}
     plain, modes = preflight(cfg, choices)  # a bad config: UserError, nothing created
     main = dist.is_main()  # True unless this is a non-zero rank of a torchrun launch
-    scratch = None
-    if not main:  # same stages, nothing recorded: a throwaway run dir, no MLflow run
-        scratch = run_dir = Path(tempfile.mkdtemp(prefix=f"diffusion-lens-rank{dist.rank()}-"))
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir).acquire() if main else None  # a live owner of this run dir: UserError, nothing touched
-    store = tracking_uri or resolve_uri(cfg.tracking.uri, cfg.paths.outputs)
-    try:
-        # unreachable server, store refusing writes: UserError, the lock released
-        tracker = Tracker(cfg.tracking, cfg.paths.outputs, uri=store) if main else _NoTracker()
-        tags = {**environment_tags(str(cfg.model.device)), "run_dir": str(run_dir.resolve()),
-                EFFECTIVE_URI_TAG: public_uri(tracker.uri), **(extra_tags or {})}
-        if dist.launched():
-            tags["distributed.world_size"] = str(dist.world_size())
-        if resume_run_id is not None and main:
-            prior = tracker.reopen(resume_run_id)
-            run_id, resumed = resume_run_id, int(prior.tags.get("resumed", "0")) + 1
-            tracker.set_tags({**tags, "resumed": resumed})
-            if "error" in prior.tags:  # the last attempt's failure is history now
-                tracker.set_tags({"resumed.previous_error": prior.tags["error"]})
-                tracker.delete_tag("error")
-            log.info("resuming MLflow run %s (%s), resumption %d, in %s", run_id, tracker.run_name, resumed, run_dir)
-        else:
-            run_id = tracker.start(run_name or default_run_name(cfg, modes, choices), tags=tags,
-                                   parent_run_id=parent_run_id)
-            log.info("MLflow run %s (%s) in %s (%s)", run_id, tracker.run_name, public_uri(tracker.uri), run_dir)
-    except BaseException as e:
-        if lock is not None:
-            lock.release()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        if isinstance(e, (UserError, KeyboardInterrupt)):
-            raise
-        raise UserError(f"tracking store {public_uri(store)}: {_first_line(e)}; nothing was run. Check that the "
-                        "store is reachable and writable (a read-only or full disk, a server down), or choose another "
-                        "with tracking.uri=...") from e
+    run_dir, scratch, lock = _claim_run_dir(run_dir, main)
+    tracker, run_id, tags = _open_mlflow_run(cfg, run_dir, main, lock, scratch, modes, choices, parent_run_id,
+                                             extra_tags, run_name, tracking_uri, resume_run_id)
     ctx = RunContext(cfg, run_dir, tracker if main else None)
     outcome = RunOutcome(run_id, "FAILED", run_dir)
     failure: BaseException | None = None
     try:
-        info = {"run_id": run_id, "tracking_uri": public_uri(tracker.uri), "choices": choices,
-                "parent_run_id": parent_run_id}
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
-        ctx.write_results()
-        # the group choices first: a job that fails on its config still shows what it was in a sweep's table
-        tracker.log_params({f"choice.{k}": str(v) for k, v in choices.items() if k != "mode"})
-        saved = _redacted_config(plain)
-        OmegaConf.save(OmegaConf.create(saved), run_dir / "config_resolved.yaml")
-        params = flatten(saved)
-        params["choice.mode"] = str(choices.get("mode", modes))  # Hydra does not record list-valued group choices
-        choices.setdefault("mode", modes)
-        changed = tracker.log_params(params)  # a resumed run: the allowed changes (model.device, ...) become a tag
-        if changed:
-            tracker.set_tags({"resumed.changed": "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items()))})
-        ctx.device = dist.local_device(resolve_device(cfg.model.device))  # cuda:LOCAL_RANK under torchrun
-        dist.init(ctx.device)  # once per process; a no-op unless launched by torchrun
-        tracker.set_tags({"device": str(ctx.device), "modes": ",".join(modes)})
+        _record_setup(ctx, tracker, plain, modes, choices, parent_run_id)
+        _start_device(ctx, tracker, modes)
         seed_everything(cfg.seed)
         outcome.skipped = execute(ctx, modes)
         outcome.status = "FINISHED"
     except KeyboardInterrupt as e:
         outcome.status, outcome.error, failure = "KILLED", "KeyboardInterrupt (Ctrl-C or SIGTERM)", e
     except BaseException as e:  # noqa: BLE001 - re-raised below, after the run is closed
-        from pipeline.record.tracking import redact_text
-
         outcome.error, failure = redact_text(f"{type(e).__name__}: {e}"), e
-    from pipeline.record.tracking import deferred_interrupts
 
     with deferred_interrupts():  # a Ctrl-C or SIGTERM now waits for the run to be closed, then ends it KILLED
         closing_error = _close_run(ctx, outcome, tracker, lock, scratch, main, tags, choices, cfg)
@@ -278,9 +231,85 @@ def run_pipeline(
     return outcome
 
 
+def _claim_run_dir(run_dir: str | Path, main: bool) -> tuple[Path, Path | None, RunLock | None]:
+    """The run dir, created and locked (a live owner: UserError, nothing touched); a non-zero torchrun rank runs the
+    same stages in a throwaway dir (``scratch``) and records nothing."""
+    scratch = None
+    if not main:
+        scratch = run_dir = Path(tempfile.mkdtemp(prefix=f"diffusion-lens-rank{dist.rank()}-"))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir).acquire() if main else None
+    return run_dir, scratch, lock
+
+
+def _open_mlflow_run(cfg, run_dir: Path, main: bool, lock, scratch, modes, choices, parent_run_id, extra_tags,
+                     run_name, tracking_uri, resume_run_id) -> tuple[Any, str | None, dict]:
+    """Start (or reopen, when resuming) the MLflow run: (tracker, run id, tags). An unreachable server or a store
+    refusing writes is a UserError with the lock released and nothing run."""
+    store = tracking_uri or resolve_uri(cfg.tracking.uri, cfg.paths.outputs)
+    try:
+        tracker = Tracker(cfg.tracking, cfg.paths.outputs, uri=store) if main else _NoTracker()
+        tags = {**environment_tags(str(cfg.model.device)), "run_dir": str(run_dir.resolve()),
+                EFFECTIVE_URI_TAG: public_uri(tracker.uri), **(extra_tags or {})}
+        if dist.launched():
+            tags["distributed.world_size"] = str(dist.world_size())
+        if resume_run_id is not None and main:
+            return tracker, _reopen(tracker, resume_run_id, tags, run_dir), tags
+        run_id = tracker.start(run_name or default_run_name(cfg, modes, choices), tags=tags, parent_run_id=parent_run_id)
+        log.info("MLflow run %s (%s) in %s (%s)", run_id, tracker.run_name, public_uri(tracker.uri), run_dir)
+        return tracker, run_id, tags
+    except BaseException as e:
+        if lock is not None:
+            lock.release()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(e, (UserError, KeyboardInterrupt)):
+            raise
+        raise UserError(f"tracking store {public_uri(store)}: {_first_line(e)}; nothing was run. Check that the "
+                        "store is reachable and writable (a read-only or full disk, a server down), or choose another "
+                        "with tracking.uri=...") from e
+
+
+def _reopen(tracker, run_id: str, tags: dict, run_dir: Path) -> str:
+    """The resumed run: RUNNING again, ``resumed`` counts the resumptions, the last attempt's error becomes history."""
+    prior = tracker.reopen(run_id)
+    resumed = int(prior.tags.get("resumed", "0")) + 1
+    tracker.set_tags({**tags, "resumed": resumed})
+    if "error" in prior.tags:
+        tracker.set_tags({"resumed.previous_error": prior.tags["error"]})
+        tracker.delete_tag("error")
+    log.info("resuming MLflow run %s (%s), resumption %d, in %s", run_id, tracker.run_name, resumed, run_dir)
+    return run_id
+
+
+def _record_setup(ctx: RunContext, tracker, plain: dict, modes: list[str], choices: dict, parent_run_id) -> None:
+    """``run_info.json``, an empty ``results.json``, ``config_resolved.yaml`` and the params, before any stage."""
+    run_dir = ctx.run_dir
+    info = {"run_id": tracker.run_id, "tracking_uri": public_uri(tracker.uri),
+            "choices": choices, "parent_run_id": parent_run_id}
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+    ctx.write_results()
+    # the group choices first: a job that fails on its config still shows what it was in a sweep's table
+    tracker.log_params({f"choice.{k}": str(v) for k, v in choices.items() if k != "mode"})
+    saved = _redacted_config(plain)
+    OmegaConf.save(OmegaConf.create(saved), run_dir / "config_resolved.yaml")
+    params = flatten(saved)
+    params["choice.mode"] = str(choices.get("mode", modes))  # Hydra does not record list-valued group choices
+    choices.setdefault("mode", modes)
+    changed = tracker.log_params(params)  # a resumed run: the allowed changes (model.device, ...) become a tag
+    if changed:
+        tracker.set_tags({"resumed.changed": "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items()))})
+
+
+def _start_device(ctx: RunContext, tracker, modes: list[str]) -> None:
+    ctx.device = dist.local_device(resolve_device(ctx.cfg.model.device))  # cuda:LOCAL_RANK under torchrun
+    dist.init(ctx.device)  # once per process; a no-op unless launched by torchrun
+    tracker.set_tags({"device": str(ctx.device), "modes": ",".join(modes)})
+
+
 def _first_line(e: BaseException) -> str:
     """``Type: first line of the message`` (a store's error can carry a page of SQL)."""
-    from pipeline.record.tracking import redact_text
 
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return redact_text(f"{type(e).__name__}: {text}"[:500])
@@ -288,7 +317,6 @@ def _first_line(e: BaseException) -> str:
 
 def _redacted_config(plain: dict) -> dict:
     """The resolved config as saved and logged: credentials in ``tracking.uri`` redacted (``user:***@host``)."""
-    from pipeline.record.tracking import public_uri
 
     uri = (plain.get("tracking") or {}).get("uri")
     if not uri:
@@ -302,7 +330,6 @@ def _close_run(ctx: RunContext, outcome: RunOutcome, tracker: Any, lock: Any, sc
     FINISHED and its results are on disk), report.html, artifacts, the MLflow status, the lock, the summary. Each
     step that fails is reported and the rest still run; never raises. Returns one paragraph when closing failed a
     run whose work had finished (it then ends FAILED and stays resumable), else None."""
-    from pipeline.record.tracking import public_uri
 
     run_dir = outcome.run_dir
     outcome.results = dict(ctx.results)
@@ -357,7 +384,6 @@ def _write_report(run_dir: Path, outcome: RunOutcome, tracker: Any, tags: dict, 
     """``<run_dir>/report.html`` (:func:`pipeline.record.report.write_run_report`) with the run's tags as stored; a report
     that cannot be written is a warning, never a change of the run's outcome."""
     try:
-        from pipeline.record.report import write_run_report
 
         write_run_report(run_dir, outcome.results, tags={**tags, **tracker.run_tags()},
                          params={f"choice.{k}": str(v) for k, v in choices.items()}, status=outcome.status)
@@ -368,8 +394,6 @@ def _write_report(run_dir: Path, outcome: RunOutcome, tracker: Any, tags: dict, 
 def log_summary(tracker: Any, outcome: RunOutcome, cfg: Any) -> None:
     """The run's last log lines: status, headline scalars (``pipeline.core.metric_keys.headline_keys``), run dir, MLflow
     run id and name, the links to the experiment's runs table and to the run, and how to open the MLflow UI."""
-    from pipeline.core.metric_keys import headline_keys, interval_text
-    from pipeline.record.tracking import format_value, summary_lines
 
     try:
         scalars = [f"{k} = {format_value(outcome.results[k])}{interval_text(outcome.results, k)}"
@@ -389,7 +413,6 @@ def share_cores(launcher: Any) -> None:
     slow down many-fold when they compete for cores)."""
     if "joblib" not in str(OmegaConf.select(launcher, "_target_", default="")).lower():
         return
-    from pipeline.core.threads import available_cpus
 
     cpus = available_cpus()
     n_jobs = int(OmegaConf.select(launcher, "n_jobs", default=-1) or 1)
@@ -403,8 +426,6 @@ def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from pipeline.record.naming import job_name
-    from pipeline.record.tracking import read_parent_run_id, read_sweep_params
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -489,8 +510,6 @@ def _remove_if_untouched(run_dir: Path) -> None:
 def _earlier_attempt(cfg: DictConfig, job_dir: Path) -> str | None:
     """A sweep job whose dir holds an earlier attempt (a resumed sweep, a job requeued by the cluster): "FINISHED"
     when that attempt finished (skip the job), its run id when it can be resumed, None for a fresh job."""
-    from pipeline.run.resume import check_unchanged, previous_run, resumable, saved_config
-    from pipeline.record.tracking import get_run, resolve_uri
 
     info = previous_run(job_dir)
     if not info or not info.get("run_id"):
