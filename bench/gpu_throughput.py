@@ -288,7 +288,7 @@ def main() -> None:
             return
         if args.attention:
             attention_overhead("SD 1.5", pipe, 8, 25, None if args.tiny else (512, 512), device, args.repeats)
-        del pipe, model
+        pipe = model = None  # free the SD 1.5 weights before the next part
         if device.type == "cuda":
             torch.cuda.empty_cache()
         tic = time.perf_counter()

@@ -5,14 +5,12 @@ Importing this package imports every module in it, so a module that decorates it
 Heavy libraries (transformers) are imported only when an extractor is built.
 """
 
-import importlib
-import pkgutil
-
 from pipeline.features.base import (
     RESIZE_MODES,
     FeatureExtractor,
     available_extractors,
     build_extractor,
+    register_all,
     register_extractor,
     resize_images,
 )
@@ -26,5 +24,4 @@ __all__ = [
     "resize_images",
 ]
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+register_all()

@@ -22,6 +22,8 @@ New extractors register a builder ``(features_cfg, device) -> FeatureExtractor``
 from __future__ import annotations
 
 import contextlib
+import importlib
+import pkgutil
 import hashlib
 import logging
 import os
@@ -406,11 +408,18 @@ def available_extractors() -> list[str]:
     return sorted(_EXTRACTORS)
 
 
+def register_all() -> None:
+    """Import every module of ``pipeline/features/``, so each ``@register_extractor`` builder is available (plugins
+    are found by listing the package, as the modes are: adding an extractor edits no list)."""
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"pipeline.features.{module.name}")
+
+
 def build_extractor(features_cfg: Any, device: str | torch.device | None = None) -> FeatureExtractor:
     """Build the extractor named by ``features_cfg.name`` on ``device`` (``None``/``"auto"``: CUDA if present).
     Messages name the block's fields as the command line spells them, ``features.<name>.<field>`` (``features``
     holds one block per extractor, each shipped block under its extractor's name)."""
-    import pipeline.features  # noqa: F401  (importing the package registers every extractor module)
+    register_all()
 
     name = features_cfg.name
     prefix = f"features.{name}"
