@@ -6,6 +6,8 @@ Counts, for the ``pipeline`` package of the working tree:
 - **arrows**: distinct room → room imports (any import, at module level or inside a function);
 - **floors**: the longest chain of arrows after merging rooms that import each other (a room's floor = 1 + the
   highest floor it imports);
+- **arrows against the declared layers**: room → room imports that point up the import-linter ``layers`` contract of
+  pyproject.toml (rooms on one floor may import each other); only where a contract exists;
 - **arrows running up**: arrows inside a knot of rooms that import each other (a strongly connected set of
   rooms): the smallest number of arrows whose removal leaves the rooms layered, found by brute force over
   the knot's arrows (knots are small) — each one is an import against the floors;
@@ -147,6 +149,22 @@ def _functions(tree):
             yield node
 
 
+def _declared_floors(root: Path) -> dict[str, int]:
+    """room -> index of its layer in pyproject's import-linter ``layers`` contract (0 = top); {} without one."""
+    import tomllib
+
+    pyproject = root / "pyproject.toml"
+    config = tomllib.loads(pyproject.read_text()) if pyproject.exists() else {}
+    for contract in config.get("tool", {}).get("importlinter", {}).get("contracts", []):
+        if contract.get("type") == "layers":
+            return {
+                name.strip().split(".")[1]: i
+                for i, layer in enumerate(contract["layers"])
+                for name in layer.replace("|", ":").split(":")
+            }
+    return {}
+
+
 def measure(root: Path) -> dict:
     modules = _modules(root)
     known = set(modules)
@@ -193,12 +211,15 @@ def measure(root: Path) -> dict:
             if (decorated or fn.name == "run_pipeline") and n > longest_stage[1]:
                 longest_stage = (where, n)
     readme = root / "README.md"
+    declared = _declared_floors(root)
+    against = sorted(f"{a} -> {b}" for a, b in room_edges if a in declared and b in declared and declared[b] < declared[a])
     return {
         "rooms": len(rooms),
         "loose_modules": sorted(r for r in rooms if (root / "pipeline" / f"{r}.py").exists()),
         "arrows": len(room_edges),
         "floors": max(floor.values(), default=0),
         "arrows_up": sorted(f"{a} -> {b}" for a, b in upward),
+        "arrows_against_declared_layers": against,
         "circles": [" <-> ".join(c) for c in circles],
         "imports_inside_functions": inside,
         "imports_between_modules": total,
