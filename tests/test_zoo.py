@@ -15,9 +15,12 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from pipeline import zoo  # noqa: E402
 from pipeline.data.shapes import ShapesDataset, parse_caption, vocabulary  # noqa: E402
+from pipeline.zoo import tokenizer as T  # noqa: E402
+from pipeline.zoo.grounding import TokenGrounding  # noqa: E402
+from pipeline.zoo.sd3 import T5_POSITIONS, JointTrainProcessor, _context, _sd3_pipeline, build_sd3  # noqa: E402
 from pipeline.zoo.shapes_net import ShapesNet, compare, to_tensor  # noqa: E402
 from pipeline.zoo.tokenizer import bpe_merges, build_tokenizer, check_tokenizer  # noqa: E402
-from pipeline.zoo.train import CONF_DIR, train  # noqa: E402
+from pipeline.zoo.train import CONF_DIR, tracked_train, train  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -88,8 +91,6 @@ def test_tokenizer_gives_every_word_its_own_id(sd_pipe):
 def test_bpe_without_merges_is_what_breaks_conditioning(tmp_path):
     """The failure mode this tokenizer avoids: whole-word vocab, no merges -> every word is unk."""
     from transformers import CLIPTokenizer
-
-    from pipeline.zoo import tokenizer as T
 
     vocab = {T.BOS: 0, T.EOS: 1, **{w + "</w>": i + 2 for i, w in enumerate(["red", "blue", "circle"])}}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
@@ -219,9 +220,6 @@ def test_sd3_training_context_collapses_the_zero_t5_rows_exactly(tmp_path):
     equals the stock pipeline's (its own encode_prompt context, 256 zero rows, stock joint attention)."""
     import copy
 
-    from pipeline.zoo.sd3 import T5_POSITIONS, JointTrainProcessor, _context, _sd3_pipeline, build_sd3
-    from pipeline.zoo.tokenizer import build_tokenizer
-
     tok = build_tokenizer(vocabulary(), tmp_path / "tok", 20)
     torch.manual_seed(0)
     te, te2, net = build_sd3(len(tok), tok.bos_token_id, tok.eos_token_id, 20, 8, 4,
@@ -246,6 +244,33 @@ def test_sd3_training_context_collapses_the_zero_t5_rows_exactly(tmp_path):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_the_one_loop_gives_the_losses_of_the_recipes_own_loops(tmp_path, monkeypatch):
+    """sd (ε-prediction, min-SNR, token grounding), sd3 (rectified flow, grounding on the joint attention) and ddpm
+    train in one loop (pipeline/zoo/loop.py); before, each had its own. The fixture holds the loss each step called
+    backward on, from the commit before (``bench/zoo_trainer.py --write-fixture``; it names the commit), on a tiny
+    setting with one CPU thread. Here the new loop gives them bit for bit; the test allows 1e-6 relative because
+    another CPU (other SIMD widths in the convolution / matmul kernels) sums in another order."""
+    fixture = json.loads((Path(__file__).parent / "data" / "zoo_losses.json").read_text())
+    losses, backward = [], torch.Tensor.backward
+
+    def recording(self, *args, **kwargs):
+        losses.append(self.item())
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", recording)
+    threads = torch.get_num_threads()
+    try:
+        for recipe, expected in fixture["losses"].items():
+            losses.clear()
+            cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "train.yaml"), fixture["setting"],
+                                  {"components": [recipe], "output_dir": str(tmp_path / recipe),
+                                   recipe: {"steps": fixture["steps"]}})
+            train(cfg)
+            assert losses == pytest.approx(expected, rel=1e-6, abs=0), recipe
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_sd_training_with_evaluation_off(tmp_path):
     cfg = _tiny_cfg(tmp_path, "sd")
     cfg.sd.eval_every = 0  # "0 = never" (train.yaml): checkpoints are still written, no adherence is measured
@@ -268,8 +293,6 @@ def test_training_is_reproducible(tmp_path):
 def test_training_is_an_mlflow_run(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.zoo.train import tracked_train
-
     cfg = _tiny_cfg(tmp_path / "w", "judge")
     cfg.tracking = {"uri": None, "experiment": "zoo-test"}
     cfg.paths = {"outputs": str(tmp_path / "out")}
@@ -280,8 +303,6 @@ def test_training_is_an_mlflow_run(tmp_path):
 
 
 def test_token_grounding_loss_rewards_maps_on_the_named_object(tmp_path):
-    from pipeline.zoo.train import TokenGrounding
-
     samples = [s for s in ShapesDataset("train", 16) if len(s.objects) == 2][:4]
     tok = build_tokenizer(vocabulary(), tmp_path / "tok", 20)
     g = TokenGrounding(tok, [s.caption for s in samples], [s.objects for s in samples], (8, 8))
@@ -290,7 +311,7 @@ def test_token_grounding_loss_rewards_maps_on_the_named_object(tmp_path):
     def loss_of(swap: bool) -> torch.Tensor:
         """Each object's two tokens attend (1/2 each) to its own cells, or to the other object's."""
         probs = torch.full((len(samples), 64, 20), 1e-3)
-        for i, s in enumerate(samples):
+        for i in range(len(samples)):
             for k in range(2):
                 cells = g.cells[i, 1 - k if swap else k].flatten() > 0.5
                 probs[i, cells, 0] = 0
@@ -312,16 +333,15 @@ def test_token_grounding_loss_rewards_maps_on_the_named_object(tmp_path):
 def test_the_shipped_models_load_in_plain_diffusers_with_no_dtype_argument():
     """Stored in float32: transformers 5 loads the text encoder in its stored dtype, diffusers UNet/VAE as float32,
     so fp16 files failed with 'mat1 and mat2 must have the same dtype' (issue 13)."""
-    import pipeline.zoo
     from diffusers import DDPMPipeline, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline.zoo.locate("shapes_sd"))
+    pipe = StableDiffusionPipeline.from_pretrained(zoo.locate("shapes_sd"))
     image = pipe("a red circle on the left", num_inference_steps=2).images[0]
     assert image.size == (32, 32)
-    ddpm = DDPMPipeline.from_pretrained(pipeline.zoo.locate("shapes_ddpm"))
+    ddpm = DDPMPipeline.from_pretrained(zoo.locate("shapes_ddpm"))
     assert ddpm(num_inference_steps=2).images[0].size == (32, 32)
     from diffusers import StableDiffusion3Pipeline  # the issue's snippet: no argument but the absent T5
 
-    sd3 = StableDiffusion3Pipeline.from_pretrained(pipeline.zoo.locate("shapes_sd3"), text_encoder_3=None, tokenizer_3=None)
+    sd3 = StableDiffusion3Pipeline.from_pretrained(zoo.locate("shapes_sd3"), text_encoder_3=None, tokenizer_3=None)
     assert sd3("a red circle on the left", num_inference_steps=2).images[0].size == (32, 32)
-    assert (pipeline.zoo.locate("shapes_sd3") / "vae" / "diffusion_pytorch_model.safetensors").is_symlink()
+    assert (zoo.locate("shapes_sd3") / "vae" / "diffusion_pytorch_model.safetensors").is_symlink()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import pathlib
 
+from pipeline.zoo.shapes_net import ShapesNet
+
 __all__ = ["WEIGHTS_DIR", "MODELS", "TRAIN_COMMAND", "locate", "checkpoints", "checkpoint_step", "load_judge"]
 
 WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / "weights"
@@ -75,6 +77,4 @@ def checkpoint_step(path: str | pathlib.Path) -> int | None:
 
 def load_judge(path: str | pathlib.Path | None = None, device: str = "cpu"):
     """The shapes_net judge / feature extractor (shipped one by default)."""
-    from pipeline.zoo.shapes_net import ShapesNet
-
     return ShapesNet.from_pretrained(path or locate("shapes_net"), device=device)

@@ -25,11 +25,17 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import pathlib
-import time
 
 import torch
-import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+from pipeline.zoo.grounding import TokenGrounding
+from pipeline.zoo.loop import RectifiedFlow, Trainee, train_loop
+from pipeline.zoo.snapshots import MetricFn, Snapshots, save_pipeline
+from pipeline.zoo.trainset import caption_latents, frozen_vae
 
 __all__ = ["JointTrainProcessor", "build_sd3", "train_sd3", "share_vae_weights"]
 
@@ -79,9 +85,6 @@ class JointTrainProcessor:
 def build_sd3(vocab_size: int, bos: int, eos: int, max_length: int, latent_size: int, latent_channels: int,
               text: dict, transformer: dict):
     """(text_encoder, text_encoder_2, transformer) with random weights, sized by ``conf/train.yaml`` ``sd3``."""
-    from diffusers import SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
     def clip():
         return CLIPTextModelWithProjection(CLIPTextConfig(
             vocab_size=vocab_size, hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
@@ -113,8 +116,6 @@ VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 def share_vae_weights(pipe_dir: pathlib.Path, vae_dir: pathlib.Path) -> bool:
     """Replace ``pipe_dir/vae``'s weights file by a relative symlink to ``vae_dir``'s when the bytes are identical
     (the frozen shapes VAE is shipped once; ``vae/config.json`` stays a real file: it has ``shift_factor: 0.0``)."""
-    import os
-
     mine, theirs = pipe_dir / "vae" / VAE_WEIGHTS, vae_dir / VAE_WEIGHTS
     if mine.is_symlink() or not theirs.is_file() or mine.read_bytes() != theirs.read_bytes():
         return False
@@ -124,8 +125,6 @@ def share_vae_weights(pipe_dir: pathlib.Path, vae_dir: pathlib.Path) -> bool:
 
 
 def _sd3_pipeline(vae, te, te2, tokenizer, transformer, shift: float):
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
                                     vae=vae, text_encoder=te, tokenizer=tokenizer, text_encoder_2=te2,
                                     tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
@@ -133,105 +132,55 @@ def _sd3_pipeline(vae, te, te2, tokenizer, transformer, shift: float):
     return pipe
 
 
-def train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric) -> pathlib.Path:
-    from diffusers import AutoencoderKL
-
-    from pipeline.zoo.tokenizer import build_tokenizer
-    from pipeline.zoo.train import (EMA, Snapshots, TokenGrounding, _find, _images, _lr_lambda, _progress,
-                                    _save_pipeline, vocabulary)
-
+def train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn) -> pathlib.Path:
     c = cfg.sd3
-    torch.manual_seed(cfg.seed)
-    vae_path = pathlib.Path(c.vae_path) if c.vae_path else _find(out, "shapes_sd/vae", "config.json", "shapes_sd")
-    if vae_path is None:
-        raise FileNotFoundError(f"sd3: no VAE at {out / 'shapes_sd/vae'} and none shipped; run components=[vae] first")
-    # trained next to shapes_sd (e.g. into pipeline/zoo/weights): link its VAE weights instead of a second copy
+    torch.manual_seed(cfg.seed)  # the models' initial weights
+    # 1. latents and token ids of the training set, once; trained next to shapes_sd (e.g. into pipeline/zoo/weights):
+    # link its VAE weights instead of a second copy
+    vae, vae_path = frozen_vae(c, out, device, "sd3")
     shared = vae_path.resolve().is_relative_to(out.resolve())
-    vae = AutoencoderKL.from_pretrained(vae_path, dtype=torch.float32).to(device).eval()
     vae.register_to_config(shift_factor=0.0)  # SD3's decode adds shift_factor: null would fail there
-    vae.requires_grad_(False)
-    tokenizer = build_tokenizer(vocabulary(), out / "shapes_sd3" / "tokenizer", c.max_length)
-
-    # 1. latents and token ids of the training set, once (VAE and tokenizer are frozen)
-    x, captions, objects = _images(cfg.data, "train", c.n_train)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(x[i : i + 500].to(device)).latent_dist.mode().cpu()
-                             for i in range(0, len(x), 500)]) * vae.config.scaling_factor
-    del x
-    grounding = TokenGrounding(tokenizer, captions, objects, tuple(latents.shape[-2:])) if c.grounding_weight else None
-    del objects
-    tokens = lambda caps: tokenizer(caps, padding="max_length", max_length=c.max_length, truncation=True,  # noqa: E731
-                                    return_tensors="pt").input_ids
-    ids, empty_ids = tokens(captions), tokens([""])[0]
-    real = (ids != tokenizer.pad_token_id) | (torch.arange(c.max_length) == 0)  # BOS … first EOS (pad = EOS)
-    n_real = real.sum(1) + 1  # + the end token itself
-    print(f"sd3: {len(latents)} latents {tuple(latents.shape[1:])}, RMS {latents.pow(2).mean().sqrt():.3f}", flush=True)
-
+    data, tokenizer = caption_latents(cfg, c, vae, out / "shapes_sd3" / "tokenizer", device, "sd3")
     # 2. models: the training copy records attention through JointTrainProcessor; the sampling copy is stock
     te, te2, net = build_sd3(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, c.max_length,
-                             latents.shape[-1], latents.shape[1], dict(c.text_encoder), dict(c.transformer))
+                             data.x0.shape[-1], data.x0.shape[1], dict(c.text_encoder), dict(c.transformer))
     te, te2, net = te.to(device), te2.to(device), net.to(device)
     ema_te, ema_te2, ema_net = (copy.deepcopy(m).eval() for m in (te, te2, net))
     pipe = _sd3_pipeline(vae, ema_te, ema_te2, tokenizer, ema_net, c.shift)
-    valid = {"mask": None}
+    predict = _training_call(te, te2, net, tokenizer.pad_token_id, c.max_length, data.grounding)
+    # 3. train, with snapshots of the EMA weights; the final model is the last one
+    after_save = (lambda path: share_vae_weights(path, vae_path)) if shared else None
+    trainee = Trainee(net, [te, te2], predict, sampling=[ema_net, ema_te, ema_te2])
+    minutes = train_loop("sd3", c, cfg.seed, data, trainee, RectifiedFlow(c.shift), device, log_metric,
+                         Snapshots(cfg, c, out, device, pipe, "sd3", log_metric, after_save))
+    log_metric("sd3/train_minutes", minutes, c.steps)
+    path = out / "shapes_sd3"
+    save_pipeline(pipe, path)
+    if after_save is not None:
+        after_save(path)
+    return path
 
-    def sink(name, probs):  # (b, heads, HW, n_clip) -> head-averaged, renormalised over the caption's real tokens
-        p = probs.mean(1) * valid["mask"][:, None, :]
+
+def _training_call(te, te2, net, pad_id: int, max_length: int, grounding: TokenGrounding | None):
+    """Put :class:`JointTrainProcessor` on every attention layer of ``net`` (the training copy) and return the loop's
+    ``predict(x_t, timestep, ids)``: the context of ``ids`` through the transformer; with grounding, each layer's
+    image-query → CLIP-key probabilities, head-averaged and renormalised over the caption's real tokens, go to it."""
+    positions = torch.arange(max_length)
+    real = {"mask": None}
+
+    def sink(name: str, probs: torch.Tensor) -> None:  # (b, heads, HW, n_clip)
+        p = probs.mean(1) * real["mask"][:, None, :]
         grounding._record_cross(name, p / p.sum(-1, keepdim=True).clamp_min(1e-12), 1)
 
-    net.set_attn_processor({k: JointTrainProcessor(k, c.max_length, T5_POSITIONS, sink if grounding else None)
+    net.set_attn_processor({k: JointTrainProcessor(k, max_length, T5_POSITIONS, sink if grounding else None)
                             for k in net.attn_processors})
-    params = [*net.parameters(), *te.parameters(), *te2.parameters()]
-    opt = torch.optim.AdamW([{"params": net.parameters(), "lr": c.lr},
-                             {"params": [*te.parameters(), *te2.parameters()], "lr": c.text_lr}], weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c.warmup, c.steps))
-    ema = EMA([net, te, te2], c.ema_decay)
 
-    snapshots = Snapshots(cfg, c, out, device, pipe, "sd3", log_metric,
-                          (lambda path: share_vae_weights(path, vae_path)) if shared else None)
-
-    def snapshot(step: int) -> None:
-        ema.copy_to([ema_net, ema_te, ema_te2])
-        snapshots(step)
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-    bar, t_start = _progress(c.steps, "sd3"), time.time()
-    for step in range(1, c.steps + 1):
-        idx = torch.randint(0, len(latents), (c.batch,), generator=gen)
-        x0 = latents[idx].to(device)
-        drop = torch.rand(c.batch, generator=gen) < c.caption_dropout
-        ids_b = torch.where(drop[:, None], empty_ids[None], ids[idx]).to(device)
-        valid["mask"] = (torch.arange(c.max_length)[None] < torch.where(drop, 2, n_real[idx])[:, None]).float().to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        sigma = torch.sigmoid(torch.randn(c.batch, generator=gen)).to(device)  # logit-normal (0, 1)
-        sigma = c.shift * sigma / (1 + (c.shift - 1) * sigma)  # the scheduler's static shift
-        s = sigma[:, None, None, None]
-        xt = (1 - s) * x0 + s * noise
-        context, pooled = _context(te, te2, ids_b)
-        pred = net(hidden_states=xt, encoder_hidden_states=context, pooled_projections=pooled, timestep=sigma * 1000,
+    def predict(x_t: torch.Tensor, timestep: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if grounding is not None:  # real tokens: BOS … the first EOS (pad = EOS; a dropped caption has 2)
+            n_real = ((ids != pad_id) | (positions.to(ids.device) == 0)).sum(1) + 1
+            real["mask"] = (positions.to(ids.device)[None] < n_real[:, None]).float()
+        context, pooled = _context(te, te2, ids)
+        return net(hidden_states=x_t, encoder_hidden_states=context, pooled_projections=pooled, timestep=timestep,
                    return_dict=False)[0]
-        loss = total = F.mse_loss(pred, noise - x0)
-        if grounding is not None:
-            g_loss = grounding.loss(idx, ~drop)
-            total = loss + c.grounding_weight * g_loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
-        bar.update()
-        if step % 50 == 0 or step == c.steps:
-            log_metric("sd3/loss", loss.item(), step)
-            if grounding is not None:
-                log_metric("sd3/grounding_loss", g_loss.item(), step)
-        if snapshots.due(step):
-            bar.clear()
-            snapshot(step)
-    bar.close()
-    log_metric("sd3/train_minutes", (time.time() - t_start) / 60, c.steps)
-    path = out / "shapes_sd3"
-    _save_pipeline(pipe, path)
-    if shared:
-        share_vae_weights(path, vae_path)
-    return path
+
+    return predict
