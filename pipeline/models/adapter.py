@@ -3,50 +3,44 @@
 Stages never touch ``pipe.unet`` / ``pipe.transformer`` / ``pipe.vae``: they ask a :class:`ModelAdapter` for
 prompt (or class) conditioning, one guided denoiser call, VAE encode/decode, the latent shape of a size and
 per-sample initial noise. Each family is driven exactly as its own diffusers pipeline's ``__call__`` does
-(diffusers 0.42; the oracle test compares images against ``pipe(...)`` called one image at a time):
-
-=========  ========================================================================================================
-sd         StableDiffusionPipeline (1.x ε, 2.x v): CLIP ``encode_prompt``; CFG halves [uncond "", cond]
-sdxl       StableDiffusionXLPipeline: two CLIP encoders + pooled embeddings + time ids (original = target = size,
-           crop (0, 0)); ``force_zeros_for_empty_prompt`` as the model config says; VAE ``latents_mean/std``
-pixart     PixArt-α/Σ: T5 ``encode_prompt`` (negative ""), attention masks, learned-σ output (first half of the
-           channels), resolution/aspect conditioning when the transformer has it (sample_size 128).
-           Generated at the requested size = ``use_resolution_binning=False`` (identical at the native size)
-sd3        StableDiffusion3Pipeline: two CLIP + optional T5 (a checkpoint saved without T5 loads with None), pooled
-           projections; VAE ``shift_factor``
-flux       FluxPipeline: CLIP pooled + T5, 2×2-packed latents with image/text position ids; ``guidance_scale`` is the
-           *distilled* guidance fed to the guidance embedding (no CFG; Flux-schnell has none); static or
-           resolution-dependent (``mu``) shift
-dit        DiTPipeline: class labels, CFG halves [cond, null] with the null class = ``num_embeds_ada_norm`` (1000 for
-           the released DiT, which the pipeline hard-codes); learned σ
-ddpm       DDPMPipeline / DDIMPipeline: pixel-space UNet2DModel, images in [-1, 1]
-ldm        LDMPipeline: unconditional UNet2DModel on VQ-VAE latents (``vqvae``, ``scaling_factor``)
-=========  ========================================================================================================
+(diffusers 0.42; the oracle test compares images against ``pipe(...)`` called one image at a time). What differs
+between families lives in one file per family under :mod:`pipeline.models.families` (SD 1.x/2.x, SDXL, PixArt,
+SD3, Flux, DiT, DDPM/LDM); the adapter dispatches to the pipeline class's driver and keeps what all share.
 
 Conventions: CFG is ``u + g (c − u)`` (Ho & Salimans 2022, as diffusers) and is used when ``g > 1`` (UNets with a
-guidance embedding — LCM — take ``g`` as ``timestep_cond`` instead, as the SD pipelines do). Initial noise is
-``randn_tensor`` with one generator per sample (the pipelines' own draw), times the solver's ``init_noise_sigma``.
-A decoded image is ``D(z)/2 + 0.5`` (not yet clamped: the caller checks for NaN first). The VAE is run in float32
-when the model is float16 and its config sets ``force_upcast`` (SDXL's VAE overflows in fp16).
+guidance embedding — LCM — take ``g`` as ``timestep_cond`` instead, as the SD pipelines do; Flux's guidance is
+distilled). Initial noise is ``randn_tensor`` with one generator per sample (the pipelines' own draw), times the
+solver's ``init_noise_sigma``. A decoded image is ``D(z)/2 + 0.5`` (not yet clamped: the caller checks for NaN
+first). The VAE is run in float32 when the model is float16 and its config sets ``force_upcast`` (SDXL's VAE
+overflows in fp16).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+import torch.nn as nn
+from diffusers.utils import logging as diffusers_logging
+from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.errors import UserError
-from pipeline.models.family import Family, family_of
+from pipeline.models.attention import AttentionLayout
+from pipeline.models.families.base import FamilyDriver, image_tokens
+from pipeline.models.families.dit import label_embedding_shift
+from pipeline.models.family import Family, driver_of
+from pipeline.models.schedulers import set_flow_timesteps
 
-__all__ = ["ModelAdapter", "Conditioning", "AttentionLayout"]
+__all__ = ["ModelAdapter", "Conditioning", "AttentionLayout", "class_embedding_shift"]
 
 log = logging.getLogger(__name__)
+
+# a DiT-style class-embedding direction on a bare denoiser (pipeline.modes.latent.directions); prefer
+# ModelAdapter.class_embedding_shift
+class_embedding_shift = label_embedding_shift
 
 
 @dataclass
@@ -63,39 +57,14 @@ class Conditioning:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class AttentionLayout:
-    """Where a family's text→image attention is, and which text tokens its per-word maps come from.
-
-    ``recorder``: ``cross`` (UNet / PixArt ``attn2``), ``sd3`` or ``flux`` (joint attention). ``layers``: the
-    ``attn_processors`` keys to record. ``grid``: the image-token grid (UNet: the latent grid, which its layers
-    halve; transformers: latent / patch). ``segment``: (start, stop) of the text tokens the maps are read from,
-    within the attention's text sequence; ``tokenizer`` and ``max_length`` tokenize a prompt into that segment's
-    positions. ``renormalise``: maps renormalised over the segment's non-padding tokens (joint attention)."""
-
-    recorder: str
-    layers: tuple[str, ...]
-    grid: tuple[int, int]
-    tokenizer: Any
-    max_length: int
-    segment: tuple[int, int]
-    renormalise: bool = False
-    segment_name: str = "CLIP"
-
-
-def _call_default(fn, name: str, fallback: Any) -> Any:
-    """The default of ``name`` in ``fn``'s signature (the pipeline's own choice, e.g. max_sequence_length)."""
-    p = inspect.signature(fn).parameters.get(name)
-    return fallback if p is None or p.default is inspect.Parameter.empty else p.default
-
-
 class ModelAdapter:
     """How to drive one loaded pipeline. Build with ``ModelAdapter(pipe, mode=...)``: an unsupported pipeline
     class is a :class:`UserError` naming the class, the mode and the supported families."""
 
     def __init__(self, pipe, mode: str | None = None):
         self.pipe = pipe
-        self.family: Family = family_of(pipe, mode)
+        driver = driver_of(pipe, mode)
+        self.family: Family = driver.family
         self.denoiser = getattr(pipe, self.family.denoiser, None)
         if self.denoiser is None:
             raise UserError(f"model.path: {type(pipe).__name__} has no {self.family.denoiser!r} component")
@@ -105,6 +74,7 @@ class ModelAdapter:
         if self.family.conditioning == "text" and getattr(pipe, "text_encoder", None) is None \
                 and getattr(pipe, "text_encoder_2", None) is None:
             raise UserError(f"model.path: {type(pipe).__name__} has no text encoder")
+        self.driver: FamilyDriver = driver(self)
 
     # ------------------------------------------------------------------ what the model is
     @property
@@ -138,6 +108,10 @@ class ModelAdapter:
             return None
         return int(self.denoiser.config.num_embeds_ada_norm)
 
+    def supports(self, mode: str) -> bool:
+        """Whether the family declares ``mode`` (any other is refused up front)."""
+        return self.family.supports(mode)
+
     def prediction_type(self, scheduler_config: dict | None = None) -> str:
         """``flow`` for rectified-flow models, else the scheduler config's ``prediction_type`` (ε by default)."""
         if self.family.flow:
@@ -153,91 +127,47 @@ class ModelAdapter:
 
     @property
     def latent_channels(self) -> int:
-        c = int(self.denoiser.config.in_channels)
-        return c // 4 if self.family.name == "flux" else c  # Flux's transformer sees 2×2-packed latents
+        return self.driver.latent_channels
 
     def native_size(self) -> tuple[int, int]:
         """(height, width) in pixels the model was trained at (its pipeline's default)."""
-        if self.family.name == "flux":
-            s = int(getattr(self.pipe, "default_sample_size", 128)) * self.vae_scale
-            return s, s
-        size = self.denoiser.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return int(h) * self.vae_scale, int(w) * self.vae_scale
+        return self.driver.native_size()
 
     def resolve_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The size to generate at: ``sampler.height/width`` or the native size, checked against what the family
         can draw (fixed-size families only their native size)."""
         nh, nw = self.native_size()
         h, w = int(height or nh), int(width or nw)
-        if self.family.name in ("dit", "ddpm", "ldm") and (h, w) != (nh, nw):
+        if self.driver.fixed_size and (h, w) != (nh, nw):
             raise UserError(f"sampler.height/width={h}x{w}: {type(self.pipe).__name__} draws only its native size "
                             f"{nh}x{nw}; unset sampler.height and sampler.width")
-        multiple = self.vae_scale * (2 if self.family.name == "flux" else 1)
-        patch = getattr(self.denoiser.config, "patch_size", None) or 1
-        if self.family.name in ("pixart", "sd3"):
-            multiple *= int(patch)
+        multiple = self.driver.size_multiple()
         if h % multiple or w % multiple:
             raise UserError(f"sampler.height/width={h}x{w}: {type(self.pipe).__name__} needs multiples of {multiple}")
         return h, w
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of one unpacked latent (pixels for pixel-space models)."""
-        s = self.vae_scale
-        if self.family.name == "flux":
-            return self.latent_channels, 2 * (height // (s * 2)), 2 * (width // (s * 2))
-        return self.latent_channels, height // s, width // s
+        return self.driver.latent_shape(height, width)
 
     def attention_layout(self, height: int, width: int) -> AttentionLayout:
         """The family's text→image attention at this size (diffusers 0.42 module names). Refused (UserError naming
         the pipeline class) for models without text conditioning."""
-        pipe, name, procs = self.pipe, self.family.name, list(self.denoiser.attn_processors)
-        _, h, w = self.latent_shape(height, width)
-        if name in ("sd", "sdxl"):  # UNet attn2 at every resolution; CLIP tokens with a start token
-            tok = pipe.tokenizer
-            n = int(tok.model_max_length)
-            return AttentionLayout("cross", tuple(k for k in procs if k.endswith("attn2.processor")), (h, w), tok, n,
-                                   (0, n))
-        if name == "pixart":  # transformer attn2 on the patch grid; T5 tokens (no start token), padding masked
-            p = int(self.denoiser.config.patch_size)
-            n = int(_call_default(pipe.__call__, "max_sequence_length", 120))
-            return AttentionLayout("cross", tuple(k for k in procs if k.endswith("attn2.processor")), (h // p, w // p),
-                                   pipe.tokenizer, n, (0, n), segment_name="T5")
-        if name == "sd3":  # joint attention [image; text]; text = [CLIP-L|G (77); T5 (max_sequence_length)]
-            p = int(self.denoiser.config.patch_size)
-            layers = tuple(k for k in procs if re.fullmatch(r"transformer_blocks\.\d+\.attn\.processor", k))
-            clip = int(pipe.tokenizer_max_length)
-            t5 = int(_call_default(pipe.__call__, "max_sequence_length", 256))
-            if getattr(pipe, "text_encoder_3", None) is not None:
-                return AttentionLayout("sd3", layers, (h // p, w // p), pipe.tokenizer_3, t5, (clip, clip + t5), True, "T5")
-            return AttentionLayout("sd3", layers, (h // p, w // p), pipe.tokenizer, clip, (0, clip), True, "CLIP-L")
-        if name == "flux":  # joint attention [text; image] in double- and single-stream blocks; text = T5 only
-            layers = tuple(k for k in procs if re.fullmatch(r"(single_)?transformer_blocks\.\d+\.attn\.processor", k))
-            t5 = int(_call_default(pipe.__call__, "max_sequence_length", 512))
-            return AttentionLayout("flux", layers, (h // 2, w // 2), pipe.tokenizer_2, t5, (0, t5), True, "T5")
-        kind = "class-conditional" if self.class_conditional else "unconditional"
-        raise UserError(f"mode=[attention] needs a text-conditioned model: {type(pipe).__name__} ({name}) is {kind}, "
-                        "so there are no prompt tokens to map")
+        return self.driver.attention_layout(height, width)
 
     # ------------------------------------------------------------------ noise
     def initial_noise(self, generators: Sequence[torch.Generator], height: int, width: int,
                       init_noise_sigma: float = 1.0) -> torch.Tensor:
         """The pipelines' own first draw: ``randn_tensor`` with one generator per sample (so an image never depends
         on its batch), in the model dtype, times the solver's ``init_noise_sigma``; Flux's packed 2×2."""
-        from diffusers.utils.torch_utils import randn_tensor
-
         shape = (len(generators), *self.latent_shape(height, width))
         x = randn_tensor(shape, generator=list(generators), device=self.device, dtype=self.dtype)
-        if self.family.name == "flux":
-            return self.pipe._pack_latents(x, *shape)
-        return x * init_noise_sigma
+        return self.driver.initial_latents(x, init_noise_sigma)
 
     def add_noise(self, sched, latents: torch.Tensor, gens: Sequence[torch.Generator], t: torch.Tensor) -> torch.Tensor:
         """Clean (unpacked) latents noised to solver timestep ``t`` in the solver's own convention — flow models
         ``(1 − σ)·x₀ + σ·ε`` (``scale_noise``), the others ``add_noise`` (DDPM: √ᾱ·x₀ + √(1−ᾱ)·ε; Euler-type: x₀ + σ·ε)
         — with per-sample noise; Flux's packed 2×2. ``t`` must be one of ``sched.timesteps``."""
-        from diffusers.utils.torch_utils import randn_tensor
-
         noise = randn_tensor(latents.shape, generator=list(gens), device=self.device, dtype=self.dtype)
         latents = latents.to(self.device, self.dtype)
         t = torch.as_tensor(t, device=self.device).reshape(1)
@@ -245,29 +175,25 @@ class ModelAdapter:
             x = sched.scale_noise(latents, t, noise)
         else:
             x = sched.add_noise(latents, noise, t.expand(latents.shape[0]))
-        if self.family.name == "flux":
-            return self.pipe._pack_latents(x, *x.shape)
-        return x
+        return self.pack(x)
 
     def pack(self, z: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) latents -> what the denoiser takes (Flux: 2×2-packed sequences); identity for the others."""
-        if self.family.name == "flux":
-            return self.pipe._pack_latents(z, *z.shape)
-        return z
+        return self.driver.pack(z)
 
     def unpack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Packed sequence latents -> (N, C, h, w) (Flux); identity for the others."""
-        if self.family.name == "flux":
-            return self.pipe._unpack_latents(latents, height, width, self.vae_scale)
-        return latents
+        return self.driver.unpack(latents, height, width)
 
     # ------------------------------------------------------------------ conditioning
     def uses_cfg(self, guidance: float) -> bool:
-        if self.family.name == "flux" or self.family.conditioning == "none":
-            return False  # Flux: distilled guidance embedding, not CFG
-        if self.family.denoiser == "unet" and getattr(self.denoiser.config, "time_cond_proj_dim", None) is not None:
-            return False
-        return guidance > 1
+        """Whether ``guidance`` is applied as classifier-free guidance (a [uncond, cond] batch)."""
+        return self.driver.uses_cfg(guidance)
+
+    def plain_guidance(self, guidance: float) -> float:
+        """The guidance scale a condition *without* CFG keeps: 1, or the run's for a distilled-guidance family
+        (Flux's guidance embedding)."""
+        return self.driver.plain_guidance(guidance)
 
     @torch.no_grad()
     def condition(self, n: int, guidance: float, height: int, width: int, prompts: Sequence[str] | None = None,
@@ -277,7 +203,7 @@ class ModelAdapter:
         if self.text:
             if not prompts or len(prompts) != n:
                 raise ValueError(f"Expected {n} prompts for a text-to-image model, got {len(prompts or [])}")
-            kwargs = getattr(self, f"_encode_{self.family.name}")(list(prompts), cfg, guidance, height, width)
+            kwargs = self.driver.encode(list(prompts), cfg, guidance, height, width)
             return Conditioning(kwargs, cfg, guidance, n, prompts=list(prompts))
         if self.class_conditional:
             if class_ids is None or len(class_ids) != n:
@@ -286,9 +212,8 @@ class ModelAdapter:
             if bad:
                 raise UserError(f"mode.metrics.class_ids: {bad[:5]} outside 0..{self.num_classes - 1}")
             labels = torch.tensor([int(c) for c in class_ids], device=self.device)
-            if cfg:  # DiT's order: [cond, null]
-                labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
-            return Conditioning({"class_labels": labels}, cfg, guidance, n, class_ids=[int(c) for c in class_ids])
+            kwargs = self.driver.class_kwargs(labels, cfg)
+            return Conditioning(kwargs, cfg, guidance, n, class_ids=[int(c) for c in class_ids])
         return Conditioning({}, False, guidance, n)
 
     @torch.no_grad()
@@ -296,19 +221,22 @@ class ModelAdapter:
         """The model's "no condition" without CFG: the empty prompt (text), the null class (class-conditional —
         DiT's ``num_embeds_ada_norm``), nothing (unconditional). Flux keeps ``guidance`` (its distilled embedding)."""
         if self.text:
-            return self.condition(n, guidance if self.family.name == "flux" else 1.0, height, width, prompts=[""] * n)
+            return self.condition(n, self.plain_guidance(guidance), height, width, prompts=[""] * n)
         if self.class_conditional:
             labels = torch.full((n,), self.num_classes, device=self.device)
             return Conditioning({"class_labels": labels}, False, 1.0, n)
         return Conditioning({}, False, 1.0, n)
 
+    def class_embedding_shift(self, source: int, target: int, scale: float, cfg: bool):
+        """A context manager: while it runs, the class embedding of every conditional row is moved by
+        scale·(e(target) − e(source)) (``cfg``: the batch holds CFG halves). A ValueError for a family without a
+        class embedding."""
+        return self.driver.class_embedding_shift(source, target, scale, cfg)
+
     @contextlib.contextmanager
     def float32(self):
         """Every module of the pipeline in float32 while the block runs (the weights as loaded, upcast), then back:
         for measurements that differences in the model dtype would drown (perceptual path length)."""
-        import torch.nn as nn
-        from diffusers.utils import logging as diffusers_logging
-
         modules = [m for m in self.pipe.components.values() if isinstance(m, nn.Module)]
         dtypes = [next(m.parameters()).dtype if any(True for _ in m.parameters()) else None for m in modules]
         verbosity = diffusers_logging.get_verbosity()
@@ -327,78 +255,7 @@ class ModelAdapter:
     def text_context(self, prompts: Sequence[str]) -> torch.Tensor:
         """The cross-attention context (N, L, D) of prompts without CFG, as the pipeline's ``encode_prompt`` builds
         it (families whose whole text conditioning is that one tensor: SD 1.x/2.x)."""
-        if self.family.name != "sd":
-            raise UserError(f"{type(self.pipe).__name__}: prompt embeddings as one context tensor are only defined "
-                            "for StableDiffusionPipeline")
-        return self._encode_sd(list(prompts), False, 1.0, *self.native_size())["encoder_hidden_states"]
-
-    def _encode_sd(self, prompts, cfg, guidance, height, width) -> dict:
-        pe, npe = self.pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=None)
-        kwargs = {"encoder_hidden_states": torch.cat([npe, pe]) if cfg else pe}
-        kwargs.update(self._timestep_cond(guidance, len(prompts)))
-        return kwargs
-
-    def _timestep_cond(self, guidance: float, n: int) -> dict:
-        """LCM-style UNets embed the guidance scale (the SD pipelines' ``get_guidance_scale_embedding``)."""
-        dim = getattr(self.denoiser.config, "time_cond_proj_dim", None)
-        if dim is None:
-            return {}
-        g = torch.tensor(guidance - 1).repeat(n)
-        return {"timestep_cond": self.pipe.get_guidance_scale_embedding(g, embedding_dim=dim).to(self.device, self.dtype)}
-
-    def _encode_sdxl(self, prompts, cfg, guidance, height, width) -> dict:
-        pipe = self.pipe
-        pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
-                                                do_classifier_free_guidance=cfg, negative_prompt=None)
-        proj = int(ppe.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-        time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
-                                          text_encoder_projection_dim=proj)
-        if cfg:
-            pe, ppe, time_ids = torch.cat([npe, pe]), torch.cat([nppe, ppe]), torch.cat([time_ids, time_ids])
-        time_ids = time_ids.to(self.device).repeat(len(prompts), 1)
-        kwargs = {"encoder_hidden_states": pe, "added_cond_kwargs": {"text_embeds": ppe, "time_ids": time_ids}}
-        kwargs.update(self._timestep_cond(guidance, len(prompts)))
-        return kwargs
-
-    def _encode_pixart(self, prompts, cfg, guidance, height, width) -> dict:
-        from diffusers.utils import is_bs4_available, is_ftfy_available
-
-        pipe = self.pipe
-        clean = bool(_call_default(pipe.__call__, "clean_caption", False)) and is_bs4_available() and is_ftfy_available()
-        max_len = int(_call_default(pipe.__call__, "max_sequence_length", 120))
-        pe, pam, npe, npam = pipe.encode_prompt(prompts, cfg, negative_prompt="", num_images_per_prompt=1,
-                                                device=self.device, clean_caption=clean, max_sequence_length=max_len)
-        if cfg:
-            pe, pam = torch.cat([npe, pe]), torch.cat([npam, pam])
-        added = {"resolution": None, "aspect_ratio": None}
-        if getattr(self.denoiser.config, "sample_size", None) == 128:  # PixArt-α 1024: size micro-conditioning
-            b = len(pe)
-            res = torch.tensor([height, width]).repeat(b, 1).to(dtype=pe.dtype, device=self.device)
-            ar = torch.tensor([float(height / width)]).repeat(b, 1).to(dtype=pe.dtype, device=self.device)
-            added = {"resolution": res, "aspect_ratio": ar}
-        return {"encoder_hidden_states": pe, "encoder_attention_mask": pam, "added_cond_kwargs": added}
-
-    def _encode_sd3(self, prompts, cfg, guidance, height, width) -> dict:
-        max_len = int(_call_default(self.pipe.__call__, "max_sequence_length", 256))
-        pe, npe, ppe, nppe = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
-                                                     num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-                                                     negative_prompt=None, max_sequence_length=max_len)
-        if cfg:
-            pe, ppe = torch.cat([npe, pe]), torch.cat([nppe, ppe])
-        return {"encoder_hidden_states": pe, "pooled_projections": ppe}
-
-    def _encode_flux(self, prompts, cfg, guidance, height, width) -> dict:
-        pipe = self.pipe
-        max_len = int(_call_default(pipe.__call__, "max_sequence_length", 512))
-        pe, ppe, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
-                                               num_images_per_prompt=1, max_sequence_length=max_len)
-        _, h, w = self.latent_shape(height, width)
-        img_ids = pipe._prepare_latent_image_ids(len(prompts), h // 2, w // 2, self.device, pe.dtype)
-        g = None
-        if getattr(self.denoiser.config, "guidance_embeds", False):
-            g = torch.full([1], guidance, device=self.device, dtype=torch.float32).expand(len(prompts))
-        return {"encoder_hidden_states": pe, "pooled_projections": ppe, "txt_ids": text_ids, "img_ids": img_ids,
-                "guidance": g}
+        return self.driver.text_context(list(prompts))
 
     # ------------------------------------------------------------------ the denoiser
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, sampler) -> torch.Tensor:
@@ -410,43 +267,22 @@ class ModelAdapter:
         out = self._forward(x_in, t, cond)
         if cond.cfg:
             a, b = out.chunk(2)
-            cond_out, uncond_out = (a, b) if self.class_conditional else (b, a)  # DiT: [cond, null]
+            cond_out, uncond_out = (a, b) if self.driver.cond_first else (b, a)
             out = uncond_out + cond.guidance * (cond_out - uncond_out)
-        c = self.latent_channels
-        if self.family.name != "flux" and out.ndim == 4 and out.shape[1] == 2 * c:  # learned σ (PixArt, DiT)
-            out = out[:, :c]
-        return out
+        return self.driver.prediction(out)
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        net, name, kw = self.denoiser, self.family.name, cond.kwargs
-        t = torch.as_tensor(t, device=x.device)
-        if name in ("sd", "sdxl"):
-            return net(x, t, return_dict=False, **kw)[0]
-        if name in ("ddpm", "ldm"):
-            return net(x, t).sample
-        tb = (t[None] if t.ndim == 0 else t).expand(x.shape[0])
-        if name == "pixart":
-            return net(x, timestep=tb, return_dict=False, **kw)[0]
-        if name == "sd3":
-            return net(hidden_states=x, timestep=tb, return_dict=False, **kw)[0]
-        if name == "flux":
-            return net(hidden_states=x, timestep=tb.to(x.dtype) / 1000, return_dict=False, **kw)[0]
-        if name == "dit":
-            return net(x, timestep=tb, **kw).sample
-        raise AssertionError(f"no denoiser call for family {name!r}")
+        """One raw denoiser call (no CFG mixing, learned σ kept)."""
+        return self.driver.forward(x, torch.as_tensor(t, device=x.device), cond.kwargs)
 
     # ------------------------------------------------------------------ timesteps
     def image_seq_len(self, height: int, width: int) -> int:
         """Number of image tokens (flow models' resolution-dependent shift)."""
-        _, h, w = self.latent_shape(height, width)
-        patch = 2 if self.family.name == "flux" else int(getattr(self.denoiser.config, "patch_size", None) or 1)
-        return (h // patch) * (w // patch)
+        return image_tokens(height, width, self.driver.token_step())
 
     def set_timesteps(self, sampler, steps: int, height: int, width: int) -> None:
         """``sampler.set_timesteps`` exactly as the family's pipeline calls it (flow: sigmas / ``mu``)."""
         if self.family.flow:
-            from pipeline.models.schedulers import set_flow_timesteps
-
             set_flow_timesteps(sampler, steps, self.device, self.image_seq_len(height, width), self.family.name)
         else:
             sampler.set_timesteps(steps, device=self.device)
@@ -467,14 +303,7 @@ class ModelAdapter:
 
     def latent_factors(self) -> tuple[float, float, torch.Tensor | None, torch.Tensor | None]:
         """(scaling_factor, shift_factor, latents_mean, latents_std) as the family's pipeline applies them."""
-        cfg = self.vae.config
-        scale = float(getattr(cfg, "scaling_factor", None) or 1.0)
-        shift = float(getattr(cfg, "shift_factor", None) or 0.0) if self.family.name in ("sd3", "flux") else 0.0
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if self.family.name == "sdxl" and mean is not None and std is not None:
-            c = len(mean)
-            return scale, shift, torch.tensor(mean).view(1, c, 1, 1), torch.tensor(std).view(1, c, 1, 1)
-        return scale, shift, None, None
+        return self.driver.latent_factors()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:

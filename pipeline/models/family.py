@@ -1,50 +1,23 @@
 """Which model family a diffusers pipeline belongs to, from its class name alone (no weights needed).
 
-One table, read by the adapter (a loaded pipeline), the scheduler options (``model_index.json`` only) and the
-``${family_solvers:...}`` sweep resolver. A pipeline class that is not in the table is refused by name.
-
-Fields:
-    denoiser      the component that predicts: ``unet`` | ``transformer``
-    conditioning  ``text`` | ``class`` | ``none``
-    space         ``latent`` (a KL/VQ VAE: ``vae`` or ``vqvae``) | ``pixel``
-    flow          True for rectified-flow models (velocity prediction, σ ∈ [0, 1], FlowMatch* schedulers);
-                  otherwise the scheduler config's ``prediction_type`` (ε, v, x₀) on a DDPM β schedule
+The families and the pipeline classes each drives are registered in :mod:`pipeline.models.families` (one file per
+family); this module answers questions about them for the adapter (a loaded pipeline), the scheduler options
+(``model_index.json`` only), the modes' up-front checks (which modes a family declares) and the
+``${family_solvers:...}`` sweep resolver. A pipeline class that is not registered is refused by name.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pipeline.errors import UserError
+from pipeline.models.families import DRIVERS, FAMILIES, Family, FamilyDriver
+from pipeline.models.families.base import driver_named, image_tokens
 
-__all__ = ["Family", "FAMILIES", "family_of", "family_of_class", "read_json", "read_model_index"]
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    denoiser: Literal["unet", "transformer"]
-    conditioning: Literal["text", "class", "none"]
-    space: Literal["latent", "pixel"]
-    flow: bool = False
-    vae_attr: str = "vae"
-
-
-FAMILIES: dict[str, Family] = {
-    "StableDiffusionPipeline": Family("sd", "unet", "text", "latent"),  # SD 1.x (ε) and 2.x (v)
-    "StableDiffusionXLPipeline": Family("sdxl", "unet", "text", "latent"),
-    "PixArtAlphaPipeline": Family("pixart", "transformer", "text", "latent"),
-    "PixArtSigmaPipeline": Family("pixart", "transformer", "text", "latent"),
-    "StableDiffusion3Pipeline": Family("sd3", "transformer", "text", "latent", flow=True),
-    "FluxPipeline": Family("flux", "transformer", "text", "latent", flow=True),
-    "DiTPipeline": Family("dit", "transformer", "class", "latent"),
-    "DDPMPipeline": Family("ddpm", "unet", "none", "pixel"),
-    "DDIMPipeline": Family("ddpm", "unet", "none", "pixel"),
-    "LDMPipeline": Family("ldm", "unet", "none", "latent", vae_attr="vqvae"),
-}
+__all__ = ["Family", "FAMILIES", "family_of", "family_of_class", "driver_of", "family_in_index", "read_json",
+           "read_model_index", "check_mode_support", "check_loaded", "families_for", "classes_for", "flow_geometry",
+           "flow_pipeline_classes", "local_pipeline_class"]
 
 
 def supported() -> str:
@@ -63,6 +36,31 @@ def family_of_class(class_name: str, mode: str | None = None) -> Family:
 
 def family_of(pipe, mode: str | None = None) -> Family:
     return family_of_class(type(pipe).__name__, mode)
+
+
+def driver_of(pipe, mode: str | None = None) -> type[FamilyDriver]:
+    """The driver class of a loaded pipeline (refused by name, as :func:`family_of`)."""
+    family_of(pipe, mode)
+    return DRIVERS[type(pipe).__name__]
+
+
+def family_in_index(model_index: dict | None) -> Family | None:
+    """The family ``model_index.json`` names (None: no index, or a class no family drives)."""
+    return FAMILIES.get(str((model_index or {}).get("_class_name")))
+
+
+def families_for(mode: str) -> set[str]:
+    """Names of the families that declare ``mode``."""
+    return {f.name for f in FAMILIES.values() if f.supports(mode)}
+
+
+def classes_for(mode: str, families: set[str] | None = None) -> list[str]:
+    """Pipeline classes whose family declares ``mode`` (and, if given, is one of ``families``)."""
+    return [c for c, f in FAMILIES.items() if f.supports(mode) and (families is None or f.name in families)]
+
+
+def flow_pipeline_classes() -> list[str]:
+    return sorted(c for c, f in FAMILIES.items() if f.flow)
 
 
 def read_json(path: str | Path) -> dict | None:
@@ -102,27 +100,69 @@ def read_model_index(local: str | Path) -> dict | None:
     return index
 
 
-def check_mode_support(model_path: str, mode: str, families: set[str] | None = None) -> Family | None:
-    """Refuse, before any work, a local pipeline whose class the project cannot drive, or (``families``) whose
-    family ``mode`` does not support yet. Returns the family (None: not a local pipeline directory — a hub id is
-    checked once loaded, a scheduler-only directory needs no weights)."""
+def local_pipeline_class(model_path: str) -> str | None:
+    """The ``_class_name`` of a local pipeline directory's ``model_index.json`` (None: not one)."""
     path = Path(str(model_path))
     index = read_model_index(path) if path.is_dir() else None
-    if index is None:
+    return None if index is None else str(index.get("_class_name"))
+
+
+def _refuse(cls: str, fam: Family, mode: str, families: set[str] | None) -> None:
+    if fam.supports(mode) and (families is None or fam.name in families):
+        return
+    ok = ", ".join(classes_for(mode, families))
+    raise UserError(f"mode=[{mode}]: {cls} ({fam.name}) is not supported by the {mode} mode; it supports {ok}")
+
+
+def check_mode_support(model_path: str, mode: str, families: set[str] | None = None) -> Family | None:
+    """Refuse, before any work, a local pipeline whose class the project cannot drive, or whose family does not
+    declare ``mode`` (``families``: further restricted to these names). Returns the family (None: not a local
+    pipeline directory — a hub id is checked once loaded, a scheduler-only directory needs no weights)."""
+    cls = local_pipeline_class(model_path)
+    if cls is None:
         return None
-    cls = str(index.get("_class_name"))
     fam = family_of_class(cls, mode)
-    if families is not None and fam.name not in families:
-        ok = ", ".join(c for c, f in FAMILIES.items() if f.name in families)
-        raise UserError(f"mode=[{mode}]: {cls} ({fam.name}) is not supported by the {mode} mode; it supports {ok}")
+    _refuse(cls, fam, mode, families)
     return fam
 
 
-def check_loaded(pipe, mode: str, families: set[str]) -> Family:
+def check_loaded(pipe, mode: str, families: set[str] | None = None) -> Family:
     """The same check on a loaded pipeline (a hub id is only known once loaded)."""
     fam = family_of(pipe, mode)
-    if fam.name not in families:
-        ok = ", ".join(c for c, f in FAMILIES.items() if f.name in families)
-        raise UserError(f"mode=[{mode}]: {type(pipe).__name__} ({fam.name}) is not supported by the {mode} mode; "
-                        f"it supports {ok}")
+    _refuse(type(pipe).__name__, fam, mode, families)
     return fam
+
+
+def component_config(model_path: str, component: str) -> dict | None:
+    """``<component>/config.json`` of a local model directory (or the hub, if reachable); None if absent."""
+    local = Path(str(model_path)).expanduser()
+    if local.is_dir():
+        file = local / component / "config.json"
+    else:
+        try:
+            from huggingface_hub import hf_hub_download  # only for a hub id, and slow to import (config time)
+
+            file = Path(hf_hub_download(str(model_path), f"{component}/config.json"))
+        except Exception:  # offline / no such file: the pipelines' defaults apply
+            return None
+    return read_json(file)
+
+
+def flow_geometry(model_path: str, family: Family | None, height: int | None, width: int | None
+                  ) -> tuple[int, int, int | None]:
+    """(height, width, image_seq_len) of a flow model at ``height x width`` pixels (None: its native size), from
+    configs only: VAE scale 2^(len(block_out_channels) − 1) (8 without a VAE config), then the family's native side
+    and pixels per image token (:meth:`FamilyDriver.flow_geometry`). image_seq_len is None for an unknown family
+    (a scheduler-only directory)."""
+    vae = component_config(model_path, "vae") or {}
+    scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 8
+    driver = driver_named(family.name) if family is not None else None
+    geometry = driver.flow_geometry(scale, lambda name: component_config(model_path, name)) if driver else None
+    native, step = geometry if geometry is not None else (None, 1)
+    h, w = int(height or native or 0), int(width or native or 0)
+    for key, v in (("height", h), ("width", w)):
+        if v <= 0:
+            raise UserError(f"mode.schedule.{key}: expected a positive number of pixels, got {v}")
+    if native is None:
+        return h, w, None
+    return h, w, image_tokens(h, w, step)

@@ -23,8 +23,8 @@ from typing import Callable, Collection, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.errors import UserError
 from pipeline.core.threads import CpuShare
+from pipeline.errors import UserError
 
 __all__ = ["GeneratedBatch", "generate", "sample", "to_uint8", "generators", "step_kwargs", "check_eta",
            "denoiser_call_steps"]

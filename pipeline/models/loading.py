@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import UserError
-from pipeline.models.family import read_model_index
+from pipeline.models.family import family_of_class, read_model_index
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,6 @@ def load_pipeline(model_cfg: Any, device: torch.device | None = None):
     """Load a diffusers pipeline from ``model_cfg.path`` with safe defaults, on ``device``. A local pipeline class
     the project cannot drive is refused from ``model_index.json`` before any weights are read."""
     from diffusers import DiffusionPipeline
-
-    from pipeline.models.family import family_of_class
 
     local, hub_id = _local_or_hub(model_cfg.path)
     source = str(local) if local is not None else hub_id

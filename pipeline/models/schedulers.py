@@ -34,6 +34,10 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from pipeline.errors import UserError
+from pipeline.models.families import FAMILIES, FamilyDriver
+from pipeline.models.families.base import driver_named
+from pipeline.models.family import family_in_index
+from pipeline.models.flow_shift import calculate_shift, uses_dynamic_shift
 
 __all__ = [
     "DIFFUSION_SOLVERS", "FLOW_SOLVERS", "STATIC_SHIFT_ONLY", "build_scheduler", "scheduler_class",
@@ -51,8 +55,6 @@ STATIC_SHIFT_ONLY = ("flow_heun",)  # FlowMatchHeunDiscreteScheduler has no use_
 # so that set_flow_timesteps can rebuild the model's own FlowMatchEuler schedule from the sampler alone
 _FLOW_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
               "max_image_seq_len", "time_shift_type", "shift_terminal", "invert_sigmas")
-# calculate_shift's defaults in the pipelines (SD3 falls back to max_shift 1.16, Flux to 1.15)
-_SHIFT_DEFAULTS = {"sd3": (256, 4096, 0.5, 1.16), "flux": (256, 4096, 0.5, 1.15)}
 
 
 def _value(x: Any) -> Any:
@@ -83,17 +85,10 @@ def scheduler_overrides(sched_cfg: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- what the model is
 def is_flow_model(scheduler_config: dict[str, Any], model_index: dict | None = None) -> bool:
     """A ``FlowMatch*`` scheduler config, or a pipeline class of a flow family in ``model_index.json``."""
-    from pipeline.models.family import FAMILIES
-
     if str(scheduler_config.get("_class_name") or "").startswith("FlowMatch"):
         return True
-    family = FAMILIES.get(str((model_index or {}).get("_class_name")))
+    family = family_in_index(model_index)
     return bool(family is not None and family.flow)
-
-
-def uses_dynamic_shift(scheduler_config: dict[str, Any]) -> bool:
-    """Resolution-dependent shift (``mu``, e.g. Flux-dev) rather than a static ``shift`` (SD3, Flux-schnell)."""
-    return bool(scheduler_config.get("use_dynamic_shifting", False))
 
 
 def solvers_for(scheduler_config: dict[str, Any], model_index: dict | None = None) -> tuple[str, ...]:
@@ -174,52 +169,29 @@ def build_scheduler(base_config: dict[str, Any], sched_cfg: Any, source: str = "
 
 
 # ---------------------------------------------------------------------------------------------- flow timesteps
-def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-                    max_shift: float = 1.15) -> float:
-    """μ linear in the number of image tokens (SD3 / Flux pipelines' ``calculate_shift``)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    b = base_shift - m * base_seq_len
-    return image_seq_len * m + b
-
-
-def _mu(config: Any, image_seq_len: int, family_name: str | None) -> float:
-    base_len, max_len, base_shift, max_shift = _SHIFT_DEFAULTS.get(family_name or "flux", _SHIFT_DEFAULTS["flux"])
-    return calculate_shift(int(image_seq_len), config.get("base_image_seq_len", base_len),
-                           config.get("max_image_seq_len", max_len), config.get("base_shift", base_shift),
-                           config.get("max_shift", max_shift))
+def _flow_driver(family_name: str | None, strict: bool = True) -> type[FamilyDriver]:
+    """The driver whose flow conventions apply: the flow family's, or (None: a scheduler-only directory) the
+    scheduler's own defaults. ``strict``: any other name is a ValueError."""
+    driver = driver_named(family_name)
+    if driver is not None and driver.family.flow:
+        return driver
+    if strict and family_name is not None:
+        flow = sorted(f.name for f in FAMILIES.values() if f.flow)
+        raise ValueError(f"family_name: expected one of {flow} or None (the flow families), got {family_name!r}")
+    return FamilyDriver
 
 
 def flow_mu(config: Any, image_seq_len: int | None, family_name: str | None) -> float | None:
     """μ the family's pipeline passes for ``image_seq_len`` image tokens; None on a static-shift model."""
-    if not uses_dynamic_shift(config):
-        return None
-    if image_seq_len is None:
-        raise ValueError("Expected image_seq_len for a resolution-dependent shift (use_dynamic_shifting), got None")
-    return _mu(config, image_seq_len, family_name)
+    return _flow_driver(family_name, strict=False).flow_mu(config, image_seq_len)
 
 
 def flow_pipeline_kwargs(config: Any, num_inference_steps: int, image_seq_len: int | None,
                          family_name: str | None) -> dict[str, Any]:
-    """The family pipeline's ``retrieve_timesteps`` arguments besides the device, for a scheduler with ``config``:
-
-    * ``sd3`` (StableDiffusion3Pipeline): ``num_inference_steps``, plus ``mu`` only with ``use_dynamic_shifting``;
-    * ``flux`` (FluxPipeline): ``sigmas = linspace(1, 1/N, N)`` (``num_inference_steps`` instead when the config has
-      ``use_flow_sigmas``) and ``mu`` (a static-shift scheduler ignores it).
-
-    ``family_name`` None (a scheduler-only directory): the scheduler's own default, as for ``sd3``."""
-    n = int(num_inference_steps)
-    if family_name in ("sd3", None):
-        mu = flow_mu(config, image_seq_len, family_name)
-        return {"num_inference_steps": n, **({"mu": mu} if mu is not None else {})}
-    if family_name == "flux":
-        out: dict[str, Any] = ({"num_inference_steps": n} if config.get("use_flow_sigmas", False)
-                               else {"sigmas": np.linspace(1.0, 1 / n, n)})
-        if image_seq_len is not None:
-            out["mu"] = _mu(config, image_seq_len, "flux")
-        elif uses_dynamic_shift(config):
-            flow_mu(config, None, "flux")  # raises: μ needs the token count
-        return out
-    raise ValueError(f"family_name: expected 'sd3', 'flux' or None (the flow families), got {family_name!r}")
+    """The family pipeline's ``retrieve_timesteps`` arguments besides the device, for a scheduler with ``config``
+    (:meth:`FamilyDriver.flow_timestep_kwargs`); ``family_name`` None (a scheduler-only directory): the scheduler's
+    own default."""
+    return _flow_driver(family_name).flow_timestep_kwargs(config, num_inference_steps, image_seq_len)
 
 
 def _reference(sampler) -> Any:

@@ -5,8 +5,10 @@
     cap.aggregate()   # (n, S, h, w) CPU float32, h × w = the latent grid
 
 ``capture`` installs recording processors through diffusers' own extension point (``set_attn_processor``) on the
-layers the family's :class:`~pipeline.models.adapter.AttentionLayout` names, and restores the originals on exit,
-also on error. Locating layers (the adapter) is separate from hooking them (here).
+layers the family's :class:`~pipeline.models.attention.AttentionLayout` names, and restores the originals on exit,
+also on error. Locating layers and the recorders themselves (copies of the family's own processors) are the model
+adapter's (:mod:`pipeline.models.attention`, :mod:`pipeline.models.families`); hooking them and aggregating what
+they record is here.
 
 Two kinds of layer (diffusers 0.42 processors, reproduced step by step so the images do not change):
 
@@ -38,20 +40,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionCapture", "capture", "layer_grid", "joint_segment_maps", "CrossAttentionRecorder",
-           "cross_attention_layers"]
+from pipeline.models.attention import layer_grid
+from pipeline.models.families import recorder_class
+from pipeline.modes.attention.tokens import prompt_tokens
+
+__all__ = ["AttentionCapture", "capture", "layer_grid", "joint_segment_maps"]
 
 _CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk of query rows in joint attention
-
-
-def layer_grid(hw: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """(h, w) of a UNet layer's token grid: the latent downsampled by a power of two (ceil, as padded convs do)."""
-    H, W = latent_hw
-    for f in (1, 2, 4, 8, 16, 32, 64):
-        h, w = math.ceil(H / f), math.ceil(W / f)
-        if h * w == hw:
-            return h, w
-    raise ValueError(f"Expected a layer of (latent / 2^k) tokens for latent {latent_hw}, got {hw} tokens")
 
 
 def joint_segment_maps(query: torch.Tensor, key: torch.Tensor, n_image: int, text_first: bool,
@@ -89,134 +84,6 @@ def joint_segment_maps(query: torch.Tensor, key: torch.Tensor, n_image: int, tex
         maps = maps * valid[:, None, :].to(maps)
     maps = maps / maps.sum(-1, keepdim=True).clamp_min(1e-30)
     return maps, share, err
-
-
-def cross_attention_layers(denoiser) -> list[str]:
-    """``attn_processors`` keys of the cross-attention layers (``attn2``) of a UNet or PixArt-style transformer."""
-    return [name for name in denoiser.attn_processors if name.endswith("attn2.processor")]
-
-
-class CrossAttentionRecorder:
-    """Cross-attention written out step by step (diffusers' classic ``AttnProcessor``), handing the float32
-    probabilities (B·heads, HW, T) to ``sink._record_cross(name, probs, heads)`` — the capture, or the training's
-    token-grounding loss (the graph is kept)."""
-
-    def __init__(self, cap, name: str):
-        self.cap, self.name = cap, name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        # 1. pre-norms and flattening, as the stock processors do
-        residual = hidden_states
-        if getattr(attn, "spatial_norm", None) is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if encoder_hidden_states is None:  # not cross-attention after all: behave as self-attention
-            encoder_hidden_states = hidden_states
-        batch = encoder_hidden_states.shape[0]
-        attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        # 2. project: query from the image tokens, key/value from the text tokens
-        query = attn.to_q(hidden_states)
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        query, key, value = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
-        if getattr(attn, "norm_q", None) is not None:
-            query = attn.norm_q(query)
-        if getattr(attn, "norm_k", None) is not None:
-            key = attn.norm_k(key)
-        # 3. probabilities = softmax(Q Kᵀ · scale + mask) in float32: what the maps are made of
-        scores = torch.bmm(query.float(), key.float().transpose(1, 2)) * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask.float()
-        probs = scores.softmax(-1)  # (B·heads, HW, T)
-        del scores
-        self.cap._record_cross(self.name, probs, attn.heads)
-        # 4. weighted values, output projection, post-processing
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-class _SD3JointRecorder:
-    """SD3's ``JointAttnProcessor2_0`` (diffusers 0.42), step for step, recording the joint softmax's image rows."""
-
-    def __init__(self, cap: "AttentionCapture", name: str):
-        self.cap, self.name = cap, name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        residual = hidden_states
-        b = hidden_states.shape[0]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(b, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if encoder_hidden_states is not None:  # the text stream, appended after the image tokens
-            cq, ck, cv = (p(encoder_hidden_states).view(b, -1, attn.heads, head_dim).transpose(1, 2)
-                          for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-            if attn.norm_added_q is not None:
-                cq = attn.norm_added_q(cq)
-            if attn.norm_added_k is not None:
-                ck = attn.norm_added_k(ck)
-            query, key, value = torch.cat([query, cq], dim=2), torch.cat([key, ck], dim=2), torch.cat([value, cv], dim=2)
-            self.cap._record_joint(self.name, query, key, n_image=residual.shape[1], text_first=False)
-        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
-        if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1]:]
-            if not attn.context_pre_only:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        return (hidden_states, encoder_hidden_states) if encoder_hidden_states is not None else hidden_states
-
-
-class _FluxJointRecorder:
-    """Flux's ``FluxAttnProcessor`` (diffusers 0.42), step for step, recording the joint softmax's image rows.
-    Double-stream blocks get the text stream separately; single-stream blocks get [text; image] in one sequence."""
-
-    def __init__(self, cap: "AttentionCapture", name: str):
-        self.cap, self.name = cap, name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        n_image = hidden_states.shape[1] if encoder_hidden_states is not None else self.cap.n_image_tokens
-        if attn.added_kv_proj_dim is not None:
-            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
-            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            query, key, value = torch.cat([eq, query], dim=1), torch.cat([ek, key], dim=1), torch.cat([ev, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        self.cap._record_joint(self.name, query.transpose(1, 2), key.transpose(1, 2), n_image=n_image, text_first=True)
-        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
-
-
-_RECORDERS = {"cross": CrossAttentionRecorder, "sd3": _SD3JointRecorder, "flux": _FluxJointRecorder}
 
 
 class _Sum:
@@ -259,7 +126,7 @@ class AttentionCapture:
         if not self.layout.layers or missing:
             raise ValueError(f"Expected attention layers {list(self.layout.layers)[:3]}... in "
                              f"{type(self.denoiser).__name__}, missing {missing[:3]}")
-        recorder = _RECORDERS[self.layout.recorder]
+        recorder = recorder_class(self.layout.recorder)  # the family's copy of its own processor
         # set_attn_processor(dict) needs an entry for every layer: the others keep their own processor
         self.denoiser.set_attn_processor({k: (recorder(self, k) if k in self.layout.layers else p)
                                           for k, p in self._originals.items()})
@@ -366,8 +233,6 @@ def capture(model, height: int, width: int, snapshot_steps: Sequence[int] = (), 
     layout = model.attention_layout(height, width)
     latent_hw = tuple(model.latent_shape(height, width)[1:])
     if valid_tokens is None and prompts is not None:
-        from pipeline.modes.attention.tokens import prompt_tokens
-
         valid_tokens = [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts]
     if layout.renormalise and valid_tokens is None:
         raise ValueError(f"{type(model.pipe).__name__}: joint-attention maps are renormalised over each prompt's "

@@ -9,9 +9,9 @@ from typing import List, Optional
 from omegaconf import MISSING
 
 from pipeline.config import bounded
-from pipeline.errors import UserError
-from pipeline.models.family import FAMILIES as PIPELINE_FAMILIES, check_mode_support
 from pipeline.core.registry import register_mode
+from pipeline.errors import UserError
+from pipeline.models.family import check_mode_support, classes_for, family_of_class, local_pipeline_class
 
 
 @dataclass
@@ -28,27 +28,20 @@ class AttentionModeConfig:
     t: float = bounded(gt=0, lt=1, note="the real-image noise level as a fraction")
 
 
-# families whose text→image attention the capture records (the adapter's attention_layout)
-FAMILIES = {"sd", "sdxl", "pixart", "sd3", "flux"}
-
-
 def refuse_untexted(cls: str, fam) -> None:
     """A UserError: the attention mode needs a text-conditioned model (``fam`` is its family)."""
     kind = "class-conditional" if fam.conditioning == "class" else "unconditional"
     raise UserError(f"mode=[attention] needs a text-conditioned model: {cls} ({fam.name}) is {kind}, so there are no "
-                    f"prompt tokens to map; text-to-image families: "
-                    f"{', '.join(c for c, f in PIPELINE_FAMILIES.items() if f.name in FAMILIES)}")
+                    f"prompt tokens to map; text-to-image families: {', '.join(classes_for('attention'))}")
 
 
 def validate(cfg) -> None:
-    """Cross-key checks of ``mode.attention`` and the model's family, before any stage runs."""
-    fam = check_mode_support(cfg.model.path, "attention", None)
+    """Cross-key checks of ``mode.attention`` and the model's family (what it declares), before any stage runs."""
+    cls = local_pipeline_class(cfg.model.path)
+    fam = family_of_class(cls, "attention") if cls is not None else None
     if fam is not None and fam.conditioning != "text":
-        from pipeline.models.family import read_model_index
-
-        refuse_untexted(str(read_model_index(cfg.model.path).get("_class_name")), fam)
-    if fam is not None:
-        check_mode_support(cfg.model.path, "attention", FAMILIES)
+        refuse_untexted(cls, fam)
+    check_mode_support(cfg.model.path, "attention")  # a text family that does not declare the mode
     a, n = cfg.mode.attention, int(cfg.sampler.num_inference_steps)
     bad = [s for s in a.steps if not 0 <= s < n]
     if bad or not a.steps:

@@ -10,9 +10,9 @@ from typing import List, Optional
 from omegaconf import MISSING
 
 from pipeline.config import DatasetConfig, bounded
-from pipeline.errors import UserError
-from pipeline.models.family import check_mode_support
 from pipeline.core.registry import register_mode
+from pipeline.errors import UserError
+from pipeline.models.family import check_mode_support, families_for
 
 PARTS = ("vae", "interpolation", "inversion", "direction", "ood")
 MIN_FIT = 100
@@ -53,13 +53,13 @@ class LatentModeConfig:
     shrinkage: str = MISSING
 
 
-# every family: a part whose math does not apply to one (the VAE part of a pixel model, prompt directions of an
-# unconditional one) is skipped with a skipped.<key> tag naming the reason
-FAMILIES = {"sd", "sdxl", "pixart", "sd3", "flux", "dit", "ddpm", "ldm"}
+# the families that declare the latent mode (every one: a part whose math does not apply to one — the VAE part
+# of a pixel model, prompt directions of an unconditional one — is skipped with a skipped.<key> tag naming why)
+FAMILIES = families_for("latent")  # latent/stage.py's check_loaded; check_loaded(pipe, "latent") reads the same
 
 
 def validate(cfg) -> None:
-    check_mode_support(cfg.model.path, "latent", FAMILIES)
+    check_mode_support(cfg.model.path, "latent")
     a = cfg.mode.latent
     bad = [p for p in a.parts if p not in PARTS]
     if bad or not a.parts:

@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.modes.latent import inversion as I
 from pipeline.models.adapter import Conditioning
+from pipeline.models.generation import generators, sample
+from pipeline.modes.latent import inversion as I
 
 __all__ = ["LatentSpace"]
 
@@ -83,7 +84,7 @@ class LatentSpace:
         """A condition without CFG (inversion with guidance drifts): the prompts for text models, else the null
         condition (class-conditional models: the null class; unconditional: nothing)."""
         if self.model.text and prompts is not None:
-            g = self.guidance if self.model.family.name == "flux" else 1.0  # Flux: distilled guidance, not CFG
+            g = self.model.plain_guidance(self.guidance)  # a distilled-guidance family keeps its own
             return self.model.condition(len(prompts), g, *self.hw, prompts=list(prompts))
         return self.model.null_condition(len(prompts) if prompts is not None else int(n), *self.hw, self.guidance)
 
@@ -140,8 +141,6 @@ class LatentSpace:
     def generate(self, z: torch.Tensor, cond: Conditioning, seeds: Sequence[int]) -> torch.Tensor:
         """Unit noise z -> images in [0, 1] (float32, CPU) with the configured sampler; sample ``k``'s stochastic
         solver steps draw from the CPU generator ``seeds[k] + 7``."""
-        from pipeline.models.generation import generators, sample
-
         gens = generators(7, seeds)
         out = sample(self.model, self.sampler, cond, gens, self.steps, *self.hw, eta=self.eta,
                      latents=z.to(self.model.dtype))

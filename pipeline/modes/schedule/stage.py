@@ -16,17 +16,29 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.models.family import read_json
-from pipeline.models.schedulers import build_scheduler, flow_shift, is_flow_model, set_flow_timesteps, uses_dynamic_shift
 from pipeline.core.registry import stage
+from pipeline.errors import UserError
+from pipeline.models.family import family_in_index, flow_geometry, flow_pipeline_classes
+from pipeline.models.schedulers import (
+    build_scheduler,
+    flow_shift,
+    is_flow_model,
+    set_flow_timesteps,
+    uses_dynamic_shift,
+)
 from pipeline.modes.schedule.plots import overlay_figure, panel_figure
-from pipeline.modes.schedule.schedules import (NoiseSchedule, flow_positions, flow_schedule, from_scheduler,
-                                         karras_sigmas, named_schedule, visited_positions)
+from pipeline.modes.schedule.schedules import (
+    NoiseSchedule,
+    flow_positions,
+    flow_schedule,
+    from_scheduler,
+    karras_sigmas,
+    named_schedule,
+    visited_positions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,58 +65,15 @@ def visited(schedule: NoiseSchedule, solver_cfg, num_steps: int, sampler=None) -
 
 
 # ---------------------------------------------------------------------------------------------- flow models
-def _component_config(model_path: str, component: str) -> dict | None:
-    """``<component>/config.json`` of a local model directory (or the hub, if reachable); None if absent."""
-    local = Path(str(model_path)).expanduser()
-    if local.is_dir():
-        file = local / component / "config.json"
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            file = Path(hf_hub_download(str(model_path), f"{component}/config.json"))
-        except Exception:  # offline / no such file: the pipelines' defaults apply
-            return None
-    return read_json(file)
-
-
-def flow_geometry(model_path: str, family_name: str | None, height: int | None, width: int | None
-                  ) -> tuple[int, int, int | None]:
-    """(height, width, image_seq_len) of a flow model at ``height x width`` pixels (None: its native size), from
-    configs only: VAE scale 2^(len(block_out_channels) − 1) (8 without a VAE config); Flux: native 128·scale
-    (FluxPipeline's default_sample_size), 2×2-packed tokens (h / scale / 2)·(w / scale / 2); SD3: native
-    transformer sample_size·scale, (h / scale / patch)·(w / scale / patch) tokens. image_seq_len is None for an
-    unknown family (a scheduler-only directory)."""
-    vae = _component_config(model_path, "vae") or {}
-    scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 8
-    if family_name == "flux":
-        native, patch, pack = 128 * scale, 1, 2
-    elif family_name == "sd3":
-        transformer = _component_config(model_path, "transformer") or {}
-        native, patch, pack = int(transformer.get("sample_size") or 128) * scale, int(transformer.get("patch_size") or 2), 1
-    else:
-        native, patch, pack = None, 1, 1
-    h, w = int(height or native or 0), int(width or native or 0)
-    for key, v in (("height", h), ("width", w)):
-        if v <= 0:
-            raise UserError(f"mode.schedule.{key}: expected a positive number of pixels, got {v}")
-    if native is None:
-        return h, w, None
-    step = scale * patch * pack
-    return h, w, (h // step) * (w // step)
-
-
 def _flow_model(ctx, cfg, steps: int) -> tuple[NoiseSchedule, np.ndarray, str]:
     """The flow model's schedule, the training-step positions its solver visits, and a label suffix."""
-    from pipeline.models.family import FAMILIES
-
     sc, sampler, mcfg = ctx.get("scheduler_config"), ctx.get("sampler"), cfg.mode.schedule
-    family = FAMILIES.get(str((sc.get("model_index") or {}).get("_class_name")))
+    family = family_in_index(sc.get("model_index"))
     family_name = family.name if family is not None else None
-    h, w, seq = flow_geometry(cfg.model.path, family_name, mcfg.height, mcfg.width)
+    h, w, seq = flow_geometry(cfg.model.path, family, mcfg.height, mcfg.width)
     if seq is None and uses_dynamic_shift(sc["config"]):
         raise UserError(f"model.path: {sc['source']} uses a resolution-dependent shift (use_dynamic_shifting) but "
-                        "there is no model_index.json naming the family (FluxPipeline / StableDiffusion3Pipeline) to "
+                        f"there is no model_index.json naming the family ({' / '.join(flow_pipeline_classes())}) to "
                         "count image tokens from; point model.path at the pipeline directory")
     shift = flow_shift(sampler, seq, family_name)
     T = int(sampler.config.num_train_timesteps)

@@ -1,0 +1,130 @@
+"""Where a family's text→image attention is, and the processors that record it (diffusers 0.42 algorithms,
+reproduced step by step so the images do not change).
+
+A recorder replaces one layer's attention processor and hands what it computes to a *sink* (the attention mode's
+capture, or the zoo training's grounding loss) through a small protocol:
+
+* ``sink._record_cross(name, probs, heads)``: cross-attention probabilities (B·heads, HW, T), float32;
+* ``sink._record_joint(name, query, key, n_image, text_first)``: a joint attention's (n, heads, L, d) Q and K;
+* ``sink.n_image_tokens``: image tokens of a single-stream joint block (its one sequence is [text; image]).
+
+Recorders are chosen by ``AttentionLayout.recorder`` (a kind: ``cross`` here; each joint-attention family registers
+its own copy of its processor with :func:`register_recorder`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["AttentionLayout", "CrossAttentionRecorder", "cross_attention_layers", "layer_grid", "recorder_class",
+           "register_recorder"]
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where a family's text→image attention is, and which text tokens its per-word maps come from.
+
+    ``recorder``: the recorder kind (``cross``: UNet / PixArt ``attn2``; ``sd3``, ``flux``: joint attention).
+    ``layers``: the ``attn_processors`` keys to record. ``grid``: the image-token grid (UNet: the latent grid, which
+    its layers halve; transformers: latent / patch). ``segment``: (start, stop) of the text tokens the maps are read
+    from, within the attention's text sequence; ``tokenizer`` and ``max_length`` tokenize a prompt into that
+    segment's positions. ``renormalise``: maps renormalised over the segment's non-padding tokens (joint attention)."""
+
+    recorder: str
+    layers: tuple[str, ...]
+    grid: tuple[int, int]
+    tokenizer: Any
+    max_length: int
+    segment: tuple[int, int]
+    renormalise: bool = False
+    segment_name: str = "CLIP"
+
+
+_RECORDERS: dict[str, type] = {}
+
+
+def register_recorder(kind: str):
+    """Class decorator: the recorder of layouts whose ``recorder`` is ``kind``."""
+
+    def add(cls: type) -> type:
+        _RECORDERS[kind] = cls
+        return cls
+
+    return add
+
+
+def recorder_class(kind: str) -> type:
+    """The recorder class of a layout's ``recorder`` kind."""
+    if kind not in _RECORDERS:
+        raise ValueError(f"Expected an attention recorder kind in {sorted(_RECORDERS)}, got {kind!r}")
+    return _RECORDERS[kind]
+
+
+def layer_grid(hw: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a UNet layer's token grid: the latent downsampled by a power of two (ceil, as padded convs do)."""
+    H, W = latent_hw
+    for f in (1, 2, 4, 8, 16, 32, 64):
+        h, w = math.ceil(H / f), math.ceil(W / f)
+        if h * w == hw:
+            return h, w
+    raise ValueError(f"Expected a layer of (latent / 2^k) tokens for latent {latent_hw}, got {hw} tokens")
+
+
+def cross_attention_layers(denoiser) -> list[str]:
+    """``attn_processors`` keys of the cross-attention layers (``attn2``) of a UNet or PixArt-style transformer."""
+    return [name for name in denoiser.attn_processors if name.endswith("attn2.processor")]
+
+
+@register_recorder("cross")
+class CrossAttentionRecorder:
+    """Cross-attention written out step by step (diffusers' classic ``AttnProcessor``), handing the float32
+    probabilities (B·heads, HW, T) to ``sink._record_cross(name, probs, heads)`` — the capture, or the training's
+    token-grounding loss (the graph is kept)."""
+
+    def __init__(self, cap, name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        # 1. pre-norms and flattening, as the stock processors do
+        residual = hidden_states
+        if getattr(attn, "spatial_norm", None) is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if encoder_hidden_states is None:  # not cross-attention after all: behave as self-attention
+            encoder_hidden_states = hidden_states
+        batch = encoder_hidden_states.shape[0]
+        attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        # 2. project: query from the image tokens, key/value from the text tokens
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query, key, value = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+        # 3. probabilities = softmax(Q Kᵀ · scale + mask) in float32: what the maps are made of
+        scores = torch.bmm(query.float(), key.float().transpose(1, 2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask.float()
+        probs = scores.softmax(-1)  # (B·heads, HW, T)
+        del scores
+        self.cap._record_cross(self.name, probs, attn.heads)
+        # 4. weighted values, output projection, post-processing
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
