@@ -33,7 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pipeline import zoo  # noqa: E402
 from pipeline.data.shapes import ShapesDataset  # noqa: E402
 from pipeline.zoo.shapes_net import ShapesNet, compare, to_tensor  # noqa: E402
-from pipeline.zoo.train import evaluate_adherence, psnr  # noqa: E402
+from pipeline.zoo.snapshots import evaluate_adherence  # noqa: E402
+from pipeline.zoo.train import psnr  # noqa: E402
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -520,19 +520,31 @@ def write_sweep_report(sweep_dir: str | Path, parent_run: Any, children: Sequenc
 
     sweep_dir = Path(sweep_dir)
     rows = child_rows(list(children))
-    by_id = {c.info.run_id: c for c in children}
     keys = swept(rows)
     primary = primary_extractor(rows)
-    metric_cols = list(dict.fromkeys(k for r in rows for k in headline_keys(r, primary)))
     steps = checkpoint_steps(r.get(CHECKPOINT) for r in rows) if CHECKPOINT in keys else {}
     if steps:
         rows.sort(key=lambda r: steps.get(str(r.get(CHECKPOINT)), -1))
     p_tags = dict(parent_run.data.tags) if parent_run is not None else {}
-    p_params = dict(parent_run.data.params) if parent_run is not None else {}
     p_metrics = dict(parent_run.data.metrics) if parent_run is not None else {}
-    names = {r["run_id"]: r["run_name"] for r in rows}
+    sections = [("provenance", "Provenance", _sweep_provenance(sweep_dir, parent_run, rows, primary))]
+    best = _sweep_best(rows, p_tags, p_metrics)
+    if best:
+        sections.append(("best", "Best values", best))
+    sections.append(("runs", f"Runs ({len(rows)})", _sweep_runs(rows, keys, primary, steps)))
+    sweep_plots = sorted(sweep_dir.glob("sweep_*.png"))
+    if sweep_plots:
+        sections.append(("plots", "Sweep plots", "".join(_figure(p, p.name) for p in sweep_plots)))
+    samples = _sweep_samples(rows, {c.info.run_id: c for c in children}, steps)
+    if samples:
+        sections.append(("samples", "Sample grids", samples))
+    title = f"Sweep report: {parent_run.info.run_name if parent_run is not None else sweep_dir.name}"
+    return _write(sweep_dir / REPORT_NAME, _page(title, f"{sweep_dir.resolve()} · written {_now()}", sections))
 
-    sections: list[tuple[str, str, str]] = []
+
+def _sweep_provenance(sweep_dir: Path, parent_run: Any, rows: list[dict], primary: str | None) -> str:
+    p_tags = dict(parent_run.data.tags) if parent_run is not None else {}
+    p_params = dict(parent_run.data.params) if parent_run is not None else {}
     git = p_tags.get("git.commit")
     if git and p_tags.get("git.dirty") == "true":
         git += " (uncommitted changes)"
@@ -551,14 +563,24 @@ def write_sweep_report(sweep_dir: str | Path, parent_run: Any, children: Sequenc
         ("tracking store", p_tags.get("tracking.uri_effective")),
         ("sweep dir", str(sweep_dir.resolve())),
     ])
-    sections.append(("provenance", "Provenance", prov + '<p class="muted">Each job has its own report.html among '
-                                                        "its artifacts and in its run dir.</p>"))
+    return prov + '<p class="muted">Each job has its own report.html among its artifacts and in its run dir.</p>'
+
+
+def _sweep_best(rows: list[dict], p_tags: dict, p_metrics: dict) -> str | None:
+    """The parent's ``best.*`` values, the better direction and the run that has each."""
+    names = {r["run_id"]: r["run_name"] for r in rows}
     best = sorted(k[len("best."):] for k in p_metrics if k.startswith("best."))
-    if best:
-        sections.append(("best", "Best values", _table(["key", "best", "better", "run"], [
-            [f"<code>{_e(k)}</code>", f'<td class="num">{_e(_fmt(p_metrics["best." + k]))}</td>',
-             _e("higher" if higher_is_better(k) else "lower"),
-             _e(names.get(p_tags.get(f"best.{k}.run_id"), p_tags.get(f"best.{k}.run_id")))] for k in best])))
+    if not best:
+        return None
+    return _table(["key", "best", "better", "run"], [
+        [f"<code>{_e(k)}</code>", f'<td class="num">{_e(_fmt(p_metrics["best." + k]))}</td>',
+         _e("higher" if higher_is_better(k) else "lower"),
+         _e(names.get(p_tags.get(f"best.{k}.run_id"), p_tags.get(f"best.{k}.run_id")))] for k in best])
+
+
+def _sweep_runs(rows: list[dict], keys: list[str], primary: str | None, steps: dict) -> str:
+    """One row per child: name, status, (checkpoint step), swept values, headline metrics with intervals, error."""
+    metric_cols = list(dict.fromkeys(k for r in rows for k in headline_keys(r, primary)))
     header = ["run", "status", *(("step",) if steps else ()), *keys, *metric_cols, "error"]
     body = []
     for r in rows:
@@ -577,14 +599,15 @@ def write_sweep_report(sweep_dir: str | Path, parent_run: Any, children: Sequenc
         cells.append(f'<span class="err">{_e(r.get("error", ""))}</span>')
         body.append((cells, "warn") if flagged else cells)
     warning = mixed_n_warning(rows)
-    runs_html = (f'<p class="note">⚠ {_e(warning)}</p>' if warning else "") + (
+    html = (f'<p class="note">⚠ {_e(warning)}</p>' if warning else "") + (
         _table(header, body) if rows else '<p class="muted">no child run was recorded</p>')
     if any(r.get("status") != "FINISHED" for r in rows):
-        runs_html += '<p class="muted">Failed or killed jobs stay in this table and are left out of the plots.</p>'
-    sections.append(("runs", f"Runs ({len(rows)})", runs_html))
-    sweep_plots = sorted(sweep_dir.glob("sweep_*.png"))
-    if sweep_plots:
-        sections.append(("plots", "Sweep plots", "".join(_figure(p, p.name) for p in sweep_plots)))
+        html += '<p class="muted">Failed or killed jobs stay in this table and are left out of the plots.</p>'
+    return html
+
+
+def _sweep_samples(rows: list[dict], by_id: dict, steps: dict) -> str | None:
+    """Each child's sample grid (labelled with its step in a checkpoint sweep); a note for metrics jobs without one."""
     grids, missing = [], []
     for r in rows:
         run = by_id.get(r["run_id"])
@@ -599,7 +622,4 @@ def write_sweep_report(sweep_dir: str | Path, parent_run: Any, children: Sequenc
         grids.append(_figure(grid, label))
     note = (f'<p class="muted">no local {SAMPLES_PLOT} for: {_e(", ".join(missing))} (run dir not on this machine; '
             "see their MLflow artifacts)</p>" if missing else "")  # e.g. jobs run on cluster nodes
-    if grids or note:
-        sections.append(("samples", "Sample grids", f'<div class="grids">{"".join(grids)}</div>{note}'))
-    title = f"Sweep report: {parent_run.info.run_name if parent_run is not None else sweep_dir.name}"
-    return _write(sweep_dir / REPORT_NAME, _page(title, f"{sweep_dir.resolve()} · written {_now()}", sections))
+    return f'<div class="grids">{"".join(grids)}</div>{note}' if grids or note else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.modes.attention import CrossAttentionRecorder, cross_attention_layers, layer_grid
+from pipeline.models.attention import CrossAttentionRecorder, cross_attention_layers, layer_grid
 
 __all__ = ["TokenGrounding"]
 

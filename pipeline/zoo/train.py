@@ -37,10 +37,10 @@ from pipeline.zoo.loop import Epsilon, Trainee, TrainSet, lr_lambda, progress, t
 from pipeline.zoo.sd import train_sd
 from pipeline.zoo.sd3 import train_sd3
 from pipeline.zoo.shapes_net import ShapesNet, ShapesNetConfig, compare, labels_for
-from pipeline.zoo.snapshots import STORE_DTYPE, MetricFn, evaluate_adherence  # noqa: F401 (bench/quality_shapes.py)
+from pipeline.zoo.snapshots import STORE_DTYPE, MetricFn
 from pipeline.zoo.trainset import images
 
-__all__ = ["CONF_DIR", "COMPONENTS", "train", "tracked_train", "psnr", "evaluate_adherence"]
+__all__ = ["CONF_DIR", "COMPONENTS", "train", "tracked_train", "psnr"]
 
 log = logging.getLogger(__name__)
 CONF_DIR = pathlib.Path(__file__).resolve().parents[2] / "conf"
