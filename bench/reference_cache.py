@@ -56,8 +56,8 @@ class Hits(logging.Handler):
         msg = record.getMessage()
         if msg.startswith("reference cache "):
             hits.append(msg.startswith("reference cache hit"))
-logging.getLogger("pipeline.modes.metrics.stage").addHandler(Hits())
-logging.getLogger("pipeline.modes.metrics.stage").setLevel(logging.INFO)
+logging.getLogger("pipeline.features.stages").addHandler(Hits())
+logging.getLogger("pipeline.features.stages").setLevel(logging.INFO)
 
 cfg = compose_cfg({overrides!r}, {out!r})
 ctx = RunContext(cfg, {out!r} + "/run")

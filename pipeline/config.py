@@ -106,18 +106,37 @@ class ModelConfig:
 
 
 @dataclass
-class DatasetConfig:
+class DatasetBase:
+    """The keys of every dataset block; each kind's schema (:data:`DATASET_SCHEMAS`) adds its own. ``dataset`` is
+    typed by its kind's schema: conf/dataset/<option>.yaml names it in its defaults list (``/schema/dataset/<kind>``)."""
+
     name: str = MISSING
     kind: DatasetKind = MISSING
-    root: Optional[str] = None  # folder datasets
-    captions_file: str = "captions.jsonl"
-    split: str = "test"
     num_images: int = bounded(1000, ge=1)
+
+
+@dataclass
+class ShapesDatasetConfig(DatasetBase):
+    split: str = "test"
     size: int = bounded(32, ge=1)
     seed: int = bounded(0, ge=0, lt=SEED_LIMIT)
     shapes: List[str] = field(default_factory=list)
     colours: List[str] = field(default_factory=list)
-    p_two: float = bounded(0.5, ge=0, le=1)  # shapes: probability of a two-object image
+    p_two: float = bounded(0.5, ge=0, le=1)  # probability of a two-object image
+
+
+@dataclass
+class FolderDatasetConfig(DatasetBase):
+    root: Optional[str] = None
+    captions_file: str = "captions.jsonl"
+
+
+@dataclass
+class DatasetConfig(ShapesDatasetConfig, FolderDatasetConfig):
+    """Any kind's keys: a dataset block whose kind is set in the same yaml (``mode.latent.ood_dataset``)."""
+
+
+DATASET_SCHEMAS: dict[str, type] = {"shapes": ShapesDatasetConfig, "folder": FolderDatasetConfig}
 
 
 @dataclass
@@ -180,7 +199,7 @@ def build_schema() -> type:
         "Config",
         [
             ("model", ModelConfig, field(default_factory=ModelConfig)),
-            ("dataset", DatasetConfig, field(default_factory=DatasetConfig)),
+            ("dataset", DatasetBase, field(default_factory=DatasetBase)),  # retyped by its kind (DATASET_SCHEMAS)
             ("scheduler", SchedulerConfig, field(default_factory=SchedulerConfig)),
             ("sampler", SamplerConfig, field(default_factory=SamplerConfig)),
             ("features", Dict[str, FeaturesConfig], field(default_factory=dict)),  # several: features=[a,b], first = primary
@@ -206,6 +225,8 @@ def register_configs() -> None:
 
     register_resolvers()
     ConfigStore.instance().store(name="base_config", node=build_schema())
+    for kind, schema in DATASET_SCHEMAS.items():  # conf/dataset/<option>.yaml: `- /schema/dataset/<kind>@_here_`
+        ConfigStore.instance().store(group="schema/dataset", name=kind, node=schema)
     _REGISTERED = True
 
 
@@ -230,6 +251,10 @@ def validate(cfg: Any) -> Any:
     """Merge a plain (e.g. saved, resolved) config onto the schema: the same checks composition does."""
     register_configs()
     schema = OmegaConf.structured(build_schema())
+    kind = OmegaConf.select(OmegaConf.create(cfg), "dataset.kind", default=None) if cfg is not None else None
+    kind = str(getattr(kind, "value", kind))
+    if kind in DATASET_SCHEMAS:  # the dataset block typed by its kind's schema, as composition types it
+        schema = OmegaConf.merge(schema, {"dataset": OmegaConf.structured(DATASET_SCHEMAS[kind])})
     return OmegaConf.merge(schema, cfg)
 
 
@@ -285,8 +310,21 @@ def load_saved(file: str | Path) -> dict:
     tree.pop("paths", None)
     if isinstance(tree.get("tracking"), Mapping):
         tree["tracking"] = {k: v for k, v in tree["tracking"].items() if f"tracking.{k}" not in INVOCATION_KEYS}
+    if "dataset" in tree:
+        tree["dataset"] = _own_kind_keys(tree["dataset"])
     check_config(tree, where=f"{file}: ")
     return tree
+
+
+def _own_kind_keys(block: Any) -> Any:
+    """A saved ``dataset`` block without the keys of the *other* dataset kinds: configs saved before each kind had
+    its own schema carry every kind's keys (``root: null`` in a shapes run), which the run never read. Keys of no
+    kind stay, and are refused by :func:`check_config`."""
+    if not isinstance(block, Mapping) or str(block.get("kind")) not in DATASET_SCHEMAS:
+        return block
+    own = _fields(DATASET_SCHEMAS[str(block["kind"])])
+    other = {k for schema in DATASET_SCHEMAS.values() for k in _fields(schema)} - set(own)
+    return {k: v for k, v in block.items() if k not in other}
 
 
 def rebuild(saved: dict, overrides: Sequence[str] = ()) -> Any:
@@ -340,10 +378,48 @@ def _fields(tp: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(tp)}
 
 
+def _by_kind(tp: Any, node: Any) -> Any:
+    """The schema a block of type ``tp`` is checked against: a ``dataset`` block (:class:`DatasetBase`), its kind's
+    (:data:`DATASET_SCHEMAS`); without a known kind, every kind's keys (:class:`DatasetConfig`)."""
+    if tp is not DatasetBase:
+        return tp
+    kind = node.get("kind") if isinstance(node, Mapping) else None
+    return DATASET_SCHEMAS.get(str(getattr(kind, "value", kind)), DatasetConfig)
+
+
+def _schema_at(path: str) -> Any:
+    """The schema type at dotted ``path`` of the top-level schema (None past a dict, list or unknown key)."""
+    tp: Any = build_schema()
+    for part in path.split(".") if path else []:
+        tp = _unwrap(tp)
+        if not dataclasses.is_dataclass(tp) or part not in _fields(tp):
+            return None
+        tp = _fields(tp)[part]
+    return _unwrap(tp)
+
+
+def _kind_note(path: str, tree: Any) -> str:
+    """For a key of another dataset kind's schema in a ``dataset`` block (``dataset=folder dataset.p_two=0.3``): what
+    the block's kind is and which keys it has; else ""."""
+    parent, _, key = path.rpartition(".")
+    if _schema_at(parent) is not DatasetBase:
+        return ""
+    node = tree
+    for part in parent.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    schema = _by_kind(DatasetBase, node)
+    owners = [kind for kind, other in DATASET_SCHEMAS.items() if key in _fields(other)]
+    if schema is DatasetConfig or not owners:
+        return ""
+    kind = next(k for k, v in DATASET_SCHEMAS.items() if v is schema)
+    return (f" of dataset kind {kind!r} ({key} is a key of kind {', '.join(owners)}; {parent} of kind {kind} has "
+            f"{', '.join(_fields(schema))})")
+
+
 def _walk(node: Any, tp: Any, path: str, unknown: list, valid: list) -> None:
     """Append ``(path, sibling keys)`` of every key of ``node`` that schema type ``tp`` lacks to ``unknown`` and
     every valid path to ``valid``."""
-    tp = _unwrap(tp)
+    tp = _by_kind(_unwrap(tp), node)
     if path in FREE_FORM or tp is Any:
         return
     origin = typing.get_origin(tp)
@@ -379,7 +455,9 @@ def unknown_keys(cfg: Any) -> list[tuple[str, Optional[str]]]:
     for path, siblings in unknown:
         parent, _, key = path.rpartition(".")
         close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
-        if close:
+        if _kind_note(path, tree):  # another dataset kind's key: no suggestion elsewhere (check_keys says why)
+            best = None
+        elif close:
             best = f"{parent}.{close[0]}" if parent else close[0]
         else:  # the right name at the wrong level (`+num_inference_steps=5`), or any close full path
             same_leaf = difflib.get_close_matches(key, sorted({v.rpartition(".")[2] for v in valid}), n=1, cutoff=0.8)
@@ -396,7 +474,9 @@ def check_keys(cfg: Any, where: str = "") -> None:
 
     bad = unknown_keys(cfg)
     if bad:
-        parts = [f"{path}: unknown config key" + (f"; did you mean {best}?" if best else "") for path, best in bad]
+        tree = cfg if isinstance(cfg, Mapping) and not OmegaConf.is_config(cfg) else OmegaConf.to_container(cfg, resolve=False)
+        parts = [f"{path}: unknown config key{_kind_note(path, tree)}" + (f"; did you mean {best}?" if best else "")
+                 for path, best in bad]
         raise UserError(f"{where}{'; '.join(parts)} (a '+' override cannot add keys the schema lacks; only "
                         f"{', '.join(FREE_FORM)} takes free-form keys)")
 
@@ -406,7 +486,7 @@ def _bad_values(node: Any, tp: Any, path: str, meta: Mapping, out: list) -> None
     ``bounds``), every non-finite float, every bool where a number is expected."""
     import math
 
-    tp = _unwrap(tp)
+    tp = _by_kind(_unwrap(tp), node)
     if node is None or path in FREE_FORM or tp is Any:
         return
     if dataclasses.is_dataclass(tp):
@@ -542,6 +622,24 @@ def _selected_entries(overrides: Sequence[str], bad: str, node: str) -> list[str
     return names or ["<name>"]
 
 
+def _selected_kind(overrides: Sequence[str], block: str) -> str | None:
+    """The kind of dataset block ``block`` (``dataset``: the selected ``dataset=`` option, or a model option's) in the
+    config the other overrides compose; None when they do not compose."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(f"{block}.")]
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            kind = OmegaConf.select(compose("config", overrides=rest), f"{block}.kind")
+    except Exception:  # noqa: BLE001 - the other overrides have their own errors: every kind's keys pass here
+        kind = None
+    finally:
+        GlobalHydra.instance().clear()
+    return None if kind is None else str(getattr(kind, "value", kind))
+
+
 def check_override_keys(overrides: Sequence[str]) -> None:
     """Every ``key=value`` override (``+``/``++`` forms and sweeps included) must name a key of the schema: a typo
     (``sampler.num_inference_step=5``) is a UserError naming the closest valid key, before Hydra runs (Hydra's own
@@ -565,10 +663,13 @@ def check_override_keys(overrides: Sequence[str]) -> None:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = None
+        block = ".".join(parents)
+        if _schema_at(block) is DatasetBase and leaf not in _fields(DatasetBase):  # a key of some kinds only
+            node["kind"] = _selected_kind(overrides, block)
         value = o.input_line.split("=", 1)[1] if "=" in o.input_line else "..."
         for path, best in unknown_keys(tree):
-            bad.append(f"{path}: unknown config key" + (f"; did you mean {best}? e.g. {best}={value}" if best else "")
-                       + f" (in {o.input_line})")
+            bad.append(f"{path}: unknown config key{_kind_note(path, tree)}"
+                       + (f"; did you mean {best}? e.g. {best}={value}" if best else "") + f" (in {o.input_line})")
             break
         else:
             entry = _dict_entry_field(key)

@@ -152,6 +152,40 @@ def test_a_key_added_with_plus_that_the_schema_lacks_is_rejected_naming_the_clos
     assert compose_cfg(["+scheduler.options.foo=1"]).scheduler.options.foo == 1  # free-form by design
 
 
+def test_each_dataset_kind_has_its_own_keys(tmp_path):
+    """`dataset=folder dataset.p_two=0.3` is refused naming the key and the kind, before Hydra and after it (a `+`
+    key, a saved config); the OOD block names its kind in its yaml and takes that kind's keys."""
+    from pipeline.config import FolderDatasetConfig, ShapesDatasetConfig, check_config, to_plain, validate
+
+    for overrides, key, kind in [(["dataset=folder", "dataset.p_two=0.3"], "dataset.p_two", "folder"),
+                                 (["dataset=folder", "+dataset.split=val"], "dataset.split", "folder"),
+                                 (["dataset.root=/data"], "dataset.root", "shapes")]:
+        with pytest.raises(UserError, match=rf"{key}: unknown config key of dataset kind '{kind}'"):
+            compose_cfg(overrides)
+    folder = compose_cfg(["dataset=folder", "dataset.root=/data"])
+    assert OmegaConf.get_type(folder.dataset) is FolderDatasetConfig and "p_two" not in folder.dataset
+    assert OmegaConf.get_type(compose_cfg([]).dataset) is ShapesDatasetConfig
+    saved = to_plain(folder)
+    assert OmegaConf.get_type(validate(saved).dataset) is FolderDatasetConfig  # a resumed run's config, retyped
+    saved["dataset"]["p_two"] = 0.3
+    with pytest.raises(UserError, match="dataset.p_two: unknown config key of dataset kind 'folder'"):
+        check_config(saved)
+    ood = compose_cfg(["mode=[latent]", "mode.latent.ood_dataset.kind=folder", "mode.latent.ood_dataset.root=/data"])
+    assert ood.mode.latent.ood_dataset.root == "/data"
+    import yaml
+
+    from pipeline.config import load_saved
+
+    old = to_plain(compose_cfg([]))  # saved before the split: every kind's keys, the other kind's never read
+    old["dataset"].update(root=None, captions_file="captions.jsonl")
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    assert "root" not in load_saved(tmp_path / "old.yaml")["dataset"]
+    old["dataset"]["p_tw"] = 0.3
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(UserError, match="dataset.p_tw: unknown config key"):
+        load_saved(tmp_path / "old.yaml")
+
+
 def test_run_pipeline_rejects_an_unknown_key_before_any_mlflow_run(tmp_path):
     from pipeline.errors import UserError
     from pipeline.run.runner import run_pipeline

@@ -182,8 +182,11 @@ def test_zscore_and_standardised_mean():
 
 # ----------------------------------------------------------------------------------------------- direction helpers
 def test_direction_edit_and_flip_rows():
-    from pipeline.modes.latent.directions import edited_side, flip_rows, shapes_edit as _edit
+    """One-attribute edits are the dataset's ground truth (pipeline.data.ground_truth), asked by the latent mode."""
+    from pipeline.data.ground_truth import ShapesGroundTruth
 
+    truth = ShapesGroundTruth(torch.device("cpu"))  # the judge network is built only when images are judged
+    _edit, edited_side, flip_rows = truth.edit, truth.edited_object, truth.edit_rows
     edit = _edit("a red circle on the left", "a blue circle on the left")
     assert edit == ("colour", "red", "blue")
     assert _edit("a red circle on the left", "a red square on the left") == ("shape", "circle", "square")

@@ -3,17 +3,16 @@ model: test_shapes_e2e.py.)"""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import compose_cfg
-from pipeline.models import generation
-from pipeline.errors import UserError
-from pipeline.run.runner import run_pipeline
+from PIL import Image
 from tiny import tiny_models
+
+from pipeline.errors import UserError
+from pipeline.models import generation
+from pipeline.run.runner import run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +191,14 @@ def test_folder_reference_of_another_size_with_corrupt_files(models, tmp_path, m
     empty.mkdir()
     with pytest.raises(UserError, match="dataset.root: .*no readable image"):
         run_pipeline(_cfg(models, tmp_path / "out", extra=["dataset=folder", f"dataset.root={empty}"]), tmp_path / "r2")
+
+
+def test_a_dataset_without_a_judge_says_so_naming_the_datasets_with_one(tmp_path):
+    """The mode asks the dataset (pipeline.data.ground_truth): judge=on on a folder is refused before any work."""
+    from pipeline.modes.metrics.mode import validate
+
+    cfg = compose_cfg(["model=shapes_sd", "mode=[metrics]", "dataset=folder", f"dataset.root={tmp_path}",
+                       "mode.metrics.judge=on"])
+    with pytest.raises(UserError, match="dataset 'folder' has no ground truth to judge prompt adherence with; "
+                                        "datasets with a judge: shapes"):
+        validate(cfg)

@@ -34,7 +34,7 @@ def _dataset_cfg(root):
 
 def _cache_key(ref):
     """The reference-feature cache file a metrics run would use for ``ref`` (shapes_net's describe() stand-in)."""
-    from pipeline.modes.metrics.stage import _cache_path
+    from pipeline.features.stages import _cache_path
 
     class Extractor:
         name = "x"
@@ -117,3 +117,22 @@ def test_the_stages_of_a_run_share_one_dataset_object(tmp_path):
     refs = [reference_set(_dataset_cfg(root), k) for k in (4, 2, 1, 3, 100)]  # no cache_dir: checked in memory
     assert F.decoded_count() - before == 5  # the 5 candidates, once
     assert [r.n for r in refs] == [4, 2, 1, 3, 4] and len({id(r._images) for r in refs}) == 1
+
+
+def test_the_shared_reference_gives_each_mode_the_set_it_asked_for(tmp_path):
+    """One ``reference`` artifact for every mode: its first n images are the first n of any larger set (shapes and
+    folders), so each mode gets exactly the images (and captions) ``reference_set(n)`` gives."""
+    from pipeline.data.reference import References
+
+    shapes = OmegaConf.create({"name": "shapes", "kind": "shapes", "split": "test", "num_images": 8, "size": 32,
+                               "seed": 1, "shapes": ["circle", "square"], "colours": ["red", "blue"], "p_two": 0.5})
+    for cfg in (shapes, _dataset_cfg(_folder(tmp_path / "real"))):
+        forget_datasets()
+        refs = References(cfg)
+        big, small = refs.first(4), refs.first(2)
+        assert refs.first(2) is small and small.n == 2 and small.captions == big.captions[:2]
+        assert all(np.array_equal(small.image(i), big.image(i)) for i in range(2))
+        forget_datasets()
+        alone = reference_set(cfg, 2)  # a fresh process asking for 2 only
+        assert small.identity == alone.identity and small.content_hash() == alone.content_hash()
+        assert all(np.array_equal(small.image(i), alone.image(i)) for i in range(2))

@@ -105,6 +105,19 @@ def test_export_round_trips_through_folder_dataset(tmp_path):
             assert (m["colour"], m["shape"], m["side"]) == (o.colour, o.shape, o.side)
 
 
+def test_export_command_writes_a_folder_the_folder_dataset_reads(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pipeline.data.shapes.export", str(tmp_path / "f"), "--n", "3",
+                          "--split", "val", "--seed", "2", "--size", "24"], capture_output=True, text=True, check=True)
+    assert "wrote 3 24x24 shapes images" in out.stdout and str(tmp_path / "f") in out.stdout
+    folder, ds = FolderDataset(tmp_path / "f"), ShapesDataset("val", 3, seed=2, size=24)
+    assert [s.caption for s in folder] == ds.captions and folder.shapes[0] == (24, 24, 3)
+    rows = [json.loads(line) for line in (tmp_path / "f" / "objects.jsonl").read_text().splitlines()]
+    assert sum(len(r["objects"]) for r in rows) == len(list((tmp_path / "f" / "masks").glob("*.png")))
+
+
 def test_folder_skips_corrupt_files_and_reads_captions(tmp_path, caplog):
     rng = np.random.default_rng(0)
     for name in ("a.png", "b.jpg", "c.webp", "d.bmp"):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import compose_cfg
+
 from pipeline.run.runner import run_pipeline
 
 

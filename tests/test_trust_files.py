@@ -24,7 +24,7 @@ class _Ref:
     """The parts of a ``ReferenceSet`` the reference-feature stage reads (6 images in batches)."""
 
     identity = {"kind": "test", "root": "nowhere"}
-    n, files, num_skipped = 6, None, 0
+    n, files, num_skipped, num_bad_caption_lines = 6, None, 0, 0
 
     def content_hash(self) -> str:
         return "content-v1"
@@ -64,13 +64,15 @@ def _features_stage(tmp_path: Path, extractor: _Extractor, ref: _Ref | None = No
     """One call of the ``real_features`` stage on a fake reference set; (pool, ``reference_cache`` tag)."""
     from omegaconf import OmegaConf
 
-    from pipeline.modes.metrics.stage import real_features_stage
+    from pipeline.features.stages import real_features_stage
 
-    cfg = OmegaConf.create({"paths": {"cache": str(tmp_path / "cache")}, "mode": {"metrics": {"cache": True}},
+    cfg = OmegaConf.create({"paths": {"cache": str(tmp_path / "cache")}, "dataset": {"num_images": 6},
+                            "mode": {"metrics": {"cache": True, "num_reference": None}},
                             "features": {"fake": {"batch_size": 4}}})
     tags: dict = {}
+    refs = SimpleNamespace(first=lambda n: ref or _Ref())  # the shared ``reference`` artifact (data.reference.References)
     ctx = SimpleNamespace(device="cpu", tag=tags.__setitem__,
-                          get=lambda name: {"reference": ref or _Ref(), "extractors": {"fake": extractor}}[name])
+                          get=lambda name: {"reference": refs, "extractors": {"fake": extractor}}[name])
     out = real_features_stage(ctx, cfg)["real_features"]["fake"]
     return out["pool"], tags["reference_cache"]
 

@@ -6,7 +6,8 @@ its ``mode.<name>`` block (and optional cross-key checks).
 
 Every mode is one package ``pipeline/<M>/`` with the same rooms: ``mode.py`` (its schema, its checks and the
 :func:`register_mode` call; light, no stage import), ``stage.py`` (its ``@stage`` functions), ``plots.py`` (its
-figures) and its math in further modules. Stages several modes share are in ``pipeline/models/stages.py``.
+figures) and its math in further modules. Stages several modes share are in the ``stages`` module of their room
+(:data:`SHARED_STAGES`: ``pipeline/models/``, ``pipeline/data/``, ``pipeline/features/``).
 :func:`load_modes` imports every ``mode.py`` (the config schema needs only these); :func:`load_stages` also
 imports every ``stage.py`` (whoever runs stages calls it first). Adding a mode = one package ``pipeline/<M>/``
 (mode.py, stage.py, plots.py, its math) + one yaml ``conf/mode/<M>.yaml`` (every default, with its comment) +
@@ -23,7 +24,9 @@ __all__ = ["Stage", "Mode", "stage", "register_mode", "STAGES", "MODES", "MODE_P
            "load_modes", "load_stages", "producer_of"]
 
 MODE_PACKAGES = ("schedule", "metrics", "attention", "latent")  # pipeline/<M>/, conf/mode/<M>.yaml
-SHARED_STAGES = "pipeline.models.stages"  # stages several modes need (scheduler config, sampler, model, extractors)
+# stages several modes need, each in its room: scheduler config, sampler, model, extractors; reference, prompts;
+# the reference features
+SHARED_STAGES = ("pipeline.models.stages", "pipeline.data.stages", "pipeline.features.stages")
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ def load_stages() -> None:
     if "stages" in _LOADED:
         return
     load_modes()
-    importlib.import_module(SHARED_STAGES)
+    for module in SHARED_STAGES:
+        importlib.import_module(module)
     for name in MODE_PACKAGES:
         _import_mode_module(name, "stage")
     _LOADED.add("stages")

@@ -1,12 +1,16 @@
-"""What a dataset knows beyond its images: the small ground-truth interfaces generic stages ask.
+"""What a dataset knows beyond its images: the small ground-truth interfaces generic stages ask, so that no mode
+compares a dataset's name or kind or parses its captions.
 
-* :func:`ground_truth` — a judge of generated images (prompt adherence): ``dataset=shapes`` only (caption grammar,
-  a trained judge of shape/colour/side).
+* :func:`ground_truth` — a judge of generated images: prompt adherence (:meth:`GroundTruth.adherence`) and
+  single-attribute edits between two prompts (:meth:`GroundTruth.edit`, :meth:`GroundTruth.edited_object`,
+  :meth:`GroundTruth.edit_rows`): ``dataset=shapes`` only (caption grammar, a trained judge of shape/colour/side).
+  :func:`no_judge` says why a dataset has none, naming the datasets that have one.
 * :func:`object_masks` — which caption words name which object, and that object's pixels: ``dataset=shapes``
   (masks of its reference images; on *generated* images the prompt gives the side and the object's pixels are
-  segmented from the image), and a folder with ``objects.jsonl`` + ``masks/`` (the layout
-  :func:`pipeline.data.shapes.export` writes; masks of its reference images only). ``objects.jsonl`` is untrusted:
-  malformed lines and paths leaving the folder are skipped, counted and never opened (:class:`FolderObjectMasks`).
+  segmented from the image: :attr:`ObjectMasks.segments_generated`), and a folder with ``objects.jsonl`` +
+  ``masks/`` (the layout :func:`pipeline.data.shapes.export` writes; masks of its reference images only).
+  ``objects.jsonl`` is untrusted: malformed lines and paths leaving the folder are skipped, counted and never
+  opened (:class:`FolderObjectMasks`). :func:`no_object_masks` says why a dataset has none.
 
 A dataset without them gets its scores skipped with a ``skipped.<key>`` tag naming the reason — never computed
 from the shapes heuristics on images they were not made for.
@@ -22,9 +26,18 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-__all__ = ["GroundTruth", "ShapesGroundTruth", "ground_truth", "ObjectTruth", "ObjectMasks", "object_masks",
-           "object_word_positions", "FolderObjectMasks", "load_mask"]
+from pipeline.data.folder import _json_type, _load_rgb, dataset_path, read_jsonl, to_rgb
+from pipeline.data.reference import dataset_kind, reference_set
+from pipeline.data.shapes import parse_caption
+from pipeline.data.shapes import truth as shapes_truth
+from pipeline.features.shapes_net import ShapesNetExtractor, _resolve
+from pipeline.zoo.shapes_net import compare
+
+__all__ = ["GroundTruth", "ShapesGroundTruth", "ground_truth", "no_judge", "judged_datasets", "ObjectTruth",
+           "ObjectMasks", "object_masks", "no_object_masks", "no_segmentation", "object_word_positions", "FolderObjectMasks",
+           "load_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +51,19 @@ class GroundTruth(Protocol):
     def adherence(self, images: torch.Tensor, prompts: Sequence[str]) -> list[dict[str, Any]]:
         """One row per image: what the judge saw, and ``correct`` (every captioned object drawn as captioned)."""
 
+    def edit(self, source: str, target: str) -> tuple[str, str, str] | None:
+        """(attribute, from, to) when the two prompts differ in exactly one attribute of one object, else None."""
+
+    def edited_object(self, prompt: str, edit: tuple[str, str, str]) -> str | None:
+        """Which object of ``prompt`` the edit applies to (shapes: its side), None when none does."""
+
+    def judge(self, images: torch.Tensor) -> list:
+        """What the judge sees in each generated image (uint8 or [0, 1] NCHW)."""
+
+    def edit_rows(self, judged: dict[float, list], objects: list[str | None], edit: tuple[str, str, str]) -> list[dict]:
+        """Per edit scale: ``flip_rate`` (judged not the target at scale 0 and the target at the scale), ``n``,
+        ``target_rate``, ``source_rate``, from :meth:`judge`'s outputs per scale and :meth:`edited_object` per image."""
+
 
 class ShapesGroundTruth:
     """Shapes captions ("a red circle on the left and ...") judged by the project's trained ShapesNet."""
@@ -49,8 +75,6 @@ class ShapesGroundTruth:
         self._judge = judge  # a ShapesNetExtractor already built for features=[shapes_net], if any
 
     def parses(self, prompts: Sequence[str]) -> str | None:
-        from pipeline.data.shapes import parse_caption
-
         for p in dict.fromkeys(prompts):
             try:
                 parse_caption(p)
@@ -58,27 +82,48 @@ class ShapesGroundTruth:
                 return str(e)
         return None
 
-    def _judge_net(self):
+    def _judge_net(self) -> ShapesNetExtractor:
         if self._judge is None:
-            from pipeline.features.shapes_net import ShapesNetExtractor, _resolve
-
             self._judge = ShapesNetExtractor(_resolve(None), "bilinear", 256, self.device)
         return self._judge
 
     def adherence(self, images: torch.Tensor, prompts: Sequence[str]) -> list[dict[str, Any]]:
-        from pipeline.data.shapes import parse_caption
-        from pipeline.zoo.shapes_net import compare
-
         return [{"prompt": p, "judged": json.dumps(j), **compare(j, parse_caption(p))}
                 for p, j in zip(prompts, self._judge_net().judge(images))]
 
+    def edit(self, source: str, target: str) -> tuple[str, str, str] | None:
+        return shapes_truth.one_attribute_edit(source, target)
+
+    def edited_object(self, prompt: str, edit: tuple[str, str, str]) -> str | None:
+        return shapes_truth.edited_side(prompt, edit)
+
+    def judge(self, images: torch.Tensor) -> list:
+        return self._judge_net().judge(images)
+
+    def edit_rows(self, judged: dict[float, list], objects: list[str | None], edit: tuple[str, str, str]) -> list[dict]:
+        return shapes_truth.flip_rows(judged, objects, edit)
+
+
+_JUDGED = {"shapes": ShapesGroundTruth}  # dataset kind -> its ground truth (a judge of generated images)
+
+
+def judged_datasets() -> list[str]:
+    """The dataset kinds with a judge of generated images."""
+    return sorted(_JUDGED)
+
+
+def no_judge(dataset_cfg: Any, purpose: str = "judge prompts with") -> str | None:
+    """None when the dataset has a ground truth (:func:`ground_truth`), else why not, naming the datasets that do."""
+    if dataset_kind(dataset_cfg) in _JUDGED:
+        return None
+    return (f"dataset {dataset_cfg.name!r} has no ground truth to {purpose}; datasets with a judge: "
+            f"{', '.join(judged_datasets())}")
+
 
 def ground_truth(dataset_cfg: Any, device: torch.device, extractors: dict | None = None) -> GroundTruth | None:
-    """The dataset's ground truth, or None when it has none (``dataset=folder``)."""
-    kind = getattr(dataset_cfg.kind, "value", dataset_cfg.kind)
-    if kind == "shapes":
-        return ShapesGroundTruth(device, (extractors or {}).get("shapes_net"))
-    return None
+    """The dataset's ground truth, or None when it has none (``dataset=folder``; :func:`no_judge` says why)."""
+    cls = _JUDGED.get(dataset_kind(dataset_cfg))
+    return None if cls is None else cls(device, (extractors or {}).get("shapes_net"))
 
 
 # ----------------------------------------------------------------------------------------------- object masks
@@ -101,6 +146,7 @@ class ReferenceImage:
 
 class ObjectMasks(Protocol):
     name: str
+    segments_generated: bool  # True: :meth:`objects` / :meth:`generated_mask` work on generated images
 
     def objects(self, prompt: str) -> list[ObjectTruth] | None:
         """The objects a prompt names, or None when generated images of it cannot be segmented."""
@@ -112,7 +158,7 @@ class ObjectMasks(Protocol):
         """Up to ``n`` reference images with their captions and object masks."""
 
 
-FOREGROUND = 64  # uint8 brightness above which a pixel of a shapes image is object, not black background
+FOREGROUND = shapes_truth.FOREGROUND
 
 
 class ShapesObjectMasks:
@@ -120,29 +166,21 @@ class ShapesObjectMasks:
     half the prompt names; reference images carry their painted masks."""
 
     name = "shapes"
+    segments_generated = True
 
     def __init__(self, dataset_cfg: Any = None):
         self.dataset_cfg = dataset_cfg  # needed for reference() only
 
     def objects(self, prompt: str) -> list[ObjectTruth] | None:
-        from pipeline.data.shapes import parse_caption
-
         try:
             return [ObjectTruth((colour, shape), side) for colour, shape, side in parse_caption(prompt)]
         except ValueError:
             return None  # not a shapes caption: maps only
 
     def generated_mask(self, image: np.ndarray, obj: ObjectTruth) -> np.ndarray:
-        fg = image.max(axis=2) > FOREGROUND
-        half = np.zeros_like(fg)
-        w = fg.shape[1]
-        half[:, : w // 2] = obj.side == "left"
-        half[:, w // 2:] = obj.side != "left"
-        return fg & half
+        return shapes_truth.segment(image, obj.side)
 
     def reference(self, n: int) -> list[ReferenceImage]:
-        from pipeline.data.reference import reference_set
-
         ref = reference_set(self.dataset_cfg, n)
         out = []
         for i in range(ref.n):
@@ -158,8 +196,6 @@ _OBJECTS_ROW = ('{"file": "<image path>", "caption": "<text>", "objects": [{"wor
 def _objects_row_error(root: Path, row: Any) -> str | None:
     """Why a parsed ``objects.jsonl`` line is refused (None: good). Every path on the line is checked here, before
     any file is opened (:func:`pipeline.data.folder.dataset_path`)."""
-    from pipeline.data.folder import _json_type, dataset_path
-
     if not isinstance(row, dict):
         return f"expected a JSON object {_OBJECTS_ROW}, got {_json_type(row)}"
     missing = [k for k in ("file", "caption", "objects") if k not in row]
@@ -197,10 +233,6 @@ def load_mask(path: Path) -> np.ndarray:
     mode, full range scaled, alpha dropped) and a pixel is object where its largest channel is above half the range
     (> 127 of 255: 0/255 masks, 16-bit 0/65535 masks and antialiased edges at half coverage). A single-band integer
     mask whose values are all 0 or 1 — a 0/1 label image — is read as is (1 = object)."""
-    from PIL import Image
-
-    from pipeline.data.folder import to_rgb
-
     with Image.open(path) as im:
         im.load()
         if im.mode in _INTEGER_MODES:
@@ -223,6 +255,7 @@ class FolderObjectMasks:
     path is never opened. There is no switch to allow paths outside the folder: copy the files into it."""
 
     name = "folder"
+    segments_generated = False
 
     def __init__(self, root: Path, meta: Path):
         self.root, self.meta = root, meta
@@ -239,8 +272,6 @@ class FolderObjectMasks:
         raise NotImplementedError("folder datasets have no masks for generated images")
 
     def reference(self, n: int) -> list[ReferenceImage]:
-        from pipeline.data.folder import _load_rgb, dataset_path, read_jsonl
-
         out: list[ReferenceImage] = []
         self.bad_lines = []
         for k, row, error in read_jsonl(self.meta):
@@ -269,9 +300,25 @@ class FolderObjectMasks:
         return out
 
 
+def no_object_masks(dataset_cfg: Any) -> str:
+    """Why :func:`object_masks` gave None for this dataset (and what would give masks)."""
+    return (f"dataset {dataset_cfg.name!r} has no object masks (objects.jsonl + masks/, the layout "
+            "`python -m pipeline.data.shapes.export DIR` writes)")
+
+
+def no_segmentation(dataset_cfg: Any) -> str:
+    """Why generated images of this dataset's captions cannot be segmented (:attr:`ObjectMasks.segments_generated`)."""
+    able = ", ".join(sorted(k for k, cls in _MASKS.items() if cls.segments_generated))
+    return (f"dataset {dataset_cfg.name!r} cannot segment generated images (no caption grammar); datasets that can: "
+            f"{able}")
+
+
+_MASKS = {"shapes": ShapesObjectMasks, "folder": FolderObjectMasks}
+
+
 def object_masks(dataset_cfg: Any) -> ObjectMasks | None:
-    """The dataset's object masks, or None (a folder without ``objects.jsonl``)."""
-    kind = getattr(dataset_cfg.kind, "value", dataset_cfg.kind)
+    """The dataset's object masks, or None (a folder without ``objects.jsonl``: :func:`no_object_masks`)."""
+    kind = dataset_kind(dataset_cfg)
     if kind == "shapes":
         return ShapesObjectMasks(dataset_cfg)
     if kind == "folder" and dataset_cfg.root:

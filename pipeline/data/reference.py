@@ -21,16 +21,19 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from pipeline.data.folder import DECODE_VERSION, FolderDataset, scan
+from pipeline.data.shapes import ShapesDataset
+from pipeline.data.shapes import dataset as renderer
 from pipeline.errors import UserError
 
-__all__ = ["ReferenceSet", "reference_set", "forget_datasets"]
+__all__ = ["ReferenceSet", "References", "reference_set", "forget_datasets", "dataset_kind", "missing_root"]
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +104,46 @@ def forget_datasets() -> None:
     _DATASETS.clear()
 
 
+def dataset_kind(dataset_cfg: Any) -> str:
+    """``dataset.kind`` as a string (an enum in a composed config, a string in a plain one)."""
+    return str(getattr(dataset_cfg.kind, "value", dataset_cfg.kind))
+
+
+def missing_root(dataset_cfg: Any) -> str | None:
+    """Why the dataset has no reference images to read (a folder dataset without ``root``), or None."""
+    if dataset_kind(dataset_cfg) == "folder" and not dataset_cfg.root:
+        return "dataset.root: expected the folder of reference images (dataset=folder dataset.root=DIR)"
+    return None
+
+
+class References:
+    """The run's reference images, whatever each mode needs of them: :meth:`first` ``(n)`` is the dataset's first
+    ``n`` images (:func:`reference_set`: views of one dataset object per process, so every mode's set is the one
+    it asked for, checked and captioned once)."""
+
+    def __init__(self, dataset_cfg: Any, cache_dir: str | Path | None = None):
+        self.dataset_cfg, self.cache_dir = dataset_cfg, cache_dir
+        self._sets: dict[int | None, ReferenceSet] = {}
+
+    @property
+    def name(self) -> str:
+        return str(self.dataset_cfg.name)
+
+    def first(self, n: int | None = None) -> ReferenceSet:
+        """The first ``n`` images (all if None: ``dataset.num_images``)."""
+        if n not in self._sets:
+            ref = self._sets[n] = reference_set(self.dataset_cfg, n, cache_dir=self.cache_dir)
+            log.info("reference set: %d images of %s (%s)", ref.n, self.name,
+                     ref.identity.get("split", ref.identity.get("root")))
+        return self._sets[n]
+
+
 def reference_set(dataset_cfg: Any, n: int | None = None, split: str | None = None,
                   cache_dir: str | Path | None = None) -> ReferenceSet:
     """The first ``n`` images (all if None) of the configured dataset. ``cache_dir`` (``paths.cache``): where a
     folder's decoding check is kept (``<cache_dir>/reference/folder-*.json``), so an unchanged folder is never
     decoded to be checked again; None: checked by decoding, once per process and folder state."""
-    kind = getattr(dataset_cfg.kind, "value", dataset_cfg.kind)
+    kind = dataset_kind(dataset_cfg)
     n = int(n if n is not None else dataset_cfg.num_images)
     if kind == "shapes":
         return _shapes(dataset_cfg, n, split or dataset_cfg.split)
@@ -116,8 +153,6 @@ def reference_set(dataset_cfg: Any, n: int | None = None, split: str | None = No
 
 
 def _shapes(dataset_cfg: Any, n: int, split: str) -> ReferenceSet:
-    from pipeline.data.shapes import ShapesDataset
-
     try:
         ds = ShapesDataset(split=split, n=n, seed=dataset_cfg.seed, size=dataset_cfg.size,
                            shapes=list(dataset_cfg.shapes), colours=list(dataset_cfg.colours), p_two=dataset_cfg.p_two)
@@ -128,8 +163,6 @@ def _shapes(dataset_cfg: Any, n: int, split: str) -> ReferenceSet:
                 "p_two": dataset_cfg.p_two}
     # procedural images are a pure function of the renderer's code and these parameters: hash those
     # (rendering every image just to hash it would cost as much as a cold reference pass)
-    import pipeline.data.shapes as renderer
-
     code = hashlib.sha256(Path(renderer.__file__).read_bytes() + repr(sorted(identity.items())).encode())
     # captions need a render per image: kept per process, extended when a larger n asks
     key = ("shapes", repr(sorted((k, v) for k, v in identity.items() if k != "n")))
@@ -140,10 +173,8 @@ def _shapes(dataset_cfg: Any, n: int, split: str) -> ReferenceSet:
 
 
 def _folder(dataset_cfg: Any, n: int, cache_dir: str | Path | None) -> ReferenceSet:
-    from pipeline.data.folder import DECODE_VERSION, FolderDataset, scan
-
-    if not dataset_cfg.root:
-        raise UserError("dataset.root: expected the folder of reference images (dataset=folder dataset.root=DIR)")
+    if missing_root(dataset_cfg):
+        raise UserError(missing_root(dataset_cfg))
     root, captions_file = Path(str(dataset_cfg.root)), dataset_cfg.captions_file
     try:
         manifest = scan(root, captions_file)  # stat only: what the folder holds now

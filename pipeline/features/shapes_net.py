@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from pipeline import zoo
 from pipeline.errors import UserError
 from pipeline.features.base import FeatureExtractor, files_id, register_extractor
+from pipeline.zoo.shapes_net import ShapesNet
 
 __all__ = ["ShapesNetExtractor", "joint_log_probs"]
 
@@ -33,8 +35,6 @@ class ShapesNetExtractor(FeatureExtractor):
     outputs = ("pool", "logits")
 
     def __init__(self, path: Path, resize: str, batch_size: int, device: torch.device):
-        from pipeline.zoo.shapes_net import ShapesNet
-
         self.net = ShapesNet.from_pretrained(path, device=device).float().eval()
         self.path = path
         self.input_size = int(self.net.config.image_size)
@@ -54,8 +54,6 @@ class ShapesNetExtractor(FeatureExtractor):
 def _resolve(model: str | None, key: str = "features.shapes_net.model") -> Path:
     """The network's directory: ``model`` (a directory or a zoo name; None: the zoo's shapes_net); ``key``: the
     config key named by errors."""
-    from pipeline import zoo
-
     name = model or "shapes_net"
     if Path(name).is_dir():
         return Path(name)

@@ -30,17 +30,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from pipeline.errors import UserError
 from pipeline.models.attention import AttentionLayout
 from pipeline.models.families.base import FamilyDriver, image_tokens
-from pipeline.models.families.dit import label_embedding_shift
 from pipeline.models.family import Family, driver_of
 from pipeline.models.schedulers import set_flow_timesteps
 
-__all__ = ["ModelAdapter", "Conditioning", "AttentionLayout", "class_embedding_shift"]
+__all__ = ["ModelAdapter", "Conditioning", "AttentionLayout"]
 
 log = logging.getLogger(__name__)
-
-# a DiT-style class-embedding direction on a bare denoiser (pipeline.modes.latent.directions); prefer
-# ModelAdapter.class_embedding_shift
-class_embedding_shift = label_embedding_shift
 
 
 @dataclass

@@ -27,20 +27,33 @@ from __future__ import annotations
 
 import logging
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+from pipeline.core.registry import stage
+from pipeline.data.ground_truth import no_object_masks, no_segmentation, object_masks, object_word_positions
+from pipeline.data.reference import read_prompts
+from pipeline.errors import UserError
+from pipeline.models.generation import denoiser_call_steps, generators, sample, to_uint8
 from pipeline.modes.attention.capture import capture
 from pipeline.modes.attention.mode import refuse_untexted
 from pipeline.modes.attention.plots import overlay_figure, resolution_figure, threshold_figure
-from pipeline.modes.attention.scoring import CURVE_THRESHOLDS, binarise, ideal_map, iou, normalise, spatial_entropy, to_image
+from pipeline.modes.attention.scoring import (
+    CURVE_THRESHOLDS,
+    binarise,
+    ideal_map,
+    iou,
+    normalise,
+    spatial_entropy,
+    to_image,
+)
 from pipeline.modes.attention.tokens import prompt_tokens, word_maps
-from pipeline.errors import UserError
-from pipeline.models.generation import denoiser_call_steps, generators, sample, to_uint8
-from pipeline.core.registry import stage
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +67,8 @@ def _prompts(ctx, cfg) -> list[str]:
     if a.prompts:
         return list(a.prompts)
     if a.prompts_file:
-        from pipeline.data.reference import read_prompts
-
         return read_prompts(a.prompts_file)
-    from pipeline.data.reference import reference_set
-
-    ref = reference_set(cfg.dataset, a.num_prompts, cache_dir=cfg.paths.cache)
+    ref = ctx.get("reference").first(a.num_prompts)
     if ref.num_bad_caption_lines:
         ctx.tag("attention.num_bad_caption_lines", ref.num_bad_caption_lines)
     if not ref.captions or any(c is None for c in ref.captions):
@@ -100,8 +109,6 @@ class _Scores:
 def _score_generated(scores: _Scores, truth, image: np.ndarray, prompt: str, words: list[str], final: torch.Tensor,
                      res_maps: dict, threshold: float) -> None:
     """Score one generated image's word maps (image resolution) against its objects' masks."""
-    from pipeline.data.ground_truth import object_word_positions
-
     objects = truth.objects(prompt) or []
     slots = object_word_positions(words, objects)
     size = image.shape[:2]
@@ -127,10 +134,6 @@ def _score_generated(scores: _Scores, truth, image: np.ndarray, prompt: str, wor
 
 def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -> dict[str, float]:
     """DAAM's real-image protocol on the dataset's reference images with masks (see the module docstring)."""
-    from PIL import Image
-
-    from pipeline.data.ground_truth import object_word_positions
-
     a = cfg.mode.attention
     rows = truth.reference(int(a.num_reference))
     if getattr(truth, "num_bad_lines", 0):  # objects.jsonl lines refused (bad JSON, paths outside the folder)
@@ -173,123 +176,184 @@ def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -
 
 
 # ----------------------------------------------------------------------------------------------- stage
-@stage("attention", needs=("model", "sampler"))
+@dataclass
+class _Setup:
+    """What every batch of the attention stage shares."""
+
+    model: Any
+    sampler: Any
+    layout: Any
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    call_steps: Any
+    truth: Any  # the dataset's object masks, or None
+    scored: bool  # generated images are segmented and scored
+
+
+@dataclass
+class _Tally:
+    """Everything the stage accumulates over the prompts besides the IoUs."""
+
+    scores: _Scores = field(default_factory=_Scores)
+    ent_early: list = field(default_factory=list)
+    ent_late: list = field(default_factory=list)
+    bos: list = field(default_factory=list)
+    share: list = field(default_factory=list)
+    n_trunc: int = 0
+    figures: int = 0
+
+
+@stage("attention", needs=("model", "sampler", "reference"))
 def attention_stage(ctx, cfg):
+    setup = _setup(ctx, cfg)
+    prompts = _prompts(ctx, cfg)
+    tally = _Tally()
+    npz = _maps_file(ctx, setup, prompts)
+    bar = tqdm(total=len(prompts), desc="attention", unit="prompt", dynamic_ncols=True)
+    batch_size = int(cfg.sampler.batch_size)
+    for lo in range(0, len(prompts), batch_size):
+        _attend_batch(ctx, cfg, setup, prompts[lo : lo + batch_size], lo, tally, npz)
+        bar.update(len(prompts[lo : lo + batch_size]))
+    bar.close()
+    _threshold_outputs(ctx, cfg, tally.scores)
+    path = npz.close()
+    if ctx.tracker is not None:
+        ctx.tracker.log_artifact(path, "tables")
+    scalars = _scalars(ctx, setup, prompts, tally)
+    scalars.update(_reference_part(ctx, cfg, setup))
+    ctx.log_scalars(scalars)
+    log.info("attention: %s", {k: round(v, 4) for k, v in scalars.items()})
+    return {}
+
+
+def _setup(ctx, cfg) -> _Setup:
+    """The model's size, attention layout and solver steps, and whether the dataset segments generated images (a
+    ``skipped.attention/miou`` tag when not)."""
     a = cfg.mode.attention
     model = ctx.get("model")
     if not model.text:
         refuse_untexted(type(model.pipe).__name__, model.family)
     height, width = model.resolve_size(a.height or cfg.sampler.height, a.width or cfg.sampler.width)
-    layout = model.attention_layout(height, width)
-    prompts = _prompts(ctx, cfg)
-    steps, guidance = int(cfg.sampler.num_inference_steps), float(cfg.sampler.guidance_scale)
-    cfg_batch = model.uses_cfg(guidance)
+    steps = int(cfg.sampler.num_inference_steps)
     sampler = ctx.get("sampler")
-    call_steps = denoiser_call_steps(model, sampler, steps, height, width)
-
-    from pipeline.data.ground_truth import object_masks
-
     truth = object_masks(cfg.dataset)
-    if truth is None or truth.name != "shapes":
-        reason = (f"dataset {cfg.dataset.name!r} cannot segment generated images (no caption grammar); "
-                  "maps, entropy and shares only")
+    scored = truth is not None and truth.segments_generated
+    if not scored:
+        reason = no_segmentation(cfg.dataset) + "; maps, entropy and shares only"
         log.info("attention IoU on generated images skipped: %s", reason)
         ctx.tag("skipped.attention/miou", reason)
+    return _Setup(model, sampler, model.attention_layout(height, width), height, width, steps,
+                  float(cfg.sampler.guidance_scale), denoiser_call_steps(model, sampler, steps, height, width),
+                  truth, scored)
 
-    scores = _Scores()
-    ent_early, ent_late, bos, share = [], [], [], []
-    n_trunc = 0
+
+def _maps_file(ctx, setup: _Setup, prompts: list[str]) -> _NpzWriter:
     npz = _NpzWriter(ctx.run_dir / "tables" / "attention_maps.npz")
     npz.add("prompts", np.array(prompts))
-    npz.add("latent_hw", np.array(model.latent_shape(height, width)[1:]))
-    npz.add("image_hw", np.array([height, width]))
-    figures = 0
-    batch_size = int(cfg.sampler.batch_size)
-    bar = tqdm(total=len(prompts), desc="attention", unit="prompt", dynamic_ncols=True)
-    for lo in range(0, len(prompts), batch_size):
-        batch = prompts[lo : lo + batch_size]
-        toks = [prompt_tokens(layout.tokenizer, p, layout.max_length) for p in batch]
-        for p, t in zip(batch, toks):
-            if t.truncated:
-                n_trunc += 1
-                log.warning("prompt longer than the %s segment's %d tokens, truncated: %r", layout.segment_name,
-                            layout.max_length, p)
-        gens = generators(cfg.seed, range(lo, lo + len(batch)))
-        cond = model.condition(len(batch), guidance, height, width, prompts=batch)
-        with capture(model, height, width, a.steps, call_steps, cfg=cfg_batch,
-                     valid_tokens=[t.num_tokens for t in toks]) as cap:
-            out = sample(model, sampler, cond, gens, steps, height, width, eta=float(cfg.sampler.eta))
-        if cap.max_row_sum_error > ROW_SUM_TOLERANCE:
-            raise RuntimeError(f"attention probabilities do not sum to 1 over keys (error {cap.max_row_sum_error:.2e})")
-        images = to_uint8(out.float().nan_to_num().clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
-        agg, by_res, snapshots, text_share = cap.aggregate(), cap.by_resolution(), cap.snapshots(), cap.text_share()
-        for i, prompt in enumerate(batch):
-            words, positions = toks[i].words, toks[i].positions
-            if toks[i].start_token:
-                bos.append(float(agg[i, 0].mean()))
-            if text_share is not None:
-                share.append(float(text_share[i]))
-            latent = word_maps(agg[i], positions)  # (n_words, h, w) at latent resolution
-            content = [k for k, w in enumerate(words) if w.lower().strip(".,") not in STOP_WORDS]
-            snaps = {s: word_maps(m[i], positions) for s, m in snapshots.items()}
-            if snaps and content:
-                first, last = snaps[min(snaps)], snaps[max(snaps)]
-                ent_early.append(np.mean([spatial_entropy(first[k]) for k in content]))
-                ent_late.append(np.mean([spatial_entropy(last[k]) for k in content]))
-            npz.add(f"maps_{lo + i:04d}", latent.numpy().astype(np.float16))
-            npz.add(f"words_{lo + i:04d}", np.array(words))
-            npz.add(f"image_{lo + i:04d}", images[i])
-            scored = truth is not None and truth.name == "shapes"
-            final = to_image(latent, (height, width)) if scored or figures < a.figures else None
-            res_maps = {g: to_image(word_maps(m[i], positions), (height, width)) for g, m in by_res.items()} \
-                if scored or figures < a.figures else {}
-            if scored:
-                _score_generated(scores, truth, images[i], prompt, words, final, res_maps, a.threshold)
-            if figures < a.figures and content:
-                snaps_img = {s: to_image(v[content], (height, width)) for s, v in snaps.items()}
-                ctx.save_figure(overlay_figure(images[i], [words[k] for k in content], snaps_img, final[content], prompt,
-                                               a.threshold), f"attention_overlay_{figures}")
-                ctx.save_figure(resolution_figure(images[i], [words[k] for k in content],
-                                                  {g: m[content] for g, m in res_maps.items()}, prompt, a.threshold),
-                                f"attention_resolutions_{figures}")
-                figures += 1
-        bar.update(len(batch))
-    bar.close()
+    npz.add("latent_hw", np.array(setup.model.latent_shape(setup.height, setup.width)[1:]))
+    npz.add("image_hw", np.array([setup.height, setup.width]))
+    return npz
 
-    if scores.curves["shape"]:
-        # how much of the score is the choice of τ: mean IoU of head and modifier words at each threshold
-        means = {kind: np.mean(v, axis=0) for kind, v in scores.curves.items() if v}
-        ctx.save_table([{"threshold": t, **{f"miou_{kind}": float(m[j]) for kind, m in means.items()}}
-                        for j, t in enumerate(CURVE_THRESHOLDS)], "attention_iou_by_threshold")
-        ctx.save_figure(threshold_figure(means, a.threshold, len(scores.curves["shape"])), "attention_iou_by_threshold")
 
-    path = npz.close()
-    if ctx.tracker is not None:
-        ctx.tracker.log_artifact(path, "tables")
+def _attend_batch(ctx, cfg, setup: _Setup, batch: list[str], lo: int, tally: _Tally, npz: _NpzWriter) -> None:
+    """Generate one batch of prompts while capturing attention, then score, store and plot each prompt's maps."""
+    a, s = cfg.mode.attention, setup
+    toks = [prompt_tokens(s.layout.tokenizer, p, s.layout.max_length) for p in batch]
+    for p, t in zip(batch, toks):
+        if t.truncated:
+            tally.n_trunc += 1
+            log.warning("prompt longer than the %s segment's %d tokens, truncated: %r", s.layout.segment_name,
+                        s.layout.max_length, p)
+    gens = generators(cfg.seed, range(lo, lo + len(batch)))
+    cond = s.model.condition(len(batch), s.guidance, s.height, s.width, prompts=batch)
+    with capture(s.model, s.height, s.width, a.steps, s.call_steps, cfg=s.model.uses_cfg(s.guidance),
+                 valid_tokens=[t.num_tokens for t in toks]) as cap:
+        out = sample(s.model, s.sampler, cond, gens, s.steps, s.height, s.width, eta=float(cfg.sampler.eta))
+    if cap.max_row_sum_error > ROW_SUM_TOLERANCE:
+        raise RuntimeError(f"attention probabilities do not sum to 1 over keys (error {cap.max_row_sum_error:.2e})")
+    images = to_uint8(out.float().nan_to_num().clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
+    maps = {"agg": cap.aggregate(), "by_res": cap.by_resolution(), "snapshots": cap.snapshots(),
+            "text_share": cap.text_share()}
+    for i, prompt in enumerate(batch):
+        _one_prompt(ctx, a, s, tally, npz, prompt, toks[i], images[i], maps, i, lo + i)
 
-    scalars = {"attention/num_prompts": len(prompts), "attention/num_truncated": n_trunc,
+
+def _one_prompt(ctx, a, s: _Setup, tally: _Tally, npz: _NpzWriter, prompt: str, tok, image: np.ndarray, maps: dict,
+                i: int, index: int) -> None:
+    """Prompt ``i`` of its batch (``index`` of the run): shares, entropies, the npz entries, its IoUs (when scored)
+    and its figures."""
+    agg, by_res, snapshots, text_share = maps["agg"], maps["by_res"], maps["snapshots"], maps["text_share"]
+    words, positions = tok.words, tok.positions
+    if tok.start_token:
+        tally.bos.append(float(agg[i, 0].mean()))
+    if text_share is not None:
+        tally.share.append(float(text_share[i]))
+    latent = word_maps(agg[i], positions)  # (n_words, h, w) at latent resolution
+    content = [k for k, w in enumerate(words) if w.lower().strip(".,") not in STOP_WORDS]
+    snaps = {t: word_maps(m[i], positions) for t, m in snapshots.items()}
+    if snaps and content:
+        first, last = snaps[min(snaps)], snaps[max(snaps)]
+        tally.ent_early.append(np.mean([spatial_entropy(first[k]) for k in content]))
+        tally.ent_late.append(np.mean([spatial_entropy(last[k]) for k in content]))
+    npz.add(f"maps_{index:04d}", latent.numpy().astype(np.float16))
+    npz.add(f"words_{index:04d}", np.array(words))
+    npz.add(f"image_{index:04d}", image)
+    wanted = s.scored or tally.figures < a.figures
+    size = (s.height, s.width)
+    final = to_image(latent, size) if wanted else None
+    res_maps = {g: to_image(word_maps(m[i], positions), size) for g, m in by_res.items()} if wanted else {}
+    if s.scored:
+        _score_generated(tally.scores, s.truth, image, prompt, words, final, res_maps, a.threshold)
+    if tally.figures < a.figures and content:
+        snaps_img = {t: to_image(v[content], size) for t, v in snaps.items()}
+        names = [words[k] for k in content]
+        ctx.save_figure(overlay_figure(image, names, snaps_img, final[content], prompt, a.threshold),
+                        f"attention_overlay_{tally.figures}")
+        ctx.save_figure(resolution_figure(image, names, {g: m[content] for g, m in res_maps.items()}, prompt,
+                                          a.threshold), f"attention_resolutions_{tally.figures}")
+        tally.figures += 1
+
+
+def _threshold_outputs(ctx, cfg, scores: _Scores) -> None:
+    """How much of the score is the choice of τ: mean IoU of head and modifier words at each threshold."""
+    if not scores.curves["shape"]:
+        return
+    means = {kind: np.mean(v, axis=0) for kind, v in scores.curves.items() if v}
+    ctx.save_table([{"threshold": t, **{f"miou_{kind}": float(m[j]) for kind, m in means.items()}}
+                    for j, t in enumerate(CURVE_THRESHOLDS)], "attention_iou_by_threshold")
+    ctx.save_figure(threshold_figure(means, cfg.mode.attention.threshold, len(scores.curves["shape"])),
+                    "attention_iou_by_threshold")
+
+
+def _scalars(ctx, s: _Setup, prompts: list[str], tally: _Tally) -> dict[str, float]:
+    scores = tally.scores
+    scalars = {"attention/num_prompts": len(prompts), "attention/num_truncated": tally.n_trunc,
                "attention/num_scored": len(scores.head), "attention/num_unscored": scores.unscored}
-    if bos:
-        scalars["attention/bos_share"] = float(np.mean(bos))
+    if tally.bos:
+        scalars["attention/bos_share"] = float(np.mean(tally.bos))
     else:
-        ctx.tag("skipped.attention/bos_share", f"the {layout.segment_name} segment has no start token")
-    if share:
-        scalars["attention/text_share"] = float(np.mean(share))
-    if ent_early:
-        scalars["attention/entropy_early"] = float(np.mean(ent_early))
-        scalars["attention/entropy_late"] = float(np.mean(ent_late))
+        ctx.tag("skipped.attention/bos_share", f"the {s.layout.segment_name} segment has no start token")
+    if tally.share:
+        scalars["attention/text_share"] = float(np.mean(tally.share))
+    if tally.ent_early:
+        scalars["attention/entropy_early"] = float(np.mean(tally.ent_early))
+        scalars["attention/entropy_late"] = float(np.mean(tally.ent_late))
     for key, vals in (("miou", scores.head), ("miou_colour", scores.modifier), ("miou_swapped", scores.swapped)):
         if vals:
             scalars[f"attention/{key}"] = float(np.mean(vals))
     for g, vals in sorted(scores.by_grid.items(), reverse=True):
         scalars[f"attention/miou_{g[0]}x{g[1]}"] = float(np.mean(vals))
         scalars[f"attention/miou_ceiling_{g[0]}x{g[1]}"] = float(np.mean(scores.ceiling[g]))
-    if a.num_reference > 0:
-        if truth is None:
-            ctx.tag("skipped.attention/miou_reference", f"dataset {cfg.dataset.name!r} has no object masks "
-                    "(objects.jsonl + masks/, the layout pipeline.data.shapes.export writes)")
-        else:
-            scalars.update(_reference_scores(ctx, cfg, model, layout, height, width, truth))
-    ctx.log_scalars(scalars)
-    log.info("attention: %s", {k: round(v, 4) for k, v in scalars.items()})
-    return {}
+    return scalars
+
+
+def _reference_part(ctx, cfg, s: _Setup) -> dict[str, float]:
+    """The real-image protocol's scalars, or a ``skipped.attention/miou_reference`` tag (no masks, or turned off)."""
+    if cfg.mode.attention.num_reference <= 0:
+        return {}
+    if s.truth is None:
+        ctx.tag("skipped.attention/miou_reference", no_object_masks(cfg.dataset))
+        return {}
+    return _reference_scores(ctx, cfg, s.model, s.layout, s.height, s.width, s.truth)

@@ -12,7 +12,7 @@ from omegaconf import MISSING
 from pipeline.config import DatasetConfig, bounded
 from pipeline.core.registry import register_mode
 from pipeline.errors import UserError
-from pipeline.models.family import check_mode_support, families_for
+from pipeline.models.family import check_mode_support
 
 PARTS = ("vae", "interpolation", "inversion", "direction", "ood")
 MIN_FIT = 100
@@ -55,7 +55,6 @@ class LatentModeConfig:
 
 # the families that declare the latent mode (every one: a part whose math does not apply to one — the VAE part
 # of a pixel model, prompt directions of an unconditional one — is skipped with a skipped.<key> tag naming why)
-FAMILIES = families_for("latent")  # latent/stage.py's check_loaded; check_loaded(pipe, "latent") reads the same
 
 
 def validate(cfg) -> None:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.data.reference import reference_set
+
 __all__ = ["digest", "ood_images", "Features", "SCORES"]
 
 SCORES = ("zscore", "mahalanobis", "recon", "vae")  # vae: latent pipelines only
@@ -31,8 +33,6 @@ def ood_images(ood_cfg, n: int, exclude: set[str], n_excluded: int,
                cache_dir: str | None = None) -> tuple[list[torch.Tensor], int, int]:
     """The first ``n`` images of the OOD set not in ``exclude`` (digests of ``n_excluded`` images, duplicates
     included) -> (images, num_excluded, num_skipped). ``cache_dir``: as :func:`pipeline.data.reference.reference_set`."""
-    from pipeline.data.reference import reference_set
-
     ref = reference_set(ood_cfg, n + n_excluded, cache_dir=cache_dir)
     out, dropped = [], 0
     for i in range(ref.n):
@@ -44,6 +44,19 @@ def ood_images(ood_cfg, n: int, exclude: set[str], n_excluded: int,
         if len(out) == n:
             break
     return out, dropped, ref.num_skipped
+
+
+def _distances(metrics: list[str], extractor, x: torch.Tensor, f_x: torch.Tensor | None,
+               x_hat: torch.Tensor) -> torch.Tensor:
+    """(b, M): each distance of ``metrics`` from ``x_hat`` to ``x`` (pixel MSE in [-1, 1]; squared distance of the
+    extractor's ``pool`` features, ``f_x`` being x's)."""
+    out = []
+    for name in metrics:
+        if name == "mse":
+            out.append((x_hat - x).pow(2).flatten(1).mean(1).double().cpu())
+        else:
+            out.append((extractor(x_hat.cpu() / 2 + 0.5)["pool"].double() - f_x).pow(2).sum(1))
+    return torch.stack(out, 1)
 
 
 class Features:
@@ -66,14 +79,8 @@ class Features:
             x = x.float()
             f_x = extractor(x.cpu() / 2 + 0.5)["pool"].double() if "features" in metrics else None
 
-            def distances(x_hat):
-                out = []
-                for name in metrics:
-                    if name == "mse":
-                        out.append((x_hat - x).pow(2).flatten(1).mean(1).double().cpu())
-                    else:
-                        out.append((extractor(x_hat.cpu() / 2 + 0.5)["pool"].double() - f_x).pow(2).sum(1))
-                return torch.stack(out, 1)  # (b, M)
+            def distances(x_hat, x=x, f_x=f_x):  # this batch's x and features (bound now, not at call time)
+                return _distances(metrics, extractor, x, f_x, x_hat)
 
             if space.latent:
                 vae_errors.append(distances(space.decode(z)))

@@ -19,7 +19,8 @@ Parts (``mode.latent.parts``) and what they log:
   error, ``latent/recon_psnr``).
 - ``direction``: text models: d = C(target) − C(source) over every conditioning tensor; class-conditional models:
   between class embeddings (``direction.source_class`` → ``target_class``); see :mod:`pipeline.modes.latent.directions`.
-  A shapes pair differing in one attribute is judged by the shapes judge: ``latent/direction_flip_rate``. Table and
+  A pair the dataset's ground truth sees as a one-attribute edit (shapes: one colour or shape) is judged by its judge:
+  ``latent/direction_flip_rate`` (:mod:`pipeline.data.ground_truth`). Table and
   plot ``latent_direction``. Unconditional models: skipped, tag ``skipped.latent/direction``.
 - ``ood``: fit on ``ood_fit_samples`` (>= 100) reference images, evaluate the next ``ood_eval_samples`` (held
   out) against ``ood_dataset`` and uniform-noise images (:mod:`pipeline.modes.latent.ood`). ``latent/ood_auroc_<score>``,
@@ -35,18 +36,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.core.registry import stage
+from pipeline.data.ground_truth import ground_truth, no_judge
 from pipeline.errors import UserError
-from pipeline.models.generation import to_uint8
-from pipeline.modes.latent import directions as D
-from pipeline.modes.latent.interpolation import interpolate, norm_ratio_mid
-from pipeline.modes.latent.mode import FAMILIES, MIN_FIT
-from pipeline.modes.latent.ood import SCORES, Features, digest, ood_images
-from pipeline.modes.latent.plots import direction_figure, interpolation_figure, ood_histogram, round_trip_figure
-from pipeline.modes.latent.space import LatentSpace, ddim_config
 from pipeline.metrics import ood as O
 from pipeline.metrics.image import psnr
 from pipeline.models.family import check_loaded
-from pipeline.core.registry import stage
+from pipeline.models.generation import to_uint8
+from pipeline.modes.latent import directions as D
+from pipeline.modes.latent.interpolation import interpolate, norm_ratio_mid
+from pipeline.modes.latent.mode import MIN_FIT
+from pipeline.modes.latent.ood import SCORES, Features, digest, ood_images
+from pipeline.modes.latent.plots import direction_figure, interpolation_figure, ood_histogram, round_trip_figure
+from pipeline.modes.latent.space import LatentSpace, ddim_config
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ log = logging.getLogger(__name__)
 def latent_model_stage(ctx, cfg):
     """The pipeline seen as z-space: VAE latents or pixels, resolution, the inversion path, step count."""
     model = ctx.get("model")
-    check_loaded(model.pipe, "latent", FAMILIES)
+    check_loaded(model.pipe, "latent")
     a = cfg.mode.latent
     sampler = ctx.get("sampler")
     size = model.resolve_size(cfg.sampler.height, cfg.sampler.width)  # default: the model's native size
@@ -79,12 +81,10 @@ def _skip(ctx, key: str, reason: str) -> dict:
     return {}
 
 
-def _reference(cfg, n: int):
-    """The first ``n`` reference images: views of the run's one dataset object (see
-    :func:`pipeline.data.reference.reference_set`), so the parts of this mode check and caption it once."""
-    from pipeline.data.reference import reference_set
-
-    return reference_set(cfg.dataset, n, cache_dir=cfg.paths.cache)
+def _reference(ctx, n: int):
+    """The first ``n`` reference images of the run's shared ``reference`` artifact (views of one dataset object, so
+    the parts of this mode check and caption it once)."""
+    return ctx.get("reference").first(n)
 
 
 def _images(ref, idx: list[int]) -> list[torch.Tensor]:
@@ -102,7 +102,7 @@ def _captions(ref, idx: list[int]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- VAE
-@stage("latent_vae", needs=("latent_model",))
+@stage("latent_vae", needs=("latent_model", "reference"))
 def latent_vae_stage(ctx, cfg):
     if not _wants(cfg, "vae"):
         return {}
@@ -110,7 +110,7 @@ def latent_vae_stage(ctx, cfg):
     if not m.latent:
         return _skip(ctx, "latent/recon_psnr", f"{type(m.model.pipe).__name__} is a pixel-space pipeline (no VAE)")
     a = cfg.mode.latent
-    ref = _reference(cfg, a.vae_samples)
+    ref = _reference(ctx, a.vae_samples)
     psnrs, shown = [], None
     for lo in tqdm(range(0, ref.n, m.batch_size), desc="latent vae round trip", dynamic_ncols=True):
         x = _batch(m, _images(ref, list(range(lo, min(lo + m.batch_size, ref.n)))))
@@ -132,20 +132,20 @@ def latent_vae_stage(ctx, cfg):
 
 
 # ----------------------------------------------------------------------------------------------- interpolation
-def _pair_prompts(cfg, m: LatentSpace, n: int) -> list[str] | None:
+def _pair_prompts(ctx, cfg, m: LatentSpace, n: int) -> list[str] | None:
     if not m.model.text:
         return None
     a = cfg.mode.latent
     if a.interp_prompt is not None:
         return [a.interp_prompt] * n
-    caps = _captions(_reference(cfg, n), list(range(n)))
+    caps = _captions(_reference(ctx, n), list(range(n)))
     return [caps[i % len(caps)] for i in range(n)]
 
 
-def _pair_conditions(cfg, m: LatentSpace, n: int) -> tuple[list[str] | None, list[int] | None]:
+def _pair_conditions(ctx, cfg, m: LatentSpace, n: int) -> tuple[list[str] | None, list[int] | None]:
     """Per pair: its prompt (text models: the dataset's captions or ``interp_prompt``) or class (class i mod K)."""
     classes = [i % m.model.num_classes for i in range(n)] if m.model.class_conditional else None
-    return _pair_prompts(cfg, m, n), classes
+    return _pair_prompts(ctx, cfg, m, n), classes
 
 
 def _generate_batched(m: LatentSpace, z: torch.Tensor, prompts, classes, seeds, desc: str) -> torch.Tensor:
@@ -158,20 +158,35 @@ def _generate_batched(m: LatentSpace, z: torch.Tensor, prompts, classes, seeds, 
     return torch.cat(out)
 
 
-@stage("latent_interpolation", needs=("latent_model", "extractors"))
+@stage("latent_interpolation", needs=("latent_model", "extractors", "reference"))
 def latent_interpolation_stage(ctx, cfg):
     if not _wants(cfg, "interpolation"):
         return {}
     m = ctx.get("latent_model")
     a = cfg.mode.latent
+    P, base = int(a.ppl_pairs), int(cfg.seed) * 1_000_003
+    z0, z1 = m.noise([base + 2 * i for i in range(P)]), m.noise([base + 2 * i + 1 for i in range(P)])
+    scalars = {f"latent/{meth}_norm_ratio_mid": float(norm_ratio_mid(meth, z0, z1).mean()) for meth in ("lerp", "slerp")}
+    prompts, classes = _pair_conditions(ctx, cfg, m, P)
+    scalars.update(_perceptual_path_lengths(ctx, cfg, m, z0, z1, prompts, classes))
+    ctx.log_scalars(scalars)
+    first = prompts[:1] if prompts is not None else None
+    rows, labels, ts = _interpolation_rows(ctx, cfg, m, z0, z1, first, classes)
+    ctx.save_figure(interpolation_figure(rows, labels, ts, "interpolation" + (f": {first[0]!r}" if first else "")),
+                    "latent_interpolation")
+    log.info("latent: %s", {k: round(v, 4) for k, v in scalars.items()})
+    return {}
+
+
+def _perceptual_path_lengths(ctx, cfg, m: LatentSpace, z0, z1, prompts, classes) -> dict[str, float]:
+    """``latent/ppl_slerp`` and ``latent/ppl_lerp`` over the pairs (z0[i], z1[i]), in float32 (tagged how)."""
+    a = cfg.mode.latent
     extractor_name, extractor = next(iter(ctx.get("extractors").items()))
     P, eps = int(a.ppl_pairs), float(a.ppl_epsilon)
     base = int(cfg.seed) * 1_000_003
-    z0, z1 = m.noise([base + 2 * i for i in range(P)]), m.noise([base + 2 * i + 1 for i in range(P)])
-    scalars = {f"latent/{meth}_norm_ratio_mid": float(norm_ratio_mid(meth, z0, z1).mean()) for meth in ("lerp", "slerp")}
-    prompts, classes = _pair_conditions(cfg, m, P)
     rng = np.random.default_rng(int(cfg.seed))
     t = torch.from_numpy(rng.uniform(0, 1 - eps, P))
+    scalars = {}
     with m.model.float32():  # PPL divides a ~1e-4 difference by ε²: the model dtype's rounding must not enter it
         for meth in ("slerp", "lerp"):
             za, zb = interpolate(meth, z0.double(), z1.double(), t), interpolate(meth, z0.double(), z1.double(), t + eps)
@@ -184,19 +199,22 @@ def latent_interpolation_stage(ctx, cfg):
     how = f"guidance={m.guidance}" if (m.model.text or m.model.class_conditional) else "unconditional (no guidance)"
     ctx.tag("latent.ppl", f"epsilon={eps}, pairs={P}, features={extractor_name} pool, sampler="
                           f"{type(m.sampler).__name__} x {m.steps} steps, {how}, float32")
-    ctx.log_scalars(scalars)
+    return scalars
 
-    # the figure: K points between two noise latents and between two inverted real images
-    K = int(a.interp_points)
+
+def _interpolation_rows(ctx, cfg, m: LatentSpace, z0, z1, first, classes):
+    """The figure's rows: K points between two noise latents and between two inverted real images; their labels and
+    the K interpolation times."""
+    K = int(cfg.mode.latent.interp_points)
+    base = int(cfg.seed) * 1_000_003
     ts = torch.linspace(0, 1, K, dtype=torch.float64)
     rows, labels = [], []
-    first = prompts[:1] if prompts is not None else None
     for meth in ("slerp", "lerp"):
         path = torch.cat([interpolate(meth, z0[:1], z1[:1], float(tt)) for tt in ts])
         rows.append(_generate_batched(m, path, None if first is None else first * K,
                                       None if classes is None else classes[:1] * K, [base] * K, f"latent {meth} path"))
         labels.append(f"noise {meth}")
-    ref = _reference(cfg, 2)
+    ref = _reference(ctx, 2)
     if ref.n >= 2:
         x = _batch(m, _images(ref, [0, 1]))
         z_T = m.invert(m.encode(x), m.plain(n=2))
@@ -208,20 +226,17 @@ def latent_interpolation_stage(ctx, cfg):
                 out.append((m.decode(m.regenerate(chunk, m.plain(n=len(chunk)))) / 2 + 0.5).cpu())
             rows.append(torch.cat(out))
             labels.append(f"real {meth}")
-    ctx.save_figure(interpolation_figure(rows, labels, ts, "interpolation" + (f": {first[0]!r}" if first else "")),
-                    "latent_interpolation")
-    log.info("latent: %s", {k: round(v, 4) for k, v in scalars.items()})
-    return {}
+    return rows, labels, ts
 
 
 # ----------------------------------------------------------------------------------------------- inversion
-@stage("latent_inversion", needs=("latent_model",))
+@stage("latent_inversion", needs=("latent_model", "reference"))
 def latent_inversion_stage(ctx, cfg):
     if not _wants(cfg, "inversion"):
         return {}
     m = ctx.get("latent_model")
     a = cfg.mode.latent
-    ref = _reference(cfg, a.inversion_samples)
+    ref = _reference(ctx, a.inversion_samples)
     psnrs, shown = [], None
     bar = tqdm(total=2 * m.steps * ref.n, desc="latent inversion", unit="step", dynamic_ncols=True)
     for lo in range(0, ref.n, m.batch_size):
@@ -247,25 +262,13 @@ def latent_inversion_stage(ctx, cfg):
 
 
 # ----------------------------------------------------------------------------------------------- direction
-def _judge(ctx, device):
-    """The shapes judge, from the dataset's ground truth: with a dataset that has none (a folder of real images) the
-    flip rate is skipped with a tag, never measured with the shapes heuristics."""
-    from pipeline.data.ground_truth import ground_truth
-
-    if ground_truth(ctx.cfg.dataset, device) is None:
-        reason = f"dataset {ctx.cfg.dataset.name!r} has no ground truth (judge) for the edit (only dataset=shapes has)"
-        _skip(ctx, "latent/direction_flip_rate", reason)
-        return None
-    extractors = ctx.get("extractors")
-    if "shapes_net" in extractors:
-        return extractors["shapes_net"]
-    from pipeline.features.shapes_net import ShapesNetExtractor, _resolve
-
-    try:
-        return ShapesNetExtractor(_resolve(None), "bilinear", 256, device)
-    except (UserError, FileNotFoundError) as e:
-        log.info("no shapes judge (%s): direction flip rate not measured", e)
-        return None
+def _ground_truth(ctx, cfg, device):
+    """The dataset's ground truth (its judge of the edit); None with a ``skipped.latent/direction_flip_rate`` tag for
+    a dataset that has none (a folder of real images): never measured with another dataset's heuristics."""
+    truth = ground_truth(cfg.dataset, device, ctx.get("extractors"))
+    if truth is None:
+        _skip(ctx, "latent/direction_flip_rate", no_judge(cfg.dataset, "judge the edit with"))
+    return truth
 
 
 def _scales(d) -> list[float]:
@@ -299,7 +302,7 @@ def _class_direction(ctx, cfg, m: LatentSpace) -> dict:
 
     def edited(sl: slice, s: float, noise: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         cond = m.guided(len(classes[sl]), class_ids=classes[sl])
-        with D.class_direction(m.model.denoiser, int(d.source_class), int(d.target_class), s, cond.cfg):
+        with m.model.class_embedding_shift(int(d.source_class), int(d.target_class), s, cond.cfg):
             return m.generate(noise, cond, seeds)
 
     images = _over_scales(cfg, m, scales, len(classes), edited)
@@ -321,43 +324,59 @@ def latent_direction_stage(ctx, cfg):
         return _skip(ctx, "latent/direction", f"{type(m.model.pipe).__name__} is unconditional: no prompt or class "
                      "to take a direction between")
     d = cfg.mode.latent.direction
-    delta = D.condition_delta(m.plain([d.target]), m.plain([d.source]))
-    scales = _scales(d)
     prompts, S = list(d.prompts), int(d.samples_per_prompt)
     base_prompts = [p for p in prompts for _ in range(S)]
-
-    def edited(sl: slice, s: float, noise: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        return m.generate(noise, D.shifted(m.guided(len(base_prompts[sl]), prompts=base_prompts[sl]), delta, s), seeds)
-
-    images = _over_scales(cfg, m, scales, len(base_prompts), edited)
-
-    edit, judge = D.shapes_edit(d.source, d.target), None
-    rows = [{"scale": s} for s in scales]
-    if edit is None:
-        log.info("direction pair %r -> %r is not a one-attribute shapes edit: no flip rate", d.source, d.target)
-    else:
-        judge = _judge(ctx, m.device)
-    if edit is not None and judge is not None:
-        sides = [D.edited_side(p, edit) for p in base_prompts]
-        if not any(sides):
-            log.warning("mode.latent.direction.prompts: no prompt names a %s %s object: no flip rate", edit[1], edit[0])
-        else:
-            judged = {s: judge.judge(to_uint8(images[s])) for s in scales}
-            rows = D.flip_rows(judged, sides, edit)
-            flip = next(r["flip_rate"] for r in rows if r["scale"] == float(d.scale))
-            ctx.log_scalars({"latent/direction_flip_rate": flip})
-            attr, frm, to = edit
-            ctx.tag("latent.direction", f"{attr} {frm} -> {to} at scale {float(d.scale):g}; {rows[0]['n']} generations "
-                                        f"judged on the {attr} of the edited object")
-            log.info("latent: direction %s %s -> %s flip rate %.3f at scale %g", attr, frm, to, flip, d.scale)
+    images = _prompt_direction_images(cfg, m, base_prompts)
+    rows = _flip_rows(ctx, cfg, m, images, base_prompts) or [{"scale": s} for s in _scales(d)]
     ctx.save_table(rows, "latent_direction")
     ctx.save_figure(direction_figure(images, prompts, S, f"C(prompt) + s (C({d.target!r}) - C({d.source!r}))"),
                     "latent_direction")
     return {}
 
 
+def _prompt_direction_images(cfg, m: LatentSpace, base_prompts: list[str]) -> dict[float, torch.Tensor]:
+    """{scale: images} of the prompts with C(prompt) + s·(C(target) − C(source))."""
+    d = cfg.mode.latent.direction
+    delta = D.condition_delta(m.plain([d.target]), m.plain([d.source]))
+
+    def edited(sl: slice, s: float, noise: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        return m.generate(noise, D.shifted(m.guided(len(base_prompts[sl]), prompts=base_prompts[sl]), delta, s), seeds)
+
+    return _over_scales(cfg, m, _scales(d), len(base_prompts), edited)
+
+
+def _flip_rows(ctx, cfg, m: LatentSpace, images: dict[float, torch.Tensor], base_prompts: list[str]) -> list[dict] | None:
+    """The table's rows with the judge's flip rates (and ``latent/direction_flip_rate`` logged) when the dataset's
+    ground truth sees the pair as a one-attribute edit and can judge it; else None (with a note)."""
+    d = cfg.mode.latent.direction
+    truth = _ground_truth(ctx, cfg, m.device)
+    edit = truth.edit(d.source, d.target) if truth is not None else None
+    if truth is not None and edit is None:
+        log.info("direction pair %r -> %r is not a one-attribute edit of the dataset's captions: no flip rate",
+                 d.source, d.target)
+    if edit is None:
+        return None
+    sides = [truth.edited_object(p, edit) for p in base_prompts]
+    if not any(sides):
+        log.warning("mode.latent.direction.prompts: no prompt names a %s %s object: no flip rate", edit[1], edit[0])
+        return None
+    try:
+        judged = {s: truth.judge(to_uint8(images[s])) for s in _scales(d)}
+    except (UserError, FileNotFoundError) as e:
+        log.info("no judge (%s): direction flip rate not measured", e)
+        return None
+    rows = truth.edit_rows(judged, sides, edit)
+    flip = next(r["flip_rate"] for r in rows if r["scale"] == float(d.scale))
+    ctx.log_scalars({"latent/direction_flip_rate": flip})
+    attr, frm, to = edit
+    ctx.tag("latent.direction", f"{attr} {frm} -> {to} at scale {float(d.scale):g}; {rows[0]['n']} generations "
+                                f"judged on the {attr} of the edited object")
+    log.info("latent: direction %s %s -> %s flip rate %.3f at scale %g", attr, frm, to, flip, d.scale)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- OOD
-@stage("latent_ood", needs=("latent_model", "extractors"))
+@stage("latent_ood", needs=("latent_model", "extractors", "reference"))
 def latent_ood_stage(ctx, cfg):
     if not _wants(cfg, "ood"):
         return {}
@@ -367,8 +386,37 @@ def latent_ood_stage(ctx, cfg):
     bad = [t for t in a.recon_timesteps if not 0 < t < n_train]
     if bad:
         raise UserError(f"mode.latent.recon_timesteps: {bad} outside 1..{n_train - 1} (the model's num_train_timesteps)")
+    sets, counts = _ood_sets(ctx, cfg, m)
+    extractor = next(iter(ctx.get("extractors").values()))
+    feats = {k: Features(m, a, int(cfg.seed), v, extractor, n_train, f"latent ood {k}") for k, v in sets.items()}
+    fit = O.fit_gaussian(feats["fit"].latents, a.shrinkage)
+    scores = _ood_scores(m, fit, feats)
+    names = [s for s in SCORES if s in scores["id"]]
+    scalars, rows = _ood_results(a, m, feats, scores, names)
+    best = max(names, key=lambda s: scalars[f"latent/ood_auroc_{s}"])
+    scalars.update({"latent/ood_auroc_best": scalars[f"latent/ood_auroc_{best}"], "latent/ood_shrinkage": fit.shrinkage,
+                    **counts})
+    ctx.log_scalars(scalars)
+    finding = (f"{best} wins on {a.ood_dataset.name}: AUROC {scalars[f'latent/ood_auroc_{best}']:.3f} vs baseline zscore "
+               f"{scalars['latent/ood_auroc_zscore']:.3f}")
+    ctx.tag("latent.ood_best", best)
+    ctx.tag("latent.ood_finding", finding)
+    path = "flow σ = t/T, Euler" if m.flow else "DDIM"
+    ctx.tag("latent.ood_method", f"fit {counts['latent/ood_num_fit']}, held out {counts['latent/ood_num_eval']}, "
+                                 f"{a.shrinkage} shrinkage {fit.shrinkage:.3f}, recon t={list(a.recon_timesteps)} x "
+                                 f"{a.recon_steps} {path} steps, distances {list(a.recon_distances)} (features: "
+                                 f"{extractor.name} pool)")
+    ctx.save_table(rows, "latent_ood")
+    log.info("latent OOD: %s", finding)
+    ctx.save_figure(ood_histogram(scores, names, a.ood_dataset.name), "latent_ood_hist")
+    return {}
+
+
+def _ood_sets(ctx, cfg, m: LatentSpace) -> tuple[dict[str, list[torch.Tensor]], dict[str, int]]:
+    """The image sets (``fit``, held-out ``id``, ``ood``, optional uniform ``noise``) and their counts as scalars."""
+    a = cfg.mode.latent
     n_fit, n_eval = int(a.ood_fit_samples), int(a.ood_eval_samples)
-    ref = _reference(cfg, n_fit + n_eval)
+    ref = _reference(ctx, n_fit + n_eval)
     if ref.n < n_fit + 2:
         raise UserError(f"dataset ({cfg.dataset.name}): {ref.n} readable images, but the OOD part needs "
                         f"mode.latent.ood_fit_samples={n_fit} (>= {MIN_FIT}) to fit plus held-out ones; "
@@ -377,10 +425,22 @@ def latent_ood_stage(ctx, cfg):
         log.warning("dataset (%s): %d images: %d held out instead of %d", cfg.dataset.name, ref.n, ref.n - n_fit, n_eval)
         n_eval = ref.n - n_fit
     id_imgs = _images(ref, list(range(ref.n)))
+    ood_imgs, ood_skipped = _ood_images(ctx, cfg, id_imgs, n_fit, n_eval)
+    sets = {"fit": id_imgs[:n_fit], "id": id_imgs[n_fit:], "ood": ood_imgs}
+    if a.ood_noise:
+        g = torch.Generator("cpu").manual_seed(int(cfg.seed) + 12345)
+        sets["noise"] = list(torch.randint(0, 256, (n_eval, 3, *m.hw), generator=g, dtype=torch.uint8))
+    return sets, {"latent/ood_num_fit": n_fit, "latent/ood_num_eval": n_eval, "latent/ood_num_ood": len(ood_imgs),
+                  "latent/ood_num_skipped": ref.num_skipped + ood_skipped}
+
+
+def _ood_images(ctx, cfg, id_imgs: list[torch.Tensor], n_fit: int, n_eval: int) -> tuple[list[torch.Tensor], int]:
+    """``mode.latent.ood_dataset``'s first ``n_eval`` images outside the fit set, and its skipped files; a warning
+    (and tag) when it is mostly the reference set itself."""
+    a = cfg.mode.latent
     fit_digests = {digest(im.permute(1, 2, 0).numpy()) for im in id_imgs[:n_fit]}
     eval_digests = {digest(im.permute(1, 2, 0).numpy()) for im in id_imgs[n_fit:]}
-    ood_imgs, dropped, ood_skipped = ood_images(a.ood_dataset, n_eval, fit_digests, n_fit,
-                                                cache_dir=cfg.paths.cache)
+    ood_imgs, dropped, ood_skipped = ood_images(a.ood_dataset, n_eval, fit_digests, n_fit, cache_dir=cfg.paths.cache)
     if not ood_imgs:
         raise UserError(f"mode.latent.ood_dataset ({a.ood_dataset.name}): no image outside the fit set")
     same = sum(digest(im.permute(1, 2, 0).numpy()) in eval_digests for im in ood_imgs)
@@ -389,13 +449,11 @@ def latent_ood_stage(ctx, cfg):
                f"images are held-out reference images ({dropped} fit images left out): AUROC ≈ 0.5 expected")
         log.warning(msg)
         ctx.tag("latent.ood_warning", msg)
-    sets = {"fit": id_imgs[:n_fit], "id": id_imgs[n_fit:], "ood": ood_imgs}
-    if a.ood_noise:
-        g = torch.Generator("cpu").manual_seed(int(cfg.seed) + 12345)
-        sets["noise"] = list(torch.randint(0, 256, (n_eval, 3, *m.hw), generator=g, dtype=torch.uint8))
-    extractor = next(iter(ctx.get("extractors").values()))
-    feats = {k: Features(m, a, int(cfg.seed), v, extractor, n_train, f"latent ood {k}") for k, v in sets.items()}
-    fit = O.fit_gaussian(feats["fit"].latents, a.shrinkage)
+    return ood_imgs, ood_skipped
+
+
+def _ood_scores(m: LatentSpace, fit, feats: dict[str, Features]) -> dict[str, dict[str, torch.Tensor]]:
+    """{set: {score: per-image score}} (higher = more OOD)."""
     ref_err = feats["fit"].errors.flatten(1)
     scores = {k: {"zscore": O.zscore_score(fit, f.latents),
                   "mahalanobis": O.mahalanobis_score(fit, f.latents),
@@ -403,7 +461,12 @@ def latent_ood_stage(ctx, cfg):
     if m.latent:
         for k, f in feats.items():
             scores[k]["vae"] = O.standardised_mean(feats["fit"].vae_errors, f.vae_errors)
-    names = [s for s in SCORES if s in scores["id"]]
+    return scores
+
+
+def _ood_results(a, m: LatentSpace, feats, scores, names: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """AUROC / FPR95 of every score against the OOD set (and uniform noise): the scalars, and the table's rows with
+    each noise level and distance alone (which of them carry the signal)."""
     scalars, rows = {}, []
     for target, suffix in (("ood", ""), ("noise", "_noise")):
         if target not in scores:
@@ -415,7 +478,6 @@ def latent_ood_stage(ctx, cfg):
             scalars[f"latent/ood_fpr95_{s}{suffix}"] = fpr
             rows.append({"set": a.ood_dataset.name if target == "ood" else "uniform_noise", "score": s, "auroc": au,
                          "fpr95": fpr, "n_id": len(scores["id"][s]), "n_ood": len(scores[target][s])})
-        # each noise level and distance alone (table only): which of them carry the signal
         parts = [(f"recon_t{t}_{d}", feats["id"].errors[:, k, j], feats[target].errors[:, k, j])
                  for k, t in enumerate(a.recon_timesteps) for j, d in enumerate(a.recon_distances)]
         if m.latent:
@@ -424,20 +486,4 @@ def latent_ood_stage(ctx, cfg):
         for name, e_id, e_ood in parts:
             rows.append({"set": rows[-1]["set"], "score": name, "auroc": O.auroc(e_id, e_ood),
                          "fpr95": O.fpr_at_tpr(e_id, e_ood), "n_id": len(e_id), "n_ood": len(e_ood)})
-    best = max(names, key=lambda s: scalars[f"latent/ood_auroc_{s}"])
-    scalars.update({"latent/ood_auroc_best": scalars[f"latent/ood_auroc_{best}"], "latent/ood_shrinkage": fit.shrinkage,
-                    "latent/ood_num_fit": n_fit, "latent/ood_num_eval": n_eval, "latent/ood_num_ood": len(ood_imgs),
-                    "latent/ood_num_skipped": ref.num_skipped + ood_skipped})
-    ctx.log_scalars(scalars)
-    finding = (f"{best} wins on {a.ood_dataset.name}: AUROC {scalars[f'latent/ood_auroc_{best}']:.3f} vs baseline zscore "
-               f"{scalars['latent/ood_auroc_zscore']:.3f}")
-    ctx.tag("latent.ood_best", best)
-    ctx.tag("latent.ood_finding", finding)
-    path = "flow σ = t/T, Euler" if m.flow else "DDIM"
-    ctx.tag("latent.ood_method", f"fit {n_fit}, held out {n_eval}, {a.shrinkage} shrinkage {fit.shrinkage:.3f}, "
-                                 f"recon t={list(a.recon_timesteps)} x {a.recon_steps} {path} steps, "
-                                 f"distances {list(a.recon_distances)} (features: {extractor.name} pool)")
-    ctx.save_table(rows, "latent_ood")
-    log.info("latent OOD: %s", finding)
-    ctx.save_figure(ood_histogram(scores, names, a.ood_dataset.name), "latent_ood_hist")
-    return {}
+    return scalars, rows

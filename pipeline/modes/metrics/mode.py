@@ -10,9 +10,12 @@ from typing import List, Optional
 from omegaconf import MISSING
 
 from pipeline.config import bounded
+from pipeline.core.registry import register_mode
+from pipeline.data.ground_truth import no_judge
+from pipeline.data.reference import missing_root
+from pipeline.data.stages import num_reference
 from pipeline.errors import UserError
 from pipeline.models.family import check_mode_support
-from pipeline.core.registry import register_mode
 
 
 @dataclass
@@ -37,12 +40,6 @@ class MetricsModeConfig:
     worst_prompts: int = bounded(ge=0, note="0 = no worst-prompts figure")
 
 
-def num_reference(cfg) -> int:
-    """Real images compared against: ``mode.metrics.num_reference``, default ``dataset.num_images``."""
-    m = cfg.mode.metrics
-    return int(m.num_reference if m.num_reference is not None else cfg.dataset.num_images)
-
-
 def validate(cfg) -> None:
     """Cross-key checks of ``mode.metrics``, the dataset and the model's class, before any MLflow run or work (the
     single-key ranges are the schema's)."""
@@ -54,13 +51,11 @@ def validate(cfg) -> None:
                             f"least k+1 = {k_max + 1} samples")
     if m.judge not in ("auto", "on", "off"):
         raise UserError(f"mode.metrics.judge={m.judge!r}; expected auto, on or off")
-    kind = getattr(cfg.dataset.kind, "value", cfg.dataset.kind)
-    if kind == "folder" and not cfg.dataset.root:
-        raise UserError("dataset.root: the metrics mode compares against a reference image folder; set "
-                        "dataset.root=DIR (dataset=folder), or use dataset=shapes")
-    if m.judge == "on" and kind != "shapes":
-        raise UserError(f"mode.metrics.judge=on: dataset {cfg.dataset.name!r} has no ground truth to judge prompt "
-                        "adherence with (only dataset=shapes has); set mode.metrics.judge=auto or off")
+    if missing_root(cfg.dataset):  # the metrics mode compares against the dataset's reference images
+        raise UserError(missing_root(cfg.dataset))
+    if m.judge == "on" and no_judge(cfg.dataset, "judge prompt adherence with"):
+        raise UserError(f"mode.metrics.judge=on: {no_judge(cfg.dataset, 'judge prompt adherence with')}; set "
+                        "mode.metrics.judge=auto or off")
     check_mode_support(cfg.model.path, "metrics")  # a class the adapter cannot drive: refused before any work
 
 

@@ -11,41 +11,49 @@ its ``metrics/fd_<extractor>`` is the run's headline number.
 Under ``torchrun`` (see ``pipeline.core.distributed``) each rank generates and extracts only its contiguous shard of the
 N samples and persists it batch by batch; rank 0 reads every shard in sample order, so it computes every metric on
 exactly the single-process sets and logs it (``metrics/num_shards`` = world size). Only rank 0 loads or extracts
-the reference features. The statistics run on one CPU thread where their bits would depend on the thread count
+the reference features (the shared ``real_features`` stage, :mod:`pipeline.features.stages`). The statistics run on one CPU thread where their bits would depend on the thread count
 (see :func:`_extractor_stats`), so a resumed, a sharded and an uninterrupted run give the same scalars exactly on
 CPU. Everything read back (shards, reference cache entries) is checksummed and checked against its name.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from pipeline.core import distributed as dist
 from pipeline import metrics as M
-from pipeline.errors import UserError
-from pipeline.models.generation import generate
-from pipeline.core.metric_keys import (CLIP_TRUNCATED, CMMD, PROMPT_ACCURACY, PRIMARY_EXTRACTOR_TAG, extractor_keys, metric_key,
-                                  primary_extractor, primary_fd_key)
-from pipeline.metrics.cmmd import cmmd  # (the package attribute ``cmmd`` is this module)
-from pipeline.metrics.intervals import (bootstrap_interval, fd_inf, fd_subsample_sd, kernel_subsample_sd,
-                                        normal_interval)
-from pipeline.modes.metrics.plots import sample_grid
+from pipeline.config import to_plain
+from pipeline.core import distributed as dist
+from pipeline.core.metric_keys import (
+    CLIP_TRUNCATED,
+    CMMD,
+    PRIMARY_EXTRACTOR_TAG,
+    PROMPT_ACCURACY,
+    extractor_keys,
+    metric_key,
+    primary_extractor,
+    primary_fd_key,
+)
+from pipeline.core.progress import PROGRESS_DIR, LiveProgress, ShardStore, crash_point
 from pipeline.core.registry import stage
+from pipeline.data.ground_truth import ground_truth, no_judge
+from pipeline.data.stages import compared_reference
+from pipeline.errors import UserError
+from pipeline.metrics.cmmd import cmmd  # (the package attribute ``cmmd`` is this module)
+from pipeline.metrics.intervals import bootstrap_interval, fd_inf, fd_subsample_sd, kernel_subsample_sd, normal_interval
+from pipeline.models.generation import generate
+from pipeline.modes.metrics.plots import sample_grid, worst_prompts_figure
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when the cached content or its meaning changes (3: verified .npz, was a torch pickle)
 REPORTED_N = 10_000  # below this, FID & co. are biased: say so
-
-
-from pipeline.modes.metrics.mode import num_reference as _n_reference  # noqa: E402 - one definition, with the checks
 
 
 @stage("metrics_check")
@@ -62,163 +70,15 @@ def metrics_check(ctx, cfg):
     return {}
 
 
-def _use_cache(cfg) -> bool:
-    return bool(cfg.mode.metrics.cache) if cfg.mode.get("metrics") is not None else True
-
-
-@stage("reference", produces=("reference",))
-def reference_stage(ctx, cfg):
-    """The run's reference set (:func:`pipeline.data.reference.reference_set`: one dataset object per process and
-    dataset config; a folder unchanged since its last check is not decoded)."""
-    from pipeline.data.reference import reference_set
-
-    ref = reference_set(cfg.dataset, _n_reference(cfg), cache_dir=cfg.paths.cache if _use_cache(cfg) else None)
-    if ref.num_skipped:
-        ctx.tag("reference.num_skipped", ref.num_skipped)
-    if ref.num_bad_caption_lines:  # malformed captions.jsonl lines, skipped like unreadable images
-        ctx.tag("reference.num_bad_caption_lines", ref.num_bad_caption_lines)
-    log.info("reference set: %d images of %s (%s)", ref.n, cfg.dataset.name, ref.identity.get("split", ref.identity.get("root")))
-    return {"reference": ref}
-
-
-@stage("prompts", needs=("model", "reference"), produces=("prompts",))
-def prompts_stage(ctx, cfg):
-    """Prompts for text-conditioned models: ``mode.metrics.prompts_file`` or the reference captions."""
-    from pipeline.data.reference import read_prompts
-
-    if not ctx.get("model").text:
-        return {"prompts": None}
-    m = cfg.mode.metrics if cfg.mode.get("metrics") is not None else None
-    if m is not None and m.prompts_file:
-        prompts = read_prompts(m.prompts_file)
-    else:
-        prompts = ctx.get("reference").captions
-        if not prompts or any(c is None for c in prompts):
-            raise UserError(f"dataset {cfg.dataset.name!r} has no caption for every image; a text-to-image model "
-                            "needs prompts: set mode.metrics.prompts_file=FILE or add captions.jsonl to the folder")
-    k = int(m.samples_per_prompt) if m is not None else 1
-    # k consecutive samples per prompt: sample i gets prompt i // k (generation cycles through this list)
-    return {"prompts": [p for p in prompts for _ in range(k)]}
-
-
-# ----------------------------------------------------------------------------------------------- cache
-def _cache_path(cfg, ref, extractor) -> tuple[Path, dict]:
-    """``<paths.cache>/reference/<extractor>-<digest>.npz``; the key: the set's identity and content hash (folders:
-    their manifest, nothing decoded), N, the extractor's describe() (weights hash, input size, resize) and
-    :data:`CACHE_VERSION`."""
-    key = {"version": CACHE_VERSION, "dataset": ref.identity, "content": ref.content_hash(), "n": ref.n,
-           "extractor": extractor.describe()}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return Path(cfg.paths.cache) / "reference" / f"{extractor.name}-{digest}.npz", key
-
-
-def _entry_files(ref) -> str | None:
-    """A folder's readable file list as one string (a list of 10 000 strings loads 10× slower)."""
-    return None if ref.files is None else "\n".join(ref.files)
-
-
-def _entry_meta(key: dict, ref) -> dict:
-    """What an entry records besides its features: its full key (a file copied over another entry's name is
-    caught) and what the features were computed from (image shape, skipped files, a folder's readable files)."""
-    return {"key": json.dumps(key, sort_keys=True, default=str), "files": _entry_files(ref),
-            "image_shape": [int(s) for s in ref.image_shape()], "num_skipped": int(ref.num_skipped)}
-
-
-def _load_entry(path: Path, key: dict, ref) -> torch.Tensor | None:
-    """The cached (N, d) pool, or None after a warning naming ``path`` and what is wrong with it: damaged (truncated,
-    checksum mismatch, not a verified ``.npz``, unreadable) or describing another key or reference set. The caller
-    then extracts the features again and overwrites the entry. The file is data: nothing in it is unpickled
-    (:func:`pipeline.core.progress.load_verified`, sha256 over the features and the meta)."""
-    from pipeline.core.progress import load_verified
-
-    try:
-        arrays, meta = load_verified(path)
-    except (OSError, ValueError) as e:
-        log.warning("reference cache %s is damaged (%s): its features are extracted again and the file rewritten",
-                    path, e)
-        return None
-    want = _entry_meta(key, ref)
-    differ = [name for name in want if meta.get(name) != want[name]]
-    pool = arrays.get("pool")
-    if pool is None or pool.ndim != 2 or pool.dtype.kind != "f" or len(pool) != ref.n:
-        differ.append(f"pool {None if pool is None else (pool.dtype.name, pool.shape)} for N = {ref.n}")
-    if differ:
-        log.warning("reference cache %s does not describe this reference set (%s differ): its features are extracted "
-                    "again and the file rewritten", path, ", ".join(differ))
-        return None
-    return torch.from_numpy(pool)
-
-
-def _save_entry(path: Path, key: dict, ref, pool: torch.Tensor) -> None:
-    """Write the entry atomically (a parallel job reads the old file or the new one, never half of one). A failed
-    write (full disk, read-only cache) costs only the cache: a warning, and the run goes on."""
-    from pipeline.core.progress import save_verified
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_verified(path, {"pool": pool.detach().cpu().numpy()}, _entry_meta(key, ref))
-    except OSError as e:
-        log.warning("reference cache %s not written (%s): this run goes on without it; free space there, set "
-                    "paths.cache=DIR elsewhere, or mode.metrics.cache=false", path, e)
-
-
-_REF_STATS: dict[str, M.ReferenceStats] = {}  # per process: the reference square-root factor is computed once
-
-
-@stage("real_features", needs=("reference", "extractors"), produces=("real_features",))
-def real_features_stage(ctx, cfg):
-    """Reference pool features per extractor, from the disk cache when its key matches (rank 0 only when
-    distributed: the other ranks return None and never touch the cache). An entry also records what it was
-    computed from: the image shape, the number of skipped files and the folder's readable file list; a damaged or
-    mismatching entry is recomputed and rewritten (:func:`_load_entry`)."""
-    if dist.init(ctx.device) and not dist.is_main():
-        return {"real_features": None}
-    ref = ctx.get("reference")
-    use_cache = _use_cache(cfg)
-    out, hits = {}, []
-    for name, ex in ctx.get("extractors").items():
-        path, key = _cache_path(cfg, ref, ex)
-        tic = time.perf_counter()
-        pool = _load_entry(path, key, ref) if use_cache and path.is_file() else None
-        hits.append(pool is not None)
-        if pool is not None:
-            log.info("reference cache hit: %s (%s)", path.name, name)
-        else:
-            pool = _extract_reference(ref, ex, int(cfg.features[name].batch_size))
-            if use_cache:
-                _save_entry(path, key, ref, pool)
-            log.info("reference cache miss: extracted %d x %d (%s) -> %s", *pool.shape, name, path.name)
-        stats_key = str(path) + str(ref.n)
-        if stats_key not in _REF_STATS:
-            _REF_STATS[stats_key] = M.FeatureStats().update(pool).reference()
-        out[name] = {"pool": pool, "stats": _REF_STATS[stats_key], "seconds": time.perf_counter() - tic}
-    ctx.tag("reference_cache", "hit" if all(hits) else "miss")
-    return {"real_features": out}
-
-
-def _extract_reference(ref, extractor, batch_size: int) -> torch.Tensor:
-    from tqdm.auto import tqdm
-
-    chunks = []
-    with tqdm(total=ref.n, desc=f"reference {extractor.name}", unit="img", dynamic_ncols=True) as bar:
-        for batch in ref.batches(batch_size):
-            chunks.append(extractor(batch)["pool"])
-            bar.update(len(batch))
-    return torch.cat(chunks)
-
-
 # ----------------------------------------------------------------------------------------------- judge
 def _judge_for(ctx, cfg, extractors, prompts):
     """The dataset's ground truth if prompt accuracy applies (its captions, its judge), else None with a
     ``skipped.metrics/prompt_accuracy`` tag giving the reason."""
-    from pipeline.data.ground_truth import ground_truth
-
     mode = cfg.mode.metrics.judge
     if mode == "off" or prompts is None:
         return None
     gt = ground_truth(cfg.dataset, ctx.device, extractors)
-    reason = (f"dataset {cfg.dataset.name!r} has no ground truth to judge prompts with (only dataset=shapes has)"
-              if gt is None else gt.parses(prompts))
+    reason = no_judge(cfg.dataset) if gt is None else gt.parses(prompts)
     if reason is not None:
         if mode == "on":
             raise UserError(f"mode.metrics.judge=on but prompt accuracy does not apply: {reason}")
@@ -236,8 +96,6 @@ _PER_SAMPLE = ("pool", "logits", "image_embeds")  # extractor outputs kept per s
 def _fingerprint(cfg) -> dict:
     """Everything that decides the shards' contents: the resolved config but for what a resumed run may change
     (``model.device``, ``tracking.*``, ``paths.*``)."""
-    from pipeline.config import to_plain
-
     plain = to_plain(cfg)
     plain.get("model", {}).pop("device", None)
     for key in ("tracking", "paths"):
@@ -249,7 +107,7 @@ def _batches(start: int, count: int, batch_size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + batch_size, start + count)) for lo in range(start, start + count, batch_size)]
 
 
-@stage("metrics", needs=("model", "sampler", "prompts", "extractors", "real_features"))
+@stage("metrics", needs=("model", "sampler", "prompts", "extractors", "real_features", "reference"))
 def metrics_stage(ctx, cfg):
     """Generate N images batch by batch, extract every extractor's features, persist each batch as a shard in
     ``<run dir>/progress/metrics/`` (``pipeline.core.progress``), then compute every metric from the shards.
@@ -257,14 +115,24 @@ def metrics_stage(ctx, cfg):
     Batches whose shard is already on disk (a resumed run) are not generated again; the metrics are computed from
     the shards in sample order with fixed-size chunks, so an interrupted-and-resumed run, a sharded ``torchrun``
     run and an uninterrupted one give the same scalars (timings aside) exactly on CPU."""
-    from pipeline.core.progress import PROGRESS_DIR, LiveProgress, ShardStore
-
     m = cfg.mode.metrics
     dist.init(ctx.device)
     n = int(m.num_samples)
     batch_size = int(m.batch_size or cfg.sampler.batch_size)
     # rank 0's run dir: under torchrun every rank persists its shard there (one node, or a shared filesystem)
     store = ShardStore(Path(dist.broadcast_object(str(ctx.run_dir))) / PROGRESS_DIR / "metrics", _fingerprint(cfg))
+    done = _resume_point(store, n, batch_size)
+    _generate_shards(ctx, cfg, store, batch_size, done)
+    dist.barrier()  # every rank's shards are on disk
+    if not dist.is_main():
+        return {}  # rank 0 computes and logs every metric from all shards
+    every = [b for r in range(dist.world_size()) for b in _batches(*dist.shard(n, r), batch_size)]
+    _metrics_from_shards(ctx, cfg, store, every, ctx.get("extractors"))
+    return {}
+
+
+def _resume_point(store, n: int, batch_size: int) -> list[tuple[int, int]]:
+    """This rank's batches already on disk (a resumed run), logged with where generation starts."""
     start, count = dist.shard(n)  # (0, N) when not distributed
     mine = _batches(start, count, batch_size)
     done = store.valid(mine)
@@ -275,10 +143,18 @@ def metrics_stage(ctx, cfg):
                  todo[0][0] if todo else start + count, n, len(done), len(mine))
     elif dist.is_distributed():
         log.info("%ssamples %d..%d of %d", where, start, start + count - 1, n)
+    return done
+
+
+def _generate_shards(ctx, cfg, store, batch_size: int, done) -> None:
+    """Generate this rank's samples not on disk, batch by batch, each persisted as a shard (:func:`_shard`)."""
+    m = cfg.mode.metrics
+    n = int(m.num_samples)
+    start, count = dist.shard(n)
     model, prompts, extractors = ctx.get("model"), ctx.get("prompts"), ctx.get("extractors")
     judge = _judge_for(ctx, cfg, extractors, prompts)
     images_dir = ctx.run_dir / "images" if m.save_images else None
-    real_shape = ctx.get("reference").image_shape()
+    real_shape = compared_reference(ctx, cfg).image_shape()
     live = LiveProgress(ctx.tracker, total=n, done=sum(hi - lo for lo, hi in done), scale=dist.world_size())
 
     stream = generate(model, ctx.get("sampler"), count, batch_size, cfg.sampler.num_inference_steps,
@@ -295,51 +171,57 @@ def metrics_stage(ctx, cfg):
                      tuple(batch.images.shape[2:]), real_shape[:2],
                      {n: f"{e.input_size}px {e.resize}" for n, e in extractors.items()})
         first = False
-        arrays: dict[str, np.ndarray] = {"indices": np.asarray(batch.indices, dtype=np.int64)}
-        meta = {"num_invalid": batch.num_invalid, "prompts": batch.prompts, "class_ids": batch.class_ids, "judged": []}
-        if len(batch.images):
-            if images_dir is not None:
-                _save_images(images_dir, batch.images, batch.indices)
-            for name, ex in extractors.items():
-                out = ex(batch.images)
-                for k in _PER_SAMPLE:
-                    if k in out:
-                        arrays[f"{name}.{k}"] = out[k].detach().cpu().numpy()
-                if "image_embeds" in out and batch.prompts and hasattr(ex, "text_embeds"):
-                    arrays[f"{name}.text_embeds"] = ex.text_embeds(batch.prompts).detach().cpu().numpy()
-            if judge is not None:
-                meta["judged"] = judge.adherence(batch.images, batch.prompts)
-            in_grid = [j for j, i in enumerate(batch.indices) if i < m.grid ** 2]
-            if in_grid:
-                arrays["grid_images"] = batch.images[in_grid].numpy()
-                labels = batch.prompts or ([f"class {c}" for c in batch.class_ids] if batch.class_ids else None)
-                meta["grid_labels"] = [labels[j] for j in in_grid] if labels else None
+        arrays, meta = _shard(batch, extractors, judge, images_dir, m.grid)
         meta["generation_seconds"], meta["features_seconds"] = gen_seconds, time.perf_counter() - tic
         store.write(batch.span[0], batch.span[1], arrays, meta)
         live.update(batch.span[1] - batch.span[0])
         tic = time.perf_counter()
     live.close()
 
-    dist.barrier()  # every rank's shards are on disk
-    if not dist.is_main():
-        return {}  # rank 0 computes and logs every metric from all shards
-    every = [b for r in range(dist.world_size()) for b in _batches(*dist.shard(n, r), batch_size)]
-    _metrics_from_shards(ctx, cfg, store, every, extractors)
-    return {}
+
+def _shard(batch, extractors, judge, images_dir, grid: int) -> tuple[dict[str, np.ndarray], dict]:
+    """One generated batch as a shard: its per-sample extractor outputs, judgements and grid images."""
+    arrays: dict[str, np.ndarray] = {"indices": np.asarray(batch.indices, dtype=np.int64)}
+    meta = {"num_invalid": batch.num_invalid, "prompts": batch.prompts, "class_ids": batch.class_ids, "judged": []}
+    if not len(batch.images):
+        return arrays, meta
+    if images_dir is not None:
+        _save_images(images_dir, batch.images, batch.indices)
+    for name, ex in extractors.items():
+        out = ex(batch.images)
+        for k in _PER_SAMPLE:
+            if k in out:
+                arrays[f"{name}.{k}"] = out[k].detach().cpu().numpy()
+        if "image_embeds" in out and batch.prompts and hasattr(ex, "text_embeds"):
+            arrays[f"{name}.text_embeds"] = ex.text_embeds(batch.prompts).detach().cpu().numpy()
+    if judge is not None:
+        meta["judged"] = judge.adherence(batch.images, batch.prompts)
+    in_grid = [j for j, i in enumerate(batch.indices) if i < grid ** 2]
+    if in_grid:
+        arrays["grid_images"] = batch.images[in_grid].numpy()
+        labels = batch.prompts or ([f"class {c}" for c in batch.class_ids] if batch.class_ids else None)
+        meta["grid_labels"] = [labels[j] for j in in_grid] if labels else None
+    return arrays, meta
 
 
-def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
-    """Every metric from the shards of ``batches`` (in sample order): per-sample arrays into memory-mapped files
-    (never lists of tensors), FID statistics in fixed chunks (independent of how batches were split)."""
-    import shutil
+@dataclass
+class _Assembled:
+    """The shards of a run read back in sample order."""
 
-    from pipeline.core.progress import crash_point
+    columns: "_Columns"
+    judged: list = field(default_factory=list)
+    grid_images: list = field(default_factory=list)
+    grid_labels: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)
+    n_invalid: int = 0
+    gen_seconds: float = 0.0
+    feat_seconds: float = 0.0
 
-    m = cfg.mode.metrics
-    real = ctx.get("real_features")
-    columns = _Columns(store.dir / "assembled", int(m.num_samples))
-    judged, grid_images, grid_labels, prompts = [], [], [], []
-    n_invalid, gen_seconds, feat_seconds = 0, 0.0, 0.0
+
+def _assemble(store, batches, num_samples: int) -> _Assembled:
+    """Per-sample arrays of the shards of ``batches`` into memory-mapped files (never lists of tensors), the rest
+    into lists, in sample order."""
+    got = _Assembled(_Columns(store.dir / "assembled", num_samples))
     for lo, hi in batches:
         shard = store.read(lo, hi)
         if shard is None:
@@ -347,24 +229,60 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
         arrays, meta = shard
         grid = arrays.pop("grid_images", None)
         if grid is not None:
-            grid_images += [torch.from_numpy(g) for g in grid]
-            grid_labels += meta.get("grid_labels") or []
-        columns.add(arrays)
-        judged += meta["judged"]
-        prompts += meta["prompts"] or []
-        n_invalid += int(meta["num_invalid"])
-        gen_seconds += float(meta["generation_seconds"])
-        feat_seconds += float(meta["features_seconds"])
+            got.grid_images += [torch.from_numpy(g) for g in grid]
+            got.grid_labels += meta.get("grid_labels") or []
+        got.columns.add(arrays)
+        got.judged += meta["judged"]
+        got.prompts += meta["prompts"] or []
+        got.n_invalid += int(meta["num_invalid"])
+        got.gen_seconds += float(meta["generation_seconds"])
+        got.feat_seconds += float(meta["features_seconds"])
+    return got
+
+
+def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
+    """Every metric from the shards of ``batches`` (in sample order): per-sample arrays into memory-mapped files
+    (never lists of tensors), FID statistics in fixed chunks (independent of how batches were split)."""
+    m = cfg.mode.metrics
+    real = ctx.get("real_features")
+    got = _assemble(store, batches, int(m.num_samples))
     crash_point("metrics_assembled")
-    n_valid = columns.rows("indices")
+    n_valid = got.columns.rows("indices")
     k_max = max(m.pr_k, m.dc_k)
     if n_valid < k_max + 1:
         raise UserError(f"only {n_valid} of {m.num_samples} generated images are finite (NaN/Inf in the rest); "
                         f"metrics need at least {k_max + 1}")
     ref_seconds = sum(r["seconds"] for r in real.values())
-    scalars = {"metrics/num_samples": n_valid, "metrics/num_invalid": n_invalid, "metrics/num_shards": dist.world_size(),
-               "metrics/sec_per_image": gen_seconds / max(m.num_samples, 1), "metrics/generation_seconds": gen_seconds,
-               "metrics/fake_features_seconds": feat_seconds, "metrics/reference_seconds": ref_seconds}
+    scalars = {"metrics/num_samples": n_valid, "metrics/num_invalid": got.n_invalid,
+               "metrics/num_shards": dist.world_size(), "metrics/sec_per_image": got.gen_seconds / max(m.num_samples, 1),
+               "metrics/generation_seconds": got.gen_seconds, "metrics/fake_features_seconds": got.feat_seconds,
+               "metrics/reference_seconds": ref_seconds}
+    rows, per_prompt = _all_extractor_stats(ctx, cfg, extractors, real, got, scalars)
+    _tag_intervals_spanning_zero(ctx, scalars, n_valid)
+    if got.judged:
+        scalars[PROMPT_ACCURACY] = float(np.mean([j["correct"] for j in got.judged]))
+    ctx.log_scalars(scalars)  # the numbers first: a table or figure that fails must not lose them
+    if got.judged:
+        ctx.save_table(got.judged, "metrics_prompt_judgements")
+    if got.prompts:
+        _per_prompt_outputs(ctx, cfg, got.columns, got.prompts, got.judged, per_prompt)
+    del got.columns
+    shutil.rmtree(store.dir / "assembled", ignore_errors=True)  # rebuilt from the shards whenever needed
+    ctx.save_table(rows, "metrics_extractors")
+    ctx.save_figure(sample_grid(got.grid_images[: m.grid ** 2], got.grid_labels[: m.grid ** 2] or None, m.grid),
+                    "metrics_samples")
+    headline = primary_fd_key(extractors)
+    log.info("metrics: %s = %.4g (primary extractor); %s", headline, scalars[headline],
+             {k: round(v, 4) for k, v in scalars.items() if k != headline})
+    log.info("timing: generation %.1f s, fake features + judge %.1f s, reference %.1f s",
+             got.gen_seconds, got.feat_seconds, ref_seconds)
+
+
+def _all_extractor_stats(ctx, cfg, extractors, real, got: _Assembled, scalars: dict) -> tuple[list[dict], dict]:
+    """Every extractor's statistics into ``scalars`` (and CMMD from clip336), the ``skipped.*`` tags of what does not
+    apply; the extractors table's rows and the per-sample columns of the per-prompt table."""
+    m = cfg.mode.metrics
+    columns, prompts = got.columns, got.prompts
     rows, per_prompt, skipped = [], {}, {}
     for i, (name, ex) in enumerate(extractors.items()):
         s, ci, why_not, per_sample = _extractor_stats(name, ex, real[name], columns, prompts, m, cfg.seed)
@@ -374,11 +292,7 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
         for column, values in per_sample.items():
             per_prompt.setdefault(column, values)  # the first extractor that has the column (primary first)
         if name == "clip336":
-            with M.one_thread():  # kernel sums: the same bits whatever the thread count (see _extractor_stats)
-                scalars[CMMD] = cmmd(real[name]["pool"], columns.tensor(f"{name}.pool"))
-                sd = kernel_subsample_sd(real[name]["pool"], columns.tensor(f"{name}.pool"), "cmmd", m.ci_subsets,
-                                         cfg.seed)
-            scalars[CMMD + "_ci_low"], scalars[CMMD + "_ci_high"] = normal_interval(scalars[CMMD], sd)
+            scalars.update(_cmmd(real[name]["pool"], columns.tensor(f"{name}.pool"), m.ci_subsets, cfg.seed))
         if hasattr(ex, "count_truncated") and prompts and CLIP_TRUNCATED not in scalars:
             scalars[CLIP_TRUNCATED] = len(ex.count_truncated(sorted(set(prompts))))
         rows.append({"extractor": name, "primary": i == 0, **ex.describe(), "n_real": len(real[name]["pool"]),
@@ -389,28 +303,25 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
                                       "336² bicubic, as Jayasumana et al.); another CLIP's numbers are not CMMD")
     for key, reason in skipped.items():
         ctx.tag(key, reason)
+    return rows, per_prompt
+
+
+def _cmmd(real_pool, fake_pool, ci_subsets: int, seed: int) -> dict[str, float]:
+    """CMMD and its interval (kernel sums on one thread: the same bits whatever the thread count)."""
+    with M.one_thread():
+        value = cmmd(real_pool, fake_pool)
+        sd = kernel_subsample_sd(real_pool, fake_pool, "cmmd", ci_subsets, seed)
+    low, high = normal_interval(value, sd)
+    return {CMMD: value, CMMD + "_ci_low": low, CMMD + "_ci_high": high}
+
+
+def _tag_intervals_spanning_zero(ctx, scalars: dict, n_valid: int) -> None:
     spans = [k[: -len("_ci_low")] for k, v in scalars.items() if k.endswith("_ci_low") and v < 0 < scalars[k[:-7] + "_ci_high"]]
     for key in spans:
         log.warning("%s = %.4g, 95 %% interval [%.4g, %.4g] spans 0: not distinguishable from 0 at N = %d", key,
                     scalars[key], scalars[key + "_ci_low"], scalars[key + "_ci_high"], n_valid)
     if spans:
         ctx.tag("metrics.interval_spans_zero", ",".join(spans))
-    if judged:
-        scalars[PROMPT_ACCURACY] = float(np.mean([j["correct"] for j in judged]))
-    ctx.log_scalars(scalars)  # the numbers first: a table or figure that fails must not lose them
-    if judged:
-        ctx.save_table(judged, "metrics_prompt_judgements")
-    if prompts:
-        _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_prompt)
-    del columns
-    shutil.rmtree(store.dir / "assembled", ignore_errors=True)  # rebuilt from the shards whenever needed
-    ctx.save_table(rows, "metrics_extractors")
-    ctx.save_figure(sample_grid(grid_images[: m.grid ** 2], grid_labels[: m.grid ** 2] or None, m.grid), "metrics_samples")
-    headline = primary_fd_key(extractors)
-    log.info("metrics: %s = %.4g (primary extractor); %s", headline, scalars[headline],
-             {k: round(v, 4) for k, v in scalars.items() if k != headline})
-    log.info("timing: generation %.1f s, fake features + judge %.1f s, reference %.1f s",
-             gen_seconds, feat_seconds, ref_seconds)
 
 
 FD_INF_MIN_N = 2000  # FD∞ only when N >= max(2000, d) (Chong & Forsyth fit from 5k; below, covariances are poor)
@@ -486,8 +397,6 @@ def _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_sample) -> None:
     """``tables/metrics_per_prompt.csv`` (per prompt: samples, CLIP score, prompt accuracy where the dataset has a
     judge, Vendi among its samples) and ``plots/metrics_worst_prompts.png``: the worst prompts (lowest CLIP score,
     else accuracy, else Vendi) with their samples, regenerated from their seeds (sample i: seed + i)."""
-    from pipeline.modes.metrics.plots import worst_prompts_figure
-
     m = cfg.mode.metrics
     indices = columns.tensor("indices").tolist()
     rows: dict[str, dict] = {}
@@ -570,8 +479,6 @@ class _Columns:
 
 def _save_images(folder: Path, images: torch.Tensor, indices: list[int]) -> None:
     """``<folder>/<global index:06d>.png``, lossless (the oracle compares them with the family's own pipeline)."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     for img, i in zip(images, indices):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")

@@ -22,8 +22,6 @@ parameters, so out-of-distribution sets use e.g. ``colours=("purple", "orange", 
 from __future__ import annotations
 
 import hashlib
-import json
-import pathlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -42,7 +40,6 @@ __all__ = [
     "Sample",
     "render",
     "ShapesDataset",
-    "export",
     "caption_for",
     "parse_caption",
     "vocabulary",
@@ -277,29 +274,3 @@ class ShapesDataset:
         """All images as one (N, H, W, 3) uint8 array, and the captions."""
         samples = list(self)
         return np.stack([s.image for s in samples]), [s.caption for s in samples]
-
-
-def export(dataset, folder: str | pathlib.Path) -> pathlib.Path:
-    """Write ``dataset`` as an image folder that :class:`pipeline.data.folder.FolderDataset` reads.
-
-    Layout: ``NNNNN.png`` images and ``captions.jsonl`` at the top; ``masks/NNNNN_K.png`` (0/255, one per
-    object) and ``objects.jsonl`` (file, caption, objects with shape/colour/side/words/mask file).
-    """
-    from PIL import Image
-
-    folder = pathlib.Path(folder)
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
-    width = max(5, len(str(len(dataset) - 1)))
-    with open(folder / "captions.jsonl", "w") as cap, open(folder / "objects.jsonl", "w") as meta:
-        for i, sample in enumerate(dataset):
-            name = f"{i:0{width}d}.png"
-            Image.fromarray(sample.image).save(folder / name)
-            objs = []
-            for k, o in enumerate(sample.objects):
-                mask_name = f"masks/{i:0{width}d}_{k}.png"
-                Image.fromarray(o.mask.astype(np.uint8) * 255).save(folder / mask_name)
-                objs.append({"shape": o.shape, "colour": o.colour, "side": o.side, "words": list(o.words),
-                             "word_positions": list(o.word_positions), "mask": mask_name})
-            cap.write(json.dumps({"file": name, "caption": sample.caption}) + "\n")
-            meta.write(json.dumps({"file": name, "caption": sample.caption, "objects": objs}) + "\n")
-    return folder
