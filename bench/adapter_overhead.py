@@ -23,16 +23,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle on the left",
-           "a yellow triangle on the right", "a green circle on the left and a red square on the right"]
+PROMPTS = [
+    "a red circle on the left",
+    "a blue square on the right and a green triangle on the left",
+    "a yellow triangle on the right",
+    "a green circle on the left and a red square on the right",
+]
 
 
 def small_sd3(path: Path) -> Path:
     """SD3 architecture at a small size: 4 joint blocks of width 128 on 16×16×16 latents (patch 2: 8×8 tokens)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
-
     from tiny import _clip_text_config, _clip_tokenizer, _t5_encoder, _t5_tokenizer, _vae
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
     tok = _clip_tokenizer(path)
@@ -41,22 +44,40 @@ def small_sd3(path: Path) -> Path:
     tok_3 = _t5_tokenizer()
     text_3 = _t5_encoder(tok_3, d_model=64)
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32,
-        num_attention_heads=4, caption_projection_dim=128, joint_attention_dim=64, pooled_projection_dim=64,
-        pos_embed_max_size=16)
-    vae = _vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
-               shift_factor=0.0609)
-    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                             text_encoder=text, tokenizer=tok, text_encoder_2=text_2, tokenizer_2=tok,
-                             text_encoder_3=text_3, tokenizer_3=tok_3).save_pretrained(path)
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        caption_projection_dim=128,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )
+    vae = _vae(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609
+    )
+    StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        text_encoder_2=text_2,
+        tokenizer_2=tok,
+        text_encoder_3=text_3,
+        tokenizer_3=tok_3,
+    ).save_pretrained(path)
     return path
 
 
 def bench(name: str, path: Path, steps: int, guidance: float, repeats: int, extra_call: dict) -> float:
     from diffusers import DiffusionPipeline
 
-    from pipeline.models.generation import generate, generators, to_uint8
     from pipeline.models.adapter import ModelAdapter
+    from pipeline.models.generation import generate, generators, to_uint8
 
     pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
@@ -64,12 +85,22 @@ def bench(name: str, path: Path, steps: int, guidance: float, repeats: int, extr
     n, seed = len(PROMPTS), 0
 
     def ours():
-        return torch.cat([b.images for b in generate(model, pipe.scheduler, n, n, steps, guidance, seed,
-                                                     prompts=PROMPTS, progress=False)])
+        return torch.cat(
+            [
+                b.images
+                for b in generate(model, pipe.scheduler, n, n, steps, guidance, seed, prompts=PROMPTS, progress=False)
+            ]
+        )
 
     def theirs():
-        out = pipe(PROMPTS, generator=generators(seed, range(n)), num_inference_steps=steps, guidance_scale=guidance,
-                   output_type="pt", **extra_call)
+        out = pipe(
+            PROMPTS,
+            generator=generators(seed, range(n)),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            output_type="pt",
+            **extra_call,
+        )
         return to_uint8(out.images.clamp(0, 1))
 
     times = {"adapter": [], "pipeline": []}
@@ -80,8 +111,10 @@ def bench(name: str, path: Path, steps: int, guidance: float, repeats: int, extr
             fn()
             times[label].append(time.perf_counter() - tic)
     ratio = min(times["adapter"]) / min(times["pipeline"])
-    print(f"{name:>10}: {n} images x {steps} steps: pipeline __call__ min {min(times['pipeline']):.3f} s, "
-          f"adapter min {min(times['adapter']):.3f} s -> {ratio:.3f}x  (max |diff| {int((a.int() - b.int()).abs().max())}/255)")
+    print(
+        f"{name:>10}: {n} images x {steps} steps: pipeline __call__ min {min(times['pipeline']):.3f} s, "
+        f"adapter min {min(times['adapter']):.3f} s -> {ratio:.3f}x  (max |diff| {int((a.int() - b.int()).abs().max())}/255)"
+    )
     return ratio
 
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.modes.attention.scoring import binarise, iou, to_image
 from pipeline.data.shapes import ShapesDataset
+from pipeline.modes.attention.scoring import binarise, iou, to_image
 
 LAYOUTS = {  # layer grid -> number of cross-attention layers at that grid
     "8x8 + mid (shipped)": {(8, 8): 3, (2, 2): 1},
@@ -32,8 +32,10 @@ LAYOUTS = {  # layer grid -> number of cross-attention layers at that grid
 
 def perfect_map(mask: np.ndarray, layout: dict, latent=(8, 8)) -> torch.Tensor:
     m = torch.from_numpy(mask.astype(np.float32))[None, None]
-    acc = sum(n * F.interpolate(F.adaptive_avg_pool2d(m, g), size=latent, mode="bilinear", align_corners=False)
-              for g, n in layout.items()) / sum(layout.values())
+    acc = sum(
+        n * F.interpolate(F.adaptive_avg_pool2d(m, g), size=latent, mode="bilinear", align_corners=False)
+        for g, n in layout.items()
+    ) / sum(layout.values())
     return to_image(acc[0], mask.shape)[0]
 
 
@@ -43,8 +45,10 @@ def main() -> None:
     args = ap.parse_args()
     masks = [o.mask for s in ShapesDataset("test", args.n) for o in s.objects]
     taus = (0.3, 0.4, 0.5)
-    res = {name: [float(np.mean([iou(binarise(perfect_map(m, lay), t), m) for m in masks])) for t in taus]
-           for name, lay in LAYOUTS.items()}
+    res = {
+        name: [float(np.mean([iou(binarise(perfect_map(m, lay), t), m) for m in masks])) for t in taus]
+        for name, lay in LAYOUTS.items()
+    }
     print(f"{len(masks)} objects; ceiling mIoU at τ = {taus}")
     for name, r in res.items():
         print(f"  {name:28s} " + "  ".join(f"{v:.3f}" for v in r))

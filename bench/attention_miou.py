@@ -35,15 +35,21 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--model", default=None, help="a StableDiffusionPipeline dir (default: the built-in shapes_sd)")
     args = ap.parse_args()
-    from pipeline.modes.attention.scoring import iou
     from pipeline.config import compose_config
     from pipeline.data.ground_truth import ShapesObjectMasks
+    from pipeline.modes.attention.scoring import iou
     from pipeline.run.runner import run_pipeline
 
     masks = ShapesObjectMasks()  # generated images: the prompt's side, bright pixels (the mode's segmentation)
 
-    overrides = ["model=shapes_sd", "mode=[attention]", f"mode.attention.num_prompts={args.prompts}",
-                 "sampler.num_inference_steps=20", "mode.attention.steps=[2,10,18]", "sampler.guidance_scale=5"]
+    overrides = [
+        "model=shapes_sd",
+        "mode=[attention]",
+        f"mode.attention.num_prompts={args.prompts}",
+        "sampler.num_inference_steps=20",
+        "mode.attention.steps=[2,10,18]",
+        "sampler.guidance_scale=5",
+    ]
     if args.model:
         overrides.append(f"model.path={args.model}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,13 +68,19 @@ def main() -> None:
     nan = float("nan")
     miou, base = r["attention/miou"], float(np.mean(side_only))
     n_ref = int(r.get("attention/num_reference_scored", 0))
-    print(f"{int(r['attention/num_prompts'])} prompts, {int(r['attention/num_scored'])} objects scored "
-          f"({seconds:.0f} s, including the real-image protocol on {n_ref} reference objects)")
-    print(f"attention/miou (shape words) {miou:.3f}; colour words {r.get('attention/miou_colour', nan):.3f}; bar 0.5: "
-          f"{'PASS' if miou >= 0.5 else 'FAIL'}")
-    print(f"baseline side-only map {base:.3f}: ratio {miou / base:.2f}x; "
-          f"swapped-word control {r.get('attention/miou_swapped', nan):.3f}; "
-          f"reference images (DAAM's real-image protocol) {r.get('attention/miou_reference', nan):.3f}")
+    print(
+        f"{int(r['attention/num_prompts'])} prompts, {int(r['attention/num_scored'])} objects scored "
+        f"({seconds:.0f} s, including the real-image protocol on {n_ref} reference objects)"
+    )
+    print(
+        f"attention/miou (shape words) {miou:.3f}; colour words {r.get('attention/miou_colour', nan):.3f}; bar 0.5: "
+        f"{'PASS' if miou >= 0.5 else 'FAIL'}"
+    )
+    print(
+        f"baseline side-only map {base:.3f}: ratio {miou / base:.2f}x; "
+        f"swapped-word control {r.get('attention/miou_swapped', nan):.3f}; "
+        f"reference images (DAAM's real-image protocol) {r.get('attention/miou_reference', nan):.3f}"
+    )
 
 
 if __name__ == "__main__":

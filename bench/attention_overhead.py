@@ -44,8 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-PROMPTS = ["a red circle on the left", "a blue square on the right",
-           "a green triangle on the left and a yellow circle on the right", "a yellow square on the left"]
+PROMPTS = [
+    "a red circle on the left",
+    "a blue square on the right",
+    "a green triangle on the left and a yellow circle on the right",
+    "a yellow square on the left",
+]
 GUIDANCE = 5.0
 TINY = ("sd", "sd2", "sdxl", "pixart", "sd3", "sd3_no_t5", "flux")  # tests/tiny.py families with text
 
@@ -89,15 +93,18 @@ def held_bytes(cap) -> int:
 
 def generate(model, h: int, w: int, prompts: list[str], steps: int, with_capture: bool) -> Run:
     """One batch through ``pipeline.models.generation.sample``, plain or inside the attention capture (timed)."""
+    from pipeline.models.generation import denoiser_call_steps, generators, sample
     from pipeline.modes.attention.capture import capture
     from pipeline.modes.attention.tokens import prompt_tokens
-    from pipeline.models.generation import denoiser_call_steps, generators, sample
 
     sampler = model.pipe.scheduler
     layout = model.attention_layout(h, w)
     call_steps = denoiser_call_steps(model, sampler, steps, h, w)
-    valid = [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts] \
-        if layout.renormalise else None
+    valid = (
+        [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts]
+        if layout.renormalise
+        else None
+    )
     gens = generators(0, range(len(prompts)))
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     sync()
@@ -122,18 +129,22 @@ def child(steps: int, n: int) -> None:
 
 
 def child_rss(steps: int, n: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--prompts", str(n), "--child", str(steps)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--prompts", str(n), "--child", str(steps)], capture_output=True, text=True
+    )
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
     if not line:
         raise SystemExit(f"child process ({steps} steps) failed:\n{out.stderr[-3000:]}")
-    return json.loads(line[0][len("RESULT "):])
+    return json.loads(line[0][len("RESULT ") :])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="shapes_sd,sdxl,sd3",
-                    help=f"comma-separated: shapes_sd, {', '.join(TINY)} or a pipeline folder")
+    ap.add_argument(
+        "--models",
+        default="shapes_sd,sdxl,sd3",
+        help=f"comma-separated: shapes_sd, {', '.join(TINY)} or a pipeline folder",
+    )
     ap.add_argument("--prompts", type=int, default=8, help="batch size (prompts cycle through 4 shapes captions)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
@@ -143,8 +154,10 @@ def main() -> None:
         return child(args.child, args.prompts)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.prompts} prompts x {args.steps} steps, "
-          f"guidance {GUIDANCE}, min of {args.repeats} interleaved runs each")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.prompts} prompts x {args.steps} steps, "
+        f"guidance {GUIDANCE}, min of {args.repeats} interleaved runs each"
+    )
     held = {}
     with tempfile.TemporaryDirectory() as tmp:
         print("(1) generation time, capture vs plain (pipeline.models.generation.sample)")
@@ -158,20 +171,26 @@ def main() -> None:
                     times[capt].append(generate(model, h, w, prompts, args.steps, capt).seconds)
             plain, capt = min(times[False]), min(times[True])
             layout = model.attention_layout(h, w)
-            print(f"  {name:>10} ({model.name}, {h}x{w}, {len(layout.layers)} {layout.recorder} layers"
-                  f"{', CFG' if model.uses_cfg(GUIDANCE) else ''}): plain {plain:.3f} s, capture {capt:.3f} s "
-                  f"-> {capt / plain:.3f}x (goal <= 1.3x)")
+            print(
+                f"  {name:>10} ({model.name}, {h}x{w}, {len(layout.layers)} {layout.recorder} layers"
+                f"{', CFG' if model.uses_cfg(GUIDANCE) else ''}): plain {plain:.3f} s, capture {capt:.3f} s "
+                f"-> {capt / plain:.3f}x (goal <= 1.3x)"
+            )
             held[name] = {s: generate(model, h, w, prompts, s, True).held for s in (10, 50)}
             del model
     print("(2) memory flat in steps")
     for name, b in held.items():
-        print(f"  {name:>10}: the capture holds {b[10] / 1024:.1f} KiB at 10 steps vs {b[50] / 1024:.1f} KiB at 50 "
-              f"-> {b[50] / max(b[10], 1):.3f}x")
+        print(
+            f"  {name:>10}: the capture holds {b[10] / 1024:.1f} KiB at 10 steps vs {b[50] / 1024:.1f} KiB at 50 "
+            f"-> {b[50] / max(b[10], 1):.3f}x"
+        )
     if "shapes_sd" in names:
         res = {s: child_rss(s, args.prompts) for s in (10, 50)}
         rss = {s: r["maxrss_kb"] / 1024 for s, r in res.items()}
-        print(f"   shapes_sd peak RSS (child process, one capture generation): 10 steps {rss[10]:.0f} MiB, "
-              f"50 steps {rss[50]:.0f} MiB -> {rss[50] / rss[10]:.3f}x")
+        print(
+            f"   shapes_sd peak RSS (child process, one capture generation): 10 steps {rss[10]:.0f} MiB, "
+            f"50 steps {rss[50]:.0f} MiB -> {rss[50] / rss[10]:.3f}x"
+        )
 
 
 if __name__ == "__main__":

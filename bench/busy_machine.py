@@ -32,8 +32,20 @@ def job(outputs: Path, policy: bool, busy: bool, samples: int) -> tuple[float, f
     try:
         time.sleep(0.5 if busy else 0)
         tic = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "mode=[metrics]", f"paths.outputs={outputs}",
-                               f"mode.metrics.num_samples={samples}"], cwd=REPO, env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "mode=[metrics]",
+                f"paths.outputs={outputs}",
+                f"mode.metrics.num_samples={samples}",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - tic
     finally:
         if competitor is not None:
@@ -56,14 +68,20 @@ def main() -> None:
         out = Path(tmp)
         job(out, True, False, args.samples)  # warm-up: SQLite store, reference cache, page cache
         rows = {}
-        for label, policy, busy in (("before, alone", False, False), ("after, alone", True, False),
-                                    ("before, busy", False, True), ("after, busy", True, True)):
+        for label, policy, busy in (
+            ("before, alone", False, False),
+            ("after, alone", True, False),
+            ("before, busy", False, True),
+            ("after, busy", True, True),
+        ):
             rows[label] = job(out, policy, busy, args.samples)
             print(f"  {label:>14}: wall {rows[label][0]:6.1f} s, generation {rows[label][1]:6.1f} s", flush=True)
     for i, what in ((0, "wall"), (1, "generation")):
         a, b = rows["after, alone"][i], rows["before, alone"][i]
-        print(f"{what:>10}: after alone / before alone = {a / b:.3f} (goal <= 1.05); "
-              f"busy / alone: before {rows['before, busy'][i] / b:.2f}x, after {rows['after, busy'][i] / a:.2f}x (goal <= 2.5)")
+        print(
+            f"{what:>10}: after alone / before alone = {a / b:.3f} (goal <= 1.05); "
+            f"busy / alone: before {rows['before, busy'][i] / b:.2f}x, after {rows['after, busy'][i] / a:.2f}x (goal <= 2.5)"
+        )
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ def main() -> None:
     rows.append(("ours, cached reference factor (Cholesky)", ca_med, ca_min, ca_val))
     # 4. the symmetric root Σ1^½ from eigh: uncached (a fresh ReferenceStats per call) and cached
     eu_med, eu_min, eu_val = timed(
-        lambda: frechet_distance(ReferenceStats(mu1, s1, n=real.n, factor="eigh"), fake_ref), max(2, args.repeats // 2))
+        lambda: frechet_distance(ReferenceStats(mu1, s1, n=real.n, factor="eigh"), fake_ref), max(2, args.repeats // 2)
+    )
     rows.append(("ours, uncached symmetric root Σ1^½ (eigh)", eu_med, eu_min, eu_val))
     ref_eigh = ReferenceStats(mu1, s1, n=real.n, factor="eigh")
     _ = ref_eigh.sqrt_factor
@@ -95,21 +96,29 @@ def main() -> None:
     part_eigh, _, _ = timed(lambda: torch.linalg.eigh(s1), 2)
     load_after = os.getloadavg()[0]
 
-    print(f"FID from two {args.dim}-d statistics ({args.samples} random features each), float64, "
-          f"torch.set_num_threads({args.threads}); load average {load_before:.2f} → {load_after:.2f} on "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"FID from two {args.dim}-d statistics ({args.samples} random features each), float64, "
+        f"torch.set_num_threads({args.threads}); load average {load_before:.2f} → {load_after:.2f} on "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"{'method':48s} {'median s':>9s} {'min s':>8s} {'FID':>16s}")
     for name, med, mn, val in rows:
         print(f"{name:48s} {med:9.3f} {mn:8.3f} {val:16.8f}")
-    print(f"agreement with torchmetrics: relative difference {abs(un_val - tm_val) / abs(tm_val):.2e} (uncached), "
-          f"{abs(ca_val - tm_val) / abs(tm_val):.2e} (cached Cholesky), {abs(ec_val - tm_val) / abs(tm_val):.2e} "
-          "(cached eigh)")
-    print(f"speed-up vs torchmetrics (median): uncached {tm_med / un_med:.1f}x, cached {tm_med / ca_med:.1f}x; "
-          f"symmetric root uncached {tm_med / eu_med:.1f}x, cached {tm_med / ec_med:.1f}x")
+    print(
+        f"agreement with torchmetrics: relative difference {abs(un_val - tm_val) / abs(tm_val):.2e} (uncached), "
+        f"{abs(ca_val - tm_val) / abs(tm_val):.2e} (cached Cholesky), {abs(ec_val - tm_val) / abs(tm_val):.2e} "
+        "(cached eigh)"
+    )
+    print(
+        f"speed-up vs torchmetrics (median): uncached {tm_med / un_med:.1f}x, cached {tm_med / ca_med:.1f}x; "
+        f"symmetric root uncached {tm_med / eu_med:.1f}x, cached {tm_med / ec_med:.1f}x"
+    )
     print(f"cached vs uncached (median): Cholesky {un_med / ca_med:.2f}x, symmetric root {eu_med / ec_med:.2f}x")
-    print(f"time split of one cached FID: Fᵀ Σ2 F {part_sand:.3f} s (blocked, skipping F's zeros; two dense gemm "
-          f"{part_dense:.3f} s) + eigvalsh {part_eig:.3f} s; "
-          f"the cache saves cholesky(Σ1) {part_chol:.3f} s or eigh(Σ1) {part_eigh:.3f} s")
+    print(
+        f"time split of one cached FID: Fᵀ Σ2 F {part_sand:.3f} s (blocked, skipping F's zeros; two dense gemm "
+        f"{part_dense:.3f} s) + eigvalsh {part_eig:.3f} s; "
+        f"the cache saves cholesky(Σ1) {part_chol:.3f} s or eigh(Σ1) {part_eigh:.3f} s"
+    )
     target = 0.5
     verdict = "meets" if min(ca_med, un_med) <= target else "MISSES"
     print(f"target ≤ {target} s per FID: {verdict} it (best median {min(ca_med, un_med):.3f} s, cached)")

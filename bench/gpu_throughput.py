@@ -54,10 +54,24 @@ def sd15_pipeline(tmp: Path, tiny: bool, device: torch.device = torch.device("cp
     tok = build_tokenizer([*vocabulary(), "photo", "cat", "dog"], tmp / "tok", model_max_length=77)
     with torch.device(device):
         unet, vae, text = _sd15_networks(tok, tiny)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _sd15_networks(tok, tiny: bool):
@@ -65,23 +79,63 @@ def _sd15_networks(tok, tiny: bool):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if tiny:
-        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                                    attention_head_dim=4, norm_num_groups=8,
-                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-        vae = AutoencoderKL(block_out_channels=(16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                            num_attention_heads=2, max_position_embeddings=77,
-                                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+        )
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tok),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        )
     else:  # the published SD 1.5 configs (runwayml/stable-diffusion-v1-5 unet/vae/text_encoder config.json)
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
-                                    block_out_channels=(320, 640, 1280, 1280))
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            sample_size=512)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            sample_size=512,
+        )
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+            )
+        )
     return unet, vae, text
 
 
@@ -98,41 +152,96 @@ def sdxl_pipeline(tmp: Path, tiny: bool, device: torch.device = torch.device("cp
     tok = build_tokenizer([*vocabulary(), "photo", "cat", "dog"], tmp / "tok_xl", model_max_length=77)
     with torch.device(device):
         if tiny:  # as tests/tiny.py's tiny_sdxl: 2 transformer layers at the lower level, text dims 32 + 32
-            clip = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, max_position_embeddings=77, projection_dim=32)
+            clip = dict(
+                vocab_size=len(tok),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=32,
+            )
             clip.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
             text, text_2 = CLIPTextModel(CLIPTextConfig(**clip)), CLIPTextModelWithProjection(CLIPTextConfig(**clip))
             unet = UNet2DConditionModel(
-                sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                sample_size=8,
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                norm_num_groups=8,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
-                cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=6 * 8 + 32)
-            vae = AutoencoderKL(block_out_channels=(16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-                                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                force_upcast=True)
+                attention_head_dim=(2, 4),
+                transformer_layers_per_block=(1, 2),
+                use_linear_projection=True,
+                cross_attention_dim=64,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32,
+            )
+            vae = AutoencoderKL(
+                block_out_channels=(16, 16),
+                layers_per_block=1,
+                latent_channels=4,
+                norm_num_groups=8,
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2,
+                force_upcast=True,
+            )
         else:  # the published configs (stabilityai/stable-diffusion-xl-base-1.0 unet/vae/text_encoder(_2) config.json)
-            text = CLIPTextModel(CLIPTextConfig(
-                vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
-            text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280))
+            text = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=49408,
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    max_position_embeddings=77,
+                    hidden_act="quick_gelu",
+                    projection_dim=768,
+                )
+            )
+            text_2 = CLIPTextModelWithProjection(
+                CLIPTextConfig(
+                    vocab_size=49408,
+                    hidden_size=1280,
+                    intermediate_size=5120,
+                    num_hidden_layers=32,
+                    num_attention_heads=20,
+                    max_position_embeddings=77,
+                    hidden_act="gelu",
+                    projection_dim=1280,
+                )
+            )
             unet = UNet2DConditionModel(
-                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                sample_size=128,
+                block_out_channels=(320, 640, 1280),
+                layers_per_block=2,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-                cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816)
-            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                                   timestep_spacing="leading")
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok, tokenizer_2=tok,
-                                     unet=unet, scheduler=sched)
+                attention_head_dim=(5, 10, 20),
+                transformer_layers_per_block=(1, 2, 10),
+                use_linear_projection=True,
+                cross_attention_dim=2048,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,
+            )
+            vae = AutoencoderKL(
+                block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2,
+                latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                sample_size=1024,
+                scaling_factor=0.13025,
+                force_upcast=True,
+            )
+    sched = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched
+    )
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -149,8 +258,12 @@ def timed(fn, device, repeats: int) -> float:
     return best
 
 
-ATTENTION_PROMPTS = ["a photo of a red circle on the left", "a blue square on the right and a cat on the left",
-                     "a photo of a dog", "a green triangle on the left and a yellow cross on the right"]
+ATTENTION_PROMPTS = [
+    "a photo of a red circle on the left",
+    "a blue square on the right and a cat on the left",
+    "a photo of a dog",
+    "a green triangle on the left and a yellow cross on the right",
+]
 
 
 def _cuda_peak(device: torch.device, since: int) -> int | None:
@@ -166,20 +279,31 @@ def _reset_peak(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device)
 
 
-def attention_overhead(label: str, pipe, n: int, steps: int, size: tuple[int, int] | None, device: torch.device,
-                       repeats: int, guidance: float = 7.5) -> None:
+def attention_overhead(
+    label: str,
+    pipe,
+    n: int,
+    steps: int,
+    size: tuple[int, int] | None,
+    device: torch.device,
+    repeats: int,
+    guidance: float = 7.5,
+) -> None:
     """Generation inside the attention capture vs plain generation (see the module docstring), one line per model."""
+    from pipeline.models.adapter import ModelAdapter
+    from pipeline.models.generation import denoiser_call_steps, generators, sample
     from pipeline.modes.attention.capture import capture
     from pipeline.modes.attention.tokens import prompt_tokens
-    from pipeline.models.generation import denoiser_call_steps, generators, sample
-    from pipeline.models.adapter import ModelAdapter
 
     model = ModelAdapter(pipe)
     h, w = size or model.native_size()
     layout = model.attention_layout(h, w)
     prompts = [ATTENTION_PROMPTS[i % len(ATTENTION_PROMPTS)] for i in range(n)]
-    valid = [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts] \
-        if layout.renormalise else None
+    valid = (
+        [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts]
+        if layout.renormalise
+        else None
+    )
     sampler = pipe.scheduler
     call_steps = {k: denoiser_call_steps(model, sampler, k, h, w) for k in {2, steps}}
 
@@ -222,21 +346,26 @@ def attention_overhead(label: str, pipe, n: int, steps: int, size: tuple[int, in
         for with_capture in (False, True):
             runs[with_capture].append(run(with_capture))
     plain, capt = min(r[0] for r in runs[False]), min(r[0] for r in runs[True])
-    print(f"attention {label}: {len(layout.layers)} cross-attention layers, {n} prompts x {steps} steps, {h}x{w}"
-          f"{', CFG' if model.uses_cfg(guidance) else ''}: plain {plain:.3f} s, capture {capt:.3f} s -> "
-          f"{capt / plain:.3f}x (goal <= 1.3x)")
+    print(
+        f"attention {label}: {len(layout.layers)} cross-attention layers, {n} prompts x {steps} steps, {h}x{w}"
+        f"{', CFG' if model.uses_cfg(guidance) else ''}: plain {plain:.3f} s, capture {capt:.3f} s -> "
+        f"{capt / plain:.3f}x (goal <= 1.3x)"
+    )
     held = runs[True][0][2]
     call_plain, call_capt = one_call(False), one_call(True)
     if device.type == "cuda":
         gen_plain, gen_capt = max(r[1] for r in runs[False]), max(r[1] for r in runs[True])
         mib = 2**20
-        print(f"          peak extra GPU memory of the capture: generation {(gen_capt - gen_plain) / mib:+.0f} MiB "
-              f"(peak above the weights {gen_plain / mib:.0f} -> {gen_capt / mib:.0f} MiB; the VAE decode may set "
-              f"both); one denoiser call {(call_capt - call_plain) / mib:+.0f} MiB ({call_plain / mib:.0f} -> "
-              f"{call_capt / mib:.0f} MiB); the capture's sums hold {held / mib:.1f} MiB")
+        print(
+            f"          peak extra GPU memory of the capture: generation {(gen_capt - gen_plain) / mib:+.0f} MiB "
+            f"(peak above the weights {gen_plain / mib:.0f} -> {gen_capt / mib:.0f} MiB; the VAE decode may set "
+            f"both); one denoiser call {(call_capt - call_plain) / mib:+.0f} MiB ({call_plain / mib:.0f} -> "
+            f"{call_capt / mib:.0f} MiB); the capture's sums hold {held / mib:.1f} MiB"
+        )
     else:
-        print(f"          peak extra GPU memory of the capture: n/a (CPU); the capture's sums hold "
-              f"{held / 2**20:.2f} MiB")
+        print(
+            f"          peak extra GPU memory of the capture: n/a (CPU); the capture's sums hold {held / 2**20:.2f} MiB"
+        )
 
 
 @torch.no_grad()
@@ -246,24 +375,29 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="*", default=[8, 16], help="none: skip the throughput section")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--attention", action="store_true",
-                    help="also time the attention capture vs plain generation (SD 1.5 and SDXL architectures)")
+    ap.add_argument(
+        "--attention",
+        action="store_true",
+        help="also time the attention capture vs plain generation (SD 1.5 and SDXL architectures)",
+    )
     ap.add_argument("--latent", action="store_true", help="also run the latent check on the SDXL architecture")
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if args.tiny:
         torch.set_num_threads(1)  # a dry run: tiny ops gain nothing from threads, which spin on a shared machine
-    from pipeline.models.generation import generate
     from pipeline.models.adapter import ModelAdapter
+    from pipeline.models.generation import generate
 
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
         pipe = sd15_pipeline(Path(tmp), args.tiny, device).to(device, dtype)
         pipe.set_progress_bar_config(disable=True)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        print(f"{name}, {dtype}, SD 1.5 architecture{' (tiny)' if args.tiny else ''}, built in "
-              f"{time.perf_counter() - tic:.1f} s; {args.steps} steps, guidance 7.5, min of {args.repeats}")
+        print(
+            f"{name}, {dtype}, SD 1.5 architecture{' (tiny)' if args.tiny else ''}, built in "
+            f"{time.perf_counter() - tic:.1f} s; {args.steps} steps, guidance 7.5, min of {args.repeats}"
+        )
         model = ModelAdapter(pipe)
         h, w = model.native_size()
         c, lh, lw = model.latent_shape(h, w)
@@ -273,15 +407,24 @@ def main() -> None:
             x = torch.randn(2 * b, c, lh, lw, device=device, dtype=dtype)
             t = torch.tensor(500, device=device)
             emb = cond.kwargs["encoder_hidden_states"]
-            unet = timed(lambda: [pipe.unet(x, t, encoder_hidden_states=emb) for _ in range(args.steps)], device, args.repeats)
+            unet = timed(
+                lambda: [pipe.unet(x, t, encoder_hidden_states=emb) for _ in range(args.steps)], device, args.repeats
+            )
             text = timed(lambda: model.condition(b, 7.5, h, w, prompts=prompts), device, args.repeats)
             z = torch.randn(b, c, lh, lw, device=device, dtype=dtype)
             vae = timed(lambda: model.decode(z, h, w), device, args.repeats)
-            gen = timed(lambda: list(generate(model, pipe.scheduler, b, b, args.steps, 7.5, 0, prompts=prompts,
-                                              progress=False)), device, args.repeats)
-            print(f"batch {b:>3}: UNet {unet:.3f} s ({b / unet:.2f} img/s bound) | text {text * 1e3:.1f} ms | "
-                  f"VAE decode {vae * 1e3:.1f} ms | generate {gen:.3f} s ({b / gen:.2f} img/s) -> "
-                  f"{unet / gen:.3f} of the raw-UNet bound (goal >= 0.88)")
+            gen = timed(
+                lambda: list(
+                    generate(model, pipe.scheduler, b, b, args.steps, 7.5, 0, prompts=prompts, progress=False)
+                ),
+                device,
+                args.repeats,
+            )
+            print(
+                f"batch {b:>3}: UNet {unet:.3f} s ({b / unet:.2f} img/s bound) | text {text * 1e3:.1f} ms | "
+                f"VAE decode {vae * 1e3:.1f} ms | generate {gen:.3f} s ({b / gen:.2f} img/s) -> "
+                f"{unet / gen:.3f} of the raw-UNet bound (goal >= 0.88)"
+            )
             if device.type == "cuda":
                 print(f"          peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
         if not (args.attention or args.latent):
@@ -294,8 +437,10 @@ def main() -> None:
         tic = time.perf_counter()
         pipe = sdxl_pipeline(Path(tmp), args.tiny, device).to(device, dtype)
         pipe.set_progress_bar_config(disable=True)
-        print(f"SDXL architecture{' (tiny)' if args.tiny else ''}, built in {time.perf_counter() - tic:.1f} s; "
-              f"Euler, guidance 7.5, min of {args.repeats}")
+        print(
+            f"SDXL architecture{' (tiny)' if args.tiny else ''}, built in {time.perf_counter() - tic:.1f} s; "
+            f"Euler, guidance 7.5, min of {args.repeats}"
+        )
         if args.attention:
             attention_overhead("SDXL", pipe, 4, 10, None if args.tiny else (512, 512), device, args.repeats)
         if args.latent:
@@ -306,10 +451,10 @@ def latent_check(pipe, device: torch.device, tiny: bool) -> None:
     """vae, interpolation (float32 PPL path) and inversion on one pipeline, small counts: finite outputs?"""
     import torch.nn.functional as F
 
-    from pipeline.modes.latent.interpolation import slerp
-    from pipeline.modes.latent.space import LatentSpace, ddim_config
     from pipeline.metrics.image import psnr
     from pipeline.models.adapter import ModelAdapter
+    from pipeline.modes.latent.interpolation import slerp
+    from pipeline.modes.latent.space import LatentSpace, ddim_config
 
     model = ModelAdapter(pipe)
     size = model.native_size() if tiny else (512, 512)
@@ -324,20 +469,25 @@ def latent_check(pipe, device: torch.device, tiny: bool) -> None:
     prompts = ["a photo of a red circle on the left", "a photo of a blue square on the right"]
     tic = time.perf_counter()
     with model.float32():
-        mid = space.generate(slerp(space.noise([0, 1]), space.noise([2, 3]), 0.5), space.guided(2, prompts=prompts), [0, 1])
+        mid = space.generate(
+            slerp(space.noise([0, 1]), space.noise([2, 3]), 0.5), space.guided(2, prompts=prompts), [0, 1]
+        )
     ppl_s = time.perf_counter() - tic
     tic = time.perf_counter()
     cond = space.plain(prompts)
     inv = space.decode(space.regenerate(space.invert(space.encode(x), cond), cond))
     inv_s = time.perf_counter() - tic
-    finite = {name: bool(torch.isfinite(t).all()) for name, t in (("vae", rec), ("interpolation", mid), ("inversion", inv))}
+    finite = {
+        name: bool(torch.isfinite(t).all()) for name, t in (("vae", rec), ("interpolation", mid), ("inversion", inv))
+    }
     peak = _cuda_peak(device, base)
-    print(f"latent SDXL {size[0]}x{size[1]} in {model.dtype}: finite {finite} (VAE force_upcast="
-          f"{getattr(model.vae.config, 'force_upcast', None)}); VAE round trip PSNR "
-          f"{psnr((x.float() / 2 + 0.5).cpu(), (rec / 2 + 0.5).cpu()).mean():.1f} dB ({vae_s:.1f} s), float32 slerp "
-          f"midpoint ({ppl_s:.1f} s), DDIM inversion PSNR {psnr((x.float() / 2 + 0.5).cpu(), (inv / 2 + 0.5).cpu()).mean():.1f}"
-          f" dB ({inv_s:.1f} s); peak extra memory "
-          + ("n/a (CPU)" if peak is None else f"{peak / 2**30:.2f} GiB"))
+    print(
+        f"latent SDXL {size[0]}x{size[1]} in {model.dtype}: finite {finite} (VAE force_upcast="
+        f"{getattr(model.vae.config, 'force_upcast', None)}); VAE round trip PSNR "
+        f"{psnr((x.float() / 2 + 0.5).cpu(), (rec / 2 + 0.5).cpu()).mean():.1f} dB ({vae_s:.1f} s), float32 slerp "
+        f"midpoint ({ppl_s:.1f} s), DDIM inversion PSNR {psnr((x.float() / 2 + 0.5).cpu(), (inv / 2 + 0.5).cpu()).mean():.1f}"
+        f" dB ({inv_s:.1f} s); peak extra memory " + ("n/a (CPU)" if peak is None else f"{peak / 2**30:.2f} GiB")
+    )
 
 
 if __name__ == "__main__":

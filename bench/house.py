@@ -212,7 +212,9 @@ def measure(root: Path) -> dict:
                 longest_stage = (where, n)
     readme = root / "README.md"
     declared = _declared_floors(root)
-    against = sorted(f"{a} -> {b}" for a, b in room_edges if a in declared and b in declared and declared[b] < declared[a])
+    against = sorted(
+        f"{a} -> {b}" for a, b in room_edges if a in declared and b in declared and declared[b] < declared[a]
+    )
     return {
         "rooms": len(rooms),
         "loose_modules": sorted(r for r in rooms if (root / "pipeline" / f"{r}.py").exists()),

@@ -29,8 +29,19 @@ def run(model: str, name: str, extra: list[str], outputs: pathlib.Path) -> dict[
     from pipeline.config import compose_config
     from pipeline.run.runner import run_pipeline
 
-    cfg = compose_config(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={model}", "mode=[latent]", "mode.latent.parts=[ood]",
-                   f"paths.outputs={outputs}", f"tracking.run_name=bench_latent_ood_{name}", *extra])
+    cfg = compose_config(
+        [
+            "model=hub",
+            "features=[shapes_net]",
+            "dataset=shapes",
+            f"model.path={model}",
+            "mode=[latent]",
+            "mode.latent.parts=[ood]",
+            f"paths.outputs={outputs}",
+            f"tracking.run_name=bench_latent_ood_{name}",
+            *extra,
+        ]
+    )
     tic = time.perf_counter()
     out = run_pipeline(cfg, outputs / "runs" / name)
     print(f"[{name}: {time.perf_counter() - tic:.0f} s, run dir {outputs / 'runs' / name}]")
@@ -58,10 +69,18 @@ def main() -> None:
     common = [f"mode.latent.ood_fit_samples={args.fit}", f"mode.latent.ood_eval_samples={args.eval}", *args.overrides]
     sets = {"unseen_colours": run(model, "unseen_colours", common, outputs)}
     if args.shapes:
-        sets["unseen_shapes"] = run(model, "unseen_shapes", [
-            *common, "mode.latent.ood_noise=false", "mode.latent.ood_dataset.name=shapes_unseen_shapes",
-            "mode.latent.ood_dataset.shapes=[diamond,cross]", "mode.latent.ood_dataset.colours=[red,green,blue,yellow]"],
-            outputs)
+        sets["unseen_shapes"] = run(
+            model,
+            "unseen_shapes",
+            [
+                *common,
+                "mode.latent.ood_noise=false",
+                "mode.latent.ood_dataset.name=shapes_unseen_shapes",
+                "mode.latent.ood_dataset.shapes=[diamond,cross]",
+                "mode.latent.ood_dataset.colours=[red,green,blue,yellow]",
+            ],
+            outputs,
+        )
 
     r = sets["unseen_colours"]
     print(f"\nOOD detection on {args.model}: fit {args.fit}, {args.eval} held-out vs {args.eval} OOD images")
@@ -78,8 +97,10 @@ def main() -> None:
     base = r["latent/ood_auroc_zscore"]
     au = r[f"latent/ood_auroc_{best}"]
     print(f"\nwinner (unseen colours): {best}, AUROC {au:.3f} (bar >= {BAR}: {'PASS' if au >= BAR else 'FAIL'})")
-    print(f"baseline zscore AUROC {base:.3f}: ratio best / baseline = {au / max(base, 1e-12):.2f}; "
-          f"error ratio (1 - best) / (1 - baseline) = {(1 - au) / max(1 - base, 1e-12):.2f}")
+    print(
+        f"baseline zscore AUROC {base:.3f}: ratio best / baseline = {au / max(base, 1e-12):.2f}; "
+        f"error ratio (1 - best) / (1 - baseline) = {(1 - au) / max(1 - base, 1e-12):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def run(tree: pathlib.Path, out: pathlib.Path, extra: list[str]) -> tuple[float, dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, "-m", "pipeline", "mode=[latent]", f"paths.outputs={out}", f"hydra.run.dir={out}/run", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "mode=[latent]",
+        f"paths.outputs={out}",
+        f"hydra.run.dir={out}/run",
+        *extra,
+    ]
     tic = time.perf_counter()
     res = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - tic
@@ -41,8 +49,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = pathlib.Path(tmp) / "baseline"
-        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True, capture_output=True
+        )
         try:
             walls: dict[str, list[float]] = {"baseline": [], "this": []}
             results = {}
@@ -56,11 +65,15 @@ def main() -> None:
     for k in range(args.repeats):
         print(f"pair {k + 1}: this / baseline = {walls['this'][k] / walls['baseline'][k]:.3f}x (goal <= 1.05x)")
     keys = sorted(k for k in results["baseline"] if k.startswith("latent/") and k in results["this"])
-    diffs = {k: abs(results["this"][k] - results["baseline"][k]) / max(abs(results["baseline"][k]), 1e-12) for k in keys}
+    diffs = {
+        k: abs(results["this"][k] - results["baseline"][k]) / max(abs(results["baseline"][k]), 1e-12) for k in keys
+    }
     worst = max(diffs, key=diffs.get)
-    print(f"{len(keys)} latent/* scalars in both; largest relative difference {diffs[worst]:.2e} ({worst}); "
-          f"only in baseline: {sorted(set(results['baseline']) - set(results['this']))}; "
-          f"only here: {sorted(k for k in set(results['this']) - set(results['baseline']) if k.startswith('latent/'))}")
+    print(
+        f"{len(keys)} latent/* scalars in both; largest relative difference {diffs[worst]:.2e} ({worst}); "
+        f"only in baseline: {sorted(set(results['baseline']) - set(results['this']))}; "
+        f"only here: {sorted(k for k in set(results['this']) - set(results['baseline']) if k.startswith('latent/'))}"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -61,10 +60,13 @@ def main() -> None:
             r = ex(real)["pool"] if real_pool is None else real_pool
             f = ex(fake)
             stats = M.FeatureStats().update(r).reference()
-            out = {"fid": M.frechet_distance(M.FeatureStats().update(f["pool"]), stats),
-                   "kid": M.kernel_distance(r, f["pool"], subsets=10, subset_size=min(args.n, 1000))[0],
-                   "is": M.inception_score(f["logits"])[0],
-                   "pr": M.precision_recall(r, f["pool"]), "dc": M.density_coverage(r, f["pool"])}
+            out = {
+                "fid": M.frechet_distance(M.FeatureStats().update(f["pool"]), stats),
+                "kid": M.kernel_distance(r, f["pool"], subsets=10, subset_size=min(args.n, 1000))[0],
+                "is": M.inception_score(f["logits"])[0],
+                "pr": M.precision_recall(r, f["pool"]),
+                "dc": M.density_coverage(r, f["pool"]),
+            }
             return time.perf_counter() - tic, out, r
 
         def baseline():
@@ -89,7 +91,9 @@ def main() -> None:
         t_warm, _, _ = ours(real_pool)
     print(f"N = {args.n} real + {args.n} fake, FID Inception-v3 (random weights), {torch.get_num_threads()} threads")
     print(f"separate torchmetrics FID + KID + IS (baseline): {t_base:.1f} s   FID {base['fid']:.6g}")
-    print(f"one pass + FID/KID/IS/PR/DC, cold reference:     {t_cold:.1f} s   FID {mine['fid']:.6g}  -> {t_base / t_cold:.2f}x faster")
+    print(
+        f"one pass + FID/KID/IS/PR/DC, cold reference:     {t_cold:.1f} s   FID {mine['fid']:.6g}  -> {t_base / t_cold:.2f}x faster"
+    )
     print(f"one pass + FID/KID/IS/PR/DC, cached reference:   {t_warm:.1f} s   -> {t_base / t_warm:.2f}x faster")
     print(f"FID relative difference vs torchmetrics: {abs(mine['fid'] - base['fid']) / abs(base['fid']):.2e}")
 

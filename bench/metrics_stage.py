@@ -47,8 +47,8 @@ print("RESULT", json.dumps({{"maxrss_kb": resource.getrusage(resource.RUSAGE_SEL
 
 def cache_figure(n_ref: int) -> None:
     import torch
-
     from conftest import compose_cfg
+
     from pipeline.core.context import RunContext
     from pipeline.features.inception import FIDInceptionV3
     from pipeline.run.runner import _run_stage
@@ -56,8 +56,15 @@ def cache_figure(n_ref: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         w = Path(tmp) / "inception_random.pth"
         torch.save(FIDInceptionV3().state_dict(), w)
-        cfg = compose_cfg(["mode=[metrics]", "features=[inception]", f"features.inception.weights_path={w}",
-                           f"dataset.num_images={n_ref}"], Path(tmp) / "out")
+        cfg = compose_cfg(
+            [
+                "mode=[metrics]",
+                "features=[inception]",
+                f"features.inception.weights_path={w}",
+                f"dataset.num_images={n_ref}",
+            ],
+            Path(tmp) / "out",
+        )
         times = []
         for _ in range(2):  # cold, then warm
             ctx = RunContext(cfg, Path(tmp) / "run")
@@ -65,8 +72,10 @@ def cache_figure(n_ref: int) -> None:
             tic = time.perf_counter()
             _run_stage("real_features", ctx, set())
             times.append(time.perf_counter() - tic)
-    print(f"(3) reference stage, {n_ref} images, Inception: cold {times[0]:.1f} s, warm {times[1]:.2f} s "
-          f"-> warm = {100 * times[1] / times[0]:.1f} % of cold")
+    print(
+        f"(3) reference stage, {n_ref} images, Inception: cold {times[0]:.1f} s, warm {times[1]:.2f} s "
+        f"-> warm = {100 * times[1] / times[0]:.1f} % of cold"
+    )
 
 
 def memory_figure() -> None:
@@ -81,9 +90,19 @@ def memory_figure() -> None:
         peaks = {}
         for n in (1000, 10000):
             out = str(Path(tmp) / f"out{n}")
-            overrides = ["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={model}", "mode=[metrics]", f"features.shapes_net.model={net}",
-                         f"mode.metrics.num_samples={n}", "dataset.num_images=1000", "sampler.num_inference_steps=1",
-                         "sampler.batch_size=250", "mode.metrics.kid_subsets=10"]
+            overrides = [
+                "model=hub",
+                "features=[shapes_net]",
+                "dataset=shapes",
+                f"model.path={model}",
+                "mode=[metrics]",
+                f"features.shapes_net.model={net}",
+                f"mode.metrics.num_samples={n}",
+                "dataset.num_images=1000",
+                "sampler.num_inference_steps=1",
+                "sampler.batch_size=250",
+                "mode.metrics.kid_subsets=10",
+            ]
             code = _CHILD.format(tests=str(REPO / "tests"), overrides=overrides, out=out)
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
@@ -93,9 +112,11 @@ def memory_figure() -> None:
         dims = 128 + 400  # shapes_net pool + joint-label logits
         growth = (10000 - 1000) * dims * 4 * 2  # float32, stored + one concatenated copy
         adjusted = peaks[10000] - growth
-        print(f"(4) peak RSS: N=1000 {peaks[1000] / 2**20:.0f} MiB, N=10000 {peaks[10000] / 2**20:.0f} MiB; "
-              f"feature matrices grow by {growth / 2**20:.0f} MiB; ratio without them {adjusted / peaks[1000]:.3f}x "
-              f"(raw {peaks[10000] / peaks[1000]:.3f}x)")
+        print(
+            f"(4) peak RSS: N=1000 {peaks[1000] / 2**20:.0f} MiB, N=10000 {peaks[10000] / 2**20:.0f} MiB; "
+            f"feature matrices grow by {growth / 2**20:.0f} MiB; ratio without them {adjusted / peaks[1000]:.3f}x "
+            f"(raw {peaks[10000] / peaks[1000]:.3f}x)"
+        )
 
 
 _TIMED = ("fd_subsample_sd", "kernel_subsample_sd", "bootstrap_interval")
@@ -103,8 +124,9 @@ _TIMED = ("fd_subsample_sd", "kernel_subsample_sd", "bootstrap_interval")
 
 def additions_default_run() -> None:
     """Split of the default metrics run's metrics stage: generation + features / intervals / the rest."""
-    import pipeline.modes.metrics.stage as st
     from conftest import compose_cfg
+
+    import pipeline.modes.metrics.stage as st
     from pipeline.run.runner import run_pipeline
 
     spent = {name: 0.0 for name in (*_TIMED, "fd_inf", "_per_prompt_outputs")}
@@ -116,6 +138,7 @@ def additions_default_run() -> None:
                 return fn(*a, **k)
             finally:
                 spent[name] += time.perf_counter() - tic
+
         return wrapper
 
     for name in spent:
@@ -142,10 +165,14 @@ def additions_default_run() -> None:
     gen = r["metrics/generation_seconds"] + r["metrics/fake_features_seconds"]
     ci = sum(spent[n] for n in _TIMED)
     rest = wall["stage"] - gen - ci - spent["fd_inf"] - spent["_per_prompt_outputs"]
-    print(f"(5) default metrics run (shapes_sd, N = 256, k = 4 samples per prompt): metrics stage {wall['stage']:.1f} s")
-    print(f"    generation + features {gen:.1f} s, intervals {ci:.2f} s = {ci / wall['stage']:.1%} of the stage "
-          f"(goal <= 20 %), per-prompt table + worst-prompts figure {spent['_per_prompt_outputs']:.2f} s, "
-          f"FD-inf {spent['fd_inf']:.2f} s (skipped below N = 2000), rest {rest:.1f} s")
+    print(
+        f"(5) default metrics run (shapes_sd, N = 256, k = 4 samples per prompt): metrics stage {wall['stage']:.1f} s"
+    )
+    print(
+        f"    generation + features {gen:.1f} s, intervals {ci:.2f} s = {ci / wall['stage']:.1%} of the stage "
+        f"(goal <= 20 %), per-prompt table + worst-prompts figure {spent['_per_prompt_outputs']:.2f} s, "
+        f"FD-inf {spent['fd_inf']:.2f} s (skipped below N = 2000), rest {rest:.1f} s"
+    )
     print("    interval functions: " + ", ".join(f"{n} {spent[n]:.2f} s" for n in _TIMED))
 
 
@@ -161,15 +188,26 @@ def additions_synthetic(n: int = 10_000, d: int = 2048) -> None:
     fake = torch.from_numpy((rng.normal(size=(n, d)) + 0.05).astype(np.float32))
     ref = FeatureStats.from_features(real).reference()
     t = {}
-    tic = time.perf_counter(); frechet_distance(FeatureStats.from_features(fake), ref); t["FD point"] = time.perf_counter() - tic
-    tic = time.perf_counter(); fd_subsample_sd(fake, ref, 20); t["FD interval (20 subsets)"] = time.perf_counter() - tic
-    tic = time.perf_counter(); kernel_subsample_sd(real, fake, "kid", 20); t["KID interval (20 subsets)"] = time.perf_counter() - tic
-    per_fake: dict = {}
-    tic = time.perf_counter(); precision_recall_density_coverage(real, fake, per_fake=per_fake); t["PR + DC point"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    bootstrap_interval(per_fake["precision"]); bootstrap_interval(per_fake["density"])
+    frechet_distance(FeatureStats.from_features(fake), ref)
+    t["FD point"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    fd_subsample_sd(fake, ref, 20)
+    t["FD interval (20 subsets)"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    kernel_subsample_sd(real, fake, "kid", 20)
+    t["KID interval (20 subsets)"] = time.perf_counter() - tic
+    per_fake: dict = {}
+    tic = time.perf_counter()
+    precision_recall_density_coverage(real, fake, per_fake=per_fake)
+    t["PR + DC point"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    bootstrap_interval(per_fake["precision"])
+    bootstrap_interval(per_fake["density"])
     t["precision + density bootstrap (200)"] = time.perf_counter() - tic
-    tic = time.perf_counter(); fd_inf(fake, ref); t["FD-inf (8 nested sizes)"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    fd_inf(fake, ref)
+    t["FD-inf (8 nested sizes)"] = time.perf_counter() - tic
     print(f"(5) synthetic features N = {n}, d = {d}:")
     for k, v in t.items():
         print(f"    {k:<38s} {v:7.1f} s")
@@ -204,8 +242,10 @@ def additions_cmmd_vendi(n: int = 10_000) -> None:
         if line is None:
             raise SystemExit(res.stderr[-2000:])
         r = json.loads(line[7:])
-        print(f"    {label:<30s} {r['seconds']:6.1f} s, peak RSS {r['maxrss_kb'] / 1024:.0f} MiB "
-              f"({r['before_kb'] / 1024:.0f} before the call), value {r['value']:.4g}")
+        print(
+            f"    {label:<30s} {r['seconds']:6.1f} s, peak RSS {r['maxrss_kb'] / 1024:.0f} MiB "
+            f"({r['before_kb'] / 1024:.0f} before the call), value {r['value']:.4g}"
+        )
 
 
 def main() -> None:

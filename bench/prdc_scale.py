@@ -101,8 +101,12 @@ def _torch_fidelity():
     pkg.__path__ = list(spec.submodule_search_locations)
     sys.modules["torch_fidelity"] = pkg
     utils = types.ModuleType("torch_fidelity.utils")
-    for name in ("create_feature_extractor", "extract_featuresdict_from_input_id_cached",
-                 "resolve_feature_extractor", "resolve_feature_layer_for_metric"):
+    for name in (
+        "create_feature_extractor",
+        "extract_featuresdict_from_input_id_cached",
+        "resolve_feature_extractor",
+        "resolve_feature_layer_for_metric",
+    ):
         setattr(utils, name, None)
     sys.modules["torch_fidelity.utils"] = utils
     prc = importlib.import_module("torch_fidelity.metric_prc")
@@ -126,8 +130,7 @@ def run_job(job: dict) -> dict:
     impl, metric, device = job["impl"], job["metric"], job.get("device", "cpu")
     real_path, fake_path = job["real"], job["fake"]
     if impl == "ours":
-        from pipeline.metrics import (FeatureStats, density_coverage, frechet_distance, kernel_distance,
-                                      precision_recall)
+        from pipeline.metrics import FeatureStats, density_coverage, frechet_distance, kernel_distance, precision_recall
         from pipeline.metrics.prdc import precision_recall_density_coverage
 
         real = np.load(real_path, mmap_mode="r")
@@ -135,12 +138,16 @@ def run_job(job: dict) -> dict:
         dev = None if device == "cpu" else device
 
         def fid():
-            return {"fid": frechet_distance(FeatureStats.from_features(real, device=dev),
-                                            FeatureStats.from_features(fake, device=dev))}
+            return {
+                "fid": frechet_distance(
+                    FeatureStats.from_features(real, device=dev), FeatureStats.from_features(fake, device=dev)
+                )
+            }
 
         def kid():
-            m, s = kernel_distance(real, fake, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=SEED_KID,
-                                   device=dev)
+            m, s = kernel_distance(
+                real, fake, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=SEED_KID, device=dev
+            )
             return {"kid_mean": m, "kid_std": s}
 
         def pr():
@@ -161,22 +168,30 @@ def run_job(job: dict) -> dict:
         from prdc import compute_prdc
 
         real, fake = np.load(real_path), np.load(fake_path)
+
         def prdc():
             return {k: float(v) for k, v in compute_prdc(real, fake, nearest_k=5).items()}
+
         fns = [prdc]
     elif impl in ("torch-fidelity", "torch-fidelity-f64"):
         prc_fn, kid_fn = _torch_fidelity()
         real, fake = torch.from_numpy(np.load(real_path)), torch.from_numpy(np.load(fake_path))
         if impl == "torch-fidelity-f64":
             real, fake = real.double(), fake.double()
+
         def pr():
-            return {k: v for k, v in prc_fn(fake, real, prc_neighborhood=3, verbose=False).items()
-                    if k in ("precision", "recall")}
+            return {
+                k: v
+                for k, v in prc_fn(fake, real, prc_neighborhood=3, verbose=False).items()
+                if k in ("precision", "recall")
+            }
 
         def kid():
-            out = kid_fn(real, fake, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE, rng_seed=SEED_KID,
-                         verbose=False)
+            out = kid_fn(
+                real, fake, kid_subsets=KID_SUBSETS, kid_subset_size=KID_SUBSET_SIZE, rng_seed=SEED_KID, verbose=False
+            )
             return {"kid_mean": out["kernel_inception_distance_mean"], "kid_std": out["kernel_inception_distance_std"]}
+
         fns = [pr] if metric == "pr" else [kid]
     else:
         raise ValueError(f"Expected impl to be one of ours, prdc, torch-fidelity(-f64), got {impl!r}")
@@ -197,10 +212,15 @@ def run_job(job: dict) -> dict:
         seconds[fn.__name__] = time.perf_counter() - tic
         by_fn[fn.__name__] = out
         values.update({k: v for k, v in out.items() if k not in values})  # the first metric to give a key
-    return {"values": values, "by_fn": by_fn, "seconds": seconds, "total_s": sum(seconds.values()),
-            "rss_before_mib": rss_before,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+    return {
+        "values": values,
+        "by_fn": by_fn,
+        "seconds": seconds,
+        "total_s": sum(seconds.values()),
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+    }
 
 
 def child(job: dict) -> dict | None:
@@ -210,7 +230,7 @@ def child(job: dict) -> dict | None:
     if proc.returncode != 0 or not lines:
         print(f"  !! {job['impl']} {job['metric']} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         return None
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -225,15 +245,19 @@ def row(label: str, res: dict | None) -> None:
         print(f"  {label:<44} (failed)")
         return
     gpu = f", GPU peak {res['gpu_peak_mib']:.0f} MiB" if res.get("gpu_peak_mib") is not None else ""
-    print(f"  {label:<44} {res['total_s']:8.1f} s  {res['peak_rss_mib']:7.0f} MiB  "
-          f"({res['rss_before_mib']:.0f} before the call{gpu})  {fmt_values(res['values'])}")
+    print(
+        f"  {label:<44} {res['total_s']:8.1f} s  {res['peak_rss_mib']:7.0f} MiB  "
+        f"({res['rss_before_mib']:.0f} before the call{gpu})  {fmt_values(res['values'])}"
+    )
 
 
 def ratio(label: str, ours: dict | None, base: dict | None, base_name: str) -> None:
     if ours is None or base is None:
         return
-    print(f"  {label:<28} time {ours['total_s'] / base['total_s']:.2f}x, peak RSS "
-          f"{ours['peak_rss_mib'] / base['peak_rss_mib']:.2f}x of {base_name}")
+    print(
+        f"  {label:<28} time {ours['total_s'] / base['total_s']:.2f}x, peak RSS "
+        f"{ours['peak_rss_mib'] / base['peak_rss_mib']:.2f}x of {base_name}"
+    )
 
 
 def rel(a: float, b: float) -> float:
@@ -267,9 +291,13 @@ def have(module: str, pip_name: str) -> bool:
     return True
 
 
-OURS = {"pr": "ours precision_recall (k=3)", "dc": "ours density_coverage (k=5)",
-        "prdc": "ours PR + DC in one call (k=3, k=5)", "kid": "ours kernel_distance (100 x 1000)",
-        "fid": "ours FID (FeatureStats.from_features)"}
+OURS = {
+    "pr": "ours precision_recall (k=3)",
+    "dc": "ours density_coverage (k=5)",
+    "prdc": "ours PR + DC in one call (k=3, k=5)",
+    "kid": "ours kernel_distance (100 x 1000)",
+    "fid": "ours FID (FeatureStats.from_features)",
+}
 
 
 def main() -> None:
@@ -291,9 +319,12 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         print(f"--device {args.device}: torch.cuda.is_available() is False; the CUDA runs are skipped")
         cuda = False
-    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; "
-          f"d = {args.dim}; real ~ N(0, I), fake ~ N({SHIFT}·1, {SCALE:g}² I), float32 .npy; each row a child process "
-          "(time of the metric call; peak RSS of the whole child)", flush=True)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; "
+        f"d = {args.dim}; real ~ N(0, I), fake ~ N({SHIFT}·1, {SCALE:g}² I), float32 .npy; each row a child process "
+        "(time of the metric call; peak RSS of the whole child)",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         # (1) N = --n: ours vs the baselines
         n = args.n
@@ -305,11 +336,13 @@ def main() -> None:
         if have("torch_fidelity", "torch-fidelity"):
             for impl, metric in (("torch-fidelity", "pr"), ("torch-fidelity", "kid"), ("torch-fidelity-f64", "kid")):
                 res[(impl, metric)] = child({**base, "impl": impl, "metric": metric})
-        labels = {**{("ours", m): label for m, label in OURS.items()},
-                  ("prdc", "prdc"): "prdc compute_prdc (k=5, P/R/D/C)",
-                  ("torch-fidelity", "pr"): "torch-fidelity PRC (k=3, float32)",
-                  ("torch-fidelity", "kid"): "torch-fidelity KID (float32 features)",
-                  ("torch-fidelity-f64", "kid"): "torch-fidelity KID (float64 features)"}
+        labels = {
+            **{("ours", m): label for m, label in OURS.items()},
+            ("prdc", "prdc"): "prdc compute_prdc (k=5, P/R/D/C)",
+            ("torch-fidelity", "pr"): "torch-fidelity PRC (k=3, float32)",
+            ("torch-fidelity", "kid"): "torch-fidelity KID (float32 features)",
+            ("torch-fidelity-f64", "kid"): "torch-fidelity KID (float64 features)",
+        }
         print(f"  {'':<44} {'time':>10}  {'peak RSS':>11}")
         for key, label in labels.items():
             if key in res:
@@ -319,23 +352,37 @@ def main() -> None:
         ratio("PR vs torch-fidelity PRC", get(("ours", "pr")), get(("torch-fidelity", "pr")), "torch-fidelity")
         ratio("DC vs prdc (P/R/D/C)", get(("ours", "dc")), get(("prdc", "prdc")), "prdc")
         ratio("PR + DC, one call, vs prdc", get(("ours", "prdc")), get(("prdc", "prdc")), "prdc")
-        ratio("KID vs torch-fidelity KID", get(("ours", "kid")), get(("torch-fidelity", "kid")),
-              "torch-fidelity (float32)")
+        ratio(
+            "KID vs torch-fidelity KID",
+            get(("ours", "kid")),
+            get(("torch-fidelity", "kid")),
+            "torch-fidelity (float32)",
+        )
         print("  agreement:")
         ours_pr, ours_dc, ours_kid = get(("ours", "pr")), get(("ours", "dc")), get(("ours", "kid"))
         if ours_pr and get(("torch-fidelity", "pr")):
-            print("    P/R vs torch-fidelity: " + agreement_counts(
-                ours_pr["values"], res[("torch-fidelity", "pr")]["values"], ("precision", "recall"), n, {}))
+            print(
+                "    P/R vs torch-fidelity: "
+                + agreement_counts(
+                    ours_pr["values"], res[("torch-fidelity", "pr")]["values"], ("precision", "recall"), n, {}
+                )
+            )
         if ours_dc and get(("prdc", "prdc")):
-            print("    D/C vs prdc: " + agreement_counts(
-                ours_dc["values"], res[("prdc", "prdc")]["values"], ("density", "coverage"), n, {"density": 5 * n})
-                  + "  (density: ball memberships, of k·M)")
+            print(
+                "    D/C vs prdc: "
+                + agreement_counts(
+                    ours_dc["values"], res[("prdc", "prdc")]["values"], ("density", "coverage"), n, {"density": 5 * n}
+                )
+                + "  (density: ball memberships, of k·M)"
+            )
         for key, what in ((("torch-fidelity", "kid"), "float32"), (("torch-fidelity-f64", "kid"), "float64")):
             if ours_kid and get(key):
                 t = res[key]["values"]
-                print(f"    KID vs torch-fidelity ({what} features, same subsets): mean rel "
-                      f"{rel(ours_kid['values']['kid_mean'], t['kid_mean']):.1e}, std rel "
-                      f"{rel(ours_kid['values']['kid_std'], t['kid_std']):.1e}")
+                print(
+                    f"    KID vs torch-fidelity ({what} features, same subsets): mean rel "
+                    f"{rel(ours_kid['values']['kid_mean'], t['kid_mean']):.1e}, std rel "
+                    f"{rel(ours_kid['values']['kid_std'], t['kid_std']):.1e}"
+                )
         one_call_check(res)
         if cuda:
             report_cuda(base, res, n)
@@ -346,9 +393,12 @@ def main() -> None:
         n = args.n_large
         gb = 3 * n * n * 4 / 1e9
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        print(f"\n(2) N = {n} real + {n} fake, ours alone: prdc and torch-fidelity (default save_cpu_ram=False) hold "
-              f"three {n}x{n} float32 distance matrices ({gb:.0f} GB), which do not fit in this machine's "
-              f"{ram:.0f} GiB; features as memmaps", flush=True)
+        print(
+            f"\n(2) N = {n} real + {n} fake, ours alone: prdc and torch-fidelity (default save_cpu_ram=False) hold "
+            f"three {n}x{n} float32 distance matrices ({gb:.0f} GB), which do not fit in this machine's "
+            f"{ram:.0f} GiB; features as memmaps",
+            flush=True,
+        )
         for path in (base["real"], base["fake"]):
             os.remove(path)
         base = features(Path(tmp), n, args.dim, args.threads)
@@ -360,8 +410,11 @@ def main() -> None:
         if done:
             peak = max(r["peak_rss_mib"] for r in done)
             sep = sum(r["total_s"] for (_, m), r in res.items() if r is not None and m != "prdc")
-            print(f"  largest peak RSS {peak:.0f} MiB = {peak / 4096:.2f}x the 4 GiB goal; FID + KID + PR + DC "
-                  f"{sep:.0f} s", end="")
+            print(
+                f"  largest peak RSS {peak:.0f} MiB = {peak / 4096:.2f}x the 4 GiB goal; FID + KID + PR + DC "
+                f"{sep:.0f} s",
+                end="",
+            )
             if all(get_ok(res, m) for m in ("fid", "kid", "prdc")):
                 one = sum(res[("ours", m)]["total_s"] for m in ("fid", "kid", "prdc"))
                 print(f", with PR + DC in one call {one:.0f} s", end="")
@@ -387,9 +440,11 @@ def one_call_check(res: dict) -> None:
     if all(get_ok(res, m) for m in ("pr", "dc", "prdc")):
         sep = {**res[("ours", "pr")]["values"], **res[("ours", "dc")]["values"]}
         same = sep == res[("ours", "prdc")]["values"]
-        print(f"    PR + DC in one call vs the two calls: {'identical' if same else 'DIFFERENT: ' + str(sep)}; "
-              f"time {res[('ours', 'prdc')]['total_s'] / (res[('ours', 'pr')]['total_s'] + res[('ours', 'dc')]['total_s']):.2f}x "
-              "of the two calls")
+        print(
+            f"    PR + DC in one call vs the two calls: {'identical' if same else 'DIFFERENT: ' + str(sep)}; "
+            f"time {res[('ours', 'prdc')]['total_s'] / (res[('ours', 'pr')]['total_s'] + res[('ours', 'dc')]['total_s']):.2f}x "
+            "of the two calls"
+        )
 
 
 def report_cuda(base: dict, cpu_res: dict, n: int, goal_s: float | None = None) -> None:
@@ -402,9 +457,13 @@ def report_cuda(base: dict, cpu_res: dict, n: int, goal_s: float | None = None) 
         return
     sec = gpu["seconds"]
     four = sec["fid"] + sec["kid"] + sec["pr"] + sec["dc"]
-    print("    per metric: " + ", ".join(f"{k} {v:.2f} s" for k, v in sec.items())
-          + f"; FID + KID + PR + DC {four:.1f} s" + (f" (goal < {goal_s:.0f} s)" if goal_s else "")
-          + f", with PR + DC in one call {sec['fid'] + sec['kid'] + sec['prdc']:.1f} s")
+    print(
+        "    per metric: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in sec.items())
+        + f"; FID + KID + PR + DC {four:.1f} s"
+        + (f" (goal < {goal_s:.0f} s)" if goal_s else "")
+        + f", with PR + DC in one call {sec['fid'] + sec['kid'] + sec['prdc']:.1f} s"
+    )
     one = gpu["by_fn"]["prdc"]
     sep = {**gpu["by_fn"]["pr"], **gpu["by_fn"]["dc"]}
     print(f"    one call vs the two calls on cuda: {'identical' if one == sep else 'DIFFERENT'}")

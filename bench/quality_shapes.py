@@ -58,8 +58,11 @@ def generate(pipe, captions, steps: int, guidance: float, seed: int = 0, batch_s
         gen = torch.Generator().manual_seed(seed + i)
         shape = (len(chunk), net.config.in_channels, net.config.sample_size, net.config.sample_size)
         latents = torch.randn(shape, generator=gen).to(net.device)
-        out.append(pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
-                        output_type="pt").images.float().cpu())
+        out.append(
+            pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="pt")
+            .images.float()
+            .cpu()
+        )
     return torch.cat(out)
 
 
@@ -76,8 +79,9 @@ def load_sd3(path, device):
     """shapes_sd3 as shipped, with its own FlowMatchEuler solver."""
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None,
-                                                    dtype=torch.float32).to(device)
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        path, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
+    ).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -107,8 +111,12 @@ def main() -> None:
     xv = to_tensor(xv) * 2 - 1
     with torch.no_grad():
         vae = pipe.vae
-        rec = torch.cat([vae.decode(vae.encode(xv[i : i + 250].to(args.device)).latent_dist.mode()).sample.cpu()
-                         for i in range(0, len(xv), 250)])
+        rec = torch.cat(
+            [
+                vae.decode(vae.encode(xv[i : i + 250].to(args.device)).latent_dist.mode()).sample.cpu()
+                for i in range(0, len(xv), 250)
+            ]
+        )
     print(f"1. VAE reconstruction PSNR, {args.n_val} val images: {psnr(rec, xv):.2f} dB (bar >= 28)")
 
     # 2. judge on real test images
@@ -116,20 +124,25 @@ def main() -> None:
     samples = list(test)
     real = to_tensor(np.stack([s.image for s in samples[: args.n_real]]))
     verdicts = [compare(j, s.objects) for j, s in zip(judge.judge(real), samples)]
-    print(f"2. judge accuracy, {args.n_real} real test images: shape+colour of every object "
-          f"{np.mean([v['correct'] for v in verdicts]):.4f}, exact (no phantom objects) "
-          f"{np.mean([v['exact'] for v in verdicts]):.4f} (bar >= 0.98)")
+    print(
+        f"2. judge accuracy, {args.n_real} real test images: shape+colour of every object "
+        f"{np.mean([v['correct'] for v in verdicts]):.4f}, exact (no phantom objects) "
+        f"{np.mean([v['exact'] for v in verdicts]):.4f} (bar >= 0.98)"
+    )
 
     # 3. prompt adherence
     captions = [s.caption for s in samples[: args.n_gen]]
     res = evaluate_adherence(pipe, judge, captions, args.steps, args.guidance, seed=0, batch_size=100)
-    print(f"3. {args.model} adherence, {args.n_gen} test captions, {args.steps} {type(pipe.scheduler).__name__} steps, "
-          f"guidance {args.guidance}: "
-          f"one-object {res['correct_1obj']:.3f} (bar >= 0.80), two-object {res['correct_2obj']:.3f} (bar >= 0.60); "
-          f"colour {res['colour']:.3f}, shape {res['shape']:.3f}")
+    print(
+        f"3. {args.model} adherence, {args.n_gen} test captions, {args.steps} {type(pipe.scheduler).__name__} steps, "
+        f"guidance {args.guidance}: "
+        f"one-object {res['correct_1obj']:.3f} (bar >= 0.80), two-object {res['correct_2obj']:.3f} (bar >= 0.60); "
+        f"colour {res['colour']:.3f}, shape {res['shape']:.3f}"
+    )
 
     # 4. FD in shapes_net features
     with torch.no_grad():
+
         def feats(x):
             return torch.cat([judge.features(x[i : i + 500]).cpu() for i in range(0, len(x), 500)]).numpy()
 
@@ -150,8 +163,10 @@ def main() -> None:
             p = pipe if path == sd_path else load(path, args.device)
             fds.append((path.name, frechet_distance(f_real, feats(generate(p, captions, args.steps, args.guidance)))))
     fd_final = fds[-1][1]
-    print(f"4. FD (shapes_net features, {args.n_real} real vs {args.n_gen} generated): final {fd_final:.3f}, "
-          f"random-weight {type(_denoiser(pipe)).__name__} {fd_random:.3f}, ratio {fd_final / fd_random:.4f} (bar <= 0.2)")
+    print(
+        f"4. FD (shapes_net features, {args.n_real} real vs {args.n_gen} generated): final {fd_final:.3f}, "
+        f"random-weight {type(_denoiser(pipe)).__name__} {fd_random:.3f}, ratio {fd_final / fd_random:.4f} (bar <= 0.2)"
+    )
     ordered = all(a[1] > b[1] for a, b in zip(fds, fds[1:]))
     print("   checkpoints: " + ", ".join(f"{n} {v:.3f}" for n, v in fds) + f"; later is better: {ordered}")
     print(f"({time.time() - t0:.0f} s on {args.device})")

@@ -87,8 +87,13 @@ def export_folder(folder: Path, n: int) -> None:
 
 
 def run_child(tree: Path, folder: Path, n: int, out: Path) -> dict:
-    overrides = ["mode=[metrics]", "features=[shapes_net]", "dataset=folder", f"dataset.root={folder}",
-                 f"dataset.num_images={n}"]
+    overrides = [
+        "mode=[metrics]",
+        "features=[shapes_net]",
+        "dataset=folder",
+        f"dataset.root={folder}",
+        f"dataset.num_images={n}",
+    ]
     code = _CHILD.format(tree=str(tree), overrides=overrides, out=str(out))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tree, env=env)
@@ -127,7 +132,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000, help="images in the folder (small for a dry run)")
     ap.add_argument("--folder", type=Path, default=None, help="where to export the folder (kept; default: temporary)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--baseline", default=None, help="a commit of this repository (or a directory with its tree): its warm run too")
+    ap.add_argument(
+        "--baseline", default=None, help="a commit of this repository (or a directory with its tree): its warm run too"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -138,13 +145,17 @@ def main() -> None:
         if args.baseline:
             tree = export_tree(args.baseline, tmp / "baseline")
             rows.append((f"warm at {args.baseline}", measure(tree, folder, args.n, tmp / "out_base", args.repeats)[1]))
-        print(f"\nreference + real_features stages, folder of {cold['n']} shapes images 64x64, shapes_net, "
-              f"fastest of {args.repeats}, each run a fresh process")
+        print(
+            f"\nreference + real_features stages, folder of {cold['n']} shapes images 64x64, shapes_net, "
+            f"fastest of {args.repeats}, each run a fresh process"
+        )
         print(f"{'run':<34} {'seconds':>9} {'decoded':>9}")
         for name, r in rows:
             print(f"{name:<34} {r['seconds']:>9.3f} {r['decoded']:>9d}")
-        print(f"warm / cold = {100 * warm['seconds'] / cold['seconds']:.2f} % (goal <= 5 %); "
-              f"images decoded warm: {warm['decoded']} (goal 0); features identical: yes")
+        print(
+            f"warm / cold = {100 * warm['seconds'] / cold['seconds']:.2f} % (goal <= 5 %); "
+            f"images decoded warm: {warm['decoded']} (goal 0); features identical: yes"
+        )
         if args.baseline:
             print(f"warm at {args.baseline} / warm now = {rows[2][1]['seconds'] / warm['seconds']:.1f}x")
 

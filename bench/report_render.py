@@ -104,8 +104,10 @@ def main() -> None:
         write_run_report(copy, tags=tags)
         write_s = time.perf_counter() - tic
     size = len(text.encode())
-    print(f"report {report}: {size / 1024:.0f} KiB, written in {write_s:.3f} s"
-          + (f" = {100 * write_s / wall:.2f} % of the run's {wall:.1f} s" if wall else ""))
+    print(
+        f"report {report}: {size / 1024:.0f} KiB, written in {write_s:.3f} s"
+        + (f" = {100 * write_s / wall:.2f} % of the run's {wall:.1f} s" if wall else "")
+    )
 
     refs = external_refs(text)
     n_img, n_table = text.count("<img"), text.count("<table")
@@ -113,25 +115,46 @@ def main() -> None:
         base = [exe, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars", f"--user-data-dir={tmp}/p"]
         shot = run_dir / "report.png"
         tic = time.perf_counter()
-        subprocess.run([*base, f"--screenshot={shot}", f"--window-size={args.window}", report.resolve().as_uri()],
-                       capture_output=True, timeout=120, check=True)
+        subprocess.run(
+            [*base, f"--screenshot={shot}", f"--window-size={args.window}", report.resolve().as_uri()],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
         render_s = time.perf_counter() - tic
         probe = Path(tmp) / "probe.html"  # the same page + one inline script that records what decoded
         csp = "style-src 'unsafe-inline'"
         probe.write_text(text.replace(csp, csp + "; script-src 'unsafe-inline'").replace("</body>", _PROBE + "</body>"))
-        dom = subprocess.run([*base, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], capture_output=True,
-                             text=True, timeout=120, check=True).stdout
+        dom = subprocess.run(
+            [*base, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
     px = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     attr = lambda name: int((re.search(rf'{name}="(\d+)"', dom) or [0, -1])[1])  # noqa: E731
     decoded, imgs, tables = attr("data-imgs-decoded"), attr("data-imgs"), attr("data-tables")
     sizes = re.findall(r'data-natural="(\d+x\d+)"', dom)
     inked = float((px < 200).mean())
-    ok = (not refs and imgs == n_img and decoded == imgs and imgs > 0 and tables == n_table and tables > 0
-          and px.std() > 10 and inked > 0.01)
-    print(f"chromium: screenshot {shot} ({px.shape[1]}x{px.shape[0]}, {render_s:.1f} s): pixel std {px.std():.1f}, "
-          f"inked {100 * inked:.1f} %")
-    print(f"DOM: {decoded}/{imgs} images decoded ({', '.join(sizes)}), {tables} tables (file: {n_img} <img>, "
-          f"{n_table} <table>); external references: {len(refs)}{' ' + str(refs[:3]) if refs else ''}")
+    ok = (
+        not refs
+        and imgs == n_img
+        and decoded == imgs
+        and imgs > 0
+        and tables == n_table
+        and tables > 0
+        and px.std() > 10
+        and inked > 0.01
+    )
+    print(
+        f"chromium: screenshot {shot} ({px.shape[1]}x{px.shape[0]}, {render_s:.1f} s): pixel std {px.std():.1f}, "
+        f"inked {100 * inked:.1f} %"
+    )
+    print(
+        f"DOM: {decoded}/{imgs} images decoded ({', '.join(sizes)}), {tables} tables (file: {n_img} <img>, "
+        f"{n_table} <table>); external references: {len(refs)}{' ' + str(refs[:3]) if refs else ''}"
+    )
     print("OK: report.html renders offline with its tables and images" if ok else "FAILED: see the figures above")
     sys.exit(0 if ok else 1)
 

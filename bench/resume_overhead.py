@@ -59,8 +59,13 @@ def main() -> None:
     batches = -(-args.n // 16)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        common = ["mode=[metrics]", f"mode.metrics.num_samples={args.n}", "sampler.batch_size=16",
-                  f"paths.outputs={tmp / 'out'}", *args.overrides]
+        common = [
+            "mode=[metrics]",
+            f"mode.metrics.num_samples={args.n}",
+            "sampler.batch_size=16",
+            f"paths.outputs={tmp / 'out'}",
+            *args.overrides,
+        ]
         launch([*common, f"hydra.run.dir={tmp / 'warmup'}", "mode.metrics.num_samples=16"])  # fills the reference cache
         whole = launch([*common, f"hydra.run.dir={tmp / 'whole'}"])
         killed = launch([*common, f"hydra.run.dir={tmp / 'killed'}"], crash=f"shard_written:{batches // 2}")
@@ -71,8 +76,10 @@ def main() -> None:
     print(f"uninterrupted            {whole:7.1f} s   (N = {args.n}, {batches} batches of 16)")
     print(f"killed at 50 %           {killed:7.1f} s   (start-up {startup:.1f} s: imports, model, reference)")
     print(f"resumed                  {resumed:7.1f} s")
-    print(f"(killed + resumed) / uninterrupted = {(killed + resumed) / whole:.3f}x; "
-          f"without the second start-up {(killed + resumed - startup) / whole:.3f}x (goal <= 1.05x)")
+    print(
+        f"(killed + resumed) / uninterrupted = {(killed + resumed) / whole:.3f}x; "
+        f"without the second start-up {(killed + resumed - startup) / whole:.3f}x (goal <= 1.05x)"
+    )
     print(f"resumed scalars equal the uninterrupted run's (timings aside): {same}")
 
 

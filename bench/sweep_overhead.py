@@ -31,8 +31,17 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pipeline", "-m", "mode=[metrics]", f"scheduler={args.schedulers}",
-               f"mode.metrics.num_samples={args.n}", f"sampler.num_inference_steps={args.steps}", f"paths.outputs={tmp}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "-m",
+            "mode=[metrics]",
+            f"scheduler={args.schedulers}",
+            f"mode.metrics.num_samples={args.n}",
+            f"sampler.num_inference_steps={args.steps}",
+            f"paths.outputs={tmp}",
+        ]
         tic = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         wall = time.perf_counter() - tic
@@ -49,12 +58,18 @@ def main() -> None:
     refs = sum(c.data.tags["reference_cache"] == "miss" for c in children)
     span = (parent.info.end_time - parent.info.start_time) / 1000
     baseline = work + ref
-    print(f"{len(children)} jobs (schedulers {args.schedulers}), N={args.n}, {args.steps} steps, shapes_sd, "
-          f"{os.cpu_count()} CPUs")
-    print(f"baseline: generation + fake features summed over jobs {work:.1f} s + one reference extraction {ref:.1f} s "
-          f"= {baseline:.1f} s")
-    print(f"sweep command wall {wall:.1f} s -> {wall / baseline:.3f}x baseline; parent run span {span:.1f} s -> "
-          f"{span / baseline:.3f}x")
+    print(
+        f"{len(children)} jobs (schedulers {args.schedulers}), N={args.n}, {args.steps} steps, shapes_sd, "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(
+        f"baseline: generation + fake features summed over jobs {work:.1f} s + one reference extraction {ref:.1f} s "
+        f"= {baseline:.1f} s"
+    )
+    print(
+        f"sweep command wall {wall:.1f} s -> {wall / baseline:.3f}x baseline; parent run span {span:.1f} s -> "
+        f"{span / baseline:.3f}x"
+    )
     print(f"model loads in the sweep process: {loads}; reference extractions: {refs}")
 
 

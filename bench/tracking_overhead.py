@@ -43,8 +43,10 @@ def main() -> None:
             run_pipeline(cfg, out / f"full{i}")
             full.append(time.perf_counter() - tic)
     b, f = statistics.median(bare), statistics.median(full)
-    print(f"schedule stage alone (baseline): {b:.2f} s | full tracked run: {f:.2f} s | ratio {f / b:.2f}x "
-          f"(median of {args.repeats})")
+    print(
+        f"schedule stage alone (baseline): {b:.2f} s | full tracked run: {f:.2f} s | ratio {f / b:.2f}x "
+        f"(median of {args.repeats})"
+    )
 
 
 if __name__ == "__main__":

@@ -30,14 +30,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("sd", "sd3", "ddpm")
 TINY = {  # merged into conf/train.yaml; steps are set per run; a short warm-up so that few steps move the weights
-    "device": "cpu", "threads": 1, "seed": 0,
-    "sd": {"n_train": 256, "batch": 4, "warmup": 3, "eval_every": 0, "checkpoints": [],
-           "text_encoder": {"hidden_size": 16, "layers": 1, "heads": 2, "intermediate_size": 32},
-           "unet": {"block_out_channels": [16, 16], "cross_attn_levels": 1, "layers_per_block": 1, "heads": 2,
-                    "norm_num_groups": 8}},
-    "sd3": {"n_train": 256, "batch": 4, "warmup": 3, "eval_every": 0, "checkpoints": [],
-            "text_encoder": {"hidden_size": 16, "layers": 2, "heads": 2, "intermediate_size": 32},
-            "transformer": {"layers": 1, "heads": 2, "head_dim": 8}},
+    "device": "cpu",
+    "threads": 1,
+    "seed": 0,
+    "sd": {
+        "n_train": 256,
+        "batch": 4,
+        "warmup": 3,
+        "eval_every": 0,
+        "checkpoints": [],
+        "text_encoder": {"hidden_size": 16, "layers": 1, "heads": 2, "intermediate_size": 32},
+        "unet": {
+            "block_out_channels": [16, 16],
+            "cross_attn_levels": 1,
+            "layers_per_block": 1,
+            "heads": 2,
+            "norm_num_groups": 8,
+        },
+    },
+    "sd3": {
+        "n_train": 256,
+        "batch": 4,
+        "warmup": 3,
+        "eval_every": 0,
+        "checkpoints": [],
+        "text_encoder": {"hidden_size": 16, "layers": 2, "heads": 2, "intermediate_size": 32},
+        "transformer": {"layers": 1, "heads": 2, "head_dim": 8},
+    },
     "ddpm": {"n_train": 256, "batch": 4, "warmup": 3, "block_out_channels": [16, 16, 16]},
 }
 WEIGHTS = {"sd": "shapes_sd/unet", "sd3": "shapes_sd3/transformer", "ddpm": "shapes_ddpm/unet"}
@@ -54,14 +73,26 @@ def _worker(recipe: str, steps: int, out: str) -> dict:
     from pipeline.zoo.train import CONF_DIR, train
 
     # loaded before the clock starts: the old recipes import them inside their functions
-    for name in ("AutoencoderKL", "DDIMScheduler", "DDPMPipeline", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler",
-                 "SD3Transformer2DModel", "StableDiffusion3Pipeline", "StableDiffusionPipeline",
-                 "UNet2DConditionModel", "UNet2DModel"):
+    for name in (
+        "AutoencoderKL",
+        "DDIMScheduler",
+        "DDPMPipeline",
+        "DDPMScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+        "SD3Transformer2DModel",
+        "StableDiffusion3Pipeline",
+        "StableDiffusionPipeline",
+        "UNet2DConditionModel",
+        "UNet2DModel",
+    ):
         getattr(diffusers, name)
     for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "CLIPTextConfig"):
         getattr(transformers, name)
-    cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "train.yaml"), TINY,
-                          {"components": [recipe], "output_dir": out, recipe: {"steps": steps}})
+    cfg = OmegaConf.merge(
+        OmegaConf.load(CONF_DIR / "train.yaml"),
+        TINY,
+        {"components": [recipe], "output_dir": out, recipe: {"steps": steps}},
+    )
     losses, backward = [], torch.Tensor.backward
 
     def recording(self, *args, **kwargs):
@@ -85,8 +116,13 @@ def run(tree: Path, recipe: str, steps: int) -> dict:
     """``_worker`` in a subprocess that imports ``pipeline`` from ``tree``."""
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory() as out:
-        proc = subprocess.run([sys.executable, __file__, "--worker", recipe, "--steps", str(steps), "--out", out],
-                              env=env, cwd=tree, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", recipe, "--steps", str(steps), "--out", out],
+            env=env,
+            cwd=tree,
+            capture_output=True,
+            text=True,
+        )
     if proc.returncode:
         raise RuntimeError(f"{recipe} in {tree} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -99,9 +135,15 @@ def commit_of(tree: Path) -> str:
 def compare(old: dict, new: dict) -> dict:
     n = min(len(old["losses"]), len(new["losses"]))
     delta = max((abs(a - b) for a, b in zip(old["losses"], new["losses"])), default=float("nan"))
-    return {"steps": n, "max_abs_delta": delta, "losses_identical": old["losses"] == new["losses"],
-            "weights_identical": old["weights"] == new["weights"], "ratio": new["seconds"] / old["seconds"],
-            "old_s": old["seconds"], "new_s": new["seconds"]}
+    return {
+        "steps": n,
+        "max_abs_delta": delta,
+        "losses_identical": old["losses"] == new["losses"],
+        "weights_identical": old["weights"] == new["weights"],
+        "ratio": new["seconds"] / old["seconds"],
+        "old_s": old["seconds"],
+        "new_s": new["seconds"],
+    }
 
 
 def main() -> None:
@@ -120,21 +162,37 @@ def main() -> None:
         ap.error("--old PATH is required")
     if args.write_fixture:
         losses = {r: run(args.old.resolve(), r, args.steps)["losses"] for r in args.recipes}
-        args.write_fixture.write_text(json.dumps({
-            "about": "per-step losses (the value each step calls backward on) of pipeline.zoo.train.train on the "
-                     "tiny setting below, written by bench/zoo_trainer.py --write-fixture from the commit below",
-            "commit": commit_of(args.old), "steps": args.steps, "setting": TINY, "losses": losses}, indent=1) + "\n")
+        args.write_fixture.write_text(
+            json.dumps(
+                {
+                    "about": "per-step losses (the value each step calls backward on) of pipeline.zoo.train.train on the "
+                    "tiny setting below, written by bench/zoo_trainer.py --write-fixture from the commit below",
+                    "commit": commit_of(args.old),
+                    "steps": args.steps,
+                    "setting": TINY,
+                    "losses": losses,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         print(f"wrote {args.write_fixture} ({args.steps} steps of {', '.join(args.recipes)} at {commit_of(args.old)})")
         return
-    print(f"old: {args.old} @ {commit_of(args.old)[:10]}; new: {ROOT} @ {commit_of(ROOT)[:10]} (+ working tree); "
-          f"{args.steps} steps per recipe, tiny setting, CPU, 1 thread")
-    print(f"{'recipe':8}{'steps':>7}{'max |Δloss|':>13}{'losses identical':>18}{'weights identical':>19}"
-          f"{'old s':>8}{'new s':>8}{'new/old':>9}")
+    print(
+        f"old: {args.old} @ {commit_of(args.old)[:10]}; new: {ROOT} @ {commit_of(ROOT)[:10]} (+ working tree); "
+        f"{args.steps} steps per recipe, tiny setting, CPU, 1 thread"
+    )
+    print(
+        f"{'recipe':8}{'steps':>7}{'max |Δloss|':>13}{'losses identical':>18}{'weights identical':>19}"
+        f"{'old s':>8}{'new s':>8}{'new/old':>9}"
+    )
     yes = {True: "yes", False: "no"}
     for recipe in args.recipes:
         r = compare(run(args.old.resolve(), recipe, args.steps), run(ROOT, recipe, args.steps))
-        print(f"{recipe:8}{r['steps']:>7}{r['max_abs_delta']:>13.3g}{yes[r['losses_identical']]:>18}"
-              f"{yes[r['weights_identical']]:>19}{r['old_s']:>8.2f}{r['new_s']:>8.2f}{r['ratio']:>9.3f}")
+        print(
+            f"{recipe:8}{r['steps']:>7}{r['max_abs_delta']:>13.3g}{yes[r['losses_identical']]:>18}"
+            f"{yes[r['weights_identical']]:>19}{r['old_s']:>8.2f}{r['new_s']:>8.2f}{r['ratio']:>9.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -5,12 +5,11 @@ import sys
 
 import hydra
 
-from pipeline.config import register_configs
-from pipeline.run.runner import FAILED_JOBS, run_from_hydra
-from pipeline.config import check_list_choices, check_override_keys
+from pipeline.config import check_list_choices, check_override_keys, register_configs
 from pipeline.core.threads import configure_torch
 from pipeline.errors import UserError
 from pipeline.record.tracking import close_open_parents
+from pipeline.run.runner import FAILED_JOBS, run_from_hydra
 
 register_configs()
 
@@ -29,7 +28,6 @@ def _check_overrides(argv: list[str]) -> None:
     "Could not load 'mode/metric'"), and a misspelled key (``sampler.num_inference_step=5``) names the right one
     (Hydra would suggest the ``+`` form, which the schema then refuses)."""
     from hydra._internal.utils import get_args_parser
-
 
     try:
         overrides = get_args_parser().parse_known_args(argv)[0].overrides
@@ -51,12 +49,10 @@ def cli() -> None:
     try:
         main()
     except KeyboardInterrupt:
-
         close_open_parents("KILLED")
         sys.exit(130)
     except SystemExit as e:
         if e.code not in (0, None):  # Hydra reports a composition error (e.g. an unknown option in a sweep list)
-
             close_open_parents("FAILED", "sweep stopped before its jobs finished: a configuration error (see the log)")
         raise
     if FAILED_JOBS:

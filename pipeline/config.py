@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
 from pipeline.core.registry import MODES, load_modes
 from pipeline.errors import UserError
 
@@ -40,8 +41,12 @@ class Bounds:
     note: str = ""
 
     def violated(self, v: float) -> bool:
-        return ((self.ge is not None and not v >= self.ge) or (self.gt is not None and not v > self.gt)
-                or (self.le is not None and not v <= self.le) or (self.lt is not None and not v < self.lt))
+        return (
+            (self.ge is not None and not v >= self.ge)
+            or (self.gt is not None and not v > self.gt)
+            or (self.le is not None and not v <= self.le)
+            or (self.lt is not None and not v < self.lt)
+        )
 
     def describe(self) -> str:
         lo = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
@@ -202,7 +207,11 @@ def build_schema() -> type:
             ("dataset", DatasetBase, field(default_factory=DatasetBase)),  # retyped by its kind (DATASET_SCHEMAS)
             ("scheduler", SchedulerConfig, field(default_factory=SchedulerConfig)),
             ("sampler", SamplerConfig, field(default_factory=SamplerConfig)),
-            ("features", Dict[str, FeaturesConfig], field(default_factory=dict)),  # several: features=[a,b], first = primary
+            (
+                "features",
+                Dict[str, FeaturesConfig],
+                field(default_factory=dict),
+            ),  # several: features=[a,b], first = primary
             ("tracking", TrackingConfig, field(default_factory=TrackingConfig)),
             ("paths", PathsConfig, field(default_factory=PathsConfig)),
             ("mode", ModeConfig, field(default_factory=ModeConfig)),
@@ -281,8 +290,10 @@ def _refuse_markup(node: Any, path: str, file: str) -> None:
         for i, value in enumerate(node):
             _refuse_markup(value, f"{path}[{i}]", file)
     elif isinstance(node, str) and "${" in node:
-        raise UserError(f"{file}: {path}={node[:80]!r}: refused; a saved config holds resolved values, and an "
-                        "interpolation in it is never resolved again (it would read the environment or other keys)")
+        raise UserError(
+            f"{file}: {path}={node[:80]!r}: refused; a saved config holds resolved values, and an "
+            "interpolation in it is never resolved again (it would read the environment or other keys)"
+        )
     elif node is not None and not isinstance(node, (str, int, float, bool)):
         raise UserError(f"{file}: {path}: a {type(node).__name__} where a saved config holds plain values")
 
@@ -295,12 +306,13 @@ def load_saved(file: str | Path) -> dict:
     or the project's defaults."""
     import yaml
 
-
     file = Path(file)
     try:
         tree = yaml.safe_load(file.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"{file}: cannot read a saved config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"{file}: cannot read a saved config ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     if not isinstance(tree, Mapping):
         raise UserError(f"{file}: expected a mapping of config groups (model, dataset, ...), got {type(tree).__name__}")
     if "hydra" in tree:
@@ -412,8 +424,10 @@ def _kind_note(path: str, tree: Any) -> str:
     if schema is DatasetConfig or not owners:
         return ""
     kind = next(k for k, v in DATASET_SCHEMAS.items() if v is schema)
-    return (f" of dataset kind {kind!r} ({key} is a key of kind {', '.join(owners)}; {parent} of kind {kind} has "
-            f"{', '.join(_fields(schema))})")
+    return (
+        f" of dataset kind {kind!r} ({key} is a key of kind {', '.join(owners)}; {parent} of kind {kind} has "
+        f"{', '.join(_fields(schema))})"
+    )
 
 
 def _walk(node: Any, tp: Any, path: str, unknown: list, valid: list) -> None:
@@ -447,7 +461,9 @@ def unknown_keys(cfg: Any) -> list[tuple[str, Optional[str]]]:
     :class:`FeaturesConfig` schema for each ``features.<name>``. ``scheduler.options`` is free-form and ``hydra``
     is left to Hydra."""
     register_configs()
-    tree = cfg if isinstance(cfg, Mapping) and not OmegaConf.is_config(cfg) else OmegaConf.to_container(cfg, resolve=False)
+    tree = (
+        cfg if isinstance(cfg, Mapping) and not OmegaConf.is_config(cfg) else OmegaConf.to_container(cfg, resolve=False)
+    )
     unknown: list = []
     valid: list = []
     _walk(tree, build_schema(), "", unknown, valid)
@@ -474,11 +490,19 @@ def check_keys(cfg: Any, where: str = "") -> None:
 
     bad = unknown_keys(cfg)
     if bad:
-        tree = cfg if isinstance(cfg, Mapping) and not OmegaConf.is_config(cfg) else OmegaConf.to_container(cfg, resolve=False)
-        parts = [f"{path}: unknown config key{_kind_note(path, tree)}" + (f"; did you mean {best}?" if best else "")
-                 for path, best in bad]
-        raise UserError(f"{where}{'; '.join(parts)} (a '+' override cannot add keys the schema lacks; only "
-                        f"{', '.join(FREE_FORM)} takes free-form keys)")
+        tree = (
+            cfg
+            if isinstance(cfg, Mapping) and not OmegaConf.is_config(cfg)
+            else OmegaConf.to_container(cfg, resolve=False)
+        )
+        parts = [
+            f"{path}: unknown config key{_kind_note(path, tree)}" + (f"; did you mean {best}?" if best else "")
+            for path, best in bad
+        ]
+        raise UserError(
+            f"{where}{'; '.join(parts)} (a '+' override cannot add keys the schema lacks; only "
+            f"{', '.join(FREE_FORM)} takes free-form keys)"
+        )
 
 
 def _bad_values(node: Any, tp: Any, path: str, meta: Mapping, out: list) -> None:
@@ -519,7 +543,6 @@ def check_values(cfg: Any, where: str = "") -> None:
     its schema range (:class:`Bounds`) and every NaN/inf float, with the range expected. Interpolations that do
     not resolve are left to the run's own resolution, which names them."""
     from omegaconf.errors import OmegaConfBaseException
-
 
     register_configs()
     if OmegaConf.is_config(cfg):
@@ -562,7 +585,6 @@ def check_list_choices(overrides: Sequence[str]) -> None:
     valid options the same way. Overrides Hydra cannot parse are left to Hydra's own message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception:  # noqa: BLE001 - Hydra reports its own parse errors
@@ -582,9 +604,11 @@ def check_list_choices(overrides: Sequence[str]) -> None:
             bad = [str(v) for v in value if str(v) not in options]
             if bad:
                 hint = difflib.get_close_matches(bad[0], options, n=1)
-                raise UserError(f"{o.input_line}: unknown {group} option {bad[0]!r}"
-                                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                                + f"; available options in '{group}': {', '.join(options)}")
+                raise UserError(
+                    f"{o.input_line}: unknown {group} option {bad[0]!r}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; available options in '{group}': {', '.join(options)}"
+                )
 
 
 def _dict_entry_field(key: str) -> tuple[str, str] | None:
@@ -647,7 +671,6 @@ def check_override_keys(overrides: Sequence[str]) -> None:
     ``hydra.*`` and deletions are left to Hydra; unparsable overrides to Hydra's own message."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception:  # noqa: BLE001 - Hydra reports its own parse errors
@@ -668,19 +691,26 @@ def check_override_keys(overrides: Sequence[str]) -> None:
             node["kind"] = _selected_kind(overrides, block)
         value = o.input_line.split("=", 1)[1] if "=" in o.input_line else "..."
         for path, best in unknown_keys(tree):
-            bad.append(f"{path}: unknown config key{_kind_note(path, tree)}"
-                       + (f"; did you mean {best}? e.g. {best}={value}" if best else "") + f" (in {o.input_line})")
+            bad.append(
+                f"{path}: unknown config key{_kind_note(path, tree)}"
+                + (f"; did you mean {best}? e.g. {best}={value}" if best else "")
+                + f" (in {o.input_line})"
+            )
             break
         else:
             entry = _dict_entry_field(key)
             if entry is not None:  # `features.weights_path=x`: a field of one entry, named without its entry
                 names = _selected_entries(overrides, o.input_line, entry[0])
                 example = f"{entry[0]}.{names[0]}.{leaf}"
-                bad.append(f"{key}: {entry[0]} holds one block per selected option ({', '.join(names)}): "
-                           f"{entry[0]}.<name>.{leaf}; did you mean {example}? e.g. {example}={value} (in {o.input_line})")
+                bad.append(
+                    f"{key}: {entry[0]} holds one block per selected option ({', '.join(names)}): "
+                    f"{entry[0]}.<name>.{leaf}; did you mean {example}? e.g. {example}={value} (in {o.input_line})"
+                )
     if bad:
-        raise UserError("; ".join(bad) + f" (a '+' override cannot add keys the schema lacks; only "
-                        f"{', '.join(FREE_FORM)} takes free-form keys)")
+        raise UserError(
+            "; ".join(bad) + f" (a '+' override cannot add keys the schema lacks; only "
+            f"{', '.join(FREE_FORM)} takes free-form keys)"
+        )
 
 
 def check_sweep(config: Any, job_check: Any = None) -> None:
@@ -705,7 +735,6 @@ def check_sweep(config: Any, job_check: Any = None) -> None:
         return
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-
     swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
     for batch in BasicSweeper.split_arguments(parsed, None):
         for job in batch:
@@ -719,8 +748,9 @@ def check_sweep(config: Any, job_check: Any = None) -> None:
             try:  # a ??? or a broken interpolation: the whole sweep is refused, before any job or MLflow run
                 to_plain(task)
             except MissingMandatoryValue as e:
-                raise UserError(f"{where}{e.full_key}: missing mandatory value (???); set it, e.g. "
-                                f"{e.full_key}=...") from None
+                raise UserError(
+                    f"{where}{e.full_key}: missing mandatory value (???); set it, e.g. {e.full_key}=..."
+                ) from None
             except InterpolationResolutionError as e:
                 raise UserError(f"{where}{e.full_key}: cannot resolve interpolation: {e.msg}") from None
             if job_check is not None:

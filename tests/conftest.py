@@ -12,6 +12,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # every test picks its store (default: <outputs>/mlflow.db)
 
 import pytest  # noqa: E402
+
 from pipeline.config import compose_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,5 +54,13 @@ def default_signals() -> None:
 def run_cli(args, outputs: Path, module: str = "pipeline", timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "HYDRA_FULL_ERROR": "0"}
     env.pop("HYDRA_FULL_ERROR")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=default_signals, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=default_signals,
+        **kw,
+    )

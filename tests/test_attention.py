@@ -11,17 +11,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
-
 from conftest import compose_cfg, run_cli
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from tiny import _t5_tokenizer, tiny_family
+
+from pipeline.errors import UserError
+from pipeline.models.adapter import AttentionLayout, ModelAdapter
+from pipeline.models.generation import denoiser_call_steps, generators, sample
 from pipeline.modes.attention import AttentionCapture, capture, cross_attention_layers, layer_grid
 from pipeline.modes.attention.scoring import spatial_entropy
 from pipeline.modes.attention.tokens import prompt_tokens
-from pipeline.errors import UserError
-from pipeline.models.generation import denoiser_call_steps, generators, sample
-from pipeline.models.adapter import AttentionLayout, ModelAdapter
 from pipeline.run.runner import run_pipeline
-from tiny import _t5_tokenizer, tiny_family
 
 PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle on the left"]
 TEXT_FAMILIES = ("sd", "sdxl", "pixart", "sd3", "sd3_no_t5", "flux")
@@ -55,8 +55,10 @@ def test_capture_leaves_images_unchanged_restores_processors_and_rows_sum_to_one
     cond = model.condition(2, 4.0, h, w, prompts=PROMPTS)
     before = sample(model, sampler, cond, generators(0, [0, 1]), 3, h, w)
     originals = {k: type(v) for k, v in model.denoiser.attn_processors.items()}
-    toks = [prompt_tokens(model.attention_layout(h, w).tokenizer, p, model.attention_layout(h, w).max_length)
-            for p in PROMPTS]
+    toks = [
+        prompt_tokens(model.attention_layout(h, w).tokenizer, p, model.attention_layout(h, w).max_length)
+        for p in PROMPTS
+    ]
     with capture(model, h, w, {1}, cfg=cond.cfg, valid_tokens=[t.num_tokens for t in toks]) as cap:
         during = sample(model, sampler, cond, generators(0, [0, 1]), 3, h, w)
     torch.testing.assert_close(before, during, atol=1e-5, rtol=0)
@@ -70,7 +72,7 @@ def test_capture_leaves_images_unchanged_restores_processors_and_rows_sum_to_one
         for i, t in enumerate(toks):
             sums = agg[i, : t.num_tokens].sum(0)
             torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
-            assert agg[i, t.num_tokens:].abs().max() == 0
+            assert agg[i, t.num_tokens :].abs().max() == 0
         assert 0 < float(cap.text_share().min()) and float(cap.text_share().max()) < 1
     with pytest.raises(RuntimeError, match="boom"):  # an error inside the block leaves the pipeline untouched
         with capture(model, h, w, prompts=PROMPTS):
@@ -85,8 +87,9 @@ def test_sd3_joint_maps_equal_a_hand_computation_from_q_and_k(family_paths):
     h, w = model.native_size()
     attn = model.denoiser.transformer_blocks[0].attn
     seen = {}
-    hook = attn.register_forward_pre_hook(lambda m, args, kw: seen.update(x=kw["hidden_states"],
-                                                                           c=kw["encoder_hidden_states"]), with_kwargs=True)
+    hook = attn.register_forward_pre_hook(
+        lambda m, args, kw: seen.update(x=kw["hidden_states"], c=kw["encoder_hidden_states"]), with_kwargs=True
+    )
     cond = model.condition(1, 1.0, h, w, prompts=[PROMPTS[1]])
     layout = model.attention_layout(h, w)
     tok = prompt_tokens(layout.tokenizer, PROMPTS[1], layout.max_length)
@@ -96,9 +99,11 @@ def test_sd3_joint_maps_equal_a_hand_computation_from_q_and_k(family_paths):
     hook.remove()
     heads = attn.heads
     with torch.no_grad():
+
         def proj(linear, norm, t):  # (1, L, heads·d) -> (1, heads, L, d), then the optional q/k norm
             t = linear(t).view(1, -1, heads, linear.out_features // heads).transpose(1, 2)
             return t if norm is None else norm(t)
+
         q = torch.cat([proj(attn.to_q, attn.norm_q, seen["x"]), proj(attn.add_q_proj, attn.norm_added_q, seen["c"])], 2)
         k = torch.cat([proj(attn.to_k, attn.norm_k, seen["x"]), proj(attn.add_k_proj, attn.norm_added_k, seen["c"])], 2)
     n_img = seen["x"].shape[1]
@@ -127,11 +132,24 @@ def test_joint_maps_read_the_same_block_in_either_token_order():
 
 
 def test_bf16_capture_on_cpu_passes_the_row_sum_guard_and_returns_cpu_float32(family_paths, tmp_path, outputs):
-    out = run_pipeline(compose_cfg(["model=hub", f"model.path={family_paths['sd']}", "model.dtype=bfloat16",
-                                    "features=[shapes_net]", "dataset=shapes", "mode=[attention]",
-                                    "sampler.num_inference_steps=3", "mode.attention.steps=[0,2]",
-                                    "mode.attention.num_prompts=2", "mode.attention.num_reference=2"],
-                                   outputs), tmp_path / "run")
+    out = run_pipeline(
+        compose_cfg(
+            [
+                "model=hub",
+                f"model.path={family_paths['sd']}",
+                "model.dtype=bfloat16",
+                "features=[shapes_net]",
+                "dataset=shapes",
+                "mode=[attention]",
+                "sampler.num_inference_steps=3",
+                "mode.attention.steps=[0,2]",
+                "mode.attention.num_prompts=2",
+                "mode.attention.num_reference=2",
+            ],
+            outputs,
+        ),
+        tmp_path / "run",
+    )
     assert out.status == "FINISHED", out.error
     r = out.results
     assert 0 < r["attention/bos_share"] < 1 and 0 <= r["attention/entropy_late"] <= 1
@@ -146,7 +164,9 @@ def test_attention_mode_on_cuda_in_half_precision(family, dtype, family_paths, t
     """The stage finishes on CUDA in fp16/bf16: maps and images come back to the CPU, the row-sum guard holds."""
     out = _run(family_paths[family], tmp_path, outputs, [f"model.dtype={dtype}", "model.device=cuda"])
     assert out.status == "FINISHED", out.error
-    assert np.isfinite(np.load(tmp_path / "run" / "tables" / "attention_maps.npz")["maps_0000"].astype(np.float32)).all()
+    assert np.isfinite(
+        np.load(tmp_path / "run" / "tables" / "attention_maps.npz")["maps_0000"].astype(np.float32)
+    ).all()
 
 
 def test_snapshots_count_solver_steps_not_denoiser_calls(sd):
@@ -207,11 +227,20 @@ def test_token_positions_with_and_without_a_start_token(sd):
 
 
 def test_sd2_style_linear_projection_unet_is_captured():
-    unet = UNet2DConditionModel(sample_size=(6, 10), in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, cross_attention_dim=24, attention_head_dim=(2, 4), norm_num_groups=4,
-                                use_linear_projection=True, upcast_attention=True,
-                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")).eval()
+    unet = UNet2DConditionModel(
+        sample_size=(6, 10),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=24,
+        attention_head_dim=(2, 4),
+        norm_num_groups=4,
+        use_linear_projection=True,
+        upcast_attention=True,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
     x, t, text = torch.randn(2, 4, 6, 10), torch.tensor(10), torch.randn(2, 7, 24)
     plain = unet(x, t, encoder_hidden_states=text).sample
     layout = AttentionLayout("cross", tuple(cross_attention_layers(unet)), (6, 10), None, 7, (0, 7))
@@ -231,10 +260,24 @@ def _tags(out, outputs):
 
 def _run(path, tmp_path, outputs, extra=()):
     size = ["sampler.height=32", "sampler.width=32"] if "flux" in str(path) else []
-    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", "dataset.size=32", f"model.path={path}",
-                       "mode=[attention]", "sampler.num_inference_steps=3", "mode.attention.steps=[0,2]",
-                       "sampler.batch_size=2", "mode.attention.num_prompts=2", "mode.attention.num_reference=2",
-                       *size, *extra], outputs)
+    cfg = compose_cfg(
+        [
+            "model=hub",
+            "features=[shapes_net]",
+            "dataset=shapes",
+            "dataset.size=32",
+            f"model.path={path}",
+            "mode=[attention]",
+            "sampler.num_inference_steps=3",
+            "mode.attention.steps=[0,2]",
+            "sampler.batch_size=2",
+            "mode.attention.num_prompts=2",
+            "mode.attention.num_reference=2",
+            *size,
+            *extra,
+        ],
+        outputs,
+    )
     return run_pipeline(cfg, tmp_path / "run")
 
 
@@ -255,18 +298,40 @@ def test_mode_runs_on_every_text_family_with_its_keys(family, family_paths, tmp_
 
 @pytest.mark.parametrize("family, kind", [("dit", "class-conditional"), ("ddpm", "unconditional")])
 def test_models_without_text_are_refused_before_any_work(family, kind, family_paths, tmp_path, outputs):
-    cfg = compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={family_paths[family]}",
-                       "mode=[attention,schedule]"], outputs)
+    cfg = compose_cfg(
+        [
+            "model=hub",
+            "features=[shapes_net]",
+            "dataset=shapes",
+            f"model.path={family_paths[family]}",
+            "mode=[attention,schedule]",
+        ],
+        outputs,
+    )
     with pytest.raises(UserError, match=rf"needs a text-conditioned model: \w+Pipeline \({family}\) is {kind}"):
         run_pipeline(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "plots").exists()  # refused from model_index.json: nothing ran
 
 
 def test_sd3_through_the_cli(family_paths, outputs):
-    res = run_cli(["model=hub", f"model.path={family_paths['sd3']}", "features=[shapes_net]", "dataset=shapes",
-                   "dataset.size=32", "mode=[attention]", "sampler.num_inference_steps=2", "mode.attention.steps=[0,1]",
-                   "mode.attention.num_prompts=2", "mode.attention.num_reference=0", "mode.attention.figures=1",
-                   f"paths.outputs={outputs}", f"hydra.run.dir={outputs}/sd3_cli"], outputs)
+    res = run_cli(
+        [
+            "model=hub",
+            f"model.path={family_paths['sd3']}",
+            "features=[shapes_net]",
+            "dataset=shapes",
+            "dataset.size=32",
+            "mode=[attention]",
+            "sampler.num_inference_steps=2",
+            "mode.attention.steps=[0,1]",
+            "mode.attention.num_prompts=2",
+            "mode.attention.num_reference=0",
+            "mode.attention.figures=1",
+            f"paths.outputs={outputs}",
+            f"hydra.run.dir={outputs}/sd3_cli",
+        ],
+        outputs,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads((outputs / "sd3_cli" / "results.json").read_text())
     assert 0 < r["attention/text_share"] < 1 and "attention/bos_share" not in r  # T5 segment: no start token
@@ -280,11 +345,23 @@ def test_folder_without_masks_reports_maps_and_skips_iou_with_tags(family_paths,
     root.mkdir()
     for i in range(2):
         Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
-    (root / "captions.jsonl").write_text("".join(json.dumps({"file": f"{i}.png", "caption": PROMPTS[i]}) + "\n"
-                                                 for i in range(2)))
-    cfg = compose_cfg(["model=hub", f"model.path={family_paths['sd']}", "dataset=folder", f"dataset.root={root}",
-                       "features=[shapes_net]", "mode=[attention]", "sampler.num_inference_steps=2",
-                       "mode.attention.steps=[0,1]", "mode.attention.num_prompts=2"], outputs)
+    (root / "captions.jsonl").write_text(
+        "".join(json.dumps({"file": f"{i}.png", "caption": PROMPTS[i]}) + "\n" for i in range(2))
+    )
+    cfg = compose_cfg(
+        [
+            "model=hub",
+            f"model.path={family_paths['sd']}",
+            "dataset=folder",
+            f"dataset.root={root}",
+            "features=[shapes_net]",
+            "mode=[attention]",
+            "sampler.num_inference_steps=2",
+            "mode.attention.steps=[0,1]",
+            "mode.attention.num_prompts=2",
+        ],
+        outputs,
+    )
     out = run_pipeline(cfg, tmp_path / "run")
     assert out.status == "FINISHED", out.error
     assert "attention/bos_share" in out.results and "attention/entropy_late" in out.results
@@ -299,9 +376,19 @@ def test_real_images_with_masks_localise_on_shapes_sd(tmp_path, outputs):
     from pipeline.data.shapes import ShapesDataset, export
 
     export(ShapesDataset("test", 24), tmp_path / "folder")
-    cfg = compose_cfg(["model=shapes_sd", "dataset=folder", f"dataset.root={tmp_path / 'folder'}", "mode=[attention]",
-                       "mode.attention.num_prompts=4", "mode.attention.num_reference=24", "sampler.num_inference_steps=10",
-                       "mode.attention.steps=[1,8]"], outputs)
+    cfg = compose_cfg(
+        [
+            "model=shapes_sd",
+            "dataset=folder",
+            f"dataset.root={tmp_path / 'folder'}",
+            "mode=[attention]",
+            "mode.attention.num_prompts=4",
+            "mode.attention.num_reference=24",
+            "sampler.num_inference_steps=10",
+            "mode.attention.steps=[1,8]",
+        ],
+        outputs,
+    )
     out = run_pipeline(cfg, tmp_path / "run")
     assert out.status == "FINISHED", out.error
     r = out.results
@@ -332,7 +419,17 @@ def test_attention_overlays_have_one_colour_bar_on_a_fixed_scale():
 
 
 def test_snapshot_steps_out_of_range_fail_before_any_work(tmp_path):
-    cfg = compose_cfg(["mode=[attention]", "sampler.num_inference_steps=10", "mode.attention.steps=[5,15]",
-                       "model=hub", "features=[shapes_net]", "dataset=shapes", "model.path=/nonexistent"], tmp_path / "out")
+    cfg = compose_cfg(
+        [
+            "mode=[attention]",
+            "sampler.num_inference_steps=10",
+            "mode.attention.steps=[5,15]",
+            "model=hub",
+            "features=[shapes_net]",
+            "dataset=shapes",
+            "model.path=/nonexistent",
+        ],
+        tmp_path / "out",
+    )
     with pytest.raises(UserError, match=r"mode.attention.steps=\[5, 15\]: .* 0..9"):
         run_pipeline(cfg, tmp_path / "run")

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, all_runs, run_cli, sqlite_uri
 
 
@@ -43,8 +42,11 @@ def test_main_job_writes_run_dir_and_mlflow_run(main_run, outputs):
 
 def test_reproduce_by_run_id_and_by_run_dir(main_run, outputs, tmp_path):
     run_dir, run_id = main_run
-    proc = run_cli([run_id, "--tracking-uri", sqlite_uri(outputs), f"paths.outputs={outputs}"], outputs,
-                   module="pipeline.run.reproduce")
+    proc = run_cli(
+        [run_id, "--tracking-uri", sqlite_uri(outputs), f"paths.outputs={outputs}"],
+        outputs,
+        module="pipeline.run.reproduce",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     n = len(json.loads((run_dir / "results.json").read_text()))
     assert f"{n}/{n} scalars match" in proc.stdout
@@ -83,8 +85,18 @@ def test_multirun_makes_one_parent_and_a_child_per_job_even_when_one_fails(outpu
 
     good, flat = BUILTIN_DIR / "sd15_scheduler", _flat_schedule_model(tmp_path)
     before = {r.info.run_id for r in all_runs(outputs)}
-    proc = run_cli(["-m", f"paths.outputs={outputs}", "mode=[schedule]", "scheduler=ddim,euler", "model=hub",
-                    f"model.path={good},{flat}", "mode.schedule.compare=[linear]"], outputs)
+    proc = run_cli(
+        [
+            "-m",
+            f"paths.outputs={outputs}",
+            "mode=[schedule]",
+            "scheduler=ddim,euler",
+            "model=hub",
+            f"model.path={good},{flat}",
+            "mode.schedule.compare=[linear]",
+        ],
+        outputs,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the sweep finished, but two jobs failed
     assert "is not strictly decreasing" in proc.stdout + proc.stderr
     new = [r for r in all_runs(outputs) if r.info.run_id not in before]
@@ -103,13 +115,16 @@ def test_multirun_makes_one_parent_and_a_child_per_job_even_when_one_fails(outpu
     assert parent.data.metrics == {}  # schedule keys have no better direction: no best.<key>
     assert parent.info.run_name == "sweep·scheduler=ddim,euler·model.path=sd15_scheduler,flat"  # paths by their name
     assert sorted(r.info.run_name for r in children) == sorted(
-        f"scheduler={s}·model.path={m}" for s in ("ddim", "euler") for m in ("sd15_scheduler", "flat"))
+        f"scheduler={s}·model.path={m}" for s in ("ddim", "euler") for m in ("sd15_scheduler", "flat")
+    )
     assert parent.data.tags["tracking.uri_effective"] == sqlite_uri(outputs)
     runs_url = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs"
     assert f"  this run    {runs_url}/{parent.info.run_id}" in proc.stdout
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.endswith("Sweep done: 2 of 4 jobs finished, 2 did not (scheduler=ddim·model.path=flat; "
-                         f"scheduler=euler·model.path=flat); summary table {sweep_dir / 'sweep_summary.csv'}."), last
+    assert last.endswith(
+        "Sweep done: 2 of 4 jobs finished, 2 did not (scheduler=ddim·model.path=flat; "
+        f"scheduler=euler·model.path=flat); summary table {sweep_dir / 'sweep_summary.csv'}."
+    ), last
 
 
 @pytest.mark.parametrize(
@@ -144,8 +159,15 @@ def test_ctrl_c_mid_sweep_leaves_no_run_running(outputs):
     from conftest import default_signals
 
     cmd = [sys.executable, "-m", "pipeline", "-m", f"paths.outputs={outputs}", "scheduler=ddim,euler,heun"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "DIFFUSION_LENS_CRASH_AT": "stage_schedule:2:SIGINT"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, preexec_fn=default_signals)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "MPLBACKEND": "Agg",
+        "DIFFUSION_LENS_CRASH_AT": "stage_schedule:2:SIGINT",
+    }
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, preexec_fn=default_signals
+    )
     assert proc.returncode == 130, proc.stdout[-3000:] + proc.stderr[-3000:]
     _no_run_left_running(outputs)
     runs = all_runs(outputs)

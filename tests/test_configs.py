@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from conftest import compose_cfg
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import compose_cfg
 from pipeline.config import CONF_DIR
+from pipeline.core.registry import MODE_PACKAGES, MODES, load_modes
 from pipeline.errors import UserError
 from pipeline.models.builtin import builtin_path
 from pipeline.models.loading import load_scheduler_config
 from pipeline.models.schedulers import DIFFUSION_SOLVERS, FLOW_SOLVERS, build_scheduler
-from pipeline.core.registry import MODE_PACKAGES, MODES, load_modes
 
 GROUPS = ["model", "dataset", "scheduler", "mode", "features", "tracking", "experiment"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
@@ -24,8 +24,23 @@ COMPOSE_ERRORS = (ConfigCompositionException, ConfigKeyError, ValidationError, U
 
 
 def test_scheduler_options_are_exactly_the_documented_ones():
-    assert SCHEDULERS == sorted(["native", "ddpm", "ddim", "pndm", "euler", "euler_ancestral", "heun", "dpmpp_2m", "unipc",
-                                 "flow_euler", "flow_heun", "flow_dpmpp_2m", "flow_unipc"])
+    assert SCHEDULERS == sorted(
+        [
+            "native",
+            "ddpm",
+            "ddim",
+            "pndm",
+            "euler",
+            "euler_ancestral",
+            "heun",
+            "dpmpp_2m",
+            "unipc",
+            "flow_euler",
+            "flow_heun",
+            "flow_dpmpp_2m",
+            "flow_unipc",
+        ]
+    )
     assert compose_cfg([]).scheduler.name == "native"  # the default for every model
     # the sweep lists of ${family_solvers:...} are the options of each family (ddpm, 1000-step ancestral, left out)
     assert sorted(DIFFUSION_SOLVERS) == sorted(n for n in DIFFUSION if n != "ddpm")
@@ -109,7 +124,9 @@ def test_every_mode_default_is_written_once_in_its_yaml(mode):
     assert not with_default, f"{mode}: schema defaults (belong in conf/mode/{mode}.yaml): {with_default}"
     written = _yaml_leaves(OmegaConf.load(CONF_DIR / "mode" / f"{mode}.yaml"), schema)
     assert not sorted(set(leaves) - written), f"conf/mode/{mode}.yaml lacks {sorted(set(leaves) - written)}"
-    assert not sorted(written - set(leaves)), f"conf/mode/{mode}.yaml sets keys its schema lacks: {sorted(written - set(leaves))}"
+    assert not sorted(written - set(leaves)), (
+        f"conf/mode/{mode}.yaml sets keys its schema lacks: {sorted(written - set(leaves))}"
+    )
     block = compose_cfg([f"mode=[{mode}]"]).mode[mode]  # the yaml's values pass the schema's types
     OmegaConf.to_container(block, throw_on_missing=True)  # and leave no ??? behind
 
@@ -143,11 +160,15 @@ def test_a_key_added_with_plus_that_the_schema_lacks_is_rejected_naming_the_clos
     """Hydra's `+` adds keys under open_dict, past the struct check: checked after composition instead."""
     from pipeline.errors import UserError
 
-    for override, closest in [("+sampler.num_inference_step=5", "sampler.num_inference_steps"),
-                              ("+num_inference_steps=5", "sampler.num_inference_steps"),  # the wrong level
-                              ("+features.shapes_net.rezise=bicubic", "features.shapes_net.resize"),
-                              ("+mode.schedule.comapre=[linear]", "mode.schedule.compare")]:
-        with pytest.raises(UserError, match=rf"{override[1:].split('=')[0]}: unknown config key; did you mean {closest}\?"):
+    for override, closest in [
+        ("+sampler.num_inference_step=5", "sampler.num_inference_steps"),
+        ("+num_inference_steps=5", "sampler.num_inference_steps"),  # the wrong level
+        ("+features.shapes_net.rezise=bicubic", "features.shapes_net.resize"),
+        ("+mode.schedule.comapre=[linear]", "mode.schedule.compare"),
+    ]:
+        with pytest.raises(
+            UserError, match=rf"{override[1:].split('=')[0]}: unknown config key; did you mean {closest}\?"
+        ):
             compose_cfg([override])
     assert compose_cfg(["+scheduler.options.foo=1"]).scheduler.options.foo == 1  # free-form by design
 
@@ -157,9 +178,11 @@ def test_each_dataset_kind_has_its_own_keys(tmp_path):
     key, a saved config); the OOD block names its kind in its yaml and takes that kind's keys."""
     from pipeline.config import FolderDatasetConfig, ShapesDatasetConfig, check_config, to_plain, validate
 
-    for overrides, key, kind in [(["dataset=folder", "dataset.p_two=0.3"], "dataset.p_two", "folder"),
-                                 (["dataset=folder", "+dataset.split=val"], "dataset.split", "folder"),
-                                 (["dataset.root=/data"], "dataset.root", "shapes")]:
+    for overrides, key, kind in [
+        (["dataset=folder", "dataset.p_two=0.3"], "dataset.p_two", "folder"),
+        (["dataset=folder", "+dataset.split=val"], "dataset.split", "folder"),
+        (["dataset.root=/data"], "dataset.root", "shapes"),
+    ]:
         with pytest.raises(UserError, match=rf"{key}: unknown config key of dataset kind '{kind}'"):
             compose_cfg(overrides)
     folder = compose_cfg(["dataset=folder", "dataset.root=/data"])
@@ -210,15 +233,25 @@ def test_every_job_of_a_multirun_is_checked_before_the_first_starts():
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         compose = GlobalHydra.instance().hydra.compose_config  # what `python -m pipeline -m ...` composes
-        check_sweep(compose("config", ["scheduler=ddim,euler", "+scheduler.options.foo=1,2"], run_mode=RunMode.MULTIRUN))
-        master = compose("config", ["scheduler=ddim,euler", "+sampler.num_inference_step=5,10"], run_mode=RunMode.MULTIRUN)
-        with pytest.raises(UserError, match=r"sweep job scheduler=ddim \+sampler.num_inference_step=5: sampler.num_inference_step: "
-                                            r"unknown config key; did you mean sampler.num_inference_steps\?"):
+        check_sweep(
+            compose("config", ["scheduler=ddim,euler", "+scheduler.options.foo=1,2"], run_mode=RunMode.MULTIRUN)
+        )
+        master = compose(
+            "config", ["scheduler=ddim,euler", "+sampler.num_inference_step=5,10"], run_mode=RunMode.MULTIRUN
+        )
+        with pytest.raises(
+            UserError,
+            match=r"sweep job scheduler=ddim \+sampler.num_inference_step=5: sampler.num_inference_step: "
+            r"unknown config key; did you mean sampler.num_inference_steps\?",
+        ):
             check_sweep(master)
         # the runner's preflight of every job (pipeline.run.runner.SweepPreflight, the callback before the MLflow one):
         # one job whose solver does not fit the model refuses the whole sweep, naming the job
-        impossible = compose("config", ["model=sd15_scheduler", "mode=[schedule]", "scheduler=ddim,flow_euler"],
-                             run_mode=RunMode.MULTIRUN)
+        impossible = compose(
+            "config",
+            ["model=sd15_scheduler", "mode=[schedule]", "scheduler=ddim,flow_euler"],
+            run_mode=RunMode.MULTIRUN,
+        )
         assert list(impossible.hydra.callbacks) == ["preflight", "mlflow_sweep"]
         from pipeline.run.runner import SweepPreflight
 

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, all_runs, compose_cfg
 
 N = 101  # uneven shards: 50 + 51 rows
@@ -56,24 +55,61 @@ def test_torchrun_sweep_killed_and_relaunched_runs_each_job_once_with_the_single
     """A 2-job sweep under torchrun (2 CPU ranks), SIGKILLed in its first job, relaunched into the same sweep dir:
     each job is one MLflow run under one parent (every job sharded across both ranks), the killed job resumed in
     its own run, and its scalars equal a single process's on the same samples, exactly."""
+    from tiny import tiny_ddpm
+
     from pipeline.run.runner import run_pipeline
     from pipeline.zoo.shapes_net import ShapesNet
-    from tiny import tiny_ddpm
 
     torch.manual_seed(0)
     ShapesNet().save_pretrained(tmp_path / "net")
     ddpm, out, sweep = tiny_ddpm(tmp_path / "ddpm"), tmp_path / "out", tmp_path / "sweep"
     # batches of 4 inside shards of 8: every image sees the same batch composition in both runs (bitwise equal features)
-    args = ["mode=[metrics]", "model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={ddpm}", "model.device=cpu", f"features.shapes_net.model={tmp_path / 'net'}",
-            "mode.metrics.num_samples=16", "dataset.num_images=24", "sampler.num_inference_steps=2", "sampler.batch_size=4",
-            "mode.metrics.kid_subsets=3", "mode.metrics.grid=4", "mode.metrics.cache=false"]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    args = [
+        "mode=[metrics]",
+        "model=hub",
+        "features=[shapes_net]",
+        "dataset=shapes",
+        f"model.path={ddpm}",
+        "model.device=cpu",
+        f"features.shapes_net.model={tmp_path / 'net'}",
+        "mode.metrics.num_samples=16",
+        "dataset.num_images=24",
+        "sampler.num_inference_steps=2",
+        "sampler.batch_size=4",
+        "mode.metrics.kid_subsets=3",
+        "mode.metrics.grid=4",
+        "mode.metrics.cache=false",
+    ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "-m",
-           *args, "sampler.num_inference_steps=1,2", f"hydra.sweep.dir={sweep}", f"paths.outputs={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pipeline",
+        "-m",
+        *args,
+        "sampler.num_inference_steps=1,2",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.outputs={out}",
+    ]
     cmd.remove("sampler.num_inference_steps=2")
-    killed = subprocess.run(cmd, cwd=REPO, env={**env, "DIFFUSION_LENS_CRASH_AT": "shard_written:1"},
-                            capture_output=True, text=True, timeout=240)
+    killed = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**env, "DIFFUSION_LENS_CRASH_AT": "shard_written:1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert killed.returncode != 0 and not (sweep / "1").exists(), killed.stderr[-3000:]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -99,6 +135,17 @@ def test_torchrun_sweep_killed_and_relaunched_runs_each_job_once_with_the_single
         torch.set_num_threads(threads)
     assert single["metrics/num_shards"] == 1
     # rank 0 computes from every rank's shards in sample order: exactly the single-process scalars
-    for stat in ("fd", "fd_floor", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "is_mean", "is_std"):
+    for stat in (
+        "fd",
+        "fd_floor",
+        "kid_mean",
+        "kid_std",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+        "is_mean",
+        "is_std",
+    ):
         key = f"metrics/{stat}_shapes_net"
         assert sharded[key] == single[key], key

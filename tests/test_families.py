@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import all_runs, compose_cfg, run_cli
+from PIL import Image
+from tiny import FAMILY_NAMES, tiny_family
+
 from pipeline.errors import UserError
 from pipeline.run.runner import run_pipeline
-from tiny import FAMILY_NAMES, tiny_family
 
 SEED, STEPS, GUIDANCE, N = 5, 3, 4.0, 6
 SIZES = {"flux": 32}  # Flux's native size (1024 px at the tiny VAE's x2 = 256 px) is too slow for a test
@@ -54,13 +54,28 @@ def family_dir(root):
 def _overrides(root: Path, model_dir: Path, name: str, extra=(), schedule: bool = True) -> list[str]:
     size = SIZES.get(name)
     modes = ["mode=[schedule,metrics]", "mode.schedule.compare=[linear]"] if schedule else ["mode=[metrics]"]
-    return ["model=hub", f"model.path={model_dir}", *modes, "features=[shapes_net]",
-            f"features.shapes_net.model={root / 'net'}", f"dataset.root={root / 'folder'}", f"dataset.num_images={N}",
-            f"mode.metrics.num_samples={N}", f"sampler.num_inference_steps={STEPS}", "sampler.batch_size=4",
-            f"sampler.guidance_scale={GUIDANCE}", f"seed={SEED}", "mode.metrics.save_images=true",
-            "mode.metrics.kid_subsets=2", "mode.metrics.grid=2", "mode.metrics.pr_k=2", "mode.metrics.dc_k=2",
-            *([f"sampler.height={size}", f"sampler.width={size}"] if size else []),
-            *([f"mode.metrics.class_ids=[{','.join(map(str, CLASS_IDS))}]"] if name == "dit" else []), *extra]
+    return [
+        "model=hub",
+        f"model.path={model_dir}",
+        *modes,
+        "features=[shapes_net]",
+        f"features.shapes_net.model={root / 'net'}",
+        f"dataset.root={root / 'folder'}",
+        f"dataset.num_images={N}",
+        f"mode.metrics.num_samples={N}",
+        f"sampler.num_inference_steps={STEPS}",
+        "sampler.batch_size=4",
+        f"sampler.guidance_scale={GUIDANCE}",
+        f"seed={SEED}",
+        "mode.metrics.save_images=true",
+        "mode.metrics.kid_subsets=2",
+        "mode.metrics.grid=2",
+        "mode.metrics.pr_k=2",
+        "mode.metrics.dc_k=2",
+        *([f"sampler.height={size}", f"sampler.width={size}"] if size else []),
+        *([f"mode.metrics.class_ids=[{','.join(map(str, CLASS_IDS))}]"] if name == "dit" else []),
+        *extra,
+    ]
 
 
 SAMPLES_PER_PROMPT = 4  # conf/mode/metrics.yaml's default: sample i gets prompt i // 4
@@ -85,7 +100,7 @@ def _oracle(pipe, name: str, i: int, prompts: list[str]) -> np.ndarray:
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -115,9 +130,16 @@ def test_family_runs_schedule_and_metrics_and_matches_its_own_pipeline(name, roo
         assert _psnr(ours, theirs) >= 40, (name, i, _psnr(ours, theirs))
 
 
-@pytest.mark.parametrize("name, solver", [("ddpm", "DDPMScheduler"), ("ddpm", "EulerAncestralDiscreteScheduler"),
-                                          ("ddpm", "DDIMScheduler"), ("sd", "EulerAncestralDiscreteScheduler"),
-                                          ("dit", "DDPMScheduler")])
+@pytest.mark.parametrize(
+    "name, solver",
+    [
+        ("ddpm", "DDPMScheduler"),
+        ("ddpm", "EulerAncestralDiscreteScheduler"),
+        ("ddpm", "DDIMScheduler"),
+        ("sd", "EulerAncestralDiscreteScheduler"),
+        ("dit", "DDPMScheduler"),
+    ],
+)
 def test_images_do_not_depend_on_the_batch_size_for_any_solver(name, solver, family_dir):
     """Per-sample generators for the initial noise *and* every stochastic step (DDPM, Euler-ancestral, DDIM with
     η > 0), for unconditional, text and class-conditional models: batch sizes 1, 3 and 8 give the same images
@@ -125,8 +147,8 @@ def test_images_do_not_depend_on_the_batch_size_for_any_solver(name, solver, fam
     import diffusers
     from diffusers import DiffusionPipeline
 
-    from pipeline.models.generation import generate
     from pipeline.models.adapter import ModelAdapter
+    from pipeline.models.generation import generate
 
     pipe = DiffusionPipeline.from_pretrained(family_dir(name), use_safetensors=True)
     model = ModelAdapter(pipe)
@@ -134,15 +156,29 @@ def test_images_do_not_depend_on_the_batch_size_for_any_solver(name, solver, fam
     eta = 0.7 if solver == "DDIMScheduler" else 0.0
     runs = {}
     for bs in (1, 3, 8):
-        batches = generate(model, sampler, 8, bs, 2, GUIDANCE, SEED, prompts=["a red circle on the left", "a blue square"],
-                           class_ids=CLASS_IDS, eta=eta, progress=False)
+        batches = generate(
+            model,
+            sampler,
+            8,
+            bs,
+            2,
+            GUIDANCE,
+            SEED,
+            prompts=["a red circle on the left", "a blue square"],
+            class_ids=CLASS_IDS,
+            eta=eta,
+            progress=False,
+        )
         runs[bs] = torch.cat([b.images for b in batches]).int()
     assert (runs[1] - runs[3]).abs().max() <= 2 and (runs[1] - runs[8]).abs().max() <= 2
     assert (runs[1][0] - runs[1][2]).abs().max() > 2  # and the samples do differ from each other
 
 
 def test_eta_is_refused_by_solvers_without_it(root, family_dir, tmp_path):
-    cfg = compose_cfg([*_overrides(root, family_dir("sd"), "sd", schedule=False), "scheduler=euler", "sampler.eta=0.5"], tmp_path / "out")
+    cfg = compose_cfg(
+        [*_overrides(root, family_dir("sd"), "sd", schedule=False), "scheduler=euler", "sampler.eta=0.5"],
+        tmp_path / "out",
+    )
     with pytest.raises(UserError, match=r"sampler\.eta=0\.5: EulerDiscreteScheduler"):
         run_pipeline(cfg, tmp_path / "run")
 
@@ -150,22 +186,28 @@ def test_eta_is_refused_by_solvers_without_it(root, family_dir, tmp_path):
 def test_eta_changes_ddim_images(family_dir):
     from diffusers import DiffusionPipeline
 
-    from pipeline.models.generation import generate
     from pipeline.models.adapter import ModelAdapter
+    from pipeline.models.generation import generate
 
     pipe = DiffusionPipeline.from_pretrained(family_dir("ddpm"), use_safetensors=True)
     from diffusers import DDIMScheduler
 
     sampler = DDIMScheduler.from_config(pipe.scheduler.config)
-    a, b = (torch.cat([x.images for x in generate(ModelAdapter(pipe), sampler, 2, 2, 3, 1.0, SEED, eta=eta,
-                                                  progress=False)]).int() for eta in (0.0, 1.0))
+    a, b = (
+        torch.cat(
+            [x.images for x in generate(ModelAdapter(pipe), sampler, 2, 2, 3, 1.0, SEED, eta=eta, progress=False)]
+        ).int()
+        for eta in (0.0, 1.0)
+    )
     assert (a - b).abs().max() > 2
 
 
 def test_unsupported_pipeline_class_is_refused_before_any_work(root, tmp_path):
     bad = tmp_path / "kandinsky"
     bad.mkdir()
-    (bad / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (bad / "model_index.json").write_text(
+        json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
+    )
     cfg = compose_cfg(_overrides(root, bad, "sd", schedule=False), tmp_path / "out")
     with pytest.raises(UserError, match=r"KandinskyPipeline.*metrics.*StableDiffusionPipeline \(sd\)"):
         run_pipeline(cfg, tmp_path / "run")

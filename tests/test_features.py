@@ -208,8 +208,13 @@ def test_inception_outputs_and_determinism(inception, inception_file):
     assert torch.allclose(as_float["pool"], out["pool"][:1], rtol=1e-4, atol=1e-5)
     # identity for caches and scores
     assert inception.weights_id == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    assert inception.describe() == {"name": "inception", "weights_id": inception.weights_id, "resize": "bilinear",
-                                    "input_size": 299, "center_crop": False}
+    assert inception.describe() == {
+        "name": "inception",
+        "weights_id": inception.weights_id,
+        "resize": "bilinear",
+        "input_size": 299,
+        "center_crop": False,
+    }
 
 
 def test_inception_block_shapes(inception):
@@ -228,8 +233,12 @@ def test_inception_block_shapes(inception):
     finally:
         for h in hooks:
             h.remove()
-    assert seen == {"Conv2d_4a_3x3": (1, 192, 71, 71), "Mixed_5d": (1, 288, 35, 35),
-                    "Mixed_6e": (1, 768, 17, 17), "Mixed_7c": (1, 2048, 8, 8)}
+    assert seen == {
+        "Conv2d_4a_3x3": (1, 192, 71, 71),
+        "Mixed_5d": (1, 288, 35, 35),
+        "Mixed_6e": (1, 768, 17, 17),
+        "Mixed_7c": (1, 2048, 8, 8),
+    }
     assert inception.net.Mixed_7b.pool == "avg" and inception.net.Mixed_7c.pool == "max"
 
 
@@ -334,8 +343,9 @@ def clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip(clip_dir):
-    return build_extractor(features_cfg(name="clip", model=str(clip_dir), resize="bicubic_antialias", batch_size=2),
-                           "cpu")
+    return build_extractor(
+        features_cfg(name="clip", model=str(clip_dir), resize="bicubic_antialias", batch_size=2), "cpu"
+    )
 
 
 def test_clip_image_embeds_match_the_model(clip):
@@ -407,16 +417,19 @@ def dinov2_dir(tmp_path_factory):
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    config = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          mlp_ratio=2)
+    config = Dinov2Config(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2
+    )
     path = tmp_path_factory.mktemp("dinov2")
     Dinov2Model(config).save_pretrained(path)
     return path
 
 
 def test_dinov2_pool_is_the_normalised_cls_token(dinov2_dir):
-    ext = build_extractor(features_cfg(name="dinov2", model=str(dinov2_dir), image_size=16, batch_size=2,
-                                       resize="bicubic_antialias"), "cpu")
+    ext = build_extractor(
+        features_cfg(name="dinov2", model=str(dinov2_dir), image_size=16, batch_size=2, resize="bicubic_antialias"),
+        "cpu",
+    )
     x = images_u8(3, 20, 20)
     out = ext(x)
     assert set(out) == {"pool"} and out["pool"].shape == (3, 32)
@@ -466,11 +479,17 @@ def test_every_suggested_features_override_composes(tmp_path, monkeypatch, caplo
     cases = [  # (options of the run, how the message arises)
         (hub, lambda: build_extractor(features_cfg(name="inception"), "cpu")),  # offline, no cached weights
         (hub, lambda: build_extractor(features_cfg(name="inception", weights_path=str(tmp_path / "no.pth")), "cpu")),
-        (hub, lambda: build_extractor(features_cfg(name="inception", weights_path=str(tmp_path / "no.pth"),
-                                                   image_size=224), "cpu")),
+        (
+            hub,
+            lambda: build_extractor(
+                features_cfg(name="inception", weights_path=str(tmp_path / "no.pth"), image_size=224), "cpu"
+            ),
+        ),
         (["features=[clip]"], lambda: build_extractor(features_cfg(name="clip", model="no-such-org/clip"), "cpu")),
-        (["features=[dinov2]"], lambda: build_extractor(features_cfg(name="dinov2", model=str(dinov2_dir),
-                                                                     image_size=20), "cpu")),
+        (
+            ["features=[dinov2]"],
+            lambda: build_extractor(features_cfg(name="dinov2", model=str(dinov2_dir), image_size=20), "cpu"),
+        ),
         ([], lambda: build_extractor(features_cfg(name="nope"), "cpu")),
     ]
     messages = []

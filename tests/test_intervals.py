@@ -21,6 +21,7 @@ def test_cmmd_equals_an_independent_numpy_implementation_and_is_small_between_ha
         def k(u, v):
             d2 = (u**2).sum(1)[:, None] + (v**2).sum(1)[None, :] - 2 * u @ v.T
             return np.exp(-d2 / (2 * sigma**2))
+
         return 1000 * (k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean())
 
     assert cmmd(x, y, chunk_rows=64) == pytest.approx(numpy_cmmd(x, y), rel=1e-6)
@@ -58,8 +59,9 @@ def test_fd_interval_covers_the_expected_fd_and_a_fresh_run_mostly():
     covers = fresh_covers = 0
     for trial in range(50):
         x = draw()
-        lo, hi = normal_interval(frechet_distance(FeatureStats.from_features(x), ref),
-                                 fd_subsample_sd(x, ref, replicates=20, seed=trial))
+        lo, hi = normal_interval(
+            frechet_distance(FeatureStats.from_features(x), ref), fd_subsample_sd(x, ref, replicates=20, seed=trial)
+        )
         covers += lo <= expected <= hi
         fresh_covers += lo <= fresh[trial] <= hi
     assert covers >= 45  # a 95 % interval for the expected FD at this N

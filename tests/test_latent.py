@@ -9,16 +9,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import compose_cfg
-from pipeline.modes.latent import interpolation as LI
-from pipeline.modes.latent import inversion as LV
+from PIL import Image
+from tiny import tiny_models
+
+from pipeline.errors import UserError
 from pipeline.metrics import ood as O
 from pipeline.metrics.image import psnr
-from pipeline.errors import UserError
+from pipeline.modes.latent import interpolation as LI
+from pipeline.modes.latent import inversion as LV
 from pipeline.run.runner import run_pipeline
-from tiny import tiny_models
 
 torch.set_num_threads(1)  # small, and no oversubscription on a busy 2-core machine
 
@@ -53,9 +53,9 @@ def test_slerp_keeps_the_norm_and_lerp_does_not():
 def test_vae_scaling_and_shift_are_applied_on_encode_and_removed_on_decode(tmp_path):
     """The adapter's VAE convention (SD3: z = (mode - shift_factor) x scaling_factor; decode undoes both)."""
     from diffusers import DiffusionPipeline
+    from tiny import tiny_family
 
     from pipeline.models.adapter import ModelAdapter
-    from tiny import tiny_family
 
     pipe = DiffusionPipeline.from_pretrained(tiny_family("sd3", tmp_path / "sd3"), use_safetensors=True)
     model = ModelAdapter(pipe)
@@ -73,7 +73,9 @@ def test_psnr_known_value():
     a = torch.zeros(2, 3, 4, 4)
     b = a + 0.1  # MSE 0.01 -> 20 dB on a [0, 1] scale
     torch.testing.assert_close(psnr(a, b), torch.full((2,), 20.0, dtype=torch.float64))
-    torch.testing.assert_close(psnr(a, b, data_range=2.0), torch.full((2,), 20 + 20 * math.log10(2), dtype=torch.float64))
+    torch.testing.assert_close(
+        psnr(a, b, data_range=2.0), torch.full((2,), 20 + 20 * math.log10(2), dtype=torch.float64)
+    )
 
 
 # ----------------------------------------------------------------------------------------------- DDIM inversion
@@ -142,7 +144,7 @@ def test_auroc_and_fpr95():
     assert abs(O.auroc(id_s, same) - 0.5) < 0.05
     # against the pairwise definition, with ties
     a, b = rng.integers(0, 5, 40).astype(float), rng.integers(1, 6, 30).astype(float)
-    pairwise = ((b[:, None] > a[None]).mean() + 0.5 * (b[:, None] == a[None]).mean())
+    pairwise = (b[:, None] > a[None]).mean() + 0.5 * (b[:, None] == a[None]).mean()
     assert abs(O.auroc(a, b) - pairwise) < 1e-12
     # FPR95 by hand: OOD 5..24 (20 scores): the threshold keeping 19 of them (95 %) is 6; ID 0..9 -> 6,7,8,9 flagged
     assert O.fpr_at_tpr(np.arange(10), np.arange(5, 25)) == pytest.approx(0.4)
@@ -154,7 +156,10 @@ def test_auroc_and_fpr95():
 def test_shrinkage_matches_scikit_learn_and_mahalanobis_matches_the_dense_inverse():
     sk = pytest.importorskip("sklearn.covariance")
     rng = np.random.default_rng(0)
-    for n, d in ((60, 10), (40, 300)):  # d > n: the sample covariance is singular, shrinkage is what makes it invertible
+    for n, d in (
+        (60, 10),
+        (40, 300),
+    ):  # d > n: the sample covariance is singular, shrinkage is what makes it invertible
         x = rng.normal(size=(n, d)) * rng.uniform(0.3, 3, d) + rng.normal(size=d)
         s_lw, _ = O.ledoit_wolf_shrinkage(torch.from_numpy(x))
         assert s_lw == pytest.approx(sk.ledoit_wolf_shrinkage(x), rel=1e-9)
@@ -195,8 +200,10 @@ def test_direction_edit_and_flip_rows():
     assert edited_side("a green square on the left and a red circle on the right", edit) == "right"
     assert edited_side("a green square on the left", edit) is None
     sides = ["left", "left", "right", None]
-    judged = {0.0: [{"left": ("circle", "red")}, {"left": ("circle", "blue")}, {"right": None}, {}],
-              1.0: [{"left": ("circle", "blue")}, {"left": ("circle", "blue")}, {"right": ("square", "blue")}, {}]}
+    judged = {
+        0.0: [{"left": ("circle", "red")}, {"left": ("circle", "blue")}, {"right": None}, {}],
+        1.0: [{"left": ("circle", "blue")}, {"left": ("circle", "blue")}, {"right": ("square", "blue")}, {}],
+    }
     rows = {r["scale"]: r for r in flip_rows(judged, sides, edit)}
     # generation 1 was blue already (no flip), 0 and 2 flipped; 3 is not scored
     assert rows[1.0]["flip_rate"] == pytest.approx(2 / 3) and rows[1.0]["n"] == 3
@@ -210,15 +217,36 @@ def models(tmp_path_factory):
     return tiny_models(tmp_path_factory.mktemp("latent_models"))
 
 
-SMALL = ["sampler.batch_size=32", "mode.latent.steps=3", "mode.latent.ppl_pairs=3", "mode.latent.vae_samples=6",
-         "mode.latent.inversion_samples=3", "mode.latent.interp_points=3", "mode.latent.ood_fit_samples=100",
-         "mode.latent.ood_eval_samples=12", "mode.latent.recon_steps=1", "mode.latent.recon_timesteps=[100,300]",
-         "mode.latent.direction.samples_per_prompt=1", "mode.latent.direction.scales=[1.0]"]
+SMALL = [
+    "sampler.batch_size=32",
+    "mode.latent.steps=3",
+    "mode.latent.ppl_pairs=3",
+    "mode.latent.vae_samples=6",
+    "mode.latent.inversion_samples=3",
+    "mode.latent.interp_points=3",
+    "mode.latent.ood_fit_samples=100",
+    "mode.latent.ood_eval_samples=12",
+    "mode.latent.recon_steps=1",
+    "mode.latent.recon_timesteps=[100,300]",
+    "mode.latent.direction.samples_per_prompt=1",
+    "mode.latent.direction.scales=[1.0]",
+]
 
 
 def _cfg(models, outputs, model="sd", extra=()):
-    return compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={models[model]}", "mode=[latent]",
-                        f"features.shapes_net.model={models['net']}", *SMALL, *extra], outputs)
+    return compose_cfg(
+        [
+            "model=hub",
+            "features=[shapes_net]",
+            "dataset=shapes",
+            f"model.path={models[model]}",
+            "mode=[latent]",
+            f"features.shapes_net.model={models['net']}",
+            *SMALL,
+            *extra,
+        ],
+        outputs,
+    )
 
 
 def _check_ood(r, suffixes=("", "_noise"), scores=("zscore", "mahalanobis", "recon", "vae")):
@@ -238,7 +266,9 @@ def test_mode_on_a_tiny_text_to_image_pipeline(models, tmp_path):
     assert 0 <= r["latent/direction_flip_rate"] <= 1
     _check_ood(r)
     assert r["latent/ood_num_fit"] == 100 and r["latent/ood_num_eval"] == 12
-    assert r["latent/ood_auroc_best"] == max(r[f"latent/ood_auroc_{s}"] for s in ("zscore", "mahalanobis", "recon", "vae"))
+    assert r["latent/ood_auroc_best"] == max(
+        r[f"latent/ood_auroc_{s}"] for s in ("zscore", "mahalanobis", "recon", "vae")
+    )
     plots = {p.stem for p in (tmp_path / "run" / "plots").glob("*.png")}
     assert plots == {"latent_vae", "latent_interpolation", "latent_inversion", "latent_direction", "latent_ood_hist"}
     rows = (tmp_path / "run" / "tables" / "latent_direction.csv").read_text().splitlines()
@@ -280,13 +310,21 @@ def test_too_few_fit_samples_is_a_user_error_before_any_work(models, tmp_path, m
         Image.fromarray(np.zeros((32, 32, 3), np.uint8) + i).save(folder / f"{i:03d}.png")
     monkeypatch.undo()
     with pytest.raises(UserError, match=r"dataset \(folder\): 30 readable images.*ood_fit_samples=100"):
-        run_pipeline(_cfg(models, tmp_path / "out", extra=["mode.latent.parts=[ood]", "dataset=folder",
-                                                           f"dataset.root={folder}"]), tmp_path / "run2")
+        run_pipeline(
+            _cfg(
+                models, tmp_path / "out", extra=["mode.latent.parts=[ood]", "dataset=folder", f"dataset.root={folder}"]
+            ),
+            tmp_path / "run2",
+        )
 
 
 def test_ood_set_identical_to_the_reference_warns_and_scores_chance(models, tmp_path, caplog):
-    same = ["mode.latent.parts=[ood]", "mode.latent.ood_noise=false", "mode.latent.ood_dataset.name=same",
-            "mode.latent.ood_dataset.colours=[red,green,blue,yellow]"]  # = dataset=shapes, the reference set
+    same = [
+        "mode.latent.parts=[ood]",
+        "mode.latent.ood_noise=false",
+        "mode.latent.ood_dataset.name=same",
+        "mode.latent.ood_dataset.colours=[red,green,blue,yellow]",
+    ]  # = dataset=shapes, the reference set
     with caplog.at_level(logging.WARNING):
         out = run_pipeline(_cfg(models, tmp_path / "out", extra=same), tmp_path / "run")
     assert "is the reference set" in caplog.text and "AUROC ≈ 0.5" in caplog.text
@@ -302,10 +340,16 @@ def test_ood_folder_set_skips_unreadable_images_and_prompt_pairs_of_different_le
     for i in range(12):  # another size than the model's: resized
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
     (folder / "broken.png").write_bytes(b"not a png")
-    extra = ["mode.latent.parts=[ood,direction]", "mode.latent.ood_noise=false", "mode.latent.ood_dataset.kind=folder",
-             "mode.latent.ood_dataset.name=mine", f"mode.latent.ood_dataset.root={folder}",
-             "mode.latent.direction.source=red", "mode.latent.direction.target='a dark blue circle on the left'",
-             "mode.latent.direction.prompts=['a red circle on the left']"]
+    extra = [
+        "mode.latent.parts=[ood,direction]",
+        "mode.latent.ood_noise=false",
+        "mode.latent.ood_dataset.kind=folder",
+        "mode.latent.ood_dataset.name=mine",
+        f"mode.latent.ood_dataset.root={folder}",
+        "mode.latent.direction.source=red",
+        "mode.latent.direction.target='a dark blue circle on the left'",
+        "mode.latent.direction.prompts=['a red circle on the left']",
+    ]
     out = run_pipeline(_cfg(models, tmp_path / "out", extra=extra), tmp_path / "run")
     r = out.results
     assert r["latent/ood_num_skipped"] == 1 and r["latent/ood_num_ood"] == 12
@@ -329,7 +373,6 @@ def test_vae_round_trip_and_inversion_on_the_shapes_model():
     from diffusers import StableDiffusionPipeline
 
     from pipeline.data.shapes import ShapesDataset
-
     from pipeline.models.adapter import ModelAdapter
 
     pipe = StableDiffusionPipeline.from_pretrained(_zoo("shapes_sd"), dtype=torch.float32)
@@ -344,38 +387,74 @@ def test_vae_round_trip_and_inversion_on_the_shapes_model():
         # the scaling matters (scaling_factor 0.70): decoding the scaled latents as they are loses ~10 dB
         wrong = float(psnr(x / 2 + 0.5, pipe.vae.decode(z).sample.clamp(-1, 1) / 2 + 0.5).mean())
         assert right - wrong > 5
-        ids = pipe.tokenizer(caps[:4], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            caps[:4], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
         cond = pipe.text_encoder(ids)[0]
         fn = lambda v, t: pipe.unet(v, t, encoder_hidden_states=cond).sample  # noqa: E731
         sc = dict(pipe.scheduler.config)
-        back = ((model.decode(LV.ddim_sample(fn, sc, LV.ddim_invert(fn, sc, z[:4], 20), 20), 32, 32) - 0.5) * 2).clamp(-1, 1)
+        back = ((model.decode(LV.ddim_sample(fn, sc, LV.ddim_invert(fn, sc, z[:4], 20), 20), 32, 32) - 0.5) * 2).clamp(
+            -1, 1
+        )
     assert float(psnr(x[:4] / 2 + 0.5, back / 2 + 0.5).mean()) > 25  # measured 31.0 dB in the mode (8 images)
 
 
-@pytest.mark.skipif(_zoo("shapes_sd") is None or _zoo("shapes_net") is None, reason="shapes_sd / shapes_net not trained")
+@pytest.mark.skipif(
+    _zoo("shapes_sd") is None or _zoo("shapes_net") is None, reason="shapes_sd / shapes_net not trained"
+)
 def test_ood_bar_on_the_shapes_model(tmp_path):
     """Issue 6's bar at a smaller N than the default (bench/latent_ood.py runs the full size)."""
-    out = run_pipeline(compose_cfg([
-        "model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={_zoo('shapes_sd')}", "mode=[latent]", "mode.latent.parts=[ood]",
-        "mode.latent.ood_fit_samples=100", "mode.latent.ood_eval_samples=40", "mode.latent.ood_noise=false",
-        "mode.latent.recon_timesteps=[100]", "mode.latent.recon_steps=2", "sampler.batch_size=70"], tmp_path / "out"),
-        tmp_path / "run")
+    out = run_pipeline(
+        compose_cfg(
+            [
+                "model=hub",
+                "features=[shapes_net]",
+                "dataset=shapes",
+                f"model.path={_zoo('shapes_sd')}",
+                "mode=[latent]",
+                "mode.latent.parts=[ood]",
+                "mode.latent.ood_fit_samples=100",
+                "mode.latent.ood_eval_samples=40",
+                "mode.latent.ood_noise=false",
+                "mode.latent.recon_timesteps=[100]",
+                "mode.latent.recon_steps=2",
+                "sampler.batch_size=70",
+            ],
+            tmp_path / "out",
+        ),
+        tmp_path / "run",
+    )
     r = out.results
     assert r["latent/ood_auroc_best"] >= 0.95  # measured: vae 0.99 (full size: 0.992 with FPR95 0.01)
     assert r["latent/ood_auroc_best"] > r["latent/ood_auroc_zscore"]
 
 
-@pytest.mark.skipif(_zoo("shapes_ddpm") is None or _zoo("shapes_net") is None, reason="shapes_ddpm / shapes_net not trained")
+@pytest.mark.skipif(
+    _zoo("shapes_ddpm") is None or _zoo("shapes_net") is None, reason="shapes_ddpm / shapes_net not trained"
+)
 def test_mode_on_the_pixel_space_shapes_model_and_its_reconstruction_score(tmp_path):
     """shapes_ddpm (no VAE): interpolation, inversion and OOD run on pixels; the diffusion reconstruction error is
     the winning score here (full size, bench/latent_ood.py --model shapes_ddpm: recon 0.980, zscore 0.635)."""
-    out = run_pipeline(compose_cfg([
-        "model=shapes_ddpm", "mode=[latent]", "mode.latent.parts=[vae,interpolation,inversion,ood]",
-        "mode.latent.ood_fit_samples=100", "mode.latent.ood_eval_samples=40", "mode.latent.ood_noise=false",
-        "mode.latent.recon_timesteps=[250]", "mode.latent.recon_steps=3", "mode.latent.ppl_pairs=4",
-        "mode.latent.inversion_samples=4", "mode.latent.steps=10", "sampler.batch_size=70"], tmp_path / "out"),
-        tmp_path / "run")
+    out = run_pipeline(
+        compose_cfg(
+            [
+                "model=shapes_ddpm",
+                "mode=[latent]",
+                "mode.latent.parts=[vae,interpolation,inversion,ood]",
+                "mode.latent.ood_fit_samples=100",
+                "mode.latent.ood_eval_samples=40",
+                "mode.latent.ood_noise=false",
+                "mode.latent.recon_timesteps=[250]",
+                "mode.latent.recon_steps=3",
+                "mode.latent.ppl_pairs=4",
+                "mode.latent.inversion_samples=4",
+                "mode.latent.steps=10",
+                "sampler.batch_size=70",
+            ],
+            tmp_path / "out",
+        ),
+        tmp_path / "run",
+    )
     r = out.results
     assert "latent/recon_psnr" not in r  # the VAE part is skipped with a note, not an error
     assert abs(r["latent/slerp_norm_ratio_mid"] - 1) < 0.02 and abs(r["latent/lerp_norm_ratio_mid"] - 0.71) < 0.03
@@ -393,9 +472,18 @@ def test_ood_histogram_range_is_robust_to_a_stray_score():
 
 
 # ----------------------------------------------------------------------------------------------- every family
-FEW = ["mode.latent.steps=2", "mode.latent.ppl_pairs=2", "mode.latent.vae_samples=2", "mode.latent.inversion_samples=2",
-       "mode.latent.interp_points=3", "mode.latent.direction.samples_per_prompt=1", "mode.latent.direction.scales=[1.0]",
-       "mode.latent.direction.prompts=[a red circle on the left]", "sampler.batch_size=8", "dataset.size=32"]
+FEW = [
+    "mode.latent.steps=2",
+    "mode.latent.ppl_pairs=2",
+    "mode.latent.vae_samples=2",
+    "mode.latent.inversion_samples=2",
+    "mode.latent.interp_points=3",
+    "mode.latent.direction.samples_per_prompt=1",
+    "mode.latent.direction.scales=[1.0]",
+    "mode.latent.direction.prompts=[a red circle on the left]",
+    "sampler.batch_size=8",
+    "dataset.size=32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -408,8 +496,20 @@ def family_dirs(tmp_path_factory):
 
 def _family_cfg(path, name, outputs, parts, extra=()):
     size = ["sampler.height=32", "sampler.width=32"] if name == "flux" else []
-    return compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={path}", "mode=[latent]",
-                        f"mode.latent.parts=[{','.join(parts)}]", *FEW, *size, *extra], outputs)
+    return compose_cfg(
+        [
+            "model=hub",
+            "features=[shapes_net]",
+            "dataset=shapes",
+            f"model.path={path}",
+            "mode=[latent]",
+            f"mode.latent.parts=[{','.join(parts)}]",
+            *FEW,
+            *size,
+            *extra,
+        ],
+        outputs,
+    )
 
 
 @pytest.mark.parametrize("family", ["sdxl", "pixart", "sd3", "flux", "dit", "ldm"])
@@ -419,8 +519,10 @@ def test_every_family_runs_the_latent_parts_its_math_has(family, family_dirs, tm
     from mlflow.tracking import MlflowClient
 
     extra = ["mode.latent.direction.source_class=1", "mode.latent.direction.target_class=2"] if family == "dit" else []
-    out = run_pipeline(_family_cfg(family_dirs[family], family, outputs, ["vae", "interpolation", "inversion", "direction"],
-                                   extra), tmp_path / "run")
+    out = run_pipeline(
+        _family_cfg(family_dirs[family], family, outputs, ["vae", "interpolation", "inversion", "direction"], extra),
+        tmp_path / "run",
+    )
     assert out.status == "FINISHED", out.error
     r = out.results
     for key in ("recon_psnr", "inversion_psnr", "ppl_slerp", "ppl_lerp"):
@@ -441,10 +543,25 @@ def test_flow_model_ood_and_the_cli(family_dirs, outputs):
 
     from conftest import run_cli
 
-    res = run_cli(["model=hub", f"model.path={family_dirs['sd3']}", "features=[shapes_net]", "dataset=shapes", "mode=[latent]",
-                   "mode.latent.parts=[ood]", "mode.latent.ood_fit_samples=100", "mode.latent.ood_eval_samples=8",
-                   "mode.latent.recon_steps=2", "mode.latent.recon_timesteps=[300]", "mode.latent.ood_noise=false", *FEW,
-                   f"paths.outputs={outputs}", f"hydra.run.dir={outputs}/sd3_latent_cli"], outputs)
+    res = run_cli(
+        [
+            "model=hub",
+            f"model.path={family_dirs['sd3']}",
+            "features=[shapes_net]",
+            "dataset=shapes",
+            "mode=[latent]",
+            "mode.latent.parts=[ood]",
+            "mode.latent.ood_fit_samples=100",
+            "mode.latent.ood_eval_samples=8",
+            "mode.latent.recon_steps=2",
+            "mode.latent.recon_timesteps=[300]",
+            "mode.latent.ood_noise=false",
+            *FEW,
+            f"paths.outputs={outputs}",
+            f"hydra.run.dir={outputs}/sd3_latent_cli",
+        ],
+        outputs,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads((outputs / "sd3_latent_cli" / "results.json").read_text())
     _check_ood(r, suffixes=("",))
@@ -455,10 +572,24 @@ def test_ppl_in_half_precision_equals_float32(models, tmp_path, outputs):
     large; the mode runs it in float32 whatever the dtype (the weights as loaded, upcast)."""
     ppl = {}
     for dtype in ("float32", "float16", "bfloat16"):
-        out = run_pipeline(compose_cfg(["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={models['sd']}",
-                                        "mode=[latent]", f"model.dtype={dtype}", "mode.latent.parts=[interpolation]",
-                                        "mode.latent.steps=3", "mode.latent.ppl_pairs=4", "mode.latent.interp_points=3"],
-                                       outputs), tmp_path / dtype)
+        out = run_pipeline(
+            compose_cfg(
+                [
+                    "model=hub",
+                    "features=[shapes_net]",
+                    "dataset=shapes",
+                    f"model.path={models['sd']}",
+                    "mode=[latent]",
+                    f"model.dtype={dtype}",
+                    "mode.latent.parts=[interpolation]",
+                    "mode.latent.steps=3",
+                    "mode.latent.ppl_pairs=4",
+                    "mode.latent.interp_points=3",
+                ],
+                outputs,
+            ),
+            tmp_path / dtype,
+        )
         assert out.status == "FINISHED", out.error
         ppl[dtype] = out.results
     for dtype in ("float16", "bfloat16"):

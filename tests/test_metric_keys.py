@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, compose_cfg
+
 from pipeline.core import metric_keys as K
 from pipeline.record.sweep_summary import fd_key, primary_extractor
 
@@ -24,8 +24,19 @@ def test_every_stat_and_extractor_share_one_grammar():
             key = K.metric_key(stat, name)
             assert key == f"metrics/{stat}_{name}" and K.parse_key(key) == (stat, name)
             assert K.parse_key(key + "_ci_low") is None and K.parse_key(key + "_ci_high") is None
-    assert set(K.STATS) >= {"fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "density",
-                            "coverage", "clip_score", "fd_floor"}
+    assert set(K.STATS) >= {
+        "fd",
+        "kid_mean",
+        "kid_std",
+        "is_mean",
+        "is_std",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+        "clip_score",
+        "fd_floor",
+    }
     with pytest.raises(ValueError, match="unknown metrics statistic 'fid'"):
         K.metric_key("fid", "inception")
     with pytest.raises(ValueError):
@@ -36,8 +47,11 @@ def test_every_stat_and_extractor_share_one_grammar():
 
 def test_extractor_keys_add_fid_for_inception_only():
     values = {"fd": 3.0, "kid_mean": 0.1, "fd_floor": 0.5}
-    assert K.extractor_keys("shapes_net", values) == {"metrics/fd_shapes_net": 3.0, "metrics/kid_mean_shapes_net": 0.1,
-                                                      "metrics/fd_floor_shapes_net": 0.5}
+    assert K.extractor_keys("shapes_net", values) == {
+        "metrics/fd_shapes_net": 3.0,
+        "metrics/kid_mean_shapes_net": 0.1,
+        "metrics/fd_floor_shapes_net": 0.5,
+    }
     inc = K.extractor_keys("inception", values)
     assert inc["metrics/fid"] == inc["metrics/fd_inception"] == 3.0 and len(inc) == 4
     assert "metrics/fid" not in K.extractor_keys("inception", {"kid_mean": 0.1})
@@ -92,12 +106,36 @@ def test_one_direction_registry_for_every_result_key():
     for family, better in HIGHER_IS_BETTER.items():
         key = K.CMMD if family == "cmmd" else K.metric_key(stat_of_family.get(family, family), "clip")
         assert K.higher_is_better(key) is better, family
-    lower = ["metrics/fid", "metrics/fd_floor_inception", "metrics/sec_per_image", "metrics/generation_seconds",
-             "attention/miou_swapped", "latent/ood_fpr95_mahalanobis", "latent/ppl_slerp"]
-    higher = ["metrics/prompt_accuracy", "attention/miou", "attention/miou_colour", "attention/miou_8x8",
-              "latent/recon_psnr", "latent/inversion_psnr", "latent/ood_auroc_best", "latent/ood_auroc_zscore_noise",
-              "latent/direction_flip_rate"]
-    none = ["metrics/num_samples", "metrics/kid_std_clip", "metrics/fd_inception_ci_low", "schedule/log_snr_max",
-            "schedule/linear/terminal_snr", "attention/miou_ceiling_8x8", "attention/num_scored", "latent/ood_num_fit",
-            "latent/slerp_norm_ratio_mid", "something/else"]
+    lower = [
+        "metrics/fid",
+        "metrics/fd_floor_inception",
+        "metrics/sec_per_image",
+        "metrics/generation_seconds",
+        "attention/miou_swapped",
+        "latent/ood_fpr95_mahalanobis",
+        "latent/ppl_slerp",
+    ]
+    higher = [
+        "metrics/prompt_accuracy",
+        "attention/miou",
+        "attention/miou_colour",
+        "attention/miou_8x8",
+        "latent/recon_psnr",
+        "latent/inversion_psnr",
+        "latent/ood_auroc_best",
+        "latent/ood_auroc_zscore_noise",
+        "latent/direction_flip_rate",
+    ]
+    none = [
+        "metrics/num_samples",
+        "metrics/kid_std_clip",
+        "metrics/fd_inception_ci_low",
+        "schedule/log_snr_max",
+        "schedule/linear/terminal_snr",
+        "attention/miou_ceiling_8x8",
+        "attention/num_scored",
+        "latent/ood_num_fit",
+        "latent/slerp_norm_ratio_mid",
+        "something/else",
+    ]
     assert [K.higher_is_better(k) for k in lower + higher + none] == [False] * 7 + [True] * 9 + [None] * 10

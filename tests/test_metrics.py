@@ -303,15 +303,20 @@ def test_kid_orders_and_seeds():
     far_mean, _ = kernel_distance(a, far, subsets=10, subset_size=100)
     assert abs(near_mean) < 0.2 < mid_mean < 2.0 < far_mean
     assert kernel_distance(a, far, subsets=10, subset_size=100, seed=3) == kernel_distance(
-        a, far, subsets=10, subset_size=100, seed=3)
+        a, far, subsets=10, subset_size=100, seed=3
+    )
     assert kernel_distance(a, far, subsets=10, subset_size=100, seed=3) != kernel_distance(
-        a, far, subsets=10, subset_size=100, seed=4)
+        a, far, subsets=10, subset_size=100, seed=4
+    )
 
 
 def test_kid_bad_inputs():
     a, b = gaussian_sets(n1=50, n2=40, d=8)
-    with pytest.raises(ValueError, match="Expected `subset_size` ≤ the number of samples in both sets, "
-                                         "got subset_size=45 with 50 real and 40 fake"):
+    with pytest.raises(
+        ValueError,
+        match="Expected `subset_size` ≤ the number of samples in both sets, "
+        "got subset_size=45 with 50 real and 40 fake",
+    ):
         kernel_distance(a, b, subset_size=45)
     with pytest.raises(ValueError, match="Expected `subsets` to be a positive integer, got 0"):
         kernel_distance(a, b, subsets=0, subset_size=10)
@@ -410,7 +415,10 @@ def test_precision_recall_density_coverage_match_naive_reference_exactly(k, chun
     assert 0 < p < 1 and 0 < r < 1 and 0 < c < 1  # a non-trivial case
     # both pairs in one call (one real-radii pass for both k, one real-fake pass): the same numbers
     assert precision_recall_density_coverage(real, fake, k_pr=k, k_dc=k + 2, chunk_size=chunk_size) == (
-        p, r, *density_coverage(real, fake, k=k + 2, chunk_size=chunk_size))
+        p,
+        r,
+        *density_coverage(real, fake, k=k + 2, chunk_size=chunk_size),
+    )
 
 
 def test_inclusive_versus_strict_ball_on_a_lattice():
@@ -484,8 +492,9 @@ def test_pairwise_distances_are_chunked(monkeypatch):
 
     shapes = []
     real_sq_dists = prdc_mod._sq_dists
-    monkeypatch.setattr(prdc_mod, "_sq_dists", lambda a, b, b_sq: shapes.append((a.shape[0], b.shape[0]))
-                        or real_sq_dists(a, b, b_sq))
+    monkeypatch.setattr(
+        prdc_mod, "_sq_dists", lambda a, b, b_sq: shapes.append((a.shape[0], b.shape[0])) or real_sq_dists(a, b, b_sq)
+    )
     real, fake = np.random.default_rng(0).standard_normal((300, 4)), np.random.default_rng(1).standard_normal((250, 4))
     unchunked = precision_recall(real, fake, chunk_size=10_000), density_coverage(real, fake, chunk_size=10_000)
     shapes.clear()
@@ -544,8 +553,9 @@ def memmapped_sets(tmp_path):
 def test_memmap_input_gives_the_same_numbers_as_tensor_input(memmapped_sets, recwarn):
     real_mm, fake_mm, real_t, fake_t = memmapped_sets
     for k in (3, 5):
-        assert precision_recall(real_mm, fake_mm, k=k, chunk_size=64) == precision_recall(real_t, fake_t, k=k,
-                                                                                          chunk_size=64)
+        assert precision_recall(real_mm, fake_mm, k=k, chunk_size=64) == precision_recall(
+            real_t, fake_t, k=k, chunk_size=64
+        )
         assert density_coverage(real_mm, fake_mm, k=k) == density_coverage(real_t, fake_t, k=k)
     both = precision_recall_density_coverage(real_mm, fake_mm, k_pr=3, k_dc=5)
     assert both == precision_recall(real_t, fake_t, k=3) + density_coverage(real_t, fake_t, k=5)
@@ -568,8 +578,9 @@ def test_feature_stats_from_features_streams_fixed_chunks(memmapped_sets):
     # other chunkings agree to float64 rounding, and with the numpy covariance of the float32 values
     other = FeatureStats.from_features(real_mm, chunk_rows=7)
     np.testing.assert_allclose(other.cov.numpy(), ref.cov.numpy(), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(ref.cov.numpy(), np.cov(np.asarray(real_mm, np.float64), rowvar=False),
-                               rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(
+        ref.cov.numpy(), np.cov(np.asarray(real_mm, np.float64), rowvar=False), rtol=1e-11, atol=1e-13
+    )
     assert ReferenceStats.from_features(real_mm).n == 300
     with pytest.raises(ValueError, match="Expected `chunk_rows` to be a positive integer, got 0"):
         FeatureStats.from_features(real_mm, chunk_rows=0)
@@ -582,8 +593,9 @@ def test_feature_stats_from_features_streams_fixed_chunks(memmapped_sets):
 def test_metrics_device_argument(memmapped_sets):
     real_mm, fake_mm, real_t, fake_t = memmapped_sets
     assert precision_recall(real_mm, fake_mm, device="cpu") == precision_recall(real_t, fake_t)
-    assert kernel_distance(real_mm, fake_mm, subsets=2, subset_size=40, device=torch.device("cpu")) == \
-        kernel_distance(real_t, fake_t, subsets=2, subset_size=40)
+    assert kernel_distance(real_mm, fake_mm, subsets=2, subset_size=40, device=torch.device("cpu")) == kernel_distance(
+        real_t, fake_t, subsets=2, subset_size=40
+    )
     with pytest.raises(ValueError, match="Expected `device` to be None, a torch.device or a device string"):
         density_coverage(real_mm, fake_mm, device="gpu0")
     if not torch.cuda.is_available():
@@ -605,16 +617,22 @@ def test_cuda_matches_cpu(memmapped_sets):
         assert precision_recall(real, fake, device="cuda", chunk_size=333) == precision_recall(real, fake)
     # KID: the same subsets (numpy RandomState), Gram sums in float64
     cpu_kid = kernel_distance(a32, b32, subsets=20, subset_size=500, seed=2020)
-    for kid in (kernel_distance(a32.cuda(), b32.cuda(), subsets=20, subset_size=500, seed=2020),
-                kernel_distance(a32, b32, subsets=20, subset_size=500, seed=2020, device="cuda")):
+    for kid in (
+        kernel_distance(a32.cuda(), b32.cuda(), subsets=20, subset_size=500, seed=2020),
+        kernel_distance(a32, b32, subsets=20, subset_size=500, seed=2020, device="cuda"),
+    ):
         assert rel(kid[0], cpu_kid[0]) < 1e-6 and rel(kid[1], cpu_kid[1]) < 1e-6
     # FID: statistics accumulated on the GPU, distance there or on the CPU
     cpu_fid = frechet_distance(a32, b32)
     assert cpu_fid > 0.5
     sa, sb = FeatureStats.from_features(a32, device="cuda"), FeatureStats.from_features(b32.cuda())
     assert sa.mean.is_cuda and sb.mean.is_cuda
-    for fid in (frechet_distance(sa, sb), frechet_distance(a32, b32, device="cuda"),
-                frechet_distance(sa.reference(), b32), frechet_distance(a32.cuda(), b32.cuda())):
+    for fid in (
+        frechet_distance(sa, sb),
+        frechet_distance(a32, b32, device="cuda"),
+        frechet_distance(sa.reference(), b32),
+        frechet_distance(a32.cuda(), b32.cuda()),
+    ):
         assert rel(fid, cpu_fid) < 1e-6
 
 
@@ -648,12 +666,28 @@ def test_clip_score_bad_inputs():
 
 
 def test_higher_is_better_and_float_outputs():
-    assert HIGHER_IS_BETTER == {"fid": False, "kid": False, "is": True, "precision": True, "recall": True,
-                                "density": True, "coverage": True, "clip_score": True, "cmmd": False, "vendi": True}
+    assert HIGHER_IS_BETTER == {
+        "fid": False,
+        "kid": False,
+        "is": True,
+        "precision": True,
+        "recall": True,
+        "density": True,
+        "coverage": True,
+        "clip_score": True,
+        "cmmd": False,
+        "vendi": True,
+    }
     assert frechet_distance.higher_is_better is False and inception_score.higher_is_better is True
     x = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
-    outs = [frechet_distance(x, x + 1), *kernel_distance(x, x + 1, subsets=2, subset_size=20), *inception_score(x, 4),
-            *precision_recall(x, x + 1), *density_coverage(x, x + 1), clip_score(x, x + 1)]
+    outs = [
+        frechet_distance(x, x + 1),
+        *kernel_distance(x, x + 1, subsets=2, subset_size=20),
+        *inception_score(x, 4),
+        *precision_recall(x, x + 1),
+        *density_coverage(x, x + 1),
+        clip_score(x, x + 1),
+    ]
     assert all(type(v) is float for v in outs)
 
 

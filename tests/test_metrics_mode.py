@@ -21,11 +21,26 @@ def models(tmp_path_factory):
 
 
 def _cfg(models, outputs, model="ddpm", extra=()):
-    return compose_cfg([
-        "model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={models[model]}", "mode=[metrics]", f"features.shapes_net.model={models['net']}",
-        "mode.metrics.num_samples=12", "dataset.num_images=24", "sampler.num_inference_steps=2",
-        "sampler.batch_size=6", "mode.metrics.kid_subsets=3", "mode.metrics.grid=4", "mode.metrics.ci_subsets=3",
-        "mode.metrics.ci_bootstrap=20", *extra], outputs)
+    return compose_cfg(
+        [
+            "model=hub",
+            "features=[shapes_net]",
+            "dataset=shapes",
+            f"model.path={models[model]}",
+            "mode=[metrics]",
+            f"features.shapes_net.model={models['net']}",
+            "mode.metrics.num_samples=12",
+            "dataset.num_images=24",
+            "sampler.num_inference_steps=2",
+            "sampler.batch_size=6",
+            "mode.metrics.kid_subsets=3",
+            "mode.metrics.grid=4",
+            "mode.metrics.ci_subsets=3",
+            "mode.metrics.ci_bootstrap=20",
+            *extra,
+        ],
+        outputs,
+    )
 
 
 def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models, tmp_path, monkeypatch):
@@ -52,8 +67,9 @@ def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models,
     second = run_pipeline(_cfg(models, out), tmp_path / "r2")
     assert client.get_run(second.run_id).data.tags["reference_cache"] == "hit"
     timing = ("sec_per_image", "seconds")  # as pipeline.run.reproduce: timing is shown, never compared
-    assert ({k: v for k, v in second.results.items() if not any(t in k for t in timing)}
-            == {k: v for k, v in r.items() if not any(t in k for t in timing)})
+    assert {k: v for k, v in second.results.items() if not any(t in k for t in timing)} == {
+        k: v for k, v in r.items() if not any(t in k for t in timing)
+    }
     # any change of the key recomputes: N, resize mode
     third = run_pipeline(_cfg(models, out, extra=["dataset.num_images=20"]), tmp_path / "r3")
     fourth = run_pipeline(_cfg(models, out, extra=["features.shapes_net.resize=nearest"]), tmp_path / "r4")
@@ -69,8 +85,12 @@ def test_every_extractor_reports_the_same_key_grammar_and_inception_also_fid(mod
 
     weights = tmp_path / "inception_random.pth"
     torch.save(FIDInceptionV3().state_dict(), weights)
-    extra = ["features=[shapes_net,inception]", f"features.inception.weights_path={weights}",
-             "mode.metrics.num_samples=6", "dataset.num_images=8"]
+    extra = [
+        "features=[shapes_net,inception]",
+        f"features.inception.weights_path={weights}",
+        "mode.metrics.num_samples=6",
+        "dataset.num_images=8",
+    ]
     out = run_pipeline(_cfg(models, tmp_path / "out", extra=extra), tmp_path / "run")
     r = out.results
     stats = ["fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "density", "coverage", "fd_floor"]
@@ -78,11 +98,21 @@ def test_every_extractor_reports_the_same_key_grammar_and_inception_also_fid(mod
         for stat in stats:
             assert np.isfinite(r[f"metrics/{stat}_{name}"]), (stat, name)
     assert r["metrics/fid"] == r["metrics/fd_inception"] != r["metrics/fd_shapes_net"]  # FID: Inception's FD only
-    per_extractor = {k for k in r if k.removesuffix("_ci_low").removesuffix("_ci_high").endswith(("_shapes_net", "_inception"))}
-    assert set(r) - per_extractor == {"metrics/fid", "metrics/fid_ci_low", "metrics/fid_ci_high", "metrics/num_samples",
-                                      "metrics/num_invalid", "metrics/num_shards", "metrics/sec_per_image",
-                                      "metrics/generation_seconds", "metrics/fake_features_seconds",
-                                      "metrics/reference_seconds"}
+    per_extractor = {
+        k for k in r if k.removesuffix("_ci_low").removesuffix("_ci_high").endswith(("_shapes_net", "_inception"))
+    }
+    assert set(r) - per_extractor == {
+        "metrics/fid",
+        "metrics/fid_ci_low",
+        "metrics/fid_ci_high",
+        "metrics/num_samples",
+        "metrics/num_invalid",
+        "metrics/num_shards",
+        "metrics/sec_per_image",
+        "metrics/generation_seconds",
+        "metrics/fake_features_seconds",
+        "metrics/reference_seconds",
+    }
     # every headline with its interval, by the method right for it; recall/coverage and FD∞ (N < 2000) say why not
     for stat in ("fd", "kid_mean", "precision", "density"):
         low, high = r[f"metrics/{stat}_inception_ci_low"], r[f"metrics/{stat}_inception_ci_high"]
@@ -123,8 +153,15 @@ def test_text_to_image_per_prompt_breakdown_vendi_and_cmmd(models, tmp_path):
 
     tags = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(out.run_id).data.tags
     assert "skipped.metrics/cmmd" not in tags  # clip336 is there
-    out2 = run_pipeline(_cfg(models, tmp_path / "out", model="sd", extra=[
-        "features=[shapes_net,clip]", f"features.clip.model={clip}", "mode.metrics.samples_per_prompt=1"]), tmp_path / "run2")
+    out2 = run_pipeline(
+        _cfg(
+            models,
+            tmp_path / "out",
+            model="sd",
+            extra=["features=[shapes_net,clip]", f"features.clip.model={clip}", "mode.metrics.samples_per_prompt=1"],
+        ),
+        tmp_path / "run2",
+    )
     tags = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(out2.run_id).data.tags
     assert "metrics/cmmd" not in out2.results and "clip336" in tags["skipped.metrics/cmmd"]
     assert "samples_per_prompt" in tags["skipped.metrics/vendi_per_prompt_shapes_net"]
@@ -185,8 +222,9 @@ def test_folder_reference_of_another_size_with_corrupt_files(models, tmp_path, m
     tags = [client.get_run(o.run_id).data.tags for o in (out, warm)]
     assert [t["reference_cache"] for t in tags] == ["miss", "hit"] and tags[1]["reference.num_skipped"] == "1"
     timing = ("sec_per_image", "seconds")
-    assert ({k: v for k, v in warm.results.items() if not any(t in k for t in timing)}
-            == {k: v for k, v in out.results.items() if not any(t in k for t in timing)})
+    assert {k: v for k, v in warm.results.items() if not any(t in k for t in timing)} == {
+        k: v for k, v in out.results.items() if not any(t in k for t in timing)
+    }
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="dataset.root: .*no readable image"):
@@ -197,8 +235,11 @@ def test_a_dataset_without_a_judge_says_so_naming_the_datasets_with_one(tmp_path
     """The mode asks the dataset (pipeline.data.ground_truth): judge=on on a folder is refused before any work."""
     from pipeline.modes.metrics.mode import validate
 
-    cfg = compose_cfg(["model=shapes_sd", "mode=[metrics]", "dataset=folder", f"dataset.root={tmp_path}",
-                       "mode.metrics.judge=on"])
-    with pytest.raises(UserError, match="dataset 'folder' has no ground truth to judge prompt adherence with; "
-                                        "datasets with a judge: shapes"):
+    cfg = compose_cfg(
+        ["model=shapes_sd", "mode=[metrics]", "dataset=folder", f"dataset.root={tmp_path}", "mode.metrics.judge=on"]
+    )
+    with pytest.raises(
+        UserError,
+        match="dataset 'folder' has no ground truth to judge prompt adherence with; datasets with a judge: shapes",
+    ):
         validate(cfg)

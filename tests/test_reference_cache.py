@@ -22,14 +22,16 @@ def _folder(path, n=4, size=(12, 10)):
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path / f"{i:02d}.png")
     (path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    (path / "captions.jsonl").write_text("".join(json.dumps({"file": f"{i:02d}.png", "caption": f"c{i}"}) + "\n"
-                                                 for i in range(n)))
+    (path / "captions.jsonl").write_text(
+        "".join(json.dumps({"file": f"{i:02d}.png", "caption": f"c{i}"}) + "\n" for i in range(n))
+    )
     return path
 
 
 def _dataset_cfg(root):
-    return OmegaConf.create({"name": "folder", "kind": "folder", "root": str(root), "captions_file": "captions.jsonl",
-                             "num_images": 100})
+    return OmegaConf.create(
+        {"name": "folder", "kind": "folder", "root": str(root), "captions_file": "captions.jsonl", "num_images": 100}
+    )
 
 
 def _cache_key(ref):
@@ -124,8 +126,19 @@ def test_the_shared_reference_gives_each_mode_the_set_it_asked_for(tmp_path):
     folders), so each mode gets exactly the images (and captions) ``reference_set(n)`` gives."""
     from pipeline.data.reference import References
 
-    shapes = OmegaConf.create({"name": "shapes", "kind": "shapes", "split": "test", "num_images": 8, "size": 32,
-                               "seed": 1, "shapes": ["circle", "square"], "colours": ["red", "blue"], "p_two": 0.5})
+    shapes = OmegaConf.create(
+        {
+            "name": "shapes",
+            "kind": "shapes",
+            "split": "test",
+            "num_images": 8,
+            "size": 32,
+            "seed": 1,
+            "shapes": ["circle", "square"],
+            "colours": ["red", "blue"],
+            "p_two": 0.5,
+        }
+    )
     for cfg in (shapes, _dataset_cfg(_folder(tmp_path / "real"))):
         forget_datasets()
         refs = References(cfg)

@@ -18,19 +18,39 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import compose_cfg
 from PIL import Image
 
-from conftest import compose_cfg
-from pipeline.record.report import (REPORT_NAME, SAMPLES_KEY, checkpoint_steps, log_checkpoint_samples, scalar_rows,
-                             write_run_report, write_sweep_report)
+from pipeline.record.report import (
+    REPORT_NAME,
+    SAMPLES_KEY,
+    checkpoint_steps,
+    log_checkpoint_samples,
+    scalar_rows,
+    write_run_report,
+    write_sweep_report,
+)
 
-TAGS = {"git.commit": "0123456789abcdef0123456789abcdef01234567", "git.dirty": "false", "version.torch": "2.9.9",
-        "version.diffusers": "0.99.0", "device": "cpu", "sampler.class": "DDIMScheduler", "model.family": "sd",
-        "metrics.resize.shapes_net": "bilinear", "mlflow.runName": "metrics·shapes_sd·ddim×25·g7.5"}
+TAGS = {
+    "git.commit": "0123456789abcdef0123456789abcdef01234567",
+    "git.dirty": "false",
+    "version.torch": "2.9.9",
+    "version.diffusers": "0.99.0",
+    "device": "cpu",
+    "sampler.class": "DDIMScheduler",
+    "model.family": "sd",
+    "metrics.resize.shapes_net": "bilinear",
+    "mlflow.runName": "metrics·shapes_sd·ddim×25·g7.5",
+}
 RESULTS = {
-    "metrics/fd_shapes_net": 10.0, "metrics/fd_shapes_net_ci_low": 8.0, "metrics/fd_shapes_net_ci_high": 12.0,
-    "metrics/kid_mean_shapes_net": 0.001, "metrics/kid_mean_shapes_net_ci_low": -0.002,
-    "metrics/kid_mean_shapes_net_ci_high": 0.004, "metrics/prompt_accuracy": 0.75, "schedule/log_snr_max": 7.069,
+    "metrics/fd_shapes_net": 10.0,
+    "metrics/fd_shapes_net_ci_low": 8.0,
+    "metrics/fd_shapes_net_ci_high": 12.0,
+    "metrics/kid_mean_shapes_net": 0.001,
+    "metrics/kid_mean_shapes_net_ci_low": -0.002,
+    "metrics/kid_mean_shapes_net_ci_high": 0.004,
+    "metrics/prompt_accuracy": 0.75,
+    "schedule/log_snr_max": 7.069,
 }
 CONFIG = """model:
   path: /models/shapes_sd
@@ -88,11 +108,27 @@ def run_dir(tmp_path) -> Path:
     (d / "run_info.json").write_text(json.dumps({"run_id": "abc123", "choices": {"scheduler": "ddim"}}))
     _png(d / "plots" / "metrics_samples.png", (96, 96), 1)
     _png(d / "plots" / "schedule_model.png", (80, 60), 2)
-    _csv(d / "tables" / "metrics_extractors.csv", [{"extractor": "shapes_net", "primary": True, "name": "shapes_net",
-                                                    "weights_id": "c74eb30b6019", "resize": "bilinear",
-                                                    "input_size": 32, "center_crop": False}])
-    _csv(d / "tables" / "metrics_per_prompt.csv", [{"prompt": "<b>red & blue</b>", "n": 4, "accuracy": 0.5},
-                                                  {"prompt": "a green circle", "n": 4, "accuracy": 1.0}])
+    _csv(
+        d / "tables" / "metrics_extractors.csv",
+        [
+            {
+                "extractor": "shapes_net",
+                "primary": True,
+                "name": "shapes_net",
+                "weights_id": "c74eb30b6019",
+                "resize": "bilinear",
+                "input_size": 32,
+                "center_crop": False,
+            }
+        ],
+    )
+    _csv(
+        d / "tables" / "metrics_per_prompt.csv",
+        [
+            {"prompt": "<b>red & blue</b>", "n": 4, "accuracy": 0.5},
+            {"prompt": "a green circle", "n": 4, "accuracy": 1.0},
+        ],
+    )
     _csv(d / "tables" / "schedule_curve_model.csv", [{"t": t, "log_snr": 7.0 - t / 100} for t in range(300)])
     return d
 
@@ -151,9 +187,22 @@ def test_run_report_is_one_self_contained_file_with_scalars_intervals_and_proven
     assert sizes == {(96, 96), (80, 60)}
     # provenance: model, scheduler and class, steps, guidance, N, seeds, extractor resize + weights hash, versions, git
     prov = text.split('id="provenance"')[1].split("</section>")[0]
-    for needle in ("/models/shapes_sd", "ddim (DDIMScheduler)", ">25<", ">7.5<", "32 requested", "seed 3",
-                   "3 … 34", "bilinear", "c74eb30b6019", "torch 2.9.9", "diffusers 0.99.0", TAGS["git.commit"],
-                   "abc123", "FINISHED"):
+    for needle in (
+        "/models/shapes_sd",
+        "ddim (DDIMScheduler)",
+        ">25<",
+        ">7.5<",
+        "32 requested",
+        "seed 3",
+        "3 … 34",
+        "bilinear",
+        "c74eb30b6019",
+        "torch 2.9.9",
+        "diffusers 0.99.0",
+        TAGS["git.commit"],
+        "abc123",
+        "FINISHED",
+    ):
         assert needle in prov, needle
     # the per-prompt table up front, escaped; a long table capped with a note
     assert text.index('id="per-prompt"') < text.index('id="tables"')
@@ -173,8 +222,13 @@ def test_report_reads_results_json_and_recomputes_environment_tags_when_not_give
 
 def test_scalar_rows_fold_intervals_and_keep_orphan_bounds():
     rows = {r["key"]: r for r in scalar_rows({**RESULTS, "latent/x_ci_low": -1.0})}
-    assert set(rows) == {"metrics/fd_shapes_net", "metrics/kid_mean_shapes_net", "metrics/prompt_accuracy",
-                         "schedule/log_snr_max", "latent/x_ci_low"}
+    assert set(rows) == {
+        "metrics/fd_shapes_net",
+        "metrics/kid_mean_shapes_net",
+        "metrics/prompt_accuracy",
+        "schedule/log_snr_max",
+        "latent/x_ci_low",
+    }
     assert (rows["metrics/fd_shapes_net"]["low"], rows["metrics/fd_shapes_net"]["high"]) == (8.0, 12.0)
     assert [k for k, r in rows.items() if r["spans_zero"]] == ["metrics/kid_mean_shapes_net"]
     assert rows["metrics/fd_shapes_net"]["better"] == "lower" and rows["metrics/prompt_accuracy"]["better"] == "higher"
@@ -202,9 +256,9 @@ def test_a_failing_report_never_changes_the_run(monkeypatch, tmp_path, caplog):
 
 
 def test_a_real_run_uploads_its_report_as_an_artifact(outputs, tmp_path):
+    from conftest import sqlite_uri
     from mlflow.tracking import MlflowClient
 
-    from conftest import sqlite_uri
     from pipeline.run.runner import run_pipeline
 
     cfg = compose_cfg(["model=sd15_scheduler", "mode=[schedule]", "mode.schedule.compare=[linear]"], outputs)
@@ -224,26 +278,40 @@ def _child(tmp_path, name, path, status="FINISHED", grid=True, start=0, fd=1.0, 
     if grid:
         _png(run_dir / "plots" / "metrics_samples.png", (40, 40), start)
     tags = {"run_dir": str(run_dir), "metrics.primary_extractor": "shapes_net", **({"error": error} if error else {})}
-    metrics = {} if status != "FINISHED" else {"metrics/fd_shapes_net": fd, "metrics/fd_shapes_net_ci_low": fd - 2,
-                                                "metrics/fd_shapes_net_ci_high": fd + 1, "metrics/prompt_accuracy": 0.5}
-    return SimpleNamespace(info=SimpleNamespace(run_id=f"id-{name}", run_name=f"model.path={Path(path).name}",
-                                                status=status, start_time=start),
-                           data=SimpleNamespace(params={"model.path": path, "choice.model": "shapes_sd",
-                                                        "mode.metrics.num_samples": "16"},
-                                                metrics=metrics, tags=tags))
+    metrics = (
+        {}
+        if status != "FINISHED"
+        else {
+            "metrics/fd_shapes_net": fd,
+            "metrics/fd_shapes_net_ci_low": fd - 2,
+            "metrics/fd_shapes_net_ci_high": fd + 1,
+            "metrics/prompt_accuracy": 0.5,
+        }
+    )
+    return SimpleNamespace(
+        info=SimpleNamespace(
+            run_id=f"id-{name}", run_name=f"model.path={Path(path).name}", status=status, start_time=start
+        ),
+        data=SimpleNamespace(
+            params={"model.path": path, "choice.model": "shapes_sd", "mode.metrics.num_samples": "16"},
+            metrics=metrics,
+            tags=tags,
+        ),
+    )
 
 
 def test_checkpoint_sweep_report_and_stepped_sample_grids_on_the_parent(outputs, tmp_path):
     from pipeline.record.tracking import Tracker
 
-    children = [_child(tmp_path, "c0", "/z/ckpt/step_00250", start=1, fd=5.0),
-                _child(tmp_path, "c1", "/z/shapes_sd", start=2, fd=1.5),  # the final model: 1000 + 1
-                _child(tmp_path, "c2", "/z/ckpt/step_00750", start=3, fd=-0.5),
-                _child(tmp_path, "c3", "/z/ckpt/step_00500", status="FAILED", grid=False, start=4, error="Boom: <x>"),
-                _child(tmp_path, "c4", "/z/ckpt/step_01000", grid=False, start=5)]  # its run dir is elsewhere
+    children = [
+        _child(tmp_path, "c0", "/z/ckpt/step_00250", start=1, fd=5.0),
+        _child(tmp_path, "c1", "/z/shapes_sd", start=2, fd=1.5),  # the final model: 1000 + 1
+        _child(tmp_path, "c2", "/z/ckpt/step_00750", start=3, fd=-0.5),
+        _child(tmp_path, "c3", "/z/ckpt/step_00500", status="FAILED", grid=False, start=4, error="Boom: <x>"),
+        _child(tmp_path, "c4", "/z/ckpt/step_01000", grid=False, start=5),
+    ]  # its run dir is elsewhere
     tracker = Tracker(SimpleNamespace(uri=None, experiment="report-sweeps", connect_timeout_s=5.0), outputs)
-    tracker.start("sweep·model.path=…", tags={"sweep.role": "parent", "git.commit": "feedbeef",
-                                              "version.torch": "2"})
+    tracker.start("sweep·model.path=…", tags={"sweep.role": "parent", "git.commit": "feedbeef", "version.torch": "2"})
     tracker.log_params({"sweep.model.path": ",".join(c.data.params["model.path"] for c in children)})
     (tmp_path / "sweep").mkdir()
     _png(tmp_path / "sweep" / "sweep_checkpoints.png", (50, 30), 9)
@@ -277,13 +345,24 @@ def _chromium() -> str | None:
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     path = write_run_report(run_dir, RESULTS, tags=TAGS, status="FINISHED")
     shot = run_dir / "report.png"
-    base = [_chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars",
-            f"--user-data-dir={tmp_path / 'profile'}"]
-    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2000", path.as_uri()],
-                   capture_output=True, timeout=60, check=True)
+    base = [
+        _chromium(),
+        "--headless",
+        "--disable-gpu",
+        "--no-sandbox",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    subprocess.run(
+        [*base, f"--screenshot={shot}", "--window-size=1200,2000", path.as_uri()],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
     assert img.shape[:2] == (2000, 1200)
     assert img.std() > 10 and (img < 128).mean() > 0.005  # text, tables and images drawn, not a blank page
-    dom = subprocess.run([*base, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=60,
-                         check=True).stdout
+    dom = subprocess.run(
+        [*base, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     assert dom.count("<img") == 2 and dom.count("<table") >= 5 and "10 [8, 12]" in dom

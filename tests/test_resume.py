@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, all_runs, compose_cfg
 
 CRASH_POINTS = ("shard_written:2", "shard_half_written:3", "metrics_assembled", "external")
@@ -28,8 +27,14 @@ def _launch(args, out: Path, crash: str | None, *hydra) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
     if crash:
         env["DIFFUSION_LENS_CRASH_AT"] = crash
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *hydra, *args, f"paths.outputs={out}"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *hydra, *args, f"paths.outputs={out}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +45,33 @@ def killed(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("resume")
     models = tiny_models(root / "models")
-    args = ["model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={models['sd']}", "mode=[metrics]",
-            f"features.shapes_net.model={models['net']}", "mode.metrics.num_samples=14", "dataset.num_images=16",
-            "sampler.num_inference_steps=2", "sampler.batch_size=4", "mode.metrics.kid_subsets=3", "mode.metrics.grid=2",
-            "mode.metrics.cache=false"]
-    procs = {p: _launch(args, root / f"out_{_name(p)}", None if p == "external" else p, f"hydra.run.dir={root / _name(p)}")
-             for p in CRASH_POINTS}
-    procs["sweep"] = _launch(args, root / "out_sweep", "shard_written:2", "-m", f"hydra.sweep.dir={root / 'sweep'}",
-                             "sampler.guidance_scale=3,5")
+    args = [
+        "model=hub",
+        "features=[shapes_net]",
+        "dataset=shapes",
+        f"model.path={models['sd']}",
+        "mode=[metrics]",
+        f"features.shapes_net.model={models['net']}",
+        "mode.metrics.num_samples=14",
+        "dataset.num_images=16",
+        "sampler.num_inference_steps=2",
+        "sampler.batch_size=4",
+        "mode.metrics.kid_subsets=3",
+        "mode.metrics.grid=2",
+        "mode.metrics.cache=false",
+    ]
+    procs = {
+        p: _launch(args, root / f"out_{_name(p)}", None if p == "external" else p, f"hydra.run.dir={root / _name(p)}")
+        for p in CRASH_POINTS
+    }
+    procs["sweep"] = _launch(
+        args,
+        root / "out_sweep",
+        "shard_written:2",
+        "-m",
+        f"hydra.sweep.dir={root / 'sweep'}",
+        "sampler.guidance_scale=3,5",
+    )
     shards = root / "external" / "progress" / "metrics"  # killed from outside once its first shard is on disk
     deadline = time.time() + 120
     while not list(shards.glob("batch_*.npz")) and procs["external"].poll() is None and time.time() < deadline:
@@ -70,9 +94,9 @@ def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypa
 
     monkeypatch.setenv("DIFFUSION_LENS_THREAD_POLICY", "off")  # one thread throughout, as the subprocesses
     from pipeline.core import progress
+    from pipeline.record.sweep_summary import best_runs, child_rows
     from pipeline.run import resume
     from pipeline.run.runner import run_pipeline
-    from pipeline.record.sweep_summary import best_runs, child_rows
 
     root, args = killed
     threads = torch.get_num_threads()
@@ -85,9 +109,12 @@ def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypa
 
         [run] = all_runs(root / "out_baseline")
         history = MlflowClient(f"sqlite:///{root / 'out_baseline' / 'mlflow.db'}").get_metric_history(
-            run.info.run_id, "progress/samples_done")
+            run.info.run_id, "progress/samples_done"
+        )
         assert [(m.step, m.value) for m in history][-1] == (14, 14) and len(history) >= 4  # stepped, one per batch
-        assert "progress/images_per_s" in run.data.metrics and not any(k.startswith("progress/") for k in baseline.results)
+        assert "progress/images_per_s" in run.data.metrics and not any(
+            k.startswith("progress/") for k in baseline.results
+        )
         assert not any(k.startswith("progress/") for k in [*child_rows([run])[0], *best_runs([run])])
         for point in CRASH_POINTS:
             run_dir, out = root / _name(point), root / f"out_{_name(point)}"
@@ -98,8 +125,11 @@ def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypa
                 _refusals(run_dir, caplog)
             caplog.clear()
             # by run dir, or by MLflow run id (its run_dir tag); model.device: an allowed change
-            ref = [before.info.run_id, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"] if point == "external" \
+            ref = (
+                [before.info.run_id, "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"]
+                if point == "external"
                 else [str(run_dir)]
+            )
             with caplog.at_level("INFO"):
                 assert resume.main([*ref, "model.device=cpu", f"paths.outputs={out}"]) == 0, point
             if point.startswith("shard"):
@@ -155,6 +185,9 @@ def test_killed_sweep_resumes_its_unfinished_jobs_under_its_parent(killed, monke
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent2.info.run_id == parent.info.run_id and parent2.info.status == "FINISHED"
     assert parent2.data.tags["resumed"] == "1" and len(children) == 2  # job 0 resumed, job 1 run: no duplicate
-    assert sorted((r.data.tags.get("resumed", "0"), r.info.status) for r in children) == [("0", "FINISHED"), ("1", "FINISHED")]
+    assert sorted((r.data.tags.get("resumed", "0"), r.info.status) for r in children) == [
+        ("0", "FINISHED"),
+        ("1", "FINISHED"),
+    ]
     assert resume.main([str(sweep)]) == 0  # again: both jobs finished, skipped
     assert len([r for r in all_runs(out) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 2

@@ -7,15 +7,15 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import compose_cfg
+
 from pipeline.errors import UserError
 from pipeline.models.builtin import builtin_path
 from pipeline.models.loading import load_scheduler_config
 from pipeline.models.schedulers import build_scheduler
-from pipeline.run.runner import run_pipeline
 from pipeline.modes.schedule.schedules import named_schedule
 from pipeline.modes.schedule.stage import visited
+from pipeline.run.runner import run_pipeline
 
 # name: (log-SNR at t=0, log-SNR at t=999, sqrt(alpha_bar_T), SNR_T)
 CLOSED_FORMS = {
@@ -50,7 +50,9 @@ def test_sigma_schedules():
     assert edm.log_snr[0] == pytest.approx(-2 * math.log(0.002), abs=1e-3)  # +12.43
     assert edm.log_snr[-1] == pytest.approx(-2 * math.log(80.0), abs=1e-3)  # -8.76
     karras = named_schedule("karras")  # Karras spacing between SD's own sigma extremes
-    assert karras.log_snr[0] == pytest.approx(7.0694, abs=1e-3) and karras.log_snr[-1] == pytest.approx(-5.3640, abs=1e-3)
+    assert karras.log_snr[0] == pytest.approx(7.0694, abs=1e-3) and karras.log_snr[-1] == pytest.approx(
+        -5.3640, abs=1e-3
+    )
     assert edm.monotonic and karras.monotonic
 
 
@@ -64,16 +66,15 @@ def test_beta_panel_of_sigma_schedules_has_no_spike_at_t0_and_the_10_note_only_f
     note = {}
     for name in ("scaled_linear", "squaredcos_cap_v2", "karras", "edm"):
         s = named_schedule(name)
-        note[name] = findings(name, schedule_scalars(s, np.array([0.0])), s.kind,
-                              (s.scheduler_config or {}).get("beta_schedule"))[0]
+        note[name] = findings(
+            name, schedule_scalars(s, np.array([0.0])), s.kind, (s.scheduler_config or {}).get("beta_schedule")
+        )[0]
     assert "not the ±10 of DDPM-linear" in note["scaled_linear"]
     assert [n for n in note if "±10" in note[n]] == ["scaled_linear"]
     assert "cosine schedule" in note["squaredcos_cap_v2"] and "σ from 0.002 to 80" in note["edm"]
 
 
-@pytest.mark.parametrize(
-    "spacing,offset,first,last", [("leading", 1, 981, 1), ("trailing", 0, 999, 19)]
-)
+@pytest.mark.parametrize("spacing,offset,first,last", [("leading", 1, 981, 1), ("trailing", 0, 999, 19)])
 def test_ddim_visited_timesteps(spacing, offset, first, last):
     cfg = compose_cfg(["scheduler=ddim", f"scheduler.timestep_spacing={spacing}", f"scheduler.steps_offset={offset}"])
     ts = visited(named_schedule("scaled_linear"), cfg.scheduler, 50)

@@ -12,10 +12,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import compose_cfg, sqlite_uri
 from diffusers import FlowMatchEulerDiscreteScheduler
 from mlflow.tracking import MlflowClient
 
-from conftest import compose_cfg, sqlite_uri
 from pipeline import zoo
 from pipeline.errors import UserError
 from pipeline.models.builtin import builtin_path, family_solvers
@@ -24,16 +24,26 @@ from pipeline.models.schedulers import FLOW_SOLVERS, build_scheduler, set_flow_t
 from pipeline.run.runner import run_pipeline
 
 SD3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
-FLUX = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
-        "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-        "max_image_seq_len": 4096}
+FLUX = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 VAE = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]}  # scale 8
 
 
 def _flow_dir(root, pipeline: str, scheduler: dict, transformer: dict | None = None):
-    files = {"model_index.json": {"_class_name": pipeline, "scheduler": ["diffusers", scheduler["_class_name"]]},
-             "scheduler/scheduler_config.json": scheduler, "vae/config.json": VAE,
-             "transformer/config.json": transformer or {}}
+    files = {
+        "model_index.json": {"_class_name": pipeline, "scheduler": ["diffusers", scheduler["_class_name"]]},
+        "scheduler/scheduler_config.json": scheduler,
+        "vae/config.json": VAE,
+        "transformer/config.json": transformer or {},
+    }
     for name, content in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(json.dumps(content))
@@ -73,19 +83,28 @@ def test_native_is_the_models_own_scheduler_and_equals_ddim_on_shapes_sd():
 # ---------------------------------------------------------------------------------------------- refusals
 def test_solvers_that_do_not_fit_the_model_are_refused_by_name(sd3_dir, flux_dir):
     sd3_index = json.loads((sd3_dir / "model_index.json").read_text())
-    with pytest.raises(UserError, match=r"scheduler=ddim: a DDPM-family solver.*rectified-flow model.*options that fit: "
-                                        r"native, flow_euler, flow_heun, flow_dpmpp_2m, flow_unipc$"):
+    with pytest.raises(
+        UserError,
+        match=r"scheduler=ddim: a DDPM-family solver.*rectified-flow model.*options that fit: "
+        r"native, flow_euler, flow_heun, flow_dpmpp_2m, flow_unipc$",
+    ):
         build_scheduler(SD3, _option("ddim"), "sd3", sd3_index)
     # the pipeline class alone makes a model flow (whatever its scheduler config says)
     with pytest.raises(UserError, match="scheduler=euler: a DDPM-family solver"):
         build_scheduler({"_class_name": "EulerDiscreteScheduler"}, _option("euler"), "sd3", sd3_index)
     base, source = load_scheduler_config(str(zoo.locate("shapes_sd")))
-    with pytest.raises(UserError, match=r"scheduler=flow_euler: a rectified-flow solver, but the model is a diffusion "
-                                        r"model.*options that fit: native, ddim, pndm, euler, euler_ancestral, heun"):
+    with pytest.raises(
+        UserError,
+        match=r"scheduler=flow_euler: a rectified-flow solver, but the model is a diffusion "
+        r"model.*options that fit: native, ddim, pndm, euler, euler_ancestral, heun",
+    ):
         build_scheduler(base, _option("flow_euler"), source)
-    with pytest.raises(UserError, match=r"scheduler=flow_heun: FlowMatchHeunDiscreteScheduler takes a static shift only"
-                                        r".*use_dynamic_shifting.*options that fit: native, flow_euler, flow_dpmpp_2m, "
-                                        r"flow_unipc$"):
+    with pytest.raises(
+        UserError,
+        match=r"scheduler=flow_heun: FlowMatchHeunDiscreteScheduler takes a static shift only"
+        r".*use_dynamic_shifting.*options that fit: native, flow_euler, flow_dpmpp_2m, "
+        r"flow_unipc$",
+    ):
         build_scheduler(FLUX, _option("flow_heun"), "flux")
 
 
@@ -138,18 +157,25 @@ def test_every_flow_solver_visits_the_pipelines_flow_match_sigmas(case, n):
         assert torch.allclose(got_s, sigmas, atol=1e-6, rtol=0), name
         assert torch.allclose(got_t / 1000, timesteps / 1000, atol=1e-6, rtol=0), name  # where the model is called
     if family == "sd3":
-        assert float(sigmas[0]) == 1.0 and float(sigmas[-1]) == pytest.approx(3 * 0.002994 / (1 + 2 * 0.002994), abs=1e-4)
+        assert float(sigmas[0]) == 1.0 and float(sigmas[-1]) == pytest.approx(
+            3 * 0.002994 / (1 + 2 * 0.002994), abs=1e-4
+        )
 
 
 def test_flow_solvers_carry_the_models_shift():
     dpm = build_scheduler(FLUX, _option("flow_dpmpp_2m"), "flux")
     c = dpm.config
-    assert (c.algorithm_type, c.solver_order, c.prediction_type, c.use_flow_sigmas) == ("dpmsolver++", 2,
-                                                                                       "flow_prediction", True)
+    assert (c.algorithm_type, c.solver_order, c.prediction_type, c.use_flow_sigmas) == (
+        "dpmsolver++",
+        2,
+        "flow_prediction",
+        True,
+    )
     assert c.flow_shift == 3.0 and c.use_dynamic_shifting and c.time_shift_type == "exponential"
     # keys the class does not take travel in its config too (copies keep them), without a warning per copy
-    assert {k: c._flow_reference[k] for k in ("shift", "base_shift", "max_shift")} == {k: FLUX[k] for k in
-                                                                                      ("shift", "base_shift", "max_shift")}
+    assert {k: c._flow_reference[k] for k in ("shift", "base_shift", "max_shift")} == {
+        k: FLUX[k] for k in ("shift", "base_shift", "max_shift")
+    }
     assert "base_shift" not in c and type(dpm).from_config(c).config._flow_reference == c._flow_reference
     unipc = build_scheduler(SD3, _option("flow_unipc"), "sd3")
     assert unipc.config.flow_shift == 3.0 and not unipc.config.use_dynamic_shifting
@@ -174,8 +200,10 @@ def test_family_solvers_resolver(sd3_dir, flux_dir, tmp_path):
     from pipeline.config import CONF_DIR, register_configs
 
     register_configs()
-    for preset, path, expected in [("scheduler_sweep", flux_dir, "flow_euler,flow_dpmpp_2m,flow_unipc"),
-                                   ("schedule_sweep", sd3_dir, "flow_euler,flow_heun,flow_dpmpp_2m,flow_unipc")]:
+    for preset, path, expected in [
+        ("scheduler_sweep", flux_dir, "flow_euler,flow_dpmpp_2m,flow_unipc"),
+        ("schedule_sweep", sd3_dir, "flow_euler,flow_heun,flow_dpmpp_2m,flow_unipc"),
+    ]:
         GlobalHydra.instance().clear()
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=[f"experiment={preset}", f"model.path={path}"], return_hydra_config=True)
@@ -192,8 +220,15 @@ def _log_snr(u: float, shift: float) -> float:
 
 def test_schedule_mode_on_an_sd3_like_model(sd3_dir, tmp_path):
     out = tmp_path / "out"
-    cfg = compose_cfg([f"model.path={sd3_dir}", "mode.schedule.compare=[linear,edm]", "sampler.num_inference_steps=10",
-                       "scheduler=flow_heun"], out)
+    cfg = compose_cfg(
+        [
+            f"model.path={sd3_dir}",
+            "mode.schedule.compare=[linear,edm]",
+            "sampler.num_inference_steps=10",
+            "scheduler=flow_heun",
+        ],
+        out,
+    )
     res = run_pipeline(cfg, tmp_path / "run")
     r = res.results
     assert r["schedule/log_snr_max"] == pytest.approx(_log_snr(1 / 1000, 3.0), abs=1e-6)  # +11.616
@@ -216,8 +251,10 @@ def test_schedule_mode_on_an_sd3_like_model(sd3_dir, tmp_path):
 
 def test_schedule_mode_on_a_flux_like_model_uses_the_resolution_dependent_shift(flux_dir, tmp_path):
     def run(extra, name):
-        cfg = compose_cfg([f"model.path={flux_dir}", "mode.schedule.compare=[linear]", "sampler.num_inference_steps=4",
-                           *extra], tmp_path / "out")
+        cfg = compose_cfg(
+            [f"model.path={flux_dir}", "mode.schedule.compare=[linear]", "sampler.num_inference_steps=4", *extra],
+            tmp_path / "out",
+        )
         return run_pipeline(cfg, tmp_path / name).results
 
     native = run([], "native")  # 1024x1024: (1024/8/2)² = 4096 tokens, μ = max_shift
@@ -225,7 +262,9 @@ def test_schedule_mode_on_a_flux_like_model_uses_the_resolution_dependent_shift(
     assert native["schedule/log_snr_max"] == pytest.approx(_log_snr(1 / 1000, math.exp(mu)), abs=1e-6)
     assert native["schedule/log_snr_min"] == pytest.approx(_log_snr(999 / 1000, math.exp(mu)), abs=1e-6)
     # Flux visits σ = shift(linspace(1, 1/N, N)): u = 1, 0.75, 0.5, 0.25 -> training steps u·T − 1
-    assert (native["schedule/first_visited_t"], native["schedule/last_visited_t"]) == pytest.approx((999, 249), abs=1e-3)
+    assert (native["schedule/first_visited_t"], native["schedule/last_visited_t"]) == pytest.approx(
+        (999, 249), abs=1e-3
+    )
     small = run(["mode.schedule.height=512", "mode.schedule.width=512", "scheduler=flow_unipc"], "small")
     mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (1024 - 256)  # (512/16)² = 1024 tokens
     assert small["schedule/log_snr_max"] == pytest.approx(_log_snr(1 / 1000, math.exp(mu)), abs=1e-6)

@@ -63,16 +63,20 @@ def test_masks_match_rendered_pixels(size):
 
 
 def test_caption_grammar():
-    assert caption_for([("blue", "square", "right"), ("red", "circle", "left")]) == \
-        "a red circle on the left and a blue square on the right"
+    assert (
+        caption_for([("blue", "square", "right"), ("red", "circle", "left")])
+        == "a red circle on the left and a blue square on the right"
+    )
     assert render(0, "test").caption == caption_for(parse_caption(render(0, "test").caption))
     with pytest.raises(ValueError, match="not of the form"):
         parse_caption("a red circle in the middle")
 
 
 def test_splits_are_disjoint_by_content():
-    hashes = {split: {_digest(s.image) for s in ShapesDataset(split, n)} for split, n in
-              [("train", 3000), ("val", 500), ("test", 500)]}
+    hashes = {
+        split: {_digest(s.image) for s in ShapesDataset(split, n)}
+        for split, n in [("train", 3000), ("val", 500), ("test", 500)]
+    }
     assert len(hashes["train"]) > 2500  # mostly distinct images within a split, too
     assert not hashes["train"] & hashes["val"]
     assert not hashes["train"] & hashes["test"]
@@ -109,8 +113,25 @@ def test_export_command_writes_a_folder_the_folder_dataset_reads(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "pipeline.data.shapes.export", str(tmp_path / "f"), "--n", "3",
-                          "--split", "val", "--seed", "2", "--size", "24"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.data.shapes.export",
+            str(tmp_path / "f"),
+            "--n",
+            "3",
+            "--split",
+            "val",
+            "--seed",
+            "2",
+            "--size",
+            "24",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "wrote 3 24x24 shapes images" in out.stdout and str(tmp_path / "f") in out.stdout
     folder, ds = FolderDataset(tmp_path / "f"), ShapesDataset("val", 3, seed=2, size=24)
     assert [s.caption for s in folder] == ds.captions and folder.shapes[0] == (24, 24, 3)
@@ -129,8 +150,12 @@ def test_folder_skips_corrupt_files_and_reads_captions(tmp_path, caplog):
     (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "captions.jsonl").write_text(
-        json.dumps({"file": "a.png", "caption": "first"}) + "\n" + "{oops\n"
-        + json.dumps({"file": "d.bmp", "caption": "fourth"}) + "\n")
+        json.dumps({"file": "a.png", "caption": "first"})
+        + "\n"
+        + "{oops\n"
+        + json.dumps({"file": "d.bmp", "caption": "fourth"})
+        + "\n"
+    )
     with caplog.at_level(logging.WARNING, logger="pipeline.data.folder"):
         ds = FolderDataset(tmp_path)
     assert len(ds) == 5 and ds.num_skipped == 3

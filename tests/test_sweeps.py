@@ -13,12 +13,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import all_runs, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-
-from conftest import all_runs, run_cli
-from pipeline.config import CONF_DIR, register_configs
 from tiny import tiny_models
+
+from pipeline.config import CONF_DIR, register_configs
 
 
 def _sweep_params(experiment: str) -> dict:
@@ -31,6 +31,7 @@ def _sweep_params(experiment: str) -> dict:
 
 def test_presets_compose_and_every_job_config_is_valid():
     from conftest import compose_cfg
+
     from pipeline import zoo
 
     cfg, params = _sweep_params("scheduler_sweep")
@@ -59,7 +60,9 @@ def _children(outputs: Path, parent_id: str):
 
 
 def _parent(outputs: Path):
-    return max((r for r in all_runs(outputs) if r.data.tags.get("sweep.role") == "parent"), key=lambda r: r.info.start_time)
+    return max(
+        (r for r in all_runs(outputs) if r.data.tags.get("sweep.role") == "parent"), key=lambda r: r.info.start_time
+    )
 
 
 @pytest.mark.slow
@@ -72,17 +75,35 @@ def test_checkpoint_sweep_shares_model_and_reference_and_summarises(models, tmp_
     ckpts = [tmp_path / "ckpt" / "step_00010", tmp_path / "ckpt" / "step_00020"]
     for c in ckpts:
         shutil.copytree(models["ddpm"], c)
-    proc = run_cli(["-m", "experiment=checkpoint_sweep", "model=hub", "features=[shapes_net]", "dataset=shapes", f"model.path={ckpts[0]},{ckpts[1]}",
-                    "scheduler=ddim,euler", f"paths.outputs={out}", f"features.shapes_net.model={models['net']}",
-                    "mode.metrics.num_samples=8", "dataset.num_images=16", "sampler.num_inference_steps=2",
-                    "sampler.batch_size=8", "mode.metrics.kid_subsets=2", "mode.metrics.grid=2"], out)
+    proc = run_cli(
+        [
+            "-m",
+            "experiment=checkpoint_sweep",
+            "model=hub",
+            "features=[shapes_net]",
+            "dataset=shapes",
+            f"model.path={ckpts[0]},{ckpts[1]}",
+            "scheduler=ddim,euler",
+            f"paths.outputs={out}",
+            f"features.shapes_net.model={models['net']}",
+            "mode.metrics.num_samples=8",
+            "dataset.num_images=16",
+            "sampler.num_inference_steps=2",
+            "sampler.batch_size=8",
+            "mode.metrics.kid_subsets=2",
+            "mode.metrics.grid=2",
+        ],
+        out,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     parent = _parent(out)
     children = sorted(_children(out, parent.info.run_id), key=lambda r: r.info.start_time)
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert [c.data.tags["model_cache"] for c in children] == ["miss", "hit", "miss", "hit"]
     assert [c.data.tags["reference_cache"] for c in children] == ["miss", "hit", "hit", "hit"]
-    assert [c.info.run_name for c in children] == [f"model.path={c.name}·scheduler={s}" for c in ckpts for s in ("ddim", "euler")]
+    assert [c.info.run_name for c in children] == [
+        f"model.path={c.name}·scheduler={s}" for c in ckpts for s in ("ddim", "euler")
+    ]
     # the parent: what was swept as params, the best value of each result key with a direction, and where it is
     assert parent.data.params == {"sweep.model.path": f"{ckpts[0]},{ckpts[1]}", "sweep.scheduler": "ddim,euler"}
     fds = {c.info.run_id: c.data.metrics["metrics/fd_shapes_net"] for c in children}
@@ -90,7 +111,10 @@ def test_checkpoint_sweep_shares_model_and_reference_and_summarises(models, tmp_
     assert fds[parent.data.tags["best.metrics/fd_shapes_net.run_id"]] == min(fds.values())
     precision = {c.info.run_id: c.data.metrics["metrics/precision_shapes_net"] for c in children}
     assert parent.data.metrics["best.metrics/precision_shapes_net"] == max(precision.values())
-    assert "best.metrics/num_samples" not in parent.data.metrics and "best.metrics/kid_std_shapes_net" not in parent.data.metrics
+    assert (
+        "best.metrics/num_samples" not in parent.data.metrics
+        and "best.metrics/kid_std_shapes_net" not in parent.data.metrics
+    )
     rows = list(csv.DictReader((Path(parent.data.tags["sweep.dir"]) / "sweep_summary.csv").open()))
     assert len(rows) == 4 and all(r["metrics/fd_shapes_net"] for r in rows)
     assert {r["metrics.primary_extractor"] for r in rows} == {"shapes_net"}
@@ -108,9 +132,22 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (SQLite backend, artifacts proxied) on 127.0.0.1 at a free port."""
     root = tmp_path_factory.mktemp("server")
     port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
     uri = f"http://127.0.0.1:{port}"
@@ -137,8 +174,19 @@ def test_sweep_on_a_tracking_server_and_compare_reads_it_back(mlflow_server, tmp
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "out"
-    proc = run_cli(["-m", "tracking=server", f"tracking.uri={mlflow_server}", "tracking.experiment=on-server",
-                    "model=sd15_scheduler", "mode=[schedule]", "scheduler=ddim,euler", f"paths.outputs={out}"], out)
+    proc = run_cli(
+        [
+            "-m",
+            "tracking=server",
+            f"tracking.uri={mlflow_server}",
+            "tracking.experiment=on-server",
+            "model=sd15_scheduler",
+            "mode=[schedule]",
+            "scheduler=ddim,euler",
+            f"paths.outputs={out}",
+        ],
+        out,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not (out / "mlflow.db").exists()  # nothing went to the embedded store
     client = MlflowClient(mlflow_server)
@@ -152,8 +200,19 @@ def test_sweep_on_a_tracking_server_and_compare_reads_it_back(mlflow_server, tmp
     assert "results.json" in arts and "config_resolved.yaml" in arts
     assert any(a.path.endswith("sweep_summary.csv") for a in client.list_artifacts(parent.info.run_id, "tables"))
 
-    proc = run_cli([parent.info.run_id, "--tracking-uri", mlflow_server, "--sort", "schedule/num_visited",
-                    "--out", str(tmp_path / "cmp")], out, module="pipeline.record.compare")
+    proc = run_cli(
+        [
+            parent.info.run_id,
+            "--tracking-uri",
+            mlflow_server,
+            "--sort",
+            "schedule/num_visited",
+            "--out",
+            str(tmp_path / "cmp"),
+        ],
+        out,
+        module="pipeline.record.compare",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = (tmp_path / "cmp").glob("*.csv")
     rows = list(csv.DictReader(next(table).open()))
@@ -181,11 +240,14 @@ def _hammer(uri: str, outputs: str, k: int, q) -> None:
 
 @pytest.mark.slow
 def test_four_processes_write_one_sqlite_store_without_lock_errors(tmp_path):
-    from pipeline.record.tracking import Tracker, default_uri
     from omegaconf import OmegaConf
 
+    from pipeline.record.tracking import Tracker, default_uri
+
     uri = default_uri(tmp_path)
-    Tracker(OmegaConf.create({"uri": uri, "experiment": "stress"}), tmp_path)  # created (migrated) once, as a sweep's parent does
+    Tracker(
+        OmegaConf.create({"uri": uri, "experiment": "stress"}), tmp_path
+    )  # created (migrated) once, as a sweep's parent does
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_hammer, args=(uri, str(tmp_path), k, q)) for k in range(4)]
@@ -210,9 +272,20 @@ def test_parallel_launchers_record_every_job(launcher, tmp_path):
     # joblib: 4 jobs in 4 parallel workers on one SQLite store; submitit_local: 2 jobs are enough to show the path
     schedulers = ["ddim", "euler", "pndm", "unipc"] if launcher == "joblib" else ["ddim", "euler"]
     extra = ["hydra.launcher.n_jobs=4"] if launcher == "joblib" else ["hydra.launcher.timeout_min=10"]
-    proc = run_cli(["-m", f"hydra/launcher={launcher}", *extra, "model=sd15_scheduler", "mode=[schedule]",
-                    "mode.schedule.compare=[linear]", f"scheduler={','.join(schedulers)}", f"paths.outputs={out}"],
-                   out, timeout=400)
+    proc = run_cli(
+        [
+            "-m",
+            f"hydra/launcher={launcher}",
+            *extra,
+            "model=sd15_scheduler",
+            "mode=[schedule]",
+            "mode.schedule.compare=[linear]",
+            f"scheduler={','.join(schedulers)}",
+            f"paths.outputs={out}",
+        ],
+        out,
+        timeout=400,
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     assert "database is locked" not in text and "Traceback" not in text
@@ -226,7 +299,9 @@ def test_parallel_launchers_record_every_job(launcher, tmp_path):
 @pytest.mark.slow
 def test_unknown_scheduler_in_a_sweep_fails_before_any_job(tmp_path):
     out = tmp_path / "out"
-    proc = run_cli(["-m", "model=sd15_scheduler", "mode=[schedule]", "scheduler=ddim,ddim_fast", f"paths.outputs={out}"], out)
+    proc = run_cli(
+        ["-m", "model=sd15_scheduler", "mode=[schedule]", "scheduler=ddim,ddim_fast", f"paths.outputs={out}"], out
+    )
     assert proc.returncode != 0
     assert "Could not find 'scheduler/ddim_fast'" in proc.stdout + proc.stderr
     runs = all_runs(out)

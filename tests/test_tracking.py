@@ -10,24 +10,31 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+from conftest import compose_cfg, sqlite_uri
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg, sqlite_uri
-from pipeline.record import naming
 from pipeline.core import registry
-from pipeline.run.runner import RunOutcome, run_pipeline
+from pipeline.record import naming
 from pipeline.record.tracking import Tracker, default_uri, flatten, public_uri, resolve_uri, run_links, ui_command
+from pipeline.run.runner import RunOutcome, run_pipeline
 
 
 def test_flatten_uses_dot_keys():
-    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": {}}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None", "e": "{}"}
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": {}}) == {
+        "a.b": "1",
+        "a.c": "[1, 2]",
+        "d": "None",
+        "e": "{}",
+    }
 
 
 def test_run_is_logged_completely(outputs, tmp_path, caplog):
     cfg = compose_cfg(["scheduler=euler", "sampler.num_inference_steps=20", "sampler.guidance_scale=5"], outputs)
     with caplog.at_level(logging.INFO):
-        out = run_pipeline(cfg, tmp_path / "run", choices={"scheduler": "euler", "model": "sd15_scheduler", "mode": ["schedule"]})
+        out = run_pipeline(
+            cfg, tmp_path / "run", choices={"scheduler": "euler", "model": "sd15_scheduler", "mode": ["schedule"]}
+        )
     client = MlflowClient(sqlite_uri(outputs))
     run = client.get_run(out.run_id)
     assert run.info.status == "FINISHED"
@@ -56,8 +63,16 @@ def test_run_is_logged_completely(outputs, tmp_path, caplog):
     assert p["mode.schedule.compare"].startswith("['linear'")
     assert p["choice.scheduler"] == "euler" and p["choice.model"] == "sd15_scheduler"
     t = run.data.tags
-    for key in ["git.commit", "git.dirty", "device", "version.torch", "version.diffusers", "version.transformers",
-                "version.torchmetrics", "version.mlflow"]:
+    for key in [
+        "git.commit",
+        "git.dirty",
+        "device",
+        "version.torch",
+        "version.diffusers",
+        "version.transformers",
+        "version.torchmetrics",
+        "version.mlflow",
+    ]:
         assert t[key], key
     assert t["device"] == "cpu"
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -73,8 +88,11 @@ def test_run_is_logged_completely(outputs, tmp_path, caplog):
 def _with_stage(monkeypatch, fn):
     """Make the schedule mode run one more stage after its own."""
     registry.stage("test_extra")(fn)
-    monkeypatch.setitem(registry.MODES, "schedule", registry.Mode("schedule", ("schedule", "test_extra"),
-                                                                  registry.MODES["schedule"].schema))
+    monkeypatch.setitem(
+        registry.MODES,
+        "schedule",
+        registry.Mode("schedule", ("schedule", "test_extra"), registry.MODES["schedule"].schema),
+    )
     return lambda: registry.STAGES.pop("test_extra", None)
 
 
@@ -90,9 +108,13 @@ def test_failure_midway_keeps_earlier_results_and_marks_run_failed(outputs, tmp_
         cleanup()
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["schedule/log_snr_max"] == pytest.approx(7.0694, abs=1e-3)  # the completed stage's results
-    run = [r for r in MlflowClient(sqlite_uri(outputs)).search_runs(
-        [MlflowClient(sqlite_uri(outputs)).get_experiment_by_name("diffusion-lens").experiment_id],
-        filter_string=f"tags.run_dir = '{(tmp_path / 'run').resolve()}'")][0]
+    run = [
+        r
+        for r in MlflowClient(sqlite_uri(outputs)).search_runs(
+            [MlflowClient(sqlite_uri(outputs)).get_experiment_by_name("diffusion-lens").experiment_id],
+            filter_string=f"tags.run_dir = '{(tmp_path / 'run').resolve()}'",
+        )
+    ][0]
     assert run.info.status == "FAILED" and "disk on fire" in run.data.tags["error"]
     assert run.data.metrics["schedule/log_snr_max"] == saved["schedule/log_snr_max"]
 
@@ -116,8 +138,8 @@ def test_ctrl_c_ends_the_run_killed(outputs, tmp_path, monkeypatch):
 def test_store_precedence_tracking_uri_then_env_then_default(outputs, tmp_path, monkeypatch):
     """MLFLOW_TRACKING_URI is the store when tracking.uri is null, for a run, pipeline.run.reproduce and pipeline.record.compare;
     a configured tracking.uri (or --tracking-uri) wins; config_resolved.yaml keeps tracking.uri as configured."""
-    from pipeline.run import reproduce
     from pipeline.record.compare import open_store
+    from pipeline.run import reproduce
 
     env_uri = f"sqlite:///{tmp_path / 'env.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
@@ -156,10 +178,14 @@ def test_store_precedence_tracking_uri_then_env_then_default(outputs, tmp_path, 
 
 
 def test_deep_links_skip_the_genai_overview_and_keep_no_secret():
-    assert run_links("abc", "sqlite:///x.db", "3") == ("http://127.0.0.1:5000/#/experiments/3/runs",
-                                                       "http://127.0.0.1:5000/#/experiments/3/runs/abc")
+    assert run_links("abc", "sqlite:///x.db", "3") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs",
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc",
+    )
     assert run_links("abc", "https://me:token@mlflow.lab:8443/", "7") == (
-        "https://mlflow.lab:8443/#/experiments/7/runs", "https://mlflow.lab:8443/#/experiments/7/runs/abc")
+        "https://mlflow.lab:8443/#/experiments/7/runs",
+        "https://mlflow.lab:8443/#/experiments/7/runs/abc",
+    )
     assert public_uri("https://me:token@mlflow.lab/") == "https://me:***@mlflow.lab/"  # redacted, the user kept
     assert ui_command("sqlite:////o/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////o/mlflow.db"
     assert "mlflow ui" not in ui_command("http://h:5000") and "http://h:5000" in ui_command("http://h:5000")
@@ -172,26 +198,36 @@ def test_run_names():
     assert naming.run_name(compose_cfg(["tracking.run_name=mine"]), ["schedule"]) == "mine"  # still wins
     assert len(naming.job_name([f"model.path=/{'x' * 300}"], ["model.path"])) == naming.MAX_NAME
     # what a multirun sweeps: preset params, overridden by the command line; a plain override fixes a key
-    swept = naming.swept_values(["scheduler=ddim,euler", "model.path=/c/a", "sampler.num_inference_steps=range(5,15,5)"],
-                                {"model.path": "/c/a,/c/b", "sampler.guidance_scale": "1,7.5"})
-    assert swept == {"sampler.guidance_scale": ["1", "7.5"], "scheduler": ["ddim", "euler"],
-                     "sampler.num_inference_steps": ["5", "10"]}
+    swept = naming.swept_values(
+        ["scheduler=ddim,euler", "model.path=/c/a", "sampler.num_inference_steps=range(5,15,5)"],
+        {"model.path": "/c/a,/c/b", "sampler.guidance_scale": "1,7.5"},
+    )
+    assert swept == {
+        "sampler.guidance_scale": ["1", "7.5"],
+        "scheduler": ["ddim", "euler"],
+        "sampler.num_inference_steps": ["5", "10"],
+    }
 
 
 def test_sweep_parent_best_per_direction_and_closing_sentence(tmp_path):
     from pipeline.record.sweep_summary import best_runs, sentence
 
     def run(rid, status, start, **metrics):
-        return SimpleNamespace(info=SimpleNamespace(run_id=rid, status=status, start_time=start),
-                               data=SimpleNamespace(metrics={k.replace("__", "/"): v for k, v in metrics.items()}))
+        return SimpleNamespace(
+            info=SimpleNamespace(run_id=rid, status=status, start_time=start),
+            data=SimpleNamespace(metrics={k.replace("__", "/"): v for k, v in metrics.items()}),
+        )
 
-    children = [run("a", "FINISHED", 1, metrics__fd_shapes_net=40.0, metrics__prompt_accuracy=0.5, metrics__num_samples=8),
-                run("b", "FINISHED", 2, metrics__fd_shapes_net=30.0, metrics__prompt_accuracy=0.5, schedule__log_snr_max=7.0),
-                run("c", "FAILED", 3, metrics__fd_shapes_net=1.0, metrics__prompt_accuracy=1.0)]
+    children = [
+        run("a", "FINISHED", 1, metrics__fd_shapes_net=40.0, metrics__prompt_accuracy=0.5, metrics__num_samples=8),
+        run("b", "FINISHED", 2, metrics__fd_shapes_net=30.0, metrics__prompt_accuracy=0.5, schedule__log_snr_max=7.0),
+        run("c", "FAILED", 3, metrics__fd_shapes_net=1.0, metrics__prompt_accuracy=1.0),
+    ]
     # lower FD, higher accuracy (tie: the earlier run); counts, schedule keys and failed runs give no best
     assert best_runs(children) == {"metrics/fd_shapes_net": (30.0, "b"), "metrics/prompt_accuracy": (0.5, "a")}
     rows = [{"run_name": "scheduler=ddim", "status": "FINISHED"}, {"run_name": "scheduler=x", "status": "FAILED"}]
     table = tmp_path / "sweep_summary.csv"
     assert sentence(rows, table, [tmp_path / "sweep_frontier.png"]) == (
-        f"Sweep done: 1 of 2 jobs finished, 1 did not (scheduler=x); summary table {table}, plots sweep_frontier.png.")
+        f"Sweep done: 1 of 2 jobs finished, 1 did not (scheduler=x); summary table {table}, plots sweep_frontier.png."
+    )
     assert sentence(rows[:1] * 4, table, []) == f"Sweep done: all 4 jobs finished; summary table {table}."

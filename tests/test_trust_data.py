@@ -33,8 +33,9 @@ def _png(path, array: np.ndarray, colour_type: int, bit_depth: int) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", w, h, bit_depth, colour_type, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 def _images(root, names, size=(4, 6)):
@@ -50,20 +51,20 @@ def test_only_string_captions_are_used_and_bad_lines_are_counted_with_their_line
     root = _images(tmp_path / "real", names)
     (tmp_path / "outside.png").write_bytes((root / "0.png").read_bytes())
     lines = [
-        {"file": "0.png", "caption": "a red circle"},          # 1 good
-        {"file": "1.png", "caption": None},                    # 2 null
-        {"file": "2.png", "caption": 3},                       # 3 number
-        {"file": "3.png", "caption": ["a", "list"]},           # 4 array
-        {"file": "4.png", "caption": {"text": "x"}},           # 5 object
-        {"file": "5.png", "caption": True},                    # 6 boolean
-        {"file": "6.png", "caption": "  "},                    # 7 blank: no caption
-        {"file": 7, "caption": "a number as file"},            # 8 file not a string
+        {"file": "0.png", "caption": "a red circle"},  # 1 good
+        {"file": "1.png", "caption": None},  # 2 null
+        {"file": "2.png", "caption": 3},  # 3 number
+        {"file": "3.png", "caption": ["a", "list"]},  # 4 array
+        {"file": "4.png", "caption": {"text": "x"}},  # 5 object
+        {"file": "5.png", "caption": True},  # 6 boolean
+        {"file": "6.png", "caption": "  "},  # 7 blank: no caption
+        {"file": 7, "caption": "a number as file"},  # 8 file not a string
         {"file": str(tmp_path / "outside.png"), "caption": "absolute"},  # 9
-        {"file": "../outside.png", "caption": "dot-dot"},      # 10
-        {"caption": "no file key"},                            # 11
-        ["0.png", "an array line"],                            # 12
+        {"file": "../outside.png", "caption": "dot-dot"},  # 10
+        {"caption": "no file key"},  # 11
+        ["0.png", "an array line"],  # 12
     ]
-    text = "\n".join(json.dumps(x) for x in lines) + "\n{not json\n\n"       # 13 invalid JSON, 14 blank (ignored)
+    text = "\n".join(json.dumps(x) for x in lines) + "\n{not json\n\n"  # 13 invalid JSON, 14 blank (ignored)
     text += json.dumps({"file": "./7.png", "caption": "dot slash is fine"}) + "\n"  # 15 good, normalised
     (root / "captions.jsonl").write_bytes(text.encode() + b'{"file": "8.png", "caption": "\xff"}\n')  # 16 not UTF-8
     with caplog.at_level(logging.WARNING, logger="pipeline.data.folder"):
@@ -80,8 +81,9 @@ def test_only_string_captions_are_used_and_bad_lines_are_counted_with_their_line
     assert "None" not in ds.captions.values() and ds.caption_of(root / "1.png") is None
 
     forget_datasets()
-    cfg = OmegaConf.create({"name": "folder", "kind": "folder", "root": str(root), "captions_file": "captions.jsonl",
-                            "num_images": 100})
+    cfg = OmegaConf.create(
+        {"name": "folder", "kind": "folder", "root": str(root), "captions_file": "captions.jsonl", "num_images": 100}
+    )
     ref = reference_set(cfg)
     assert ref.num_bad_caption_lines == 13 and ref.captions[0] == "a red circle" and ref.captions[1] is None
     assert ref.identity["decode"] == F.DECODE_VERSION  # cached features of the old decoding are not reused
@@ -96,9 +98,17 @@ def test_dataset_path_rules(tmp_path):
     os.symlink(root / "masks", root / "inner")  # a link that stays inside is fine
     assert dataset_path(root, "./masks//a.png") == "masks/a.png"
     assert dataset_path(root, "inner/a.png") == "inner/a.png"
-    for bad, why in [("/etc/passwd", "absolute"), ("../secret.png", "'..'"), ("masks/../../secret.png", "'..'"),
-                     ("link.png", "outside the dataset folder"), ("", "non-empty"), (None, "null"), (3, "number"),
-                     ("a\0b.png", "NUL"), (".", "folder itself")]:
+    for bad, why in [
+        ("/etc/passwd", "absolute"),
+        ("../secret.png", "'..'"),
+        ("masks/../../secret.png", "'..'"),
+        ("link.png", "outside the dataset folder"),
+        ("", "non-empty"),
+        (None, "null"),
+        (3, "number"),
+        ("a\0b.png", "NUL"),
+        (".", "folder itself"),
+    ]:
         with pytest.raises(ValueError, match=why):
             dataset_path(root, bad)
     assert dataset_path(root, "link.png", follow_links=False) == "link.png"  # a name only (captions): lexical rules
@@ -171,11 +181,11 @@ def test_wide_integer_and_float_conventions(tmp_path):
     def grey(a, mode=None):
         return to_rgb(Image.fromarray(a, mode) if mode else Image.fromarray(a))[..., 0].tolist()
 
-    assert grey(np.array([[0, 32768, 65535]], dtype=np.int32)) == [[0, 128, 255]]        # I in 0..65535: 16-bit
-    assert grey(np.array([[-10, 0, 90]], dtype=np.int32)) == [[0, 26, 255]]              # else min-max
-    assert grey(np.array([[70000, 70000]], dtype=np.int32)) == [[0, 0]]                  # constant: 0
-    assert grey(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)) == [[0, 128, 255]]        # F in [0, 1]: x 255
-    assert grey(np.array([[0.0, 500.0, 1000.0]], dtype=np.float32)) == [[0, 128, 255]]   # else min-max
+    assert grey(np.array([[0, 32768, 65535]], dtype=np.int32)) == [[0, 128, 255]]  # I in 0..65535: 16-bit
+    assert grey(np.array([[-10, 0, 90]], dtype=np.int32)) == [[0, 26, 255]]  # else min-max
+    assert grey(np.array([[70000, 70000]], dtype=np.int32)) == [[0, 0]]  # constant: 0
+    assert grey(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)) == [[0, 128, 255]]  # F in [0, 1]: x 255
+    assert grey(np.array([[0.0, 500.0, 1000.0]], dtype=np.float32)) == [[0, 128, 255]]  # else min-max
     assert grey(np.array([[np.nan, np.inf, -np.inf, 0.5]], dtype=np.float32)) == [[0, 255, 0, 128]]
     # P with a transparent colour (tRNS) read from a file: the palette colour, no warning
     im = Image.new("P", (2, 1), 0)
@@ -218,16 +228,18 @@ def objects_folder(tmp_path):
     def row(file="0.png", mask="masks/0_0.png", caption="a red circle", words=("red", "circle")):
         return {"file": file, "caption": caption, "objects": [{"words": list(words), "mask": mask, "side": None}]}
 
-    rows = [row(),                                                  # 1 good
-            row(file=str(outside / "secret.png")),                  # 2 absolute image
-            row(file="../private/secret.png"),                      # 3 '..' image
-            row(mask=str(outside / "mask.png")),                    # 4 absolute mask
-            row(mask="masks/../../private/mask.png"),               # 5 '..' mask
-            row(file="link.png"),                                   # 6 image through a link out of the folder
-            row(mask="masks/link.png"),                             # 7 mask through a link out of the folder
-            row(caption=None),                                      # 8 non-string caption
-            row(words=("red", 3)),                                  # 9 non-string word
-            row(file="1.png", mask="masks/1_0.png", caption="a circle")]  # 10 good
+    rows = [
+        row(),  # 1 good
+        row(file=str(outside / "secret.png")),  # 2 absolute image
+        row(file="../private/secret.png"),  # 3 '..' image
+        row(mask=str(outside / "mask.png")),  # 4 absolute mask
+        row(mask="masks/../../private/mask.png"),  # 5 '..' mask
+        row(file="link.png"),  # 6 image through a link out of the folder
+        row(mask="masks/link.png"),  # 7 mask through a link out of the folder
+        row(caption=None),  # 8 non-string caption
+        row(words=("red", 3)),  # 9 non-string word
+        row(file="1.png", mask="masks/1_0.png", caption="a circle"),
+    ]  # 10 good
     (root / "objects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root, outside
 
@@ -251,8 +263,9 @@ def test_objects_jsonl_paths_outside_the_folder_are_refused_and_never_opened(obj
     assert all(r.objects[0].mask.tolist() == np.eye(4, dtype=bool).tolist() for r in rows)
     assert [k for k, _ in truth.bad_lines] == [2, 3, 4, 5, 6, 7, 8, 9] and truth.num_bad_lines == 8
     assert not [p for p in opened if p.startswith(os.path.realpath(outside))]  # nothing outside was ever opened
-    assert sorted(set(opened)) == sorted(os.path.realpath(root / p) for p in
-                                         ("0.png", "1.png", "masks/0_0.png", "masks/1_0.png"))
+    assert sorted(set(opened)) == sorted(
+        os.path.realpath(root / p) for p in ("0.png", "1.png", "masks/0_0.png", "masks/1_0.png")
+    )
     meta = str(root / "objects.jsonl")
     assert f"{meta} line 2 skipped: file: path {str(outside / 'secret.png')!r} is absolute" in caplog.text
     assert f"{meta} line 5 skipped: objects[0].mask: path 'masks/../../private/mask.png' has a '..'" in caplog.text
@@ -264,9 +277,13 @@ def test_objects_jsonl_paths_outside_the_folder_are_refused_and_never_opened(obj
 def test_captions_jsonl_paths_outside_the_folder_are_refused(objects_folder):
     root, outside = objects_folder
     (root / "captions.jsonl").write_text(
-        json.dumps({"file": str(outside / "secret.png"), "caption": "absolute"}) + "\n"
-        + json.dumps({"file": "../private/secret.png", "caption": "dot-dot"}) + "\n"
-        + json.dumps({"file": "0.png", "caption": "inside"}) + "\n")
+        json.dumps({"file": str(outside / "secret.png"), "caption": "absolute"})
+        + "\n"
+        + json.dumps({"file": "../private/secret.png", "caption": "dot-dot"})
+        + "\n"
+        + json.dumps({"file": "0.png", "caption": "inside"})
+        + "\n"
+    )
     ds = FolderDataset(root)
     assert ds.captions == {"0.png": "inside"} and [n for n, _ in ds.bad_caption_lines] == [1, 2]
     # link.png is a file of the folder's own listing (read as it is); its caption key is a plain name
@@ -290,8 +307,10 @@ def test_a_tampered_folder_check_cache_is_refused_naming_it(tmp_path, caplog):
     F.FolderDataset(root, check_cache=cache)
     [file] = cache.glob("folder-*.json")
     row = json.loads(file.read_text())
-    for forged in ({**row, "shapes": [[4, 4, 3], [9, 9, 3]]},  # checksum no longer matches
-                   {**row, "readable": row["readable"] + ["../secret.png"], "shapes": row["shapes"] + [[4, 4, 3]]}):
+    for forged in (
+        {**row, "shapes": [[4, 4, 3], [9, 9, 3]]},  # checksum no longer matches
+        {**row, "readable": row["readable"] + ["../secret.png"], "shapes": row["shapes"] + [[4, 4, 3]]},
+    ):
         body = {k: forged[k] for k in ("version", "root", "digest", "readable", "shapes", "skipped")}
         if forged["shapes"][-1] == [4, 4, 3]:  # the forger recomputes the checksum too
             forged["sha256"] = F._body_sha256(body)

@@ -66,13 +66,23 @@ def _features_stage(tmp_path: Path, extractor: _Extractor, ref: _Ref | None = No
 
     from pipeline.features.stages import real_features_stage
 
-    cfg = OmegaConf.create({"paths": {"cache": str(tmp_path / "cache")}, "dataset": {"num_images": 6},
-                            "mode": {"metrics": {"cache": True, "num_reference": None}},
-                            "features": {"fake": {"batch_size": 4}}})
+    cfg = OmegaConf.create(
+        {
+            "paths": {"cache": str(tmp_path / "cache")},
+            "dataset": {"num_images": 6},
+            "mode": {"metrics": {"cache": True, "num_reference": None}},
+            "features": {"fake": {"batch_size": 4}},
+        }
+    )
     tags: dict = {}
-    refs = SimpleNamespace(first=lambda n: ref or _Ref())  # the shared ``reference`` artifact (data.reference.References)
-    ctx = SimpleNamespace(device="cpu", tag=tags.__setitem__,
-                          get=lambda name: {"reference": refs, "extractors": {"fake": extractor}}[name])
+    refs = SimpleNamespace(
+        first=lambda n: ref or _Ref()
+    )  # the shared ``reference`` artifact (data.reference.References)
+    ctx = SimpleNamespace(
+        device="cpu",
+        tag=tags.__setitem__,
+        get=lambda name: {"reference": refs, "extractors": {"fake": extractor}}[name],
+    )
     out = real_features_stage(ctx, cfg)["real_features"]["fake"]
     return out["pool"], tags["reference_cache"]
 
@@ -100,7 +110,7 @@ def test_reference_cache_damage_is_a_warning_naming_the_file_then_a_recompute(tm
     # one flipped bit in the feature data (np.savez stores the arrays as they are: find the pool's bytes): the zip's
     # CRC-32 catches it; features changed and re-zipped (CRC right): the sha256 over the features and the key does
     at = good.index(pool.numpy().tobytes()) + 5
-    damaged(good[:at] + bytes([good[at] ^ 0x01]) + good[at + 1:], "Bad CRC-32")
+    damaged(good[:at] + bytes([good[at] ^ 0x01]) + good[at + 1 :], "Bad CRC-32")
     with np.load(entry) as z:
         arrays = {k: z[k] for k in z.files}
     arrays["pool"] = arrays["pool"] * np.float32(1.001)
@@ -137,8 +147,9 @@ def test_unwritable_reference_cache_costs_only_the_cache(tmp_path, caplog, monke
 
 # ----------------------------------------------------------------------------------------------- shards
 def _shard(store, lo: int, hi: int) -> None:
-    store.write(lo, hi, {"indices": np.arange(lo, hi), "f.pool": np.full((hi - lo, 3), lo, np.float32)},
-                {"num_invalid": 0})
+    store.write(
+        lo, hi, {"indices": np.arange(lo, hi), "f.pool": np.full((hi - lo, 3), lo, np.float32)}, {"num_invalid": 0}
+    )
 
 
 def test_a_shard_under_another_shards_name_is_rejected_deleted_and_regenerated(tmp_path, caplog):
@@ -171,8 +182,8 @@ RACERS = 8
 
 
 def _racer(run_dir: str, barrier, results, done) -> None:
-    from pipeline.errors import UserError
     from pipeline.core.progress import RunLock
+    from pipeline.errors import UserError
 
     barrier.wait(timeout=60)
     try:
@@ -221,15 +232,16 @@ def test_exactly_one_of_racing_processes_takes_a_free_or_stale_lock(tmp_path):
     stale = tmp_path / "stale"
     stale.mkdir()
     dead = _dead_pid()
-    (stale / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead, "started": time.time(),
-                                                "heartbeat": time.time()}))
+    (stale / "run.lock").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": dead, "started": time.time(), "heartbeat": time.time()})
+    )
     winner, _ = _race(stale)
     assert winner != dead
 
 
 def test_a_lock_taken_over_is_neither_refreshed_nor_removed_by_its_old_owner(tmp_path, caplog):
-    from pipeline.errors import UserError
     from pipeline.core.progress import RunLock, lock_owner
+    from pipeline.errors import UserError
 
     old = RunLock(tmp_path).acquire()
     first = json.loads((tmp_path / "run.lock").read_text())
@@ -276,8 +288,8 @@ def _stats_from_shards(tmp_path: Path, pool, logits, real, batch: int, threads: 
     process's thread count was set to ``threads`` (as the thread policy, torchrun or a resume leave it)."""
     import torch
 
-    from pipeline.modes.metrics.stage import _Columns, _extractor_stats
     from pipeline.core.progress import ShardStore
+    from pipeline.modes.metrics.stage import _Columns, _extractor_stats
 
     n = len(pool)
     store = ShardStore(tmp_path / f"shards{batch}", {"batch": batch})
@@ -343,13 +355,30 @@ def test_folder_run_with_n_not_a_multiple_of_samples_per_prompt_finishes(tmp_pat
         for i in range(6):
             Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
             f.write(json.dumps({"file": f"{i}.png", "caption": captions[i % 3]}) + "\n")
-    cfg = compose_cfg([
-        "model=hub", f"model.path={sd}", "features=[shapes_net]", f"features.shapes_net.model={tmp_path / 'net'}",
-        "dataset=folder", f"dataset.root={folder}", "mode=[metrics]", "mode.metrics.num_samples=5",
-        "mode.metrics.samples_per_prompt=2", "mode.metrics.pr_k=2", "mode.metrics.dc_k=2",
-        "mode.metrics.worst_prompts=10", "sampler.num_inference_steps=2", "sampler.batch_size=5",
-        "mode.metrics.kid_subsets=2", "mode.metrics.ci_subsets=2", "mode.metrics.ci_bootstrap=5", "mode.metrics.grid=2",
-        "mode.metrics.cache=false"], outputs)  # the session's store: migrated once
+    cfg = compose_cfg(
+        [
+            "model=hub",
+            f"model.path={sd}",
+            "features=[shapes_net]",
+            f"features.shapes_net.model={tmp_path / 'net'}",
+            "dataset=folder",
+            f"dataset.root={folder}",
+            "mode=[metrics]",
+            "mode.metrics.num_samples=5",
+            "mode.metrics.samples_per_prompt=2",
+            "mode.metrics.pr_k=2",
+            "mode.metrics.dc_k=2",
+            "mode.metrics.worst_prompts=10",
+            "sampler.num_inference_steps=2",
+            "sampler.batch_size=5",
+            "mode.metrics.kid_subsets=2",
+            "mode.metrics.ci_subsets=2",
+            "mode.metrics.ci_bootstrap=5",
+            "mode.metrics.grid=2",
+            "mode.metrics.cache=false",
+        ],
+        outputs,
+    )  # the session's store: migrated once
     out = run_pipeline(cfg, tmp_path / "run")
     assert out.status == "FINISHED" and np.isfinite(out.results["metrics/vendi_per_prompt_shapes_net"])
     rows = list(csv.DictReader((tmp_path / "run" / "tables" / "metrics_per_prompt.csv").open()))

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
-
 from conftest import compose_cfg
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 PROFILE = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -28,15 +28,17 @@ NUMERIC = {
 values = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["nan", "inf", "-inf", "1e400", "-0.0", "0x10", "true", "null", "", "1_000", "'7'", "[1]", "{a: 1}"]),
+    st.sampled_from(
+        ["nan", "inf", "-inf", "1e400", "-0.0", "0x10", "true", "null", "", "1_000", "'7'", "[1]", "{a: 1}"]
+    ),
 )
 
 
 @PROFILE
 @given(key=st.sampled_from(sorted(NUMERIC)), value=values)
 def test_a_typed_number_is_used_in_range_or_refused_naming_its_key(key, value):
-    from omegaconf import OmegaConf
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from pipeline.errors import UserError
@@ -90,7 +92,7 @@ def test_user_text_reaches_every_sink_as_data(text):
     cell = csv_cell(text)
     assert csv_uncell(cell) == text
     assert cell[:1] not in ("=", "+", "-", "@", "\t", "\r") or _is_number(cell)
-    assert not set("<>\"") & set(html_text(text))
+    assert not set('<>"') & set(html_text(text))
     assert not any(ord(c) < 32 and c != "\n" or c == "\x7f" for c in terminal_text(text))
 
 
@@ -103,13 +105,37 @@ def _is_number(text: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ images
-MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16",
-         "I;16B", "I;16L", "F"]
+MODES = [
+    "1",
+    "L",
+    "LA",
+    "La",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "I",
+    "I;16",
+    "I;16B",
+    "I;16L",
+    "F",
+]
 
 
 @PROFILE
-@given(mode=st.sampled_from(MODES), h=st.integers(1, 40), w=st.integers(1, 40), seed=st.integers(0, 2**16),
-       fmt=st.sampled_from(["png", "tiff", "raw"]))
+@given(
+    mode=st.sampled_from(MODES),
+    h=st.integers(1, 40),
+    w=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    fmt=st.sampled_from(["png", "tiff", "raw"]),
+)
 def test_every_image_mode_and_size_reads_as_rgb_uint8(tmp_path_factory, mode, h, w, seed, fmt):
     """Any PIL mode and size, from a file or in memory: (H, W, 3) uint8, or (for a file PIL cannot write in that
     format) never written. Integer modes wider than 8 bits keep their order (brighter stays brighter)."""
@@ -120,8 +146,11 @@ def test_every_image_mode_and_size_reads_as_rgb_uint8(tmp_path_factory, mode, h,
 
     rng = np.random.default_rng(seed)
     if mode in ("I;16", "I;16B", "I;16L"):
-        im = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).convert(mode) if mode != "I;16" else \
-            Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+        im = (
+            Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).convert(mode)
+            if mode != "I;16"
+            else Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+        )
     elif mode == "I":
         im = Image.fromarray(rng.integers(-(2**31), 2**31 - 1, (h, w), dtype=np.int32))
     elif mode == "F":
@@ -176,8 +205,9 @@ def test_a_run_on_hostile_captions_finishes_with_them_escaped_or_refuses_before_
     from pathlib import Path
 
     from conftest import all_runs
-    from pipeline.errors import UserError
+
     from pipeline.core.escape import csv_uncell
+    from pipeline.errors import UserError
     from pipeline.run.runner import run_pipeline
 
     work = Path(tempfile.mkdtemp(dir=caption_run_setup))
@@ -187,12 +217,28 @@ def test_a_run_on_hostile_captions_finishes_with_them_escaped_or_refuses_before_
         for i in range(4):
             f.write(json.dumps({"file": f"{i}.png", "caption": captions[i % 2]}) + "\n")
     out = work / "out"
-    cfg = compose_cfg(["model=shapes_sd", "dataset=folder", f"dataset.root={folder}", "mode=[metrics]",
-                       "features=[shapes_net]", "mode.metrics.num_samples=4", "mode.metrics.samples_per_prompt=2",
-                       "sampler.num_inference_steps=1", "sampler.batch_size=4", "mode.metrics.kid_subsets=2",
-                       "mode.metrics.ci_subsets=2", "mode.metrics.ci_bootstrap=2", "mode.metrics.grid=2",
-                       "mode.metrics.worst_prompts=2", "mode.metrics.cache=false", "mode.metrics.pr_k=1",
-                       "mode.metrics.dc_k=1"], out)
+    cfg = compose_cfg(
+        [
+            "model=shapes_sd",
+            "dataset=folder",
+            f"dataset.root={folder}",
+            "mode=[metrics]",
+            "features=[shapes_net]",
+            "mode.metrics.num_samples=4",
+            "mode.metrics.samples_per_prompt=2",
+            "sampler.num_inference_steps=1",
+            "sampler.batch_size=4",
+            "mode.metrics.kid_subsets=2",
+            "mode.metrics.ci_subsets=2",
+            "mode.metrics.ci_bootstrap=2",
+            "mode.metrics.grid=2",
+            "mode.metrics.worst_prompts=2",
+            "mode.metrics.cache=false",
+            "mode.metrics.pr_k=1",
+            "mode.metrics.dc_k=1",
+        ],
+        out,
+    )
     try:
         result = run_pipeline(cfg, work / "run")
     except UserError:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import all_runs, compose_cfg
 
 FAST = ["mode.schedule.compare=[linear]"]  # a schedule run: under a second warm
@@ -44,8 +43,9 @@ def _edit_config(run_dir: Path, edit) -> None:
 
 
 # --------------------------------------------------------------------------------- saved files are data
-def test_reproduce_never_resolves_a_planted_interpolation_nor_writes_where_the_dir_says(source_run, tmp_path, monkeypatch,
-                                                                                        caplog, capsys):
+def test_reproduce_never_resolves_a_planted_interpolation_nor_writes_where_the_dir_says(
+    source_run, tmp_path, monkeypatch, caplog, capsys
+):
     from pipeline.run import reproduce
 
     root, src = source_run
@@ -69,8 +69,13 @@ def test_reproduce_never_resolves_a_planted_interpolation_nor_writes_where_the_d
     # a planted paths.outputs / tracking.uri is ignored: the run goes where this command line says, scalars match
     elsewhere = tmp_path / "elsewhere"
     moved = _copy(src.run_dir, tmp_path / "moved")
-    _edit_config(moved, lambda t: (t["paths"].update(outputs=str(elsewhere), cache=str(elsewhere / "c")),
-                                   t["tracking"].update(uri=f"sqlite:///{elsewhere / 'x.db'}")))
+    _edit_config(
+        moved,
+        lambda t: (
+            t["paths"].update(outputs=str(elsewhere), cache=str(elsewhere / "c")),
+            t["tracking"].update(uri=f"sqlite:///{elsewhere / 'x.db'}"),
+        ),
+    )
     assert reproduce.main([str(moved), f"paths.outputs={tmp_path / 'o2'}"]) == 0
     assert not elsewhere.exists() and (tmp_path / "o2" / "mlflow.db").is_file()
 
@@ -109,13 +114,16 @@ def _sweep_dir(tmp_path: Path, task: list[str], hydra: list[str]) -> Path:
     return sweep
 
 
-@pytest.mark.parametrize("task, hydra, named", [
-    (["mode=[schedule]"], ["hydra.mode=MULTIRUN", "+hydra.callbacks.x._target_=builtins.print"], "hydra.callbacks"),
-    (["mode=[schedule]", "dataset.name=${oc.env:HOME}"], ["hydra.mode=MULTIRUN"], "oc.env"),
-    (["hydra.job.chdir=true"], [], "hydra.job.chdir"),
-    (["model=../../evil"], [], "model=../../evil"),
-    (["sampler.num_inference_step=3,4"], [], "sampler.num_inference_step"),
-])
+@pytest.mark.parametrize(
+    "task, hydra, named",
+    [
+        (["mode=[schedule]"], ["hydra.mode=MULTIRUN", "+hydra.callbacks.x._target_=builtins.print"], "hydra.callbacks"),
+        (["mode=[schedule]", "dataset.name=${oc.env:HOME}"], ["hydra.mode=MULTIRUN"], "oc.env"),
+        (["hydra.job.chdir=true"], [], "hydra.job.chdir"),
+        (["model=../../evil"], [], "model=../../evil"),
+        (["sampler.num_inference_step=3,4"], [], "sampler.num_inference_step"),
+    ],
+)
 def test_a_crafted_sweep_dir_is_refused_before_anything_runs(tmp_path, monkeypatch, caplog, task, hydra, named):
     from pipeline.run import resume
 
@@ -133,20 +141,36 @@ def test_a_sweep_dir_replays_its_task_and_launcher_settings(tmp_path, monkeypatc
     launched = []
     monkeypatch.setattr(resume.subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 0)
     task = ["mode=[schedule]", "scheduler=ddim,euler", f"paths.outputs={tmp_path / 'o'}"]
-    sweep = _sweep_dir(tmp_path, task, ["hydra.mode=MULTIRUN", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                                        f"hydra.sweep.dir={tmp_path}"])
+    sweep = _sweep_dir(
+        tmp_path,
+        task,
+        ["hydra.mode=MULTIRUN", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}"],
+    )
     assert resume.main([str(sweep), "model.device=cpu"]) == 0
-    assert launched[0][4:] == [*task, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                               f"hydra.sweep.dir={sweep.resolve()}", "model.device=cpu"]
+    assert launched[0][4:] == [
+        *task,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep.resolve()}",
+        "model.device=cpu",
+    ]
 
 
 # --------------------------------------------------------------------------------- refused before anything exists
-@pytest.mark.parametrize("override, key", [
-    ("sampler.num_inference_steps=0", "sampler.num_inference_steps"), ("sampler.batch_size=0", "sampler.batch_size"),
-    ("seed=-1", "seed"), (f"seed={2**64 + 1}", "seed"), ("sampler.guidance_scale=-0.5", "sampler.guidance_scale"),
-    ("sampler.guidance_scale=nan", "sampler.guidance_scale"), ("sampler.eta=inf", "sampler.eta"),
-    ("mode.metrics.num_samples=0", "mode.metrics.num_samples"), ("features.shapes_net.batch_size=-3", "batch_size"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("sampler.num_inference_steps=0", "sampler.num_inference_steps"),
+        ("sampler.batch_size=0", "sampler.batch_size"),
+        ("seed=-1", "seed"),
+        (f"seed={2**64 + 1}", "seed"),
+        ("sampler.guidance_scale=-0.5", "sampler.guidance_scale"),
+        ("sampler.guidance_scale=nan", "sampler.guidance_scale"),
+        ("sampler.eta=inf", "sampler.eta"),
+        ("mode.metrics.num_samples=0", "mode.metrics.num_samples"),
+        ("features.shapes_net.batch_size=-3", "batch_size"),
+    ],
+)
 def test_out_of_range_values_name_their_key(override, key):
     from pipeline.errors import UserError
 
@@ -160,10 +184,16 @@ def _suggestions(message: str) -> list[str]:
     return re.findall(r"(?:e\.g\.|set|add|use) ((?:[\w/]+\.)*[\w/]+=[^\s;,)]+)", message)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["sampler.num_inference_step=5"], ["+num_inference_steps=5"], ["features.weights_path=/w.pth"],
-    ["model=hub", "features=[inception]", "features.batch_size=8"], ["model.pth=x"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["sampler.num_inference_step=5"],
+        ["+num_inference_steps=5"],
+        ["features.weights_path=/w.pth"],
+        ["model=hub", "features=[inception]", "features.batch_size=8"],
+        ["model.pth=x"],
+    ],
+)
 def test_every_suggested_override_is_accepted_by_the_cli(overrides, capsys):
     """The first message already names the right key; fed back, the suggestion composes."""
     from pipeline.__main__ import _check_overrides
@@ -185,9 +215,9 @@ def _status(out: Path, run_id: str):
 
 
 def test_disk_full_while_closing_ends_failed_then_resumes(tmp_path, monkeypatch):
-    from pipeline.run import resume, runner
     from pipeline.core.context import RunContext
     from pipeline.errors import UserError
+    from pipeline.run import resume, runner
 
     real_execute, real_write = runner.execute, RunContext.write_results
     state = {"full": False}
@@ -225,14 +255,16 @@ def test_disk_full_while_closing_ends_failed_then_resumes(tmp_path, monkeypatch)
 def test_a_store_that_refuses_writes_is_one_paragraph_and_leaves_no_lock(tmp_path, monkeypatch):
     from mlflow.exceptions import MlflowException
 
+    from pipeline.errors import UserError
+    from pipeline.record import tracking
     from pipeline.run import runner
 
-    from pipeline.record import tracking
-    from pipeline.errors import UserError
-
     def readonly(*a, **k):
-        raise MlflowException("(sqlite3.OperationalError) attempt to write a readonly database\n[SQL: INSERT INTO runs "
-                              + "x" * 2000 + "]")
+        raise MlflowException(
+            "(sqlite3.OperationalError) attempt to write a readonly database\n[SQL: INSERT INTO runs "
+            + "x" * 2000
+            + "]"
+        )
 
     monkeypatch.setattr(tracking.Tracker, "start", readonly)
     run_dir = tmp_path / "run"
@@ -243,8 +275,8 @@ def test_a_store_that_refuses_writes_is_one_paragraph_and_leaves_no_lock(tmp_pat
 
 
 def test_a_store_lost_mid_run_ends_with_the_resume_command_and_no_lock(tmp_path, monkeypatch, caplog):
-    from pipeline.run import runner
     from pipeline.record import tracking
+    from pipeline.run import runner
 
     def down(*a, **k):
         raise ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded")

@@ -24,8 +24,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.record import tracking
 from pipeline.errors import UserError
+from pipeline.record import tracking
 from pipeline.record.tracking import (
     Tracker,
     _check_reachable,
@@ -74,20 +74,36 @@ def test_redact_uri_every_scheme_and_unchanged_without_credentials():
     for uri, shown in cases.items():
         assert redact_uri(uri) == public_uri(uri) == shown, uri
         assert redact_uri(shown) == shown  # idempotent
-    for uri in ["http://127.0.0.1:5000", "https://mlflow.lab:8443/prefix/", "file:///tmp/mlruns", "sqlite:////o/mlflow.db",
-                "sqlite:///relative.db", "databricks", "databricks://my-profile", "databricks://scope:prefix",
-                "postgresql://db/mlflow?sslmode=require", "/plain/path", ""]:
+    for uri in [
+        "http://127.0.0.1:5000",
+        "https://mlflow.lab:8443/prefix/",
+        "file:///tmp/mlruns",
+        "sqlite:////o/mlflow.db",
+        "sqlite:///relative.db",
+        "databricks",
+        "databricks://my-profile",
+        "databricks://scope:prefix",
+        "postgresql://db/mlflow?sslmode=require",
+        "/plain/path",
+        "",
+    ]:
         assert redact_uri(uri) == uri, uri
 
 
 def test_redact_text_finds_uris_in_messages_and_env_secrets(monkeypatch):
-    msg = ("API request to http://admin:hunter2!@10.0.0.1:5000/api/2.0/mlflow/runs/get failed; store "
-           "'postgresql://ml:pg-pw@db/mlflow' and (mysql+pymysql://u:p@h/db), token https://ghp_x@host/r?sig=abc")
+    msg = (
+        "API request to http://admin:hunter2!@10.0.0.1:5000/api/2.0/mlflow/runs/get failed; store "
+        "'postgresql://ml:pg-pw@db/mlflow' and (mysql+pymysql://u:p@h/db), token https://ghp_x@host/r?sig=abc"
+    )
     out = redact_text(msg)
     for secret in ("hunter2", "pg-pw", "u:p@", "ghp_x", "sig=abc"):
         assert secret not in out
-    assert ("http://admin:***@10.0.0.1:5000/api/2.0/mlflow/runs/get" in out and "'postgresql://ml:***@db/mlflow'" in out
-            and "(mysql+pymysql://u:***@h/db)" in out and "https://***@host/r?sig=***" in out)
+    assert (
+        "http://admin:***@10.0.0.1:5000/api/2.0/mlflow/runs/get" in out
+        and "'postgresql://ml:***@db/mlflow'" in out
+        and "(mysql+pymysql://u:***@h/db)" in out
+        and "https://***@host/r?sig=***" in out
+    )
     plain = "no URI here: user@example.com, a=1&b=2, sqlite:////x.db"
     assert redact_text(plain) == plain
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "long-env-secret")
@@ -98,10 +114,13 @@ def test_redact_text_finds_uris_in_messages_and_env_secrets(monkeypatch):
 
 def test_display_helpers_never_show_a_credential():
     assert run_links("abc", "https://me:token@mlflow.lab:8443/", "7") == (  # a link to click: no userinfo at all
-        "https://mlflow.lab:8443/#/experiments/7/runs", "https://mlflow.lab:8443/#/experiments/7/runs/abc")
+        "https://mlflow.lab:8443/#/experiments/7/runs",
+        "https://mlflow.lab:8443/#/experiments/7/runs/abc",
+    )
     assert ui_command("http://me:pw@h:5000") == "open http://h:5000 (the tracking server serves the UI)"
     assert ui_command("postgresql://u:pg-pw@db/mlflow") == (
-        "mlflow ui --backend-store-uri postgresql://u:***@db/mlflow  (credentials redacted: put yours back)")
+        "mlflow ui --backend-store-uri postgresql://u:***@db/mlflow  (credentials redacted: put yours back)"
+    )
     assert ui_command("sqlite:////o/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////o/mlflow.db"
     # a URI as a run dir saves it (redacted) connects without the "***" password, so the variables apply
     assert usable_uri("http://admin:***@h:5000/p") == usable_uri("http://***@h:5000/p") == "http://h:5000/p"
@@ -115,7 +134,10 @@ def test_redact_files_rewrites_only_what_quotes_a_credential(tmp_path):
     before = plain.stat().st_mtime_ns
     assert redact_files([hydra_cfg, plain, tmp_path / "missing.yaml"]) == [hydra_cfg]
     assert hydra_cfg.read_text() == "- tracking.uri=http://u:***@h:5000\n- seed=1\n"
-    assert plain.stat().st_mtime_ns == before and sorted(p.name for p in tmp_path.iterdir()) == ["overrides.yaml", "plain.yaml"]
+    assert plain.stat().st_mtime_ns == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "overrides.yaml",
+        "plain.yaml",
+    ]
 
 
 def test_hydra_files_are_redacted_when_the_job_starts(tmp_path):
@@ -130,8 +152,9 @@ def test_hydra_files_are_redacted_when_the_job_starts(tmp_path):
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
         (job / ".hydra" / name).write_text(f"- {typed}\n")
     (sweep / "multirun.yaml").write_text(f"hydra:\n  overrides:\n    task:\n    - {typed}\n")
-    cfg = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(job)}, "output_subdir": ".hydra",
-                                      "sweep": {"dir": str(sweep)}}})
+    cfg = OmegaConf.create(
+        {"hydra": {"runtime": {"output_dir": str(job)}, "output_subdir": ".hydra", "sweep": {"dir": str(sweep)}}}
+    )
     cfg.hydra.mode = RunMode.MULTIRUN
     SweepCallback().on_job_start(config=cfg)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -248,11 +271,29 @@ def auth_server(tmp_path_factory):
     )
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in (*CRED_ENV, "MLFLOW_TRACKING_URI")}
-    env.update(MLFLOW_AUTH_CONFIG_PATH=str(root / "auth.ini"), MLFLOW_FLASK_SERVER_SECRET_KEY="test-only-key",
-               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job-runner processes
-    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-           "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env.update(
+        MLFLOW_AUTH_CONFIG_PATH=str(root / "auth.ini"),
+        MLFLOW_FLASK_SERVER_SECRET_KEY="test-only-key",
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    )  # no job-runner processes
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--app-name",
+        "basic-auth",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with (root / "server.log").open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
     try:
@@ -263,7 +304,10 @@ def auth_server(tmp_path_factory):
                     break
             except (urllib.error.URLError, OSError):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("mlflow server --app-name basic-auth did not start:\n" + (root / "server.log").read_text()[-3000:])
+                    pytest.fail(
+                        "mlflow server --app-name basic-auth did not start:\n"
+                        + (root / "server.log").read_text()[-3000:]
+                    )
                 time.sleep(0.1)
         yield f"127.0.0.1:{port}", root
     finally:
@@ -340,12 +384,22 @@ def test_a_run_on_a_password_protected_server_leaks_nothing(auth_server, tmp_pat
     """A whole run (in process: the CLI adds Hydra's own .hydra/*.yaml, redacted by SweepCallback.on_job_start,
     tested above) with the password in tracking.uri: nothing printed, logged, tagged or written holds it."""
     from conftest import compose_cfg
+
     from pipeline.run.runner import run_pipeline
 
     host, root = auth_server
     out = tmp_path / "outputs"
-    cfg = compose_cfg(["model=sd15_scheduler", "mode=[schedule]", "mode.schedule.compare=[linear]", "tracking=server",
-                       f"tracking.uri=http://{ADMIN}:{PASSWORD}@{host}", "tracking.experiment=secrets-cli"], out)
+    cfg = compose_cfg(
+        [
+            "model=sd15_scheduler",
+            "mode=[schedule]",
+            "mode.schedule.compare=[linear]",
+            "tracking=server",
+            f"tracking.uri=http://{ADMIN}:{PASSWORD}@{host}",
+            "tracking.experiment=secrets-cli",
+        ],
+        out,
+    )
     with caplog.at_level("INFO"):
         assert run_pipeline(cfg, out / "run").status == "FINISHED"
     printed = "".join(capfd.readouterr()) + caplog.text
@@ -361,6 +415,8 @@ def test_a_run_on_a_password_protected_server_leaks_nothing(auth_server, tmp_pat
     files = [p for p in out.rglob("*") if p.is_file() and p.suffix != ".db"]
     files += [p for p in (root / "artifacts").rglob("*") if p.is_file() and run.info.run_id in str(p)]
     assert any(p.name == "config_resolved.yaml" for p in files)
-    leaks = sorted(str(p.relative_to(out if out in p.parents else root)) for p in files if PASSWORD.encode() in p.read_bytes())
+    leaks = sorted(
+        str(p.relative_to(out if out in p.parents else root)) for p in files if PASSWORD.encode() in p.read_bytes()
+    )
     # config_resolved.yaml (runner.py) and Hydra's .hydra/*.yaml (SweepCallback.on_job_start) included
     assert not leaks, f"the password is written to: {leaks}"

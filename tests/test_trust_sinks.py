@@ -17,12 +17,16 @@ from pipeline.core.escape import MPL_MAX_CHARS, csv_cell, csv_uncell, mpl_label,
 LONG = "a red circle on the left " * 80  # 2000 characters
 HOSTILE = [
     r"$\frac{a}{$",  # mathtext that does not parse: savefig raised on it
-    "$x$", "$$", "\\", "^_", "<script>alert(1)</script>", "=cmd|' /C calc'!A0",
+    "$x$",
+    "$$",
+    "\\",
+    "^_",
+    "<script>alert(1)</script>",
+    "=cmd|' /C calc'!A0",
     LONG,
     "\u202eRTL override مرحبا 😀 \x00\x07\x1b[31m\r\ttab",
 ]
-FORMULAS = ["=HYPERLINK(\"http://x\",\"y\")", "+1+2", "-2+3+cmd|' /C calc'!A0", "@SUM(A1)", "\tx", "\rx", "'=x",
-            "''-y"]
+FORMULAS = ['=HYPERLINK("http://x","y")', "+1+2", "-2+3+cmd|' /C calc'!A0", "@SUM(A1)", "\tx", "\rx", "'=x", "''-y"]
 
 
 def _visible(s: str) -> str:
@@ -48,17 +52,20 @@ def _save(ctx: RunContext, fig, name: str):
 def test_every_figure_with_user_text_saves_with_hostile_captions(tmp_path):
     """Each plotting function that shows a caption, prompt or config string, fed hostile text in every such slot
     (the worst-prompts figure raised on ``$\\frac{a}{$`` before pipeline.core.escape)."""
-    from pipeline.record import sweep_summary as S
     from pipeline.modes.attention.plots import overlay_figure, resolution_figure
     from pipeline.modes.latent.plots import direction_figure, interpolation_figure, ood_histogram, round_trip_figure
     from pipeline.modes.metrics.plots import sample_grid, worst_prompts_figure
-    from pipeline.modes.schedule.plots import overlay_figure as schedule_overlay, panel_figure
+    from pipeline.modes.schedule.plots import overlay_figure as schedule_overlay
+    from pipeline.modes.schedule.plots import panel_figure
     from pipeline.modes.schedule.schedules import NoiseSchedule
+    from pipeline.record import sweep_summary as S
 
     ctx = RunContext(None, tmp_path / "run")
     tile = torch.zeros(3, 8, 8, dtype=torch.uint8)
     _save(ctx, sample_grid([tile] * 9, HOSTILE, 3), "grid")
-    _save(ctx, worst_prompts_figure([[tile, tile]] * len(HOSTILE), [f"{p[:60]}  (vendi 1.2)" for p in HOSTILE]), "worst")
+    _save(
+        ctx, worst_prompts_figure([[tile, tile]] * len(HOSTILE), [f"{p[:60]}  (vendi 1.2)" for p in HOSTILE]), "worst"
+    )
 
     image, maps = np.zeros((8, 8, 3), np.uint8), torch.rand(3, 8, 8)
     words = ["$x$", "^_", "\\"]
@@ -82,13 +89,22 @@ def test_every_figure_with_user_text_saves_with_hostile_captions(tmp_path):
     _save(ctx, fig, "sched_overlay")
 
     def row(i, **kw):
-        return {"run_id": f"r{i}", "run_name": HOSTILE[i % len(HOSTILE)], "status": "FINISHED",
-                "metrics/fd_shapes_net": 10.0 - i, "metrics/sec_per_image": 0.1 * (i + 1),
-                "metrics/prompt_accuracy": 0.1 * i, "mode.metrics.num_samples": 8, **kw}
+        return {
+            "run_id": f"r{i}",
+            "run_name": HOSTILE[i % len(HOSTILE)],
+            "status": "FINISHED",
+            "metrics/fd_shapes_net": 10.0 - i,
+            "metrics/sec_per_image": 0.1 * (i + 1),
+            "metrics/prompt_accuracy": 0.1 * i,
+            "mode.metrics.num_samples": 8,
+            **kw,
+        }
 
     rows = [row(i, **{"choice.scheduler": ["$x$", "$$"][i % 2], S.STEPS: [5, 10][i // 2]}) for i in range(4)]
-    rows += [row(4 + i, **{S.CHECKPOINT: f"/ck/{p}", S.GUIDANCE: float(i)}) for i, p in
-             enumerate([r"step_1 $\frac{a}{$", "step_2 $$", "_step_3"])]
+    rows += [
+        row(4 + i, **{S.CHECKPOINT: f"/ck/{p}", S.GUIDANCE: float(i)})
+        for i, p in enumerate([r"step_1 $\frac{a}{$", "step_2 $$", "_step_3"])
+    ]
     sweep_plots = {**S.plots(rows[:4]), **S.plots(rows[4:])}
     assert set(sweep_plots) == {"sweep_frontier", "sweep_guidance", "sweep_checkpoints"}
     for name, fig in sweep_plots.items():
@@ -104,11 +120,18 @@ def _read(path):
 def test_csv_tables_neutralise_formula_cells_and_keep_numbers(tmp_path):
     from pipeline.record.sweep_summary import write_table
 
-    rows = [{"prompt": p, "value": v, "text_number": t} for p, v, t in
-            zip(FORMULAS, [-0.5, 3, float("-inf"), np.float32(-2.5), None, True, 1e-9, -7],
-                ["-0.5", "+1e-3", "-inf", "1.5", "-", "- 1", "-1-1", ""])]
-    for path in (RunContext(None, tmp_path / "run").save_table(rows + [{"=evil header": 1}], "t"),
-                 write_table(rows + [{"=evil header": 1}], tmp_path / "sweep.csv")):
+    rows = [
+        {"prompt": p, "value": v, "text_number": t}
+        for p, v, t in zip(
+            FORMULAS,
+            [-0.5, 3, float("-inf"), np.float32(-2.5), None, True, 1e-9, -7],
+            ["-0.5", "+1e-3", "-inf", "1.5", "-", "- 1", "-1-1", ""],
+        )
+    ]
+    for path in (
+        RunContext(None, tmp_path / "run").save_table(rows + [{"=evil header": 1}], "t"),
+        write_table(rows + [{"=evil header": 1}], tmp_path / "sweep.csv"),
+    ):
         header, *body = _read(path)
         assert header[-1] == "'=evil header"
         for got, want in zip(body, rows):
@@ -119,7 +142,7 @@ def test_csv_tables_neutralise_formula_cells_and_keep_numbers(tmp_path):
         assert [r[2] for r in body[: len(rows)]] == ["-0.5", "+1e-3", "-inf", "1.5", "'-", "'- 1", "'-1-1", ""]
         for r in body:  # nothing a spreadsheet would evaluate: each cell is a number or does not start a formula
             for cell in r:
-                assert not cell[:1] in ("=", "+", "-", "@", "\t", "\r") or re.fullmatch(r"[+-][\d.e+-]+|-inf", cell)
+                assert cell[:1] not in ("=", "+", "-", "@", "\t", "\r") or re.fullmatch(r"[+-][\d.e+-]+|-inf", cell)
     # csv_uncell undoes exactly what csv_cell did, whatever the text
     for text in FORMULAS + HOSTILE + ["'", "''", "'a", "-0.5", "", "x=1"]:
         cell = csv_cell(text)
@@ -130,7 +153,7 @@ def test_report_shows_neutralised_cells_as_written_and_escaped(tmp_path):
     from pipeline.record.report import write_run_report
 
     ctx = RunContext(None, tmp_path / "run")
-    ctx.save_table([{"prompt": "=HYPERLINK(\"http://x\",\"<b>y</b>\")", "vendi": -1.5}], "metrics_per_prompt")
+    ctx.save_table([{"prompt": '=HYPERLINK("http://x","<b>y</b>")', "vendi": -1.5}], "metrics_per_prompt")
     text = write_run_report(tmp_path / "run", {"metrics/x": 1.0}, tags={}, params={}).read_text()
     assert "<td>=HYPERLINK(&quot;http://x&quot;,&quot;&lt;b&gt;y&lt;/b&gt;&quot;)</td>" in text and "<b>y" not in text
     assert ">-1.5<" in text
@@ -143,5 +166,6 @@ def test_compare_table_prints_no_control_characters():
     text = format_table(rows, ["run_name", "status", "metrics/x"])
     assert "\x1b" not in text and "\r" not in text and "\\x1b[2J" in text
     assert terminal_text("a\nb") == "a\\nb"
+
 
 # The end-to-end run with hostile captions is a property test: tests/test_trust_properties.py

@@ -95,8 +95,11 @@ def test_bpe_without_merges_is_what_breaks_conditioning(tmp_path):
     vocab = {T.BOS: 0, T.EOS: 1, **{w + "</w>": i + 2 for i, w in enumerate(["red", "blue", "circle"])}}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    files = ({"vocab": str(tmp_path / "vocab.json"), "merges": str(tmp_path / "merges.txt")} if T._takes_files()
-             else {"vocab_file": str(tmp_path / "vocab.json"), "merges_file": str(tmp_path / "merges.txt")})
+    files = (
+        {"vocab": str(tmp_path / "vocab.json"), "merges": str(tmp_path / "merges.txt")}
+        if T._takes_files()
+        else {"vocab_file": str(tmp_path / "vocab.json"), "merges_file": str(tmp_path / "merges.txt")}
+    )
     broken = CLIPTokenizer(**files)
     with pytest.raises(ValueError, match="expected one known id"):
         check_tokenizer(broken, ["red", "blue"])
@@ -171,8 +174,12 @@ def test_judge_features_and_round_trip(judge, tmp_path):
     assert torch.allclose(again.features(x), f, atol=1e-3)
     with pytest.raises(FileNotFoundError, match="config.json"):
         ShapesNet.from_pretrained(tmp_path)
-    assert compare({"left": ("circle", "red"), "right": None}, [("red", "circle", "left")]) == \
-        {"colour": True, "shape": True, "correct": True, "exact": True}
+    assert compare({"left": ("circle", "red"), "right": None}, [("red", "circle", "left")]) == {
+        "colour": True,
+        "shape": True,
+        "correct": True,
+        "exact": True,
+    }
     assert not compare({"left": ("circle", "red"), "right": ("square", "red")}, [("red", "circle", "left")])["exact"]
 
 
@@ -190,13 +197,16 @@ def _tiny_cfg(tmp_path, component: str):
     return cfg
 
 
-@pytest.mark.parametrize("component, marker", [
-    ("judge", "shapes_net/model.safetensors"),
-    ("vae", "shapes_sd/vae/config.json"),
-    ("sd", "shapes_sd/model_index.json"),
-    ("sd3", "shapes_sd3/model_index.json"),
-    ("ddpm", "shapes_ddpm/model_index.json"),
-])
+@pytest.mark.parametrize(
+    "component, marker",
+    [
+        ("judge", "shapes_net/model.safetensors"),
+        ("vae", "shapes_sd/vae/config.json"),
+        ("sd", "shapes_sd/model_index.json"),
+        ("sd3", "shapes_sd3/model_index.json"),
+        ("ddpm", "shapes_ddpm/model_index.json"),
+    ],
+)
 def test_training_component_smoke(tmp_path, component, marker):
     metrics = []
     paths = train(_tiny_cfg(tmp_path, component), lambda k, v, s: metrics.append((k, v, s)))
@@ -222,9 +232,16 @@ def test_sd3_training_context_collapses_the_zero_t5_rows_exactly(tmp_path):
 
     tok = build_tokenizer(vocabulary(), tmp_path / "tok", 20)
     torch.manual_seed(0)
-    te, te2, net = build_sd3(len(tok), tok.bos_token_id, tok.eos_token_id, 20, 8, 4,
-                             {"hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64},
-                             {"layers": 2, "heads": 2, "head_dim": 16})
+    te, te2, net = build_sd3(
+        len(tok),
+        tok.bos_token_id,
+        tok.eos_token_id,
+        20,
+        8,
+        4,
+        {"hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64},
+        {"layers": 2, "heads": 2, "head_dim": 16},
+    )
     for p in net.parameters():  # away from the zero-initialised output layers, so the check is not trivial
         p.data += 0.05 * torch.randn_like(p)
     pipe = _sd3_pipeline(None, te, te2, tok, net, 1.0)
@@ -238,8 +255,9 @@ def test_sd3_training_context_collapses_the_zero_t5_rows_exactly(tmp_path):
         train_net.set_attn_processor({k: JointTrainProcessor(k, 20, T5_POSITIONS) for k in train_net.attn_processors})
         ids = tok(prompts, padding="max_length", max_length=20, truncation=True, return_tensors="pt").input_ids
         context, pooled = _context(te, te2, ids)
-        got = train_net(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
-                        return_dict=False)[0]
+        got = train_net(
+            hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t, return_dict=False
+        )[0]
     assert context.shape[1] == 21 and ref.abs().max() > 0.1
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
@@ -262,9 +280,11 @@ def test_the_one_loop_gives_the_losses_of_the_recipes_own_loops(tmp_path, monkey
     try:
         for recipe, expected in fixture["losses"].items():
             losses.clear()
-            cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "train.yaml"), fixture["setting"],
-                                  {"components": [recipe], "output_dir": str(tmp_path / recipe),
-                                   recipe: {"steps": fixture["steps"]}})
+            cfg = OmegaConf.merge(
+                OmegaConf.load(CONF_DIR / "train.yaml"),
+                fixture["setting"],
+                {"components": [recipe], "output_dir": str(tmp_path / recipe), recipe: {"steps": fixture["steps"]}},
+            )
             train(cfg)
             assert losses == pytest.approx(expected, rel=1e-6, abs=0), recipe
     finally:
@@ -299,7 +319,11 @@ def test_training_is_an_mlflow_run(tmp_path):
     tracked_train(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("zoo-test").experiment_id])[0]
-    assert run.info.status == "FINISHED" and "judge/loss" in run.data.metrics and run.data.params["components"] == "['judge']"
+    assert (
+        run.info.status == "FINISHED"
+        and "judge/loss" in run.data.metrics
+        and run.data.params["components"] == "['judge']"
+    )
 
 
 def test_token_grounding_loss_rewards_maps_on_the_named_object(tmp_path):

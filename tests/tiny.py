@@ -25,10 +25,18 @@ def _clip_tokenizer(path: Path, words=None):
 def _clip_text_config(tok, hidden_size: int = 16, num_hidden_layers: int = 1, **kwargs):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                          num_hidden_layers=num_hidden_layers, num_attention_heads=2,
-                          max_position_embeddings=tok.model_max_length, projection_dim=hidden_size,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **kwargs)
+    return CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        max_position_embeddings=tok.model_max_length,
+        projection_dim=hidden_size,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **kwargs,
+    )
 
 
 def _t5_tokenizer(words=None, model_max_length: int = 512):
@@ -55,36 +63,68 @@ def _t5_encoder(tok, d_model: int = 32):
     """A 1-layer T5 v1.1-style (gated-gelu) encoder."""
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
-                                   num_heads=d_model // 8, relative_attention_num_buckets=8,
-                                   relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
-                                   dropout_rate=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                   decoder_start_token_id=tok.pad_token_id))
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=1,
+            num_heads=d_model // 8,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            decoder_start_token_id=tok.pad_token_id,
+        )
+    )
 
 
 def _vae(**kwargs):
     """tiny_sd's AutoencoderKL: 2 levels (x2 down: 16x16 images <-> 8x8 latents), 8 channels."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**{**dict(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
-                                   latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=16),
-                            **kwargs})
+    return AutoencoderKL(
+        **{
+            **dict(
+                in_channels=3,
+                out_channels=3,
+                block_out_channels=(8, 8),
+                layers_per_block=1,
+                latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2,
+                norm_num_groups=4,
+                sample_size=16,
+            ),
+            **kwargs,
+        }
+    )
 
 
 def tiny_ddpm(path: Path, size: int = 32) -> Path:
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+    unet = UNet2DModel(
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)
     return path
 
 
-def tiny_sd(path: Path, sample_size: int | tuple[int, int] = 8, words=None, *,
-            prediction_type: str = "epsilon") -> Path:
+def tiny_sd(
+    path: Path, sample_size: int | tuple[int, int] = 8, words=None, *, prediction_type: str = "epsilon"
+) -> Path:
     """A StableDiffusionPipeline: 2-level VAE (x2 down), 1-layer CLIP text encoder, UNet with cross-attention
     at two resolutions. ``sample_size`` is the latent size (an (h, w) tuple for non-square); ``prediction_type``
     is the scheduler's ("v_prediction" for SD 2.x, see :func:`tiny_sd2`)."""
@@ -97,13 +137,29 @@ def tiny_sd(path: Path, sample_size: int | tuple[int, int] = 8, words=None, *,
     tok = _clip_tokenizer(path, words)
     text = CLIPTextModel(_clip_text_config(tok))
     vae = _vae()
-    unet = UNet2DConditionModel(sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
-                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
     scheduler = DDIMScheduler.from_config({**sd_scheduler_config(), "prediction_type": prediction_type})
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(path)
     return path
 
@@ -118,20 +174,45 @@ def tiny_sdxl(path: Path) -> Path:
 
     torch.manual_seed(0)
     tok = _clip_tokenizer(path)
-    text_cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=16, projection_dim=32, bos_token_id=tok.bos_token_id,
-                    eos_token_id=tok.eos_token_id, hidden_act="gelu")
+    text_cfg = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        projection_dim=32,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        hidden_act="gelu",
+    )
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64,
-        norm_num_groups=8)
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
     vae = _vae()
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)), tokenizer=tok,
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)), tokenizer_2=tok, unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(sd_scheduler_config()))
+        vae=vae,
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
+        tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)),
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(sd_scheduler_config()),
+    )
     pipe.save_pretrained(path)
     return path
 
@@ -151,11 +232,20 @@ def tiny_pixart(path: Path) -> Path:
     torch.manual_seed(0)
     tok = _t5_tokenizer()
     text = _t5_encoder(tok)
-    transformer = PixArtTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=1,
-                                           num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
-                                           caption_channels=text.config.d_model)
-    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text, vae=_vae(), transformer=transformer,
-                               scheduler=DPMSolverMultistepScheduler())
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=text.config.d_model,
+    )
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tok, text_encoder=text, vae=_vae(), transformer=transformer, scheduler=DPMSolverMultistepScheduler()
+    )
     pipe.save_pretrained(path)
     return path
 
@@ -178,15 +268,32 @@ def tiny_sd3(path: Path, with_t5: bool = True) -> Path:
     tok_3 = _t5_tokenizer()
     text_3 = _t5_encoder(tok_3)  # built even without T5, so both variants share all other weights
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
-        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=text_3.config.d_model,
-        pooled_projection_dim=text.config.projection_dim + text_2.config.projection_dim, pos_embed_max_size=16)
-    vae = _vae(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
-               shift_factor=0.0609)
+        sample_size=8,
+        patch_size=1,
+        in_channels=16,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=text_3.config.d_model,
+        pooled_projection_dim=text.config.projection_dim + text_2.config.projection_dim,
+        pos_embed_max_size=16,
+    )
+    vae = _vae(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609
+    )
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text,
-        tokenizer=tok, text_encoder_2=text_2, tokenizer_2=tok, text_encoder_3=text_3 if with_t5 else None,
-        tokenizer_3=tok_3 if with_t5 else None)
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        text_encoder_2=text_2,
+        tokenizer_2=tok,
+        text_encoder_3=text_3 if with_t5 else None,
+        tokenizer_3=tok_3 if with_t5 else None,
+    )
     pipe.save_pretrained(path)
     return path
 
@@ -204,14 +311,30 @@ def tiny_flux(path: Path) -> Path:
     tok_2 = _t5_tokenizer()
     text_2 = _t5_encoder(tok_2)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=text_2.config.d_model, pooled_projection_dim=text.config.hidden_size,
-        guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=text_2.config.d_model,
+        pooled_projection_dim=text.config.hidden_size,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
     vae = _vae(use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tok, text_encoder_2=text_2,
-                        tokenizer_2=tok_2, transformer=transformer)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tok,
+        text_encoder_2=text_2,
+        tokenizer_2=tok_2,
+        transformer=transformer,
+    )
     pipe.save_pretrained(path)
     return path
 
@@ -222,10 +345,19 @@ def tiny_dit(path: Path) -> Path:
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=1,
-                                        num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=1000)
-    pipe = DiTPipeline(transformer=transformer, vae=_vae(),
-                       scheduler=DDIMScheduler(beta_schedule="linear", clip_sample=False))
+    transformer = DiTTransformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_embeds_ada_norm=1000,
+    )
+    pipe = DiTPipeline(
+        transformer=transformer, vae=_vae(), scheduler=DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    )
     pipe.save_pretrained(path)
     return path
 
@@ -236,12 +368,28 @@ def tiny_ldm(path: Path) -> Path:
     from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
 
     torch.manual_seed(0)
-    vqvae = VQModel(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
-                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                    norm_num_groups=4, sample_size=16, num_vq_embeddings=32)
-    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+    vqvae = VQModel(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+        num_vq_embeddings=32,
+    )
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     scheduler = DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear", clip_sample=False)
     LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(path)
     return path
@@ -257,8 +405,15 @@ def tiny_models(root: Path) -> dict[str, Path]:
 
 
 _FAMILIES = {
-    "sd": tiny_sd, "sd2": tiny_sd2, "sdxl": tiny_sdxl, "pixart": tiny_pixart, "sd3": tiny_sd3,
-    "sd3_no_t5": lambda path: tiny_sd3(path, with_t5=False), "flux": tiny_flux, "dit": tiny_dit, "ddpm": tiny_ddpm,
+    "sd": tiny_sd,
+    "sd2": tiny_sd2,
+    "sdxl": tiny_sdxl,
+    "pixart": tiny_pixart,
+    "sd3": tiny_sd3,
+    "sd3_no_t5": lambda path: tiny_sd3(path, with_t5=False),
+    "flux": tiny_flux,
+    "dit": tiny_dit,
+    "ddpm": tiny_ddpm,
     "ldm": tiny_ldm,
 }
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
@@ -289,17 +444,34 @@ def tiny_clip(root: Path, context: int = 16) -> Path:
     tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=context, bos_token_id=bos,
-                         eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=context,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
     model_dir = root / "model"
     CLIPModel(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    (model_dir / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "crop_size": {"height": 32, "width": 32}}))
+    (model_dir / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "crop_size": {"height": 32, "width": 32}}
+        )
+    )
     return model_dir

@@ -84,8 +84,11 @@ def init(device: torch.device | str = "cpu") -> bool:
     device = torch.device(device)
     backend = "nccl" if device.type == "cuda" and torch.cuda.is_available() else "gloo"
     if backend == "nccl" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > torch.cuda.device_count():
-        log.warning("%s processes on a node with %d GPU(s): backend gloo instead of NCCL",
-                    os.environ["LOCAL_WORLD_SIZE"], torch.cuda.device_count())
+        log.warning(
+            "%s processes on a node with %d GPU(s): backend gloo instead of NCCL",
+            os.environ["LOCAL_WORLD_SIZE"],
+            torch.cuda.device_count(),
+        )
         backend = "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

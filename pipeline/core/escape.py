@@ -36,8 +36,18 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["FORMULA_PREFIXES", "MPL_MAX_CHARS", "csv_cell", "csv_row", "csv_uncell", "html_text", "mpl_label",
-           "mpl_text", "shorten", "terminal_text"]
+__all__ = [
+    "FORMULA_PREFIXES",
+    "MPL_MAX_CHARS",
+    "csv_cell",
+    "csv_row",
+    "csv_uncell",
+    "html_text",
+    "mpl_label",
+    "mpl_text",
+    "shorten",
+    "terminal_text",
+]
 
 MPL_MAX_CHARS = 200  # a longer user text is cut (with "…") before it reaches a figure
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list of cell starts a spreadsheet may evaluate

@@ -41,8 +41,22 @@ from typing import Any, Optional
 
 PREFIX = "metrics/"
 # per-extractor statistics; fd_floor = FD between two halves of the reference set (the noise floor at this N)
-STATS = ("fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall", "density", "coverage",
-         "clip_score", "fd_floor", "fd_inf", "vendi", "vendi_per_prompt")
+STATS = (
+    "fd",
+    "kid_mean",
+    "kid_std",
+    "is_mean",
+    "is_std",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "clip_score",
+    "fd_floor",
+    "fd_inf",
+    "vendi",
+    "vendi_per_prompt",
+)
 INCEPTION = "inception"  # the extractor whose FD is also logged as FID
 FID = PREFIX + "fid"  # = metric_key("fd", INCEPTION)
 FID_INF = PREFIX + "fid_inf"  # = metric_key("fd_inf", INCEPTION)
@@ -71,8 +85,9 @@ def metric_key(stat: str, extractor: str) -> str:
     return f"{PREFIX}{stat}_{extractor}"
 
 
-def extractor_keys(extractor: str, values: Mapping[str, float],
-                   intervals: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
+def extractor_keys(
+    extractor: str, values: Mapping[str, float], intervals: Mapping[str, tuple[float, float]] | None = None
+) -> dict[str, float]:
     """One extractor's ``{stat: value}`` as ``{key: value}``, plus ``metrics/fid`` (``metrics/fid_inf``) when it is
     Inception's FD (FD∞); ``intervals`` ``{stat: (low, high)}`` add ``<key>_ci_low`` / ``<key>_ci_high``.
 
@@ -133,10 +148,10 @@ def parse_key(key: str) -> Optional[tuple[str, str]]:
     not per extractor, interval bounds). The longest matching statistic wins (``fd_floor`` over ``fd``)."""
     if not key.startswith(PREFIX) or key.endswith(CI_SUFFIXES):
         return None
-    rest = key[len(PREFIX):]
+    rest = key[len(PREFIX) :]
     for stat in sorted(STATS, key=len, reverse=True):
         if rest.startswith(stat + "_") and len(rest) > len(stat) + 1:
-            return stat, rest[len(stat) + 1:]
+            return stat, rest[len(stat) + 1 :]
     return None
 
 
@@ -149,16 +164,27 @@ def label(key: str) -> str:
     if parsed is not None:
         stat, extractor = parsed
         return f"{'FD' if stat == 'fd' else stat} {extractor}"
-    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+    return key[len(PREFIX) :] if key.startswith(PREFIX) else key
 
 
 # --------------------------------------------------------------------------------------------- direction
 # per-extractor statistic -> higher is better (None: a spread or a count, not a score). The metric functions'
 # families in pipeline.metrics.HIGHER_IS_BETTER ("fid", "kid", "is", ...) agree with these (tested).
 STAT_HIGHER_IS_BETTER: dict[str, Optional[bool]] = {
-    "fd": False, "fd_floor": False, "kid_mean": False, "kid_std": None, "is_mean": True, "is_std": None,
-    "precision": True, "recall": True, "density": True, "coverage": True, "clip_score": True,
-    "fd_inf": False, "vendi": True, "vendi_per_prompt": True,
+    "fd": False,
+    "fd_floor": False,
+    "kid_mean": False,
+    "kid_std": None,
+    "is_mean": True,
+    "is_std": None,
+    "precision": True,
+    "recall": True,
+    "density": True,
+    "coverage": True,
+    "clip_score": True,
+    "fd_inf": False,
+    "vendi": True,
+    "vendi_per_prompt": True,
 }
 # other keys, first matching pattern wins (re.fullmatch on the whole key)
 _DIRECTIONS: tuple[tuple[str, Optional[bool]], ...] = (
@@ -194,9 +220,20 @@ def higher_is_better(key: str) -> Optional[bool]:
 
 
 # the scalars an end-of-run summary shows, in this order, where a run has them (the primary FD comes first)
-HEADLINES = (FID, PROMPT_ACCURACY, SEC_PER_IMAGE, "attention/miou", "attention/miou_swapped", "latent/recon_psnr",
-             "latent/inversion_psnr", "latent/ood_auroc_best", "latent/direction_flip_rate", "schedule/log_snr_max",
-             "schedule/log_snr_min", "schedule/terminal_snr")
+HEADLINES = (
+    FID,
+    PROMPT_ACCURACY,
+    SEC_PER_IMAGE,
+    "attention/miou",
+    "attention/miou_swapped",
+    "latent/recon_psnr",
+    "latent/inversion_psnr",
+    "latent/ood_auroc_best",
+    "latent/direction_flip_rate",
+    "schedule/log_snr_max",
+    "schedule/log_snr_min",
+    "schedule/terminal_snr",
+)
 
 
 def headline_keys(results: Mapping[str, Any], primary: Any = None) -> list[str]:
@@ -222,8 +259,8 @@ PROGRESS_PREFIX = "progress/"  # live progress of a long run: MLflow-only steppe
 def is_progress(key: str) -> bool:
     """``progress/samples_done``, ``progress/images_per_s``: shown while a run runs, never compared or ranked.
 
-        >>> is_progress("progress/samples_done"), is_progress("metrics/fd_clip")
-        (True, False)
+    >>> is_progress("progress/samples_done"), is_progress("metrics/fd_clip")
+    (True, False)
     """
     return key.startswith(PROGRESS_PREFIX)
 
@@ -241,8 +278,8 @@ def is_timing(key: str) -> bool:
 def is_n_biased(key: str) -> bool:
     """FD or KID (any extractor, and ``metrics/fid``): values at different N are not comparable.
 
-        >>> is_n_biased("metrics/fid"), is_n_biased("metrics/kid_mean_clip"), is_n_biased("metrics/precision_clip")
-        (True, True, False)
+    >>> is_n_biased("metrics/fid"), is_n_biased("metrics/kid_mean_clip"), is_n_biased("metrics/precision_clip")
+    (True, True, False)
     """
     if key == FID:
         return True

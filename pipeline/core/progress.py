@@ -39,16 +39,27 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from pipeline.errors import UserError
 from pipeline.core.metric_keys import PROGRESS_PREFIX
+from pipeline.errors import UserError
 
 try:
     import fcntl
 except ImportError:  # not POSIX: the lock is checked but not taken atomically (see RunLock)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["ShardStore", "RunLock", "LiveProgress", "lock_owner", "atomic_write_bytes", "array_digest", "save_verified",
-           "load_verified", "crash_point", "LOCK_FILE", "PROGRESS_DIR"]
+__all__ = [
+    "ShardStore",
+    "RunLock",
+    "LiveProgress",
+    "lock_owner",
+    "atomic_write_bytes",
+    "array_digest",
+    "save_verified",
+    "load_verified",
+    "crash_point",
+    "LOCK_FILE",
+    "PROGRESS_DIR",
+]
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +221,20 @@ def _check_span(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], lo: i
     ``indices`` (the valid samples' global indices, increasing; images with NaN/Inf are left out) within it."""
     span = meta.get("span")
     if span != [lo, hi]:
-        raise ValueError(f"it records samples {span} but its name says [{lo}, {hi}] (a shard copied over another's name?)"
-                         if span is not None else "it records no sample range (written by an older version)")
+        raise ValueError(
+            f"it records samples {span} but its name says [{lo}, {hi}] (a shard copied over another's name?)"
+            if span is not None
+            else "it records no sample range (written by an older version)"
+        )
     idx = arrays.get("indices")
     if idx is not None:
         if idx.ndim != 1 or idx.dtype.kind not in "iu" or len(idx) > hi - lo:
             raise ValueError(f"its indices array ({idx.dtype}, shape {idx.shape}) cannot list samples {lo}..{hi - 1}")
         if len(idx) and (idx[0] < lo or idx[-1] >= hi or (len(idx) > 1 and bool((np.diff(idx) <= 0).any()))):
-            raise ValueError(f"its indices (first {idx[:4].tolist()}, last {int(idx[-1])}) are not increasing samples "
-                             f"within [{lo}, {hi})")
+            raise ValueError(
+                f"its indices (first {idx[:4].tolist()}, last {int(idx[-1])}) are not increasing samples "
+                f"within [{lo}, {hi})"
+            )
 
 
 def _jsonable(x: Any) -> Any:
@@ -286,7 +302,12 @@ def describe_owner(info: Mapping[str, Any]) -> str:
     return f"pid {info.get('pid')} on {info.get('host')} (heartbeat {info.get('age_s', 0):.0f} s ago)"
 
 
-_NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # file systems without flock (some FUSE, Lustre)
+_NO_FLOCK = {
+    errno.ENOLCK,
+    errno.ENOSYS,
+    errno.EOPNOTSUPP,
+    errno.EINVAL,
+}  # file systems without flock (some FUSE, Lustre)
 
 
 def _flock(fd: int, shared: bool = False) -> bool:
@@ -329,8 +350,15 @@ class RunLock:
         self.token = uuid.uuid4().hex  # tells this owner from an earlier one of the same pid
 
     def _record(self) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": self.started,
-                           "heartbeat": time.time(), "token": self.token}).encode()
+        return json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": self.started,
+                "heartbeat": time.time(),
+                "token": self.token,
+            }
+        ).encode()
 
     def _mine(self, info: dict | None) -> bool:
         return info is not None and info.get("token") == self.token and info.get("pid") == os.getpid()
@@ -377,12 +405,16 @@ class RunLock:
             with self._locked(create=True) as fd:
                 owner = _live(_parse_lock(_read_fd(fd)))
                 if owner is not None:
-                    raise UserError(f"run dir {self.file.parent} is in use by {describe_owner(owner)}; wait for it to "
-                                    f"end, or stop it (a lock is stale {STALE_AFTER_S:.0f} s after its last heartbeat)")
+                    raise UserError(
+                        f"run dir {self.file.parent} is in use by {describe_owner(owner)}; wait for it to "
+                        f"end, or stop it (a lock is stale {STALE_AFTER_S:.0f} s after its last heartbeat)"
+                    )
                 self._write(fd)  # free, empty, or stale: ours now
         except OSError as e:
-            raise UserError(f"cannot take the run lock {self.file}: {e}; the run dir must be writable (set "
-                            "hydra.run.dir=DIR or paths.outputs=DIR elsewhere)") from e
+            raise UserError(
+                f"cannot take the run lock {self.file}: {e}; the run dir must be writable (set "
+                "hydra.run.dir=DIR or paths.outputs=DIR elsewhere)"
+            ) from e
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -395,8 +427,12 @@ class RunLock:
             if self._mine(info) or (fd is not None and info is None):
                 self._write(fd)
                 return True
-        log.warning("run lock %s is no longer this run's (%s): heartbeats stopped; another process may be writing "
-                    "to this run dir", self.file, f"now {describe_owner(_live(info) or info)}" if info else "no owner record")
+        log.warning(
+            "run lock %s is no longer this run's (%s): heartbeats stopped; another process may be writing "
+            "to this run dir",
+            self.file,
+            f"now {describe_owner(_live(info) or info)}" if info else "no owner record",
+        )
         return False
 
     def _beat(self) -> None:
@@ -426,8 +462,11 @@ _WARNED_NO_FLOCK: set[str] = set()
 def _warn_no_flock(file: Path) -> None:
     if str(file.parent) not in _WARNED_NO_FLOCK:
         _WARNED_NO_FLOCK.add(str(file.parent))
-        log.warning("%s: this file system offers no flock, so the run lock is checked but not taken atomically; do not "
-                    "start two runs in this run dir at the same moment", file)
+        log.warning(
+            "%s: this file system offers no flock, so the run lock is checked but not taken atomically; do not "
+            "start two runs in this run dir at the same moment",
+            file,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- live progress
@@ -457,8 +496,9 @@ class LiveProgress:
         rate = self.new * self.scale / max(now - self.t0, 1e-9)
 
         try:
-            self.tracker.log_metrics({f"{PROGRESS_PREFIX}samples_done": done, f"{PROGRESS_PREFIX}images_per_s": rate},
-                                     step=done)
+            self.tracker.log_metrics(
+                {f"{PROGRESS_PREFIX}samples_done": done, f"{PROGRESS_PREFIX}images_per_s": rate}, step=done
+            )
         except Exception as e:  # noqa: BLE001 - a progress line must never stop a run
             log.warning("could not log progress to MLflow: %s", e)
 

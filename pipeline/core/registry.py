@@ -20,8 +20,19 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Stage", "Mode", "stage", "register_mode", "STAGES", "MODES", "MODE_PACKAGES", "SHARED_STAGES",
-           "load_modes", "load_stages", "producer_of"]
+__all__ = [
+    "Stage",
+    "Mode",
+    "stage",
+    "register_mode",
+    "STAGES",
+    "MODES",
+    "MODE_PACKAGES",
+    "SHARED_STAGES",
+    "load_modes",
+    "load_stages",
+    "producer_of",
+]
 
 MODE_PACKAGES = ("schedule", "metrics", "attention", "latent")  # pipeline/<M>/, conf/mode/<M>.yaml
 # stages several modes need, each in its room: scheduler config, sampler, model, extractors; reference, prompts;
@@ -65,8 +76,9 @@ def stage(name: str, needs: tuple[str, ...] = (), produces: tuple[str, ...] = ()
     return decorate
 
 
-def register_mode(name: str, stages: list[str] | tuple[str, ...], schema: type,
-                  validate: Callable[[Any], None] | None = None) -> None:
+def register_mode(
+    name: str, stages: list[str] | tuple[str, ...], schema: type, validate: Callable[[Any], None] | None = None
+) -> None:
     MODES[name] = Mode(name, tuple(stages), schema, validate)
 
 

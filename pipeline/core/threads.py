@@ -31,8 +31,9 @@ OFF = "DIFFUSION_LENS_THREAD_POLICY"
 
 
 def enabled() -> bool:
-    return (os.environ.get(OFF, "").strip().lower() not in ("off", "0", "false", "no")
-            and not os.environ.get("OMP_NUM_THREADS"))
+    return os.environ.get(OFF, "").strip().lower() not in ("off", "0", "false", "no") and not os.environ.get(
+        "OMP_NUM_THREADS"
+    )
 
 
 def available_cpus() -> int:
@@ -108,7 +109,11 @@ class CpuShare:
         others = max(0.0, (d_busy - d_own) / d_wall)  # CPUs' worth of other processes' work
         want = max(1, min(self.ceiling, round(len(self._cpus or range(self.ceiling)) - others)))
         if want != self._torch.get_num_threads():
-            log.info("other processes used %.1f of %d CPUs: %d torch thread(s)", others,
-                     len(self._cpus or range(self.ceiling)), want)
+            log.info(
+                "other processes used %.1f of %d CPUs: %d torch thread(s)",
+                others,
+                len(self._cpus or range(self.ceiling)),
+                want,
+            )
             self._torch.set_num_threads(want)
         return want

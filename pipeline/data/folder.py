@@ -45,8 +45,17 @@ from functools import cached_property
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "FolderSample", "FolderDataset", "Manifest", "scan", "decoded_count", "to_rgb",
-           "dataset_path", "read_jsonl"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "FolderSample",
+    "FolderDataset",
+    "Manifest",
+    "scan",
+    "decoded_count",
+    "to_rgb",
+    "dataset_path",
+    "read_jsonl",
+]
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -171,8 +180,10 @@ def dataset_path(root: str | pathlib.Path, name: object, follow_links: bool = Tr
         base = pathlib.Path(root).resolve()
         target = (base / rel).resolve()
         if target != base and base not in target.parents:
-            raise ValueError(f"path {name!r} resolves to {target}, outside the dataset folder {base} "
-                             "(a symbolic link out of the folder; copy the file into the folder instead)")
+            raise ValueError(
+                f"path {name!r} resolves to {target}, outside the dataset folder {base} "
+                "(a symbolic link out of the folder; copy the file into the folder instead)"
+            )
     return rel
 
 
@@ -264,9 +275,14 @@ def _check_path(cache_dir: pathlib.Path, manifest: Manifest) -> pathlib.Path:
 
 
 def _check_body(manifest: Manifest, check: _Check) -> dict:
-    return {"version": CHECK_VERSION, "root": str(manifest.root.resolve()), "digest": manifest.digest,
-            "readable": list(check.readable), "shapes": [list(s) for s in check.shapes],
-            "skipped": [list(s) for s in check.skipped]}
+    return {
+        "version": CHECK_VERSION,
+        "root": str(manifest.root.resolve()),
+        "digest": manifest.digest,
+        "readable": list(check.readable),
+        "shapes": [list(s) for s in check.shapes],
+        "skipped": [list(s) for s in check.skipped],
+    }
 
 
 def _body_sha256(body: dict) -> str:
@@ -286,8 +302,9 @@ def _load_check(path: pathlib.Path, manifest: Manifest) -> _Check | None:
             raise ValueError("checksum mismatch")
         if row["digest"] != manifest.digest:
             raise ValueError("written for another state of the folder")
-        check = _Check(tuple(row["readable"]), tuple(tuple(s) for s in row["shapes"]),
-                       tuple(tuple(s) for s in row["skipped"]))
+        check = _Check(
+            tuple(row["readable"]), tuple(tuple(s) for s in row["shapes"]), tuple(tuple(s) for s in row["skipped"])
+        )
         names = {name for name, _, _ in manifest.files}
         listed = list(check.readable) + [n for n, _ in check.skipped]
         if sorted(listed) != sorted(names) or len(check.readable) != len(check.shapes):
@@ -357,8 +374,13 @@ class FolderDataset:
     unreadable ones, unless ``check_cache`` (a directory) holds that check for the folder's current
     :class:`Manifest`; ``manifest``: one :func:`scan` has already made (saves a second scan)."""
 
-    def __init__(self, root: str | pathlib.Path, captions_file: str | None = "captions.jsonl",
-                 check_cache: str | pathlib.Path | None = None, manifest: Manifest | None = None):
+    def __init__(
+        self,
+        root: str | pathlib.Path,
+        captions_file: str | None = "captions.jsonl",
+        check_cache: str | pathlib.Path | None = None,
+        manifest: Manifest | None = None,
+    ):
         self.root = pathlib.Path(root)
         self.manifest = manifest if manifest is not None else scan(self.root, captions_file)
         self.bad_caption_lines: list[tuple[int, str]] = []  # (line number, reason) of each captions line skipped
@@ -386,8 +408,9 @@ class FolderDataset:
         if missing:
             log.warning("%s names %d files not in %s, e.g. %s", captions_file, len(missing), self.root, missing[:3])
         if self.skipped:
-            log.warning("%s: skipped %d unreadable of %d image files", self.root, len(self.skipped),
-                        len(self.manifest.files))
+            log.warning(
+                "%s: skipped %d unreadable of %d image files", self.root, len(self.skipped), len(self.manifest.files)
+            )
 
     def _read_captions(self, captions_file: str) -> dict[str, str]:
         """``{relative path: caption}``; every line that is not ``{"file": <path inside the folder>, "caption":
@@ -406,13 +429,22 @@ class FolderDataset:
                 continue
             name = dataset_path(self.root, row["file"], follow_links=False)
             if name in captions:
-                log.warning("%s line %d: %s is captioned again (first on line %d); the later caption is used",
-                            path, n, name, first_line[name])
+                log.warning(
+                    "%s line %d: %s is captioned again (first on line %d); the later caption is used",
+                    path,
+                    n,
+                    name,
+                    first_line[name],
+                )
             first_line.setdefault(name, n)
             captions[name] = row["caption"]
         if self.bad_caption_lines:
-            log.warning("%s: %d line(s) skipped (lines %s); their images have no caption", path,
-                        len(self.bad_caption_lines), _line_list(self.bad_caption_lines))
+            log.warning(
+                "%s: %d line(s) skipped (lines %s); their images have no caption",
+                path,
+                len(self.bad_caption_lines),
+                _line_list(self.bad_caption_lines),
+            )
         return captions
 
     @property

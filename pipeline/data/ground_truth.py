@@ -35,9 +35,21 @@ from pipeline.data.shapes import truth as shapes_truth
 from pipeline.features.shapes_net import ShapesNetExtractor, _resolve
 from pipeline.zoo.shapes_net import compare
 
-__all__ = ["GroundTruth", "ShapesGroundTruth", "ground_truth", "no_judge", "judged_datasets", "ObjectTruth",
-           "ObjectMasks", "object_masks", "no_object_masks", "no_segmentation", "object_word_positions", "FolderObjectMasks",
-           "load_mask"]
+__all__ = [
+    "GroundTruth",
+    "ShapesGroundTruth",
+    "ground_truth",
+    "no_judge",
+    "judged_datasets",
+    "ObjectTruth",
+    "ObjectMasks",
+    "object_masks",
+    "no_object_masks",
+    "no_segmentation",
+    "object_word_positions",
+    "FolderObjectMasks",
+    "load_mask",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +100,10 @@ class ShapesGroundTruth:
         return self._judge
 
     def adherence(self, images: torch.Tensor, prompts: Sequence[str]) -> list[dict[str, Any]]:
-        return [{"prompt": p, "judged": json.dumps(j), **compare(j, parse_caption(p))}
-                for p, j in zip(prompts, self._judge_net().judge(images))]
+        return [
+            {"prompt": p, "judged": json.dumps(j), **compare(j, parse_caption(p))}
+            for p, j in zip(prompts, self._judge_net().judge(images))
+        ]
 
     def edit(self, source: str, target: str) -> tuple[str, str, str] | None:
         return shapes_truth.one_attribute_edit(source, target)
@@ -116,8 +130,10 @@ def no_judge(dataset_cfg: Any, purpose: str = "judge prompts with") -> str | Non
     """None when the dataset has a ground truth (:func:`ground_truth`), else why not, naming the datasets that do."""
     if dataset_kind(dataset_cfg) in _JUDGED:
         return None
-    return (f"dataset {dataset_cfg.name!r} has no ground truth to {purpose}; datasets with a judge: "
-            f"{', '.join(judged_datasets())}")
+    return (
+        f"dataset {dataset_cfg.name!r} has no ground truth to {purpose}; datasets with a judge: "
+        f"{', '.join(judged_datasets())}"
+    )
 
 
 def ground_truth(dataset_cfg: Any, device: torch.device, extractors: dict | None = None) -> GroundTruth | None:
@@ -185,12 +201,16 @@ class ShapesObjectMasks:
         out = []
         for i in range(ref.n):
             s = ref.item(i)
-            out.append(ReferenceImage(s.image, s.caption, [ObjectTruth(tuple(o.words), o.side, o.mask) for o in s.objects]))
+            out.append(
+                ReferenceImage(s.image, s.caption, [ObjectTruth(tuple(o.words), o.side, o.mask) for o in s.objects])
+            )
         return out
 
 
-_OBJECTS_ROW = ('{"file": "<image path>", "caption": "<text>", "objects": [{"words": ["<word>", ...], '
-                '"mask": "<mask path>", "side": <optional string>}, ...]}')
+_OBJECTS_ROW = (
+    '{"file": "<image path>", "caption": "<text>", "objects": [{"words": ["<word>", ...], '
+    '"mask": "<mask path>", "side": <optional string>}, ...]}'
+)
 
 
 def _objects_row_error(root: Path, row: Any) -> str | None:
@@ -202,8 +222,9 @@ def _objects_row_error(root: Path, row: Any) -> str | None:
     if missing:
         return f"no {' or '.join(repr(k) for k in missing)} key; expected {_OBJECTS_ROW}"
     if not isinstance(row["caption"], str) or not row["caption"].strip():
-        return (f"caption is {_json_type(row['caption'])} ({json.dumps(row['caption'])[:60]}); "
-                "expected a non-empty string")
+        return (
+            f"caption is {_json_type(row['caption'])} ({json.dumps(row['caption'])[:60]}); expected a non-empty string"
+        )
     if not isinstance(row["objects"], list) or not row["objects"]:
         return f"objects is {_json_type(row['objects'])}; expected a non-empty array of objects"
     try:
@@ -212,7 +233,7 @@ def _objects_row_error(root: Path, row: Any) -> str | None:
         return f"file: {err}"
     for k, o in enumerate(row["objects"]):
         if not isinstance(o, dict) or "words" not in o or "mask" not in o:
-            return f"objects[{k}]: expected {{\"words\": [...], \"mask\": ...}}, got {json.dumps(o)[:80]}"
+            return f'objects[{k}]: expected {{"words": [...], "mask": ...}}, got {json.dumps(o)[:80]}'
         words = o["words"]
         if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
             return f"objects[{k}].words: expected a non-empty array of non-empty strings, got {json.dumps(words)[:80]}"
@@ -302,15 +323,18 @@ class FolderObjectMasks:
 
 def no_object_masks(dataset_cfg: Any) -> str:
     """Why :func:`object_masks` gave None for this dataset (and what would give masks)."""
-    return (f"dataset {dataset_cfg.name!r} has no object masks (objects.jsonl + masks/, the layout "
-            "`python -m pipeline.data.shapes.export DIR` writes)")
+    return (
+        f"dataset {dataset_cfg.name!r} has no object masks (objects.jsonl + masks/, the layout "
+        "`python -m pipeline.data.shapes.export DIR` writes)"
+    )
 
 
 def no_segmentation(dataset_cfg: Any) -> str:
     """Why generated images of this dataset's captions cannot be segmented (:attr:`ObjectMasks.segments_generated`)."""
     able = ", ".join(sorted(k for k, cls in _MASKS.items() if cls.segments_generated))
-    return (f"dataset {dataset_cfg.name!r} cannot segment generated images (no caption grammar); datasets that can: "
-            f"{able}")
+    return (
+        f"dataset {dataset_cfg.name!r} cannot segment generated images (no caption grammar); datasets that can: {able}"
+    )
 
 
 _MASKS = {"shapes": ShapesObjectMasks, "folder": FolderObjectMasks}

@@ -133,13 +133,18 @@ class References:
         """The first ``n`` images (all if None: ``dataset.num_images``)."""
         if n not in self._sets:
             ref = self._sets[n] = reference_set(self.dataset_cfg, n, cache_dir=self.cache_dir)
-            log.info("reference set: %d images of %s (%s)", ref.n, self.name,
-                     ref.identity.get("split", ref.identity.get("root")))
+            log.info(
+                "reference set: %d images of %s (%s)",
+                ref.n,
+                self.name,
+                ref.identity.get("split", ref.identity.get("root")),
+            )
         return self._sets[n]
 
 
-def reference_set(dataset_cfg: Any, n: int | None = None, split: str | None = None,
-                  cache_dir: str | Path | None = None) -> ReferenceSet:
+def reference_set(
+    dataset_cfg: Any, n: int | None = None, split: str | None = None, cache_dir: str | Path | None = None
+) -> ReferenceSet:
     """The first ``n`` images (all if None) of the configured dataset. ``cache_dir`` (``paths.cache``): where a
     folder's decoding check is kept (``<cache_dir>/reference/folder-*.json``), so an unchanged folder is never
     decoded to be checked again; None: checked by decoding, once per process and folder state."""
@@ -154,13 +159,28 @@ def reference_set(dataset_cfg: Any, n: int | None = None, split: str | None = No
 
 def _shapes(dataset_cfg: Any, n: int, split: str) -> ReferenceSet:
     try:
-        ds = ShapesDataset(split=split, n=n, seed=dataset_cfg.seed, size=dataset_cfg.size,
-                           shapes=list(dataset_cfg.shapes), colours=list(dataset_cfg.colours), p_two=dataset_cfg.p_two)
+        ds = ShapesDataset(
+            split=split,
+            n=n,
+            seed=dataset_cfg.seed,
+            size=dataset_cfg.size,
+            shapes=list(dataset_cfg.shapes),
+            colours=list(dataset_cfg.colours),
+            p_two=dataset_cfg.p_two,
+        )
     except ValueError as e:
         raise UserError(f"dataset ({dataset_cfg.name}): {e}") from e
-    identity = {"name": dataset_cfg.name, "kind": "shapes", "split": split, "n": n, "seed": dataset_cfg.seed,
-                "size": dataset_cfg.size, "shapes": list(dataset_cfg.shapes), "colours": list(dataset_cfg.colours),
-                "p_two": dataset_cfg.p_two}
+    identity = {
+        "name": dataset_cfg.name,
+        "kind": "shapes",
+        "split": split,
+        "n": n,
+        "seed": dataset_cfg.seed,
+        "size": dataset_cfg.size,
+        "shapes": list(dataset_cfg.shapes),
+        "colours": list(dataset_cfg.colours),
+        "p_two": dataset_cfg.p_two,
+    }
     # procedural images are a pure function of the renderer's code and these parameters: hash those
     # (rendering every image just to hash it would cost as much as a cold reference pass)
     code = hashlib.sha256(Path(renderer.__file__).read_bytes() + repr(sorted(identity.items())).encode())
@@ -189,18 +209,36 @@ def _folder(dataset_cfg: Any, n: int, cache_dir: str | Path | None) -> Reference
     if ds.num_skipped:
         log.warning("dataset.root %s: %d unreadable file(s) skipped", dataset_cfg.root, ds.num_skipped)
     if ds.num_bad_caption_lines:
-        log.warning("dataset.root %s: %d line(s) of %s skipped (line %s); their images have no caption",
-                    dataset_cfg.root, ds.num_bad_caption_lines, captions_file,
-                    ", ".join(f"{k}: {why}" for k, why in ds.bad_caption_lines[:3])
-                    + (", ..." if ds.num_bad_caption_lines > 3 else ""))
+        log.warning(
+            "dataset.root %s: %d line(s) of %s skipped (line %s); their images have no caption",
+            dataset_cfg.root,
+            ds.num_bad_caption_lines,
+            captions_file,
+            ", ".join(f"{k}: {why}" for k, why in ds.bad_caption_lines[:3])
+            + (", ..." if ds.num_bad_caption_lines > 3 else ""),
+        )
     n = min(n, len(ds))
     names = ds.names(n)
     captions = [ds.captions.get(name) for name in names] if ds.has_captions else None
     # "decode": how the images are decoded (folder.to_rgb), so a change to it recomputes cached features
-    identity = {"name": dataset_cfg.name, "kind": "folder", "root": str(ds.root.resolve()), "n": n,
-                "decode": DECODE_VERSION}
-    return ReferenceSet(identity, ds, n, captions, ds.num_skipped, _hash=manifest.digest, _shape=ds.shapes[0],
-                        files=names, bad_caption_lines=tuple(ds.bad_caption_lines))
+    identity = {
+        "name": dataset_cfg.name,
+        "kind": "folder",
+        "root": str(ds.root.resolve()),
+        "n": n,
+        "decode": DECODE_VERSION,
+    }
+    return ReferenceSet(
+        identity,
+        ds,
+        n,
+        captions,
+        ds.num_skipped,
+        _hash=manifest.digest,
+        _shape=ds.shapes[0],
+        files=names,
+        bad_caption_lines=tuple(ds.bad_caption_lines),
+    )
 
 
 def read_prompts(path: str) -> list[str]:

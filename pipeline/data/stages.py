@@ -64,7 +64,9 @@ def prompts_stage(ctx, cfg):
     else:
         prompts = compared_reference(ctx, cfg).captions
         if not prompts or any(c is None for c in prompts):
-            raise UserError(f"dataset {cfg.dataset.name!r} has no caption for every image; a text-to-image model "
-                            "needs prompts: set mode.metrics.prompts_file=FILE or add captions.jsonl to the folder")
+            raise UserError(
+                f"dataset {cfg.dataset.name!r} has no caption for every image; a text-to-image model "
+                "needs prompts: set mode.metrics.prompts_file=FILE or add captions.jsonl to the folder"
+            )
     k = int(m.samples_per_prompt) if m is not None else 1
     return {"prompts": [p for p in prompts for _ in range(k)]}

@@ -22,11 +22,11 @@ New extractors register a builder ``(features_cfg, device) -> FeatureExtractor``
 from __future__ import annotations
 
 import contextlib
-import importlib
-import pkgutil
 import hashlib
+import importlib
 import logging
 import os
+import pkgutil
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -60,7 +60,13 @@ ResizeModeName = Literal[
     "bilinear", "bilinear_antialias", "bicubic", "bicubic_antialias", "nearest", "bilinear_tf1", "bicubic_tf2"
 ]
 RESIZE_MODES: tuple[str, ...] = (
-    "bilinear", "bilinear_antialias", "bicubic", "bicubic_antialias", "nearest", "bilinear_tf1", "bicubic_tf2"
+    "bilinear",
+    "bilinear_antialias",
+    "bicubic",
+    "bicubic_antialias",
+    "nearest",
+    "bilinear_tf1",
+    "bicubic_tf2",
 )
 
 
@@ -242,8 +248,11 @@ def _keys_cubic_matrix(n_in: int, n_out: int, device: torch.device, a: float = -
     for tap in (-1, 0, 1, 2):
         idx = base + tap
         t = (src - idx).abs()
-        w = torch.where(t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1,
-                        torch.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, torch.zeros_like(t)))
+        w = torch.where(
+            t <= 1,
+            (a + 2) * t**3 - (a + 3) * t**2 + 1,
+            torch.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, torch.zeros_like(t)),
+        )
         inside = (idx >= 0) & (idx < n_in)
         rows = torch.arange(n_out)[inside]
         m.index_put_((rows, idx[inside].long()), w[inside], accumulate=True)
@@ -354,8 +363,9 @@ def load_hf_model(model_cls: Any, model: str | None, key: str) -> tuple[Any, Pat
     try:
         net = model_cls.from_pretrained(str(model_dir), use_safetensors=True)
     except Exception as e:
-        raise UserError(f"{key}: cannot load a {model_cls.__name__} from {str(model_dir)!r}: "
-                        f"{type(e).__name__}: {e}") from e
+        raise UserError(
+            f"{key}: cannot load a {model_cls.__name__} from {str(model_dir)!r}: {type(e).__name__}: {e}"
+        ) from e
     # fp16 checkpoints are upcast: features are extracted in fp32
     net = net.to(torch.float32).eval().requires_grad_(False)
     return net, model_dir, files_id(weights)
@@ -424,8 +434,10 @@ def build_extractor(features_cfg: Any, device: str | torch.device | None = None)
     name = features_cfg.name
     prefix = f"features.{name}"
     if name not in _EXTRACTORS:
-        raise UserError(f"{prefix}.name: unknown feature extractor {name!r}; expected one of {available_extractors()}"
-                        " (extractors are picked with e.g. features=[shapes_net])")
+        raise UserError(
+            f"{prefix}.name: unknown feature extractor {name!r}; expected one of {available_extractors()}"
+            " (extractors are picked with e.g. features=[shapes_net])"
+        )
     resize = getattr(features_cfg.resize, "value", features_cfg.resize)
     if resize not in RESIZE_MODES:
         raise UserError(f"{prefix}.resize: {resize!r} is not a resize mode; expected one of {list(RESIZE_MODES)}")

@@ -40,8 +40,15 @@ class CLIPExtractor(FeatureExtractor):
     outputs = ("pool", "image_embeds")
     center_crop = True
 
-    def __init__(self, model: str, resize: str = "bicubic_antialias", image_size: int | None = None,
-                 batch_size: int = 64, device: str | torch.device = "cpu", key: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        resize: str = "bicubic_antialias",
+        image_size: int | None = None,
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        key: str | None = None,
+    ):
         """``key``: this block's config key, ``features.<name>`` (default ``features.<self.name>``), named by errors."""
         from transformers import AutoTokenizer, CLIPModel
 
@@ -57,17 +64,26 @@ class CLIPExtractor(FeatureExtractor):
         # another size works only by interpolating the position embeddings: allowed, but no longer "CLIP"
         self._interpolate_pos = self.input_size != native
         if self._interpolate_pos:
-            log.warning("%s.image_size=%d differs from the CLIP model's %d: position embeddings are "
-                        "interpolated (%s.image_size=null uses the model's)", key, self.input_size, native, key)
+            log.warning(
+                "%s.image_size=%d differs from the CLIP model's %d: position embeddings are "
+                "interpolated (%s.image_size=null uses the model's)",
+                key,
+                self.input_size,
+                native,
+                key,
+            )
         pre = read_preprocessor_config(self.model_dir, f"{key}.model")
-        self._mean = torch.tensor(pre.get("image_mean", OPENAI_CLIP_MEAN), dtype=torch.float32,
-                                  device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(pre.get("image_std", OPENAI_CLIP_STD), dtype=torch.float32,
-                                 device=self.device).view(1, 3, 1, 1)
+        self._mean = torch.tensor(
+            pre.get("image_mean", OPENAI_CLIP_MEAN), dtype=torch.float32, device=self.device
+        ).view(1, 3, 1, 1)
+        self._std = torch.tensor(pre.get("image_std", OPENAI_CLIP_STD), dtype=torch.float32, device=self.device).view(
+            1, 3, 1, 1
+        )
         self.resize = resize
         self.batch_size = int(batch_size)
-        self.max_text_tokens = min(int(self.tokenizer.model_max_length),
-                                   int(self.model.config.text_config.max_position_embeddings))
+        self.max_text_tokens = min(
+            int(self.tokenizer.model_max_length), int(self.model.config.text_config.max_position_embeddings)
+        )
         self.num_truncated = 0
 
     def describe(self) -> dict[str, Any]:
@@ -95,14 +111,22 @@ class CLIPExtractor(FeatureExtractor):
             self.num_truncated += len(truncated)
             log.warning(
                 "CLIP text limit: %d of %d prompts exceed %d tokens and were truncated (their CLIP score "
-                "ignores the cut words), e.g. %r", len(truncated), len(prompts), self.max_text_tokens,
+                "ignores the cut words), e.g. %r",
+                len(truncated),
+                len(prompts),
+                self.max_text_tokens,
                 prompts[truncated[0]][:120],
             )
         out = []
         with torch.no_grad():
             for start in range(0, len(prompts), self.batch_size):
-                enc = self.tokenizer(prompts[start : start + self.batch_size], padding=True, truncation=True,
-                                     max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
+                enc = self.tokenizer(
+                    prompts[start : start + self.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_text_tokens,
+                    return_tensors="pt",
+                ).to(self.device)
                 text = self.model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
                 out.append(self.model.text_projection(text.pooler_output).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.model.config.projection_dim)
@@ -126,20 +150,34 @@ class CLIP336Extractor(CLIPExtractor):
 @register_extractor("clip336")
 def build_clip336(cfg: Any, device: torch.device) -> CLIP336Extractor:
     resize = getattr(cfg.resize, "value", cfg.resize)
-    return CLIP336Extractor(cfg.model, resize=resize, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                            device=device, key=f"features.{cfg.name}")
+    return CLIP336Extractor(
+        cfg.model,
+        resize=resize,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        device=device,
+        key=f"features.{cfg.name}",
+    )
 
 
 def _load_tokenizer(auto_cls: Any, model_dir: Path, key: str):
     try:
         return auto_cls.from_pretrained(str(model_dir))
     except Exception as e:
-        raise UserError(f"{key}: no usable CLIP tokenizer in {str(model_dir)!r} (expected "
-                        f"tokenizer.json or vocab.json + merges.txt): {type(e).__name__}: {e}") from e
+        raise UserError(
+            f"{key}: no usable CLIP tokenizer in {str(model_dir)!r} (expected "
+            f"tokenizer.json or vocab.json + merges.txt): {type(e).__name__}: {e}"
+        ) from e
 
 
 @register_extractor("clip")
 def build_clip(cfg: Any, device: torch.device) -> CLIPExtractor:
     resize = getattr(cfg.resize, "value", cfg.resize)
-    return CLIPExtractor(cfg.model, resize=resize, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                         device=device, key=f"features.{cfg.name}")
+    return CLIPExtractor(
+        cfg.model,
+        resize=resize,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        device=device,
+        key=f"features.{cfg.name}",
+    )

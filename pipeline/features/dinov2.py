@@ -31,8 +31,15 @@ class DINOv2Extractor(FeatureExtractor):
     name = "dinov2"
     outputs = ("pool",)
 
-    def __init__(self, model: str, resize: str = "bicubic_antialias", image_size: int | None = None,
-                 batch_size: int = 64, device: str | torch.device = "cpu", key: str = "features.dinov2"):
+    def __init__(
+        self,
+        model: str,
+        resize: str = "bicubic_antialias",
+        image_size: int | None = None,
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
+        key: str = "features.dinov2",
+    ):
         """``key``: this block's config key (``features.<name>``), named by errors."""
         from transformers import Dinov2Model
 
@@ -43,8 +50,10 @@ class DINOv2Extractor(FeatureExtractor):
         self.input_size = int(image_size or DEFAULT_SIZE)
         patch = int(self.model.config.patch_size)
         if self.input_size % patch:
-            raise UserError(f"{key}.image_size: {self.input_size} is not a multiple of the DINOv2 patch size "
-                            f"{patch} (e.g. {key}.image_size={patch * round(self.input_size / patch) or patch})")
+            raise UserError(
+                f"{key}.image_size: {self.input_size} is not a multiple of the DINOv2 patch size "
+                f"{patch} (e.g. {key}.image_size={patch * round(self.input_size / patch) or patch})"
+            )
         pre = read_preprocessor_config(self.model_dir, f"{key}.model")
         self._mean = torch.tensor(pre.get("image_mean", IMAGENET_MEAN), device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(pre.get("image_std", IMAGENET_STD), device=self.device).view(1, 3, 1, 1)
@@ -62,5 +71,11 @@ class DINOv2Extractor(FeatureExtractor):
 @register_extractor("dinov2")
 def build_dinov2(cfg: Any, device: torch.device) -> DINOv2Extractor:
     resize = getattr(cfg.resize, "value", cfg.resize)
-    return DINOv2Extractor(cfg.model, resize=resize, image_size=cfg.image_size, batch_size=cfg.batch_size,
-                           device=device, key=f"features.{cfg.name}")
+    return DINOv2Extractor(
+        cfg.model,
+        resize=resize,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        device=device,
+        key=f"features.{cfg.name}",
+    )

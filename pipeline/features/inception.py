@@ -233,8 +233,19 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         pool = F.adaptive_avg_pool2d(x, 1).flatten(1)  # global average pool: pool3, 2048-d
         logits_unbiased = pool @ self.fc.weight.T  # torch-fidelity's IS feature: no bias
@@ -255,8 +266,10 @@ def _candidates() -> list[Path]:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("DIFFUSION_LENS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("DIFFUSION_LENS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _missing_weights_message(reason: str) -> str:
@@ -276,9 +289,11 @@ def verify_weights(path: Path, name: str | None = None) -> str:
     if pinned is None:
         log.info("%s: sha256 %s (not pinned)", path, digest)
     elif digest != pinned:
-        raise UserError(f"{WEIGHTS_KEY}: {str(path)!r} ({name}) has sha256 {digest}, but {name} is pinned to "
-                        f"{pinned}: the file is corrupt or not the genuine one; delete it and download it again from "
-                        f"{WEIGHTS_URL}")
+        raise UserError(
+            f"{WEIGHTS_KEY}: {str(path)!r} ({name}) has sha256 {digest}, but {name} is pinned to "
+            f"{pinned}: the file is corrupt or not the genuine one; delete it and download it again from "
+            f"{WEIGHTS_URL}"
+        )
     return digest
 
 
@@ -301,8 +316,10 @@ def find_weights(weights_path: str | None, download: bool | None = None) -> Path
     if weights_path:
         p = Path(weights_path).expanduser()
         if not p.is_file():
-            raise UserError(f"{WEIGHTS_KEY}: {str(p)!r} does not exist or is not a file; "
-                            + _missing_weights_message("no file at that path"))
+            raise UserError(
+                f"{WEIGHTS_KEY}: {str(p)!r} does not exist or is not a file; "
+                + _missing_weights_message("no file at that path")
+            )
         verify_weights(p)
         return p
     for p in _candidates():
@@ -332,8 +349,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{WEIGHTS_KEY}: cannot read {str(path)!r} as a state dict "
-                        f"(.pth or .safetensors): {type(e).__name__}: {e}") from e
+        raise UserError(
+            f"{WEIGHTS_KEY}: cannot read {str(path)!r} as a state dict (.pth or .safetensors): {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(state, dict):
         raise UserError(f"{WEIGHTS_KEY}: {str(path)!r} holds a {type(state).__name__}, expected a state dict")
     return state
@@ -350,8 +368,13 @@ class InceptionExtractor(FeatureExtractor):
     input_size = INPUT_SIZE
     pixel_scale = 255.0  # the graph maps 0..255 with (p - 128) / 128
 
-    def __init__(self, weights_path: str | Path, resize: str = "bilinear", batch_size: int = 64,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        weights_path: str | Path,
+        resize: str = "bilinear",
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
+    ):
         path = Path(weights_path)
         self.net = FIDInceptionV3()
         state = {k: v for k, v in load_state_dict_file(path).items() if not k.endswith("num_batches_tracked")}
@@ -388,7 +411,9 @@ def build_inception(cfg: Any, device: torch.device) -> InceptionExtractor:
     size = getattr(cfg, "image_size", None)
     if size is not None and int(size) != INPUT_SIZE:
         key = f"features.{cfg.name}"
-        raise UserError(f"{key}.image_size: the FID Inception takes {INPUT_SIZE}×{INPUT_SIZE} inputs, got {size}; "
-                        f"leave it null ({key}.image_size=null: images of any size are resized per {key}.resize)")
+        raise UserError(
+            f"{key}.image_size: the FID Inception takes {INPUT_SIZE}×{INPUT_SIZE} inputs, got {size}; "
+            f"leave it null ({key}.image_size=null: images of any size are resized per {key}.resize)"
+        )
     resize = getattr(cfg.resize, "value", cfg.resize)
     return InceptionExtractor(find_weights(cfg.weights_path), resize=resize, batch_size=cfg.batch_size, device=device)

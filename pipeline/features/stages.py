@@ -33,8 +33,13 @@ def _cache_path(cfg, ref, extractor) -> tuple[Path, dict]:
     """``<paths.cache>/reference/<extractor>-<digest>.npz``; the key: the set's identity and content hash (folders:
     their manifest, nothing decoded), N, the extractor's describe() (weights hash, input size, resize) and
     :data:`CACHE_VERSION`."""
-    key = {"version": CACHE_VERSION, "dataset": ref.identity, "content": ref.content_hash(), "n": ref.n,
-           "extractor": extractor.describe()}
+    key = {
+        "version": CACHE_VERSION,
+        "dataset": ref.identity,
+        "content": ref.content_hash(),
+        "n": ref.n,
+        "extractor": extractor.describe(),
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return Path(cfg.paths.cache) / "reference" / f"{extractor.name}-{digest}.npz", key
 
@@ -47,8 +52,12 @@ def _entry_files(ref) -> str | None:
 def _entry_meta(key: dict, ref) -> dict:
     """What an entry records besides its features: its full key (a file copied over another entry's name is
     caught) and what the features were computed from (image shape, skipped files, a folder's readable files)."""
-    return {"key": json.dumps(key, sort_keys=True, default=str), "files": _entry_files(ref),
-            "image_shape": [int(s) for s in ref.image_shape()], "num_skipped": int(ref.num_skipped)}
+    return {
+        "key": json.dumps(key, sort_keys=True, default=str),
+        "files": _entry_files(ref),
+        "image_shape": [int(s) for s in ref.image_shape()],
+        "num_skipped": int(ref.num_skipped),
+    }
 
 
 def _load_entry(path: Path, key: dict, ref) -> torch.Tensor | None:
@@ -59,8 +68,9 @@ def _load_entry(path: Path, key: dict, ref) -> torch.Tensor | None:
     try:
         arrays, meta = load_verified(path)
     except (OSError, ValueError) as e:
-        log.warning("reference cache %s is damaged (%s): its features are extracted again and the file rewritten",
-                    path, e)
+        log.warning(
+            "reference cache %s is damaged (%s): its features are extracted again and the file rewritten", path, e
+        )
         return None
     want = _entry_meta(key, ref)
     differ = [name for name in want if meta.get(name) != want[name]]
@@ -68,8 +78,12 @@ def _load_entry(path: Path, key: dict, ref) -> torch.Tensor | None:
     if pool is None or pool.ndim != 2 or pool.dtype.kind != "f" or len(pool) != ref.n:
         differ.append(f"pool {None if pool is None else (pool.dtype.name, pool.shape)} for N = {ref.n}")
     if differ:
-        log.warning("reference cache %s does not describe this reference set (%s differ): its features are extracted "
-                    "again and the file rewritten", path, ", ".join(differ))
+        log.warning(
+            "reference cache %s does not describe this reference set (%s differ): its features are extracted "
+            "again and the file rewritten",
+            path,
+            ", ".join(differ),
+        )
         return None
     return torch.from_numpy(pool)
 
@@ -81,8 +95,12 @@ def _save_entry(path: Path, key: dict, ref, pool: torch.Tensor) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_verified(path, {"pool": pool.detach().cpu().numpy()}, _entry_meta(key, ref))
     except OSError as e:
-        log.warning("reference cache %s not written (%s): this run goes on without it; free space there, set "
-                    "paths.cache=DIR elsewhere, or mode.metrics.cache=false", path, e)
+        log.warning(
+            "reference cache %s not written (%s): this run goes on without it; free space there, set "
+            "paths.cache=DIR elsewhere, or mode.metrics.cache=false",
+            path,
+            e,
+        )
 
 
 def _extract_reference(ref, extractor, batch_size: int) -> torch.Tensor:

@@ -143,10 +143,12 @@ class _FeatureRows:
                     x = np.asarray(x)
                 except (TypeError, ValueError) as err:
                     raise ValueError(
-                        f"Expected `{name}` to be a numpy array or torch tensor, got {type(x).__name__}") from err
+                        f"Expected `{name}` to be a numpy array or torch tensor, got {type(x).__name__}"
+                    ) from err
             if x.dtype == object:
-                raise ValueError(f"Expected `{name}` to be a numpy array or torch tensor, got {type(x).__name__} "
-                                 "of Python objects")
+                raise ValueError(
+                    f"Expected `{name}` to be a numpy array or torch tensor, got {type(x).__name__} of Python objects"
+                )
             if not (x.dtype.kind == "f" or x.dtype in _NP_INT_DTYPES):
                 raise ValueError(f"Expected `{name}` to hold real numbers, got dtype {x.dtype}")
             data = x
@@ -182,7 +184,9 @@ class _FeatureRows:
             return self.data[torch.from_numpy(index).to(self.data.device)].to(device=device, dtype=torch.float64)
         return _numpy_to_float64(self.data[index], device)
 
-    def chunks(self, device: torch.device, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def chunks(
+        self, device: torch.device, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(start, stop, float64 rows on ``device``) over fixed chunks of ``chunk_rows`` rows from row 0."""
         for start in range(0, self.n, chunk_rows):
             stop = min(start + chunk_rows, self.n)
@@ -193,7 +197,7 @@ class _FeatureRows:
         One pass in the input's own dtype and device."""
         n_nan = n_inf = 0
         for start in range(0, self.n, chunk_rows):
-            part = self.data[start:start + chunk_rows]
+            part = self.data[start : start + chunk_rows]
             if isinstance(part, torch.Tensor):
                 if not bool(torch.isfinite(part).all()):
                     n_nan += int(torch.isnan(part).sum())
@@ -211,7 +215,9 @@ class _FeatureRows:
             total += rows.sum(dim=0)
         return total / self.n
 
-    def centered(self, center: torch.Tensor, device: torch.device, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    def centered(
+        self, center: torch.Tensor, device: torch.device, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    ) -> torch.Tensor:
         """A new (N, d) float64 matrix on ``device``: the rows minus ``center``, filled chunk by chunk (the only
         full-size copy; no float32 or unshifted float64 copy of the whole set is made on the way)."""
         out = torch.empty(self.n, self.dim, dtype=torch.float64, device=device)

@@ -64,12 +64,13 @@ def _check_psd_spectrum(eigvals: torch.Tensor, name: str) -> None:
     low = float(eigvals.min()) if eigvals.numel() else 0.0
     if low < -1e-6 * max(top, 1e-300):
         raise ValueError(
-            f"Expected `{name}` to be positive semi-definite, got smallest eigenvalue {low:.3g} "
-            f"(largest {top:.3g})"
+            f"Expected `{name}` to be positive semi-definite, got smallest eigenvalue {low:.3g} (largest {top:.3g})"
         )
 
 
-def _psd_factor(sigma: torch.Tensor, method: FactorMethod = "cholesky", name: str = "sigma") -> tuple[torch.Tensor, bool]:
+def _psd_factor(
+    sigma: torch.Tensor, method: FactorMethod = "cholesky", name: str = "sigma"
+) -> tuple[torch.Tensor, bool]:
     """A factor F with F Fᵀ = Σ (float64), and whether F is lower triangular.
 
     ``"cholesky"``: the lower Cholesky factor L when Σ is numerically positive definite (fast: ~n³/3 flops);

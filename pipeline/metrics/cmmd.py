@@ -40,8 +40,13 @@ def rbf_kernel(sigma: float = SIGMA) -> Callable[[torch.Tensor, torch.Tensor], t
     return k
 
 
-def kernel_block_sums(a: torch.Tensor, b: torch.Tensor, kernel: Callable, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                      weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def kernel_block_sums(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    kernel: Callable,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Σᵢⱼ waᵢᵣ k(aᵢ, bⱼ) wbⱼᵣ for each weight column r, in row blocks of ``a`` (memory O(chunk_rows · N_b)).
     ``weights=None``: one all-ones column (the plain sum). 0/1 columns give the sums over R row subsets in one
     pass over the kernel (the subsampling intervals of ``pipeline.metrics.intervals``)."""
@@ -57,8 +62,14 @@ def kernel_block_sums(a: torch.Tensor, b: torch.Tensor, kernel: Callable, chunk_
     return total
 
 
-def cmmd(real: Any, fake: Any, sigma: float = SIGMA, scale: float = SCALE, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-         device: Any = None) -> float:
+def cmmd(
+    real: Any,
+    fake: Any,
+    sigma: float = SIGMA,
+    scale: float = SCALE,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    device: Any = None,
+) -> float:
     """CMMD between reference and generated CLIP embeddings (already L2-normalised, as the CLIP extractor returns
     ``image_embeds``), × ``scale``. Lower is better; 0 for identical sets.
 

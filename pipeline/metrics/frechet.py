@@ -71,12 +71,15 @@ def _frechet_steps(
         logger.warning(
             "Fréchet distance with fewer samples than feature dimensions (%s; d = %d): the covariance is "
             "rank-deficient, the value is finite but strongly biased; use N > d (≥ 10 000 for reported FID)",
-            counts, d,
+            counts,
+            d,
         )
     elif rank < d:
         logger.warning(
             "Fréchet distance: Σ₁Σ₂ has numerical rank %d < d = %d (rank-deficient or degenerate covariance); "
-            "near-zero eigenvalues were clipped to 0 and the value is finite", rank, d,
+            "near-zero eigenvalues were clipped to 0 and the value is finite",
+            rank,
+            d,
         )
     return mean_term + trace_term - 2.0 * sqrt_trace
 

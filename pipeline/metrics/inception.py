@@ -69,7 +69,7 @@ def inception_score(logits: Any, splits: int = 10, seed: int | None = 0) -> tupl
     log_p_yx = torch.log_softmax(x, dim=1)
     # 3. one score per split at i·N // splits boundaries
     scores = np.array(
-        [_inception_score_compute(log_p_yx[i * n // splits: (i + 1) * n // splits]) for i in range(splits)]
+        [_inception_score_compute(log_p_yx[i * n // splits : (i + 1) * n // splits]) for i in range(splits)]
     )
     return float(scores.mean()), float(scores.std())
 

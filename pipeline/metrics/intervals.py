@@ -35,8 +35,15 @@ import torch
 from pipeline.metrics._checks import _features
 from pipeline.metrics.cmmd import SCALE, SIGMA, kernel_block_sums, rbf_kernel
 
-__all__ = ["subsample_sd", "fd_subsample_sd", "kernel_subsample_sd", "bootstrap_interval", "normal_interval", "fd_inf",
-           "Z95"]
+__all__ = [
+    "subsample_sd",
+    "fd_subsample_sd",
+    "kernel_subsample_sd",
+    "bootstrap_interval",
+    "normal_interval",
+    "fd_inf",
+    "Z95",
+]
 
 Z95 = 1.959963984540054
 
@@ -76,8 +83,9 @@ def _poly_kernel(degree: int = 3) -> Callable[[torch.Tensor, torch.Tensor], torc
     return k
 
 
-def kernel_subsample_sd(real: Any, fake: Any, kind: str, replicates: int = 20, seed: int = 0,
-                        chunk_rows: int = 2048, device: Any = None) -> float:
+def kernel_subsample_sd(
+    real: Any, fake: Any, kind: str, replicates: int = 20, seed: int = 0, chunk_rows: int = 2048, device: Any = None
+) -> float:
     """sd of KID (``kind="kid"``: unbiased polynomial MMD², i ≠ j) or CMMD (``kind="cmmd"``: RBF σ = 10, all pairs,
     × 1000) of ``fake`` against a fixed ``real`` set, from ``replicates`` subsets of N/2 generated rows. The
     reference-only term is the same in every replicate and drops out of the sd; the generated–generated and
@@ -95,14 +103,16 @@ def kernel_subsample_sd(real: Any, fake: Any, kind: str, replicates: int = 20, s
         k = _poly_kernel(3)
         diag = ((y * y).sum(dim=1) / y.shape[1] + 1.0).pow(3)  # k(yᵢ, yᵢ): the unbiased estimator leaves i = j out
         within = (kernel_block_sums(y, y, k, chunk_rows, (z, z)) - diag @ z) / (m * (m - 1))
-        cross = kernel_block_sums(x, y, k, chunk_rows, (torch.ones(x.shape[0], replicates, dtype=torch.float64,
-                                                                    device=dev), z)) / (x.shape[0] * m)
+        cross = kernel_block_sums(
+            x, y, k, chunk_rows, (torch.ones(x.shape[0], replicates, dtype=torch.float64, device=dev), z)
+        ) / (x.shape[0] * m)
         values = within - 2.0 * cross
     elif kind == "cmmd":
         k = rbf_kernel(SIGMA)
         within = kernel_block_sums(y, y, k, chunk_rows, (z, z)) / m**2
-        cross = kernel_block_sums(x, y, k, chunk_rows, (torch.ones(x.shape[0], replicates, dtype=torch.float64,
-                                                                    device=dev), z)) / (x.shape[0] * m)
+        cross = kernel_block_sums(
+            x, y, k, chunk_rows, (torch.ones(x.shape[0], replicates, dtype=torch.float64, device=dev), z)
+        ) / (x.shape[0] * m)
         values = SCALE * (within - 2.0 * cross)
     else:
         raise ValueError(f"Expected `kind` to be 'kid' or 'cmmd', got {kind!r}")

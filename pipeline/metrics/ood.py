@@ -19,8 +19,17 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-__all__ = ["GaussianFit", "ledoit_wolf_shrinkage", "oas_shrinkage", "fit_gaussian", "zscore_score", "mahalanobis_score",
-           "standardised_mean", "auroc", "fpr_at_tpr"]
+__all__ = [
+    "GaussianFit",
+    "ledoit_wolf_shrinkage",
+    "oas_shrinkage",
+    "fit_gaussian",
+    "zscore_score",
+    "mahalanobis_score",
+    "standardised_mean",
+    "auroc",
+    "fpr_at_tpr",
+]
 
 Shrinkage = Literal["ledoit_wolf", "oas"]
 

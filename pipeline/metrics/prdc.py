@@ -67,7 +67,7 @@ def _kth_nn_sq_radii(x: torch.Tensor, ks: tuple[int, ...], chunk_size: int) -> t
         best[start:stop] = _merge_smallest(best[start:stop], row_best, kk)
         # 3. later rows: their smallest distances to the block (the same numbers, read down the columns)
         if stop < n:
-            col_best = torch.topk(d2[:, stop - start:], min(kk, stop - start), dim=0, largest=False, sorted=False)
+            col_best = torch.topk(d2[:, stop - start :], min(kk, stop - start), dim=0, largest=False, sorted=False)
             best[stop:] = _merge_smallest(best[stop:], col_best.values.mT, kk)
     ordered = best.sort(dim=1).values
     return tuple(ordered[:, k].contiguous() for k in ks)
@@ -93,9 +93,7 @@ def _prepare(
     why_fake = f"k={k_fake} nearest neighbours besides the sample itself" if k_fake is not None else ""
     f = _FeatureRows(fake, "fake", min_samples=1 if k_fake is None else k_fake + 1, why=why_fake)
     if r.dim != f.dim:
-        raise ValueError(
-            f"Expected `real` and `fake` to have the same feature dimension, got {r.dim} and {f.dim}"
-        )
+        raise ValueError(f"Expected `real` and `fake` to have the same feature dimension, got {r.dim} and {f.dim}")
     dev = _device(device, r.device)
     r.check_finite()
     f.check_finite()
@@ -104,7 +102,11 @@ def _prepare(
 
 
 def _manifold(
-    r: torch.Tensor, f: torch.Tensor, k_pr: int | None, k_dc: int | None, chunk_size: int,
+    r: torch.Tensor,
+    f: torch.Tensor,
+    k_pr: int | None,
+    k_dc: int | None,
+    chunk_size: int,
     per_fake: dict[str, torch.Tensor] | None = None,
 ) -> tuple[float, ...]:
     """(precision, recall) when ``k_pr`` is given, then (density, coverage) when ``k_dc`` is given, from prepared

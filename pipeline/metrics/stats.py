@@ -274,8 +274,11 @@ class ReferenceStats:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"mu", "sigma", "n"}`` as numpy (n = -1 when unknown); the factor is recomputed after loading."""
-        return {"mu": self.mu.cpu().numpy().copy(), "sigma": self.sigma.cpu().numpy().copy(),
-                "n": -1 if self.n is None else self.n}
+        return {
+            "mu": self.mu.cpu().numpy().copy(),
+            "sigma": self.sigma.cpu().numpy().copy(),
+            "n": -1 if self.n is None else self.n,
+        }
 
     @classmethod
     def from_dict(cls, state: Any, factor: FactorMethod = "cholesky") -> ReferenceStats:

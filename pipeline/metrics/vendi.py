@@ -30,8 +30,10 @@ def vendi_score(features: Any, chunk_rows: int = 4096) -> float:
     n, d = x.shape
     norms = x.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
-        raise ValueError("Expected non-zero feature vectors (the cosine kernel is undefined for a zero vector), "
-                         f"got {int((norms == 0).sum())} zero row(s)")
+        raise ValueError(
+            "Expected non-zero feature vectors (the cosine kernel is undefined for a zero vector), "
+            f"got {int((norms == 0).sum())} zero row(s)"
+        )
     if n <= d:
         xn = x / norms
         k = xn @ xn.mT / n

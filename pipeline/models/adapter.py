@@ -66,8 +66,11 @@ class ModelAdapter:
         self.vae = getattr(pipe, self.family.vae_attr, None) if self.family.space == "latent" else None
         if self.family.space == "latent" and self.vae is None:
             raise UserError(f"model.path: {type(pipe).__name__} has no {self.family.vae_attr!r} component")
-        if self.family.conditioning == "text" and getattr(pipe, "text_encoder", None) is None \
-                and getattr(pipe, "text_encoder_2", None) is None:
+        if (
+            self.family.conditioning == "text"
+            and getattr(pipe, "text_encoder", None) is None
+            and getattr(pipe, "text_encoder_2", None) is None
+        ):
             raise UserError(f"model.path: {type(pipe).__name__} has no text encoder")
         self.driver: FamilyDriver = driver(self)
 
@@ -134,8 +137,10 @@ class ModelAdapter:
         nh, nw = self.native_size()
         h, w = int(height or nh), int(width or nw)
         if self.driver.fixed_size and (h, w) != (nh, nw):
-            raise UserError(f"sampler.height/width={h}x{w}: {type(self.pipe).__name__} draws only its native size "
-                            f"{nh}x{nw}; unset sampler.height and sampler.width")
+            raise UserError(
+                f"sampler.height/width={h}x{w}: {type(self.pipe).__name__} draws only its native size "
+                f"{nh}x{nw}; unset sampler.height and sampler.width"
+            )
         multiple = self.driver.size_multiple()
         if h % multiple or w % multiple:
             raise UserError(f"sampler.height/width={h}x{w}: {type(self.pipe).__name__} needs multiples of {multiple}")
@@ -151,8 +156,9 @@ class ModelAdapter:
         return self.driver.attention_layout(height, width)
 
     # ------------------------------------------------------------------ noise
-    def initial_noise(self, generators: Sequence[torch.Generator], height: int, width: int,
-                      init_noise_sigma: float = 1.0) -> torch.Tensor:
+    def initial_noise(
+        self, generators: Sequence[torch.Generator], height: int, width: int, init_noise_sigma: float = 1.0
+    ) -> torch.Tensor:
         """The pipelines' own first draw: ``randn_tensor`` with one generator per sample (so an image never depends
         on its batch), in the model dtype, times the solver's ``init_noise_sigma``; Flux's packed 2×2."""
         shape = (len(generators), *self.latent_shape(height, width))
@@ -191,8 +197,15 @@ class ModelAdapter:
         return self.driver.plain_guidance(guidance)
 
     @torch.no_grad()
-    def condition(self, n: int, guidance: float, height: int, width: int, prompts: Sequence[str] | None = None,
-                  class_ids: Sequence[int] | None = None) -> Conditioning:
+    def condition(
+        self,
+        n: int,
+        guidance: float,
+        height: int,
+        width: int,
+        prompts: Sequence[str] | None = None,
+        class_ids: Sequence[int] | None = None,
+    ) -> Conditioning:
         """Conditioning for ``n`` samples: prompts (text families), class ids (DiT) or nothing (unconditional)."""
         cfg = self.uses_cfg(guidance)
         if self.text:

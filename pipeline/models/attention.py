@@ -20,8 +20,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["AttentionLayout", "CrossAttentionRecorder", "cross_attention_layers", "layer_grid", "recorder_class",
-           "register_recorder"]
+__all__ = [
+    "AttentionLayout",
+    "CrossAttentionRecorder",
+    "cross_attention_layers",
+    "layer_grid",
+    "recorder_class",
+    "register_recorder",
+]
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,23 @@ from pipeline.errors import UserError
 from pipeline.models.families import DRIVERS, FAMILIES, Family, FamilyDriver
 from pipeline.models.families.base import driver_named, image_tokens
 
-__all__ = ["Family", "FAMILIES", "family_of", "family_of_class", "driver_of", "family_in_index", "read_json",
-           "read_model_index", "check_mode_support", "check_loaded", "families_for", "classes_for", "flow_geometry",
-           "flow_pipeline_classes", "local_pipeline_class"]
+__all__ = [
+    "Family",
+    "FAMILIES",
+    "family_of",
+    "family_of_class",
+    "driver_of",
+    "family_in_index",
+    "read_json",
+    "read_model_index",
+    "check_mode_support",
+    "check_loaded",
+    "families_for",
+    "classes_for",
+    "flow_geometry",
+    "flow_pipeline_classes",
+    "local_pipeline_class",
+]
 
 
 def supported() -> str:
@@ -29,8 +43,9 @@ def family_of_class(class_name: str, mode: str | None = None) -> Family:
     fam = FAMILIES.get(class_name)
     if fam is None:
         where = f" for mode {mode!r}" if mode else ""
-        raise UserError(f"model.path: pipeline class {class_name!r} is not supported{where}; supported families: "
-                        f"{supported()}")
+        raise UserError(
+            f"model.path: pipeline class {class_name!r} is not supported{where}; supported families: {supported()}"
+        )
     return fam
 
 
@@ -74,8 +89,10 @@ def read_json(path: str | Path) -> dict | None:
         raise UserError(f"model.path: {str(path)!r} is not valid JSON: {e}") from e
 
 
-_MODEL_INDEX_EXPECTED = ('expected a JSON object naming the pipeline class, e.g. {"_class_name": '
-                         '"StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], ...}')
+_MODEL_INDEX_EXPECTED = (
+    'expected a JSON object naming the pipeline class, e.g. {"_class_name": '
+    '"StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], ...}'
+)
 
 
 def read_model_index(local: str | Path) -> dict | None:
@@ -88,14 +105,18 @@ def read_model_index(local: str | Path) -> dict | None:
     try:
         index = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
-        raise UserError(f"model.path: {str(file)!r} is not valid JSON ({type(e).__name__}: {e}); "
-                        f"{_MODEL_INDEX_EXPECTED}") from e
+        raise UserError(
+            f"model.path: {str(file)!r} is not valid JSON ({type(e).__name__}: {e}); {_MODEL_INDEX_EXPECTED}"
+        ) from e
     if not isinstance(index, dict):
-        kind = "null" if index is None else {list: "a JSON list", str: "a JSON string", bool: "a JSON boolean"}.get(
-            type(index), "a JSON number")
+        kind = (
+            "null"
+            if index is None
+            else {list: "a JSON list", str: "a JSON string", bool: "a JSON boolean"}.get(type(index), "a JSON number")
+        )
         raise UserError(f"model.path: {str(file)!r} holds {kind}; {_MODEL_INDEX_EXPECTED}")
     if not isinstance(index.get("_class_name"), str) or not index["_class_name"]:
-        got = "no \"_class_name\" key" if "_class_name" not in index else f"\"_class_name\": {index['_class_name']!r}"
+        got = 'no "_class_name" key' if "_class_name" not in index else f'"_class_name": {index["_class_name"]!r}'
         raise UserError(f"model.path: {str(file)!r} has {got}; {_MODEL_INDEX_EXPECTED}")
     return index
 
@@ -148,8 +169,9 @@ def component_config(model_path: str, component: str) -> dict | None:
     return read_json(file)
 
 
-def flow_geometry(model_path: str, family: Family | None, height: int | None, width: int | None
-                  ) -> tuple[int, int, int | None]:
+def flow_geometry(
+    model_path: str, family: Family | None, height: int | None, width: int | None
+) -> tuple[int, int, int | None]:
     """(height, width, image_seq_len) of a flow model at ``height x width`` pixels (None: its native size), from
     configs only: VAE scale 2^(len(block_out_channels) − 1) (8 without a VAE config), then the family's native side
     and pixels per image token (:meth:`FamilyDriver.flow_geometry`). image_seq_len is None for an unknown family

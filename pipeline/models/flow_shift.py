@@ -18,8 +18,13 @@ def uses_dynamic_shift(scheduler_config: dict[str, Any]) -> bool:
     return bool(scheduler_config.get("use_dynamic_shifting", False))
 
 
-def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
-                    max_shift: float = 1.15) -> float:
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """μ linear in the number of image tokens (SD3 / Flux pipelines' ``calculate_shift``)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     b = base_shift - m * base_seq_len
@@ -30,6 +35,10 @@ def shift_mu(config: Any, image_seq_len: int, defaults: tuple[int, int, float, f
     """μ at ``image_seq_len`` tokens from the config's keys, else ``defaults`` (base_image_seq_len,
     max_image_seq_len, base_shift, max_shift) — the pipeline's own fallbacks."""
     base_len, max_len, base_shift, max_shift = defaults
-    return calculate_shift(int(image_seq_len), config.get("base_image_seq_len", base_len),
-                           config.get("max_image_seq_len", max_len), config.get("base_shift", base_shift),
-                           config.get("max_shift", max_shift))
+    return calculate_shift(
+        int(image_seq_len),
+        config.get("base_image_seq_len", base_len),
+        config.get("max_image_seq_len", max_len),
+        config.get("base_shift", base_shift),
+        config.get("max_shift", max_shift),
+    )

@@ -26,8 +26,16 @@ from tqdm.auto import tqdm
 from pipeline.core.threads import CpuShare
 from pipeline.errors import UserError
 
-__all__ = ["GeneratedBatch", "generate", "sample", "to_uint8", "generators", "step_kwargs", "check_eta",
-           "denoiser_call_steps"]
+__all__ = [
+    "GeneratedBatch",
+    "generate",
+    "sample",
+    "to_uint8",
+    "generators",
+    "step_kwargs",
+    "check_eta",
+    "denoiser_call_steps",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +63,10 @@ def generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
 def check_eta(sampler, eta: float) -> None:
     """``sampler.eta`` only means something to solvers whose ``step()`` takes it (DDIM-type)."""
     if eta and "eta" not in inspect.signature(sampler.step).parameters:
-        raise UserError(f"sampler.eta={eta}: {type(sampler).__name__}.step() takes no eta (only DDIM-type solvers "
-                        "do, e.g. scheduler=ddim); set sampler.eta=0 or choose such a solver")
+        raise UserError(
+            f"sampler.eta={eta}: {type(sampler).__name__}.step() takes no eta (only DDIM-type solvers "
+            "do, e.g. scheduler=ddim); set sampler.eta=0 or choose such a solver"
+        )
 
 
 def step_kwargs(sampler, eta: float, gens: Sequence[torch.Generator]) -> dict:
@@ -83,9 +93,18 @@ def denoiser_call_steps(adapter, sampler, steps: int, height: int, width: int) -
 
 
 @torch.no_grad()
-def sample(adapter, sampler, cond, gens: Sequence[torch.Generator], steps: int, height: int, width: int,
-           eta: float = 0.0, latents: torch.Tensor | None = None,
-           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+def sample(
+    adapter,
+    sampler,
+    cond,
+    gens: Sequence[torch.Generator],
+    steps: int,
+    height: int,
+    width: int,
+    eta: float = 0.0,
+    latents: torch.Tensor | None = None,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """One batch: initial noise (or ``latents``, unit variance, unpacked) -> solver loop -> decoded float images in [0, 1]
     (not clamped). ``sampler`` is copied first: solvers keep state between steps. ``on_step(i, t, latents)`` is
     called after each solver ``step()``."""

@@ -63,7 +63,9 @@ def _local_or_hub(path: str) -> tuple[Path | None, str | None]:
         raise UserError(f"model.path: {path!r} is a file; expected a model directory or a hub id")
     looks_like_path = path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
     if looks_like_path or not _HUB_ID.match(path):
-        raise UserError(f"model.path: directory {str(p)!r} does not exist; expected a local model directory or a hub id")
+        raise UserError(
+            f"model.path: directory {str(p)!r} does not exist; expected a local model directory or a hub id"
+        )
     return None, path
 
 
@@ -93,8 +95,10 @@ def load_scheduler_config(model_path: str) -> tuple[dict[str, Any], str]:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError (not UTF-8)
-        raise UserError(f"scheduler config {str(file)!r} is not valid JSON ({type(e).__name__}: {e}); expected a "
-                        "JSON object of scheduler settings (diffusers' scheduler_config.json)") from e
+        raise UserError(
+            f"scheduler config {str(file)!r} is not valid JSON ({type(e).__name__}: {e}); expected a "
+            "JSON object of scheduler settings (diffusers' scheduler_config.json)"
+        ) from e
     if not isinstance(config, dict):
         raise UserError(f"scheduler config {str(file)!r}: expected a JSON object, got {type(config).__name__}")
     return config, str(file)
@@ -111,8 +115,11 @@ def _component_kwargs(local: Path | None) -> dict[str, Any]:
     index = read_model_index(local) if local is not None else None
     if index is None:
         return {}
-    kwargs: dict[str, Any] = {k: None for k, v in index.items()
-                              if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
+    kwargs: dict[str, Any] = {
+        k: None
+        for k, v in index.items()
+        if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None
+    }
     checker = index.get("safety_checker")
     if isinstance(checker, list) and checker and checker[0] is not None:
         kwargs.update(safety_checker=None, requires_safety_checker=False)

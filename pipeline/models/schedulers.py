@@ -40,9 +40,20 @@ from pipeline.models.family import family_in_index
 from pipeline.models.flow_shift import calculate_shift, uses_dynamic_shift
 
 __all__ = [
-    "DIFFUSION_SOLVERS", "FLOW_SOLVERS", "STATIC_SHIFT_ONLY", "build_scheduler", "scheduler_class",
-    "scheduler_overrides", "is_flow_model", "uses_dynamic_shift", "solvers_for", "calculate_shift", "flow_mu",
-    "flow_pipeline_kwargs", "flow_shift", "set_flow_timesteps",
+    "DIFFUSION_SOLVERS",
+    "FLOW_SOLVERS",
+    "STATIC_SHIFT_ONLY",
+    "build_scheduler",
+    "scheduler_class",
+    "scheduler_overrides",
+    "is_flow_model",
+    "uses_dynamic_shift",
+    "solvers_for",
+    "calculate_shift",
+    "flow_mu",
+    "flow_pipeline_kwargs",
+    "flow_shift",
+    "set_flow_timesteps",
 ]
 
 # the sweep lists of ${family_solvers:...} (pipeline/models/builtin.py), in sweep order; tests check them against
@@ -53,8 +64,18 @@ STATIC_SHIFT_ONLY = ("flow_heun",)  # FlowMatchHeunDiscreteScheduler has no use_
 
 # the model's flow keys a flow solver takes (where its class has them) and carries in its config (``_flow_reference``),
 # so that set_flow_timesteps can rebuild the model's own FlowMatchEuler schedule from the sampler alone
-_FLOW_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
-              "max_image_seq_len", "time_shift_type", "shift_terminal", "invert_sigmas")
+_FLOW_KEYS = (
+    "num_train_timesteps",
+    "shift",
+    "use_dynamic_shifting",
+    "base_shift",
+    "max_shift",
+    "base_image_seq_len",
+    "max_image_seq_len",
+    "time_shift_type",
+    "shift_terminal",
+    "invert_sigmas",
+)
 
 
 def _value(x: Any) -> Any:
@@ -106,8 +127,9 @@ def _model_desc(scheduler_config: dict[str, Any], model_index: dict | None) -> s
     return f"{scheduler_config.get('_class_name', '?')}" + (f", {pipeline}" if pipeline else "")
 
 
-def _check_fits(name: str, family: str, cls: type, base_config: dict[str, Any], model_index: dict | None,
-                source: str) -> None:
+def _check_fits(
+    name: str, family: str, cls: type, base_config: dict[str, Any], model_index: dict | None, source: str
+) -> None:
     """Refuse a solver that cannot drive this model, naming the option and the ones that fit."""
     flow = is_flow_model(base_config, model_index)
     fits = ", ".join(("native",) + solvers_for(base_config, model_index))
@@ -116,15 +138,23 @@ def _check_fits(name: str, family: str, cls: type, base_config: dict[str, Any], 
     if flow and family == "diffusion":
         raise UserError(
             f"scheduler={name}: a DDPM-family solver ({cls.__name__} on a β schedule), but the model is a "
-            f"rectified-flow model ({_model_desc(base_config, model_index)}; {source}); options that fit: {fits}")
+            f"rectified-flow model ({_model_desc(base_config, model_index)}; {source}); options that fit: {fits}"
+        )
     if not flow and family == "flow":
         raise UserError(
             f"scheduler={name}: a rectified-flow solver, but the model is a diffusion model "
-            f"({_model_desc(base_config, model_index)}; {source}); options that fit: {fits}")
-    if flow and family == "flow" and uses_dynamic_shift(base_config) and "use_dynamic_shifting" not in _init_params(cls):
+            f"({_model_desc(base_config, model_index)}; {source}); options that fit: {fits}"
+        )
+    if (
+        flow
+        and family == "flow"
+        and uses_dynamic_shift(base_config)
+        and "use_dynamic_shifting" not in _init_params(cls)
+    ):
         raise UserError(
             f"scheduler={name}: {cls.__name__} takes a static shift only, but the model's scheduler uses a "
-            f"resolution-dependent shift (use_dynamic_shifting: true, as Flux-dev; {source}); options that fit: {fits}")
+            f"resolution-dependent shift (use_dynamic_shifting: true, as Flux-dev; {source}); options that fit: {fits}"
+        )
 
 
 def _flow_overrides(base_config: dict[str, Any], cls: type) -> dict[str, Any]:
@@ -137,16 +167,19 @@ def _flow_overrides(base_config: dict[str, Any], cls: type) -> dict[str, Any]:
     return out
 
 
-def build_scheduler(base_config: dict[str, Any], sched_cfg: Any, source: str = "scheduler config",
-                    model_index: dict | None = None):
+def build_scheduler(
+    base_config: dict[str, Any], sched_cfg: Any, source: str = "scheduler config", model_index: dict | None = None
+):
     """The ``scheduler=`` option built from the model's scheduler config (``model_index``: the model's
     ``model_index.json`` when there is one). Refusals and build failures are UserErrors naming the option / source."""
     name = sched_cfg.name
     family = str(_value(getattr(sched_cfg, "family", None) or "diffusion"))
     cls_name = sched_cfg.cls or base_config.get("_class_name")
     if not cls_name:
-        raise UserError(f"scheduler={name}: {source} has no _class_name, so there is no native solver to keep; "
-                        "choose one, e.g. scheduler=ddim")
+        raise UserError(
+            f"scheduler={name}: {source} has no _class_name, so there is no native solver to keep; "
+            "choose one, e.g. scheduler=ddim"
+        )
     cls = scheduler_class(cls_name)
     _check_fits(name, family, cls, base_config, model_index, source)
     overrides = scheduler_overrides(sched_cfg)
@@ -186,8 +219,9 @@ def flow_mu(config: Any, image_seq_len: int | None, family_name: str | None) -> 
     return _flow_driver(family_name, strict=False).flow_mu(config, image_seq_len)
 
 
-def flow_pipeline_kwargs(config: Any, num_inference_steps: int, image_seq_len: int | None,
-                         family_name: str | None) -> dict[str, Any]:
+def flow_pipeline_kwargs(
+    config: Any, num_inference_steps: int, image_seq_len: int | None, family_name: str | None
+) -> dict[str, Any]:
     """The family pipeline's ``retrieve_timesteps`` arguments besides the device, for a scheduler with ``config``
     (:meth:`FamilyDriver.flow_timestep_kwargs`); ``family_name`` None (a scheduler-only directory): the scheduler's
     own default."""
@@ -215,8 +249,13 @@ def flow_shift(sampler, image_seq_len: int | None = None, family_name: str | Non
     return float(np.exp(mu)) if ref.config.time_shift_type == "exponential" else float(mu)
 
 
-def set_flow_timesteps(sampler, num_inference_steps: int, device: str | torch.device | None = None,
-                       image_seq_len: int | None = None, family_name: str | None = None) -> None:
+def set_flow_timesteps(
+    sampler,
+    num_inference_steps: int,
+    device: str | torch.device | None = None,
+    image_seq_len: int | None = None,
+    family_name: str | None = None,
+) -> None:
     """``sampler.set_timesteps`` for a flow model, exactly as the family's pipeline (``"sd3"`` / ``"flux"``) calls it on
     its FlowMatchEulerDiscreteScheduler: static shift, or μ from ``image_seq_len`` image tokens (Flux: 2×2-packed
     latent tokens; SD3: latent patches).
@@ -229,8 +268,9 @@ def set_flow_timesteps(sampler, num_inference_steps: int, device: str | torch.de
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if isinstance(sampler, FlowMatchEulerDiscreteScheduler):
-        sampler.set_timesteps(device=device, **flow_pipeline_kwargs(sampler.config, num_inference_steps,
-                                                                    image_seq_len, family_name))
+        sampler.set_timesteps(
+            device=device, **flow_pipeline_kwargs(sampler.config, num_inference_steps, image_seq_len, family_name)
+        )
         return
     ref = _reference(sampler)
     kwargs = flow_pipeline_kwargs(ref.config, num_inference_steps, image_seq_len, family_name)
@@ -254,14 +294,18 @@ def _install_sigmas(sampler, sigmas: torch.Tensor, device, mu: float | None) -> 
         sampler.sigmas = torch.cat([s[:1], s[1:-1].repeat_interleave(2), s[-1:]]).to(device)
     elif isinstance(sampler, (DPMSolverMultistepScheduler, UniPCMultistepScheduler)):
         if not sampler.config.get("use_flow_sigmas", False):
-            raise UserError(f"scheduler.options: {type(sampler).__name__} on a flow model needs use_flow_sigmas: true "
-                            "and prediction_type: flow_prediction (as scheduler=flow_dpmpp_2m / flow_unipc set)")
+            raise UserError(
+                f"scheduler.options: {type(sampler).__name__} on a flow model needs use_flow_sigmas: true "
+                "and prediction_type: flow_prediction (as scheduler=flow_dpmpp_2m / flow_unipc set)"
+            )
         # DPM-Solver gets no mu (it would rewrite config.flow_shift); UniPC requires it with use_dynamic_shifting
         takes_mu = isinstance(sampler, UniPCMultistepScheduler) and uses_dynamic_shift(sampler.config)
         sampler.set_timesteps(n, device=device, **({"mu": mu} if takes_mu else {}))  # clears the multistep history
         sampler.sigmas = torch.cat([sigmas, torch.zeros(1)])  # kept on the CPU, as they keep theirs
         sampler.timesteps = timesteps.to(device)
     else:
-        raise UserError(f"scheduler.cls: {type(sampler).__name__} is not a flow solver this project can drive; "
-                        "expected FlowMatchEulerDiscrete / FlowMatchHeunDiscrete, or DPMSolverMultistep / "
-                        "UniPCMultistep with use_flow_sigmas")
+        raise UserError(
+            f"scheduler.cls: {type(sampler).__name__} is not a flow solver this project can drive; "
+            "expected FlowMatchEulerDiscrete / FlowMatchHeunDiscrete, or DPMSolverMultistep / "
+            "UniPCMultistep with use_flow_sigmas"
+        )

@@ -7,11 +7,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.models.generation import check_eta
+from pipeline.core.registry import stage
 from pipeline.models.family import read_model_index
+from pipeline.models.generation import check_eta
 from pipeline.models.loading import load_pipeline, load_scheduler_config, resolve_dtype
 from pipeline.models.schedulers import build_scheduler
-from pipeline.core.registry import stage
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,9 @@ def read_scheduler_setup(cfg) -> dict:
 def make_sampler(cfg, setup: dict):
     """The ``scheduler=`` solver built ``from_config`` of the model's own scheduler config; a solver that does not
     fit the model (DDPM-family on a flow model, or the reverse) or an η it would ignore is a UserError."""
-    sampler = build_scheduler(setup["config"], cfg.scheduler, source=setup["source"], model_index=setup.get("model_index"))
+    sampler = build_scheduler(
+        setup["config"], cfg.scheduler, source=setup["source"], model_index=setup.get("model_index")
+    )
     check_eta(sampler, float(cfg.sampler.eta))  # an η the solver would ignore is an error, not a silent label
     return sampler
 
@@ -60,8 +62,13 @@ def sampler_stage(ctx, cfg):
     sampler = make_sampler(cfg, sc)
     ctx.tag("sampler.class", type(sampler).__name__)
     # the solver used, then the config it was built from (whose class is the model's own scheduler)
-    log.info("solver %s (scheduler=%s) from scheduler config %s (the model's %s)", type(sampler).__name__,
-             cfg.scheduler.name, sc["source"], sc["config"].get("_class_name", "?"))
+    log.info(
+        "solver %s (scheduler=%s) from scheduler config %s (the model's %s)",
+        type(sampler).__name__,
+        cfg.scheduler.name,
+        sc["source"],
+        sc["config"].get("_class_name", "?"),
+    )
     return {"sampler": sampler}
 
 
@@ -92,8 +99,8 @@ def model_stage(ctx, cfg):
 @stage("extractors", produces=("extractors",))
 def extractors_stage(ctx, cfg):
     """Every ``features=[...]`` extractor, in order (the first is primary), cached per process."""
-    from pipeline.features import build_extractor
     from pipeline.config import to_plain
+    from pipeline.features import build_extractor
 
     extractors = {}
     for name, fcfg in cfg.features.items():

@@ -14,17 +14,25 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
 from pipeline.core.escape import terminal_text
 from pipeline.core.metric_keys import PROMPT_ACCURACY, SEC_PER_IMAGE, metric_key
+from pipeline.errors import UserError
 from pipeline.record.sweep_summary import (
-    FAILED_STATUSES, child_rows, columns, fd_key, is_metric, mixed_n_warning, primary_extractor, swept, winner_lines,
+    FAILED_STATUSES,
+    child_rows,
+    columns,
+    fd_key,
+    is_metric,
+    mixed_n_warning,
+    primary_extractor,
+    swept,
+    winner_lines,
     write_summary,
 )
 from pipeline.record.tracking import MlflowException, _check_reachable, open_client, redact_uri, resolve_uri
@@ -43,8 +51,10 @@ def open_store(tracking_uri: str | None, outputs: str | Path) -> tuple[Any, str]
     # pipeline.record.tracking is the one module that imports mlflow; it also caps HTTP retries for servers
 
     uri = resolve_uri(tracking_uri, outputs)  # --tracking-uri, then MLFLOW_TRACKING_URI, then <outputs>/mlflow.db
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise UserError(f"no MLflow store at {redact_uri(uri)} (use --tracking-uri, or --outputs for the outputs dir holding mlflow.db)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise UserError(
+            f"no MLflow store at {redact_uri(uri)} (use --tracking-uri, or --outputs for the outputs dir holding mlflow.db)"
+        )
     _check_reachable(uri, 5.0)
     return open_client(uri), uri
 
@@ -75,7 +85,9 @@ def find_runs(client: Any, target: str | None, experiment: str | None = None, ur
             parent = client.get_run(target)
         except MlflowException:
             if experiment:
-                raise UserError(f"{target!r} is not a run id in {redact_uri(uri)} (with --experiment, TARGET is a parent run id)") from None
+                raise UserError(
+                    f"{target!r} is not a run id in {redact_uri(uri)} (with --experiment, TARGET is a parent run id)"
+                ) from None
             if client.get_experiment_by_name(target) is None:
                 raise UserError(f"{target!r} is neither a run id nor an experiment name in {redact_uri(uri)}") from None
     if parent is not None:
@@ -83,8 +95,14 @@ def find_runs(client: Any, target: str | None, experiment: str | None = None, ur
         runs = search_all(client, exp_ids, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         if not runs:
             role = parent.data.tags.get("sweep.role")
-            raise UserError(f"run {target!r} has no child runs in {redact_uri(uri)}"
-                            + ("" if role == "parent" else " (not a sweep parent run: give its parent run id or an experiment name)"))
+            raise UserError(
+                f"run {target!r} has no child runs in {redact_uri(uri)}"
+                + (
+                    ""
+                    if role == "parent"
+                    else " (not a sweep parent run: give its parent run id or an experiment name)"
+                )
+            )
         return f"{parent.info.run_name or 'sweep'} ({target})", runs
     name = target or experiment
     if not name:
@@ -99,6 +117,7 @@ def find_runs(client: Any, target: str | None, experiment: str | None = None, ur
 def sort_rows(rows: list[dict[str, Any]], key: str | None, desc: bool = False) -> list[dict[str, Any]]:
     """By ``key`` (numbers, then text, then runs without it), failed/killed runs last; ties and ``key=None``
     keep start order."""
+
     def rank(row: dict[str, Any]) -> int:
         v = row.get(key) if key else None
         if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
@@ -164,8 +183,10 @@ def format_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     heads = ["run" if c == "run_name" else "id" if c == "run_id" else terminal_text(c) for c in cols]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
     numeric = [all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows) for c in cols]
+
     def line(values):
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
     return "\n".join([line(heads), line(["-" * w for w in widths]), *(line(row) for row in cells)])
 
 
@@ -174,9 +195,15 @@ def slug(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def compare(target: str | None, tracking_uri: str | None = None, outputs: str | Path = "outputs",
-            sort: str | None = None, desc: bool = False, out: str | Path | None = None,
-            experiment: str | None = None) -> tuple[str, list[dict[str, Any]], Path, list[Path]]:
+def compare(
+    target: str | None,
+    tracking_uri: str | None = None,
+    outputs: str | Path = "outputs",
+    sort: str | None = None,
+    desc: bool = False,
+    out: str | Path | None = None,
+    experiment: str | None = None,
+) -> tuple[str, list[dict[str, Any]], Path, list[Path]]:
     """(printed text, sorted rows, CSV path, plot paths). Raises UserError for anything the user can fix."""
 
     client, uri = open_store(tracking_uri, outputs)
@@ -192,37 +219,60 @@ def compare(target: str | None, tracking_uri: str | None = None, outputs: str | 
     table, pngs = write_summary(rows, out_dir)
     n_failed = sum(r["status"] in FAILED_STATUSES for r in rows)
     order = f"sorted by {sort_key}{' (descending)' if desc else ''}" if sort_key else "in start order"
-    text = "\n".join([
-        f"{terminal_text(title)}: {len(rows)} runs, {n_failed} failed, {order}; store {redact_uri(uri)}",
-        "",
-        format_table(rows, table_columns(rows, sort_key)),
-        "",
-        *([f"warning: {warning}", ""] if (warning := mixed_n_warning(rows)) else []),
-        *(["which run wins (per metric: best, runner-up, separable or tie by the 95 % intervals):", *lines, ""]
-          if (lines := winner_lines(rows)) else []),
-        f"table: {table}",
-        *(f"plot:  {p}" for p in pngs),
-    ] + ([] if pngs else ["plots: none apply (need metrics/fd_<primary extractor> with swept steps, guidance "
-                          "scale or model.path)"]))
+    text = "\n".join(
+        [
+            f"{terminal_text(title)}: {len(rows)} runs, {n_failed} failed, {order}; store {redact_uri(uri)}",
+            "",
+            format_table(rows, table_columns(rows, sort_key)),
+            "",
+            *([f"warning: {warning}", ""] if (warning := mixed_n_warning(rows)) else []),
+            *(
+                ["which run wins (per metric: best, runner-up, separable or tie by the 95 % intervals):", *lines, ""]
+                if (lines := winner_lines(rows))
+                else []
+            ),
+            f"table: {table}",
+            *(f"plot:  {p}" for p in pngs),
+        ]
+        + (
+            []
+            if pngs
+            else [
+                "plots: none apply (need metrics/fd_<primary extractor> with swept steps, guidance scale or model.path)"
+            ]
+        )
+    )
     return text, rows, table, pngs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.record.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", nargs="?", help="parent run id of a sweep, or an MLflow experiment name")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<outputs>/mlflow.db; "
-                             "a server works the same)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<outputs>/mlflow.db; "
+        "a server works the same)",
+    )
     parser.add_argument("--outputs", default="outputs", help="outputs dir holding mlflow.db (default: outputs)")
     parser.add_argument("--sort", default=None, help=f"column to sort by (default: {DEFAULT_SORT} when present)")
-    parser.add_argument("--desc", action="store_true", help="sort descending (e.g. --sort metrics/prompt_accuracy --desc)")
-    parser.add_argument("--out", default=None, help="where to write the CSV and plots (default: <outputs>/compare/<target>)")
-    parser.add_argument("--experiment", default=None,
-                        help="experiment name: compare all its runs (without TARGET), or where to look for the "
-                             "children of parent run TARGET (default: the parent's experiment)")
+    parser.add_argument(
+        "--desc", action="store_true", help="sort descending (e.g. --sort metrics/prompt_accuracy --desc)"
+    )
+    parser.add_argument(
+        "--out", default=None, help="where to write the CSV and plots (default: <outputs>/compare/<target>)"
+    )
+    parser.add_argument(
+        "--experiment",
+        default=None,
+        help="experiment name: compare all its runs (without TARGET), or where to look for the "
+        "children of parent run TARGET (default: the parent's experiment)",
+    )
     args = parser.parse_args(argv)
     try:
-        text, rows, *_ = compare(args.target, args.tracking_uri, args.outputs, args.sort, args.desc, args.out, args.experiment)
+        text, rows, *_ = compare(
+            args.target, args.tracking_uri, args.outputs, args.sort, args.desc, args.out, args.experiment
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -66,8 +66,11 @@ def job_name(task_overrides: Iterable[str], swept: Iterable[str]) -> Optional[st
     """A sweep job by the overrides that differ between jobs (``swept`` keys), in command-line order; None when
     none of its overrides is swept."""
     swept = set(swept)
-    parts = [f"{override_key(o)}={short(o.split('=', 1)[1])}" for o in task_overrides
-             if "=" in o and override_key(o) in swept]
+    parts = [
+        f"{override_key(o)}={short(o.split('=', 1)[1])}"
+        for o in task_overrides
+        if "=" in o and override_key(o) in swept
+    ]
     return _clip(SEP.join(parts)) if parts else None
 
 
@@ -78,7 +81,9 @@ def sweep_name(swept: Mapping[str, list[str]]) -> Optional[str]:
     return _clip(SEP.join(["sweep", *(f"{k}={','.join(short(v) for v in vs)}" for k, vs in swept.items())]))
 
 
-def swept_values(task_overrides: Iterable[str], sweeper_params: Optional[Mapping[str, Any]] = None) -> dict[str, list[str]]:
+def swept_values(
+    task_overrides: Iterable[str], sweeper_params: Optional[Mapping[str, Any]] = None
+) -> dict[str, list[str]]:
     """``{key: [values]}`` a multirun sweeps: the sweeper's ``params`` (experiment presets) overridden by the
     command line's overrides (``scheduler=ddim,euler``, ``range(...)``, ``choice(...)``); a single-valued
     command-line override fixes its key, so the key is not swept."""

@@ -37,14 +37,28 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from pipeline.core.escape import csv_uncell, html_text
 from pipeline.core.metric_keys import CI_SUFFIXES, NUM_SAMPLES_PARAM, headline_keys, higher_is_better
-from pipeline.record.sweep_summary import CHECKPOINT, checkpoint_label, child_rows, mixed_n_warning, primary_extractor, swept
+from pipeline.record.sweep_summary import (
+    CHECKPOINT,
+    checkpoint_label,
+    child_rows,
+    mixed_n_warning,
+    primary_extractor,
+    swept,
+)
 from pipeline.record.tracking import environment_tags
 from pipeline.zoo import checkpoint_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REPORT_NAME", "SAMPLES_KEY", "write_run_report", "write_sweep_report", "scalar_rows", "checkpoint_steps",
-           "log_checkpoint_samples"]
+__all__ = [
+    "REPORT_NAME",
+    "SAMPLES_KEY",
+    "write_run_report",
+    "write_sweep_report",
+    "scalar_rows",
+    "checkpoint_steps",
+    "log_checkpoint_samples",
+]
 
 REPORT_NAME = "report.html"
 SAMPLES_KEY = "samples"  # the MLflow image key of a checkpoint sweep's sample grids (on the parent run)
@@ -54,8 +68,13 @@ EXTRACTORS_TABLE = "metrics_extractors.csv"
 MAX_ROWS = 200  # rows of one table shown; the rest is in the CSV artifact
 OPEN_ROWS = 25  # tables up to this many rows are shown expanded, longer ones collapsed
 MAX_IMAGE_BYTES = 16 * 2**20  # a larger image is named, not embedded
-IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
-               ".webp": "image/webp"}  # never SVG: it could reference other files
+IMAGE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+}  # never SVG: it could reference other files
 TEXT_TABLES = (".md", ".txt")  # shown verbatim (schedule_findings.md)
 
 _CSS = """
@@ -136,9 +155,17 @@ def scalar_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             continue  # shown in its statistic's row
         low, high = (_number(results.get(key + s)) for s in CI_SUFFIXES)
         direction = higher_is_better(key)
-        rows.append({"key": key, "group": key.rpartition("/")[0] or "(no mode)", "value": results[key],
-                     "low": low, "high": high, "spans_zero": spans_zero(low, high),
-                     "better": "" if direction is None else ("higher" if direction else "lower")})
+        rows.append(
+            {
+                "key": key,
+                "group": key.rpartition("/")[0] or "(no mode)",
+                "value": results[key],
+                "low": low,
+                "high": high,
+                "spans_zero": spans_zero(low, high),
+                "better": "" if direction is None else ("higher" if direction else "lower"),
+            }
+        )
     return rows
 
 
@@ -179,8 +206,11 @@ def _table(header: Sequence[str], rows: Iterable[Any]) -> str:
 
 
 def _kv(pairs: Iterable[tuple[str, Any]]) -> str:
-    rows = [f"<tr><th>{_e(k)}</th><td>{v if isinstance(v, _Html) else _e(v)}</td></tr>" for k, v in pairs
-            if v not in (None, "")]
+    rows = [
+        f"<tr><th>{_e(k)}</th><td>{v if isinstance(v, _Html) else _e(v)}</td></tr>"
+        for k, v in pairs
+        if v not in (None, "")
+    ]
     return f'<table class="kv"><tbody>{"".join(rows)}</tbody></table>'
 
 
@@ -200,10 +230,14 @@ def _csv_table(path: Path, open_rows: int = OPEN_ROWS) -> str:
             shown_text, numeric = _cell(csv_uncell(text))  # the text as written, not its spreadsheet-safe form
             cells.append(f'<td class="num">{_e(shown_text)}</td>' if numeric else f"<td>{_e(shown_text)}</td>")
         shown.append(cells)
-    note = (f'<p class="note">showing the first {MAX_ROWS} of {len(rows)} rows; the whole table is '
-            f'{_e("tables/" + path.name)} among the artifacts</p>' if len(rows) > MAX_ROWS else "")
+    note = (
+        f'<p class="note">showing the first {MAX_ROWS} of {len(rows)} rows; the whole table is '
+        f"{_e('tables/' + path.name)} among the artifacts</p>"
+        if len(rows) > MAX_ROWS
+        else ""
+    )
     table = _table(header, shown) + note
-    summary = f"{_e(path.name)} <span class=\"muted\">({len(rows)} rows × {len(header)} columns)</span>"
+    summary = f'{_e(path.name)} <span class="muted">({len(rows)} rows × {len(header)} columns)</span>'
     return f"<details{' open' if len(rows) <= open_rows else ''}><summary>{summary}</summary>{table}</details>"
 
 
@@ -219,12 +253,14 @@ def _section(anchor: str, title: str, body: str) -> str:
 def _page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
     nav = "".join(f'<a href="#{_e(a)}">{_e(t)}</a>' for a, t, _ in sections)
     body = "".join(_section(a, t, b) for a, t, b in sections)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-            f"<header><h1>{_e(title)}</h1><p class=\"sub\">{_e(subtitle)}</p><nav>{nav}</nav></header>"
-            f"{body}</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+        f'<header><h1>{_e(title)}</h1><p class="sub">{_e(subtitle)}</p><nav>{nav}</nav></header>'
+        f"{body}</body></html>\n"
+    )
 
 
 def _write(path: Path, text: str) -> Path:
@@ -284,26 +320,42 @@ def _features(config: Mapping[str, Any], tags: Mapping[str, str], extractor_rows
     for i, name in enumerate(names):
         row, conf = by_name.get(name, {}), features.get(name) or {}
         hashes = {k: v for k, v in row.items() if ("weights" in k or "sha" in k or "hash" in k) and v}
-        rows.append([_e(name), _e(row.get("primary", "True" if i == 0 else "False")),
-                     _e(row.get("resize") or tags.get(f"metrics.resize.{name}") or conf.get("resize")),
-                     _e(row.get("input_size") or conf.get("image_size") or ""),
-                     _e(row.get("center_crop", "")),
-                     _e("; ".join(f"{k} {v}" for k, v in hashes.items()) or tags.get(f"features.{name}", "")),
-                     _e(conf.get("weights_path") or conf.get("model") or "")])
+        rows.append(
+            [
+                _e(name),
+                _e(row.get("primary", "True" if i == 0 else "False")),
+                _e(row.get("resize") or tags.get(f"metrics.resize.{name}") or conf.get("resize")),
+                _e(row.get("input_size") or conf.get("image_size") or ""),
+                _e(row.get("center_crop", "")),
+                _e("; ".join(f"{k} {v}" for k, v in hashes.items()) or tags.get(f"features.{name}", "")),
+                _e(conf.get("weights_path") or conf.get("model") or ""),
+            ]
+        )
     return _table(["extractor", "primary", "resize", "input size", "center crop", "weights hash", "weights"], rows)
 
 
-def _provenance(config: Mapping[str, Any], tags: Mapping[str, str], params: Mapping[str, Any],
-                info: Mapping[str, Any], results: Mapping[str, Any], status: Optional[str]) -> list[tuple[str, Any]]:
-    choices = {**{k[len("choice."):]: v for k, v in params.items() if k.startswith("choice.")},
-               **{k: v for k, v in (info.get("choices") or {}).items()}}
+def _provenance(
+    config: Mapping[str, Any],
+    tags: Mapping[str, str],
+    params: Mapping[str, Any],
+    info: Mapping[str, Any],
+    results: Mapping[str, Any],
+    status: Optional[str],
+) -> list[tuple[str, Any]]:
+    choices = {
+        **{k[len("choice.") :]: v for k, v in params.items() if k.startswith("choice.")},
+        **{k: v for k, v in (info.get("choices") or {}).items()},
+    }
     seed = _get(config, "seed")
     n = _get(config, NUM_SAMPLES_PARAM)
     metrics_on = _get(config, "mode.metrics") is not None
     seeds = None
     if seed is not None:
-        seeds = f"seed {seed}" + (f"; sample i uses the generator seeded seed + i ({seed} … {int(seed) + int(n) - 1})"
-                                  if metrics_on and isinstance(n, int) and n > 0 else "")
+        seeds = f"seed {seed}" + (
+            f"; sample i uses the generator seeded seed + i ({seed} … {int(seed) + int(n) - 1})"
+            if metrics_on and isinstance(n, int) and n > 0
+            else ""
+        )
     n_text = None
     if metrics_on:
         n_text = f"{n} requested"
@@ -321,16 +373,35 @@ def _provenance(config: Mapping[str, Any], tags: Mapping[str, str], params: Mapp
         git += " (uncommitted changes)"
     error = tags.get("error")
     return [
-        ("status", _Html(f'<span class="status-{_e(status)}">{_e(status)}</span>'
-                         + (f' <span class="err">{_e(error)}</span>' if error else "")) if status else None),
-        ("MLflow run", " ".join(p for p in (info.get("run_id") or "", f"({tags['mlflow.runName']})"
-                                            if tags.get("mlflow.runName") else "") if p) or None),
+        (
+            "status",
+            _Html(
+                f'<span class="status-{_e(status)}">{_e(status)}</span>'
+                + (f' <span class="err">{_e(error)}</span>' if error else "")
+            )
+            if status
+            else None,
+        ),
+        (
+            "MLflow run",
+            " ".join(
+                p
+                for p in (info.get("run_id") or "", f"({tags['mlflow.runName']})" if tags.get("mlflow.runName") else "")
+                if p
+            )
+            or None,
+        ),
         ("parent run (sweep)", info.get("parent_run_id") or tags.get("mlflow.parentRunId")),
         ("modes", modes),
         ("model", _get(config, "model.path")),
         ("model family", tags.get("model.family")),
-        ("dtype / device", " / ".join(str(x) for x in (_get(config, "model.dtype"), tags.get("device")
-                                                       or _get(config, "model.device")) if x) or None),
+        (
+            "dtype / device",
+            " / ".join(
+                str(x) for x in (_get(config, "model.dtype"), tags.get("device") or _get(config, "model.device")) if x
+            )
+            or None,
+        ),
         ("scheduler", f"{scheduler}" + (f" ({cls})" if cls else "") if scheduler or cls else None),
         ("timestep spacing", _get(config, "scheduler.timestep_spacing")),
         ("inference steps", _get(config, "sampler.num_inference_steps")),
@@ -339,11 +410,21 @@ def _provenance(config: Mapping[str, Any], tags: Mapping[str, str], params: Mapp
         ("batch size", _get(config, "mode.metrics.batch_size") or _get(config, "sampler.batch_size")),
         ("N (generated samples)", n_text),
         ("seeds", seeds),
-        ("dataset", ", ".join(f"{k} {v}" for k in ("name", "split", "num_images", "root")
-                              if (v := _get(config, f"dataset.{k}")) is not None) or None),
+        (
+            "dataset",
+            ", ".join(
+                f"{k} {v}"
+                for k in ("name", "split", "num_images", "root")
+                if (v := _get(config, f"dataset.{k}")) is not None
+            )
+            or None,
+        ),
         ("git commit", git),
-        ("package versions", ", ".join(f"{k[len('version.'):]} {v}" for k, v in sorted(tags.items())
-                                       if k.startswith("version.")) or None),
+        (
+            "package versions",
+            ", ".join(f"{k[len('version.') :]} {v}" for k, v in sorted(tags.items()) if k.startswith("version."))
+            or None,
+        ),
         ("tracking store", tags.get("tracking.uri_effective")),
         ("caches", ", ".join(f"{k} {tags[k]}" for k in ("model_cache", "reference_cache") if k in tags) or None),
     ]
@@ -355,12 +436,15 @@ def _scalars_html(results: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         return '<p class="muted">no scalars (results.json is empty or missing)</p>'
     out, flagged = [], [r["key"] for r in rows if r["spans_zero"]]
     if flagged:
-        out.append(f'<p class="note">⚠ {len(flagged)} interval(s) contain 0: {_e(", ".join(flagged))} — the sign '
-                   "of these values is not established at this N.</p>")
-    skipped = {k[len("skipped."):]: v for k, v in tags.items() if k.startswith("skipped.")}
+        out.append(
+            f'<p class="note">⚠ {len(flagged)} interval(s) contain 0: {_e(", ".join(flagged))} — the sign '
+            "of these values is not established at this N.</p>"
+        )
+    skipped = {k[len("skipped.") :]: v for k, v in tags.items() if k.startswith("skipped.")}
     if skipped:
-        out.append("<p class=\"muted\">skipped: " + "; ".join(f"{_e(k)} ({_e(v)})" for k, v in sorted(skipped.items()))
-                   + "</p>")
+        out.append(
+            '<p class="muted">skipped: ' + "; ".join(f"{_e(k)} ({_e(v)})" for k, v in sorted(skipped.items())) + "</p>"
+        )
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
@@ -368,18 +452,27 @@ def _scalars_html(results: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         body = []
         for r in items:
             note = '<span class="note">⚠ interval contains 0</span>' if r["spans_zero"] else ""
-            cells = [f"<code>{_e(r['key'])}</code>",
-                     f'<td class="num">{_e(_value_with_interval(r["value"], r["low"], r["high"]))}</td>',
-                     _e(r["better"]), note]
+            cells = [
+                f"<code>{_e(r['key'])}</code>",
+                f'<td class="num">{_e(_value_with_interval(r["value"], r["low"], r["high"]))}</td>',
+                _e(r["better"]),
+                note,
+            ]
             body.append((cells, "warn") if r["spans_zero"] else cells)
-        out.append(f"<h3>{_e(group)} <span class=\"muted\">({len(items)})</span></h3>"
-                   + _table(["key", "value [interval]", "better", "note"], body))
+        out.append(
+            f'<h3>{_e(group)} <span class="muted">({len(items)})</span></h3>'
+            + _table(["key", "value [interval]", "better", "note"], body)
+        )
     return "".join(out)
 
 
-def write_run_report(run_dir: str | Path, results: Optional[Mapping[str, Any]] = None,
-                     tags: Optional[Mapping[str, str]] = None, params: Optional[Mapping[str, Any]] = None,
-                     status: Optional[str] = None) -> Path:
+def write_run_report(
+    run_dir: str | Path,
+    results: Optional[Mapping[str, Any]] = None,
+    tags: Optional[Mapping[str, str]] = None,
+    params: Optional[Mapping[str, Any]] = None,
+    status: Optional[str] = None,
+) -> Path:
     """Write ``<run_dir>/report.html`` from what the run dir holds; returns its path.
 
     ``results``: the run's scalars (default: ``results.json``); ``tags``: the run's MLflow tags (versions, git
@@ -392,7 +485,6 @@ def write_run_report(run_dir: str | Path, results: Optional[Mapping[str, Any]] =
         results = json.loads(file.read_text()) if file.is_file() else {}
     config = _load_config(run_dir)
     if tags is None:
-
         tags = environment_tags(str(_get(config, "model.device", "n/a")))
     tags, params = dict(tags), dict(params or {})
     info_file = run_dir / "run_info.json"
@@ -405,11 +497,23 @@ def write_run_report(run_dir: str | Path, results: Optional[Mapping[str, Any]] =
     sections: list[tuple[str, str, str]] = []
     headline = headline_keys(results, config)
     if headline:
-        lows_highs = {k: (_number(results.get(k + CI_SUFFIXES[0])), _number(results.get(k + CI_SUFFIXES[1])))
-                      for k in headline}
-        sections.append(("headline", "Headline", _kv((k, _value_with_interval(results[k], *lows_highs[k])
-                                                      + ("  ⚠ interval contains 0" if spans_zero(*lows_highs[k])
-                                                         else "")) for k in headline)))
+        lows_highs = {
+            k: (_number(results.get(k + CI_SUFFIXES[0])), _number(results.get(k + CI_SUFFIXES[1]))) for k in headline
+        }
+        sections.append(
+            (
+                "headline",
+                "Headline",
+                _kv(
+                    (
+                        k,
+                        _value_with_interval(results[k], *lows_highs[k])
+                        + ("  ⚠ interval contains 0" if spans_zero(*lows_highs[k]) else ""),
+                    )
+                    for k in headline
+                ),
+            )
+        )
     prov = _kv(_provenance(config, tags, params, info, results, status))
     extractors = _read_csv(tables_dir / EXTRACTORS_TABLE)
     if extractors or _get(config, "mode.metrics") is not None:  # the features the metrics were computed in
@@ -427,21 +531,28 @@ def write_run_report(run_dir: str | Path, results: Optional[Mapping[str, Any]] =
         by_mode: dict[str, list[Path]] = {}
         for p in others:
             by_mode.setdefault(p.stem.split("_")[0], []).append(p)
-        body = "".join(f"<h3>{_e(mode)}</h3>" + "".join(_figure(p, f"plots/{p.name}") for p in ps)
-                       for mode, ps in by_mode.items())
+        body = "".join(
+            f"<h3>{_e(mode)}</h3>" + "".join(_figure(p, f"plots/{p.name}") for p in ps) for mode, ps in by_mode.items()
+        )
         sections.append(("plots", f"Plots ({len(others)})", body))
     rest = [t for t in tables if t.name != PER_PROMPT_TABLE]
     if rest:
-        parts = [_csv_table(t) if t.suffix == ".csv" else _text_block(t) for t in rest
-                 if t.suffix == ".csv" or t.suffix in TEXT_TABLES]
+        parts = [
+            _csv_table(t) if t.suffix == ".csv" else _text_block(t)
+            for t in rest
+            if t.suffix == ".csv" or t.suffix in TEXT_TABLES
+        ]
         sections.append(("tables", f"Tables ({len(parts)})", "".join(parts)))
     config_file = run_dir / "config_resolved.yaml"
     extra = ""
     if config_file.is_file():
         extra += f"<details><summary>config_resolved.yaml</summary><pre>{_e(config_file.read_text())}</pre></details>"
     if tags:
-        extra += ("<details><summary>all tags</summary>"
-                  + _table(["tag", "value"], [[_e(k), _e(v)] for k, v in sorted(tags.items())]) + "</details>")
+        extra += (
+            "<details><summary>all tags</summary>"
+            + _table(["tag", "value"], [[_e(k), _e(v)] for k, v in sorted(tags.items())])
+            + "</details>"
+        )
     if extra:
         sections.append(("config", "Config and tags", extra))
     title = f"Run report: {tags.get('mlflow.runName') or run_dir.name}"
@@ -501,8 +612,12 @@ def log_checkpoint_samples(tracker: Any, children: Sequence[Any]) -> dict[str, i
         if step is None or child.info.status != "FINISHED" or step in done:
             continue
         if grid is None:
-            log.info("checkpoint samples: %s has no local %s (run dir %s)", child.info.run_name, SAMPLES_PLOT,
-                     _run_dir(child))
+            log.info(
+                "checkpoint samples: %s has no local %s (run dir %s)",
+                child.info.run_name,
+                SAMPLES_PLOT,
+                _run_dir(child),
+            )
             continue
         with Image.open(grid) as im:
             tracker.log_image(im.convert("RGB"), SAMPLES_KEY, step)
@@ -549,33 +664,54 @@ def _sweep_provenance(sweep_dir: Path, parent_run: Any, rows: list[dict], primar
     if git and p_tags.get("git.dirty") == "true":
         git += " (uncommitted changes)"
     statuses = [r["status"] for r in rows]
-    prov = _kv([
-        ("MLflow parent run", " ".join(x for x in (parent_run.info.run_id, f"({parent_run.info.run_name})")
-                                       if x) if parent_run is not None else None),
-        ("jobs", f"{len(rows)}: " + ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
-         if rows else "none recorded"),
-        ("sweep overrides", p_tags.get("sweep.overrides")),
-        *[(f"swept {k[len('sweep.'):]}", v) for k, v in sorted(p_params.items()) if k.startswith("sweep.")],
-        ("primary extractor", primary),
-        ("git commit", git),
-        ("package versions", ", ".join(f"{k[len('version.'):]} {v}" for k, v in sorted(p_tags.items())
-                                       if k.startswith("version.")) or None),
-        ("tracking store", p_tags.get("tracking.uri_effective")),
-        ("sweep dir", str(sweep_dir.resolve())),
-    ])
+    prov = _kv(
+        [
+            (
+                "MLflow parent run",
+                " ".join(x for x in (parent_run.info.run_id, f"({parent_run.info.run_name})") if x)
+                if parent_run is not None
+                else None,
+            ),
+            (
+                "jobs",
+                f"{len(rows)}: " + ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+                if rows
+                else "none recorded",
+            ),
+            ("sweep overrides", p_tags.get("sweep.overrides")),
+            *[(f"swept {k[len('sweep.') :]}", v) for k, v in sorted(p_params.items()) if k.startswith("sweep.")],
+            ("primary extractor", primary),
+            ("git commit", git),
+            (
+                "package versions",
+                ", ".join(f"{k[len('version.') :]} {v}" for k, v in sorted(p_tags.items()) if k.startswith("version."))
+                or None,
+            ),
+            ("tracking store", p_tags.get("tracking.uri_effective")),
+            ("sweep dir", str(sweep_dir.resolve())),
+        ]
+    )
     return prov + '<p class="muted">Each job has its own report.html among its artifacts and in its run dir.</p>'
 
 
 def _sweep_best(rows: list[dict], p_tags: dict, p_metrics: dict) -> str | None:
     """The parent's ``best.*`` values, the better direction and the run that has each."""
     names = {r["run_id"]: r["run_name"] for r in rows}
-    best = sorted(k[len("best."):] for k in p_metrics if k.startswith("best."))
+    best = sorted(k[len("best.") :] for k in p_metrics if k.startswith("best."))
     if not best:
         return None
-    return _table(["key", "best", "better", "run"], [
-        [f"<code>{_e(k)}</code>", f'<td class="num">{_e(_fmt(p_metrics["best." + k]))}</td>',
-         _e("higher" if higher_is_better(k) else "lower"),
-         _e(names.get(p_tags.get(f"best.{k}.run_id"), p_tags.get(f"best.{k}.run_id")))] for k in best])
+    return _table(
+        ["key", "best", "better", "run"],
+        [
+            [
+                f"<code>{_e(k)}</code>",
+                f'<td class="num">{_e(_fmt(p_metrics["best." + k]))}</td>',
+                _e("higher" if higher_is_better(k) else "lower"),
+                _e(names.get(p_tags.get(f"best.{k}.run_id"), p_tags.get(f"best.{k}.run_id"))),
+            ]
+            for k in best
+        ],
+    )
 
 
 def _sweep_runs(rows: list[dict], keys: list[str], primary: str | None, steps: dict) -> str:
@@ -587,8 +723,9 @@ def _sweep_runs(rows: list[dict], keys: list[str], primary: str | None, steps: d
         cells = [_e(r["run_name"]), f'<span class="status-{_e(r["status"])}">{_e(r["status"])}</span>']
         if steps:
             cells.append(f'<td class="num">{_e(steps.get(str(r.get(CHECKPOINT)), ""))}</td>')
-        cells += [_e(checkpoint_label(r[k]) if k == CHECKPOINT and r.get(k) is not None else _fmt(r.get(k)))
-                  for k in keys]
+        cells += [
+            _e(checkpoint_label(r[k]) if k == CHECKPOINT and r.get(k) is not None else _fmt(r.get(k))) for k in keys
+        ]
         flagged = False
         for k in metric_cols:
             low, high = (_number(r.get(k + s)) for s in CI_SUFFIXES)
@@ -600,7 +737,8 @@ def _sweep_runs(rows: list[dict], keys: list[str], primary: str | None, steps: d
         body.append((cells, "warn") if flagged else cells)
     warning = mixed_n_warning(rows)
     html = (f'<p class="note">⚠ {_e(warning)}</p>' if warning else "") + (
-        _table(header, body) if rows else '<p class="muted">no child run was recorded</p>')
+        _table(header, body) if rows else '<p class="muted">no child run was recorded</p>'
+    )
     if any(r.get("status") != "FINISHED" for r in rows):
         html += '<p class="muted">Failed or killed jobs stay in this table and are left out of the plots.</p>'
     return html
@@ -620,6 +758,10 @@ def _sweep_samples(rows: list[dict], by_id: dict, steps: dict) -> str | None:
         if steps:
             label = f"step {steps.get(str(r.get(CHECKPOINT)))}: {label}"
         grids.append(_figure(grid, label))
-    note = (f'<p class="muted">no local {SAMPLES_PLOT} for: {_e(", ".join(missing))} (run dir not on this machine; '
-            "see their MLflow artifacts)</p>" if missing else "")  # e.g. jobs run on cluster nodes
+    note = (
+        f'<p class="muted">no local {SAMPLES_PLOT} for: {_e(", ".join(missing))} (run dir not on this machine; '
+        "see their MLflow artifacts)</p>"
+        if missing
+        else ""
+    )  # e.g. jobs run on cluster nodes
     return f'<div class="grids">{"".join(grids)}</div>{note}' if grids or note else None

@@ -12,17 +12,28 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from pipeline.errors import UserError
-from pipeline.record.tracking import (_OPEN_PARENTS, EFFECTIVE_URI_TAG, PARENT_RUN_FILE, SWEEP_PARAMS_FILE, Tracker,
-                                      environment_tags, format_value, public_uri, read_parent_run_id,
-                                      redact_files, summary_lines)
 from pipeline.core import distributed
 from pipeline.core.metric_keys import headline_keys
+from pipeline.errors import UserError
 from pipeline.record.naming import sweep_name, swept_values
 from pipeline.record.report import log_checkpoint_samples, write_sweep_report
 from pipeline.record.sweep_summary import best_runs, child_rows, primary_extractor, summarise
+from pipeline.record.tracking import (
+    _OPEN_PARENTS,
+    EFFECTIVE_URI_TAG,
+    PARENT_RUN_FILE,
+    SWEEP_PARAMS_FILE,
+    Tracker,
+    environment_tags,
+    format_value,
+    public_uri,
+    read_parent_run_id,
+    redact_files,
+    summary_lines,
+)
 
 log = logging.getLogger(__name__)
+
 
 class SweepCallback(Callback):
     """Opens one parent MLflow run per multirun and closes it with a summary of its children. For every job (single
@@ -56,7 +67,6 @@ class SweepCallback(Callback):
             raise SystemExit(2) from None
         from omegaconf import OmegaConf
 
-
         sweep_dir = Path(config.hydra.sweep.dir)
         earlier = read_parent_run_id(sweep_dir)
         if earlier:  # python -m pipeline.run.resume SWEEP_DIR: the same parent run, its finished jobs skipped
@@ -68,11 +78,18 @@ class SweepCallback(Callback):
             log.info("MLflow parent run %s resumed (%s)", earlier, public_uri(tracker.uri))
             return
         overrides = " ".join(config.hydra.overrides.task)
-        swept = swept_values(config.hydra.overrides.task, OmegaConf.select(config, "hydra.sweeper.params", default=None))
+        swept = swept_values(
+            config.hydra.overrides.task, OmegaConf.select(config, "hydra.sweeper.params", default=None)
+        )
         run_id = tracker.start(
             run_name=config.tracking.run_name or sweep_name(swept) or f"sweep {sweep_dir.name}",
-            tags={"sweep.role": "parent", "sweep.dir": str(sweep_dir.resolve()), "sweep.overrides": overrides,
-                  EFFECTIVE_URI_TAG: public_uri(tracker.uri), **environment_tags("n/a")},
+            tags={
+                "sweep.role": "parent",
+                "sweep.dir": str(sweep_dir.resolve()),
+                "sweep.overrides": overrides,
+                EFFECTIVE_URI_TAG: public_uri(tracker.uri),
+                **environment_tags("n/a"),
+            },
         )
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_RUN_FILE).write_text(run_id)
@@ -98,20 +115,19 @@ class SweepCallback(Callback):
             tracker.set_tags({f"best.{k}.run_id": rid for k, (_, rid) in best.items()})
             names = {c.info.run_id: c.info.run_name for c in children}
             primary = primary_extractor(child_rows(children))
-            scalars = [f"best {k} = {format_value(best[k][0])} ({names.get(best[k][1])})"
-                       for k in headline_keys(best, primary)]
+            scalars = [
+                f"best {k} = {format_value(best[k][0])} ({names.get(best[k][1])})" for k in headline_keys(best, primary)
+            ]
             lines = summary_lines(tracker, "sweep summary:", scalars, "sweep dir", sweep_dir)
             sentence = summarise(tracker, children, sweep_dir)
             # ---- sweep report.html and checkpoint sample grids (pipeline.record.report); neither may change the sweep
             try:
-
                 report = write_sweep_report(sweep_dir, tracker.get_run(), children)
                 tracker.log_artifact(report)
                 log.info("sweep report %s", report)
             except Exception:  # noqa: BLE001
                 log.warning("could not write the sweep report of %s", sweep_dir, exc_info=True)
             try:
-
                 logged = log_checkpoint_samples(tracker, children)
                 if logged:
                     log.info("sample grids on the parent run, image 'samples' at steps %s", sorted(logged.values()))

@@ -28,8 +28,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from pipeline.core.escape import csv_cell, csv_row, mpl_label, mpl_text
-from pipeline.core.metric_keys import (CI_SUFFIXES, INCEPTION, is_progress, NUM_SAMPLES, NUM_SAMPLES_PARAM, PRIMARY_EXTRACTOR_TAG, PROMPT_ACCURACY,
-                                  SEC_PER_IMAGE, higher_is_better, is_n_biased, is_timing, metric_key, parse_key)
+from pipeline.core.metric_keys import (
+    CI_SUFFIXES,
+    INCEPTION,
+    NUM_SAMPLES,
+    NUM_SAMPLES_PARAM,
+    PRIMARY_EXTRACTOR_TAG,
+    PROMPT_ACCURACY,
+    SEC_PER_IMAGE,
+    higher_is_better,
+    is_n_biased,
+    is_progress,
+    is_timing,
+    metric_key,
+    parse_key,
+)
 from pipeline.core.metric_keys import label as metric_label
 
 log = logging.getLogger(__name__)
@@ -108,8 +121,13 @@ def child_rows(children: list[Any]) -> list[dict[str, Any]]:
     for run in children:
         params = run.data.params
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status}
-        row.update({k: parse_value(v) for k, v in sorted(params.items())
-                    if k.startswith("choice.") and not k.startswith("choice.hydra")})
+        row.update(
+            {
+                k: parse_value(v)
+                for k, v in sorted(params.items())
+                if k.startswith("choice.") and not k.startswith("choice.hydra")
+            }
+        )
         blocks = _blocks(params) if _logged_config(params) else set()
         row.update({k: parse_value(params.get(k)) for k in varying if _expects(params, blocks, k)})
         if NUM_SAMPLES_PARAM in params:
@@ -130,15 +148,20 @@ def columns(rows: list[dict[str, Any]]) -> list[str]:
         keys += [k for k in row if k not in keys]
     params = [k for k in keys if k not in FIXED_COLUMNS and not is_metric(k)]
     choices = [k for k in params if k.startswith("choice.")]
-    return ([k for k in FIXED_COLUMNS[:3] if k in keys] + choices + [k for k in params if k not in choices]
-            + [k for k in keys if is_metric(k)] + (["error"] if "error" in keys else []))
+    return (
+        [k for k in FIXED_COLUMNS[:3] if k in keys]
+        + choices
+        + [k for k in params if k not in choices]
+        + [k for k in keys if is_metric(k)]
+        + (["error"] if "error" in keys else [])
+    )
 
 
 def _group(key: str) -> str:
     """The config group a column belongs to: ``choice.model`` and ``model.path`` -> ``model``. Each
     ``sampler.*`` key is its own group (steps and guidance are independent knobs, not one group choice)."""
     if key.startswith("choice."):
-        return key[len("choice."):]
+        return key[len("choice.") :]
     return key if key.startswith("sampler.") else key.split(".")[0]
 
 
@@ -163,8 +186,14 @@ def swept(rows: list[dict[str, Any]]) -> list[str]:
     which modes ran, not with what settings: ``mode.metrics.num_samples`` differs across mode choices too)."""
     keys = [k for k in columns(rows) if k not in FIXED_COLUMNS and not is_metric(k) and len(_distinct(rows, k)) > 1]
     choices = {_group(k): k for k in keys if k.startswith("choice.")}
-    return [k for k in keys if k.startswith("choice.") or _group(k) == "mode" or _group(k) not in choices
-            or not _implied(rows, k, choices[_group(k)])]
+    return [
+        k
+        for k in keys
+        if k.startswith("choice.")
+        or _group(k) == "mode"
+        or _group(k) not in choices
+        or not _implied(rows, k, choices[_group(k)])
+    ]
 
 
 def primary_extractor(rows: list[dict[str, Any]]) -> Optional[str]:
@@ -191,8 +220,12 @@ def fd_key(rows: list[dict[str, Any]]) -> Optional[str]:
 
 def finished(rows: list[dict[str, Any]], *metrics: str) -> list[dict[str, Any]]:
     """Rows of runs that finished with every one of ``metrics`` finite: the rows a plot may show."""
-    return [r for r in rows if r.get("status") == "FINISHED"
-            and all(isinstance(r.get(m), (int, float)) and math.isfinite(r[m]) for m in metrics)]
+    return [
+        r
+        for r in rows
+        if r.get("status") == "FINISHED"
+        and all(isinstance(r.get(m), (int, float)) and math.isfinite(r[m]) for m in metrics)
+    ]
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -266,12 +299,19 @@ def n_note(rows: list[dict[str, Any]]) -> str:
 
 def mixed_n_warning(rows: list[dict[str, Any]]) -> Optional[str]:
     """A warning when finished runs report FD/FID/KID (:func:`pipeline.core.metric_keys.is_n_biased`) at different N."""
-    sizes = sorted({sample_size(r) for r in rows if r.get("status") == "FINISHED" and sample_size(r) is not None
-                    and any(is_n_biased(k) for k in r)})
+    sizes = sorted(
+        {
+            sample_size(r)
+            for r in rows
+            if r.get("status") == "FINISHED" and sample_size(r) is not None and any(is_n_biased(k) for k in r)
+        }
+    )
     if len(sizes) < 2:
         return None
-    return (f"FD/FID/KID of these runs come from different sample counts N = {', '.join(map(str, sizes))}: they are "
-            "biased in N (FD falls as N grows), so only runs at the same N compare")
+    return (
+        f"FD/FID/KID of these runs come from different sample counts N = {', '.join(map(str, sizes))}: they are "
+        "biased in N (FD falls as N grows), so only runs at the same N compare"
+    )
 
 
 def _points(series: list[dict[str, Any]], keys: list[str], x: Callable[[dict], float], y: str) -> list[tuple]:
@@ -281,8 +321,10 @@ def _points(series: list[dict[str, Any]], keys: list[str], x: Callable[[dict], f
     groups: dict[tuple, list] = {}
     for r in series:
         groups.setdefault(tuple(str(r.get(k)) for k in keys if not is_timing(k)), []).append(r)
-    return [(sum(map(x, rs)) / len(rs), sum(r[y] for r in rs) / len(rs), [(x(r), r[y]) for r in rs], rs)
-            for rs in groups.values()]
+    return [
+        (sum(map(x, rs)) / len(rs), sum(r[y] for r in rs) / len(rs), [(x(r), r[y]) for r in rs], rs)
+        for rs in groups.values()
+    ]
 
 
 def _draw(ax, points: list[tuple], label: str):
@@ -306,12 +348,20 @@ def frontier_plot(rows: list[dict[str, Any]]):
     fig = Figure(figsize=(7, 4.8))
     ax = fig.add_subplot()
     for label, series in sorted(_series(rows, STEPS).items()):
-        points = sorted(_points(series, keys, lambda r: r[SEC_PER_IMAGE], fd),
-                        key=lambda p: (str(p[3][0].get(STEPS, "")).zfill(12), p[0]))  # step order
+        points = sorted(
+            _points(series, keys, lambda r: r[SEC_PER_IMAGE], fd),
+            key=lambda p: (str(p[3][0].get(STEPS, "")).zfill(12), p[0]),
+        )  # step order
         line = _draw(ax, points, label)
         for x, y, runs, same in points:
-            ax.annotate(mpl_text(same[0].get(STEPS, "?")) + (f" ×{len(runs)}" if len(runs) > 1 else ""), (x, y),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8, color=line.get_color())
+            ax.annotate(
+                mpl_text(same[0].get(STEPS, "?")) + (f" ×{len(runs)}" if len(runs) > 1 else ""),
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+                color=line.get_color(),
+            )
     xs = [r[SEC_PER_IMAGE] for r in rows]
     if min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
@@ -326,8 +376,9 @@ def frontier_plot(rows: list[dict[str, Any]]):
 
 def _label_metric_axis(ax, metric: str) -> None:
     better = "higher" if metric == PROMPT_ACCURACY else "lower"
-    ax.set_ylabel(f"{'prompt accuracy' if metric == PROMPT_ACCURACY else mpl_text(metric_label(metric))} "
-                  f"({better} is better)")
+    ax.set_ylabel(
+        f"{'prompt accuracy' if metric == PROMPT_ACCURACY else mpl_text(metric_label(metric))} ({better} is better)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -393,7 +444,9 @@ def plot_kinds(rows: list[dict[str, Any]]) -> list[str]:
 
 
 PLOTS: dict[str, Callable[[list[dict[str, Any]]], Any]] = {
-    "sweep_frontier": frontier_plot, "sweep_guidance": guidance_plot, "sweep_checkpoints": checkpoint_plot,
+    "sweep_frontier": frontier_plot,
+    "sweep_guidance": guidance_plot,
+    "sweep_checkpoints": checkpoint_plot,
 }
 
 
@@ -453,8 +506,17 @@ def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     disjoint), a *tie* (they overlap: the data do not say which is better), or *no interval* (a metric without one;
     the order is then only the point estimates'). Interval bounds, timings and counts are never ranked."""
     done = [r for r in rows if r.get("status") == "FINISHED"]
-    keys = sorted({k for r in done for k in r if k.startswith("metrics/") and not k.endswith(CI_SUFFIXES)
-                   and not is_timing(k) and higher_is_better(k) is not None})
+    keys = sorted(
+        {
+            k
+            for r in done
+            for k in r
+            if k.startswith("metrics/")
+            and not k.endswith(CI_SUFFIXES)
+            and not is_timing(k)
+            and higher_is_better(k) is not None
+        }
+    )
     out = []
     for key in keys:
         have = [r for r in done if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
@@ -468,8 +530,16 @@ def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             verdict = "no interval"
         else:
             verdict = "separable" if (lo[0] > hi[1] if higher else hi[0] < lo[1]) else "tie"
-        out.append({"metric": key, "best": best.get("run_name"), "best_value": best[key],
-                    "runner_up": second.get("run_name"), "runner_up_value": second[key], "verdict": verdict})
+        out.append(
+            {
+                "metric": key,
+                "best": best.get("run_name"),
+                "best_value": best[key],
+                "runner_up": second.get("run_name"),
+                "runner_up_value": second[key],
+                "verdict": verdict,
+            }
+        )
     return out
 
 
@@ -477,10 +547,15 @@ def winner_lines(rows: list[dict[str, Any]]) -> list[str]:
     """``which run wins`` lines for :func:`winners` (printed by ``pipeline.record.compare`` and the sweep summary)."""
     lines = []
     for w in winners(rows):
-        note = {"separable": "separable: the 95 % intervals are disjoint", "tie": "tie: the 95 % intervals overlap",
-                "no interval": "no interval: point estimates only"}[w["verdict"]]
-        lines.append(f"  {w['metric']}: best {w['best']} ({w['best_value']:.4g}), runner-up {w['runner_up']} "
-                     f"({w['runner_up_value']:.4g}) — {note}")
+        note = {
+            "separable": "separable: the 95 % intervals are disjoint",
+            "tie": "tie: the 95 % intervals overlap",
+            "no interval": "no interval: point estimates only",
+        }[w["verdict"]]
+        lines.append(
+            f"  {w['metric']}: best {w['best']} ({w['best_value']:.4g}), runner-up {w['runner_up']} "
+            f"({w['runner_up_value']:.4g}) — {note}"
+        )
     return lines
 
 

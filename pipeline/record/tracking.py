@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-
 from pipeline.errors import UserError
 
 # Fail fast on an unreachable server instead of MLflow's default minutes of retries.
@@ -84,12 +83,26 @@ def is_server(uri: str) -> bool:
 
 REDACTED = "***"
 # scheme://userinfo@ : userinfo runs to the last "@" before the host's end ("/", "?", "#", whitespace, a quote)
-_USERINFO = re.compile(r"""(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#@'"<>`]*(?:@[^\s/?#@'"<>`]*)*)@""")
+_USERINFO = re.compile(
+    r"""(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#@'"<>`]*(?:@[^\s/?#@'"<>`]*)*)@"""
+)
 # ?key=value / &key=value / ;key=value whose key names a secret (case-insensitive, "-" and "_" ignored)
 _QUERY = re.compile(r"""(?P<lead>[?&;])(?P<key>[A-Za-z0-9_.\-]+)=(?P<value>[^&;#\s'"<>`]+)""")
 _SECRET_KEY_EXACT = {"sig", "key", "pass", "pw", "sas", "code", "auth"}
-_SECRET_KEY_PARTS = ("password", "passwd", "pwd", "secret", "token", "signature", "credential", "apikey", "accesskey",
-                     "privatekey", "authorization", "sessionkey")
+_SECRET_KEY_PARTS = (
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "signature",
+    "credential",
+    "apikey",
+    "accesskey",
+    "privatekey",
+    "authorization",
+    "sessionkey",
+)
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 _SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
@@ -186,7 +199,9 @@ def ui_command(uri: str) -> str:
     if is_server(uri):
         return f"open {ui_base(uri)} (the tracking server serves the UI)"
     shown = redact_uri(uri)
-    return f"mlflow ui --backend-store-uri {shown}" + ("  (credentials redacted: put yours back)" if shown != uri else "")
+    return f"mlflow ui --backend-store-uri {shown}" + (
+        "  (credentials redacted: put yours back)" if shown != uri else ""
+    )
 
 
 def redact_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -251,7 +266,7 @@ class _RedactingClient:
             try:
                 return attr(*args, **kwargs)
             except Exception as e:
-                raise _redact_exception(e)
+                raise _redact_exception(e)  # noqa: B904 - the same exception, redacted in place
 
         call.__name__ = getattr(attr, "__name__", name)
         call.__doc__ = getattr(attr, "__doc__", None)
@@ -294,8 +309,15 @@ def _check_reachable(uri: str, timeout: float) -> None:
     try:
         resp = http_request(creds, "/health", "GET", max_retries=0, timeout=timeout, raise_on_status=False)
         if resp.ok:
-            resp = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", max_retries=0, timeout=timeout,
-                                raise_on_status=False, params={"max_results": 1})
+            resp = http_request(
+                creds,
+                "/api/2.0/mlflow/experiments/search",
+                "GET",
+                max_retries=0,
+                timeout=timeout,
+                raise_on_status=False,
+                params={"max_results": 1},
+            )
             if resp.status_code not in (401, 403):
                 return  # any other answer is the client's to report
     except Exception as e:  # noqa: BLE001 - MlflowException around requests' errors, an invalid URL...
@@ -308,8 +330,10 @@ def _check_reachable(uri: str, timeout: float) -> None:
     if resp.status_code in (401, 403):
         info = _split_userinfo(uri)[0]
         if info is not None and ":" not in info and not (creds.username or creds.token):
-            given = ("a user name or token alone in the URI (https://TOKEN@host) is not sent, neither by MLflow nor by "
-                     "this check: give user:password, or the token in MLFLOW_TRACKING_TOKEN")
+            given = (
+                "a user name or token alone in the URI (https://TOKEN@host) is not sent, neither by MLflow nor by "
+                "this check: give user:password, or the token in MLFLOW_TRACKING_TOKEN"
+            )
         elif info is not None or creds.username or creds.password or creds.token:
             given = "the credentials given were refused"
         elif redacted_mark:
@@ -464,10 +488,14 @@ class Tracker:
                 time.sleep(0.2 * (attempt + 1))
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            raise UserError(f"tracking.experiment: could not create MLflow experiment {name!r} at {redact_uri(self.uri)}")
+            raise UserError(
+                f"tracking.experiment: could not create MLflow experiment {name!r} at {redact_uri(self.uri)}"
+            )
         return exp.experiment_id
 
-    def start(self, run_name: str | None, tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    def start(
+        self, run_name: str | None, tags: Mapping[str, str] | None = None, parent_run_id: str | None = None
+    ) -> str:
         # MLflow's limits (tag value 5000 in SQL stores, run name 250): cut here, never a refused run
         tags = {k[:MAX_PARAM_KEY]: redact_text(v)[:MAX_TAG_VALUE] for k, v in (tags or {}).items()}
         if parent_run_id:
@@ -498,7 +526,9 @@ class Tracker:
         return changed
 
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
-        _retry_locked(self.client.log_batch, self.run_id, metrics=[Metric(key, float(value), int(time.time() * 1000), step)])
+        _retry_locked(
+            self.client.log_batch, self.run_id, metrics=[Metric(key, float(value), int(time.time() * 1000), step)]
+        )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """One round trip per 1000 metrics (MLflow's batch cap), not one per scalar."""
@@ -519,7 +549,9 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None, exclude: Iterable[str] = ()) -> None:
+    def log_artifacts(
+        self, directory: str | Path, artifact_path: str | None = None, exclude: Iterable[str] = ()
+    ) -> None:
         """Upload ``directory``; top-level entries named in ``exclude`` stay local (a run's progress shards)."""
         directory, exclude = Path(directory), set(exclude)
         if not exclude:
@@ -566,6 +598,7 @@ class Tracker:
                 if len(parts) > 2 and parts[0] == key.replace("/", "~") and parts[1] == "step" and parts[2].isdigit():
                     steps.add(int(parts[2]))
         return steps
+
     # ---- end of run reports
 
     def end(self, status: str = "FINISHED") -> None:
@@ -618,19 +651,23 @@ def format_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def summary_lines(tracker: Tracker, title: str, scalars: Iterable[str], dir_label: str, directory: str | Path) -> list[str]:
+def summary_lines(
+    tracker: Tracker, title: str, scalars: Iterable[str], dir_label: str, directory: str | Path
+) -> list[str]:
     """The end-of-run summary of ``tracker``'s run: title, headline scalars, its directory, the MLflow run id and name,
     the deep links (runs table of the experiment, the run) and how to browse the store."""
     runs_url, run_url = tracker.links()
     scalars = list(scalars)
     name = f"  ({tracker.run_name})" if tracker.run_name else ""
-    return [title,
-            "  " + ("  ·  ".join(scalars) if scalars else "(no headline scalars)"),
-            f"  {dir_label:<11} {directory}",
-            f"  {'MLflow run':<11} {tracker.run_id}{name}",
-            f"  {'runs table':<11} {runs_url}",
-            f"  {'this run':<11} {run_url}",
-            f"  {'browse':<11} {ui_command(tracker.uri)}"]
+    return [
+        title,
+        "  " + ("  ·  ".join(scalars) if scalars else "(no headline scalars)"),
+        f"  {dir_label:<11} {directory}",
+        f"  {'MLflow run':<11} {tracker.run_id}{name}",
+        f"  {'runs table':<11} {runs_url}",
+        f"  {'this run':<11} {run_url}",
+        f"  {'browse':<11} {ui_command(tracker.uri)}",
+    ]
 
 
 def iter_artifact_files(directory: Path) -> Iterable[Path]:
@@ -639,14 +676,19 @@ def iter_artifact_files(directory: Path) -> Iterable[Path]:
 
 def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path:
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst),
-                                                        tracking_uri=usable_uri(uri)))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=path, dst_path=str(dst), tracking_uri=usable_uri(uri)
+            )
+        )
     except Exception as e:
-        raise _redact_exception(e)
+        raise _redact_exception(e)  # noqa: B904 - the same exception, redacted in place
 
 
 def get_run(uri: str, run_id: str):
     try:
         return open_client(uri).get_run(run_id)
     except MlflowException as e:
-        raise UserError(f"run id {run_id!r} not found in tracking store {redact_uri(uri)}: {redact_text(e.message)}") from e
+        raise UserError(
+            f"run id {run_id!r} not found in tracking store {redact_uri(uri)}: {redact_text(e.message)}"
+        ) from e

@@ -27,10 +27,9 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-
-from pipeline.errors import UserError
 from pipeline.config import load_saved, rebuild
 from pipeline.core.metric_keys import is_timing
+from pipeline.errors import UserError
 from pipeline.record.naming import override_key, run_name
 from pipeline.record.tracking import download_artifact, get_run, redact_uri, resolve_uri
 from pipeline.run.runner import run_pipeline, selected_modes
@@ -48,7 +47,6 @@ def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict
         if missing:
             raise UserError(f"run dir {ref!r} lacks {missing}; expected a run directory written by python -m pipeline")
     else:
-
         uri = resolve_uri(tracking_uri, "outputs")
         get_run(uri, ref)  # clear error for an unknown id
         files = {}
@@ -62,7 +60,11 @@ def load_source(ref: str, tracking_uri: str | None, workdir: Path) -> tuple[dict
 
     cfg = load_saved(files["config_resolved.yaml"])  # data: nothing resolved or instantiated, paths/tracking.uri ours
     results = _read_results(files["results.json"])
-    info = previous_run(files["run_info.json"].parent) if files.get("run_info.json") and files["run_info.json"].is_file() else {}
+    info = (
+        previous_run(files["run_info.json"].parent)
+        if files.get("run_info.json") and files["run_info.json"].is_file()
+        else {}
+    )
     info = dict(info or {})
     if not path.is_dir():
         info["run_id"] = ref
@@ -121,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.run.reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="MLflow run id or run directory")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to the saved config")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="store holding the run id, and of the new run unless tracking.uri=... is given "
-                             "(default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="store holding the run id, and of the new run unless tracking.uri=... is given "
+        "(default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)",
+    )
     parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance per scalar (default: exact)")
     args = parser.parse_intermixed_args(argv)  # options may come between the run and its overrides
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(cfg.paths.outputs) / "reproduce" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
         # the new run goes where the source was read from, unless the command line names a store
         store = None
-        if not any(override_key(o) == "tracking.uri" for o in args.overrides) and (args.tracking_uri or not Path(args.run).is_dir()):
+        if not any(override_key(o) == "tracking.uri" for o in args.overrides) and (
+            args.tracking_uri or not Path(args.run).is_dir()
+        ):
             store = resolve_uri(args.tracking_uri, "outputs")
         try:
             modes = selected_modes(cfg, info.get("choices"))
@@ -145,8 +151,14 @@ def main(argv: list[str] | None = None) -> int:
             modes = []  # fails in run_pipeline with its message
         what = run_name(cfg, modes, info.get("choices"))
         log.info("reproducing %s in %s", source_id, run_dir)
-        outcome = run_pipeline(cfg, run_dir, choices=info.get("choices"), extra_tags={"reproduced_from": source_id},
-                               run_name=f"reproduce {source_id[:8]}" + (f"·{what}" if what else ""), tracking_uri=store)
+        outcome = run_pipeline(
+            cfg,
+            run_dir,
+            choices=info.get("choices"),
+            extra_tags={"reproduced_from": source_id},
+            run_name=f"reproduce {source_id[:8]}" + (f"·{what}" if what else ""),
+            tracking_uri=store,
+        )
     except UserError as e:
         log.error("error: %s", e)
         return 2
@@ -156,8 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     n_bad = sum(1 for l in lines if l.startswith("MISMATCH"))
     compared = [l for l in lines if not l.startswith(("TIMING", "SETUP"))]
-    print(f"{len(compared) - n_bad}/{len(compared)} scalars match" + ("" if ok else " — NOT reproduced")
-          + (f" ({len(lines) - len(compared)} timing/setup figure(s) shown, not compared)" if len(compared) < len(lines) else ""))
+    print(
+        f"{len(compared) - n_bad}/{len(compared)} scalars match"
+        + ("" if ok else " — NOT reproduced")
+        + (
+            f" ({len(lines) - len(compared)} timing/setup figure(s) shown, not compared)"
+            if len(compared) < len(lines)
+            else ""
+        )
+    )
     return 0 if ok and lines else 1
 
 

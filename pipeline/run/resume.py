@@ -29,22 +29,30 @@ missing batches of its own shard.
 from __future__ import annotations
 
 import argparse
-import re
 import logging
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.config import (
+    CONF_DIR,
+    check_list_choices,
+    check_override_keys,
+    group_options,
+    load_saved,
+    rebuild,
+    to_plain,
+)
 from pipeline.errors import UserError
-from pipeline.run.saved import (MAY_DIFFER, check_unchanged, may_differ, previous_run, resumable,
-                                 trusted_store)
-from pipeline.config import CONF_DIR, check_list_choices, check_override_keys, group_options, load_saved, rebuild, to_plain
 from pipeline.record.naming import override_key
 from pipeline.record.tracking import PARENT_RUN_FILE, get_run, public_uri, resolve_uri
 from pipeline.run.runner import run_pipeline
+from pipeline.run.saved import MAY_DIFFER, check_unchanged, may_differ, previous_run, resumable, trusted_store
 
 log = logging.getLogger("pipeline.run.resume")
+
 
 def _locate(ref: str, tracking_uri: str | None) -> tuple[Path, dict, str]:
     """(run dir, run info, store) of a run dir or an MLflow run id."""
@@ -53,14 +61,18 @@ def _locate(ref: str, tracking_uri: str | None) -> tuple[Path, dict, str]:
     if path.is_dir():
         info = previous_run(path)
         if info is None or not info.get("run_id"):
-            raise UserError(f"run dir {ref!r} has no run_info.json; expected a run directory written by python -m "
-                            "pipeline (or a sweep dir with mlflow_parent_run_id)")
+            raise UserError(
+                f"run dir {ref!r} has no run_info.json; expected a run directory written by python -m "
+                "pipeline (or a sweep dir with mlflow_parent_run_id)"
+            )
         return path, info, tracking_uri or trusted_store(info.get("tracking_uri"), path)
     uri = resolve_uri(tracking_uri, "outputs")
     run = get_run(uri, ref)
     run_dir = run.data.tags.get("run_dir")
     if not run_dir or not Path(run_dir).is_dir():
-        raise UserError(f"run {ref} in {public_uri(uri)}: its run dir {run_dir!r} is not on this machine; pass the run dir instead")
+        raise UserError(
+            f"run {ref} in {public_uri(uri)}: its run dir {run_dir!r} is not on this machine; pass the run dir instead"
+        )
     info = previous_run(Path(run_dir)) or {"run_id": ref}
     return Path(run_dir), info, uri
 
@@ -78,14 +90,22 @@ def resume_run(ref: str, overrides: list[str], tracking_uri: str | None = None):
         return None
     file = run_dir / "config_resolved.yaml"
     if not file.is_file():
-        raise UserError(f"run dir {run_dir} has no config_resolved.yaml (the run failed before its config resolved); "
-                        "start it again instead")
+        raise UserError(
+            f"run dir {run_dir} has no config_resolved.yaml (the run failed before its config resolved); "
+            "start it again instead"
+        )
     saved = load_saved(file)  # read and checked once; the overrides go on top of the same data
     cfg = rebuild(saved, overrides)
     check_unchanged(to_plain(rebuild(saved)), to_plain(cfg), f"resume {run_id}")
     log.info("resuming run %s (%s) in %s", run_id, status, run_dir)
-    return run_pipeline(cfg, run_dir, choices=info.get("choices"), parent_run_id=info.get("parent_run_id"),
-                        tracking_uri=store, resume_run_id=run_id)
+    return run_pipeline(
+        cfg,
+        run_dir,
+        choices=info.get("choices"),
+        parent_run_id=info.get("parent_run_id"),
+        tracking_uri=store,
+        resume_run_id=run_id,
+    )
 
 
 def sweep_command(sweep_dir: Path, overrides: list[str]) -> list[str]:
@@ -106,37 +126,47 @@ def replayable(multirun_yaml: Path) -> tuple[list[str], list[str]]:
     overrides only :data:`REPLAYED_HYDRA` ones are replayed (``hydra.mode``/``hydra.sweep.dir`` are set again); no
     value may hold an interpolation. Anything else is a UserError naming the override and the file."""
     import yaml
-
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
 
     try:
         saved = yaml.safe_load(multirun_yaml.read_text())
         task = saved["hydra"]["overrides"]["task"] or []
         hydra = saved["hydra"]["overrides"]["hydra"] or []
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        raise UserError(f"{multirun_yaml}: expected hydra.overrides.task and .hydra lists, as Hydra writes them "
-                        f"({type(e).__name__})") from None
+        raise UserError(
+            f"{multirun_yaml}: expected hydra.overrides.task and .hydra lists, as Hydra writes them "
+            f"({type(e).__name__})"
+        ) from None
     if not all(isinstance(o, str) for o in [*task, *hydra]):
         raise UserError(f"{multirun_yaml}: hydra.overrides: expected lists of key=value strings")
     for o in [*task, *hydra]:
         if "${" in o:
-            raise UserError(f"{multirun_yaml}: override {o[:80]!r} refused: a saved override is replayed as typed and "
-                            "never resolves an interpolation")
+            raise UserError(
+                f"{multirun_yaml}: override {o[:80]!r} refused: a saved override is replayed as typed and "
+                "never resolves an interpolation"
+            )
     bad_task = [o for o in task if o.lstrip("+~").startswith("hydra")]
     if bad_task:
-        raise UserError(f"{multirun_yaml}: hydra.overrides.task: {bad_task[0]!r} refused: Hydra's settings are not "
-                        "task overrides")
+        raise UserError(
+            f"{multirun_yaml}: hydra.overrides.task: {bad_task[0]!r} refused: Hydra's settings are not task overrides"
+        )
     try:
         parsed = OverridesParser.create().parse_overrides(list(task))
     except Exception as e:  # noqa: BLE001 - Hydra's parse error, named with the file
         raise UserError(f"{multirun_yaml}: hydra.overrides.task does not parse: {str(e).splitlines()[0]}") from None
     for o in parsed:  # a group choice must be one of the project's options
         group = o.key_or_group
-        if (CONF_DIR / group).is_dir() and not o.is_sweep_override() and isinstance(o.value(), str) \
-                and o.value() not in group_options(group) and o.value() != "null":
-            raise UserError(f"{multirun_yaml}: {o.input_line!r}: {o.value()!r} is not an option of {group} "
-                            f"({', '.join(group_options(group))})")
+        if (
+            (CONF_DIR / group).is_dir()
+            and not o.is_sweep_override()
+            and isinstance(o.value(), str)
+            and o.value() not in group_options(group)
+            and o.value() != "null"
+        ):
+            raise UserError(
+                f"{multirun_yaml}: {o.input_line!r}: {o.value()!r} is not an option of {group} "
+                f"({', '.join(group_options(group))})"
+            )
     try:
         check_list_choices(task)
         check_override_keys(task)
@@ -147,13 +177,19 @@ def replayable(multirun_yaml: Path) -> tuple[list[str], list[str]]:
         if o.startswith(("hydra.mode=", "hydra.sweep.dir=")):
             continue  # set again by the relaunch
         key = o.split("=", 1)[0]
-        ok = o.startswith(REPLAYED_HYDRA) and "_target_" not in key and not any(p.startswith("_") for p in key.split("."))
+        ok = (
+            o.startswith(REPLAYED_HYDRA)
+            and "_target_" not in key
+            and not any(p.startswith("_") for p in key.split("."))
+        )
         if ok and o.startswith("hydra/launcher="):  # an option name: a config on Hydra's search path, not code
             ok = re.fullmatch(r"[A-Za-z0-9_]+", o.split("=", 1)[1]) is not None
         if not ok:
-            raise UserError(f"{multirun_yaml}: hydra.overrides.hydra: {o[:120]!r} refused: only the launcher "
-                            "(hydra/launcher=<option>) and its plain settings are replayed from a sweep dir; Hydra's "
-                            "other settings come from the project's config")
+            raise UserError(
+                f"{multirun_yaml}: hydra.overrides.hydra: {o[:120]!r} refused: only the launcher "
+                "(hydra/launcher=<option>) and its plain settings are replayed from a sweep dir; Hydra's "
+                "other settings come from the project's config"
+            )
         replayed.append(o)
     return list(task), replayed
 

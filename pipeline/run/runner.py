@@ -27,20 +27,34 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from pipeline.config import check_config, check_sweep, to_plain
 from pipeline.core import distributed as dist
-from pipeline.config import check_config, to_plain
 from pipeline.core.context import RunContext
-from pipeline.errors import ModeSkipped, UserError
+from pipeline.core.metric_keys import headline_keys, interval_text
 from pipeline.core.progress import LOCK_FILE, PROGRESS_DIR, RunLock, crash_point
 from pipeline.core.registry import MODES, STAGES, load_modes, load_stages, producer_of
-from pipeline.config import check_sweep
-from pipeline.core.metric_keys import headline_keys, interval_text
 from pipeline.core.threads import available_cpus
+from pipeline.errors import ModeSkipped, UserError
 from pipeline.models.loading import resolve_device
 from pipeline.models.stages import check_model
-from pipeline.record.naming import job_name, run_name as default_run_name
+from pipeline.record.naming import job_name
+from pipeline.record.naming import run_name as default_run_name
 from pipeline.record.report import write_run_report
-from pipeline.record.tracking import EFFECTIVE_URI_TAG, Tracker, deferred_interrupts, environment_tags, flatten, format_value, get_run, public_uri, read_parent_run_id, read_sweep_params, redact_text, resolve_uri, summary_lines
+from pipeline.record.tracking import (
+    EFFECTIVE_URI_TAG,
+    Tracker,
+    deferred_interrupts,
+    environment_tags,
+    flatten,
+    format_value,
+    get_run,
+    public_uri,
+    read_parent_run_id,
+    read_sweep_params,
+    redact_text,
+    resolve_uri,
+    summary_lines,
+)
 from pipeline.run.saved import check_unchanged, previous_run, resumable, saved_config
 
 log = logging.getLogger(__name__)
@@ -206,8 +220,20 @@ def run_pipeline(
     plain, modes = preflight(cfg, choices)  # a bad config: UserError, nothing created
     main = dist.is_main()  # True unless this is a non-zero rank of a torchrun launch
     run_dir, scratch, lock = _claim_run_dir(run_dir, main)
-    tracker, run_id, tags = _open_mlflow_run(cfg, run_dir, main, lock, scratch, modes, choices, parent_run_id,
-                                             extra_tags, run_name, tracking_uri, resume_run_id)
+    tracker, run_id, tags = _open_mlflow_run(
+        cfg,
+        run_dir,
+        main,
+        lock,
+        scratch,
+        modes,
+        choices,
+        parent_run_id,
+        extra_tags,
+        run_name,
+        tracking_uri,
+        resume_run_id,
+    )
     ctx = RunContext(cfg, run_dir, tracker if main else None)
     outcome = RunOutcome(run_id, "FAILED", run_dir)
     failure: BaseException | None = None
@@ -243,20 +269,38 @@ def _claim_run_dir(run_dir: str | Path, main: bool) -> tuple[Path, Path | None, 
     return run_dir, scratch, lock
 
 
-def _open_mlflow_run(cfg, run_dir: Path, main: bool, lock, scratch, modes, choices, parent_run_id, extra_tags,
-                     run_name, tracking_uri, resume_run_id) -> tuple[Any, str | None, dict]:
+def _open_mlflow_run(
+    cfg,
+    run_dir: Path,
+    main: bool,
+    lock,
+    scratch,
+    modes,
+    choices,
+    parent_run_id,
+    extra_tags,
+    run_name,
+    tracking_uri,
+    resume_run_id,
+) -> tuple[Any, str | None, dict]:
     """Start (or reopen, when resuming) the MLflow run: (tracker, run id, tags). An unreachable server or a store
     refusing writes is a UserError with the lock released and nothing run."""
     store = tracking_uri or resolve_uri(cfg.tracking.uri, cfg.paths.outputs)
     try:
         tracker = Tracker(cfg.tracking, cfg.paths.outputs, uri=store) if main else _NoTracker()
-        tags = {**environment_tags(str(cfg.model.device)), "run_dir": str(run_dir.resolve()),
-                EFFECTIVE_URI_TAG: public_uri(tracker.uri), **(extra_tags or {})}
+        tags = {
+            **environment_tags(str(cfg.model.device)),
+            "run_dir": str(run_dir.resolve()),
+            EFFECTIVE_URI_TAG: public_uri(tracker.uri),
+            **(extra_tags or {}),
+        }
         if dist.launched():
             tags["distributed.world_size"] = str(dist.world_size())
         if resume_run_id is not None and main:
             return tracker, _reopen(tracker, resume_run_id, tags, run_dir), tags
-        run_id = tracker.start(run_name or default_run_name(cfg, modes, choices), tags=tags, parent_run_id=parent_run_id)
+        run_id = tracker.start(
+            run_name or default_run_name(cfg, modes, choices), tags=tags, parent_run_id=parent_run_id
+        )
         log.info("MLflow run %s (%s) in %s (%s)", run_id, tracker.run_name, public_uri(tracker.uri), run_dir)
         return tracker, run_id, tags
     except BaseException as e:
@@ -266,9 +310,11 @@ def _open_mlflow_run(cfg, run_dir: Path, main: bool, lock, scratch, modes, choic
             shutil.rmtree(scratch, ignore_errors=True)
         if isinstance(e, (UserError, KeyboardInterrupt)):
             raise
-        raise UserError(f"tracking store {public_uri(store)}: {_first_line(e)}; nothing was run. Check that the "
-                        "store is reachable and writable (a read-only or full disk, a server down), or choose another "
-                        "with tracking.uri=...") from e
+        raise UserError(
+            f"tracking store {public_uri(store)}: {_first_line(e)}; nothing was run. Check that the "
+            "store is reachable and writable (a read-only or full disk, a server down), or choose another "
+            "with tracking.uri=..."
+        ) from e
 
 
 def _reopen(tracker, run_id: str, tags: dict, run_dir: Path) -> str:
@@ -286,8 +332,12 @@ def _reopen(tracker, run_id: str, tags: dict, run_dir: Path) -> str:
 def _record_setup(ctx: RunContext, tracker, plain: dict, modes: list[str], choices: dict, parent_run_id) -> None:
     """``run_info.json``, an empty ``results.json``, ``config_resolved.yaml`` and the params, before any stage."""
     run_dir = ctx.run_dir
-    info = {"run_id": tracker.run_id, "tracking_uri": public_uri(tracker.uri),
-            "choices": choices, "parent_run_id": parent_run_id}
+    info = {
+        "run_id": tracker.run_id,
+        "tracking_uri": public_uri(tracker.uri),
+        "choices": choices,
+        "parent_run_id": parent_run_id,
+    }
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
     ctx.write_results()
     # the group choices first: a job that fails on its config still shows what it was in a sweep's table
@@ -324,8 +374,17 @@ def _redacted_config(plain: dict) -> dict:
     return {**plain, "tracking": {**plain["tracking"], "uri": public_uri(str(uri))}}
 
 
-def _close_run(ctx: RunContext, outcome: RunOutcome, tracker: Any, lock: Any, scratch: Path | None, main: bool,
-               tags: dict, choices: dict, cfg: Any) -> str | None:
+def _close_run(
+    ctx: RunContext,
+    outcome: RunOutcome,
+    tracker: Any,
+    lock: Any,
+    scratch: Path | None,
+    main: bool,
+    tags: dict,
+    choices: dict,
+    cfg: Any,
+) -> str | None:
     """Close the run whatever happened: results.json, the ``error`` tag, progress shards (deleted only when the run
     FINISHED and its results are on disk), report.html, artifacts, the MLflow status, the lock, the summary. Each
     step that fails is reported and the rest still run; never raises. Returns one paragraph when closing failed a
@@ -366,16 +425,28 @@ def _close_run(ctx: RunContext, outcome: RunOutcome, tracker: Any, lock: Any, sc
         p.unlink(missing_ok=True)
     paragraph = None
     if problems:
-        store = "" if ended else (f" The MLflow run {outcome.run_id} may still show RUNNING in "
-                                  f"{public_uri(str(getattr(tracker, 'uri', '')))}; resuming it sets its status.")
-        paragraph = (f"run {outcome.run_id} in {run_dir}: closing the run did not complete: {'; '.join(problems)}."
-                     f"{store} Free disk space or fix the store, then finish it with: {resume_command(run_dir)}")
+        store = (
+            ""
+            if ended
+            else (
+                f" The MLflow run {outcome.run_id} may still show RUNNING in "
+                f"{public_uri(str(getattr(tracker, 'uri', '')))}; resuming it sets its status."
+            )
+        )
+        paragraph = (
+            f"run {outcome.run_id} in {run_dir}: closing the run did not complete: {'; '.join(problems)}."
+            f"{store} Free disk space or fix the store, then finish it with: {resume_command(run_dir)}"
+        )
         log.error("%s", paragraph)
     if main:
         log_summary(tracker, outcome, cfg)
         if outcome.status in ("KILLED", "FAILED"):
-            log.error("run %s %s; once the cause is fixed, finish it (same MLflow run, finished batches kept) with: %s",
-                      outcome.run_id, outcome.status, resume_command(run_dir))
+            log.error(
+                "run %s %s; once the cause is fixed, finish it (same MLflow run, finished batches kept) with: %s",
+                outcome.run_id,
+                outcome.status,
+                resume_command(run_dir),
+            )
     unfinished = not ended or (outcome.error or "").startswith("results.json")
     return paragraph if problems and unfinished else None
 
@@ -384,9 +455,13 @@ def _write_report(run_dir: Path, outcome: RunOutcome, tracker: Any, tags: dict, 
     """``<run_dir>/report.html`` (:func:`pipeline.record.report.write_run_report`) with the run's tags as stored; a report
     that cannot be written is a warning, never a change of the run's outcome."""
     try:
-
-        write_run_report(run_dir, outcome.results, tags={**tags, **tracker.run_tags()},
-                         params={f"choice.{k}": str(v) for k, v in choices.items()}, status=outcome.status)
+        write_run_report(
+            run_dir,
+            outcome.results,
+            tags={**tags, **tracker.run_tags()},
+            params={f"choice.{k}": str(v) for k, v in choices.items()},
+            status=outcome.status,
+        )
     except Exception:  # noqa: BLE001
         log.warning("could not write the report of %s:\n%s", run_dir, traceback.format_exc())
 
@@ -396,12 +471,15 @@ def log_summary(tracker: Any, outcome: RunOutcome, cfg: Any) -> None:
     run id and name, the links to the experiment's runs table and to the run, and how to open the MLflow UI."""
 
     try:
-        scalars = [f"{k} = {format_value(outcome.results[k])}{interval_text(outcome.results, k)}"
-                   for k in headline_keys(outcome.results, cfg)]
+        scalars = [
+            f"{k} = {format_value(outcome.results[k])}{interval_text(outcome.results, k)}"
+            for k in headline_keys(outcome.results, cfg)
+        ]
         title = f"run {outcome.status}" + (f": {outcome.error}" if outcome.error else "")
         if outcome.status != "FINISHED":  # values logged before it stopped: not the run's results
-            title += " — incomplete: " + ("the values below are from the stages that finished, not final"
-                                          if scalars else "no results")
+            title += " — incomplete: " + (
+                "the values below are from the stages that finished, not final" if scalars else "no results"
+            )
         log.info("%s", "\n".join(summary_lines(tracker, title, scalars, "run dir", outcome.run_dir)))
     except Exception:  # noqa: BLE001 - a summary must never hide the run's outcome
         log.warning("could not write the run summary:\n%s", traceback.format_exc())
@@ -418,14 +496,18 @@ def share_cores(launcher: Any) -> None:
     n_jobs = int(OmegaConf.select(launcher, "n_jobs", default=-1) or 1)
     parallel = min(cpus, n_jobs if n_jobs > 0 else max(1, cpus + 1 + n_jobs))  # joblib: -1 = all cores
     torch.set_num_threads(max(1, cpus // parallel))
-    log.info("joblib launcher, %d parallel jobs on %d CPUs: %d torch thread(s) per job", parallel, cpus, torch.get_num_threads())
+    log.info(
+        "joblib launcher, %d parallel jobs on %d CPUs: %d torch thread(s) per job",
+        parallel,
+        cpus,
+        torch.get_num_threads(),
+    )
 
 
 def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
     """Hydra task function: user errors become one short line; in a multirun a failed job never stops the sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -441,8 +523,14 @@ def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
         if resume_id == "FINISHED":
             log.info("%s finished in an earlier attempt of this sweep: skipped", job)
             return None
-        return run_pipeline(cfg, hc.runtime.output_dir, choices, parent_run_id=parent,
-                            run_name=cfg.tracking.run_name or name, resume_run_id=resume_id)
+        return run_pipeline(
+            cfg,
+            hc.runtime.output_dir,
+            choices,
+            parent_run_id=parent,
+            run_name=cfg.tracking.run_name or name,
+            resume_run_id=resume_id,
+        )
     except UserError as e:
         log.error("error: %s", e)
         FAILED_JOBS.append(job or "run")
@@ -464,8 +552,13 @@ def run_from_hydra(cfg: DictConfig) -> RunOutcome | None:
     return None
 
 
-ENVIRONMENT_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exceeded",
-                      "EROFS": "the file system is read-only", "EACCES": "permission denied", "EIO": "an I/O error"}
+ENVIRONMENT_ERRNOS = {
+    "ENOSPC": "the disk is full",
+    "EDQUOT": "the disk quota is exceeded",
+    "EROFS": "the file system is read-only",
+    "EACCES": "permission denied",
+    "EIO": "an I/O error",
+}
 
 
 def environment_failure(e: BaseException, run_dir: Path) -> str | None:
@@ -477,16 +570,24 @@ def environment_failure(e: BaseException, run_dir: Path) -> str | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         # the tracking store (MLflow's client, its HTTP or SQL layer) lost or refusing writes
-        if isinstance(e, ConnectionError) or type(e).__module__.split(".")[0] in ("mlflow", "requests", "sqlalchemy",
-                                                                                  "urllib3"):
-            return (f"the tracking store failed ({_first_line(e)}); the run stopped and its finished batches are kept. "
-                    f"Once the store is reachable and writable again, finish it with: {resume_command(run_dir)}")
+        if isinstance(e, ConnectionError) or type(e).__module__.split(".")[0] in (
+            "mlflow",
+            "requests",
+            "sqlalchemy",
+            "urllib3",
+        ):
+            return (
+                f"the tracking store failed ({_first_line(e)}); the run stopped and its finished batches are kept. "
+                f"Once the store is reachable and writable again, finish it with: {resume_command(run_dir)}"
+            )
         if isinstance(e, OSError) and e.errno is not None:
             name = errno_mod.errorcode.get(e.errno, "")
             if name in ENVIRONMENT_ERRNOS:
                 where = f" writing {e.filename}" if e.filename else ""
-                return (f"{ENVIRONMENT_ERRNOS[name]}{where} ({name}); the run stopped and its finished batches are "
-                        f"kept. Free space or fix the permissions, then finish it with: {resume_command(run_dir)}")
+                return (
+                    f"{ENVIRONMENT_ERRNOS[name]}{where} ({name}); the run stopped and its finished batches are "
+                    f"kept. Free space or fix the permissions, then finish it with: {resume_command(run_dir)}"
+                )
         e = e.__cause__ or e.__context__
     return None
 

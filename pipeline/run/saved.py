@@ -12,10 +12,10 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.errors import UserError
 from pipeline.config import load_saved, rebuild
 from pipeline.core import distributed as dist
 from pipeline.core.progress import describe_owner, lock_owner
+from pipeline.errors import UserError
 from pipeline.record.tracking import flatten, is_server, public_uri, resolve_uri
 
 log = logging.getLogger("pipeline.run.saved")
@@ -32,15 +32,20 @@ def config_differences(saved: dict, new: dict) -> list[str]:
     values), but for those in :data:`MAY_DIFFER`."""
 
     a, b = flatten(saved), flatten(new)
-    return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and not may_differ(k)]
+    return [
+        f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k) and not may_differ(k)
+    ]
 
 
 def check_unchanged(saved: dict, new: dict, where: str) -> None:
     diffs = config_differences(saved, new)
     if diffs:
-        raise UserError(f"{where}: a resumed run must have the saved config (only {', '.join(MAY_DIFFER)}* may "
-                        f"differ); these keys differ: {'; '.join(diffs)}")
+        raise UserError(
+            f"{where}: a resumed run must have the saved config (only {', '.join(MAY_DIFFER)}* may "
+            f"differ); these keys differ: {'; '.join(diffs)}"
+        )
 
 
 def saved_config(run_dir: Path, overrides: list[str] = ()):
@@ -88,8 +93,10 @@ def resumable(run_dir: Path, run_id: str, status: str, check_owner: bool = True)
         return False
     owner = lock_owner(run_dir) if check_owner and dist.is_main() else None
     if owner is not None:
-        raise UserError(f"run {run_id} in {run_dir} is {status} and its owner is alive: {describe_owner(owner)}; "
-                        "resume only a run whose process has ended")
+        raise UserError(
+            f"run {run_id} in {run_dir} is {status} and its owner is alive: {describe_owner(owner)}; "
+            "resume only a run whose process has ended"
+        )
     return True
 
 
@@ -106,5 +113,7 @@ def trusted_store(recorded: str | None, run_dir: Path) -> str:
         return recorded
     if public_uri(configured) == public_uri(recorded):
         return configured  # the configured one carries the credentials (the recorded one is redacted)
-    raise UserError(f"{run_dir / 'run_info.json'} names tracking server {public_uri(recorded)}; a run dir is data, "
-                    f"so its server is used only when you name it: add --tracking-uri {public_uri(recorded)}")
+    raise UserError(
+        f"{run_dir / 'run_info.json'} names tracking server {public_uri(recorded)}; a run dir is data, "
+        f"so its server is used only when you name it: add --tracking-uri {public_uri(recorded)}"
+    )

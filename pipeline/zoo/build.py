@@ -24,8 +24,13 @@ def sd_scheduler_config() -> dict:
     )
 
 
-def build_vae(size: int = 32, block_out_channels: Sequence[int] = (32, 64, 64), latent_channels: int = 4,
-              layers_per_block: int = 1, norm_num_groups: int = 16):
+def build_vae(
+    size: int = 32,
+    block_out_channels: Sequence[int] = (32, 64, 64),
+    latent_channels: int = 4,
+    layers_per_block: int = 1,
+    norm_num_groups: int = 16,
+):
     """AutoencoderKL; each block after the first halves the resolution (3 blocks: 32x32 -> 8x8)."""
     from diffusers import AutoencoderKL
 
@@ -43,8 +48,16 @@ def build_vae(size: int = 32, block_out_channels: Sequence[int] = (32, 64, 64), 
     )
 
 
-def build_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, max_length: int = 20,
-                       hidden_size: int = 64, layers: int = 2, heads: int = 4, intermediate_size: int = 128):
+def build_text_encoder(
+    vocab_size: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    max_length: int = 20,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate_size: int = 128,
+):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
@@ -62,9 +75,16 @@ def build_text_encoder(vocab_size: int, bos_token_id: int, eos_token_id: int, ma
     return CLIPTextModel(config)
 
 
-def build_unet(latent_size: int = 8, latent_channels: int = 4, cross_attention_dim: int = 64,
-               block_out_channels: Sequence[int] = (64, 128, 128), cross_attn_levels: int = 2,
-               layers_per_block: int = 1, heads: int = 4, norm_num_groups: int = 16):
+def build_unet(
+    latent_size: int = 8,
+    latent_channels: int = 4,
+    cross_attention_dim: int = 64,
+    block_out_channels: Sequence[int] = (64, 128, 128),
+    cross_attn_levels: int = 2,
+    layers_per_block: int = 1,
+    heads: int = 4,
+    norm_num_groups: int = 16,
+):
     """UNet2DConditionModel with cross-attention at the ``cross_attn_levels`` finest resolutions (and the mid block)."""
     from diffusers import UNet2DConditionModel
 
@@ -87,8 +107,13 @@ def build_unet(latent_size: int = 8, latent_channels: int = 4, cross_attention_d
     )
 
 
-def build_ddpm_unet(size: int = 32, block_out_channels: Sequence[int] = (32, 64, 64), layers_per_block: int = 1,
-                    attention: bool = False, norm_num_groups: int = 16):
+def build_ddpm_unet(
+    size: int = 32,
+    block_out_channels: Sequence[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    attention: bool = False,
+    norm_num_groups: int = 16,
+):
     """Unconditional pixel-space UNet2DModel (optionally with self-attention at the coarsest level)."""
     from diffusers import UNet2DModel
 

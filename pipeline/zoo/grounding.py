@@ -47,8 +47,9 @@ class TokenGrounding:
 
     def install(self, unet) -> None:
         names = set(cross_attention_layers(unet))
-        unet.set_attn_processor({k: CrossAttentionRecorder(self, k) if k in names else p
-                                 for k, p in unet.attn_processors.items()})
+        unet.set_attn_processor(
+            {k: CrossAttentionRecorder(self, k) if k in names else p for k, p in unet.attn_processors.items()}
+        )
 
     def _record_cross(self, name: str, probs: torch.Tensor, heads: int) -> None:
         bh, hw, t = probs.shape

@@ -98,11 +98,13 @@ class RectifiedFlow:
 
 def lr_lambda(warmup: int, steps: int, floor: float = 0.1):
     """Linear warm-up, then cosine decay to ``floor`` x the base learning rate."""
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, steps - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return f
 
 
@@ -140,8 +142,9 @@ def _optimizer(c, trainee: Trainee) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, weight_decay=1e-2)
 
 
-def _losses(c, data: TrainSet, trainee: Trainee, objective, gen: torch.Generator, device: torch.device
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _losses(
+    c, data: TrainSet, trainee: Trainee, objective, gen: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One batch's objective loss and grounding loss (None: no grounding)."""
     idx = torch.randint(0, len(data.x0), (c.batch,), generator=gen)
     x0 = data.x0[idx].to(device)
@@ -155,8 +158,17 @@ def _losses(c, data: TrainSet, trainee: Trainee, objective, gen: torch.Generator
     return loss, (data.grounding.loss(idx, ~drop) if data.grounding is not None else None)
 
 
-def train_loop(name: str, c, seed: int, data: TrainSet, trainee: Trainee, objective, device: torch.device,
-               log_metric: MetricFn, snapshots: Snapshots | None = None) -> float:
+def train_loop(
+    name: str,
+    c,
+    seed: int,
+    data: TrainSet,
+    trainee: Trainee,
+    objective,
+    device: torch.device,
+    log_metric: MetricFn,
+    snapshots: Snapshots | None = None,
+) -> float:
     """Train ``trainee`` for ``c.steps`` steps (config block ``c`` of conf/train.yaml); returns the minutes spent.
 
     At every step ``snapshots.due`` names (always the last one), the EMA weights are copied into
@@ -185,7 +197,7 @@ def train_loop(name: str, c, seed: int, data: TrainSet, trainee: Trainee, object
             log_metric(f"{name}/loss", loss.item(), step)
             if g_loss is not None:
                 log_metric(f"{name}/grounding_loss", g_loss.item(), step)
-        if (snapshots.due(step) if snapshots is not None else step == c.steps):
+        if snapshots.due(step) if snapshots is not None else step == c.steps:
             bar.clear()
             ema.copy_to(trainee.sampling)
             if snapshots is not None:

@@ -82,22 +82,49 @@ class JointTrainProcessor:
         return hidden, context
 
 
-def build_sd3(vocab_size: int, bos: int, eos: int, max_length: int, latent_size: int, latent_channels: int,
-              text: dict, transformer: dict):
+def build_sd3(
+    vocab_size: int,
+    bos: int,
+    eos: int,
+    max_length: int,
+    latent_size: int,
+    latent_channels: int,
+    text: dict,
+    transformer: dict,
+):
     """(text_encoder, text_encoder_2, transformer) with random weights, sized by ``conf/train.yaml`` ``sd3``."""
+
     def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
-            num_hidden_layers=text["layers"], num_attention_heads=text["heads"], max_position_embeddings=max_length,
-            projection_dim=text["hidden_size"], bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=text["hidden_size"],
+                intermediate_size=text["intermediate_size"],
+                num_hidden_layers=text["layers"],
+                num_attention_heads=text["heads"],
+                max_position_embeddings=max_length,
+                projection_dim=text["hidden_size"],
+                bos_token_id=bos,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+        )
 
     te, te2 = clip(), clip()
     width = transformer["heads"] * transformer["head_dim"]
     net = SD3Transformer2DModel(
-        sample_size=latent_size, patch_size=1, in_channels=latent_channels, out_channels=latent_channels,
-        num_layers=transformer["layers"], attention_head_dim=transformer["head_dim"],
-        num_attention_heads=transformer["heads"], joint_attention_dim=2 * text["hidden_size"],
-        caption_projection_dim=width, pooled_projection_dim=2 * text["hidden_size"], pos_embed_max_size=latent_size)
+        sample_size=latent_size,
+        patch_size=1,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=transformer["layers"],
+        attention_head_dim=transformer["head_dim"],
+        num_attention_heads=transformer["heads"],
+        joint_attention_dim=2 * text["hidden_size"],
+        caption_projection_dim=width,
+        pooled_projection_dim=2 * text["hidden_size"],
+        pos_embed_max_size=latent_size,
+    )
     return te, te2, net
 
 
@@ -125,9 +152,17 @@ def share_vae_weights(pipe_dir: pathlib.Path, vae_dir: pathlib.Path) -> bool:
 
 
 def _sd3_pipeline(vae, te, te2, tokenizer, transformer, shift: float):
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
-                                    vae=vae, text_encoder=te, tokenizer=tokenizer, text_encoder_2=te2,
-                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tokenizer,
+        text_encoder_2=te2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -142,8 +177,16 @@ def train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn
     vae.register_to_config(shift_factor=0.0)  # SD3's decode adds shift_factor: null would fail there
     data, tokenizer = caption_latents(cfg, c, vae, out / "shapes_sd3" / "tokenizer", device, "sd3")
     # 2. models: the training copy records attention through JointTrainProcessor; the sampling copy is stock
-    te, te2, net = build_sd3(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, c.max_length,
-                             data.x0.shape[-1], data.x0.shape[1], dict(c.text_encoder), dict(c.transformer))
+    te, te2, net = build_sd3(
+        len(tokenizer),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        c.max_length,
+        data.x0.shape[-1],
+        data.x0.shape[1],
+        dict(c.text_encoder),
+        dict(c.transformer),
+    )
     te, te2, net = te.to(device), te2.to(device), net.to(device)
     ema_te, ema_te2, ema_net = (copy.deepcopy(m).eval() for m in (te, te2, net))
     pipe = _sd3_pipeline(vae, ema_te, ema_te2, tokenizer, ema_net, c.shift)
@@ -151,8 +194,17 @@ def train_sd3(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn
     # 3. train, with snapshots of the EMA weights; the final model is the last one
     after_save = (lambda path: share_vae_weights(path, vae_path)) if shared else None
     trainee = Trainee(net, [te, te2], predict, sampling=[ema_net, ema_te, ema_te2])
-    minutes = train_loop("sd3", c, cfg.seed, data, trainee, RectifiedFlow(c.shift), device, log_metric,
-                         Snapshots(cfg, c, out, device, pipe, "sd3", log_metric, after_save))
+    minutes = train_loop(
+        "sd3",
+        c,
+        cfg.seed,
+        data,
+        trainee,
+        RectifiedFlow(c.shift),
+        device,
+        log_metric,
+        Snapshots(cfg, c, out, device, pipe, "sd3", log_metric, after_save),
+    )
     log_metric("sd3/train_minutes", minutes, c.steps)
     path = out / "shapes_sd3"
     save_pipeline(pipe, path)
@@ -172,15 +224,21 @@ def _training_call(te, te2, net, pad_id: int, max_length: int, grounding: TokenG
         p = probs.mean(1) * real["mask"][:, None, :]
         grounding._record_cross(name, p / p.sum(-1, keepdim=True).clamp_min(1e-12), 1)
 
-    net.set_attn_processor({k: JointTrainProcessor(k, max_length, T5_POSITIONS, sink if grounding else None)
-                            for k in net.attn_processors})
+    net.set_attn_processor(
+        {k: JointTrainProcessor(k, max_length, T5_POSITIONS, sink if grounding else None) for k in net.attn_processors}
+    )
 
     def predict(x_t: torch.Tensor, timestep: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if grounding is not None:  # real tokens: BOS … the first EOS (pad = EOS; a dropped caption has 2)
             n_real = ((ids != pad_id) | (positions.to(ids.device) == 0)).sum(1) + 1
             real["mask"] = (positions.to(ids.device)[None] < n_real[:, None]).float()
         context, pooled = _context(te, te2, ids)
-        return net(hidden_states=x_t, encoder_hidden_states=context, pooled_projections=pooled, timestep=timestep,
-                   return_dict=False)[0]
+        return net(
+            hidden_states=x_t,
+            encoder_hidden_states=context,
+            pooled_projections=pooled,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
 
     return predict

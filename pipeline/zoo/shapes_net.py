@@ -55,8 +55,15 @@ class ShapesNet(nn.Module):
         self.config = config = config or ShapesNetConfig()
         layers, c_in = [], 3
         for c in config.channels:  # two 3x3 convs then a 2x downsample per stage
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
-                       nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, c, 3, padding=1),
+                nn.GroupNorm(8, c),
+                nn.SiLU(),
+                nn.Conv2d(c, c, 3, padding=1),
+                nn.GroupNorm(8, c),
+                nn.SiLU(),
+                nn.MaxPool2d(2),
+            ]
             c_in = c
         self.body = nn.Sequential(*layers)
         # keep a coarse spatial grid: left/right must stay distinguishable after pooling
@@ -144,8 +151,9 @@ class ShapesNet(nn.Module):
         return net.to(device).eval()
 
 
-def labels_for(objects: Sequence[ShapeObject] | Sequence[tuple[str, str, str]],
-               config: ShapesNetConfig) -> dict[str, int]:
+def labels_for(
+    objects: Sequence[ShapeObject] | Sequence[tuple[str, str, str]], config: ShapesNetConfig
+) -> dict[str, int]:
     """Class targets per head for one image's objects (ShapeObjects or (colour, shape, side) triples)."""
     labels = {f"{side}_{head}": 0 for side in SIDES for head in ("shape", "colour")}
     for o in objects:

@@ -43,8 +43,9 @@ def save_pipeline(pipe, path: pathlib.Path):
 
 
 @torch.no_grad()
-def evaluate_adherence(pipe, judge, captions: list[str], steps: int = 25, guidance: float = 5.0, seed: int = 0,
-                       batch_size: int = 64) -> dict[str, float]:
+def evaluate_adherence(
+    pipe, judge, captions: list[str], steps: int = 25, guidance: float = 5.0, seed: int = 0, batch_size: int = 64
+) -> dict[str, float]:
     """Generate one image per caption and judge it: rates of correct colour / shape / both, by object count."""
     net = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     device = net.device
@@ -52,10 +53,12 @@ def evaluate_adherence(pipe, judge, captions: list[str], steps: int = 25, guidan
     for i in range(0, len(captions), batch_size):
         chunk = captions[i : i + batch_size]
         gen = torch.Generator(device="cpu").manual_seed(seed + i)
-        latents = torch.randn((len(chunk), net.config.in_channels, net.config.sample_size, net.config.sample_size),
-                              generator=gen).to(device, net.dtype)
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
-                      output_type="pt").images
+        latents = torch.randn(
+            (len(chunk), net.config.in_channels, net.config.sample_size, net.config.sample_size), generator=gen
+        ).to(device, net.dtype)
+        images = pipe(
+            chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="pt"
+        ).images
         for j, c in zip(judge.judge(images.float().cpu()), chunk):
             results.append((len(parse_caption(c)), compare(j, parse_caption(c))))
     out = {}
@@ -73,13 +76,32 @@ class Snapshots:
     by the judge every ``eval_every`` steps (0 = never), at the checkpoints and at the end, and the checkpoints at the
     fractions ``checkpoints`` of the steps (``<out>/shapes_<name>_ckpt/step_NNNNN``; ``after_save(path)`` then)."""
 
-    def __init__(self, cfg, c, out: pathlib.Path, device: torch.device, pipe, name: str, log_metric: MetricFn,
-                 after_save: Callable[[pathlib.Path], None] | None = None):
+    def __init__(
+        self,
+        cfg,
+        c,
+        out: pathlib.Path,
+        device: torch.device,
+        pipe,
+        name: str,
+        log_metric: MetricFn,
+        after_save: Callable[[pathlib.Path], None] | None = None,
+    ):
         judge_path = find_component(out, "shapes_net", "config.json", "shapes_net")
         self.judge = ShapesNet.from_pretrained(judge_path, device=device) if judge_path and c.eval_every else None
-        self.captions = ShapesDataset("test", c.eval_prompts, seed=cfg.data.seed, size=cfg.data.size,
-                                      shapes=cfg.data.shapes, colours=cfg.data.colours,
-                                      p_two=cfg.data.p_two).captions if self.judge else []
+        self.captions = (
+            ShapesDataset(
+                "test",
+                c.eval_prompts,
+                seed=cfg.data.seed,
+                size=cfg.data.size,
+                shapes=cfg.data.shapes,
+                colours=cfg.data.colours,
+                p_two=cfg.data.p_two,
+            ).captions
+            if self.judge
+            else []
+        )
         self.ckpt_steps = sorted({max(1, round(f * c.steps)) for f in c.checkpoints} - {c.steps})
         self.cfg, self.c, self.out, self.pipe, self.name = cfg, c, out, pipe, name
         self.log_metric, self.after_save = log_metric, after_save
@@ -93,12 +115,16 @@ class Snapshots:
         c, name = self.c, self.name
         if self.judge is not None and (step % c.eval_every == 0 or step == c.steps or step in self.ckpt_steps):
             t0 = time.time()
-            res = evaluate_adherence(self.pipe, self.judge, self.captions, c.eval_sampling_steps, c.guidance,
-                                     seed=self.cfg.seed)
+            res = evaluate_adherence(
+                self.pipe, self.judge, self.captions, c.eval_sampling_steps, c.guidance, seed=self.cfg.seed
+            )
             for k, v in res.items():
                 self.log_metric(f"{name}/eval_{k}", v, step)
-            print(f"{name} step {step}: adherence {' '.join(f'{k}={v:.2f}' for k, v in res.items())} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"{name} step {step}: adherence {' '.join(f'{k}={v:.2f}' for k, v in res.items())} "
+                f"({time.time() - t0:.0f}s)",
+                flush=True,
+            )
         if step in self.ckpt_steps:
             path = self.out / f"shapes_{name}_ckpt" / f"step_{step:05d}"
             save_pipeline(self.pipe, path)

@@ -97,7 +97,8 @@ def check_tokenizer(tok, words: Sequence[str]) -> None:
         enc = tok(w, add_special_tokens=False).input_ids
         if len(enc) != 1 or enc[0] == tok.unk_token_id:
             raise ValueError(
-                f"Tokenizer maps {w!r} to {enc} (tokens {tok.convert_ids_to_tokens(enc)}); expected one known id")
+                f"Tokenizer maps {w!r} to {enc} (tokens {tok.convert_ids_to_tokens(enc)}); expected one known id"
+            )
         ids[w] = enc[0]
     if len(set(ids.values())) != len(ids):
         raise ValueError(f"Tokenizer maps different words to the same id: {ids}")

@@ -64,8 +64,13 @@ def train_judge(cfg, out: pathlib.Path, device: torch.device, log_metric: Metric
     c = cfg.judge
     torch.manual_seed(cfg.seed)
     x, _, objects = images(cfg.data, "train", c.n_train)
-    net_cfg = ShapesNetConfig(shapes=list(cfg.data.shapes), colours=list(cfg.data.colours), image_size=cfg.data.size,
-                              channels=list(c.channels), feature_dim=c.feature_dim)
+    net_cfg = ShapesNetConfig(
+        shapes=list(cfg.data.shapes),
+        colours=list(cfg.data.colours),
+        image_size=cfg.data.size,
+        channels=list(c.channels),
+        feature_dim=c.feature_dim,
+    )
     heads = [f"{side}_{h}" for side in ("left", "right") for h in ("shape", "colour")]
     labels = [labels_for(o, net_cfg) for o in objects]
     y = {k: torch.tensor([l[k] for l in labels]) for k in heads}
@@ -107,8 +112,12 @@ def train_judge(cfg, out: pathlib.Path, device: torch.device, log_metric: Metric
 def _reconstruct(vae, x: torch.Tensor, device: torch.device, batch: int = 500) -> torch.Tensor:
     """decode(mode(encode(x))): the deterministic round trip the latent model's data goes through."""
     vae.eval()
-    return torch.cat([vae.decode(vae.encode(x[i : i + batch].to(device)).latent_dist.mode()).sample.float().cpu()
-                      for i in range(0, len(x), batch)])
+    return torch.cat(
+        [
+            vae.decode(vae.encode(x[i : i + batch].to(device)).latent_dist.mode()).sample.float().cpu()
+            for i in range(0, len(x), batch)
+        ]
+    )
 
 
 def train_vae(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn) -> pathlib.Path:
@@ -148,15 +157,19 @@ def train_vae(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricFn
     # scaling_factor: scaled latents get unit RMS, the scale the noise schedule assumes (SD's 0.18215 plays
     # this role for its VAE). StableDiffusionPipeline has no shift, so RMS (not std) is the right target.
     with torch.no_grad():
-        z = torch.cat([vae.encode(x[i : i + 500].to(device)).latent_dist.mode()
-                       for i in range(0, min(len(x), 5000), 500)])
+        z = torch.cat(
+            [vae.encode(x[i : i + 500].to(device)).latent_dist.mode() for i in range(0, min(len(x), 5000), 500)]
+        )
         rms = z.pow(2).mean().sqrt().item()
     vae.register_to_config(scaling_factor=1.0 / rms)
     value = psnr(_reconstruct(vae, xv, device), xv)
     log_metric("vae/val_psnr", value, c.steps)
     ch = z.transpose(0, 1).flatten(1)
-    print(f"vae: val PSNR {value:.2f} dB; latent RMS {rms:.3f}, per-channel mean {ch.mean(1).tolist()} "
-          f"std {ch.std(1).tolist()}", flush=True)
+    print(
+        f"vae: val PSNR {value:.2f} dB; latent RMS {rms:.3f}, per-channel mean {ch.mean(1).tolist()} "
+        f"std {ch.std(1).tolist()}",
+        flush=True,
+    )
     path = out / "shapes_sd" / "vae"
     vae.to(STORE_DTYPE).save_pretrained(path, safe_serialization=True)
     return path
@@ -168,8 +181,14 @@ def train_ddpm(cfg, out: pathlib.Path, device: torch.device, log_metric: MetricF
     torch.manual_seed(cfg.seed)  # the model's initial weights
     x, _, _ = images(cfg.data, "train", c.n_train)
     unet = build_ddpm_unet(cfg.data.size, c.block_out_channels, c.layers_per_block, c.attention).to(device)
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                                prediction_type="epsilon", clip_sample=True)
+    noise_sched = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
     # nothing samples before the end: the EMA weights go into the trained UNet after the last step
     trainee = Trainee(unet, [], lambda x_t, t, ids: unet(x_t, t).sample, sampling=[unet])
     train_loop("ddpm", c, cfg.seed, TrainSet(x), trainee, Epsilon(noise_sched, None, device), device, log_metric)
@@ -210,8 +229,10 @@ def tracked_train(cfg) -> dict[str, pathlib.Path]:
     """``train`` as one MLflow run like every pipeline run: flattened config as params, metrics per step,
     environment tags, always ended (FAILED/KILLED on error)."""
     tracker = Tracker(cfg.tracking, cfg.paths.outputs)
-    tracker.start(f"zoo train {','.join(cfg.components)}", tags={**environment_tags(str(_device(cfg.device))),
-                                                                   "zoo.output_dir": str(cfg.output_dir)})
+    tracker.start(
+        f"zoo train {','.join(cfg.components)}",
+        tags={**environment_tags(str(_device(cfg.device))), "zoo.output_dir": str(cfg.output_dir)},
+    )
     status = "FAILED"
     try:
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))

@@ -22,6 +22,22 @@ from pipeline.data.shapes.dataset import (
 )
 from pipeline.data.shapes.write import export
 
-__all__ = ["COLOURS", "SHAPES", "DEFAULT_COLOURS", "DEFAULT_SHAPES", "OOD_COLOURS", "OOD_SHAPES", "SIDES", "SPLITS",
-           "BACKGROUND", "ShapeObject", "Sample", "render", "ShapesDataset", "export", "caption_for", "parse_caption",
-           "vocabulary"]
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "DEFAULT_COLOURS",
+    "DEFAULT_SHAPES",
+    "OOD_COLOURS",
+    "OOD_SHAPES",
+    "SIDES",
+    "SPLITS",
+    "BACKGROUND",
+    "ShapeObject",
+    "Sample",
+    "render",
+    "ShapesDataset",
+    "export",
+    "caption_for",
+    "parse_caption",
+    "vocabulary",
+]

@@ -150,7 +150,8 @@ def parse_caption(caption: str) -> list[tuple[str, str, str]]:
         words = part.split()
         if len(words) != 6 or words[0] != "a" or words[3:5] != ["on", "the"] or words[5] not in SIDES:
             raise ValueError(
-                f"Caption {caption!r} is not of the form 'a <colour> <shape> on the <left|right>[ and ...]'")
+                f"Caption {caption!r} is not of the form 'a <colour> <shape> on the <left|right>[ and ...]'"
+            )
         out.append((words[1], words[2], words[5]))
     return out
 

@@ -28,8 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         _parser().error(str(e))
     folder = export(dataset, args.folder)
-    print(f"wrote {len(dataset)} {args.size}x{args.size} shapes images ({args.split} split, seed {args.seed}) to "
-          f"{folder}: captions.jsonl, objects.jsonl and {len(list((folder / 'masks').glob('*.png')))} masks in masks/")
+    print(
+        f"wrote {len(dataset)} {args.size}x{args.size} shapes images ({args.split} split, seed {args.seed}) to "
+        f"{folder}: captions.jsonl, objects.jsonl and {len(list((folder / 'masks').glob('*.png')))} masks in masks/"
+    )
     return 0
 
 

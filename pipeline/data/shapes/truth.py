@@ -64,8 +64,13 @@ def flip_rows(judged: dict[float, list], sides: list[str | None], edit: tuple[st
     vals = {s: [value(j[i], sides[i]) for i in scored] for s, j in judged.items()}
     rows = []
     for s in sorted(judged):
-        rows.append({"scale": s, "n": len(scored),
-                     "flip_rate": float(np.mean([b != to and v == to for b, v in zip(vals[0.0], vals[s])])),
-                     "target_rate": float(np.mean([v == to for v in vals[s]])),
-                     "source_rate": float(np.mean([v == frm for v in vals[s]]))})
+        rows.append(
+            {
+                "scale": s,
+                "n": len(scored),
+                "flip_rate": float(np.mean([b != to and v == to for b, v in zip(vals[0.0], vals[s])])),
+                "target_rate": float(np.mean([v == to for v in vals[s]])),
+                "source_rate": float(np.mean([v == frm for v in vals[s]])),
+            }
+        )
     return rows

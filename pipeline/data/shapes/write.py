@@ -29,8 +29,16 @@ def export(dataset, folder: str | pathlib.Path) -> pathlib.Path:
             for k, o in enumerate(sample.objects):
                 mask_name = f"masks/{i:0{width}d}_{k}.png"
                 Image.fromarray(o.mask.astype(np.uint8) * 255).save(folder / mask_name)
-                objs.append({"shape": o.shape, "colour": o.colour, "side": o.side, "words": list(o.words),
-                             "word_positions": list(o.word_positions), "mask": mask_name})
+                objs.append(
+                    {
+                        "shape": o.shape,
+                        "colour": o.colour,
+                        "side": o.side,
+                        "words": list(o.words),
+                        "word_positions": list(o.word_positions),
+                        "mask": mask_name,
+                    }
+                )
             cap.write(json.dumps({"file": name, "caption": sample.caption}) + "\n")
             meta.write(json.dumps({"file": name, "caption": sample.caption, "objects": objs}) + "\n")
     return folder

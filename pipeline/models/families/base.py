@@ -17,8 +17,19 @@ from pipeline.errors import UserError
 from pipeline.models.attention import AttentionLayout
 from pipeline.models.flow_shift import shift_mu, uses_dynamic_shift
 
-__all__ = ["Family", "FamilyDriver", "DRIVERS", "FAMILIES", "register", "driver_named", "call_default", "image_tokens",
-           "batched", "ALL_MODES", "UNTEXTED_MODES"]
+__all__ = [
+    "Family",
+    "FamilyDriver",
+    "DRIVERS",
+    "FAMILIES",
+    "register",
+    "driver_named",
+    "call_default",
+    "image_tokens",
+    "batched",
+    "ALL_MODES",
+    "UNTEXTED_MODES",
+]
 
 ALL_MODES = ("metrics", "schedule", "attention", "latent")
 UNTEXTED_MODES = ("metrics", "schedule", "latent")  # no prompt tokens: no attention maps
@@ -162,8 +173,10 @@ class FamilyDriver:
         raise AssertionError(f"no class conditioning for family {self.family.name!r}")
 
     def text_context(self, prompts: list[str]) -> torch.Tensor:
-        raise UserError(f"{type(self.pipe).__name__}: prompt embeddings as one context tensor are only defined "
-                        "for StableDiffusionPipeline")
+        raise UserError(
+            f"{type(self.pipe).__name__}: prompt embeddings as one context tensor are only defined "
+            "for StableDiffusionPipeline"
+        )
 
     def class_embedding_shift(self, source: int, target: int, scale: float, cfg: bool):
         """A context manager moving the conditional rows' class embedding by scale·(e(target) − e(source))."""
@@ -186,8 +199,10 @@ class FamilyDriver:
     # ------------------------------------------------------------------ attention
     def attention_layout(self, height: int, width: int) -> AttentionLayout:
         kind = "class-conditional" if self.family.conditioning == "class" else "unconditional"
-        raise UserError(f"mode=[attention] needs a text-conditioned model: {type(self.pipe).__name__} "
-                        f"({self.family.name}) is {kind}, so there are no prompt tokens to map")
+        raise UserError(
+            f"mode=[attention] needs a text-conditioned model: {type(self.pipe).__name__} "
+            f"({self.family.name}) is {kind}, so there are no prompt tokens to map"
+        )
 
 
 def image_tokens(height: int, width: int, step: int) -> int:

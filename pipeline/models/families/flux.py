@@ -36,8 +36,11 @@ class Flux(FamilyDriver):
         """FluxPipeline's: ``sigmas = linspace(1, 1/N, N)`` (``num_inference_steps`` instead when the config has
         ``use_flow_sigmas``) and ``mu`` (a static-shift scheduler ignores it)."""
         n = int(num_inference_steps)
-        out: dict = {"num_inference_steps": n} if config.get("use_flow_sigmas", False) else {
-            "sigmas": np.linspace(1.0, 1 / n, n)}
+        out: dict = (
+            {"num_inference_steps": n}
+            if config.get("use_flow_sigmas", False)
+            else {"sigmas": np.linspace(1.0, 1 / n, n)}
+        )
         if image_seq_len is not None:
             out["mu"] = shift_mu(config, image_seq_len, cls.shift_defaults)
         elif uses_dynamic_shift(config):
@@ -80,15 +83,21 @@ class Flux(FamilyDriver):
     def encode(self, prompts, cfg, guidance, height, width) -> dict:
         pipe, device = self.pipe, self.model.device
         max_len = int(call_default(pipe.__call__, "max_sequence_length", 512))
-        pe, ppe, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
-                                               num_images_per_prompt=1, max_sequence_length=max_len)
+        pe, ppe, text_ids = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=max_len
+        )
         _, h, w = self.latent_shape(height, width)
         img_ids = pipe._prepare_latent_image_ids(len(prompts), h // 2, w // 2, device, pe.dtype)
         g = None
         if getattr(self.denoiser.config, "guidance_embeds", False):
             g = torch.full([1], guidance, device=device, dtype=torch.float32).expand(len(prompts))
-        return {"encoder_hidden_states": pe, "pooled_projections": ppe, "txt_ids": text_ids, "img_ids": img_ids,
-                "guidance": g}
+        return {
+            "encoder_hidden_states": pe,
+            "pooled_projections": ppe,
+            "txt_ids": text_ids,
+            "img_ids": img_ids,
+            "guidance": g,
+        }
 
     def forward(self, x, t, kwargs):
         tb = batched(t, x)
@@ -104,8 +113,11 @@ class Flux(FamilyDriver):
     def attention_layout(self, height, width) -> AttentionLayout:
         """Joint attention [text; image] in double- and single-stream blocks; text = T5 only."""
         _, h, w = self.latent_shape(height, width)
-        layers = tuple(k for k in self.denoiser.attn_processors
-                       if re.fullmatch(r"(single_)?transformer_blocks\.\d+\.attn\.processor", k))
+        layers = tuple(
+            k
+            for k in self.denoiser.attn_processors
+            if re.fullmatch(r"(single_)?transformer_blocks\.\d+\.attn\.processor", k)
+        )
         t5 = int(call_default(self.pipe.__call__, "max_sequence_length", 512))
         return AttentionLayout("flux", layers, (h // 2, w // 2), self.pipe.tokenizer_2, t5, (0, t5), True, "T5")
 
@@ -131,7 +143,11 @@ class FluxJointRecorder:
         if attn.added_kv_proj_dim is not None:
             eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
             eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            query, key, value = torch.cat([eq, query], dim=1), torch.cat([ek, key], dim=1), torch.cat([ev, value], dim=1)
+            query, key, value = (
+                torch.cat([eq, query], dim=1),
+                torch.cat([ek, key], dim=1),
+                torch.cat([ev, value], dim=1),
+            )
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -140,7 +156,8 @@ class FluxJointRecorder:
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
             hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states

@@ -29,8 +29,15 @@ class PixArt(FamilyDriver):
         pipe, device = self.pipe, self.model.device
         clean = bool(call_default(pipe.__call__, "clean_caption", False)) and is_bs4_available() and is_ftfy_available()
         max_len = int(call_default(pipe.__call__, "max_sequence_length", 120))
-        pe, pam, npe, npam = pipe.encode_prompt(prompts, cfg, negative_prompt="", num_images_per_prompt=1,
-                                                device=device, clean_caption=clean, max_sequence_length=max_len)
+        pe, pam, npe, npam = pipe.encode_prompt(
+            prompts,
+            cfg,
+            negative_prompt="",
+            num_images_per_prompt=1,
+            device=device,
+            clean_caption=clean,
+            max_sequence_length=max_len,
+        )
         if cfg:
             pe, pam = torch.cat([npe, pe]), torch.cat([npam, pam])
         added = {"resolution": None, "aspect_ratio": None}
@@ -49,5 +56,12 @@ class PixArt(FamilyDriver):
         _, h, w = self.latent_shape(height, width)
         p = int(self.denoiser.config.patch_size)
         n = int(call_default(self.pipe.__call__, "max_sequence_length", 120))
-        return AttentionLayout("cross", tuple(cross_attention_layers(self.denoiser)), (h // p, w // p),
-                               self.pipe.tokenizer, n, (0, n), segment_name="T5")
+        return AttentionLayout(
+            "cross",
+            tuple(cross_attention_layers(self.denoiser)),
+            (h // p, w // p),
+            self.pipe.tokenizer,
+            n,
+            (0, n),
+            segment_name="T5",
+        )

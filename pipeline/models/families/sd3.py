@@ -35,10 +35,16 @@ class StableDiffusion3(FamilyDriver):
 
     def encode(self, prompts, cfg, guidance, height, width) -> dict:
         max_len = int(call_default(self.pipe.__call__, "max_sequence_length", 256))
-        pe, npe, ppe, nppe = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
-                                                     device=self.model.device, num_images_per_prompt=1,
-                                                     do_classifier_free_guidance=cfg, negative_prompt=None,
-                                                     max_sequence_length=max_len)
+        pe, npe, ppe, nppe = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.model.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=None,
+            max_sequence_length=max_len,
+        )
         if cfg:
             pe, ppe = torch.cat([npe, pe]), torch.cat([nppe, ppe])
         return {"encoder_hidden_states": pe, "pooled_projections": ppe}
@@ -55,8 +61,9 @@ class StableDiffusion3(FamilyDriver):
         pipe = self.pipe
         _, h, w = self.latent_shape(height, width)
         p = int(self.denoiser.config.patch_size)
-        layers = tuple(k for k in self.denoiser.attn_processors
-                       if re.fullmatch(r"transformer_blocks\.\d+\.attn\.processor", k))
+        layers = tuple(
+            k for k in self.denoiser.attn_processors if re.fullmatch(r"transformer_blocks\.\d+\.attn\.processor", k)
+        )
         clip = int(pipe.tokenizer_max_length)
         t5 = int(call_default(pipe.__call__, "max_sequence_length", 256))
         if getattr(pipe, "text_encoder_3", None) is not None:
@@ -82,18 +89,27 @@ class SD3JointRecorder:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if encoder_hidden_states is not None:  # the text stream, appended after the image tokens
-            cq, ck, cv = (p(encoder_hidden_states).view(b, -1, attn.heads, head_dim).transpose(1, 2)
-                          for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            cq, ck, cv = (
+                p(encoder_hidden_states).view(b, -1, attn.heads, head_dim).transpose(1, 2)
+                for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
             if attn.norm_added_q is not None:
                 cq = attn.norm_added_q(cq)
             if attn.norm_added_k is not None:
                 ck = attn.norm_added_k(ck)
-            query, key, value = torch.cat([query, cq], dim=2), torch.cat([key, ck], dim=2), torch.cat([value, cv], dim=2)
+            query, key, value = (
+                torch.cat([query, cq], dim=2),
+                torch.cat([key, ck], dim=2),
+                torch.cat([value, cv], dim=2),
+            )
             self.cap._record_joint(self.name, query, key, n_image=residual.shape[1], text_first=False)
         hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1]:]
+            hidden_states, encoder_hidden_states = (
+                hidden_states[:, : residual.shape[1]],
+                hidden_states[:, residual.shape[1] :],
+            )
             if not attn.context_pre_only:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))

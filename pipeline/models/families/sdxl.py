@@ -22,11 +22,17 @@ class StableDiffusionXL(StableDiffusion):
 
     def encode(self, prompts, cfg, guidance, height, width) -> dict:
         pipe = self.pipe
-        pe, npe, ppe, nppe = pipe.encode_prompt(prompt=prompts, device=self.model.device, num_images_per_prompt=1,
-                                                do_classifier_free_guidance=cfg, negative_prompt=None)
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            prompt=prompts,
+            device=self.model.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=None,
+        )
         proj = int(ppe.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
-        time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
-                                          text_encoder_projection_dim=proj)
+        time_ids = pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=pe.dtype, text_encoder_projection_dim=proj
+        )
         if cfg:
             pe, ppe, time_ids = torch.cat([npe, pe]), torch.cat([nppe, ppe]), torch.cat([time_ids, time_ids])
         time_ids = time_ids.to(self.model.device).repeat(len(prompts), 1)

@@ -11,5 +11,11 @@ recorders are the model adapter's (``attention_layout``; :mod:`pipeline.models.a
 from pipeline.models.attention import CrossAttentionRecorder, cross_attention_layers, layer_grid
 from pipeline.modes.attention.capture import AttentionCapture, capture, joint_segment_maps
 
-__all__ = ["AttentionCapture", "CrossAttentionRecorder", "capture", "cross_attention_layers", "joint_segment_maps",
-           "layer_grid"]
+__all__ = [
+    "AttentionCapture",
+    "CrossAttentionRecorder",
+    "capture",
+    "cross_attention_layers",
+    "joint_segment_maps",
+    "layer_grid",
+]

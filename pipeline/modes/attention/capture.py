@@ -49,9 +49,14 @@ __all__ = ["AttentionCapture", "capture", "layer_grid", "joint_segment_maps"]
 _CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk of query rows in joint attention
 
 
-def joint_segment_maps(query: torch.Tensor, key: torch.Tensor, n_image: int, text_first: bool,
-                       segment: tuple[int, int], valid: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def joint_segment_maps(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    n_image: int,
+    text_first: bool,
+    segment: tuple[int, int],
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image-query rows of one joint attention: per-token maps of a text segment and the text share.
 
     ``query``, ``key``: (n, heads, L, d) with L = n_image + n_text, ordered [text; image] if ``text_first`` else
@@ -101,8 +106,16 @@ class _Sum:
 class AttentionCapture:
     """The recording state of one generation; use through :func:`capture`."""
 
-    def __init__(self, denoiser, layout, latent_hw: tuple[int, int], snapshot_steps: Sequence[int] = (),
-                 call_steps: Sequence[int] | None = None, cfg: bool = False, valid_tokens: Sequence[int] | None = None):
+    def __init__(
+        self,
+        denoiser,
+        layout,
+        latent_hw: tuple[int, int],
+        snapshot_steps: Sequence[int] = (),
+        call_steps: Sequence[int] | None = None,
+        cfg: bool = False,
+        valid_tokens: Sequence[int] | None = None,
+    ):
         self.denoiser, self.layout, self.latent_hw = denoiser, layout, tuple(latent_hw)
         self.snapshot_steps, self.call_steps, self.cfg = set(snapshot_steps), call_steps, cfg
         self.valid_tokens = None if valid_tokens is None else list(valid_tokens)  # per sample: non-padding tokens
@@ -124,12 +137,15 @@ class AttentionCapture:
         self._originals = dict(self.denoiser.attn_processors)
         missing = [k for k in self.layout.layers if k not in self._originals]
         if not self.layout.layers or missing:
-            raise ValueError(f"Expected attention layers {list(self.layout.layers)[:3]}... in "
-                             f"{type(self.denoiser).__name__}, missing {missing[:3]}")
+            raise ValueError(
+                f"Expected attention layers {list(self.layout.layers)[:3]}... in "
+                f"{type(self.denoiser).__name__}, missing {missing[:3]}"
+            )
         recorder = recorder_class(self.layout.recorder)  # the family's copy of its own processor
         # set_attn_processor(dict) needs an entry for every layer: the others keep their own processor
-        self.denoiser.set_attn_processor({k: (recorder(self, k) if k in self.layout.layers else p)
-                                          for k, p in self._originals.items()})
+        self.denoiser.set_attn_processor(
+            {k: (recorder(self, k) if k in self.layout.layers else p) for k, p in self._originals.items()}
+        )
         self._hook = self.denoiser.register_forward_pre_hook(self._next_call)
         return self
 
@@ -139,8 +155,10 @@ class AttentionCapture:
 
     def _next_call(self, module, args) -> None:
         if self.call_steps is not None and self.calls >= len(self.call_steps):
-            raise ValueError(f"denoiser call {self.calls + 1} but call_steps has {len(self.call_steps)} entries: build "
-                             "it with denoiser_call_steps() for the same solver, steps and size")
+            raise ValueError(
+                f"denoiser call {self.calls + 1} but call_steps has {len(self.call_steps)} entries: build "
+                "it with denoiser_call_steps() for the same solver, steps and size"
+            )
         self.step = self.call_steps[self.calls] if self.call_steps is not None else self.calls
         self.calls += 1
 
@@ -160,7 +178,7 @@ class AttentionCapture:
 
     # --- recording ---------------------------------------------------------------------------------------
     def _cond(self, t: torch.Tensor) -> torch.Tensor:
-        return t[t.shape[0] // 2:] if self.cfg else t  # [uncond, cond] -> cond
+        return t[t.shape[0] // 2 :] if self.cfg else t  # [uncond, cond] -> cond
 
     def _add(self, grid: tuple[int, int], maps: torch.Tensor) -> None:
         self.sums.setdefault(grid, _Sum()).add(maps)
@@ -177,7 +195,9 @@ class AttentionCapture:
         q, k = self._cond(query), self._cond(key)
         if self._valid is None and self.valid_tokens is not None:
             S = self.layout.segment[1] - self.layout.segment[0]
-            self._valid = torch.arange(S, device=q.device)[None, :] < torch.tensor(self.valid_tokens, device=q.device)[:, None]
+            self._valid = (
+                torch.arange(S, device=q.device)[None, :] < torch.tensor(self.valid_tokens, device=q.device)[:, None]
+            )
         maps, share, err = joint_segment_maps(q, k, n_image, text_first, self.layout.segment, self._valid)
         self._error(err)
         if n_image != self.n_image_tokens:
@@ -220,9 +240,16 @@ class AttentionCapture:
         return None if self._share_sum is None else (self._share_sum / self._share_calls).float().cpu()
 
 
-def capture(model, height: int, width: int, snapshot_steps: Sequence[int] = (), call_steps: Sequence[int] | None = None,
-            cfg: bool = False, prompts: Sequence[str] | None = None,
-            valid_tokens: Sequence[int] | None = None) -> AttentionCapture:
+def capture(
+    model,
+    height: int,
+    width: int,
+    snapshot_steps: Sequence[int] = (),
+    call_steps: Sequence[int] | None = None,
+    cfg: bool = False,
+    prompts: Sequence[str] | None = None,
+    valid_tokens: Sequence[int] | None = None,
+) -> AttentionCapture:
     """A context manager recording ``model``'s text→image attention (``model`` is a
     :class:`~pipeline.models.adapter.ModelAdapter`; its ``attention_layout`` says where and which tokens).
 
@@ -235,6 +262,8 @@ def capture(model, height: int, width: int, snapshot_steps: Sequence[int] = (), 
     if valid_tokens is None and prompts is not None:
         valid_tokens = [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts]
     if layout.renormalise and valid_tokens is None:
-        raise ValueError(f"{type(model.pipe).__name__}: joint-attention maps are renormalised over each prompt's "
-                         "non-padding tokens; pass prompts=[...] (or valid_tokens=[...]) to capture()")
+        raise ValueError(
+            f"{type(model.pipe).__name__}: joint-attention maps are renormalised over each prompt's "
+            "non-padding tokens; pass prompts=[...] (or valid_tokens=[...]) to capture()"
+        )
     return AttentionCapture(model.denoiser, layout, latent_hw, snapshot_steps, call_steps, cfg, valid_tokens)

@@ -31,8 +31,10 @@ class AttentionModeConfig:
 def refuse_untexted(cls: str, fam) -> None:
     """A UserError: the attention mode needs a text-conditioned model (``fam`` is its family)."""
     kind = "class-conditional" if fam.conditioning == "class" else "unconditional"
-    raise UserError(f"mode=[attention] needs a text-conditioned model: {cls} ({fam.name}) is {kind}, so there are no "
-                    f"prompt tokens to map; text-to-image families: {', '.join(classes_for('attention'))}")
+    raise UserError(
+        f"mode=[attention] needs a text-conditioned model: {cls} ({fam.name}) is {kind}, so there are no "
+        f"prompt tokens to map; text-to-image families: {', '.join(classes_for('attention'))}"
+    )
 
 
 def validate(cfg) -> None:
@@ -45,15 +47,18 @@ def validate(cfg) -> None:
     a, n = cfg.mode.attention, int(cfg.sampler.num_inference_steps)
     bad = [s for s in a.steps if not 0 <= s < n]
     if bad or not a.steps:
-        raise UserError(f"mode.attention.steps={list(a.steps)}: snapshot solver steps must be in 0..{n - 1} "
-                        f"(sampler.num_inference_steps={n}); e.g. {[round(f * (n - 1)) for f in (0.1, 0.3, 0.6, 0.9)]}")
+        raise UserError(
+            f"mode.attention.steps={list(a.steps)}: snapshot solver steps must be in 0..{n - 1} "
+            f"(sampler.num_inference_steps={n}); e.g. {[round(f * (n - 1)) for f in (0.1, 0.3, 0.6, 0.9)]}"
+        )
     if not 0 < a.threshold < 1:
         raise UserError(f"mode.attention.threshold={a.threshold}: expected a fraction of the map's maximum in (0, 1)")
     if not 0 < a.t < 1:
         raise UserError(f"mode.attention.t={a.t}: expected the real-image noise level as a fraction in (0, 1)")
     if a.num_reference < 0:
-        raise UserError(f"mode.attention.num_reference={a.num_reference}: expected >= 0 (0 turns the real-image "
-                        "protocol off)")
+        raise UserError(
+            f"mode.attention.num_reference={a.num_reference}: expected >= 0 (0 turns the real-image protocol off)"
+        )
 
 
 register_mode("attention", stages=["attention"], schema=AttentionModeConfig, validate=validate)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.modes.attention.scoring import CURVE_THRESHOLDS, normalise
 from pipeline.core.escape import mpl_text
+from pipeline.modes.attention.scoring import CURVE_THRESHOLDS, normalise
 
 __all__ = ["overlay_figure", "resolution_figure", "threshold_figure"]
 
@@ -18,8 +18,10 @@ def _colour_bar(fig, image_artist, threshold: float | None) -> None:
     fig.tight_layout(rect=(0, 0, 0.9, 1))
     cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
     bar = fig.colorbar(image_artist, cax=cax)
-    bar.set_label("attention, min-max normalised per map" + (f" (line: τ = {threshold:g})" if threshold is not None
-                                                                 else ""), fontsize=7)
+    bar.set_label(
+        "attention, min-max normalised per map" + (f" (line: τ = {threshold:g})" if threshold is not None else ""),
+        fontsize=7,
+    )
     bar.ax.tick_params(labelsize=7)
     if threshold is not None:
         bar.ax.axhline(threshold, color="black", lw=1.2)
@@ -30,14 +32,21 @@ def _overlay(ax, image: np.ndarray, m: torch.Tensor):
     return ax.imshow(normalise(m), cmap="jet", alpha=0.55, vmin=0.0, vmax=1.0)
 
 
-def overlay_figure(image: np.ndarray, words: list[str], snaps: dict[int, torch.Tensor], final: torch.Tensor,
-                   prompt: str, threshold: float | None = None):
+def overlay_figure(
+    image: np.ndarray,
+    words: list[str],
+    snaps: dict[int, torch.Tensor],
+    final: torch.Tensor,
+    prompt: str,
+    threshold: float | None = None,
+):
     """Rows: words; columns: the image, each snapshot (solver step), all steps. Maps at image resolution."""
     import matplotlib.pyplot as plt
 
     cols = [*(f"step {s}" for s in sorted(snaps)), "all steps"]
-    fig, axes = plt.subplots(len(words), len(cols) + 1, figsize=(1.6 * (len(cols) + 1) + 0.8, 1.6 * len(words) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(words), len(cols) + 1, figsize=(1.6 * (len(cols) + 1) + 0.8, 1.6 * len(words) + 0.4), squeeze=False
+    )
     im = None
     for r, word in enumerate(words):
         axes[r, 0].imshow(image)
@@ -53,14 +62,20 @@ def overlay_figure(image: np.ndarray, words: list[str], snaps: dict[int, torch.T
     return fig
 
 
-def resolution_figure(image: np.ndarray, words: list[str], by_res: dict[tuple[int, int], torch.Tensor], prompt: str,
-                      threshold: float | None = None):
+def resolution_figure(
+    image: np.ndarray,
+    words: list[str],
+    by_res: dict[tuple[int, int], torch.Tensor],
+    prompt: str,
+    threshold: float | None = None,
+):
     """Rows: token grids (finest first); columns: words."""
     import matplotlib.pyplot as plt
 
     grids = sorted(by_res, reverse=True)
-    fig, axes = plt.subplots(len(grids), len(words), figsize=(1.6 * len(words) + 0.8, 1.6 * len(grids) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(grids), len(words), figsize=(1.6 * len(words) + 0.8, 1.6 * len(grids) + 0.4), squeeze=False
+    )
     im = None
     for r, g in enumerate(grids):
         for c, word in enumerate(words):

@@ -72,7 +72,9 @@ def _prompts(ctx, cfg) -> list[str]:
     if ref.num_bad_caption_lines:
         ctx.tag("attention.num_bad_caption_lines", ref.num_bad_caption_lines)
     if not ref.captions or any(c is None for c in ref.captions):
-        raise UserError(f"dataset {cfg.dataset.name!r} has no captions: set mode.attention.prompts=[...] or prompts_file")
+        raise UserError(
+            f"dataset {cfg.dataset.name!r} has no captions: set mode.attention.prompts=[...] or prompts_file"
+        )
     return ref.captions
 
 
@@ -106,8 +108,16 @@ class _Scores:
         self.unscored = 0
 
 
-def _score_generated(scores: _Scores, truth, image: np.ndarray, prompt: str, words: list[str], final: torch.Tensor,
-                     res_maps: dict, threshold: float) -> None:
+def _score_generated(
+    scores: _Scores,
+    truth,
+    image: np.ndarray,
+    prompt: str,
+    words: list[str],
+    final: torch.Tensor,
+    res_maps: dict,
+    threshold: float,
+) -> None:
     """Score one generated image's word maps (image resolution) against its objects' masks."""
     objects = truth.objects(prompt) or []
     slots = object_word_positions(words, objects)
@@ -139,7 +149,9 @@ def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -
     if getattr(truth, "num_bad_lines", 0):  # objects.jsonl lines refused (bad JSON, paths outside the folder)
         ctx.tag("attention.num_bad_object_lines", truth.num_bad_lines)
     if not rows:
-        ctx.tag("skipped.attention/miou_reference", f"dataset {cfg.dataset.name!r}: no readable reference image with masks")
+        ctx.tag(
+            "skipped.attention/miou_reference", f"dataset {cfg.dataset.name!r}: no readable reference image with masks"
+        )
         return {}
     sched = type(ctx.get("sampler")).from_config(ctx.get("sampler").config)
     model.set_timesteps(sched, int(cfg.sampler.num_inference_steps), height, width)
@@ -156,7 +168,10 @@ def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -
         cond = model.condition(len(batch), guidance, height, width, prompts=captions)
         z = model.encode(x)
         xt = model.add_noise(sched, z, generators(cfg.seed, range(lo, lo + len(batch))), t)
-        with torch.no_grad(), capture(model, height, width, cfg=cond.cfg, valid_tokens=[k.num_tokens for k in toks]) as cap:
+        with (
+            torch.no_grad(),
+            capture(model, height, width, cfg=cond.cfg, valid_tokens=[k.num_tokens for k in toks]) as cap,
+        ):
             model.denoise(xt, t, cond, sched)
         agg = cap.aggregate()
         for i, row in enumerate(batch):
@@ -244,9 +259,18 @@ def _setup(ctx, cfg) -> _Setup:
         reason = no_segmentation(cfg.dataset) + "; maps, entropy and shares only"
         log.info("attention IoU on generated images skipped: %s", reason)
         ctx.tag("skipped.attention/miou", reason)
-    return _Setup(model, sampler, model.attention_layout(height, width), height, width, steps,
-                  float(cfg.sampler.guidance_scale), denoiser_call_steps(model, sampler, steps, height, width),
-                  truth, scored)
+    return _Setup(
+        model,
+        sampler,
+        model.attention_layout(height, width),
+        height,
+        width,
+        steps,
+        float(cfg.sampler.guidance_scale),
+        denoiser_call_steps(model, sampler, steps, height, width),
+        truth,
+        scored,
+    )
 
 
 def _maps_file(ctx, setup: _Setup, prompts: list[str]) -> _NpzWriter:
@@ -264,24 +288,50 @@ def _attend_batch(ctx, cfg, setup: _Setup, batch: list[str], lo: int, tally: _Ta
     for p, t in zip(batch, toks):
         if t.truncated:
             tally.n_trunc += 1
-            log.warning("prompt longer than the %s segment's %d tokens, truncated: %r", s.layout.segment_name,
-                        s.layout.max_length, p)
+            log.warning(
+                "prompt longer than the %s segment's %d tokens, truncated: %r",
+                s.layout.segment_name,
+                s.layout.max_length,
+                p,
+            )
     gens = generators(cfg.seed, range(lo, lo + len(batch)))
     cond = s.model.condition(len(batch), s.guidance, s.height, s.width, prompts=batch)
-    with capture(s.model, s.height, s.width, a.steps, s.call_steps, cfg=s.model.uses_cfg(s.guidance),
-                 valid_tokens=[t.num_tokens for t in toks]) as cap:
+    with capture(
+        s.model,
+        s.height,
+        s.width,
+        a.steps,
+        s.call_steps,
+        cfg=s.model.uses_cfg(s.guidance),
+        valid_tokens=[t.num_tokens for t in toks],
+    ) as cap:
         out = sample(s.model, s.sampler, cond, gens, s.steps, s.height, s.width, eta=float(cfg.sampler.eta))
     if cap.max_row_sum_error > ROW_SUM_TOLERANCE:
         raise RuntimeError(f"attention probabilities do not sum to 1 over keys (error {cap.max_row_sum_error:.2e})")
     images = to_uint8(out.float().nan_to_num().clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
-    maps = {"agg": cap.aggregate(), "by_res": cap.by_resolution(), "snapshots": cap.snapshots(),
-            "text_share": cap.text_share()}
+    maps = {
+        "agg": cap.aggregate(),
+        "by_res": cap.by_resolution(),
+        "snapshots": cap.snapshots(),
+        "text_share": cap.text_share(),
+    }
     for i, prompt in enumerate(batch):
         _one_prompt(ctx, a, s, tally, npz, prompt, toks[i], images[i], maps, i, lo + i)
 
 
-def _one_prompt(ctx, a, s: _Setup, tally: _Tally, npz: _NpzWriter, prompt: str, tok, image: np.ndarray, maps: dict,
-                i: int, index: int) -> None:
+def _one_prompt(
+    ctx,
+    a,
+    s: _Setup,
+    tally: _Tally,
+    npz: _NpzWriter,
+    prompt: str,
+    tok,
+    image: np.ndarray,
+    maps: dict,
+    i: int,
+    index: int,
+) -> None:
     """Prompt ``i`` of its batch (``index`` of the run): shares, entropies, the npz entries, its IoUs (when scored)
     and its figures."""
     agg, by_res, snapshots, text_share = maps["agg"], maps["by_res"], maps["snapshots"], maps["text_share"]
@@ -309,10 +359,14 @@ def _one_prompt(ctx, a, s: _Setup, tally: _Tally, npz: _NpzWriter, prompt: str, 
     if tally.figures < a.figures and content:
         snaps_img = {t: to_image(v[content], size) for t, v in snaps.items()}
         names = [words[k] for k in content]
-        ctx.save_figure(overlay_figure(image, names, snaps_img, final[content], prompt, a.threshold),
-                        f"attention_overlay_{tally.figures}")
-        ctx.save_figure(resolution_figure(image, names, {g: m[content] for g, m in res_maps.items()}, prompt,
-                                          a.threshold), f"attention_resolutions_{tally.figures}")
+        ctx.save_figure(
+            overlay_figure(image, names, snaps_img, final[content], prompt, a.threshold),
+            f"attention_overlay_{tally.figures}",
+        )
+        ctx.save_figure(
+            resolution_figure(image, names, {g: m[content] for g, m in res_maps.items()}, prompt, a.threshold),
+            f"attention_resolutions_{tally.figures}",
+        )
         tally.figures += 1
 
 
@@ -321,16 +375,26 @@ def _threshold_outputs(ctx, cfg, scores: _Scores) -> None:
     if not scores.curves["shape"]:
         return
     means = {kind: np.mean(v, axis=0) for kind, v in scores.curves.items() if v}
-    ctx.save_table([{"threshold": t, **{f"miou_{kind}": float(m[j]) for kind, m in means.items()}}
-                    for j, t in enumerate(CURVE_THRESHOLDS)], "attention_iou_by_threshold")
-    ctx.save_figure(threshold_figure(means, cfg.mode.attention.threshold, len(scores.curves["shape"])),
-                    "attention_iou_by_threshold")
+    ctx.save_table(
+        [
+            {"threshold": t, **{f"miou_{kind}": float(m[j]) for kind, m in means.items()}}
+            for j, t in enumerate(CURVE_THRESHOLDS)
+        ],
+        "attention_iou_by_threshold",
+    )
+    ctx.save_figure(
+        threshold_figure(means, cfg.mode.attention.threshold, len(scores.curves["shape"])), "attention_iou_by_threshold"
+    )
 
 
 def _scalars(ctx, s: _Setup, prompts: list[str], tally: _Tally) -> dict[str, float]:
     scores = tally.scores
-    scalars = {"attention/num_prompts": len(prompts), "attention/num_truncated": tally.n_trunc,
-               "attention/num_scored": len(scores.head), "attention/num_unscored": scores.unscored}
+    scalars = {
+        "attention/num_prompts": len(prompts),
+        "attention/num_truncated": tally.n_trunc,
+        "attention/num_scored": len(scores.head),
+        "attention/num_unscored": scores.unscored,
+    }
     if tally.bos:
         scalars["attention/bos_share"] = float(np.mean(tally.bos))
     else:

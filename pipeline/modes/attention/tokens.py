@@ -48,8 +48,9 @@ def prompt_tokens(tokenizer, prompt: str, max_length: int | None = None) -> Prom
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(prompt, truncation=False, return_offsets_mapping=True)
         n_ids = len(enc.input_ids)
-        positions = [[j for j, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < e and b > s]
-                     for s, e, _ in spans]
+        positions = [
+            [j for j, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < e and b > s] for s, e, _ in spans
+        ]
     else:
         n_ids = len(tokenizer(prompt, truncation=False).input_ids)
         positions, pos = [], lead
@@ -58,8 +59,9 @@ def prompt_tokens(tokenizer, prompt: str, max_length: int | None = None) -> Prom
             positions.append(list(range(pos, pos + k)))
             pos += k
         if pos + trail != n_ids:
-            log.warning("token positions of %r may be off: %d word tokens vs %d ids", prompt, pos - lead,
-                        n_ids - lead - trail)
+            log.warning(
+                "token positions of %r may be off: %d word tokens vs %d ids", prompt, pos - lead, n_ids - lead - trail
+            )
     limit = max_length - trail  # the end token keeps the last slot(s)
     words, kept = [], []
     for (_, _, word), p in zip(spans, positions):

@@ -69,4 +69,6 @@ def norm_ratio_mid(method: Interpolation, z0: torch.Tensor, z1: torch.Tensor) ->
 
 def _check_pair(z0: torch.Tensor, z1: torch.Tensor) -> None:
     if z0.shape != z1.shape or z0.ndim < 2:
-        raise ValueError(f"Expected two batches of the same shape (B, ...), got {tuple(z0.shape)} and {tuple(z1.shape)}")
+        raise ValueError(
+            f"Expected two batches of the same shape (B, ...), got {tuple(z0.shape)} and {tuple(z1.shape)}"
+        )

@@ -26,14 +26,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["split_model_output", "ddim_invert", "ddim_sample", "diffusion_reconstruct", "flow_invert", "flow_sample",
-           "flow_reconstruct"]
+__all__ = [
+    "split_model_output",
+    "ddim_invert",
+    "ddim_sample",
+    "diffusion_reconstruct",
+    "flow_invert",
+    "flow_sample",
+    "flow_reconstruct",
+]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def split_model_output(output: torch.Tensor, x_t: torch.Tensor, alpha_prod_t: torch.Tensor | float,
-                       prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+def split_model_output(
+    output: torch.Tensor, x_t: torch.Tensor, alpha_prod_t: torch.Tensor | float, prediction_type: str = "epsilon"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(eps, pred_x0) from a raw model output of ``prediction_type`` at noise level ᾱ_t."""
     a = torch.as_tensor(alpha_prod_t, dtype=x_t.dtype, device=x_t.device)
     b = 1 - a
@@ -49,8 +57,6 @@ def split_model_output(output: torch.Tensor, x_t: torch.Tensor, alpha_prod_t: to
     else:
         raise ValueError(f"Expected prediction_type epsilon, v_prediction or sample, got {prediction_type!r}")
     return eps, pred_x0
-
-
 
 
 def _from_config(cls, config: dict):
@@ -93,9 +99,16 @@ def ddim_sample(eps_fn: EpsFn, scheduler_config: dict, x_t: torch.Tensor, steps:
 
 
 @torch.no_grad()
-def diffusion_reconstruct(eps_fn: EpsFn, alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: int, steps: int,
-                          noise: torch.Tensor, prediction_type: str = "epsilon",
-                          clip: float | None = None) -> torch.Tensor:
+def diffusion_reconstruct(
+    eps_fn: EpsFn,
+    alphas_cumprod: torch.Tensor,
+    x0: torch.Tensor,
+    t: int,
+    steps: int,
+    noise: torch.Tensor,
+    prediction_type: str = "epsilon",
+    clip: float | None = None,
+) -> torch.Tensor:
     """DDPM-OOD reconstruction (Graham et al. 2023): noise x0 to timestep ``t`` with the given ``noise``, then
     denoise back to a clean sample with ``steps`` deterministic DDIM steps on timesteps evenly spaced from
     ``t`` down to 0 (the last step lands on ᾱ = 1). ``clip`` bounds x̂_0 (pixel models trained with clip_sample)."""

@@ -77,20 +77,28 @@ def validate(cfg) -> None:
         raise UserError("mode.latent.direction: expected non-empty prompts and scales and samples_per_prompt >= 1")
     if "ood" in a.parts:
         if a.ood_fit_samples < MIN_FIT:
-            raise UserError(f"mode.latent.ood_fit_samples={a.ood_fit_samples}: fitting the OOD scores needs at least "
-                            f"{MIN_FIT} in-distribution samples")
+            raise UserError(
+                f"mode.latent.ood_fit_samples={a.ood_fit_samples}: fitting the OOD scores needs at least "
+                f"{MIN_FIT} in-distribution samples"
+            )
         if a.ood_eval_samples < 2:
             raise UserError(f"mode.latent.ood_eval_samples={a.ood_eval_samples}: expected >= 2")
         if not a.recon_timesteps or any(t < 1 for t in a.recon_timesteps) or a.recon_steps < 1:
-            raise UserError(f"mode.latent.recon_timesteps={list(a.recon_timesteps)} / recon_steps={a.recon_steps}: "
-                            "expected training timesteps >= 1 and >= 1 step")
+            raise UserError(
+                f"mode.latent.recon_timesteps={list(a.recon_timesteps)} / recon_steps={a.recon_steps}: "
+                "expected training timesteps >= 1 and >= 1 step"
+            )
         if a.shrinkage not in ("ledoit_wolf", "oas"):
             raise UserError(f"mode.latent.shrinkage={a.shrinkage!r}: expected ledoit_wolf or oas")
         if not a.recon_distances or any(x not in ("mse", "features") for x in a.recon_distances):
-            raise UserError(f"mode.latent.recon_distances={list(a.recon_distances)}: expected a non-empty subset of "
-                            "[mse, features]")
+            raise UserError(
+                f"mode.latent.recon_distances={list(a.recon_distances)}: expected a non-empty subset of [mse, features]"
+            )
 
 
-register_mode("latent", schema=LatentModeConfig, validate=validate,
-              stages=["latent_model", "latent_vae", "latent_interpolation", "latent_inversion", "latent_direction",
-                      "latent_ood"])
+register_mode(
+    "latent",
+    schema=LatentModeConfig,
+    validate=validate,
+    stages=["latent_model", "latent_vae", "latent_interpolation", "latent_inversion", "latent_direction", "latent_ood"],
+)

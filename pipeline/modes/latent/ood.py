@@ -29,8 +29,9 @@ def digest(img: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(img).tobytes() + str(img.shape).encode()).hexdigest()
 
 
-def ood_images(ood_cfg, n: int, exclude: set[str], n_excluded: int,
-               cache_dir: str | None = None) -> tuple[list[torch.Tensor], int, int]:
+def ood_images(
+    ood_cfg, n: int, exclude: set[str], n_excluded: int, cache_dir: str | None = None
+) -> tuple[list[torch.Tensor], int, int]:
     """The first ``n`` images of the OOD set not in ``exclude`` (digests of ``n_excluded`` images, duplicates
     included) -> (images, num_excluded, num_skipped). ``cache_dir``: as :func:`pipeline.data.reference.reference_set`."""
     ref = reference_set(ood_cfg, n + n_excluded, cache_dir=cache_dir)
@@ -46,8 +47,9 @@ def ood_images(ood_cfg, n: int, exclude: set[str], n_excluded: int,
     return out, dropped, ref.num_skipped
 
 
-def _distances(metrics: list[str], extractor, x: torch.Tensor, f_x: torch.Tensor | None,
-               x_hat: torch.Tensor) -> torch.Tensor:
+def _distances(
+    metrics: list[str], extractor, x: torch.Tensor, f_x: torch.Tensor | None, x_hat: torch.Tensor
+) -> torch.Tensor:
     """(b, M): each distance of ``metrics`` from ``x_hat`` to ``x`` (pixel MSE in [-1, 1]; squared distance of the
     extractor's ``pool`` features, ``f_x`` being x's)."""
     out = []
@@ -85,11 +87,18 @@ class Features:
             if space.latent:
                 vae_errors.append(distances(space.decode(z)))
             cond = space.plain(n=len(batch))
-            noise = torch.stack([torch.randn(space.shape, generator=torch.Generator("cpu").manual_seed(seed + lo + i))
-                                 for i in range(len(batch))]).to(space.device, space.dtype)
-            errs = [distances(space.decode(space.reconstruct(z, int(t), int(a.recon_steps), noise, cond,
-                                                             num_train_timesteps)))
-                    for t in a.recon_timesteps]
+            noise = torch.stack(
+                [
+                    torch.randn(space.shape, generator=torch.Generator("cpu").manual_seed(seed + lo + i))
+                    for i in range(len(batch))
+                ]
+            ).to(space.device, space.dtype)
+            errs = [
+                distances(
+                    space.decode(space.reconstruct(z, int(t), int(a.recon_steps), noise, cond, num_train_timesteps))
+                )
+                for t in a.recon_timesteps
+            ]
             errors.append(torch.stack(errs, 1))
         self.latents, self.errors = torch.cat(latents), torch.cat(errors)
         self.vae_errors = torch.cat(vae_errors) if vae_errors else None

@@ -51,8 +51,9 @@ def direction_figure(images: dict[float, torch.Tensor], labels: list[str], per_l
     import matplotlib.pyplot as plt
 
     scales = sorted(images)
-    fig, axes = plt.subplots(len(labels), len(scales), figsize=(1.3 * len(scales), 1.35 * len(labels) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(labels), len(scales), figsize=(1.3 * len(scales), 1.35 * len(labels) + 0.4), squeeze=False
+    )
     for r, p in enumerate(labels):
         for c, s in enumerate(scales):
             _show(axes[r, c], images[s][r * per_label], f"s={s:g}" if r == 0 else None)
@@ -85,8 +86,12 @@ def ood_histogram(scores: dict, names: list[str], ood_name: str):
         tallest = {}
         for k, v in vals.items():
             clipped = bool(((v > bins[-1]) | (v < bins[0])).any())
-            counts, _, _ = ax.hist(np.clip(v, bins[0], bins[-1] - 1e-9), bins=bins, alpha=0.5,
-                                   label=mpl_label(labels[k]) + (" (clipped)" if clipped else ""))
+            counts, _, _ = ax.hist(
+                np.clip(v, bins[0], bins[-1] - 1e-9),
+                bins=bins,
+                alpha=0.5,
+                label=mpl_label(labels[k]) + (" (clipped)" if clipped else ""),
+            )
             tallest[k] = float(np.max(counts))
         # one noise bin holding every noise sample would flatten the other two: log counts then
         if tallest.get("noise", 0) > 3 * max(tallest["id"], tallest["ood"], 1):

@@ -76,8 +76,9 @@ class LatentSpace:
 
     def noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """Unit-variance z-shaped noise, one CPU generator per seed (device independent), float32."""
-        return torch.stack([torch.randn(self.shape, generator=torch.Generator("cpu").manual_seed(int(s)))
-                            for s in seeds]).to(self.device)
+        return torch.stack(
+            [torch.randn(self.shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        ).to(self.device)
 
     # ---- conditions
     def plain(self, prompts: Sequence[str] | None = None, n: int | None = None) -> Conditioning:
@@ -88,7 +89,9 @@ class LatentSpace:
             return self.model.condition(len(prompts), g, *self.hw, prompts=list(prompts))
         return self.model.null_condition(len(prompts) if prompts is not None else int(n), *self.hw, self.guidance)
 
-    def guided(self, n: int, prompts: Sequence[str] | None = None, class_ids: Sequence[int] | None = None) -> Conditioning:
+    def guided(
+        self, n: int, prompts: Sequence[str] | None = None, class_ids: Sequence[int] | None = None
+    ) -> Conditioning:
         """The run's generation condition (CFG as configured) for ``n`` samples."""
         if self.model.class_conditional and class_ids is None:
             class_ids = [i % self.model.num_classes for i in range(n)]
@@ -123,8 +126,9 @@ class LatentSpace:
         return self.model.unpack(x, *self.hw)
 
     @torch.no_grad()
-    def reconstruct(self, z: torch.Tensor, level: int, steps: int, noise: torch.Tensor, cond: Conditioning,
-                    num_train_timesteps: int) -> torch.Tensor:
+    def reconstruct(
+        self, z: torch.Tensor, level: int, steps: int, noise: torch.Tensor, cond: Conditioning, num_train_timesteps: int
+    ) -> torch.Tensor:
         """DDPM-OOD: z noised to training timestep ``level`` (flow: σ = level / T) and brought back in ``steps``."""
         x, e = self.model.pack(z), self.model.pack(noise.to(z.dtype))
         if self.flow:
@@ -133,7 +137,9 @@ class LatentSpace:
             c = self.ddim_config
             clip = float(c.get("clip_sample_range", 1.0)) if (not self.latent and c.get("clip_sample")) else None
             ac = _alphas_cumprod(c)
-            out = I.diffusion_reconstruct(self.fn(cond), ac, x, level, steps, e, c.get("prediction_type", "epsilon"), clip)
+            out = I.diffusion_reconstruct(
+                self.fn(cond), ac, x, level, steps, e, c.get("prediction_type", "epsilon"), clip
+            )
         return self.model.unpack(out, *self.hw)
 
     # ---- generation through the one generation path
@@ -142,8 +148,9 @@ class LatentSpace:
         """Unit noise z -> images in [0, 1] (float32, CPU) with the configured sampler; sample ``k``'s stochastic
         solver steps draw from the CPU generator ``seeds[k] + 7``."""
         gens = generators(7, seeds)
-        out = sample(self.model, self.sampler, cond, gens, self.steps, *self.hw, eta=self.eta,
-                     latents=z.to(self.model.dtype))
+        out = sample(
+            self.model, self.sampler, cond, gens, self.steps, *self.hw, eta=self.eta, latents=z.to(self.model.dtype)
+        )
         return out.float().clamp(0, 1).cpu()
 
 
@@ -151,8 +158,10 @@ def ddim_config(sampler_config: dict) -> dict:
     """The sampler's config for the DDIM inversion pair (``timestep_spacing`` as DDIMInverseScheduler takes it)."""
     sc = dict(sampler_config)
     if sc.get("timestep_spacing") not in ("leading", "trailing"):
-        log.info("DDIM inversion: timestep_spacing %r not supported by DDIMInverseScheduler; using 'leading'",
-                 sc.get("timestep_spacing"))
+        log.info(
+            "DDIM inversion: timestep_spacing %r not supported by DDIMInverseScheduler; using 'leading'",
+            sc.get("timestep_spacing"),
+        )
         sc["timestep_spacing"] = "leading"
     return sc
 
@@ -161,4 +170,6 @@ def _alphas_cumprod(config: dict) -> torch.Tensor:
     from diffusers import DDIMScheduler
 
     params = inspect.signature(DDIMScheduler.__init__).parameters
-    return DDIMScheduler.from_config({k: v for k, v in config.items() if k in params or k.startswith("_")}).alphas_cumprod
+    return DDIMScheduler.from_config(
+        {k: v for k, v in config.items() if k in params or k.startswith("_")}
+    ).alphas_cumprod

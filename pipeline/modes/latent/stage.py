@@ -61,9 +61,16 @@ def latent_model_stage(ctx, cfg):
     a = cfg.mode.latent
     sampler = ctx.get("sampler")
     size = model.resolve_size(cfg.sampler.height, cfg.sampler.width)  # default: the model's native size
-    space = LatentSpace(model, sampler, size, int(a.steps or cfg.sampler.num_inference_steps),
-                        int(a.batch_size or cfg.sampler.batch_size), float(cfg.sampler.guidance_scale),
-                        float(cfg.sampler.eta), ddim_config(sampler.config))
+    space = LatentSpace(
+        model,
+        sampler,
+        size,
+        int(a.steps or cfg.sampler.num_inference_steps),
+        int(a.batch_size or cfg.sampler.batch_size),
+        float(cfg.sampler.guidance_scale),
+        float(cfg.sampler.eta),
+        ddim_config(sampler.config),
+    )
     if not space.latent:
         log.info("latent mode: %s works in pixel space (no VAE); z = pixels in [-1, 1]", type(model.pipe).__name__)
     ctx.tag("latent.space", "vae" if space.latent else "pixel")
@@ -152,8 +159,11 @@ def _generate_batched(m: LatentSpace, z: torch.Tensor, prompts, classes, seeds, 
     out = []
     for lo in tqdm(range(0, len(z), m.batch_size), desc=desc, dynamic_ncols=True):
         sl = slice(lo, lo + m.batch_size)
-        cond = m.guided(len(z[sl]), prompts=prompts[sl] if prompts is not None else None,
-                        class_ids=classes[sl] if classes is not None else None)
+        cond = m.guided(
+            len(z[sl]),
+            prompts=prompts[sl] if prompts is not None else None,
+            class_ids=classes[sl] if classes is not None else None,
+        )
         out.append(m.generate(z[sl], cond, seeds[sl]))
     return torch.cat(out)
 
@@ -166,14 +176,18 @@ def latent_interpolation_stage(ctx, cfg):
     a = cfg.mode.latent
     P, base = int(a.ppl_pairs), int(cfg.seed) * 1_000_003
     z0, z1 = m.noise([base + 2 * i for i in range(P)]), m.noise([base + 2 * i + 1 for i in range(P)])
-    scalars = {f"latent/{meth}_norm_ratio_mid": float(norm_ratio_mid(meth, z0, z1).mean()) for meth in ("lerp", "slerp")}
+    scalars = {
+        f"latent/{meth}_norm_ratio_mid": float(norm_ratio_mid(meth, z0, z1).mean()) for meth in ("lerp", "slerp")
+    }
     prompts, classes = _pair_conditions(ctx, cfg, m, P)
     scalars.update(_perceptual_path_lengths(ctx, cfg, m, z0, z1, prompts, classes))
     ctx.log_scalars(scalars)
     first = prompts[:1] if prompts is not None else None
     rows, labels, ts = _interpolation_rows(ctx, cfg, m, z0, z1, first, classes)
-    ctx.save_figure(interpolation_figure(rows, labels, ts, "interpolation" + (f": {first[0]!r}" if first else "")),
-                    "latent_interpolation")
+    ctx.save_figure(
+        interpolation_figure(rows, labels, ts, "interpolation" + (f": {first[0]!r}" if first else "")),
+        "latent_interpolation",
+    )
     log.info("latent: %s", {k: round(v, 4) for k, v in scalars.items()})
     return {}
 
@@ -189,16 +203,28 @@ def _perceptual_path_lengths(ctx, cfg, m: LatentSpace, z0, z1, prompts, classes)
     scalars = {}
     with m.model.float32():  # PPL divides a ~1e-4 difference by ε²: the model dtype's rounding must not enter it
         for meth in ("slerp", "lerp"):
-            za, zb = interpolate(meth, z0.double(), z1.double(), t), interpolate(meth, z0.double(), z1.double(), t + eps)
+            za, zb = (
+                interpolate(meth, z0.double(), z1.double(), t),
+                interpolate(meth, z0.double(), z1.double(), t + eps),
+            )
             seeds = [base + i for i in range(P)] * 2  # the same solver noise for both points of a pair
-            imgs = _generate_batched(m, torch.cat([za, zb]).float(), None if prompts is None else prompts * 2,
-                                     None if classes is None else classes * 2, seeds, f"latent ppl {meth}")
+            imgs = _generate_batched(
+                m,
+                torch.cat([za, zb]).float(),
+                None if prompts is None else prompts * 2,
+                None if classes is None else classes * 2,
+                seeds,
+                f"latent ppl {meth}",
+            )
             f = extractor(imgs)["pool"].double()
             d = (f[:P] - f[P:]).pow(2).sum(1) / eps**2
             scalars[f"latent/ppl_{meth}"] = float(d.mean())
     how = f"guidance={m.guidance}" if (m.model.text or m.model.class_conditional) else "unconditional (no guidance)"
-    ctx.tag("latent.ppl", f"epsilon={eps}, pairs={P}, features={extractor_name} pool, sampler="
-                          f"{type(m.sampler).__name__} x {m.steps} steps, {how}, float32")
+    ctx.tag(
+        "latent.ppl",
+        f"epsilon={eps}, pairs={P}, features={extractor_name} pool, sampler="
+        f"{type(m.sampler).__name__} x {m.steps} steps, {how}, float32",
+    )
     return scalars
 
 
@@ -211,8 +237,16 @@ def _interpolation_rows(ctx, cfg, m: LatentSpace, z0, z1, first, classes):
     rows, labels = [], []
     for meth in ("slerp", "lerp"):
         path = torch.cat([interpolate(meth, z0[:1], z1[:1], float(tt)) for tt in ts])
-        rows.append(_generate_batched(m, path, None if first is None else first * K,
-                                      None if classes is None else classes[:1] * K, [base] * K, f"latent {meth} path"))
+        rows.append(
+            _generate_batched(
+                m,
+                path,
+                None if first is None else first * K,
+                None if classes is None else classes[:1] * K,
+                [base] * K,
+                f"latent {meth} path",
+            )
+        )
         labels.append(f"noise {meth}")
     ref = _reference(ctx, 2)
     if ref.n >= 2:
@@ -253,10 +287,17 @@ def latent_inversion_stage(ctx, cfg):
     bar.close()
     p = torch.cat(psnrs)
     ctx.log_scalars({"latent/inversion_psnr": float(p.mean())})
-    how = "caption as prompt, no CFG" if m.model.text else "null condition" if m.model.class_conditional else "unconditional"
+    how = (
+        "caption as prompt, no CFG"
+        if m.model.text
+        else "null condition"
+        if m.model.class_conditional
+        else "unconditional"
+    )
     path = "flow ODE (Euler)" if m.flow else "DDIM"
-    ctx.save_figure(round_trip_figure(shown, p, f"{path} inversion round trip ({m.steps} steps, {how})"),
-                    "latent_inversion")
+    ctx.save_figure(
+        round_trip_figure(shown, p, f"{path} inversion round trip ({m.steps} steps, {how})"), "latent_inversion"
+    )
     log.info("latent: %s inversion round-trip PSNR %.2f dB on %d images", path, float(p.mean()), len(p))
     return {}
 
@@ -290,8 +331,12 @@ def _over_scales(cfg, m: LatentSpace, scales: list[float], n: int, edited) -> di
 def _class_direction(ctx, cfg, m: LatentSpace) -> dict:
     d = cfg.mode.latent.direction
     if d.source_class is None or d.target_class is None:
-        return _skip(ctx, "latent/direction", f"{type(m.model.pipe).__name__} is class-conditional: set "
-                     "mode.latent.direction.source_class and target_class (class ids) for a class-embedding direction")
+        return _skip(
+            ctx,
+            "latent/direction",
+            f"{type(m.model.pipe).__name__} is class-conditional: set "
+            "mode.latent.direction.source_class and target_class (class ids) for a class-embedding direction",
+        )
     k = m.model.num_classes
     bad = [c for c in (d.source_class, d.target_class, *d.classes) if not 0 <= int(c) < k]
     if bad:
@@ -308,8 +353,12 @@ def _class_direction(ctx, cfg, m: LatentSpace) -> dict:
     images = _over_scales(cfg, m, scales, len(classes), edited)
     ctx.save_table([{"scale": s} for s in scales], "latent_direction")
     ctx.tag("latent.direction", f"class embedding {d.source_class} -> {d.target_class} on classes {list(d.classes)}")
-    ctx.save_figure(direction_figure(images, [f"class {c}" for c in d.classes], S,
-                                     f"e(class) + s (e({d.target_class}) - e({d.source_class}))"), "latent_direction")
+    ctx.save_figure(
+        direction_figure(
+            images, [f"class {c}" for c in d.classes], S, f"e(class) + s (e({d.target_class}) - e({d.source_class}))"
+        ),
+        "latent_direction",
+    )
     return {}
 
 
@@ -321,16 +370,20 @@ def latent_direction_stage(ctx, cfg):
     if m.model.class_conditional:
         return _class_direction(ctx, cfg, m)
     if not m.model.text:
-        return _skip(ctx, "latent/direction", f"{type(m.model.pipe).__name__} is unconditional: no prompt or class "
-                     "to take a direction between")
+        return _skip(
+            ctx,
+            "latent/direction",
+            f"{type(m.model.pipe).__name__} is unconditional: no prompt or class to take a direction between",
+        )
     d = cfg.mode.latent.direction
     prompts, S = list(d.prompts), int(d.samples_per_prompt)
     base_prompts = [p for p in prompts for _ in range(S)]
     images = _prompt_direction_images(cfg, m, base_prompts)
     rows = _flip_rows(ctx, cfg, m, images, base_prompts) or [{"scale": s} for s in _scales(d)]
     ctx.save_table(rows, "latent_direction")
-    ctx.save_figure(direction_figure(images, prompts, S, f"C(prompt) + s (C({d.target!r}) - C({d.source!r}))"),
-                    "latent_direction")
+    ctx.save_figure(
+        direction_figure(images, prompts, S, f"C(prompt) + s (C({d.target!r}) - C({d.source!r}))"), "latent_direction"
+    )
     return {}
 
 
@@ -345,15 +398,20 @@ def _prompt_direction_images(cfg, m: LatentSpace, base_prompts: list[str]) -> di
     return _over_scales(cfg, m, _scales(d), len(base_prompts), edited)
 
 
-def _flip_rows(ctx, cfg, m: LatentSpace, images: dict[float, torch.Tensor], base_prompts: list[str]) -> list[dict] | None:
+def _flip_rows(
+    ctx, cfg, m: LatentSpace, images: dict[float, torch.Tensor], base_prompts: list[str]
+) -> list[dict] | None:
     """The table's rows with the judge's flip rates (and ``latent/direction_flip_rate`` logged) when the dataset's
     ground truth sees the pair as a one-attribute edit and can judge it; else None (with a note)."""
     d = cfg.mode.latent.direction
     truth = _ground_truth(ctx, cfg, m.device)
     edit = truth.edit(d.source, d.target) if truth is not None else None
     if truth is not None and edit is None:
-        log.info("direction pair %r -> %r is not a one-attribute edit of the dataset's captions: no flip rate",
-                 d.source, d.target)
+        log.info(
+            "direction pair %r -> %r is not a one-attribute edit of the dataset's captions: no flip rate",
+            d.source,
+            d.target,
+        )
     if edit is None:
         return None
     sides = [truth.edited_object(p, edit) for p in base_prompts]
@@ -369,8 +427,11 @@ def _flip_rows(ctx, cfg, m: LatentSpace, images: dict[float, torch.Tensor], base
     flip = next(r["flip_rate"] for r in rows if r["scale"] == float(d.scale))
     ctx.log_scalars({"latent/direction_flip_rate": flip})
     attr, frm, to = edit
-    ctx.tag("latent.direction", f"{attr} {frm} -> {to} at scale {float(d.scale):g}; {rows[0]['n']} generations "
-                                f"judged on the {attr} of the edited object")
+    ctx.tag(
+        "latent.direction",
+        f"{attr} {frm} -> {to} at scale {float(d.scale):g}; {rows[0]['n']} generations "
+        f"judged on the {attr} of the edited object",
+    )
     log.info("latent: direction %s %s -> %s flip rate %.3f at scale %g", attr, frm, to, flip, d.scale)
     return rows
 
@@ -385,7 +446,9 @@ def latent_ood_stage(ctx, cfg):
     n_train = int(m.ddim_config.get("num_train_timesteps", 1000))
     bad = [t for t in a.recon_timesteps if not 0 < t < n_train]
     if bad:
-        raise UserError(f"mode.latent.recon_timesteps: {bad} outside 1..{n_train - 1} (the model's num_train_timesteps)")
+        raise UserError(
+            f"mode.latent.recon_timesteps: {bad} outside 1..{n_train - 1} (the model's num_train_timesteps)"
+        )
     sets, counts = _ood_sets(ctx, cfg, m)
     extractor = next(iter(ctx.get("extractors").values()))
     feats = {k: Features(m, a, int(cfg.seed), v, extractor, n_train, f"latent ood {k}") for k, v in sets.items()}
@@ -394,18 +457,24 @@ def latent_ood_stage(ctx, cfg):
     names = [s for s in SCORES if s in scores["id"]]
     scalars, rows = _ood_results(a, m, feats, scores, names)
     best = max(names, key=lambda s: scalars[f"latent/ood_auroc_{s}"])
-    scalars.update({"latent/ood_auroc_best": scalars[f"latent/ood_auroc_{best}"], "latent/ood_shrinkage": fit.shrinkage,
-                    **counts})
+    scalars.update(
+        {"latent/ood_auroc_best": scalars[f"latent/ood_auroc_{best}"], "latent/ood_shrinkage": fit.shrinkage, **counts}
+    )
     ctx.log_scalars(scalars)
-    finding = (f"{best} wins on {a.ood_dataset.name}: AUROC {scalars[f'latent/ood_auroc_{best}']:.3f} vs baseline zscore "
-               f"{scalars['latent/ood_auroc_zscore']:.3f}")
+    finding = (
+        f"{best} wins on {a.ood_dataset.name}: AUROC {scalars[f'latent/ood_auroc_{best}']:.3f} vs baseline zscore "
+        f"{scalars['latent/ood_auroc_zscore']:.3f}"
+    )
     ctx.tag("latent.ood_best", best)
     ctx.tag("latent.ood_finding", finding)
     path = "flow σ = t/T, Euler" if m.flow else "DDIM"
-    ctx.tag("latent.ood_method", f"fit {counts['latent/ood_num_fit']}, held out {counts['latent/ood_num_eval']}, "
-                                 f"{a.shrinkage} shrinkage {fit.shrinkage:.3f}, recon t={list(a.recon_timesteps)} x "
-                                 f"{a.recon_steps} {path} steps, distances {list(a.recon_distances)} (features: "
-                                 f"{extractor.name} pool)")
+    ctx.tag(
+        "latent.ood_method",
+        f"fit {counts['latent/ood_num_fit']}, held out {counts['latent/ood_num_eval']}, "
+        f"{a.shrinkage} shrinkage {fit.shrinkage:.3f}, recon t={list(a.recon_timesteps)} x "
+        f"{a.recon_steps} {path} steps, distances {list(a.recon_distances)} (features: "
+        f"{extractor.name} pool)",
+    )
     ctx.save_table(rows, "latent_ood")
     log.info("latent OOD: %s", finding)
     ctx.save_figure(ood_histogram(scores, names, a.ood_dataset.name), "latent_ood_hist")
@@ -418,11 +487,15 @@ def _ood_sets(ctx, cfg, m: LatentSpace) -> tuple[dict[str, list[torch.Tensor]], 
     n_fit, n_eval = int(a.ood_fit_samples), int(a.ood_eval_samples)
     ref = _reference(ctx, n_fit + n_eval)
     if ref.n < n_fit + 2:
-        raise UserError(f"dataset ({cfg.dataset.name}): {ref.n} readable images, but the OOD part needs "
-                        f"mode.latent.ood_fit_samples={n_fit} (>= {MIN_FIT}) to fit plus held-out ones; "
-                        "add images or lower mode.latent.ood_fit_samples")
+        raise UserError(
+            f"dataset ({cfg.dataset.name}): {ref.n} readable images, but the OOD part needs "
+            f"mode.latent.ood_fit_samples={n_fit} (>= {MIN_FIT}) to fit plus held-out ones; "
+            "add images or lower mode.latent.ood_fit_samples"
+        )
     if ref.n < n_fit + n_eval:
-        log.warning("dataset (%s): %d images: %d held out instead of %d", cfg.dataset.name, ref.n, ref.n - n_fit, n_eval)
+        log.warning(
+            "dataset (%s): %d images: %d held out instead of %d", cfg.dataset.name, ref.n, ref.n - n_fit, n_eval
+        )
         n_eval = ref.n - n_fit
     id_imgs = _images(ref, list(range(ref.n)))
     ood_imgs, ood_skipped = _ood_images(ctx, cfg, id_imgs, n_fit, n_eval)
@@ -430,8 +503,12 @@ def _ood_sets(ctx, cfg, m: LatentSpace) -> tuple[dict[str, list[torch.Tensor]], 
     if a.ood_noise:
         g = torch.Generator("cpu").manual_seed(int(cfg.seed) + 12345)
         sets["noise"] = list(torch.randint(0, 256, (n_eval, 3, *m.hw), generator=g, dtype=torch.uint8))
-    return sets, {"latent/ood_num_fit": n_fit, "latent/ood_num_eval": n_eval, "latent/ood_num_ood": len(ood_imgs),
-                  "latent/ood_num_skipped": ref.num_skipped + ood_skipped}
+    return sets, {
+        "latent/ood_num_fit": n_fit,
+        "latent/ood_num_eval": n_eval,
+        "latent/ood_num_ood": len(ood_imgs),
+        "latent/ood_num_skipped": ref.num_skipped + ood_skipped,
+    }
 
 
 def _ood_images(ctx, cfg, id_imgs: list[torch.Tensor], n_fit: int, n_eval: int) -> tuple[list[torch.Tensor], int]:
@@ -445,8 +522,10 @@ def _ood_images(ctx, cfg, id_imgs: list[torch.Tensor], n_fit: int, n_eval: int) 
         raise UserError(f"mode.latent.ood_dataset ({a.ood_dataset.name}): no image outside the fit set")
     same = sum(digest(im.permute(1, 2, 0).numpy()) in eval_digests for im in ood_imgs)
     if dropped + same >= len(ood_imgs) / 2:
-        msg = (f"mode.latent.ood_dataset ({a.ood_dataset.name}) is the reference set: {same} of its {len(ood_imgs)} "
-               f"images are held-out reference images ({dropped} fit images left out): AUROC ≈ 0.5 expected")
+        msg = (
+            f"mode.latent.ood_dataset ({a.ood_dataset.name}) is the reference set: {same} of its {len(ood_imgs)} "
+            f"images are held-out reference images ({dropped} fit images left out): AUROC ≈ 0.5 expected"
+        )
         log.warning(msg)
         ctx.tag("latent.ood_warning", msg)
     return ood_imgs, ood_skipped
@@ -455,9 +534,14 @@ def _ood_images(ctx, cfg, id_imgs: list[torch.Tensor], n_fit: int, n_eval: int) 
 def _ood_scores(m: LatentSpace, fit, feats: dict[str, Features]) -> dict[str, dict[str, torch.Tensor]]:
     """{set: {score: per-image score}} (higher = more OOD)."""
     ref_err = feats["fit"].errors.flatten(1)
-    scores = {k: {"zscore": O.zscore_score(fit, f.latents),
-                  "mahalanobis": O.mahalanobis_score(fit, f.latents),
-                  "recon": O.standardised_mean(ref_err, f.errors.flatten(1))} for k, f in feats.items()}
+    scores = {
+        k: {
+            "zscore": O.zscore_score(fit, f.latents),
+            "mahalanobis": O.mahalanobis_score(fit, f.latents),
+            "recon": O.standardised_mean(ref_err, f.errors.flatten(1)),
+        }
+        for k, f in feats.items()
+    }
     if m.latent:
         for k, f in feats.items():
             scores[k]["vae"] = O.standardised_mean(feats["fit"].vae_errors, f.vae_errors)
@@ -476,14 +560,35 @@ def _ood_results(a, m: LatentSpace, feats, scores, names: list[str]) -> tuple[di
             fpr = O.fpr_at_tpr(scores["id"][s], scores[target][s], 0.95)
             scalars[f"latent/ood_auroc_{s}{suffix}"] = au
             scalars[f"latent/ood_fpr95_{s}{suffix}"] = fpr
-            rows.append({"set": a.ood_dataset.name if target == "ood" else "uniform_noise", "score": s, "auroc": au,
-                         "fpr95": fpr, "n_id": len(scores["id"][s]), "n_ood": len(scores[target][s])})
-        parts = [(f"recon_t{t}_{d}", feats["id"].errors[:, k, j], feats[target].errors[:, k, j])
-                 for k, t in enumerate(a.recon_timesteps) for j, d in enumerate(a.recon_distances)]
+            rows.append(
+                {
+                    "set": a.ood_dataset.name if target == "ood" else "uniform_noise",
+                    "score": s,
+                    "auroc": au,
+                    "fpr95": fpr,
+                    "n_id": len(scores["id"][s]),
+                    "n_ood": len(scores[target][s]),
+                }
+            )
+        parts = [
+            (f"recon_t{t}_{d}", feats["id"].errors[:, k, j], feats[target].errors[:, k, j])
+            for k, t in enumerate(a.recon_timesteps)
+            for j, d in enumerate(a.recon_distances)
+        ]
         if m.latent:
-            parts += [(f"vae_{d}", feats["id"].vae_errors[:, j], feats[target].vae_errors[:, j])
-                      for j, d in enumerate(a.recon_distances)]
+            parts += [
+                (f"vae_{d}", feats["id"].vae_errors[:, j], feats[target].vae_errors[:, j])
+                for j, d in enumerate(a.recon_distances)
+            ]
         for name, e_id, e_ood in parts:
-            rows.append({"set": rows[-1]["set"], "score": name, "auroc": O.auroc(e_id, e_ood),
-                         "fpr95": O.fpr_at_tpr(e_id, e_ood), "n_id": len(e_id), "n_ood": len(e_ood)})
+            rows.append(
+                {
+                    "set": rows[-1]["set"],
+                    "score": name,
+                    "auroc": O.auroc(e_id, e_ood),
+                    "fpr95": O.fpr_at_tpr(e_id, e_ood),
+                    "n_id": len(e_id),
+                    "n_ood": len(e_ood),
+                }
+            )
     return scalars, rows

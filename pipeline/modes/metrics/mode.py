@@ -47,15 +47,19 @@ def validate(cfg) -> None:
     k_max = max(m.pr_k, m.dc_k)
     for key, n in (("mode.metrics.num_samples", m.num_samples), ("mode.metrics.num_reference", num_reference(cfg))):
         if n < k_max + 1:
-            raise UserError(f"{key}={n}: precision/recall (k={m.pr_k}) and density/coverage (k={m.dc_k}) need at "
-                            f"least k+1 = {k_max + 1} samples")
+            raise UserError(
+                f"{key}={n}: precision/recall (k={m.pr_k}) and density/coverage (k={m.dc_k}) need at "
+                f"least k+1 = {k_max + 1} samples"
+            )
     if m.judge not in ("auto", "on", "off"):
         raise UserError(f"mode.metrics.judge={m.judge!r}; expected auto, on or off")
     if missing_root(cfg.dataset):  # the metrics mode compares against the dataset's reference images
         raise UserError(missing_root(cfg.dataset))
     if m.judge == "on" and no_judge(cfg.dataset, "judge prompt adherence with"):
-        raise UserError(f"mode.metrics.judge=on: {no_judge(cfg.dataset, 'judge prompt adherence with')}; set "
-                        "mode.metrics.judge=auto or off")
+        raise UserError(
+            f"mode.metrics.judge=on: {no_judge(cfg.dataset, 'judge prompt adherence with')}; set "
+            "mode.metrics.judge=auto or off"
+        )
     check_mode_support(cfg.model.path, "metrics")  # a class the adapter cannot drive: refused before any work
 
 

@@ -25,8 +25,14 @@ def sample_grid(images: list[torch.Tensor], prompts: list[str] | None, grid: int
         y, x = r * (h + gap_y), c * (w + gap_x)
         mosaic[y : y + h, x : x + w] = images[i].permute(1, 2, 0).numpy()
         if prompts:
-            ax.text(x + w / 2, y + h + 0.5, mpl_text(str(prompts[i]).replace(" and ", "\n& "), PROMPT_MAX_CHARS),
-                    fontsize=4.5, ha="center", va="top")
+            ax.text(
+                x + w / 2,
+                y + h + 0.5,
+                mpl_text(str(prompts[i]).replace(" and ", "\n& "), PROMPT_MAX_CHARS),
+                fontsize=4.5,
+                ha="center",
+                va="top",
+            )
     ax.imshow(mosaic, interpolation="nearest")
     ax.axis("off")
     fig.subplots_adjust(0.01, 0.01, 0.99, 0.99)

@@ -62,8 +62,11 @@ def metrics_check(ctx, cfg):
     run before the MLflow run exists)."""
     m = cfg.mode.metrics
     if m.num_samples < REPORTED_N:
-        log.warning("metrics on N=%d generated images: FID/KID are biased at small N; use >= %d for reported numbers",
-                    m.num_samples, REPORTED_N)
+        log.warning(
+            "metrics on N=%d generated images: FID/KID are biased at small N; use >= %d for reported numbers",
+            m.num_samples,
+            REPORTED_N,
+        )
         ctx.tag("metrics.small_n", "true")
     if primary_extractor(cfg) is not None:  # before any work: a failed run still says what it ranks by
         ctx.tag(PRIMARY_EXTRACTOR_TAG, primary_extractor(cfg))
@@ -139,8 +142,14 @@ def _resume_point(store, n: int, batch_size: int) -> list[tuple[int, int]]:
     todo = [b for b in mine if b not in done]
     where = f"rank {dist.rank()} of {dist.world_size()}: " if dist.is_distributed() else ""
     if done:
-        log.info("%sresuming at sample %d of %d (%d of %d batches already on disk)", where,
-                 todo[0][0] if todo else start + count, n, len(done), len(mine))
+        log.info(
+            "%sresuming at sample %d of %d (%d of %d batches already on disk)",
+            where,
+            todo[0][0] if todo else start + count,
+            n,
+            len(done),
+            len(mine),
+        )
     elif dist.is_distributed():
         log.info("%ssamples %d..%d of %d", where, start, start + count - 1, n)
     return done
@@ -157,19 +166,36 @@ def _generate_shards(ctx, cfg, store, batch_size: int, done) -> None:
     real_shape = compared_reference(ctx, cfg).image_shape()
     live = LiveProgress(ctx.tracker, total=n, done=sum(hi - lo for lo, hi in done), scale=dist.world_size())
 
-    stream = generate(model, ctx.get("sampler"), count, batch_size, cfg.sampler.num_inference_steps,
-                      cfg.sampler.guidance_scale, cfg.seed, prompts=prompts, class_ids=m.class_ids, start=start,
-                      height=cfg.sampler.height, width=cfg.sampler.width, eta=cfg.sampler.eta,
-                      progress=dist.is_main(), desc="metrics", skip={lo for lo, _ in done})
+    stream = generate(
+        model,
+        ctx.get("sampler"),
+        count,
+        batch_size,
+        cfg.sampler.num_inference_steps,
+        cfg.sampler.guidance_scale,
+        cfg.seed,
+        prompts=prompts,
+        class_ids=m.class_ids,
+        start=start,
+        height=cfg.sampler.height,
+        width=cfg.sampler.width,
+        eta=cfg.sampler.eta,
+        progress=dist.is_main(),
+        desc="metrics",
+        skip={lo for lo, _ in done},
+    )
     first = True
     tic = time.perf_counter()
     for batch in stream:
         gen_seconds = time.perf_counter() - tic
         tic = time.perf_counter()
         if first and len(batch.images) and tuple(batch.images.shape[2:]) != real_shape[:2]:
-            log.info("generated %s vs reference %s images: each is resized to the extractor's input (%s)",
-                     tuple(batch.images.shape[2:]), real_shape[:2],
-                     {n: f"{e.input_size}px {e.resize}" for n, e in extractors.items()})
+            log.info(
+                "generated %s vs reference %s images: each is resized to the extractor's input (%s)",
+                tuple(batch.images.shape[2:]),
+                real_shape[:2],
+                {n: f"{e.input_size}px {e.resize}" for n, e in extractors.items()},
+            )
         first = False
         arrays, meta = _shard(batch, extractors, judge, images_dir, m.grid)
         meta["generation_seconds"], meta["features_seconds"] = gen_seconds, time.perf_counter() - tic
@@ -196,7 +222,7 @@ def _shard(batch, extractors, judge, images_dir, grid: int) -> tuple[dict[str, n
             arrays[f"{name}.text_embeds"] = ex.text_embeds(batch.prompts).detach().cpu().numpy()
     if judge is not None:
         meta["judged"] = judge.adherence(batch.images, batch.prompts)
-    in_grid = [j for j, i in enumerate(batch.indices) if i < grid ** 2]
+    in_grid = [j for j, i in enumerate(batch.indices) if i < grid**2]
     if in_grid:
         arrays["grid_images"] = batch.images[in_grid].numpy()
         labels = batch.prompts or ([f"class {c}" for c in batch.class_ids] if batch.class_ids else None)
@@ -250,13 +276,20 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
     n_valid = got.columns.rows("indices")
     k_max = max(m.pr_k, m.dc_k)
     if n_valid < k_max + 1:
-        raise UserError(f"only {n_valid} of {m.num_samples} generated images are finite (NaN/Inf in the rest); "
-                        f"metrics need at least {k_max + 1}")
+        raise UserError(
+            f"only {n_valid} of {m.num_samples} generated images are finite (NaN/Inf in the rest); "
+            f"metrics need at least {k_max + 1}"
+        )
     ref_seconds = sum(r["seconds"] for r in real.values())
-    scalars = {"metrics/num_samples": n_valid, "metrics/num_invalid": got.n_invalid,
-               "metrics/num_shards": dist.world_size(), "metrics/sec_per_image": got.gen_seconds / max(m.num_samples, 1),
-               "metrics/generation_seconds": got.gen_seconds, "metrics/fake_features_seconds": got.feat_seconds,
-               "metrics/reference_seconds": ref_seconds}
+    scalars = {
+        "metrics/num_samples": n_valid,
+        "metrics/num_invalid": got.n_invalid,
+        "metrics/num_shards": dist.world_size(),
+        "metrics/sec_per_image": got.gen_seconds / max(m.num_samples, 1),
+        "metrics/generation_seconds": got.gen_seconds,
+        "metrics/fake_features_seconds": got.feat_seconds,
+        "metrics/reference_seconds": ref_seconds,
+    }
     rows, per_prompt = _all_extractor_stats(ctx, cfg, extractors, real, got, scalars)
     _tag_intervals_spanning_zero(ctx, scalars, n_valid)
     if got.judged:
@@ -269,13 +302,22 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
     del got.columns
     shutil.rmtree(store.dir / "assembled", ignore_errors=True)  # rebuilt from the shards whenever needed
     ctx.save_table(rows, "metrics_extractors")
-    ctx.save_figure(sample_grid(got.grid_images[: m.grid ** 2], got.grid_labels[: m.grid ** 2] or None, m.grid),
-                    "metrics_samples")
+    ctx.save_figure(
+        sample_grid(got.grid_images[: m.grid**2], got.grid_labels[: m.grid**2] or None, m.grid), "metrics_samples"
+    )
     headline = primary_fd_key(extractors)
-    log.info("metrics: %s = %.4g (primary extractor); %s", headline, scalars[headline],
-             {k: round(v, 4) for k, v in scalars.items() if k != headline})
-    log.info("timing: generation %.1f s, fake features + judge %.1f s, reference %.1f s",
-             got.gen_seconds, got.feat_seconds, ref_seconds)
+    log.info(
+        "metrics: %s = %.4g (primary extractor); %s",
+        headline,
+        scalars[headline],
+        {k: round(v, 4) for k, v in scalars.items() if k != headline},
+    )
+    log.info(
+        "timing: generation %.1f s, fake features + judge %.1f s, reference %.1f s",
+        got.gen_seconds,
+        got.feat_seconds,
+        ref_seconds,
+    )
 
 
 def _all_extractor_stats(ctx, cfg, extractors, real, got: _Assembled, scalars: dict) -> tuple[list[dict], dict]:
@@ -287,20 +329,34 @@ def _all_extractor_stats(ctx, cfg, extractors, real, got: _Assembled, scalars: d
     for i, (name, ex) in enumerate(extractors.items()):
         s, ci, why_not, per_sample = _extractor_stats(name, ex, real[name], columns, prompts, m, cfg.seed)
         scalars.update(extractor_keys(name, s, ci))  # metrics/<stat>_<name>[_ci_low|_ci_high] (+ fid for inception)
-        skipped.update({f"skipped.{metric_key(stat.removesuffix('_ci'), name)}{'_ci' if stat.endswith('_ci') else ''}": r
-                        for stat, r in why_not.items()})
+        skipped.update(
+            {
+                f"skipped.{metric_key(stat.removesuffix('_ci'), name)}{'_ci' if stat.endswith('_ci') else ''}": r
+                for stat, r in why_not.items()
+            }
+        )
         for column, values in per_sample.items():
             per_prompt.setdefault(column, values)  # the first extractor that has the column (primary first)
         if name == "clip336":
             scalars.update(_cmmd(real[name]["pool"], columns.tensor(f"{name}.pool"), m.ci_subsets, cfg.seed))
         if hasattr(ex, "count_truncated") and prompts and CLIP_TRUNCATED not in scalars:
             scalars[CLIP_TRUNCATED] = len(ex.count_truncated(sorted(set(prompts))))
-        rows.append({"extractor": name, "primary": i == 0, **ex.describe(), "n_real": len(real[name]["pool"]),
-                     "n_fake": columns.rows(f"{name}.pool"), **s})
+        rows.append(
+            {
+                "extractor": name,
+                "primary": i == 0,
+                **ex.describe(),
+                "n_real": len(real[name]["pool"]),
+                "n_fake": columns.rows(f"{name}.pool"),
+                **s,
+            }
+        )
         ctx.tag(f"metrics.resize.{name}", ex.resize)
     if CMMD not in scalars and any(hasattr(ex, "text_embeds") for ex in extractors.values()):
-        skipped[f"skipped.{CMMD}"] = ("CMMD needs features=[clip336] (CLIP ViT-L/14@336, whole image resized to "
-                                      "336² bicubic, as Jayasumana et al.); another CLIP's numbers are not CMMD")
+        skipped[f"skipped.{CMMD}"] = (
+            "CMMD needs features=[clip336] (CLIP ViT-L/14@336, whole image resized to "
+            "336² bicubic, as Jayasumana et al.); another CLIP's numbers are not CMMD"
+        )
     for key, reason in skipped.items():
         ctx.tag(key, reason)
     return rows, per_prompt
@@ -316,17 +372,29 @@ def _cmmd(real_pool, fake_pool, ci_subsets: int, seed: int) -> dict[str, float]:
 
 
 def _tag_intervals_spanning_zero(ctx, scalars: dict, n_valid: int) -> None:
-    spans = [k[: -len("_ci_low")] for k, v in scalars.items() if k.endswith("_ci_low") and v < 0 < scalars[k[:-7] + "_ci_high"]]
+    spans = [
+        k[: -len("_ci_low")]
+        for k, v in scalars.items()
+        if k.endswith("_ci_low") and v < 0 < scalars[k[:-7] + "_ci_high"]
+    ]
     for key in spans:
-        log.warning("%s = %.4g, 95 %% interval [%.4g, %.4g] spans 0: not distinguishable from 0 at N = %d", key,
-                    scalars[key], scalars[key + "_ci_low"], scalars[key + "_ci_high"], n_valid)
+        log.warning(
+            "%s = %.4g, 95 %% interval [%.4g, %.4g] spans 0: not distinguishable from 0 at N = %d",
+            key,
+            scalars[key],
+            scalars[key + "_ci_low"],
+            scalars[key + "_ci_high"],
+            n_valid,
+        )
     if spans:
         ctx.tag("metrics.interval_spans_zero", ",".join(spans))
 
 
 FD_INF_MIN_N = 2000  # FD∞ only when N >= max(2000, d) (Chong & Forsyth fit from 5k; below, covariances are poor)
-NO_RESAMPLING = ("no resampling interval: {stat} depends on the generated set jointly (its k-NN balls), which "
-                 "duplicated samples distort")
+NO_RESAMPLING = (
+    "no resampling interval: {stat} depends on the generated set jointly (its k-NN balls), which "
+    "duplicated samples distort"
+)
 
 
 def _extractor_stats(name, ex, real, columns, prompts, m, seed):
@@ -354,8 +422,9 @@ def _extractor_stats(name, ex, real, columns, prompts, m, seed):
         subset = min(m.kid_subset_size, len(r_pool), n)
         if subset < m.kid_subset_size:
             log.info("KID subset size %d capped at N=%d", m.kid_subset_size, subset)
-        s["kid_mean"], s["kid_std"] = M.kernel_distance(r_pool, f_pool, subsets=m.kid_subsets, subset_size=subset,
-                                                        seed=seed)
+        s["kid_mean"], s["kid_std"] = M.kernel_distance(
+            r_pool, f_pool, subsets=m.kid_subsets, subset_size=subset, seed=seed
+        )
         ci["kid_mean"] = normal_interval(s["kid_mean"], kernel_subsample_sd(r_pool, f_pool, "kid", m.ci_subsets, seed))
         logits = columns.tensor(f"{name}.logits")
         if logits is not None:
@@ -378,8 +447,11 @@ def _extractor_stats(name, ex, real, columns, prompts, m, seed):
             s["vendi_per_prompt"] = float(np.mean(list(vendis.values())))
             per_sample["vendi"] = vendis
         else:
-            skipped["vendi_per_prompt"] = ("no prompt has 2 samples or more: set mode.metrics.samples_per_prompt >= 2"
-                                           if prompts else "no prompts (not a text-conditioned model)")
+            skipped["vendi_per_prompt"] = (
+                "no prompt has 2 samples or more: set mode.metrics.samples_per_prompt >= 2"
+                if prompts
+                else "no prompts (not a text-conditioned model)"
+            )
         half = len(r_pool) // 2
         s["fd_floor"] = M.frechet_distance(r_pool[:half], r_pool[half : 2 * half])  # noise floor at this N
     return s, ci, skipped, per_sample
@@ -420,9 +492,14 @@ def _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_sample) -> None:
         return
     ranked = [r for r in rows.values() if key in r]
     if len(ranked) < len(rows):  # N not a multiple of samples_per_prompt: the last prompt has too few samples
-        log.info("worst prompts by %s: %d of %d prompts have no %s (Vendi needs 2 samples of a prompt; with N not a "
-                 "multiple of mode.metrics.samples_per_prompt the last prompt has fewer) and are not ranked", key,
-                 len(rows) - len(ranked), len(rows), key)
+        log.info(
+            "worst prompts by %s: %d of %d prompts have no %s (Vendi needs 2 samples of a prompt; with N not a "
+            "multiple of mode.metrics.samples_per_prompt the last prompt has fewer) and are not ranked",
+            key,
+            len(rows) - len(ranked),
+            len(rows),
+            key,
+        )
     worst = sorted(ranked, key=lambda r: r[key])[: m.worst_prompts]
     images = [_regenerate(ctx, cfg, r["_idx"][: m.samples_per_prompt]) for r in worst]
     labels = [f"{r['prompt'][:60]}  ({key} {r[key]:.3g})" for r in worst]
@@ -440,10 +517,22 @@ def _regenerate(ctx, cfg, indices: list[int]) -> list[torch.Tensor]:
             runs.append([i])
     out: list[torch.Tensor] = []
     for run in runs:
-        for batch in generate(ctx.get("model"), ctx.get("sampler"), len(run), len(run), cfg.sampler.num_inference_steps,
-                              cfg.sampler.guidance_scale, cfg.seed, prompts=ctx.get("prompts"),
-                              class_ids=cfg.mode.metrics.class_ids, start=run[0], height=cfg.sampler.height,
-                              width=cfg.sampler.width, eta=cfg.sampler.eta, progress=False):
+        for batch in generate(
+            ctx.get("model"),
+            ctx.get("sampler"),
+            len(run),
+            len(run),
+            cfg.sampler.num_inference_steps,
+            cfg.sampler.guidance_scale,
+            cfg.seed,
+            prompts=ctx.get("prompts"),
+            class_ids=cfg.mode.metrics.class_ids,
+            start=run[0],
+            height=cfg.sampler.height,
+            width=cfg.sampler.width,
+            eta=cfg.sampler.eta,
+            progress=False,
+        ):
             out += list(batch.images)
     return out
 
@@ -460,8 +549,9 @@ class _Columns:
     def add(self, arrays: dict[str, np.ndarray]) -> None:
         for key, a in arrays.items():
             if key not in self.maps:
-                self.maps[key] = np.lib.format.open_memmap(self.folder / f"{key}.npy", mode="w+", dtype=a.dtype,
-                                                           shape=(self.capacity, *a.shape[1:]))
+                self.maps[key] = np.lib.format.open_memmap(
+                    self.folder / f"{key}.npy", mode="w+", dtype=a.dtype, shape=(self.capacity, *a.shape[1:])
+                )
                 self.filled[key] = 0
             k = self.filled[key]
             self.maps[key][k : k + len(a)] = a

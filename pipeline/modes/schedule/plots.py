@@ -32,8 +32,10 @@ def panel_figure(schedule: NoiseSchedule, label: str, ts: np.ndarray):
         axes[2].set(title=f"σ(u), shift {schedule.shift:.3g}", xlabel=xlabel)
     else:
         axes[2].semilogy(t, np.clip(schedule.betas, 1e-12, None))  # a σ schedule has no β_0 (NaN: not drawn)
-        axes[2].set(title="β" + (" (σ grid: no step before t = 0)" if schedule.kind == "sigma" else ""),
-                    xlabel="training step t")
+        axes[2].set(
+            title="β" + (" (σ grid: no step before t = 0)" if schedule.kind == "sigma" else ""),
+            xlabel="training step t",
+        )
     fig.suptitle(mpl_text(label))
     fig.tight_layout()
     return fig
@@ -51,7 +53,10 @@ def overlay_figure(curves: list[tuple[str, NoiseSchedule, np.ndarray]]):
         ax.plot(x, np.where(np.isfinite(ls), ls, np.nan), label=mpl_label(label), **style)
         ax.scatter(schedule.normalised_time(ts), schedule.log_snr_at(ts), color=style["color"], s=10, zorder=5)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="normalised time t / (T-1)  (flow: u, σ = shift(u))", ylabel="log-SNR",
-           title="log-SNR of compared schedules (dots: visited timesteps)")
+    ax.set(
+        xlabel="normalised time t / (T-1)  (flow: u, σ = shift(u))",
+        ylabel="log-SNR",
+        title="log-SNR of compared schedules (dots: visited timesteps)",
+    )
     ax.legend(fontsize=8)
     return fig

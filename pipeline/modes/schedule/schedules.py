@@ -23,8 +23,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["NoiseSchedule", "NamedSchedule", "named_schedule", "karras_sigmas", "from_scheduler", "visited_positions",
-           "flow_sigma", "flow_schedule", "flow_positions"]
+__all__ = [
+    "NoiseSchedule",
+    "NamedSchedule",
+    "named_schedule",
+    "karras_sigmas",
+    "from_scheduler",
+    "visited_positions",
+    "flow_sigma",
+    "flow_schedule",
+    "flow_positions",
+]
 
 SD_BETAS = (0.00085, 0.012)  # Stable Diffusion 1.x/2.x/XL scaled_linear
 DDPM_BETAS = (1e-4, 0.02)  # Ho et al. 2020
@@ -149,7 +158,12 @@ def named_schedule(name: str | NamedSchedule, num_train_timesteps: int = 1000) -
     from diffusers import DDPMScheduler
 
     name = NamedSchedule(getattr(name, "value", name)).value
-    base = {"num_train_timesteps": num_train_timesteps, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+    base = {
+        "num_train_timesteps": num_train_timesteps,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
     if name == "linear":
         config = {**base, "beta_schedule": "linear", "beta_start": DDPM_BETAS[0], "beta_end": DDPM_BETAS[1]}
     elif name == "scaled_linear":
@@ -157,8 +171,13 @@ def named_schedule(name: str | NamedSchedule, num_train_timesteps: int = 1000) -
     elif name == "squaredcos_cap_v2":
         config = {**base, "beta_schedule": "squaredcos_cap_v2"}
     elif name == "scaled_linear_zero_snr":
-        config = {**base, "beta_schedule": "scaled_linear", "beta_start": SD_BETAS[0], "beta_end": SD_BETAS[1],
-                  "rescale_betas_zero_snr": True}
+        config = {
+            **base,
+            "beta_schedule": "scaled_linear",
+            "beta_start": SD_BETAS[0],
+            "beta_end": SD_BETAS[1],
+            "rescale_betas_zero_snr": True,
+        }
     elif name == "karras":
         # Karras spacing between SD's own σ extremes (what use_karras_sigmas=True samples on SD)
         sd = named_schedule("scaled_linear", num_train_timesteps).sigmas

@@ -44,8 +44,14 @@ log = logging.getLogger(__name__)
 
 
 # the keys of a diffusers config that make the β schedule; every other key belongs to the solver
-_SCHEDULE_KEYS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-                  "trained_betas": None, "rescale_betas_zero_snr": False}
+_SCHEDULE_KEYS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "rescale_betas_zero_snr": False,
+}
 
 
 def visited(schedule: NoiseSchedule, solver_cfg, num_steps: int, sampler=None) -> np.ndarray:
@@ -72,9 +78,11 @@ def _flow_model(ctx, cfg, steps: int) -> tuple[NoiseSchedule, np.ndarray, str]:
     family_name = family.name if family is not None else None
     h, w, seq = flow_geometry(cfg.model.path, family, mcfg.height, mcfg.width)
     if seq is None and uses_dynamic_shift(sc["config"]):
-        raise UserError(f"model.path: {sc['source']} uses a resolution-dependent shift (use_dynamic_shifting) but "
-                        f"there is no model_index.json naming the family ({' / '.join(flow_pipeline_classes())}) to "
-                        "count image tokens from; point model.path at the pipeline directory")
+        raise UserError(
+            f"model.path: {sc['source']} uses a resolution-dependent shift (use_dynamic_shifting) but "
+            f"there is no model_index.json naming the family ({' / '.join(flow_pipeline_classes())}) to "
+            "count image tokens from; point model.path at the pipeline directory"
+        )
     shift = flow_shift(sampler, seq, family_name)
     T = int(sampler.config.num_train_timesteps)
     model = flow_schedule("model", shift, T)
@@ -89,10 +97,16 @@ def _flow_model(ctx, cfg, steps: int) -> tuple[NoiseSchedule, np.ndarray, str]:
 def schedule_scalars(schedule: NoiseSchedule, ts: np.ndarray) -> dict[str, float]:
     out = schedule.summary()
     first_ls = float(schedule.log_snr_at(ts[0]))
-    if not np.isfinite(first_ls):  # zero-terminal-SNR schedule visiting t = T-1: keep the finite part, as for log_snr_min
+    if not np.isfinite(
+        first_ls
+    ):  # zero-terminal-SNR schedule visiting t = T-1: keep the finite part, as for log_snr_min
         first_ls = out["log_snr_min"]
-    out.update(first_visited_t=float(ts[0]), last_visited_t=float(ts[-1]), first_visited_log_snr=first_ls,
-               num_visited=float(len(ts)))
+    out.update(
+        first_visited_t=float(ts[0]),
+        last_visited_t=float(ts[-1]),
+        first_visited_log_snr=first_ls,
+        num_visited=float(len(ts)),
+    )
     return out
 
 
@@ -104,18 +118,28 @@ def findings(label: str, s: dict[str, float], kind: str = "discrete", beta_sched
     if kind == "flow":  # a σ ∈ [0, 1] path: DDPM-linear's ±10 is no yardstick for it
         notes = [span + " (rectified flow: log-SNR = 2·log((1 − σ)/σ))"]
     elif kind == "sigma":
-        notes = [span + f" (σ schedule: log-SNR = −2·log σ, σ from {math.exp(-s['log_snr_max'] / 2):.3g} "
-                        f"to {s['sigma_max']:.3g})"]
+        notes = [
+            span + f" (σ schedule: log-SNR = −2·log σ, σ from {math.exp(-s['log_snr_max'] / 2):.3g} "
+            f"to {s['sigma_max']:.3g})"
+        ]
     elif beta_schedule == "squaredcos_cap_v2":
         notes = [span + " (cosine schedule: ᾱ ∝ cos²((t/T + 0.008)/1.008·π/2), β capped at 0.999)"]
     else:
-        notes = [span + ("" if abs(s["log_snr_max"] - 10) < 1.5 and abs(s["log_snr_min"] + 10) < 1.5
-                         else " (not the ±10 of DDPM-linear)")]
+        notes = [
+            span
+            + (
+                ""
+                if abs(s["log_snr_max"] - 10) < 1.5 and abs(s["log_snr_min"] + 10) < 1.5
+                else " (not the ±10 of DDPM-linear)"
+            )
+        ]
     if s["zero_terminal_snr"]:
         notes.append(f"{label}: zero terminal SNR (ᾱ_T = 0): the last training step is pure noise")
     else:
-        notes.append(f"{label}: non-zero terminal SNR (SNR_T = {s['terminal_snr']:.3g}): sampling from pure noise "
-                     "starts off the training distribution (Lin et al., WACV 2024) — a property, not an error")
+        notes.append(
+            f"{label}: non-zero terminal SNR (SNR_T = {s['terminal_snr']:.3g}): sampling from pure noise "
+            "starts off the training distribution (Lin et al., WACV 2024) — a property, not an error"
+        )
     if not s["monotonic"]:
         notes.append(f"{label}: ᾱ is NOT strictly decreasing")
     return notes
@@ -124,8 +148,9 @@ def findings(label: str, s: dict[str, float], kind: str = "discrete", beta_sched
 def _curve_rows(schedule: NoiseSchedule) -> list[dict]:
     rows = [
         {"t": t, "beta": b, "alpha_cumprod": a, "snr": s, "log_snr": ls, "sigma": sg}
-        for t, (b, a, s, ls, sg) in enumerate(zip(schedule.betas, schedule.alphas_cumprod, schedule.snr,
-                                                  schedule.log_snr, schedule.sigmas))
+        for t, (b, a, s, ls, sg) in enumerate(
+            zip(schedule.betas, schedule.alphas_cumprod, schedule.snr, schedule.log_snr, schedule.sigmas)
+        )
     ]
     if schedule.kind == "flow":
         for row, u, fs in zip(rows, schedule.normalised_time(np.arange(len(rows))), schedule.flow_sigmas):
@@ -140,7 +165,7 @@ def schedule_stage(ctx, cfg):
     sampler = ctx.get("sampler")
     sc = ctx.get("scheduler_config")
     source = sc["source"]
-    where = source.split('/')[-3] if source.count('/') >= 2 else source
+    where = source.split("/")[-3] if source.count("/") >= 2 else source
     flow = is_flow_model(sc["config"], sc.get("model_index"))
     ctx.tag("schedule/prediction_type", "flow" if flow else str(sampler.config.get("prediction_type") or "epsilon"))
     if flow:
@@ -168,8 +193,10 @@ def schedule_stage(ctx, cfg):
         ctx.log_scalars({f"{prefix}/{k}": v for k, v in scalars.items()})
         notes += findings(name_label, scalars, schedule.kind, (schedule.scheduler_config or {}).get("beta_schedule"))
         summary_rows.append({"schedule": name_label, **scalars})
-        visited_rows += [{"schedule": name_label, "step": j, "t": float(t), "log_snr": float(schedule.log_snr_at(t))}
-                         for j, t in enumerate(ts)]
+        visited_rows += [
+            {"schedule": name_label, "step": j, "t": float(t), "log_snr": float(schedule.log_snr_at(t))}
+            for j, t in enumerate(ts)
+        ]
         ctx.save_table(_curve_rows(schedule), f"schedule_curve_{schedule.name}")
         ctx.save_figure(panel_figure(schedule, name_label, ts), f"schedule_{schedule.name}")
     ctx.save_figure(overlay_figure(curves), "schedule_log_snr_overlay")
