@@ -34,6 +34,8 @@ import torch
 
 from pipeline.metrics._checks import _features
 from pipeline.metrics.cmmd import SCALE, SIGMA, kernel_block_sums, rbf_kernel
+from pipeline.metrics.frechet import frechet_distance
+from pipeline.metrics.stats import FeatureStats
 
 __all__ = [
     "subsample_sd",
@@ -67,8 +69,6 @@ def normal_interval(point: float, sd: float) -> tuple[float, float]:
 def fd_subsample_sd(fake: Any, reference: Any, replicates: int = 20, seed: int = 0) -> float:
     """sd of the FD of ``fake`` (N, d rows; tensor, array or memory map) against fixed reference statistics
     (``ReferenceStats``/``FeatureStats``), from ``replicates`` subsets of N/2 rows."""
-    from pipeline.metrics.frechet import frechet_distance
-    from pipeline.metrics.stats import FeatureStats
 
     n = len(fake)
     idx = _subsets(n, replicates, seed)
@@ -133,8 +133,6 @@ def bootstrap_interval(per_sample: Any, replicates: int = 200, seed: int = 0) ->
 def fd_inf(fake: Any, reference: Any, points: int = 8, seed: int = 0) -> float:
     """FD∞: FD of nested random subsets of ``points`` geometric sizes from N/8 to N, least-squares line in 1/n,
     intercept. The caller checks N ≥ max(2000, d) (below that the covariances are too poorly estimated)."""
-    from pipeline.metrics.frechet import frechet_distance
-    from pipeline.metrics.stats import FeatureStats
 
     n = len(fake)
     sizes = sorted({int(round(s)) for s in np.geomspace(n / 8, n, points)})

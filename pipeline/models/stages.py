@@ -7,10 +7,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pipeline.config import to_plain
 from pipeline.core.registry import stage
+from pipeline.errors import UserError
+from pipeline.features import build_extractor
+from pipeline.models.adapter import ModelAdapter
 from pipeline.models.family import read_model_index
 from pipeline.models.generation import check_eta
-from pipeline.models.loading import load_pipeline, load_scheduler_config, resolve_dtype
+from pipeline.models.loading import load_pipeline, load_scheduler_config, resolve_device, resolve_dtype
 from pipeline.models.schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -43,7 +47,6 @@ def make_sampler(cfg, setup: dict):
 def check_model(cfg) -> None:
     """The model checks that read no weights, for :func:`pipeline.run.runner.preflight` (before any MLflow run): the
     device exists, the model's scheduler config and index load, the configured solver fits the model."""
-    from pipeline.models.loading import resolve_device
 
     resolve_device(cfg.model.device)
     make_sampler(cfg, read_scheduler_setup(cfg))
@@ -89,7 +92,6 @@ def pipe_stage(ctx, cfg):
 @stage("model", needs=("pipe",), produces=("model",))
 def model_stage(ctx, cfg):
     """The loaded pipeline behind the one adapter every stage drives it through (``pipeline.models.adapter``)."""
-    from pipeline.models.adapter import ModelAdapter
 
     model = ModelAdapter(ctx.get("pipe"))
     ctx.tag("model.family", model.name)
@@ -99,8 +101,6 @@ def model_stage(ctx, cfg):
 @stage("extractors", produces=("extractors",))
 def extractors_stage(ctx, cfg):
     """Every ``features=[...]`` extractor, in order (the first is primary), cached per process."""
-    from pipeline.config import to_plain
-    from pipeline.features import build_extractor
 
     extractors = {}
     for name, fcfg in cfg.features.items():
@@ -110,7 +110,5 @@ def extractors_stage(ctx, cfg):
         extractors[name] = _EXTRACTOR_CACHE[key]
         ctx.tag(f"features.{name}", repr(extractors[name].describe()))
     if not extractors:
-        from pipeline.errors import UserError
-
         raise UserError("features: no feature extractor selected; expected e.g. features=[shapes_net]")
     return {"extractors": extractors}

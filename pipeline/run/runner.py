@@ -198,23 +198,15 @@ def run_pipeline(
     tracking_uri: str | None = None,
     resume_run_id: str | None = None,
 ) -> RunOutcome:
-    """Run every selected mode of ``cfg`` as one MLflow run. Raises on failure after closing the run; logs a short
-    summary (headline scalars, run dir, MLflow run id, deep links, ``mlflow ui`` command) at the end either way.
+    """Run every selected mode of ``cfg`` as one MLflow run; log a short summary at the end either way.
 
-    A config that fails :func:`preflight` raises its UserError before anything exists (no lock, no MLflow run, no
-    file written by this function). Once the MLflow run exists it always ends (FINISHED, FAILED or KILLED, with an
-    ``error`` tag) where the store can still be written, and the lock is always released: a failure while closing
-    (a full disk, a read-only or unreachable store) is reported in one paragraph and the run stays resumable.
-
-    ``run_name``: the MLflow run name (default :func:`pipeline.record.naming.run_name`); ``tracking_uri``: the store, when
-    the caller has chosen it (default: ``tracking.uri``, then ``MLFLOW_TRACKING_URI``, then the embedded store). The
-    store used is tagged ``tracking.uri_effective`` (credentials redacted); ``config_resolved.yaml`` and the params
-    keep ``tracking.uri`` as configured, credentials redacted.
-
-    ``resume_run_id`` (``pipeline.run.resume``): continue that MLflow run in ``run_dir`` instead of starting one (status
-    RUNNING again, tag ``resumed`` = number of resumptions); the metrics mode then generates only the batches that
-    have no shard in ``run_dir/progress/``. The run dir is locked (``run.lock``, heartbeat) while the run is in it;
-    its ``progress/`` is deleted when the run finishes and never uploaded."""
+    A config failing :func:`preflight` raises before anything exists (no lock, MLflow run or file). Once the MLflow
+    run exists it always ends FINISHED, FAILED or KILLED and the lock is released; a failure while closing (full disk,
+    unreachable store) is reported in one paragraph and the run stays resumable. ``run_name`` defaults to
+    :func:`pipeline.record.naming.run_name`; ``tracking_uri`` (the caller's store) to ``tracking.uri``, then
+    ``MLFLOW_TRACKING_URI``, then the embedded store (tagged ``tracking.uri_effective``, credentials redacted).
+    ``resume_run_id``: continue that MLflow run in ``run_dir`` (tag ``resumed`` counts resumptions; the metrics mode
+    generates only the batches without a shard in ``run_dir/progress/``, which is deleted when the run finishes)."""
 
     choices = {k: v for k, v in (choices or {}).items() if v is not None}
     plain, modes = preflight(cfg, choices)  # a bad config: UserError, nothing created
