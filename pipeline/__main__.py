@@ -6,16 +6,18 @@ import sys
 import hydra
 
 from pipeline.config import check_list_choices, check_override_keys, register_configs
-from pipeline.core.threads import configure_torch
 from pipeline.errors import UserError
-from pipeline.record.tracking import close_open_parents
-from pipeline.run.runner import FAILED_JOBS, run_from_hydra
 
 register_configs()
+
+# The entry point imports the run and record rooms (torch, diffusers, mlflow: ~4 s) only once the command line has
+# passed its checks, so a typo is answered in the time it takes to load the schema.
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg):
+    from pipeline.run.runner import run_from_hydra
+
     return run_from_hydra(cfg)
 
 
@@ -42,19 +44,26 @@ def _check_overrides(argv: list[str]) -> None:
 
 
 def cli() -> None:
-
     _check_overrides(sys.argv[1:])
+    from pipeline.core.threads import configure_torch
+
     configure_torch()  # threads = the CPUs this process may use (a joblib sweep then splits them per job)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except KeyboardInterrupt:
+        from pipeline.record.tracking import close_open_parents
+
         close_open_parents("KILLED")
         sys.exit(130)
     except SystemExit as e:
         if e.code not in (0, None):  # Hydra reports a composition error (e.g. an unknown option in a sweep list)
+            from pipeline.record.tracking import close_open_parents
+
             close_open_parents("FAILED", "sweep stopped before its jobs finished: a configuration error (see the log)")
         raise
+    from pipeline.run.runner import FAILED_JOBS
+
     if FAILED_JOBS:
         sys.exit(1)
 
