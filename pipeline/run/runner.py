@@ -212,20 +212,13 @@ def run_pipeline(
     plain, modes = preflight(cfg, choices)  # a bad config: UserError, nothing created
     main = dist.is_main()  # True unless this is a non-zero rank of a torchrun launch
     run_dir, scratch, lock = _claim_run_dir(run_dir, main)
-    tracker, run_id, tags = _open_mlflow_run(
-        cfg,
-        run_dir,
-        main,
-        lock,
-        scratch,
-        modes,
-        choices,
-        parent_run_id,
-        extra_tags,
-        run_name,
-        tracking_uri,
-        resume_run_id,
-    )
+    try:
+        tracker, run_id, tags = _open_mlflow_run(
+            cfg, run_dir, main, modes, choices, parent_run_id, extra_tags, run_name, tracking_uri, resume_run_id
+        )
+    except BaseException:
+        _leave_run_dir(lock, scratch)
+        raise
     ctx = RunContext(cfg, run_dir, tracker if main else None)
     outcome = RunOutcome(run_id, "FAILED", run_dir)
     failure: BaseException | None = None
@@ -261,22 +254,19 @@ def _claim_run_dir(run_dir: str | Path, main: bool) -> tuple[Path, Path | None, 
     return run_dir, scratch, lock
 
 
+def _leave_run_dir(lock: RunLock | None, scratch: Path | None) -> None:
+    """The other half of :func:`_claim_run_dir`: the lock released, a non-zero rank's throwaway dir removed."""
+    if lock is not None:
+        lock.release()
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _open_mlflow_run(
-    cfg,
-    run_dir: Path,
-    main: bool,
-    lock,
-    scratch,
-    modes,
-    choices,
-    parent_run_id,
-    extra_tags,
-    run_name,
-    tracking_uri,
-    resume_run_id,
+    cfg, run_dir: Path, main: bool, modes, choices, parent_run_id, extra_tags, run_name, tracking_uri, resume_run_id
 ) -> tuple[Any, str | None, dict]:
     """Start (or reopen, when resuming) the MLflow run: (tracker, run id, tags). An unreachable server or a store
-    refusing writes is a UserError with the lock released and nothing run."""
+    refusing writes is a UserError (the caller releases the lock; nothing was run)."""
     store = tracking_uri or resolve_uri(cfg.tracking.uri, cfg.paths.outputs)
     try:
         tracker = Tracker(cfg.tracking, cfg.paths.outputs, uri=store) if main else _NoTracker()
@@ -296,10 +286,6 @@ def _open_mlflow_run(
         log.info("MLflow run %s (%s) in %s (%s)", run_id, tracker.run_name, public_uri(tracker.uri), run_dir)
         return tracker, run_id, tags
     except BaseException as e:
-        if lock is not None:
-            lock.release()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
         if isinstance(e, (UserError, KeyboardInterrupt)):
             raise
         raise UserError(
@@ -407,10 +393,7 @@ def _close_run(
         _write_report(run_dir, outcome, tracker, tags, choices)
         step("uploading the artifacts", lambda: tracker.log_artifacts(run_dir, exclude=(PROGRESS_DIR, LOCK_FILE)))
     ended = step(f"ending the MLflow run as {outcome.status}", lambda: tracker.end(outcome.status))
-    if lock is not None:
-        lock.release()
-    if scratch is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
+    _leave_run_dir(lock, scratch)
     for p in run_dir.glob(".*.tmp"):  # an atomic write cut short (disk full) leaves its temp file
         p.unlink(missing_ok=True)
     for p in run_dir.glob("*.tmp"):
