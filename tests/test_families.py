@@ -17,13 +17,12 @@ import pytest
 import torch
 from conftest import all_runs, compose_cfg, run_cli
 from PIL import Image
-from tiny import FAMILY_NAMES, tiny_family
+from tiny import FAMILY_NAMES, NEW_FAMILY_NAMES, tiny_family, tiny_spec
 
 from pipeline.errors import UserError
 from pipeline.run.runner import run_pipeline
 
 SEED, STEPS, GUIDANCE, N = 5, 3, 4.0, 6
-SIZES = {"flux": 32}  # Flux's native size (1024 px at the tiny VAE's x2 = 256 px) is too slow for a test
 CLASS_IDS = [3, 7]
 
 
@@ -52,7 +51,7 @@ def family_dir(root):
 
 
 def _overrides(root: Path, model_dir: Path, name: str, extra=(), schedule: bool = True) -> list[str]:
-    size = SIZES.get(name)
+    size = tiny_spec(name).size
     modes = ["mode=[schedule,metrics]", "mode.schedule.compare=[linear]"] if schedule else ["mode=[metrics]"]
     return [
         "model=hub",
@@ -90,11 +89,9 @@ def _oracle(pipe, name: str, i: int, prompts: list[str]) -> np.ndarray:
     elif name == "dit":
         out = pipe(class_labels=[CLASS_IDS[i % len(CLASS_IDS)]], guidance_scale=GUIDANCE, **common)
     else:
-        size = SIZES.get(name)
-        kw = {"height": size, "width": size} if size else {}
-        if name == "pixart":
-            kw["use_resolution_binning"] = False
-        out = pipe(prompts[(i // SAMPLES_PER_PROMPT) % len(prompts)], guidance_scale=GUIDANCE, **common, **kw)
+        spec = tiny_spec(name)
+        kw = {"height": spec.size, "width": spec.size} if spec.size else {}
+        out = pipe(prompts[(i // SAMPLES_PER_PROMPT) % len(prompts)], **spec.call(GUIDANCE), **common, **kw)
     return (np.asarray(out.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
 
 
@@ -172,6 +169,41 @@ def test_images_do_not_depend_on_the_batch_size_for_any_solver(name, solver, fam
         runs[bs] = torch.cat([b.images for b in batches]).int()
     assert (runs[1] - runs[3]).abs().max() <= 2 and (runs[1] - runs[8]).abs().max() <= 2
     assert (runs[1][0] - runs[1][2]).abs().max() > 2  # and the samples do differ from each other
+
+
+@pytest.mark.parametrize("name", NEW_FAMILY_NAMES)
+def test_new_family_batches_and_low_precision(name, family_dir):
+    """The 2026 families with their own solver: batch sizes 1, 3 and 8 give the same images (≤ 2/255), and every
+    low precision the family's pipeline supports on CPU finishes with finite images."""
+    from diffusers import DiffusionPipeline
+
+    from pipeline.models.adapter import ModelAdapter
+    from pipeline.models.generation import generate, sample
+
+    spec = tiny_spec(name)
+    size = {"height": spec.size, "width": spec.size} if spec.size else {}
+    pipe = DiffusionPipeline.from_pretrained(family_dir(name), use_safetensors=True)
+    model = ModelAdapter(pipe)
+    prompts = ["a red circle on the left", "a blue square"]
+    runs = {
+        bs: torch.cat(
+            [
+                b.images
+                for b in generate(
+                    model, pipe.scheduler, 8, bs, 2, GUIDANCE, SEED, prompts=prompts, progress=False, **size
+                )
+            ]
+        ).int()
+        for bs in (1, 3, 8)
+    }
+    assert (runs[1] - runs[3]).abs().max() <= 2 and (runs[1] - runs[8]).abs().max() <= 2
+    assert (runs[1][0] - runs[1][1]).abs().max() > 2
+    for dtype in spec.dtypes:
+        low = ModelAdapter(DiffusionPipeline.from_pretrained(family_dir(name), torch_dtype=getattr(torch, dtype)))
+        h, w = low.resolve_size(spec.size, spec.size)
+        cond = low.condition(1, GUIDANCE, h, w, prompts=prompts[:1])
+        images = sample(low, pipe.scheduler, cond, [torch.Generator("cpu").manual_seed(SEED)], 2, h, w)
+        assert images.dtype == torch.float32 and torch.isfinite(images).all(), (name, dtype)
 
 
 def test_eta_is_refused_by_solvers_without_it(root, family_dir, tmp_path):

@@ -119,9 +119,8 @@ class ModelAdapter:
 
     @property
     def vae_scale(self) -> int:
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent pixel (1 for pixel-space models)."""
+        return self.driver.vae_scale()
 
     @property
     def latent_channels(self) -> int:
@@ -161,9 +160,7 @@ class ModelAdapter:
     ) -> torch.Tensor:
         """The pipelines' own first draw: ``randn_tensor`` with one generator per sample (so an image never depends
         on its batch), in the model dtype, times the solver's ``init_noise_sigma``; Flux's packed 2×2."""
-        shape = (len(generators), *self.latent_shape(height, width))
-        x = randn_tensor(shape, generator=list(generators), device=self.device, dtype=self.dtype)
-        return self.driver.initial_latents(x, init_noise_sigma)
+        return self.driver.initial_noise(generators, height, width, init_noise_sigma)
 
     def add_noise(self, sched, latents: torch.Tensor, gens: Sequence[torch.Generator], t: torch.Tensor) -> torch.Tensor:
         """Clean (unpacked) latents noised to solver timestep ``t`` in the solver's own convention — flow models
@@ -269,15 +266,7 @@ class ModelAdapter:
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, sampler) -> torch.Tensor:
         """One guided denoiser call at solver timestep ``t``: the prediction ``sampler.step`` expects (ε, v, x₀ or
         flow velocity, in the scheduler's ``prediction_type``), learned-σ channels dropped."""
-        x_in = torch.cat([x, x]) if cond.cfg else x
-        if hasattr(sampler, "scale_model_input"):
-            x_in = sampler.scale_model_input(x_in, t)
-        out = self._forward(x_in, t, cond)
-        if cond.cfg:
-            a, b = out.chunk(2)
-            cond_out, uncond_out = (a, b) if self.driver.cond_first else (b, a)
-            out = uncond_out + cond.guidance * (cond_out - uncond_out)
-        return self.driver.prediction(out)
+        return self.driver.denoise(x, t, cond, sampler)
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One raw denoiser call (no CFG mixing, learned σ kept)."""
@@ -290,6 +279,11 @@ class ModelAdapter:
 
     def set_timesteps(self, sampler, steps: int, height: int, width: int) -> None:
         """``sampler.set_timesteps`` exactly as the family's pipeline calls it (flow: sigmas / ``mu``)."""
+        self.driver.set_timesteps(sampler, steps, height, width)
+
+    def default_timesteps(self, sampler, steps: int, height: int, width: int) -> None:
+        """What most pipelines do: flow models σ's / ``mu`` from the family's ``flow_timestep_kwargs`` (every flow
+        solver given the same σ's), the others ``set_timesteps(steps)``."""
         if self.family.flow:
             set_flow_timesteps(sampler, steps, self.device, self.image_seq_len(height, width), self.family.name)
         else:
@@ -297,7 +291,7 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------ VAE
     @contextlib.contextmanager
-    def _vae_dtype(self):
+    def vae_dtype(self):
         """float32 for the VAE while it runs when the model is fp16 and the VAE config asks (force_upcast)."""
         vae = self.vae
         upcast = vae is not None and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
@@ -318,16 +312,7 @@ class ModelAdapter:
         """Final latents (packed for Flux) -> float images ``D(z)/2 + 0.5``, NCHW, not clamped."""
         if self.vae is None:
             return latents.float() / 2 + 0.5
-        z = self.unpack(latents, height, width)
-        scale, shift, mean, std = self.latent_factors()
-        with self._vae_dtype() as dtype:
-            z = z.to(dtype)
-            if mean is not None:
-                z = z * std.to(z) / scale + mean.to(z)
-            else:
-                z = z / scale + shift
-            x = self.vae.decode(z, return_dict=False)[0]
-        return x.float() / 2 + 0.5
+        return self.driver.decode_latents(self.unpack(latents, height, width)).float() / 2 + 0.5
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -335,9 +320,4 @@ class ModelAdapter:
         :meth:`decode`, with the posterior's mode (deterministic). Pixel models: the images themselves."""
         if self.vae is None:
             return images.to(self.device, self.dtype)
-        scale, shift, mean, std = self.latent_factors()
-        with self._vae_dtype() as dtype:
-            enc = self.vae.encode(images.to(self.device, dtype))
-            z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latents  # KL or VQ
-            z = (z - mean.to(z)) * scale / std.to(z) if mean is not None else (z - shift) * scale
-        return z.to(self.dtype)
+        return self.driver.encode_images(images).to(self.dtype)

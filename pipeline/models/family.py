@@ -173,12 +173,11 @@ def flow_geometry(
     model_path: str, family: Family | None, height: int | None, width: int | None
 ) -> tuple[int, int, int | None]:
     """(height, width, image_seq_len) of a flow model at ``height x width`` pixels (None: its native size), from
-    configs only: VAE scale 2^(len(block_out_channels) − 1) (8 without a VAE config), then the family's native side
+    configs only: the VAE scale (:meth:`FamilyDriver.vae_scale_of`), then the family's native side
     and pixels per image token (:meth:`FamilyDriver.flow_geometry`). image_seq_len is None for an unknown family
     (a scheduler-only directory)."""
-    vae = component_config(model_path, "vae") or {}
-    scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 8
     driver = driver_named(family.name) if family is not None else None
+    scale = (driver or FamilyDriver).vae_scale_of(component_config(model_path, "vae"))
     geometry = driver.flow_geometry(scale, lambda name: component_config(model_path, name)) if driver else None
     native, step = geometry if geometry is not None else (None, 1)
     h, w = int(height or native or 0), int(width or native or 0)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.errors import UserError
 from pipeline.models.attention import AttentionLayout
@@ -101,6 +102,17 @@ class FamilyDriver:
 
     # ------------------------------------------------------------------ geometry
     @classmethod
+    def vae_scale_of(cls, vae_config: dict | None) -> int:
+        """Pixels per latent pixel from the VAE's config alone: 2^(len(block_out_channels) − 1) (8 without one)."""
+        blocks = (vae_config or {}).get("block_out_channels")
+        return 2 ** (len(blocks) - 1) if blocks else 8
+
+    def vae_scale(self) -> int:
+        """Pixels per latent pixel of the loaded VAE (1 for pixel-space models)."""
+        vae = self.model.vae
+        return 1 if vae is None else self.vae_scale_of(dict(vae.config))
+
+    @classmethod
     def flow_geometry(cls, vae_scale: int, component: Callable[[str], dict | None]) -> tuple[int, int] | None:
         """(native side, pixels per image token) of a flow family from configs only (``component(name)``: a
         component's config.json, or None), for its resolution-dependent shift; None: not a flow family."""
@@ -156,6 +168,18 @@ class FamilyDriver:
         """Unit noise of ``latent_shape`` -> the solver's first latents."""
         return x * init_noise_sigma
 
+    def initial_noise(self, generators, height: int, width: int, init_noise_sigma: float) -> torch.Tensor:
+        """The pipeline's own first draw: ``randn_tensor`` of (N, *latent_shape) with one generator per sample, in
+        the model dtype, then :meth:`initial_latents` (a family whose pipeline draws otherwise overrides this)."""
+        shape = (len(generators), *self.latent_shape(height, width))
+        x = randn_tensor(shape, generator=list(generators), device=self.model.device, dtype=self.model.dtype)
+        return self.initial_latents(x, init_noise_sigma)
+
+    def set_timesteps(self, sampler, steps: int, height: int, width: int) -> None:
+        """``sampler.set_timesteps`` exactly as the family's pipeline calls it (flow: sigmas / ``mu`` via
+        :meth:`flow_timestep_kwargs`; a flow solver other than FlowMatchEuler gets the same σ's)."""
+        self.model.default_timesteps(sampler, steps, height, width)
+
     # ------------------------------------------------------------------ conditioning
     def uses_cfg(self, guidance: float) -> bool:
         return self.family.conditioning != "none" and guidance > 1
@@ -183,6 +207,24 @@ class FamilyDriver:
         raise ValueError(f"{type(self.denoiser).__name__} has no class embedding: no class-embedding direction")
 
     # ------------------------------------------------------------------ the denoiser
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond, sampler) -> torch.Tensor:
+        """One guided step's prediction: the CFG halves as one batch ``[uncond, cond]`` (``cond_first``: the other
+        way), :meth:`combine`, :meth:`prediction`. A family whose pipeline calls the denoiser otherwise (two calls,
+        guidance switched off for some steps) overrides this."""
+        x_in = torch.cat([x, x]) if cond.cfg else x
+        if sampler is not None and hasattr(sampler, "scale_model_input"):
+            x_in = sampler.scale_model_input(x_in, t)
+        out = self.forward(x_in, torch.as_tensor(t, device=x.device), cond.kwargs)
+        if cond.cfg:
+            a, b = out.chunk(2)
+            cond_out, uncond_out = (a, b) if self.cond_first else (b, a)
+            out = self.combine(cond_out, uncond_out, cond.guidance)
+        return self.prediction(out)
+
+    def combine(self, cond_out: torch.Tensor, uncond_out: torch.Tensor, guidance: float) -> torch.Tensor:
+        """Classifier-free guidance ``u + g (c − u)`` (Ho & Salimans 2022, as diffusers)."""
+        return uncond_out + guidance * (cond_out - uncond_out)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """One raw denoiser call on ``x`` at solver timestep ``t`` (0-d or (N,))."""
         raise AssertionError(f"no denoiser call for family {self.family.name!r}")
@@ -195,6 +237,24 @@ class FamilyDriver:
     def latent_factors(self) -> tuple[float, float, torch.Tensor | None, torch.Tensor | None]:
         """(scaling_factor, shift_factor, latents_mean, latents_std) as the family's pipeline applies them."""
         return float(getattr(self.model.vae.config, "scaling_factor", None) or 1.0), 0.0, None, None
+
+    # ------------------------------------------------------------------ VAE
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Unpacked latents -> images in [-1, 1] as the pipeline decodes them (:meth:`latent_factors`), run in the
+        VAE's dtype (float32 when an fp16 VAE asks for ``force_upcast``)."""
+        scale, shift, mean, std = self.latent_factors()
+        with self.model.vae_dtype() as dtype:
+            z = z.to(dtype)
+            z = z * std.to(z) / scale + mean.to(z) if mean is not None else z / scale + shift
+            return self.model.vae.decode(z, return_dict=False)[0]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> unpacked latents, the inverse of :meth:`decode_latents`, with the posterior's mode."""
+        scale, shift, mean, std = self.latent_factors()
+        with self.model.vae_dtype() as dtype:
+            enc = self.model.vae.encode(images.to(self.model.device, dtype))
+            z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latents  # KL or VQ
+            return (z - mean.to(z)) * scale / std.to(z) if mean is not None else (z - shift) * scale
 
     # ------------------------------------------------------------------ attention
     def attention_layout(self, height: int, width: int) -> AttentionLayout:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -404,26 +406,59 @@ def tiny_models(root: Path) -> dict[str, Path]:
     return {"ddpm": tiny_ddpm(root / "ddpm"), "sd": tiny_sd(root / "sd"), "net": root / "net"}
 
 
-_FAMILIES = {
-    "sd": tiny_sd,
-    "sd2": tiny_sd2,
-    "sdxl": tiny_sdxl,
-    "pixart": tiny_pixart,
-    "sd3": tiny_sd3,
-    "sd3_no_t5": lambda path: tiny_sd3(path, with_t5=False),
-    "flux": tiny_flux,
-    "dit": tiny_dit,
-    "ddpm": tiny_ddpm,
-    "ldm": tiny_ldm,
+@dataclass(frozen=True)
+class Tiny:
+    """A family's tiny pipeline and how its own ``__call__`` is asked for the project's images (the oracle):
+    ``build(path) -> path``; ``size`` the px side generated at (None: native); ``call(guidance)`` the ``__call__``
+    keywords that mean the run's ``sampler.guidance_scale`` (e.g. Qwen-Image's ``true_cfg_scale`` and empty
+    negative prompt)."""
+
+    build: Callable[[Path], Path]
+    size: int | None = None
+    call: Callable[[float], dict] = lambda g: {"guidance_scale": g}
+    dtypes: tuple[str, ...] = ("float16", "bfloat16")  # the low precisions its pipeline runs in on CPU
+
+
+_FAMILIES: dict[str, Tiny] = {
+    "sd": Tiny(tiny_sd),
+    "sd2": Tiny(tiny_sd2),
+    "sdxl": Tiny(tiny_sdxl),
+    "pixart": Tiny(tiny_pixart, call=lambda g: {"guidance_scale": g, "use_resolution_binning": False}),
+    "sd3": Tiny(tiny_sd3),
+    "sd3_no_t5": Tiny(lambda path: tiny_sd3(path, with_t5=False)),
+    "flux": Tiny(tiny_flux, size=32),  # native 1024 px at the tiny VAE's x2 = 256 px: too slow for a test
+    "dit": Tiny(tiny_dit),
+    "ddpm": Tiny(tiny_ddpm),
+    "ldm": Tiny(tiny_ldm),
 }
+
+
+def _add_family_modules() -> None:
+    """The 2026 families, one module each under tests/tiny/ (``TINY: dict[str, Tiny]``)."""
+    import importlib
+
+    for module in NEW_FAMILY_MODULES:
+        tiny = importlib.import_module(f"tiny.{module}").TINY
+        _FAMILIES.update(tiny)
+        NEW_FAMILY_NAMES.extend(tiny)
+
+
+NEW_FAMILY_NAMES: list[str] = []
+
+NEW_FAMILY_MODULES: tuple[str, ...] = tuple(__import__("os").environ.get("TINY_FAMILY_MODULES", "").split())
+_add_family_modules()
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
+
+
+def tiny_spec(name: str) -> Tiny:
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown family {name!r}; expected one of {FAMILY_NAMES}")
+    return _FAMILIES[name]
 
 
 def tiny_family(name: str, path: Path) -> Path:
     """Build the tiny pipeline of family ``name`` (one of :data:`FAMILY_NAMES`) at ``path``."""
-    if name not in _FAMILIES:
-        raise ValueError(f"unknown family {name!r}; expected one of {FAMILY_NAMES}")
-    return _FAMILIES[name](Path(path))
+    return tiny_spec(name).build(Path(path))
 
 
 def tiny_clip(root: Path, context: int = 16) -> Path:
