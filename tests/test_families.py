@@ -77,6 +77,7 @@ def _overrides(root: Path, model_dir: Path, name: str, extra=(), schedule: bool 
     ]
 
 
+NATIVE = ("auraflow",)  # classes no family file drives: their own __call__ (pipeline.models.native)
 SAMPLES_PER_PROMPT = 4  # conf/mode/metrics.yaml's default: sample i gets prompt i // 4
 
 
@@ -91,7 +92,8 @@ def _oracle(pipe, name: str, i: int, prompts: list[str]) -> np.ndarray:
     else:
         spec = tiny_spec(name)
         kw = {"height": spec.size, "width": spec.size} if spec.size else {}
-        out = pipe(prompts[(i // SAMPLES_PER_PROMPT) % len(prompts)], **spec.call(GUIDANCE), **common, **kw)
+        # prompt by keyword: the FLUX.2 pipelines' first positional parameter is a reference image
+        out = pipe(prompt=prompts[(i // SAMPLES_PER_PROMPT) % len(prompts)], **spec.call(GUIDANCE), **common, **kw)
     return (np.asarray(out.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
 
 
@@ -112,6 +114,7 @@ def test_family_runs_schedule_and_metrics_and_matches_its_own_pipeline(name, roo
     assert r["metrics/num_samples"] == N and np.isfinite(r["metrics/fd_shapes_net"])
     assert np.isfinite(r["schedule/log_snr_max"]) and r["schedule/log_snr_max"] > r["schedule/log_snr_min"]
     tags = MlflowClient(f"sqlite:///{outputs.resolve() / 'mlflow.db'}").get_run(out.run_id).data.tags
+    assert tags["generation.path"] == ("native_call" if name in NATIVE else "adapter")
     text = name not in ("dit", "ddpm", "ldm")
     if text:  # dataset=folder has no ground truth: prompt accuracy is skipped with its reason, never guessed
         assert "metrics/prompt_accuracy" not in r and "ground truth" in tags["skipped.metrics/prompt_accuracy"]
@@ -201,8 +204,11 @@ def test_new_family_batches_and_low_precision(name, family_dir):
     for dtype in spec.dtypes:
         low = ModelAdapter(DiffusionPipeline.from_pretrained(family_dir(name), torch_dtype=getattr(torch, dtype)))
         h, w = low.resolve_size(spec.size, spec.size)
-        cond = low.condition(1, GUIDANCE, h, w, prompts=prompts[:1])
-        images = sample(low, pipe.scheduler, cond, [torch.Generator("cpu").manual_seed(SEED)], 2, h, w)
+        gens = [torch.Generator("cpu").manual_seed(SEED)]
+        if low.native:
+            images = low.driver.call(prompts[:1], gens, 2, GUIDANCE, h, w, pipe.scheduler, 0.0)
+        else:
+            images = sample(low, pipe.scheduler, low.condition(1, GUIDANCE, h, w, prompts=prompts[:1]), gens, 2, h, w)
         assert images.dtype == torch.float32 and torch.isfinite(images).all(), (name, dtype)
 
 
@@ -262,3 +268,26 @@ def test_one_family_through_the_cli(root, family_dir, tmp_path):
     runs = all_runs(out)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["model.family"] == "dit" and runs[0].data.metrics["metrics/num_samples"] == N
+
+
+@pytest.mark.parametrize(
+    "class_name, mode, message",
+    [
+        ("AuraFlowPipeline", "attention", r"AuraFlowPipeline runs on the native path .* mode attention needs a family"),
+        ("AuraFlowPipeline", "latent", r"AuraFlowPipeline runs on the native path .* mode latent needs a family"),
+        ("WanPipeline", "metrics", r"'WanPipeline' is not supported.*a video generator"),
+        ("QwenImageEditPlusPipeline", "metrics", r"QwenImageEditPlusPipeline is an image-editing pipeline"),
+        ("StableDiffusionXLInpaintPipeline", "metrics", r"an inpainting pipeline"),
+        ("KandinskyPipeline", "metrics", r"KandinskyPipeline.__call__ requires image_embeds, negative_image_embeds"),
+    ],
+)
+def test_native_path_and_non_image_classes_are_refused_up_front(root, class_name, mode, message, tmp_path):
+    """A text-to-image class no family drives runs on its own __call__ (metrics, schedule) and is refused by name
+    where a mode needs the denoiser's steps; classes that make something else are refused by name, before any work."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    overrides = ["model=hub", f"model.path={model}", f"mode=[{mode}]", f"dataset.root={root / 'folder'}"]
+    with pytest.raises(UserError, match=message):
+        run_pipeline(compose_cfg(overrides, tmp_path / "out"), tmp_path / "run")
+    assert not (tmp_path / "out" / "cache").exists()

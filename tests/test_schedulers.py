@@ -240,7 +240,7 @@ def test_schedule_mode_on_an_sd3_like_model(sd3_dir, tmp_path):
     # the linear schedule is shown at the same normalised times as the model's visits: the first is t = 999
     assert r["schedule/linear/first_visited_t"] == pytest.approx(999, abs=1e-6)
     tags = MlflowClient(sqlite_uri(out)).get_run(res.run_id).data.tags
-    assert tags["schedule/prediction_type"] == "flow" and tags["schedule/flow_shift"] == "3"
+    assert tags["schedule/prediction_type"] == "flow, static shift" and tags["schedule/flow_shift"] == "3"
     findings = (tmp_path / "run" / "tables" / "schedule_findings.md").read_text().splitlines()
     model_line = next(f for f in findings if f.startswith("- model") and "log-SNR spans" in f)
     assert "DDPM-linear" not in model_line and "rectified flow" in model_line

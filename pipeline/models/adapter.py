@@ -31,6 +31,7 @@ from pipeline.errors import UserError
 from pipeline.models.attention import AttentionLayout
 from pipeline.models.families.base import FamilyDriver, image_tokens
 from pipeline.models.family import Family, driver_of
+from pipeline.models.native import NativeCall
 from pipeline.models.schedulers import set_flow_timesteps
 
 __all__ = ["ModelAdapter", "Conditioning", "AttentionLayout"]
@@ -60,6 +61,11 @@ class ModelAdapter:
         self.pipe = pipe
         driver = driver_of(pipe, mode)
         self.family: Family = driver.family
+        self.native = driver is NativeCall  # its own __call__ makes the images (pipeline.models.native)
+        if self.native:
+            self.denoiser, self.vae = None, getattr(pipe, "vae", None)
+            self.driver: FamilyDriver = driver(self)
+            return
         self.denoiser = getattr(pipe, self.family.denoiser, None)
         if self.denoiser is None:
             raise UserError(f"model.path: {type(pipe).__name__} has no {self.family.denoiser!r} component")
@@ -89,11 +95,11 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        return self.pipe.device if self.native else self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
+        return self.pipe.dtype if self.native else self.denoiser.dtype
 
     @property
     def tokenizer(self):
@@ -133,7 +139,7 @@ class ModelAdapter:
     def resolve_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The size to generate at: ``sampler.height/width`` or the native size, checked against what the family
         can draw (fixed-size families only their native size)."""
-        nh, nw = self.native_size()
+        nh, nw = self.native_size() if self.driver.fixed_size or not (height and width) else (height, width)
         h, w = int(height or nh), int(width or nw)
         if self.driver.fixed_size and (h, w) != (nh, nw):
             raise UserError(

@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.models.families import DRIVERS, FAMILIES, Family, FamilyDriver
 from pipeline.models.families.base import driver_named, image_tokens
+from pipeline.models.native import NATIVE_FAMILY, NativeCall, native_refusal
 
 __all__ = [
     "Family",
@@ -39,14 +40,20 @@ def supported() -> str:
 
 
 def family_of_class(class_name: str, mode: str | None = None) -> Family:
-    """The family of a pipeline class name; an unsupported class is a UserError naming it, the mode and what works."""
+    """The family of a pipeline class name: a registered family, else the native path (:mod:`pipeline.models.native`)
+    when the class's own ``__call__`` can make the images; any other class is a UserError naming it, why, the mode
+    and what works."""
     fam = FAMILIES.get(class_name)
-    if fam is None:
-        where = f" for mode {mode!r}" if mode else ""
-        raise UserError(
-            f"model.path: pipeline class {class_name!r} is not supported{where}; supported families: {supported()}"
-        )
-    return fam
+    if fam is not None:
+        return fam
+    why = native_refusal(class_name)
+    if why is None:
+        return NATIVE_FAMILY
+    where = f" for mode {mode!r}" if mode else ""
+    raise UserError(
+        f"model.path: pipeline class {class_name!r} is not supported{where}: {why}. Supported families: "
+        f"{supported()}; any other text-to-image pipeline runs on the native path (metrics, schedule)"
+    )
 
 
 def family_of(pipe, mode: str | None = None) -> Family:
@@ -54,14 +61,19 @@ def family_of(pipe, mode: str | None = None) -> Family:
 
 
 def driver_of(pipe, mode: str | None = None) -> type[FamilyDriver]:
-    """The driver class of a loaded pipeline (refused by name, as :func:`family_of`)."""
-    family_of(pipe, mode)
-    return DRIVERS[type(pipe).__name__]
+    """The driver class of a loaded pipeline (refused by name, as :func:`family_of`); the native path's for a
+    class no family drives."""
+    fam = family_of(pipe, mode)
+    return NativeCall if fam is NATIVE_FAMILY else DRIVERS[type(pipe).__name__]
 
 
 def family_in_index(model_index: dict | None) -> Family | None:
-    """The family ``model_index.json`` names (None: no index, or a class no family drives)."""
-    return FAMILIES.get(str((model_index or {}).get("_class_name")))
+    """The family ``model_index.json`` names (None: no index, or a class no family drives; the native path's
+    family for a class that runs on it)."""
+    name = str((model_index or {}).get("_class_name"))
+    if name in FAMILIES:
+        return FAMILIES[name]
+    return NATIVE_FAMILY if model_index and native_refusal(name) is None else None
 
 
 def families_for(mode: str) -> set[str]:
@@ -132,6 +144,12 @@ def _refuse(cls: str, fam: Family, mode: str, families: set[str] | None) -> None
     if fam.supports(mode) and (families is None or fam.name in families):
         return
     ok = ", ".join(classes_for(mode, families))
+    if fam is NATIVE_FAMILY:
+        raise UserError(
+            f"mode=[{mode}]: {cls} runs on the native path (its own __call__, generation.path=native_call), which "
+            f"exposes no single denoiser steps or attention layers; mode {mode} needs a family driver for it (a file "
+            f"in pipeline/models/families, see CONTRIBUTING.md). Classes it supports: {ok}"
+        )
     raise UserError(f"mode=[{mode}]: {cls} ({fam.name}) is not supported by the {mode} mode; it supports {ok}")
 
 

@@ -163,8 +163,13 @@ def generate(
             gens = generators(seed, idx)
             batch_prompts = [prompts[i % len(prompts)] for i in idx] if adapter.text else None
             batch_classes = [int(class_ids[i % len(class_ids)]) for i in idx] if adapter.class_conditional else None
-            cond = adapter.condition(len(idx), guidance_scale, h, w, prompts=batch_prompts, class_ids=batch_classes)
-            images = sample(adapter, sampler, cond, gens, num_inference_steps, h, w, eta=eta)
+            if adapter.native:  # the pipeline's own __call__ (pipeline.models.native)
+                images = adapter.driver.call(
+                    batch_prompts, gens, num_inference_steps, guidance_scale, h, w, sampler, eta
+                )
+            else:
+                cond = adapter.condition(len(idx), guidance_scale, h, w, prompts=batch_prompts, class_ids=batch_classes)
+                images = sample(adapter, sampler, cond, gens, num_inference_steps, h, w, eta=eta)
             valid = torch.isfinite(images.reshape(len(idx), -1)).all(dim=1).cpu()
             n_bad = int((~valid).sum())
             if n_bad:

@@ -47,6 +47,7 @@ __all__ = [
     "scheduler_class",
     "scheduler_overrides",
     "is_flow_model",
+    "native_flow_sigmas",
     "uses_dynamic_shift",
     "solvers_for",
     "calculate_shift",
@@ -54,6 +55,7 @@ __all__ = [
     "flow_pipeline_kwargs",
     "flow_shift",
     "set_flow_timesteps",
+    "set_flow_timesteps_as",
 ]
 
 # the sweep lists of ${family_solvers:...} (pipeline/models/builtin.py), in sweep order; tests check them against
@@ -104,9 +106,22 @@ def scheduler_overrides(sched_cfg: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- what the model is
+def native_flow_sigmas(scheduler_config: dict[str, Any]) -> bool:
+    """The model's own flow solver is not FlowMatch* but DPM-Solver / UniPC on ``use_flow_sigmas`` (Sana): its
+    shift is ``flow_shift`` and its σ's are that solver's own discretisation (``set_timesteps(N)``), which the
+    FlowMatchEuler reference of the flow_* options does not rebuild. False for those options' samplers
+    (``_flow_reference``)."""
+    return (
+        bool(scheduler_config.get("use_flow_sigmas"))
+        and not str(scheduler_config.get("_class_name") or "").startswith("FlowMatch")
+        and "_flow_reference" not in scheduler_config
+    )
+
+
 def is_flow_model(scheduler_config: dict[str, Any], model_index: dict | None = None) -> bool:
-    """A ``FlowMatch*`` scheduler config, or a pipeline class of a flow family in ``model_index.json``."""
-    if str(scheduler_config.get("_class_name") or "").startswith("FlowMatch"):
+    """A ``FlowMatch*`` scheduler config (or a solver on flow σ's, :func:`native_flow_sigmas`), or a pipeline class
+    of a flow family in ``model_index.json``."""
+    if str(scheduler_config.get("_class_name") or "").startswith("FlowMatch") or native_flow_sigmas(scheduler_config):
         return True
     family = family_in_index(model_index)
     return bool(family is not None and family.flow)
@@ -117,6 +132,8 @@ def solvers_for(scheduler_config: dict[str, Any], model_index: dict | None = Non
     ``${family_solvers:...}``."""
     if not is_flow_model(scheduler_config, model_index):
         return DIFFUSION_SOLVERS
+    if native_flow_sigmas(scheduler_config):
+        return ()  # only its own solver visits its σ's (see _check_fits)
     if uses_dynamic_shift(scheduler_config):
         return tuple(s for s in FLOW_SOLVERS if s not in STATIC_SHIFT_ONLY)
     return FLOW_SOLVERS
@@ -144,6 +161,13 @@ def _check_fits(
         raise UserError(
             f"scheduler={name}: a rectified-flow solver, but the model is a diffusion model "
             f"({_model_desc(base_config, model_index)}; {source}); options that fit: {fits}"
+        )
+    if family == "flow" and native_flow_sigmas(base_config):
+        raise UserError(
+            f"scheduler={name}: the model's own solver is {base_config.get('_class_name')} on flow sigmas "
+            f"(use_flow_sigmas, flow_shift {base_config.get('flow_shift', 1.0)}; "
+            f"{_model_desc(base_config, model_index)}; {source}); the flow_* options rebuild a model's σ's from "
+            f"a FlowMatchEuler schedule, which would not be the ones this model samples with; options that fit: {fits}"
         )
     if (
         flow
@@ -236,14 +260,18 @@ def _reference(sampler) -> Any:
     if config is None:  # a FlowMatch scheduler of the model's own (scheduler=native)
         params = _init_params(FlowMatchEulerDiscreteScheduler)
         config = {k: v for k, v in dict(sampler.config).items() if k in params}
+        if native_flow_sigmas(sampler.config):  # DPM-Solver / UniPC on flow σ's (Sana): the shift is flow_shift
+            config["shift"] = float(sampler.config.get("flow_shift", 1.0))
     return FlowMatchEulerDiscreteScheduler.from_config(dict(config))
 
 
-def flow_shift(sampler, image_seq_len: int | None = None, family_name: str | None = None) -> float:
+def flow_shift(
+    sampler, image_seq_len: int | None = None, family_name: str | None = None, mu: float | None = None
+) -> float:
     """The shift s of σ(u) = s·u / (1 + (s − 1)·u) the sampler's model samples with: its static ``shift``, or at
-    ``image_seq_len`` tokens e^μ (μ for ``time_shift_type: linear``)."""
+    ``image_seq_len`` tokens (or the given ``mu``) e^μ (μ for ``time_shift_type: linear``)."""
     ref = _reference(sampler)
-    mu = flow_mu(ref.config, image_seq_len, family_name)
+    mu = flow_mu(ref.config, image_seq_len, family_name) if mu is None else mu
     if mu is None:
         return float(ref.config.shift)
     return float(np.exp(mu)) if ref.config.time_shift_type == "exponential" else float(mu)
@@ -265,15 +293,19 @@ def set_flow_timesteps(
     ``set_timesteps`` and given those σ's (laid out as they lay out their own). Their own discretisations differ:
     DPM-Solver's flow σ's start at shift(1 − 1/T), UniPC's at 1 − 1e-6 and on Flux without the pipeline's
     ``linspace(1, 1/N, N)``, FlowMatchHeun takes no σ's on Flux; DPM-Solver and UniPC round timesteps to integers."""
+    kwargs = flow_pipeline_kwargs(_reference(sampler).config, num_inference_steps, image_seq_len, family_name)
+    set_flow_timesteps_as(sampler, kwargs, device)
+
+
+def set_flow_timesteps_as(sampler, kwargs: dict[str, Any], device: str | torch.device | None = None) -> None:
+    """:func:`set_flow_timesteps` with the pipeline's ``set_timesteps`` arguments given (e.g. recorded from a
+    native pipeline's own call): FlowMatchEuler takes them as they are, any other flow solver the σ's they make."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if isinstance(sampler, FlowMatchEulerDiscreteScheduler):
-        sampler.set_timesteps(
-            device=device, **flow_pipeline_kwargs(sampler.config, num_inference_steps, image_seq_len, family_name)
-        )
+    if isinstance(sampler, FlowMatchEulerDiscreteScheduler) or native_flow_sigmas(sampler.config):
+        sampler.set_timesteps(device=device, **kwargs)  # the model's own solver, called as its pipeline calls it
         return
     ref = _reference(sampler)
-    kwargs = flow_pipeline_kwargs(ref.config, num_inference_steps, image_seq_len, family_name)
     ref.set_timesteps(device=device, **kwargs)
     _install_sigmas(sampler, ref.sigmas[:-1], device, kwargs.get("mu"))
 

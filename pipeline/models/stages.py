@@ -78,15 +78,20 @@ def sampler_stage(ctx, cfg):
 @stage("pipe", needs=("sampler",), produces=("pipe",))  # the solver is checked against the model before the weights
 def pipe_stage(ctx, cfg):
     """The diffusers pipeline of ``model.path`` (weights), cached per process."""
-    m = cfg.model
-    key = (str(m.path), str(resolve_dtype(m.dtype)), str(ctx.device), m.variant, m.revision, bool(m.allow_pickle))
+    pipe, hit = cached_pipe(cfg.model, ctx.device)
+    ctx.tag("model_cache", "hit" if hit else "miss")
+    log.info("model cache %s for %s", "hit" if hit else "miss", cfg.model.path)
+    return {"pipe": pipe}
+
+
+def cached_pipe(m, device) -> tuple[object, bool]:
+    """(the pipeline of model config ``m`` on ``device``, whether it was already loaded in this process)."""
+    key = (str(m.path), str(resolve_dtype(m.dtype)), str(device), m.variant, m.revision, bool(m.allow_pickle))
     hit = key in _PIPE_CACHE
     if not hit:
         _PIPE_CACHE.clear()
-        _PIPE_CACHE[key] = load_pipeline(m, ctx.device)
-    ctx.tag("model_cache", "hit" if hit else "miss")
-    log.info("model cache %s for %s", "hit" if hit else "miss", m.path)
-    return {"pipe": _PIPE_CACHE[key]}
+        _PIPE_CACHE[key] = load_pipeline(m, device)
+    return _PIPE_CACHE[key], hit
 
 
 @stage("model", needs=("pipe",), produces=("model",))
@@ -95,6 +100,7 @@ def model_stage(ctx, cfg):
 
     model = ModelAdapter(ctx.get("pipe"))
     ctx.tag("model.family", model.name)
+    ctx.tag("generation.path", "native_call" if model.native else "adapter")
     return {"model": model}
 
 

@@ -252,11 +252,14 @@ def tiny_pixart(path: Path) -> Path:
     return path
 
 
-def tiny_sd3(path: Path, with_t5: bool = True) -> Path:
+def tiny_sd3(path: Path, with_t5: bool = True, dual_attention: bool = False) -> Path:
     """A StableDiffusion3Pipeline (runs at 16x16): MMDiT with 1 joint block on 8x8 latents (16 channels, patch 1),
     two 2-layer CLIPs (width 16 each, penultimate layer used, zero-padded to 32) and a 1-layer T5 (d_model 32 =
     joint_attention_dim); ``with_t5=False`` saves ``text_encoder_3``/``tokenizer_3`` as null and the pipeline then
     feeds zeros in T5's place. VAE with SD3's scaling/shift factors and no quant convs; FlowMatch Euler, shift 3.
+
+    ``dual_attention``: SD3.5 Medium's MMDiT-X — 2 blocks, the first with a second image self-attention
+    (``dual_attention_layers=(0,)``) and RMS q/k norms (``qk_norm="rms_norm"``), same pipeline class.
 
     Diffusers cannot load a null ``text_encoder_3`` by itself (it is not an optional component): load the
     ``with_t5=False`` folder with ``from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``."""
@@ -274,13 +277,14 @@ def tiny_sd3(path: Path, with_t5: bool = True) -> Path:
         patch_size=1,
         in_channels=16,
         out_channels=16,
-        num_layers=1,
+        num_layers=2 if dual_attention else 1,
         attention_head_dim=8,
         num_attention_heads=2,
         caption_projection_dim=16,
         joint_attention_dim=text_3.config.d_model,
         pooled_projection_dim=text.config.projection_dim + text_2.config.projection_dim,
         pos_embed_max_size=16,
+        **({"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if dual_attention else {}),
     )
     vae = _vae(
         latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609
@@ -426,6 +430,7 @@ _FAMILIES: dict[str, Tiny] = {
     "pixart": Tiny(tiny_pixart, call=lambda g: {"guidance_scale": g, "use_resolution_binning": False}),
     "sd3": Tiny(tiny_sd3),
     "sd3_no_t5": Tiny(lambda path: tiny_sd3(path, with_t5=False)),
+    "sd35": Tiny(lambda path: tiny_sd3(path, dual_attention=True)),  # SD3.5 Medium's dual-attention MMDiT-X
     "flux": Tiny(tiny_flux, size=32),  # native 1024 px at the tiny VAE's x2 = 256 px: too slow for a test
     "dit": Tiny(tiny_dit),
     "ddpm": Tiny(tiny_ddpm),
@@ -443,9 +448,9 @@ def _add_family_modules() -> None:
         NEW_FAMILY_NAMES.extend(tiny)
 
 
-NEW_FAMILY_NAMES: list[str] = []
+NEW_FAMILY_NAMES: list[str] = ["sd35"]
 
-NEW_FAMILY_MODULES: tuple[str, ...] = tuple(__import__("os").environ.get("TINY_FAMILY_MODULES", "").split())
+NEW_FAMILY_MODULES: tuple[str, ...] = ("auraflow", *__import__("os").environ.get("TINY_FAMILY_MODULES", "").split())
 _add_family_modules()
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
 

@@ -3,13 +3,15 @@
 Scalars (model's scheduler under ``schedule/<name>``, each compared schedule under
 ``schedule/<schedule>/<name>``): log_snr_max, log_snr_min (finite part), terminal_snr, zero_terminal_snr,
 monotonic, sigma_max, first_visited_t, last_visited_t, first_visited_log_snr, num_visited. Tag
-``schedule/prediction_type``: epsilon / v_prediction / sample / flow.
+``schedule/prediction_type``: epsilon / v_prediction / sample / ``flow, static shift`` / ``flow, dynamic shift at HxW``.
 
 A rectified-flow model (SD3, Flux) is read from configs only (``scheduler/``, ``model_index.json``, ``vae/`` and
 ``transformer/config.json``): σ(u) with its shift — Flux's resolution-dependent one at ``mode.schedule.height/width``
 (default: the model's native size) — as the equivalent ᾱ = SNR / (1 + SNR), and the σ's its solver visits. Every
 curve shares one log-SNR axis over normalised time (t / (T − 1); flow: u). Compared β schedules on a flow model are
-shown at the normalised times the model's solver visits (no DDPM-family solver drives a flow model).
+shown at the normalised times the model's solver visits (no DDPM-family solver drives a flow model). A flow model
+on the native path (:mod:`pipeline.models.native`) is loaded instead: its σ's are what its own ``__call__`` passes
+to ``set_timesteps`` at the run's size (tag ``schedule/native_set_timesteps``), the denoiser never called.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ import numpy as np
 
 from pipeline.core.registry import stage
 from pipeline.errors import UserError
+from pipeline.models.adapter import ModelAdapter
 from pipeline.models.family import family_in_index, flow_geometry, flow_pipeline_classes
+from pipeline.models.native import NATIVE_FAMILY, native_timestep_call
 from pipeline.models.schedulers import (
     build_scheduler,
     flow_shift,
     is_flow_model,
     set_flow_timesteps,
+    set_flow_timesteps_as,
     uses_dynamic_shift,
 )
+from pipeline.models.stages import cached_pipe
 from pipeline.modes.schedule.plots import overlay_figure, panel_figure
 from pipeline.modes.schedule.schedules import (
     NoiseSchedule,
@@ -75,6 +81,8 @@ def _flow_model(ctx, cfg, steps: int) -> tuple[NoiseSchedule, np.ndarray, str]:
     """The flow model's schedule, the training-step positions its solver visits, and a label suffix."""
     sc, sampler, mcfg = ctx.get("scheduler_config"), ctx.get("sampler"), cfg.mode.schedule
     family = family_in_index(sc.get("model_index"))
+    if family is NATIVE_FAMILY:
+        return _native_flow_model(ctx, cfg, steps)
     family_name = family.name if family is not None else None
     h, w, seq = flow_geometry(cfg.model.path, family, mcfg.height, mcfg.width)
     if seq is None and uses_dynamic_shift(sc["config"]):
@@ -84,14 +92,35 @@ def _flow_model(ctx, cfg, steps: int) -> tuple[NoiseSchedule, np.ndarray, str]:
             "count image tokens from; point model.path at the pipeline directory"
         )
     shift = flow_shift(sampler, seq, family_name)
-    T = int(sampler.config.num_train_timesteps)
-    model = flow_schedule("model", shift, T)
     solver = type(sampler).from_config(sampler.config)  # never mutate the run's shared sampler
     set_flow_timesteps(solver, steps, "cpu", seq, family_name)
+    return _flow_curve(ctx, sampler, solver, shift, uses_dynamic_shift(sc["config"]), h, w)
+
+
+def _native_flow_model(ctx, cfg, steps: int) -> tuple[NoiseSchedule, np.ndarray, str]:
+    """A flow model on the native path: the σ's (and μ) its own ``__call__`` passes to ``set_timesteps`` at the
+    run's size, recorded with the denoiser never called (:func:`pipeline.models.native.native_timestep_call`)."""
+    sampler, mcfg = ctx.get("sampler"), cfg.mode.schedule
+    pipe, _ = cached_pipe(cfg.model, ctx.device)
+    h, w = ModelAdapter(pipe).resolve_size(mcfg.height, mcfg.width)
+    kwargs = native_timestep_call(pipe, "", steps, float(cfg.sampler.guidance_scale), h, w)
+    ctx.tag("schedule/native_set_timesteps", repr({k: v for k, v in kwargs.items() if k != "sigmas"}))
+    mu = kwargs.get("mu")
+    solver = type(sampler).from_config(sampler.config)
+    set_flow_timesteps_as(solver, kwargs, "cpu")
+    return _flow_curve(ctx, sampler, solver, flow_shift(sampler, mu=mu), mu is not None, h, w)
+
+
+def _flow_curve(ctx, sampler, solver, shift: float, dynamic: bool, h: int, w: int):
+    """The flow model's σ(u) with ``shift``, the positions ``solver`` (timesteps set) visits, and the label; the
+    tag ``schedule/prediction_type`` says whether the shift is static or resolution-dependent (at which size)."""
+    T = int(sampler.config.num_train_timesteps)
+    model = flow_schedule("model", shift, T)
     sigmas = solver.timesteps.double().numpy() / T  # the model is evaluated at timestep σ·T
     ctx.tag("schedule/flow_shift", f"{shift:.6g}")
-    dynamic = uses_dynamic_shift(sc["config"])
-    return model, flow_positions(model, sigmas), f"flow, shift {shift:.3g}" + (f" at {h}x{w}" if dynamic else "")
+    kind = f"dynamic shift at {h}x{w}" if dynamic else "static shift"
+    ctx.tag("schedule/prediction_type", f"flow, {kind}")
+    return model, flow_positions(model, sigmas), f"flow, {kind} {shift:.3g}"
 
 
 def schedule_scalars(schedule: NoiseSchedule, ts: np.ndarray) -> dict[str, float]:
@@ -167,7 +196,8 @@ def schedule_stage(ctx, cfg):
     source = sc["source"]
     where = source.split("/")[-3] if source.count("/") >= 2 else source
     flow = is_flow_model(sc["config"], sc.get("model_index"))
-    ctx.tag("schedule/prediction_type", "flow" if flow else str(sampler.config.get("prediction_type") or "epsilon"))
+    if not flow:
+        ctx.tag("schedule/prediction_type", str(sampler.config.get("prediction_type") or "epsilon"))
     if flow:
         model, ts, what = _flow_model(ctx, cfg, steps)
         label = f"model ({where}, {type(sampler).__name__}, {what}, {steps} steps)"
