@@ -5,10 +5,13 @@ guidance and size. Measured: ``pipeline.models.generation.generate`` (the one ge
 ``pipeline.models.adapter.ModelAdapter``. Each side is timed ``--repeats`` times (minimum reported, after one
 warm-up), alternating, in one process; the images are checked equal (max |Δ| in uint8).
 
-Models: the built-in ``shapes_sd`` (UNet, 32×32 px) and a small random-weight SD3-architecture MMDiT (4 joint
-blocks, 16×16 latents, patch 2, two CLIP + T5 encoders) built from configs.
+Models: the built-in ``shapes_sd`` (UNet, 32×32 px), a small random-weight SD3-architecture MMDiT (4 joint
+blocks, 16×16 latents, patch 2, two CLIP + T5 encoders) built from configs, and the tiny pipeline of every family
+added in 2026 (``tests/tiny``: SD3.5, Flux.2, Qwen-Image, Z-Image, Sana, Chroma, Lumina 2, HiDream, CogView4,
+HunyuanImage, and AuraFlow on the native path), at their test size with the ``__call__`` keywords their oracle uses.
 
-    python bench/adapter_overhead.py            # goal: adapter / pipeline <= 1.05 on both
+    python bench/adapter_overhead.py                     # goal: adapter / pipeline <= 1.05 (native path <= 1.02)
+    python bench/adapter_overhead.py --only qwenimage    # some of them
 """
 
 from __future__ import annotations
@@ -73,7 +76,9 @@ def small_sd3(path: Path) -> Path:
     return path
 
 
-def bench(name: str, path: Path, steps: int, guidance: float, repeats: int, extra_call: dict) -> float:
+def bench(
+    name: str, path: Path, steps: int, guidance: float, repeats: int, extra_call: dict, size: int | None = None
+) -> float:
     from diffusers import DiffusionPipeline
 
     from pipeline.models.adapter import ModelAdapter
@@ -83,12 +88,15 @@ def bench(name: str, path: Path, steps: int, guidance: float, repeats: int, extr
     pipe.set_progress_bar_config(disable=True)
     model = ModelAdapter(pipe)
     n, seed = len(PROMPTS), 0
+    hw = {"height": size, "width": size} if size else {}
 
     def ours():
         return torch.cat(
             [
                 b.images
-                for b in generate(model, pipe.scheduler, n, n, steps, guidance, seed, prompts=PROMPTS, progress=False)
+                for b in generate(
+                    model, pipe.scheduler, n, n, steps, guidance, seed, prompts=PROMPTS, progress=False, **hw
+                )
             ]
         )
 
@@ -97,11 +105,11 @@ def bench(name: str, path: Path, steps: int, guidance: float, repeats: int, extr
             PROMPTS,
             generator=generators(seed, range(n)),
             num_inference_steps=steps,
-            guidance_scale=guidance,
-            output_type="pt",
-            **extra_call,
+            output_type="np",
+            **hw,
+            **(extra_call or {"guidance_scale": guidance}),
         )
-        return to_uint8(out.images.clamp(0, 1))
+        return to_uint8(torch.from_numpy(out.images).permute(0, 3, 1, 2).clamp(0, 1))
 
     times = {"adapter": [], "pipeline": []}
     a, b = ours(), theirs()  # warm-up, and the equality check
@@ -112,7 +120,7 @@ def bench(name: str, path: Path, steps: int, guidance: float, repeats: int, extr
             times[label].append(time.perf_counter() - tic)
     ratio = min(times["adapter"]) / min(times["pipeline"])
     print(
-        f"{name:>10}: {n} images x {steps} steps: pipeline __call__ min {min(times['pipeline']):.3f} s, "
+        f"{name:>12}{' (native)' if model.native else ''}: {n} images x {steps} steps: pipeline __call__ min {min(times['pipeline']):.3f} s, "
         f"adapter min {min(times['adapter']):.3f} s -> {ratio:.3f}x  (max |diff| {int((a.int() - b.int()).abs().max())}/255)"
     )
     return ratio
@@ -122,14 +130,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--only", nargs="*", help="benchmark only these (shapes_sd, sd3-small, tests/tiny family names)")
     args = ap.parse_args()
+    from tiny import NEW_FAMILY_NAMES, tiny_spec
+
+    wanted = set(args.only or ["shapes_sd", "sd3-small", *NEW_FAMILY_NAMES])
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from pipeline import zoo
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, min of {args.repeats} runs each")
-    bench("shapes_sd", Path(zoo.locate("shapes_sd")), args.steps, 5.0, args.repeats, {})
+    if "shapes_sd" in wanted:
+        bench("shapes_sd", Path(zoo.locate("shapes_sd")), args.steps, 5.0, args.repeats, {})
     with tempfile.TemporaryDirectory() as tmp:
-        bench("sd3-small", small_sd3(Path(tmp) / "sd3"), args.steps, 5.0, args.repeats, {})
+        if "sd3-small" in wanted:
+            bench("sd3-small", small_sd3(Path(tmp) / "sd3"), args.steps, 5.0, args.repeats, {})
+        for name in NEW_FAMILY_NAMES:
+            if name in wanted:
+                spec = tiny_spec(name)
+                path = spec.build(Path(tmp) / name)
+                bench(name, path, args.steps, 5.0, args.repeats, spec.call(5.0), spec.size)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,13 @@ def test_the_quoted_schedule_values_are_the_main_jobs(tmp_path, outputs):
     cfg = compose_cfg(["mode=[schedule]", "mode.schedule.compare=[]"], outputs)
     results = run_pipeline(cfg, tmp_path / "run").results
     assert {k: format_value(results[k]) for k in quoted} == quoted
+
+
+def test_the_family_table_is_the_registrys():
+    """README's family × mode table is what ``python -m pipeline.models`` prints from the adapter's registry."""
+    from pipeline.models.family import family_table
+
+    readme = (REPO / "README.md").read_text()
+    table = re.search(r"<!-- family-table -->\n(.*?)<!-- /family-table -->", readme, re.S)
+    assert table is not None, "README.md lost its <!-- family-table --> markers"
+    assert table.group(1).strip() == family_table(), "regenerate it: python -m pipeline.models --update-readme README.md"

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.models.families import DRIVERS, FAMILIES, Family, FamilyDriver
 from pipeline.models.families.base import driver_named, image_tokens
-from pipeline.models.native import NATIVE_FAMILY, NativeCall, native_refusal
+from pipeline.models.native import CALL_PARAMETERS, NATIVE_FAMILY, NativeCall, native_refusal
 
 __all__ = [
     "Family",
@@ -32,6 +32,8 @@ __all__ = [
     "flow_geometry",
     "flow_pipeline_classes",
     "local_pipeline_class",
+    "family_table",
+    "where_class_runs",
 ]
 
 
@@ -205,3 +207,37 @@ def flow_geometry(
     if native is None:
         return h, w, None
     return h, w, image_tokens(h, w, step)
+
+
+def family_table() -> str:
+    """The family × mode table (markdown) from the registry itself: one row per family with its pipeline classes,
+    then the native path's row. README carries this table verbatim (a test regenerates it)."""
+    from pipeline.models.families.base import ALL_MODES
+
+    rows: dict[str, list[str]] = {}
+    for cls, fam in FAMILIES.items():
+        rows.setdefault(fam.name, []).append(f"`{cls}`")
+    by_name = {f.name: f for f in FAMILIES.values()}
+    lines = [
+        "| family | pipeline classes | path | " + " | ".join(ALL_MODES) + " |",
+        "|" + "---|" * (3 + len(ALL_MODES)),
+    ]
+    for name, classes in rows.items():
+        marks = " | ".join("✓" if by_name[name].supports(m) else "—" for m in ALL_MODES)
+        lines.append(f"| {name} | {', '.join(classes)} | adapter | {marks} |")
+    marks = " | ".join("✓" if NATIVE_FAMILY.supports(m) else "—" for m in ALL_MODES)
+    lines.append(
+        f"| any other | a text-to-image class whose `__call__` takes {', '.join(CALL_PARAMETERS)} | native_call | {marks} |"
+    )
+    return "\n".join(lines)
+
+
+def where_class_runs(class_name: str) -> str:
+    """One line: the family and modes of ``class_name``, the native path, or why it is refused."""
+    fam = FAMILIES.get(class_name)
+    if fam is not None:
+        return f"{class_name}: family {fam.name} through the adapter; modes {', '.join(fam.modes)}"
+    why = native_refusal(class_name)
+    if why is None:
+        return f"{class_name}: the native path (its own __call__, generation.path=native_call); modes {', '.join(NATIVE_FAMILY.modes)}"
+    return f"{class_name}: refused: {why}"

@@ -25,7 +25,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.models.families.base import Family, FamilyDriver
 
-__all__ = ["NATIVE_FAMILY", "NativeCall", "native_refusal", "native_timestep_call", "CALL_PARAMETERS"]
+__all__ = ["NATIVE_FAMILY", "NativeCall", "native_refusal", "native_timestep_call", "CALL_PARAMETERS", "refused_kinds"]
 
 NATIVE_FAMILY = Family("native", "transformer", "text", "latent", modes=("metrics", "schedule"))
 CALL_PARAMETERS = ("prompt", "num_inference_steps", "guidance_scale", "generator", "height", "width", "output_type")
@@ -79,6 +79,12 @@ def native_refusal(class_name: str) -> str | None:
     if required:
         return f"{class_name}.__call__ requires {', '.join(required)} besides a prompt"
     return None
+
+
+def refused_kinds() -> list[str]:
+    """The kinds of pipeline refused by name, each with the class-name markers that say it."""
+    kinds = [f"{kind} ({', '.join(markers)} in the name)" for markers, kind in _KINDS]
+    return kinds + [f"a __call__ taking {', '.join(_INPUT_PARAMETERS)} or requiring anything besides a prompt"]
 
 
 class _TimestepsSet(Exception):
