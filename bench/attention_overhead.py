@@ -15,7 +15,7 @@ and, for shapes_sd, the peak RSS of a child process running one capture generati
 own process, so neither sees the other's allocations).
 
 Models (``--models``, comma-separated): ``shapes_sd`` (the built-in trained model, ``pipeline.zoo.locate``), the
-tiny random-weight pipelines of ``tests/tiny.py`` (``sd``, ``sd2``, ``sdxl``, ``pixart``, ``sd3``, ``sd3_no_t5``,
+tiny random-weight pipelines of ``tests/tiny/__init__.py`` (``sd``, ``sd2``, ``sdxl``, ``pixart``, ``sd3``, ``sd3_no_t5``,
 ``flux``; built into a temporary folder; flux generated at 32×32, the others at their native size), or a pipeline
 folder. The tiny pipelines are dominated by per-call Python work, not by attention arithmetic: their ratio is an
 upper bound on the capture's fixed cost per layer call, not a prediction at real sizes (for that, see
@@ -51,7 +51,7 @@ PROMPTS = [
     "a yellow square on the left",
 ]
 GUIDANCE = 5.0
-TINY = ("sd", "sd2", "sdxl", "pixart", "sd3", "sd3_no_t5", "flux")  # tests/tiny.py families with text
+TINY = ("sd", "sd2", "sdxl", "pixart", "sd3", "sd3_no_t5", "flux")  # tests/tiny/__init__.py families with text
 
 
 def load(name: str, tmp: Path):

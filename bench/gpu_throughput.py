@@ -151,7 +151,7 @@ def sdxl_pipeline(tmp: Path, tiny: bool, device: torch.device = torch.device("cp
     torch.manual_seed(0)
     tok = build_tokenizer([*vocabulary(), "photo", "cat", "dog"], tmp / "tok_xl", model_max_length=77)
     with torch.device(device):
-        if tiny:  # as tests/tiny.py's tiny_sdxl: 2 transformer layers at the lower level, text dims 32 + 32
+        if tiny:  # as tests/tiny/__init__.py's tiny_sdxl: 2 transformer layers at the lower level, text dims 32 + 32
             clip = dict(
                 vocab_size=len(tok),
                 hidden_size=32,

@@ -3,7 +3,7 @@
 The oracle: with ``scheduler=native`` each image written by ``mode.metrics.save_images=true`` equals what the
 family's own diffusers pipeline draws when called one image at a time with the same prompt (or class id),
 ``generator=torch.Generator("cpu").manual_seed(seed + i)``, steps, guidance and size: PSNR >= 40 dB on CPU in
-float32. Tiny random-weight pipelines (tests/tiny.py), in-process, one shared MLflow store; one family also
+float32. Tiny random-weight pipelines (tests/tiny/), in-process, one shared MLflow store; one family also
 through the CLI.
 """
 

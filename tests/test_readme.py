@@ -60,4 +60,6 @@ def test_the_family_table_is_the_registrys():
     readme = (REPO / "README.md").read_text()
     table = re.search(r"<!-- family-table -->\n(.*?)<!-- /family-table -->", readme, re.S)
     assert table is not None, "README.md lost its <!-- family-table --> markers"
-    assert table.group(1).strip() == family_table(), "regenerate it: python -m pipeline.models --update-readme README.md"
+    assert table.group(1).strip() == family_table(), (
+        "regenerate it: python -m pipeline.models --update-readme README.md"
+    )
