@@ -266,11 +266,20 @@ def _reference(sampler) -> Any:
 
 
 def flow_shift(
-    sampler, image_seq_len: int | None = None, family_name: str | None = None, mu: float | None = None
+    sampler,
+    image_seq_len: int | None = None,
+    family_name: str | None = None,
+    mu: float | None = None,
+    num_inference_steps: int | None = None,
 ) -> float:
     """The shift s of σ(u) = s·u / (1 + (s − 1)·u) the sampler's model samples with: its static ``shift``, or at
-    ``image_seq_len`` tokens (or the given ``mu``) e^μ (μ for ``time_shift_type: linear``)."""
+    ``image_seq_len`` tokens (or the given ``mu``) e^μ (μ for ``time_shift_type: linear``). With
+    ``num_inference_steps``, a dynamic shift's μ is the one the family's pipeline passes at that many steps (FLUX.2's
+    empirical μ depends on them)."""
     ref = _reference(sampler)
+    if mu is None and num_inference_steps is not None and uses_dynamic_shift(ref.config):
+        driver = _flow_driver(family_name, strict=False)
+        mu = driver.flow_timestep_kwargs(ref.config, num_inference_steps, image_seq_len).get("mu")
     mu = flow_mu(ref.config, image_seq_len, family_name) if mu is None else mu
     if mu is None:
         return float(ref.config.shift)

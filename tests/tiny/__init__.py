@@ -450,7 +450,16 @@ def _add_family_modules() -> None:
 
 NEW_FAMILY_NAMES: list[str] = ["sd35"]
 
-NEW_FAMILY_MODULES: tuple[str, ...] = ("auraflow", "chroma", "hidream", "qwenimage", *__import__("os").environ.get("TINY_FAMILY_MODULES", "").split())
+NEW_FAMILY_MODULES: tuple[str, ...] = (
+    "auraflow",
+    "chroma",
+    "cogview4",
+    "flux2",
+    "hidream",
+    "qwenimage",
+    "sana",
+    *__import__("os").environ.get("TINY_FAMILY_MODULES", "").split(),
+)
 _add_family_modules()
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)
 

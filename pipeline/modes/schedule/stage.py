@@ -91,7 +91,7 @@ def _flow_model(ctx, cfg, steps: int) -> tuple[NoiseSchedule, np.ndarray, str]:
             f"there is no model_index.json naming the family ({' / '.join(flow_pipeline_classes())}) to "
             "count image tokens from; point model.path at the pipeline directory"
         )
-    shift = flow_shift(sampler, seq, family_name)
+    shift = flow_shift(sampler, seq, family_name, num_inference_steps=steps)
     solver = type(sampler).from_config(sampler.config)  # never mutate the run's shared sampler
     set_flow_timesteps(solver, steps, "cpu", seq, family_name)
     return _flow_curve(ctx, sampler, solver, shift, uses_dynamic_shift(sc["config"]), h, w)
@@ -116,7 +116,9 @@ def _flow_curve(ctx, sampler, solver, shift: float, dynamic: bool, h: int, w: in
     tag ``schedule/prediction_type`` says whether the shift is static or resolution-dependent (at which size)."""
     T = int(sampler.config.num_train_timesteps)
     model = flow_schedule("model", shift, T)
-    sigmas = solver.timesteps.double().numpy() / T  # the model is evaluated at timestep σ·T
+    # the σ's the solver steps through, one per model call: σ·T is not always the timestep the model gets (CogView4
+    # evaluates it at the unshifted timesteps, DPM-Solver at σ·T rounded to integers)
+    sigmas = solver.sigmas[: len(solver.timesteps)].double().cpu().numpy()
     ctx.tag("schedule/flow_shift", f"{shift:.6g}")
     kind = f"dynamic shift at {h}x{w}" if dynamic else "static shift"
     ctx.tag("schedule/prediction_type", f"flow, {kind}")

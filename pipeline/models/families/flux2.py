@@ -1,0 +1,208 @@
+"""FLUX.2: ``Flux2Pipeline`` (family ``flux2``) and ``Flux2KleinPipeline`` (``flux2_klein``), rectified flow, as
+diffusers 0.42's ``__call__`` drives them (text-to-image: no reference ``image``).
+
+Shared: text embeddings are three stacked hidden-state layers of an LLM (Mistral-3 / Qwen3, the pipeline's own
+``encode_prompt`` with its default ``max_sequence_length`` and ``text_encoder_out_layers``) with 4-axis position ids
+(T, H, W, L); AutoencoderKLFlux2 latents are 2×2-patchified and batch-norm normalised (the VAE's running
+statistics), then flattened to one token per patch. The project's "unpacked latent" z is that patchified,
+normalised (4C, H/2s, W/2s) tensor: the pipeline draws its unit noise there, so ``latent_shape``/``pack`` are the
+pipeline's ``prepare_latents``, and decode/encode add/remove the normalisation and the 2×2 patchification around
+the VAE. Timesteps: ``sigmas = linspace(1, 1/N, N)`` (unless ``use_flow_sigmas``) with FLUX.2's *empirical* μ,
+which depends on the image token count *and* the number of steps (``compute_empirical_mu``), not the scheduler's
+base/max shift.
+
+``sampler.guidance_scale`` means:
+  flux2        the distilled guidance fed to the guidance embedding (no CFG), also for a condition "without
+               guidance" (FLUX.2-dev)
+  flux2_klein  real CFG ``u + g (c − u)`` against the empty prompt, two separate transformer calls as the pipeline
+               makes, when ``g > 1``; a step-distilled checkpoint (``is_distilled``) ignores it (no CFG)
+
+Attention maps are not offered yet (no "attention" mode).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
+from pipeline.models.flow_shift import uses_dynamic_shift
+
+__all__ = ["Flux2", "Flux2Klein", "compute_empirical_mu"]
+
+DEFAULT_SAMPLE_SIZE = 128  # Flux2*Pipeline.default_sample_size (latent pixels before 2×2 patchification)
+MODES = ("metrics", "schedule", "latent")
+
+
+def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """``diffusers.pipelines.flux2.pipeline_flux2.compute_empirical_mu`` (0.42), copied: importing the pipeline
+    module pulls in its text encoders. μ is linear in the token count, and below 4300 tokens also in the steps."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m_200, m_10 = a2 * image_seq_len + b2, a1 * image_seq_len + b1
+    a = (m_200 - m_10) / 190.0
+    b = m_200 - 200.0 * a  # kept as a separate term: the same rounding as diffusers'
+    return float(a * num_steps + b)
+
+
+class _Flux2Common(FamilyDriver):
+    """What both FLUX.2 pipelines share (geometry, latents, timesteps, prompt encoding, VAE)."""
+
+    @classmethod
+    def flow_geometry(cls, vae_scale, component):
+        """Native: 128·scale (default_sample_size); tokens: 2×2 patches of latent pixels."""
+        return DEFAULT_SAMPLE_SIZE * vae_scale, 2 * vae_scale
+
+    @classmethod
+    def flow_mu(cls, config, image_seq_len):
+        """FLUX.2's μ also depends on the number of steps: only :meth:`flow_timestep_kwargs` can give it."""
+        if not uses_dynamic_shift(config):
+            return None
+        raise ValueError("Expected the number of steps for FLUX.2's empirical mu (use flow_timestep_kwargs)")
+
+    @classmethod
+    def flow_timestep_kwargs(cls, config, num_inference_steps, image_seq_len):
+        """The pipelines' ``retrieve_timesteps(sigmas=linspace(1, 1/N, N) or None with use_flow_sigmas,
+        mu=compute_empirical_mu(image_seq_len, N))`` (μ is ignored by a static-shift scheduler)."""
+        n = int(num_inference_steps)
+        out: dict = (
+            {"num_inference_steps": n}
+            if config.get("use_flow_sigmas", False)
+            else {"sigmas": np.linspace(1.0, 1 / n, n)}
+        )
+        if image_seq_len is not None:
+            out["mu"] = compute_empirical_mu(int(image_seq_len), n)
+        elif uses_dynamic_shift(config):
+            raise ValueError("Expected image_seq_len for FLUX.2's resolution-dependent mu, got None")
+        return out
+
+    def native_size(self):
+        s = int(getattr(self.pipe, "default_sample_size", DEFAULT_SAMPLE_SIZE)) * self.model.vae_scale
+        return s, s
+
+    def size_multiple(self) -> int:
+        return self.model.vae_scale * 2
+
+    def latent_shape(self, height, width):
+        """Patchified: (4C = transformer in_channels, H / 2s, W / 2s), the shape ``prepare_latents`` draws."""
+        s = 2 * self.model.vae_scale
+        return self.latent_channels, height // s, width // s
+
+    def token_step(self) -> int:
+        return self.model.vae_scale * 2
+
+    def pack(self, z):
+        return self.pipe._pack_latents(z)  # (N, C, h, w) -> (N, h·w, C)
+
+    def unpack(self, latents, height, width):
+        # the pipeline scatters tokens by their (H, W) position ids, which are in raster order: a pure reshape
+        _, h, w = self.latent_shape(height, width)
+        return latents.transpose(1, 2).reshape(latents.shape[0], -1, h, w)
+
+    def initial_noise(self, generators, height, width, init_noise_sigma):
+        """``randn_tensor`` of the patchified shape in the prompt embeddings' dtype (the text encoder's), packed;
+        the pipeline does not scale by ``init_noise_sigma``."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (len(generators), *self.latent_shape(height, width))
+        x = randn_tensor(shape, generator=list(generators), device=self.model.device, dtype=self._latents_dtype())
+        return self.pack(x)
+
+    def initial_latents(self, x, init_noise_sigma):
+        return self.pack(x)
+
+    def _latents_dtype(self) -> torch.dtype:
+        text = getattr(self.pipe, "text_encoder", None)
+        return text.dtype if text is not None else self.model.dtype
+
+    def _encode(self, prompts: list[str], height: int, width: int) -> dict:
+        """``encode_prompt`` with the ``__call__`` defaults, and the image position ids of ``prepare_latents``."""
+        pipe, device = self.pipe, self.model.device
+        pe, text_ids = pipe.encode_prompt(
+            prompt=prompts,
+            device=device,
+            num_images_per_prompt=1,
+            max_sequence_length=int(call_default(pipe.__call__, "max_sequence_length", 512)),
+            text_encoder_out_layers=tuple(call_default(pipe.__call__, "text_encoder_out_layers", (10, 20, 30))),
+        )
+        _, h, w = self.latent_shape(height, width)
+        img_ids = pipe._prepare_latent_ids(torch.empty(len(prompts), 0, h, w)).to(device)
+        return {"encoder_hidden_states": pe, "txt_ids": text_ids, "img_ids": img_ids}
+
+    def forward(self, x, t, kwargs):
+        # the pipeline: timestep = t.expand(N).to(latents.dtype) / 1000, hidden_states in the transformer's dtype
+        tb = batched(t, x).to(x.dtype) / 1000
+        return self.denoiser(hidden_states=x.to(self.denoiser.dtype), timestep=tb, return_dict=False, **kwargs)[0]
+
+    def prediction(self, out):
+        return out  # velocity, no learned σ
+
+    def latent_factors(self):
+        """(1, 0, batch-norm running mean, sqrt(running var + eps)) over the patchified channels."""
+        vae = self.model.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        return 1.0, 0.0, mean, std
+
+    def decode_latents(self, z):
+        """The end of ``__call__``: de-normalise in the latents' dtype, unpatchify, ``vae.decode`` (no upcast)."""
+        _, _, mean, std = self.latent_factors()
+        z = z * std.to(z.device, z.dtype) + mean.to(z.device, z.dtype)
+        return self.model.vae.decode(self.pipe._unpatchify_latents(z), return_dict=False)[0]
+
+    def encode_images(self, images):
+        """``_encode_vae_image``: the posterior's mode, patchified, normalised (the exact inverse of decode)."""
+        vae = self.model.vae
+        z = vae.encode(images.to(self.model.device, vae.dtype)).latent_dist.mode()
+        z = self.pipe._patchify_latents(z)
+        _, _, mean, std = self.latent_factors()
+        return (z - mean.to(z.device, z.dtype)) / std.to(z.device, z.dtype)
+
+
+@register("Flux2Pipeline")
+class Flux2(_Flux2Common):
+    """FLUX.2-dev: guidance-distilled (the guidance embedding gets ``guidance_scale``), no CFG."""
+
+    family = Family("flux2", "transformer", "text", "latent", flow=True, modes=MODES)
+
+    def uses_cfg(self, guidance: float) -> bool:
+        return False
+
+    def plain_guidance(self, guidance: float) -> float:
+        return guidance
+
+    def encode(self, prompts, cfg, guidance, height, width) -> dict:
+        g = torch.full([1], guidance, device=self.model.device, dtype=torch.float32).expand(len(prompts))
+        return {**self._encode(prompts, height, width), "guidance": g}
+
+
+@register("Flux2KleinPipeline")
+class Flux2Klein(_Flux2Common):
+    """FLUX.2-klein: no guidance embedding; real CFG against "" as two calls, unless step-distilled."""
+
+    family = Family("flux2_klein", "transformer", "text", "latent", flow=True, modes=MODES)
+
+    def uses_cfg(self, guidance: float) -> bool:
+        # the pipeline's do_classifier_free_guidance
+        return guidance > 1 and not bool(getattr(self.pipe.config, "is_distilled", False))
+
+    def encode(self, prompts, cfg, guidance, height, width) -> dict:
+        kw = self._encode(prompts, height, width)
+        if not cfg:
+            return kw
+        neg = self._encode([""] * len(prompts), height, width)  # the pipeline's fixed negative prompt
+        return {k: torch.cat([neg[k], kw[k]]) for k in kw}  # [uncond, cond]
+
+    def denoise(self, x, t, cond, sampler):
+        """Two transformer calls (cond, then uncond), as ``__call__`` makes them, combined ``u + g (c − u)``."""
+        if sampler is not None and hasattr(sampler, "scale_model_input"):
+            x = sampler.scale_model_input(x, t)
+        t = torch.as_tensor(t, device=x.device)
+        if not cond.cfg:
+            return self.forward(x, t, cond.kwargs)
+        halves = {k: v.chunk(2) for k, v in cond.kwargs.items()}
+        out = self.forward(x, t, {k: v[1] for k, v in halves.items()})
+        uncond = self.forward(x, t, {k: v[0] for k, v in halves.items()})
+        return self.combine(out, uncond, cond.guidance)
