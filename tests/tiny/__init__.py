@@ -450,15 +450,18 @@ def _add_family_modules() -> None:
 
 NEW_FAMILY_NAMES: list[str] = ["sd35"]
 
+# the families of 2026 (and AuraFlow, a class on the native path), one module each
 NEW_FAMILY_MODULES: tuple[str, ...] = (
     "auraflow",
     "chroma",
     "cogview4",
     "flux2",
     "hidream",
+    "hunyuanimage",
+    "lumina2",
     "qwenimage",
     "sana",
-    *__import__("os").environ.get("TINY_FAMILY_MODULES", "").split(),
+    "zimage",
 )
 _add_family_modules()
 FAMILY_NAMES: tuple[str, ...] = tuple(_FAMILIES)

@@ -1,0 +1,203 @@
+"""HunyuanImage 2.1: ``HunyuanImagePipeline`` (rectified flow), as diffusers 0.42's ``HunyuanImagePipeline.__call__``.
+
+Text: Qwen2.5-VL hidden states (``hidden_states[-3]``) of the prompt in the pipeline's chat template, the template's
+first 34 tokens dropped, with their mask; plus ByT5 embeddings of the prompt's quoted (glyph) text with its own mask,
+zeros when there is none — both from the pipeline's own ``encode_prompt``. Latents (C, H/s, W/s) at the VAE's
+``spatial_compression_ratio`` s (32 for the real model), unscaled noise, σ's ``linspace(1, 0, N + 1)[:-1]`` through
+the scheduler's static shift, the transformer at timestep σ·1000 in the model dtype; decode ``z / scaling_factor``.
+
+``sampler.guidance_scale`` g:
+  * base model (no ``guidance_embeds``): guidance is the pipeline's ``guider`` component, an
+    AdaptiveProjectedMixGuidance (CFG for the first steps, then adaptive projected guidance with a momentum buffer
+    and a norm threshold — stateful across steps), or its ``ocr_guider`` for a prompt with quoted text. g is that
+    guider's ``guidance_scale`` (``guider.new(guidance_scale=g)``, as diffusers' docs change it); every other
+    setting (APG scale, momentum, rescale, start step, start/stop) is the saved guider's. The guiders themselves
+    are driven step for step — ``set_state``, ``prepare_inputs``, ``__call__`` on the cond / uncond predictions —
+    fresh for each batch and per sample group (the pipeline picks the OCR guider when *its* prompt has glyph text,
+    so each sample gets what it would get alone; the guider's norms and momentum are per sample). g = 1 is the
+    guider's own "no guidance" (the conditional prediction only). The uncond prompt is "" (the pipeline's default
+    negative prompt). Cond and uncond run as one batch (the pipeline makes two calls: same values).
+  * guidance-distilled model (``guidance_embeds``): g is ``distilled_guidance_scale``, fed to the guidance
+    embedding as g·1000 (also for a condition without CFG); a saved guider, if any, runs as saved.
+  * MeanFlow transformers (``use_meanflow``) also get ``timestep_r``, the solver's next timestep (0 at the end).
+
+Refused: g ≠ 1 on a base model saved without guiders (its pipeline ignores any guidance); a scheduler with
+``use_dynamic_shifting`` (the pipeline passes σ's without ``mu``: its own call fails); guided denoiser calls outside
+the solver loop (the guider's step index and MeanFlow's next timestep exist only there — the latent mode's
+inversion uses conditions without CFG, so only MeanFlow models are refused there). Attention maps: not yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+from pipeline.errors import UserError
+from pipeline.models.families.base import Family, FamilyDriver, batched, register
+
+__all__ = ["HunyuanImage"]
+
+COND_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2", "encoder_attention_mask_2")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Building a guider logs diffusers' "experimental feature" warning each time: once per batch is noise."""
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+@register("HunyuanImagePipeline")
+class HunyuanImage(FamilyDriver):
+    family = Family("hunyuanimage", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "latent"))
+
+    # ------------------------------------------------------------------ geometry
+    @classmethod
+    def vae_scale_of(cls, vae_config):
+        """The VAE's ``spatial_compression_ratio`` (the pipeline's vae_scale_factor; 32 without a VAE)."""
+        return int((vae_config or {}).get("spatial_compression_ratio") or 32)
+
+    @classmethod
+    def flow_geometry(cls, vae_scale, component):
+        """Native: 64·s (the pipeline's default_sample_size); tokens: latent patches (no μ: static shift)."""
+        patch = (component("transformer") or {}).get("patch_size") or (1, 1)
+        return 64 * vae_scale, vae_scale * int(patch[-1])
+
+    @classmethod
+    def flow_timestep_kwargs(cls, config, num_inference_steps, image_seq_len):
+        """The pipeline's ``sigmas = linspace(1, 0, N + 1)[:-1]`` and no ``mu``."""
+        if config.get("use_dynamic_shifting", False):
+            raise UserError(
+                "model.path: HunyuanImagePipeline passes sigmas without mu, so a scheduler with use_dynamic_shifting "
+                "cannot run in it (its own __call__ fails); use a static-shift scheduler config"
+            )
+        n = int(num_inference_steps)
+        return {"sigmas": np.linspace(1.0, 0.0, n + 1)[:-1]}
+
+    def _patch(self) -> int:
+        return int(self.denoiser.config.patch_size[-1])
+
+    def native_size(self):
+        s = int(self.pipe.default_sample_size) * self.model.vae_scale
+        return s, s
+
+    def size_multiple(self) -> int:
+        return self.model.vae_scale * self._patch()  # other sizes: the pipeline floors them (a smaller image)
+
+    def token_step(self) -> int:
+        return self.model.vae_scale * self._patch()
+
+    def initial_latents(self, x, init_noise_sigma):
+        return x  # the pipeline does not scale its noise
+
+    # ------------------------------------------------------------------ guidance
+    @property
+    def distilled(self) -> bool:
+        return bool(self.denoiser.config.guidance_embeds)
+
+    def _guiders(self, guidance: float) -> dict[bool, object]:
+        """Fresh guiders {has glyph text: guider} as ``__call__`` picks them, the base model's with
+        guidance_scale = ``guidance``."""
+        from diffusers import AdaptiveProjectedMixGuidance
+
+        pipe = self.pipe
+        with _quiet():
+            plain = pipe.guider if pipe.guider is not None else AdaptiveProjectedMixGuidance(enabled=False)
+            ocr = pipe.ocr_guider if pipe.ocr_guider is not None else plain
+            over = {} if self.distilled else {"guidance_scale": float(guidance)}
+            return {False: plain.new(**over), True: ocr.new(**over)}
+
+    def uses_cfg(self, guidance: float) -> bool:
+        """Whether a guider asks for an uncond prediction (its own rule: enabled and a scale ≠ 1)."""
+        pipe = self.pipe
+        if not self.distilled and pipe.guider is None and pipe.ocr_guider is None and guidance != 1:
+            raise UserError(
+                f"sampler.guidance_scale={guidance}: this HunyuanImagePipeline has no guider component and no "
+                "guidance embedding, so its __call__ applies no guidance at all; set sampler.guidance_scale=1"
+            )
+        return any(g.num_conditions > 1 for g in self._guiders(guidance).values())
+
+    def plain_guidance(self, guidance: float) -> float:
+        return guidance if self.distilled else 1.0
+
+    # ------------------------------------------------------------------ conditioning
+    def encode(self, prompts, cfg, guidance, height, width) -> dict:
+        pipe, device, dtype = self.pipe, self.model.device, self.denoiser.dtype
+        n = len(prompts)
+
+        def enc(texts):
+            pe, pm, pe2, pm2 = pipe.encode_prompt(prompt=texts, device=device, batch_size=n, num_images_per_prompt=1)
+            return pe.to(dtype), pm, pe2.to(dtype), pm2
+
+        out = enc(prompts)
+        if cfg:  # rows [uncond; cond]; the pipeline's negative prompt defaults to "" per sample
+            out = tuple(torch.cat([u, c]) for u, c in zip(enc([""] * n), out))
+        kwargs = dict(zip(COND_KEYS, out))
+        rows = out[0].shape[0]
+        kwargs["guidance"] = (
+            torch.full((rows,), float(guidance), dtype=dtype, device=device) * 1000.0 if self.distilled else None
+        )
+        return kwargs
+
+    # ------------------------------------------------------------------ the denoiser
+    def _step(self, sampler, where: str) -> int:
+        """The pipeline's loop index i: the solver's step index (None before its first step)."""
+        if sampler is None:
+            raise UserError(
+                f"HunyuanImagePipeline: {where} needs the solver's step index, which only the sampling loop has; "
+                "this denoiser call is outside it (mode.latent's inversion and ood reconstructions): leave those "
+                "out of mode.latent.parts for this model"
+            )
+        i = getattr(sampler, "step_index", None)
+        return 0 if i is None else int(i)
+
+    def denoise(self, x, t, cond, sampler):
+        kwargs = dict(cond.kwargs)
+        if self.denoiser.config.use_meanflow:  # timestep_r: the next timestep, 0 after the last
+            i = self._step(sampler, "a MeanFlow transformer's timestep_r")
+            ts = sampler.timesteps
+            r = ts[i + 1] if i + 1 < len(ts) else torch.tensor([0.0], device=x.device)
+            kwargs["timestep_r"] = torch.as_tensor(r, device=x.device)
+        if not cond.cfg:
+            return self.forward(x, torch.as_tensor(t, device=x.device), kwargs)
+        i = self._step(sampler, "the stateful HunyuanImage guider")
+        if i == 0 or "guiders" not in cond.extra:  # fresh guider state for every sampling run
+            cond.extra["guiders"] = self._guiders(cond.guidance)
+        out = self.forward(torch.cat([x, x]), torch.as_tensor(t, device=x.device), kwargs)
+        uncond, c = out.chunk(2)
+        glyph = ~(cond.kwargs["encoder_hidden_states_2"].chunk(2)[1] == 0).flatten(1).all(dim=1)
+        pred = torch.empty_like(c)
+        for has_glyph, guider in cond.extra["guiders"].items():
+            rows = (glyph == has_glyph).nonzero().flatten()
+            if len(rows):
+                pred[rows] = self._guide(guider, i, len(sampler.timesteps), t, c[rows], uncond[rows])
+        return pred
+
+    def _guide(self, guider, i: int, steps: int, t, cond_out, uncond_out):
+        """One step of the pipeline's guider on precomputed predictions: its own state update, batch preparation
+        (momentum reset at step 0; one or two predictions) and combination."""
+        guider.set_state(step=i, num_inference_steps=steps, timestep=t)
+        batches = guider.prepare_inputs({"noise_pred": (cond_out, uncond_out)})
+        for _ in batches:  # what the pipeline does around each of its denoiser calls
+            guider.prepare_models(self.denoiser)
+            guider.cleanup_models(self.denoiser)
+        return guider(batches)[0]
+
+    def forward(self, x, t, kwargs):
+        kwargs = dict(kwargs)
+        r = kwargs.pop("timestep_r", None)
+        if self.denoiser.config.use_meanflow and r is None:
+            self._step(None, "a MeanFlow transformer's timestep_r")
+        tb = batched(t, x).to(x.dtype)  # the pipeline casts its timesteps to the latents' dtype
+        r = batched(r, x).to(x.dtype) if r is not None else None
+        return self.denoiser(hidden_states=x, timestep=tb, timestep_r=r, return_dict=False, **kwargs)[0]
+
+    def prediction(self, out):
+        return out  # velocity, no learned σ
