@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.models.family import family_table, where_class_runs
-from pipeline.models.native import refused_kinds
+from pipeline.models.native import CALL_PARAMETERS, refused_kinds
 
 
 def main(argv: list[str]) -> int:
@@ -33,7 +33,12 @@ def main(argv: list[str]) -> int:
         print("\n".join(where_class_runs(name) for name in argv))
         return 0
     print(family_table())
-    print("\nRefused by name (before any work): " + "; ".join(refused_kinds()) + ".")
+    print(
+        "\nThe native path takes any other diffusers class whose __call__ takes "
+        + ", ".join(CALL_PARAMETERS)
+        + " (generator: one per sample) and requires nothing else."
+    )
+    print("Refused by name (before any work): " + "; ".join(refused_kinds()) + ".")
     print("Attention and latent mode need a family driver: the native path exposes no single denoiser steps.")
     return 0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.models.families import DRIVERS, FAMILIES, Family, FamilyDriver
 from pipeline.models.families.base import driver_named, image_tokens
-from pipeline.models.native import CALL_PARAMETERS, NATIVE_FAMILY, NativeCall, native_refusal
+from pipeline.models.native import NATIVE_FAMILY, NativeCall, native_refusal
 
 __all__ = [
     "Family",
@@ -226,9 +226,7 @@ def family_table() -> str:
         marks = " | ".join("✓" if by_name[name].supports(m) else "—" for m in ALL_MODES)
         lines.append(f"| {name} | {', '.join(classes)} | adapter | {marks} |")
     marks = " | ".join("✓" if NATIVE_FAMILY.supports(m) else "—" for m in ALL_MODES)
-    lines.append(
-        f"| any other | a text-to-image class whose `__call__` takes {', '.join(CALL_PARAMETERS)} | native_call | {marks} |"
-    )
+    lines.append(f"| any other | a text-to-image class (`python -m pipeline.models CLASS`) | native_call | {marks} |")
     return "\n".join(lines)
 
 
