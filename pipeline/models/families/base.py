@@ -256,6 +256,11 @@ class FamilyDriver:
             z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latents  # KL or VQ
             return (z - mean.to(z)) * scale / std.to(z) if mean is not None else (z - shift) * scale
 
+    def latent_part_refusal(self, part: str) -> str | None:
+        """Why this checkpoint cannot run latent-mode ``part`` exactly though the family declares the mode (None:
+        it can); the mode refuses such a part before any of its work."""
+        return None
+
     # ------------------------------------------------------------------ attention
     def attention_layout(self, height: int, width: int) -> AttentionLayout:
         kind = "class-conditional" if self.family.conditioning == "class" else "unconditional"

@@ -24,7 +24,8 @@ the scheduler's static shift, the transformer at timestep σ·1000 in the model 
 Refused: g ≠ 1 on a base model saved without guiders (its pipeline ignores any guidance); a scheduler with
 ``use_dynamic_shifting`` (the pipeline passes σ's without ``mu``: its own call fails); guided denoiser calls outside
 the solver loop (the guider's step index and MeanFlow's next timestep exist only there — the latent mode's
-inversion uses conditions without CFG, so only MeanFlow models are refused there). Attention maps: not yet.
+inversion uses conditions without CFG, so only MeanFlow models are refused there, up front:
+:meth:`latent_part_refusal`). Attention maps: not yet.
 """
 
 from __future__ import annotations
@@ -198,6 +199,15 @@ class HunyuanImage(FamilyDriver):
         tb = batched(t, x).to(x.dtype)  # the pipeline casts its timesteps to the latents' dtype
         r = batched(r, x).to(x.dtype) if r is not None else None
         return self.denoiser(hidden_states=x, timestep=tb, timestep_r=r, return_dict=False, **kwargs)[0]
+
+    def latent_part_refusal(self, part):
+        """MeanFlow transformers need the solver's next timestep on every call; the latent mode's inversion and OOD
+        reconstructions call the denoiser outside the sampling loop, where there is none."""
+        if part in ("inversion", "ood") and self.denoiser.config.use_meanflow:
+            return (
+                "a MeanFlow transformer (use_meanflow) needs the solver's next timestep, which its denoiser calls lack"
+            )
+        return None
 
     def prediction(self, out):
         return out  # velocity, no learned σ

@@ -59,6 +59,13 @@ def latent_model_stage(ctx, cfg):
     model = ctx.get("model")
     check_loaded(model.pipe, "latent")
     a = cfg.mode.latent
+    refused = {p: why for p in a.parts if (why := model.driver.latent_part_refusal(str(p))) is not None}
+    if refused:  # a part this checkpoint cannot run exactly: before any of the mode's work
+        raise UserError(
+            f"mode.latent.parts: {type(model.pipe).__name__} cannot run "
+            + "; ".join(f"{p} ({why})" for p, why in refused.items())
+            + f"; leave {', '.join(refused)} out of mode.latent.parts"
+        )
     sampler = ctx.get("sampler")
     size = model.resolve_size(cfg.sampler.height, cfg.sampler.width)  # default: the model's native size
     space = LatentSpace(
