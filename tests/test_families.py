@@ -103,11 +103,14 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_family_runs_schedule_and_metrics_and_matches_its_own_pipeline(name, root, family_dir, outputs, tmp_path):
+def test_family_runs_schedule_and_metrics_and_matches_its_own_pipeline(
+    name, root, family_dir, outputs, tmp_path, caplog
+):
     from mlflow.tracking import MlflowClient
 
     from pipeline.models.loading import load_pipeline
 
+    caplog.set_level("INFO", logger="pipeline.run.runner")  # the end-of-run summary
     cfg = compose_cfg(_overrides(root, family_dir(name), name), outputs)
     out = run_pipeline(cfg, tmp_path / "run")
     r = out.results
@@ -115,6 +118,7 @@ def test_family_runs_schedule_and_metrics_and_matches_its_own_pipeline(name, roo
     assert np.isfinite(r["schedule/log_snr_max"]) and r["schedule/log_snr_max"] > r["schedule/log_snr_min"]
     tags = MlflowClient(f"sqlite:///{outputs.resolve() / 'mlflow.db'}").get_run(out.run_id).data.tags
     assert tags["generation.path"] == ("native_call" if name in NATIVE else "adapter")
+    assert ("native_call: the images are the pipeline's own __call__" in caplog.text) == (name in NATIVE)
     text = name not in ("dit", "ddpm", "ldm")
     if text:  # dataset=folder has no ground truth: prompt accuracy is skipped with its reason, never guessed
         assert "metrics/prompt_accuracy" not in r and "ground truth" in tags["skipped.metrics/prompt_accuracy"]

@@ -395,6 +395,7 @@ def _provenance(
         ("modes", modes),
         ("model", _get(config, "model.path")),
         ("model family", tags.get("model.family")),
+        ("generation path", tags.get("generation.path")),
         (
             "dtype / device",
             " / ".join(

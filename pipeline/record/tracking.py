@@ -471,6 +471,7 @@ class Tracker:
             Path(self.uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         self.artifact_root = (Path(outputs_dir).resolve() / "mlartifacts").as_uri() if self.local_store else None
         self.client = open_client(self.uri)
+        self.tags_set: dict[str, str] = {}  # what this process tagged the run with (the summary reads some)
         self.experiment_id = self._experiment(tracking_cfg.experiment)
         self.run_id: str | None = None
         self.run_name: str | None = None
@@ -542,6 +543,7 @@ class Tracker:
         items = [RunTag(k, redact_text(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
         if items:
             _retry_locked(self.client.log_batch, self.run_id, tags=items)
+            self.tags_set.update({t.key: t.value for t in items})
 
     def delete_tag(self, key: str) -> None:
         _retry_locked(self.client.delete_tag, self.run_id, key)
@@ -659,9 +661,15 @@ def summary_lines(
     runs_url, run_url = tracker.links()
     scalars = list(scalars)
     name = f"  ({tracker.run_name})" if tracker.run_name else ""
+    native = tracker.tags_set.get("generation.path") == "native_call"
     return [
         title,
         "  " + ("  ·  ".join(scalars) if scalars else "(no headline scalars)"),
+        *(
+            [f"  {'generation':<11} native_call: the images are the pipeline's own __call__ (no family driver)"]
+            if native
+            else []
+        ),
         f"  {dir_label:<11} {directory}",
         f"  {'MLflow run':<11} {tracker.run_id}{name}",
         f"  {'runs table':<11} {runs_url}",
