@@ -122,7 +122,12 @@ def _flow_curve(ctx, sampler, solver, shift: float, dynamic: bool, h: int, w: in
     ctx.tag("schedule/flow_shift", f"{shift:.6g}")
     kind = f"dynamic shift at {h}x{w}" if dynamic else "static shift"
     ctx.tag("schedule/prediction_type", f"flow, {kind}")
-    return model, flow_positions(model, sigmas), f"flow, {kind} {shift:.3g}"
+    label = f"flow, {kind} {shift:.3g}"
+    terminal = (sampler.config.get("_flow_reference") or sampler.config).get("shift_terminal")
+    if terminal:  # the solver's σ's are stretched to end at it (Qwen-Image): the points are, the σ(u) curve is not
+        ctx.tag("schedule/shift_terminal", f"{float(terminal):.6g}")
+        label += f", σ's stretched to end at {float(terminal):.3g} (curve unstretched)"
+    return model, flow_positions(model, sigmas), label
 
 
 def schedule_scalars(schedule: NoiseSchedule, ts: np.ndarray) -> dict[str, float]:
