@@ -295,3 +295,28 @@ def test_native_path_and_non_image_classes_are_refused_up_front(root, class_name
     with pytest.raises(UserError, match=message):
         run_pipeline(compose_cfg(overrides, tmp_path / "out"), tmp_path / "run")
     assert not (tmp_path / "out" / "cache").exists()
+
+
+def test_native_path_swaps_solvers_as_any_model(root, family_dir, tmp_path):
+    """On the native path the run's solver is handed to the pipeline's own __call__ (its own put back after); a
+    DDPM-family solver on a flow model is refused before any weights, as for every model."""
+    from diffusers import DiffusionPipeline
+
+    from pipeline.models.adapter import ModelAdapter
+    from pipeline.models.generation import generate
+    from pipeline.models.stages import make_sampler, read_scheduler_setup
+
+    path = family_dir("auraflow")
+    cfg = compose_cfg([*_overrides(root, path, "auraflow", schedule=False), "scheduler=ddim"], tmp_path / "out")
+    with pytest.raises(UserError, match=r"scheduler=ddim: a DDPM-family solver .* rectified-flow model"):
+        run_pipeline(cfg, tmp_path / "run")
+    pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)
+    model, own = ModelAdapter(pipe), type(pipe.scheduler)
+    images = {}
+    for name in ("native", "flow_unipc"):
+        cfg = compose_cfg([*_overrides(root, path, "auraflow", schedule=False), f"scheduler={name}"])
+        sampler = make_sampler(cfg, read_scheduler_setup(cfg))
+        batches = generate(model, sampler, 2, 2, 3, GUIDANCE, SEED, prompts=["a red circle"], height=32, width=32)
+        images[name] = torch.cat([b.images for b in batches]).int()
+        assert type(pipe.scheduler) is own
+    assert (images["native"] - images["flow_unipc"]).abs().max() > 0
