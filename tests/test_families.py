@@ -3,8 +3,8 @@
 The oracle: with ``scheduler=native`` each image written by ``mode.metrics.save_images=true`` equals what the
 family's own diffusers pipeline draws when called one image at a time with the same prompt (or class id),
 ``generator=torch.Generator("cpu").manual_seed(seed + i)``, steps, guidance and size: PSNR >= 40 dB on CPU in
-float32. Tiny random-weight pipelines (tests/tiny/), in-process, one shared MLflow store; one family also
-through the CLI.
+float32. Tiny random-weight pipelines (tests/tiny/), in-process, one shared MLflow store (the command line's path
+to ``run_pipeline`` is the same for every family: tests/test_cli.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import all_runs, compose_cfg, run_cli
+from conftest import compose_cfg
 from PIL import Image
 from tiny import FAMILY_NAMES, NEW_FAMILY_NAMES, tiny_family, tiny_spec
 
@@ -265,15 +265,6 @@ def test_hub_model_defaults_to_inception_and_an_image_folder(tmp_path):
     assert list(chosen.features) == ["clip"] and chosen.dataset.kind.value == "shapes"
 
 
-def test_one_family_through_the_cli(root, family_dir, tmp_path):
-    out = tmp_path / "out"
-    proc = run_cli([*_overrides(root, family_dir("dit"), "dit", schedule=False), f"paths.outputs={out}"], out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = all_runs(out)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.tags["model.family"] == "dit" and runs[0].data.metrics["metrics/num_samples"] == N
-
-
 @pytest.mark.parametrize(
     "class_name, mode, message",
     [
@@ -320,3 +311,31 @@ def test_native_path_swaps_solvers_as_any_model(root, family_dir, tmp_path):
         images[name] = torch.cat([b.images for b in batches]).int()
         assert type(pipe.scheduler) is own
     assert (images["native"] - images["flow_unipc"]).abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in FAMILY_NAMES if n not in ("sd", "sd2", "sdxl", "pixart", "dit", "ddpm", "ldm", "sd3_no_t5")]
+)
+def test_schedule_mode_sigmas_are_what_the_pipeline_passes(name, family_dir):
+    """Schedule mode reads a flow family from configs alone; its σ's must be what the pipeline's own ``__call__``
+    hands ``set_timesteps`` at that size (recorded from the call itself, stopped there: no denoiser call)."""
+    from diffusers import DiffusionPipeline
+
+    from pipeline.models.family import family_in_index, flow_geometry, read_model_index
+    from pipeline.models.native import native_timestep_call
+    from pipeline.models.schedulers import set_flow_timesteps
+
+    path = family_dir(name)
+    family = family_in_index(read_model_index(path))
+    pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True)
+    size = tiny_spec(name).size
+    h, w, seq = flow_geometry(str(path), family, size, size)
+    theirs = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    call = tiny_spec(name).call(GUIDANCE)
+    theirs.set_timesteps(**native_timestep_call(pipe, "a red circle", 5, h, w, **call))
+    ours = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    if family.name == "native":  # the native path records them from the call itself
+        ours.set_timesteps(**native_timestep_call(pipe, "", 5, h, w, **call))
+    else:
+        set_flow_timesteps(ours, 5, "cpu", seq, family.name)
+    assert torch.allclose(ours.sigmas.double(), theirs.sigmas.double(), atol=1e-6), (ours.sigmas, theirs.sigmas)

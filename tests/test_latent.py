@@ -550,15 +550,17 @@ def test_every_family_runs_the_latent_parts_its_math_has(family, family_dirs, tm
         out = run_pipeline(_family_cfg(family_dirs[family], family, outputs, ["vae", "direction"]), tmp_path / "run")
         assert out.status == "FINISHED" and np.isfinite(out.results["latent/recon_psnr"])
         return
-    out = run_pipeline(
-        _family_cfg(family_dirs[family], family, outputs, ["vae", "interpolation", "inversion", "direction"], extra),
-        tmp_path / "run",
-    )
+    # interpolation is the adapter's generation path in float32 (the families' own code is what the others exercise):
+    # on the families of 2024 only, to keep the suite's time
+    interpolation = family in ("sdxl", "pixart", "sd3", "flux", "dit", "ldm")
+    parts = ["vae", *(["interpolation"] if interpolation else []), "inversion", "direction"]
+    out = run_pipeline(_family_cfg(family_dirs[family], family, outputs, parts, extra), tmp_path / "run")
     assert out.status == "FINISHED", out.error
     r = out.results
-    for key in ("recon_psnr", "inversion_psnr", "ppl_slerp", "ppl_lerp"):
+    for key in ("recon_psnr", "inversion_psnr", *(("ppl_slerp", "ppl_lerp") if interpolation else ())):
         assert np.isfinite(r[f"latent/{key}"]) and r[f"latent/{key}"] > 0, key
-    assert abs(r["latent/slerp_norm_ratio_mid"] - 1) < 0.05
+    if interpolation:
+        assert abs(r["latent/slerp_norm_ratio_mid"] - 1) < 0.05
     plots = {p.stem for p in (tmp_path / "run" / "plots").glob("*.png")}
     tags = MlflowClient(f"sqlite:///{outputs.resolve() / 'mlflow.db'}").get_run(out.run_id).data.tags
     if family == "ldm":  # unconditional: no direction to take

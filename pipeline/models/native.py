@@ -91,9 +91,10 @@ class _TimestepsSet(Exception):
     """Raised by the recording ``set_timesteps`` to stop the pipeline's call there."""
 
 
-def native_timestep_call(pipe, prompt: str, steps: int, guidance: float, height: int, width: int) -> dict[str, Any]:
+def native_timestep_call(pipe, prompt: str, steps: int, height: int, width: int, **call: Any) -> dict[str, Any]:
     """The arguments the pipeline's own ``__call__`` passes to ``scheduler.set_timesteps`` at this size and step
-    count (``num_inference_steps``, ``sigmas``, ``timesteps``, ``mu`` — as that pipeline computes them), with the
+    count (``num_inference_steps``, ``sigmas``, ``timesteps``, ``mu`` — as that pipeline computes them; ``call``: further
+    ``__call__`` keywords, e.g. ``guidance_scale``), with the
     denoiser never called: the call is stopped when it sets the timesteps. A pipeline that never sets them is a
     UserError naming the class."""
     sched = pipe.scheduler
@@ -112,11 +113,11 @@ def native_timestep_call(pipe, prompt: str, steps: int, guidance: float, height:
             pipe(
                 prompt=prompt,
                 num_inference_steps=int(steps),
-                guidance_scale=float(guidance),
                 generator=[torch.Generator("cpu").manual_seed(0)],
                 height=int(height),
                 width=int(width),
                 output_type="np",
+                **call,
             )
     except _TimestepsSet:
         pass

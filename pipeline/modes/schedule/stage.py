@@ -103,7 +103,7 @@ def _native_flow_model(ctx, cfg, steps: int) -> tuple[NoiseSchedule, np.ndarray,
     sampler, mcfg = ctx.get("sampler"), cfg.mode.schedule
     pipe, _ = cached_pipe(cfg.model, ctx.device)
     h, w = ModelAdapter(pipe).resolve_size(mcfg.height, mcfg.width)
-    kwargs = native_timestep_call(pipe, "", steps, float(cfg.sampler.guidance_scale), h, w)
+    kwargs = native_timestep_call(pipe, "", steps, h, w, guidance_scale=float(cfg.sampler.guidance_scale))
     ctx.tag("schedule/native_set_timesteps", repr({k: v for k, v in kwargs.items() if k != "sigmas"}))
     mu = kwargs.get("mu")
     solver = type(sampler).from_config(sampler.config)
