@@ -7,6 +7,7 @@ share; a family file overrides only what differs, and registers its class with :
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal
@@ -95,6 +96,7 @@ class FamilyDriver:
     shift_defaults: ClassVar[tuple[int, int, float, float]] = (256, 4096, 0.5, 1.15)
     fixed_size: ClassVar[bool] = False  # draws only its native size
     cond_first: ClassVar[bool] = False  # CFG batch order [cond, uncond] (DiT) rather than [uncond, cond]
+    vae_upcast: ClassVar[bool] = True  # an fp16 VAE with force_upcast runs in float32 (False: the pipeline never does)
 
     def __init__(self, model):
         self.model = model
@@ -243,7 +245,7 @@ class FamilyDriver:
         """Unpacked latents -> images in [-1, 1] as the pipeline decodes them (:meth:`latent_factors`), run in the
         VAE's dtype (float32 when an fp16 VAE asks for ``force_upcast``)."""
         scale, shift, mean, std = self.latent_factors()
-        with self.model.vae_dtype() as dtype:
+        with self._vae_dtype() as dtype:
             z = z.to(dtype)
             z = z * std.to(z) / scale + mean.to(z) if mean is not None else z / scale + shift
             return self.model.vae.decode(z, return_dict=False)[0]
@@ -251,10 +253,14 @@ class FamilyDriver:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> unpacked latents, the inverse of :meth:`decode_latents`, with the posterior's mode."""
         scale, shift, mean, std = self.latent_factors()
-        with self.model.vae_dtype() as dtype:
+        with self._vae_dtype() as dtype:
             enc = self.model.vae.encode(images.to(self.model.device, dtype))
             z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latents  # KL or VQ
             return (z - mean.to(z)) * scale / std.to(z) if mean is not None else (z - shift) * scale
+
+    def _vae_dtype(self):
+        """The dtype the VAE runs in while the block runs (:attr:`vae_upcast`)."""
+        return self.model.vae_dtype() if self.vae_upcast else contextlib.nullcontext(self.model.vae.dtype)
 
     def latent_part_refusal(self, part: str) -> str | None:
         """Why this checkpoint cannot run latent-mode ``part`` exactly though the family declares the mode (None:

@@ -43,6 +43,7 @@ def _unshifted_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
 @register("CogView4Pipeline")
 class CogView4(FamilyDriver):
     family = Family("cogview4", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule"))
+    vae_upcast = False  # the pipeline decodes in the VAE's own dtype, latents / scaling_factor (no shift)
 
     @classmethod
     def flow_geometry(cls, vae_scale, component):
@@ -145,7 +146,3 @@ class CogView4(FamilyDriver):
 
     def prediction(self, out):
         return out  # no learned σ
-
-    def decode_latents(self, z):
-        vae = self.model.vae  # the pipeline decodes in the VAE's own dtype (no force_upcast), shift_factor unused
-        return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]

@@ -50,6 +50,7 @@ def _refuse_dynamic_shift(config) -> None:
 @register("Lumina2Pipeline")
 class Lumina2(FamilyDriver):
     family = Family("lumina2", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "latent"))
+    vae_upcast = False  # the pipeline decodes (and its img2img sibling encodes) in the VAE's own dtype
 
     def __init__(self, model):
         super().__init__(model)
@@ -139,16 +140,3 @@ class Lumina2(FamilyDriver):
     def latent_factors(self):
         c = self.model.vae.config
         return float(c.scaling_factor), float(getattr(c, "shift_factor", None) or 0.0), None, None
-
-    def decode_latents(self, z):
-        """The end of ``__call__``: ``z / scaling_factor + shift_factor``, decoded in the VAE's dtype (no upcast)."""
-        scale, shift, _, _ = self.latent_factors()
-        vae = self.model.vae
-        return vae.decode(z.to(vae.dtype) / scale + shift, return_dict=False)[0]
-
-    def encode_images(self, images):
-        """The inverse: ``(mode − shift_factor) · scaling_factor``, in the VAE's dtype."""
-        scale, shift, _, _ = self.latent_factors()
-        vae = self.model.vae
-        z = vae.encode(images.to(self.model.device, vae.dtype)).latent_dist.mode()
-        return (z - shift) * scale

@@ -40,6 +40,7 @@ DEFAULT_SIZE = 1024  # ZImagePipeline.__call__: height = height or 1024 (pixels,
 @register("ZImagePipeline")
 class ZImage(FamilyDriver):
     family = Family("zimage", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "latent"))
+    vae_upcast = False  # the pipeline decodes (and its img2img sibling encodes) in the VAE's own dtype
 
     # ------------------------------------------------------------------ geometry
     @classmethod
@@ -138,16 +139,3 @@ class ZImage(FamilyDriver):
     def latent_factors(self):
         c = self.model.vae.config
         return float(c.scaling_factor), float(getattr(c, "shift_factor", None) or 0.0), None, None
-
-    def decode_latents(self, z):
-        """The end of ``__call__``: ``z.to(vae.dtype) / scaling_factor + shift_factor``, decoded (no upcast)."""
-        scale, shift, _, _ = self.latent_factors()
-        vae = self.model.vae
-        return vae.decode(z.to(vae.dtype) / scale + shift, return_dict=False)[0]
-
-    def encode_images(self, images):
-        """The inverse (as ZImageImg2ImgPipeline): ``(mode − shift_factor) · scaling_factor``, in the VAE's dtype."""
-        scale, shift, _, _ = self.latent_factors()
-        vae = self.model.vae
-        z = vae.encode(images.to(self.model.device, vae.dtype)).latent_dist.mode()
-        return (z - shift) * scale
