@@ -95,16 +95,11 @@ def generate(model, h: int, w: int, prompts: list[str], steps: int, with_capture
     """One batch through ``pipeline.models.generation.sample``, plain or inside the attention capture (timed)."""
     from pipeline.models.generation import denoiser_call_steps, generators, sample
     from pipeline.modes.attention.capture import capture
-    from pipeline.modes.attention.tokens import prompt_tokens
 
     sampler = model.pipe.scheduler
     layout = model.attention_layout(h, w)
     call_steps = denoiser_call_steps(model, sampler, steps, h, w)
-    valid = (
-        [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts]
-        if layout.renormalise
-        else None
-    )
+    valid = [layout.tokens(p).num_tokens for p in prompts] if layout.renormalise else None
     gens = generators(0, range(len(prompts)))
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     sync()

@@ -293,17 +293,12 @@ def attention_overhead(
     from pipeline.models.adapter import ModelAdapter
     from pipeline.models.generation import denoiser_call_steps, generators, sample
     from pipeline.modes.attention.capture import capture
-    from pipeline.modes.attention.tokens import prompt_tokens
 
     model = ModelAdapter(pipe)
     h, w = size or model.native_size()
     layout = model.attention_layout(h, w)
     prompts = [ATTENTION_PROMPTS[i % len(ATTENTION_PROMPTS)] for i in range(n)]
-    valid = (
-        [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts]
-        if layout.renormalise
-        else None
-    )
+    valid = [layout.tokens(p).num_tokens for p in prompts] if layout.renormalise else None
     sampler = pipe.scheduler
     call_steps = {k: denoiser_call_steps(model, sampler, k, h, w) for k in {2, steps}}
 

@@ -18,9 +18,9 @@ from tiny import _t5_tokenizer, tiny_family
 from pipeline.errors import UserError
 from pipeline.models.adapter import AttentionLayout, ModelAdapter
 from pipeline.models.generation import denoiser_call_steps, generators, sample
+from pipeline.models.tokens import prompt_tokens
 from pipeline.modes.attention import AttentionCapture, capture, cross_attention_layers, layer_grid
 from pipeline.modes.attention.scoring import spatial_entropy
-from pipeline.modes.attention.tokens import prompt_tokens
 from pipeline.run.runner import run_pipeline
 
 PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle on the left"]
@@ -55,10 +55,7 @@ def test_capture_leaves_images_unchanged_restores_processors_and_rows_sum_to_one
     cond = model.condition(2, 4.0, h, w, prompts=PROMPTS)
     before = sample(model, sampler, cond, generators(0, [0, 1]), 3, h, w)
     originals = {k: type(v) for k, v in model.denoiser.attn_processors.items()}
-    toks = [
-        prompt_tokens(model.attention_layout(h, w).tokenizer, p, model.attention_layout(h, w).max_length)
-        for p in PROMPTS
-    ]
+    toks = [model.attention_layout(h, w).tokens(p) for p in PROMPTS]
     with capture(model, h, w, {1}, cfg=cond.cfg, valid_tokens=[t.num_tokens for t in toks]) as cap:
         during = sample(model, sampler, cond, generators(0, [0, 1]), 3, h, w)
     torch.testing.assert_close(before, during, atol=1e-5, rtol=0)
@@ -92,7 +89,7 @@ def test_sd3_joint_maps_equal_a_hand_computation_from_q_and_k(family_paths):
     )
     cond = model.condition(1, 1.0, h, w, prompts=[PROMPTS[1]])
     layout = model.attention_layout(h, w)
-    tok = prompt_tokens(layout.tokenizer, PROMPTS[1], layout.max_length)
+    tok = layout.tokens(PROMPTS[1])
     x = torch.randn(1, *model.latent_shape(h, w), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), capture(model, h, w, prompts=[PROMPTS[1]]) as cap:
         model._forward(x, torch.tensor(500.0), cond)
@@ -124,8 +121,12 @@ def test_joint_maps_read_the_same_block_in_either_token_order():
     g = torch.Generator().manual_seed(0)
     q_img, k_img, q_txt, k_txt = (torch.randn(2, 3, n, 8, generator=g) for n in (12, 12, 7, 7))
     valid = torch.tensor([[True] * 4 + [False], [True] * 5])
-    sd3 = joint_segment_maps(torch.cat([q_img, q_txt], 2), torch.cat([k_img, k_txt], 2), 12, False, (2, 7), valid)
-    flux = joint_segment_maps(torch.cat([q_txt, q_img], 2), torch.cat([k_txt, k_img], 2), 12, True, (2, 7), valid)
+    sd3 = joint_segment_maps(
+        torch.cat([q_img, q_txt], 2), torch.cat([k_img, k_txt], 2), (0, 12), (12, 19), (2, 7), valid
+    )
+    flux = joint_segment_maps(
+        torch.cat([q_txt, q_img], 2), torch.cat([k_txt, k_img], 2), (7, 19), (0, 7), (2, 7), valid
+    )
     torch.testing.assert_close(sd3[0], flux[0]) and torch.testing.assert_close(sd3[1], flux[1])
     torch.testing.assert_close(sd3[0].sum(-1), torch.ones(2, 12))
     assert sd3[0][0, :, 4].abs().max() == 0 and sd3[2] < 1e-6  # padding gets nothing; rows of the softmax sum to 1

@@ -5,8 +5,11 @@ A recorder replaces one layer's attention processor and hands what it computes t
 capture, or the zoo training's grounding loss) through a small protocol:
 
 * ``sink._record_cross(name, probs, heads)``: cross-attention probabilities (B·heads, HW, T), float32;
-* ``sink._record_joint(name, query, key, n_image, text_first)``: a joint attention's (n, heads, L, d) Q and K;
-* ``sink.n_image_tokens``: image tokens of a single-stream joint block (its one sequence is [text; image]).
+* ``sink._record_joint(name, query, key, image=(i0, i1), text=(t0, t1), key_mask=None)``: a joint attention's
+  (n, heads, L, d) Q and K exactly as its softmax sees them (norms and rotary embeddings applied), where the image
+  tokens and the text tokens sit in the sequence, and ``key_mask`` (n, L) bool, the keys the softmax may attend to
+  (None: all) — the family's own attention mask, so padding it masks gets no mass in the maps either;
+* ``sink.n_image_tokens``: image tokens of a single-stream joint block (its one sequence mixes text and image).
 
 Recorders are chosen by ``AttentionLayout.recorder`` (a kind: ``cross`` here; each joint-attention family registers
 its own copy of its processor with :func:`register_recorder`).
@@ -16,9 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from pipeline.models.tokens import PromptTokens, prompt_tokens
 
 __all__ = [
     "AttentionLayout",
@@ -38,7 +43,9 @@ class AttentionLayout:
     ``layers``: the ``attn_processors`` keys to record. ``grid``: the image-token grid (UNet: the latent grid, which
     its layers halve; transformers: latent / patch). ``segment``: (start, stop) of the text tokens the maps are read
     from, within the attention's text sequence; ``tokenizer`` and ``max_length`` tokenize a prompt into that
-    segment's positions. ``renormalise``: maps renormalised over the segment's non-padding tokens (joint attention)."""
+    segment's positions. ``renormalise``: maps renormalised over the segment's non-padding tokens (joint attention).
+    ``tokenize``: prompt -> :class:`~pipeline.models.tokens.PromptTokens` in the segment, for families that wrap the
+    prompt in a chat template or system prompt (default: the plain tokenizer, :meth:`tokens`)."""
 
     recorder: str
     layers: tuple[str, ...]
@@ -48,6 +55,13 @@ class AttentionLayout:
     segment: tuple[int, int]
     renormalise: bool = False
     segment_name: str = "CLIP"
+    tokenize: Callable[[str], PromptTokens] | None = None
+
+    def tokens(self, prompt: str) -> PromptTokens:
+        """The words of ``prompt`` and their token positions within the segment."""
+        if self.tokenize is not None:
+            return self.tokenize(prompt)
+        return prompt_tokens(self.tokenizer, prompt, self.max_length)
 
 
 _RECORDERS: dict[str, type] = {}

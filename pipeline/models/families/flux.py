@@ -151,7 +151,10 @@ class FluxJointRecorder:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        self.cap._record_joint(self.name, query.transpose(1, 2), key.transpose(1, 2), n_image=n_image, text_first=True)
+        L = query.shape[1]
+        self.cap._record_joint(
+            self.name, query.transpose(1, 2), key.transpose(1, 2), image=(L - n_image, L), text=(0, L - n_image)
+        )
         hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:

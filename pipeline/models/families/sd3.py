@@ -102,7 +102,8 @@ class SD3JointRecorder:
                 torch.cat([key, ck], dim=2),
                 torch.cat([value, cv], dim=2),
             )
-            self.cap._record_joint(self.name, query, key, n_image=residual.shape[1], text_first=False)
+            n = residual.shape[1]
+            self.cap._record_joint(self.name, query, key, image=(0, n), text=(n, query.shape[2]))
         hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:

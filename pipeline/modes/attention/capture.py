@@ -42,7 +42,6 @@ import torch.nn.functional as F
 
 from pipeline.models.attention import layer_grid
 from pipeline.models.families import recorder_class
-from pipeline.modes.attention.tokens import prompt_tokens
 
 __all__ = ["AttentionCapture", "capture", "layer_grid", "joint_segment_maps"]
 
@@ -52,37 +51,45 @@ _CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk of query rows in joint at
 def joint_segment_maps(
     query: torch.Tensor,
     key: torch.Tensor,
-    n_image: int,
-    text_first: bool,
+    image: tuple[int, int],
+    text: tuple[int, int],
     segment: tuple[int, int],
     valid: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image-query rows of one joint attention: per-token maps of a text segment and the text share.
 
-    ``query``, ``key``: (n, heads, L, d) with L = n_image + n_text, ordered [text; image] if ``text_first`` else
-    [image; text]. ``segment``: (start, stop) within the text tokens; ``valid``: (n, stop − start) bool, the
-    segment's non-padding tokens (all if None). Returns float32 ``maps`` (n, n_image, S) — the head-averaged
-    softmax over *all* keys restricted to the segment, renormalised to sum to 1 over its valid tokens —,
-    ``share`` (n, n_image) — the head-averaged mass on all text keys — and the largest |row sum − 1| seen (a
-    0-d tensor on the device: reading it would wait for the GPU).
+    ``query``, ``key``: (n, heads, L, d), the image tokens at ``image`` = (start, stop) of the sequence and the
+    text tokens at ``text`` (SD3: [image; text]; Flux: [text; image]; others mix more parts). ``segment``:
+    (start, stop) within the text tokens; ``valid``: (n, stop − start) bool, the segment's non-padding tokens (all
+    if None); ``key_mask``: (n, L) bool, the keys the model's own softmax attends to (its attention mask; None:
+    all). Returns float32 ``maps`` (n, n_image, S) — the head-averaged softmax over the attended keys restricted
+    to the segment, renormalised to sum to 1 over its valid tokens —, ``share`` (n, n_image) — the head-averaged
+    mass on all text keys — and the largest |row sum − 1| seen (a 0-d tensor on the device: reading it would
+    wait for the GPU).
     """
     n, heads, L, d = query.shape
-    n_text = L - n_image
-    rows = slice(n_text, L) if text_first else slice(0, n_image)
-    t0 = 0 if text_first else n_image
+    (i0, i1), (t0, t1) = image, text
+    n_image = i1 - i0
     seg = slice(t0 + segment[0], t0 + segment[1])
     S = segment[1] - segment[0]
     k = key.float()
+    bias = None
+    if key_mask is not None:  # masked keys: -inf logits, as the model's boolean SDPA mask
+        bias = torch.zeros(key_mask.shape, device=query.device).masked_fill_(~key_mask.bool(), float("-inf"))
+        bias = bias[:, None, None, :]
     maps = query.new_empty((n, n_image, S), dtype=torch.float32)
     share = query.new_empty((n, n_image), dtype=torch.float32)
     chunk = max(1, _CHUNK_BYTES // (4 * n * heads * L))
     err = torch.zeros((), device=query.device)
-    q_img = query[:, :, rows]
+    q_img = query[:, :, i0:i1]
     for r0 in range(0, n_image, chunk):
         r1 = min(n_image, r0 + chunk)
-        probs = (torch.matmul(q_img[:, :, r0:r1].float(), k.transpose(-1, -2)) / math.sqrt(d)).softmax(-1)
+        logits = torch.matmul(q_img[:, :, r0:r1].float(), k.transpose(-1, -2)) / math.sqrt(d)
+        probs = (logits if bias is None else logits + bias).softmax(-1)
+        del logits
         err = torch.maximum(err, (probs.sum(-1) - 1).abs().max())
-        share[:, r0:r1] = probs[..., t0 : t0 + n_text].sum(-1).mean(1)
+        share[:, r0:r1] = probs[..., t0:t1].sum(-1).mean(1)
         maps[:, r0:r1] = probs[..., seg].mean(1)
         del probs
     if valid is not None:
@@ -191,15 +198,25 @@ class AttentionCapture:
         self._error((p.sum(-1) - 1).abs().max())
         self._add(layer_grid(hw, self.layout.grid), p.mean(1))  # UNet layers: the grid halved k times
 
-    def _record_joint(self, name: str, query: torch.Tensor, key: torch.Tensor, n_image: int, text_first: bool) -> None:
+    def _record_joint(
+        self,
+        name: str,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        image: tuple[int, int],
+        text: tuple[int, int],
+        key_mask: torch.Tensor | None = None,
+    ) -> None:
         q, k = self._cond(query), self._cond(key)
+        key_mask = None if key_mask is None else self._cond(key_mask)
         if self._valid is None and self.valid_tokens is not None:
             S = self.layout.segment[1] - self.layout.segment[0]
             self._valid = (
                 torch.arange(S, device=q.device)[None, :] < torch.tensor(self.valid_tokens, device=q.device)[:, None]
             )
-        maps, share, err = joint_segment_maps(q, k, n_image, text_first, self.layout.segment, self._valid)
+        maps, share, err = joint_segment_maps(q, k, image, text, self.layout.segment, self._valid, key_mask)
         self._error(err)
+        n_image = image[1] - image[0]
         if n_image != self.n_image_tokens:
             raise ValueError(f"Expected {self.layout.grid} image tokens in {name}, got {n_image}")
         share = share.mean(1)
@@ -260,7 +277,7 @@ def capture(
     layout = model.attention_layout(height, width)
     latent_hw = tuple(model.latent_shape(height, width)[1:])
     if valid_tokens is None and prompts is not None:
-        valid_tokens = [prompt_tokens(layout.tokenizer, p, layout.max_length).num_tokens for p in prompts]
+        valid_tokens = [layout.tokens(p).num_tokens for p in prompts]
     if layout.renormalise and valid_tokens is None:
         raise ValueError(
             f"{type(model.pipe).__name__}: joint-attention maps are renormalised over each prompt's "

