@@ -248,7 +248,7 @@ def test_sd2_style_linear_projection_unet_is_captured():
     with AttentionCapture(unet, layout, (6, 10), {0}) as cap:
         captured = unet(x, t, encoder_hidden_states=text).sample
     assert torch.allclose(plain, captured, atol=1e-5)
-    assert set(cap.sums) == {(6, 10), (3, 5)} and cap.aggregate().shape == (2, 7, 6, 10)
+    assert set(cap.sums["probs"]) == {(6, 10), (3, 5)} and cap.aggregate().shape == (2, 7, 6, 10)
     assert layer_grid(4 * 3, (7, 5)) == (4, 3)  # odd sizes: padded convs round up
     assert spatial_entropy(torch.ones(4, 4)) == pytest.approx(1.0)
 
@@ -434,3 +434,54 @@ def test_snapshot_steps_out_of_range_fail_before_any_work(tmp_path):
     )
     with pytest.raises(UserError, match=r"mode.attention.steps=\[5, 15\]: .* 0..9"):
         run_pipeline(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd35", "flux"])
+def test_concepts_leave_the_image_unchanged_and_follow_the_blocks_own_text_path(family, family_paths, tmp_path):
+    """ConceptAttention: with concepts the generated image is identical (the image never sees them), output-space
+    maps are a softmax over the concepts, the probability maps do not change; and one block's concept step equals
+    that block's own forward with the concepts as its text stream (the image half of that call discarded)."""
+    path = family_paths[family] if family in family_paths else tiny_family(family, tmp_path / family)
+    model = ModelAdapter(_load(path))
+    h, w = _size(model)
+    cond = model.condition(2, 4.0, h, w, prompts=PROMPTS)
+    words = ["circle", "square", "triangle"]
+    with torch.no_grad():
+        with capture(model, h, w, {1}, cfg=cond.cfg, prompts=PROMPTS) as plain:
+            a = sample(model, model.pipe.scheduler, cond, generators(0, [0, 1]), 3, h, w)
+        with capture(model, h, w, {1}, cfg=cond.cfg, prompts=PROMPTS, concepts=words) as cap:
+            b = sample(model, model.pipe.scheduler, cond, generators(0, [0, 1]), 3, h, w)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(cap.aggregate(), plain.aggregate(), atol=0, rtol=0)
+    out = cap.aggregate("output")
+    assert out.shape == (2, len(words), *model.latent_shape(h, w)[1:])
+    torch.testing.assert_close(out.sum(1), torch.ones_like(out[:, 0]), atol=1e-5, rtol=0)
+    # one block by hand: the block's own forward with encoder_hidden_states := the concept tokens
+    layout = model.attention_layout(h, w)
+    block = model.denoiser.get_submodule(layout.concepts.blocks[0])
+    attn, g = block.attn, torch.Generator().manual_seed(0)
+    dim = attn.query_dim if hasattr(attn, "query_dim") else attn.to_q.in_features
+    x, c, temb = (torch.randn(*s, generator=g) for s in ((1, 16, dim), (1, len(words), dim), (1, dim)))
+    with torch.no_grad():
+        kw = {}
+        if family == "flux":  # rotary over [concepts at text position 0; image tokens]
+            ids = torch.cat([torch.zeros(len(words), 3), model.pipe._prepare_latent_image_ids(1, 4, 4, "cpu", x.dtype)])
+            kw["image_rotary_emb"] = model.denoiser.pos_embed(ids)
+        c_ref, _ = block(hidden_states=x, encoder_hidden_states=c, temb=temb, **kw)
+        norm_x = block.norm1(x, emb=temb)[0]
+        heads = attn.heads
+        k, v = (p(norm_x).view(1, 16, heads, -1).transpose(1, 2) for p in (attn.to_k, attn.to_v))
+        k = k if attn.norm_k is None else attn.norm_k(k)
+        if family == "flux":
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            cos, sin = kw["image_rotary_emb"]
+            rot = (cos[len(words) :], sin[len(words) :])
+            k = apply_rotary_emb(k.transpose(1, 2), rot, sequence_dim=1).transpose(1, 2)
+        c_ours, o = layout.concepts.step(block, c, k, v, {"temb": temb})
+        pre_only = getattr(block, "context_pre_only", False)
+        norm_c = block.norm1_context(c, temb) if pre_only else block.norm1_context(c, emb=temb)[0]
+        _, ctx = attn(hidden_states=norm_x, encoder_hidden_states=norm_c, **kw)  # the stock processor
+    torch.testing.assert_close(ctx, o if pre_only else attn.to_add_out(o), atol=1e-5, rtol=1e-5)
+    if not pre_only:
+        torch.testing.assert_close(c_ours, c_ref, atol=1e-5, rtol=1e-5)

@@ -15,7 +15,7 @@ from tiny import NEW_FAMILY_NAMES, tiny_family, tiny_spec
 from pipeline.models.adapter import ModelAdapter
 from pipeline.models.families import FAMILIES
 from pipeline.models.generation import generators, sample
-from pipeline.modes.attention import capture
+from pipeline.modes.attention import attention_processors, capture
 
 PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle on the left"]
 GUIDANCE = 4.0
@@ -57,12 +57,12 @@ def _captured(model, h, w, prompts, seeds):
 def test_capture_is_exact_restores_and_keeps_batch_and_cfg_conventions(name, model_of):
     model = model_of(name)
     h, w = _size(name, model)
-    originals = {k: type(v) for k, v in model.denoiser.attn_processors.items()}
+    originals = {k: type(v) for k, v in attention_processors(model.denoiser).items()}
     cond = model.condition(2, GUIDANCE, h, w, prompts=PROMPTS)
     plain = sample(model, model.pipe.scheduler, cond, generators(0, [0, 1]), 3, h, w)
     images, cap, toks = _captured(model, h, w, PROMPTS, [0, 1])
     torch.testing.assert_close(images, plain, atol=1e-5, rtol=0)  # the recorders are the family's own algorithm
-    assert {k: type(v) for k, v in model.denoiser.attn_processors.items()} == originals
+    assert {k: type(v) for k, v in attention_processors(model.denoiser).items()} == originals
     assert cap.max_row_sum_error < 1e-5
     agg = cap.aggregate()
     assert agg.dtype == torch.float32 and tuple(agg.shape[2:]) == tuple(model.latent_shape(h, w)[1:])

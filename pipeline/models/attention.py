@@ -11,6 +11,11 @@ capture, or the zoo training's grounding loss) through a small protocol:
   (None: all) — the family's own attention mask, so padding it masks gets no mass in the maps either;
 * ``sink.n_image_tokens``: image tokens of a single-stream joint block (its one sequence mixes text and image).
 
+* ``sink.wants_output`` / ``sink._record_image_output(name, key, value, out)``: when output-space concept maps are
+  wanted, a joint recorder also hands over its image rows' key and value (n, heads, HW, d) and the attention output
+  (n, HW, heads·d) before the output projection; the family's :class:`ConceptStream` step then runs the concept
+  tokens through the rest of that block.
+
 Recorders are chosen by ``AttentionLayout.recorder`` (a kind: ``cross`` here; each joint-attention family registers
 its own copy of its processor with :func:`register_recorder`).
 """
@@ -27,12 +32,33 @@ from pipeline.models.tokens import PromptTokens, prompt_tokens
 
 __all__ = [
     "AttentionLayout",
+    "ConceptStream",
+    "attention_processors",
+    "set_attention_processors",
     "CrossAttentionRecorder",
     "cross_attention_layers",
     "layer_grid",
     "recorder_class",
     "register_recorder",
 ]
+
+
+@dataclass(frozen=True)
+class ConceptStream:
+    """How concept tokens ride along a family's joint blocks (ConceptAttention, Helbling et al., ICML 2025).
+
+    ``blocks``: module names of the joint blocks with a separate text stream, in forward order; ``attention``: the
+    block's joint attention attribute (its processor is ``<block>.<attention>.processor``, a recorded layer);
+    ``step(block, c, key, value, kwargs) -> (c_next, out)``: the block's text-stream path applied to the concept
+    tokens ``c`` (n, C, D) — its modulation from ``kwargs`` (the block's own call, conditional half), the text
+    stream's projections, attention of the concept queries over [image keys; concept keys] (``key``/``value``:
+    the image rows the block's attention just used), its output projection and MLP — returning the next concept
+    state and the concepts' attention output (n, C, heads·d) before the output projection. The image tokens never
+    see the concepts (the block's own call is untouched)."""
+
+    blocks: tuple[str, ...]
+    step: Callable
+    attention: str = "attn"
 
 
 @dataclass(frozen=True)
@@ -56,6 +82,7 @@ class AttentionLayout:
     renormalise: bool = False
     segment_name: str = "CLIP"
     tokenize: Callable[[str], PromptTokens] | None = None
+    concepts: ConceptStream | None = None  # joint families whose text stream can carry concept tokens
 
     def tokens(self, prompt: str) -> PromptTokens:
         """The words of ``prompt`` and their token positions within the segment."""
@@ -92,6 +119,27 @@ def layer_grid(hw: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
         if h * w == hw:
             return h, w
     raise ValueError(f"Expected a layer of (latent / 2^k) tokens for latent {latent_hw}, got {hw} tokens")
+
+
+def attention_processors(denoiser) -> dict:
+    """{``<module>.processor``: processor} of every attention layer: diffusers' ``attn_processors`` where the model
+    has it (``AttentionMixin``), else every module with ``get_processor`` (e.g. HiDream's transformer)."""
+    if hasattr(denoiser, "attn_processors"):
+        return dict(denoiser.attn_processors)
+    return {
+        f"{name}.processor": m.get_processor() for name, m in denoiser.named_modules() if hasattr(m, "get_processor")
+    }
+
+
+def set_attention_processors(denoiser, processors: dict) -> None:
+    """Install ``processors`` (keys as :func:`attention_processors`), through diffusers' own ``set_attn_processor``
+    where the model has it."""
+    if hasattr(denoiser, "set_attn_processor"):
+        denoiser.set_attn_processor(dict(processors))
+        return
+    modules = dict(denoiser.named_modules())
+    for key, proc in processors.items():
+        modules[key.removesuffix(".processor")].set_processor(proc)
 
 
 def cross_attention_layers(denoiser) -> list[str]:

@@ -275,6 +275,23 @@ class FamilyDriver:
             f"({self.family.name}) is {kind}, so there are no prompt tokens to map"
         )
 
+    def concept_tokens(self, words: list[str]) -> torch.Tensor:
+        """(C, D): one token per concept word at the first joint block's text-stream input (families whose
+        ``attention_layout`` declares a :class:`~pipeline.models.attention.ConceptStream`)."""
+        raise UserError(f"{type(self.pipe).__name__} ({self.family.name}) has no concept stream for output-space maps")
+
+    def _concept_segment_mean(self, words: list[str], embeds: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        """Per word: the mean of the encoder output over its tokens in the layout's segment, each word encoded
+        alone (``embeds``: (C, L, D_text) from the pipeline's own ``encode_prompt``)."""
+        rows = []
+        for i, word in enumerate(words):
+            tok = layout.tokens(word)
+            if not tok.positions:
+                raise UserError(f"concept {word!r}: no token of it fits the {layout.segment_name} segment")
+            pos = [layout.segment[0] + j for p in tok.positions for j in p]
+            rows.append(embeds[i, pos].mean(0))
+        return torch.stack(rows)
+
 
 def image_tokens(height: int, width: int, step: int) -> int:
     """Image tokens of a ``height x width`` image at ``step`` pixels per token along each side."""

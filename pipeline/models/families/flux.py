@@ -13,7 +13,7 @@ import re
 import numpy as np
 import torch
 
-from pipeline.models.attention import AttentionLayout, register_recorder
+from pipeline.models.attention import AttentionLayout, ConceptStream, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.flow_shift import shift_mu, uses_dynamic_shift
 
@@ -119,7 +119,42 @@ class Flux(FamilyDriver):
             if re.fullmatch(r"(single_)?transformer_blocks\.\d+\.attn\.processor", k)
         )
         t5 = int(call_default(self.pipe.__call__, "max_sequence_length", 512))
-        return AttentionLayout("flux", layers, (h // 2, w // 2), self.pipe.tokenizer_2, t5, (0, t5), True, "T5")
+        double = tuple(k.removesuffix(".attn.processor") for k in layers if k.startswith("transformer_blocks."))
+        concepts = ConceptStream(double, flux_concept_step)
+        return AttentionLayout(
+            "flux", layers, (h // 2, w // 2), self.pipe.tokenizer_2, t5, (0, t5), True, "T5", None, concepts
+        )
+
+    def concept_tokens(self, words: list[str]) -> torch.Tensor:
+        """Each concept word encoded alone by the pipeline's own ``encode_prompt`` (T5); its tokens averaged; the
+        transformer's ``context_embedder`` applied. Concept tokens sit at text position 0 (Flux.1's ``txt_ids``
+        are zeros: no rotation)."""
+        h, w = self.native_size()
+        embeds = self.encode(words, False, 1.0, h, w)["encoder_hidden_states"]
+        mean = self._concept_segment_mean(words, embeds, self.attention_layout(h, w))
+        return self.denoiser.context_embedder(mean.to(self.denoiser.dtype))
+
+
+def flux_concept_step(block, c, key, value, kwargs):
+    """Flux's double-stream ``FluxTransformerBlock`` (diffusers 0.42) text-stream path applied to concept tokens:
+    AdaLN-Zero by ``temb``, the added projections and q/k RMS norms (no rotation: text position 0), attention over
+    [image; concepts], ``to_add_out``, gate, context MLP (fp16 clipped as the block does). Single-stream blocks share
+    one set of weights for text and image and are not used for concepts (ConceptAttention uses the MM-attention
+    blocks)."""
+    temb, attn = kwargs["temb"], block.attn
+    norm_c, g_msa, shift, scale, g_mlp = block.norm1_context(c, emb=temb)
+    cq, ck, cv = (
+        proj(norm_c).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+    )
+    cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+    cq, ck, cv = (t.transpose(1, 2) for t in (cq, ck, cv))
+    out = torch.nn.functional.scaled_dot_product_attention(cq, torch.cat([key, ck], 2), torch.cat([value, cv], 2))
+    out = out.transpose(1, 2).flatten(2).to(cq.dtype)
+    c = c + g_msa.unsqueeze(1) * attn.to_add_out(out)
+    c = c + g_mlp.unsqueeze(1) * block.ff_context(block.norm2_context(c) * (1 + scale[:, None]) + shift[:, None])
+    if c.dtype == torch.float16:
+        c = c.clip(-65504, 65504)
+    return c, out
 
 
 @register_recorder("flux")
@@ -157,6 +192,11 @@ class FluxJointRecorder:
         )
         hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None and self.cap.wants_output:  # double-stream: image rows after text
+            t = L - n_image
+            self.cap._record_image_output(
+                self.name, key[:, t:].transpose(1, 2), value[:, t:].transpose(1, 2), hidden_states[:, t:]
+            )
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1

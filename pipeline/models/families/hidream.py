@@ -21,25 +21,42 @@ mode cannot see.
 
 Sizes: the pipeline rescales any requested height × width to the area of its default (128·vae_scale)², so only that
 native size is drawn here (``fixed_size``; other sizes are refused up front rather than silently resized). Decode:
-``z / scaling_factor + shift_factor``. Modes: metrics, schedule, latent; attention is not implemented yet (refused).
+``z / scaling_factor + shift_factor``. Modes: metrics, schedule, latent, attention.
+
+Attention (:class:`HiDreamJointRecorder`; ``HiDreamImageTransformer2DModel`` has no ``AttentionMixin``, so the
+capture finds its layers by ``get_processor``): joint attention in every double- and single-stream block over
+[image; T5; Llama (last of ``llama_layers``); Llama (the block's own layer)] — the transformer's text is T5 and the
+last Llama layer carried through the double-stream blocks, plus a fresh Llama layer appended per block. The maps
+come from the **T5** segment (0, T5 length) of the text: it is the one text segment that sits at the same place in
+every block (the per-block Llama layers are different hidden layers of Llama 3.1), it is the encoder SD3 and Flux
+maps come from (the families compare), and the T5 tokenizer adds no chat template or BOS (words map directly). The
+transformer gets no text mask (every padding token is attended: ``key_mask`` None); maps are renormalised over the
+prompt's real T5 tokens, as SD3's. Non-square latents, which the transformer pads to ``max_seq`` image tokens, are
+refused (the pipeline draws only its square native size here anyway).
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
+import torch.nn.functional as F
 
 from pipeline.errors import UserError
+from pipeline.models.attention import AttentionLayout, attention_processors, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.flow_shift import uses_dynamic_shift
 
-__all__ = ["HiDreamImage"]
+__all__ = ["HiDreamImage", "HiDreamJointRecorder"]
 
 DEFAULT_SAMPLE_SIZE = 128  # HiDreamImagePipeline.default_sample_size (latent pixels)
 
 
 @register("HiDreamImagePipeline")
 class HiDreamImage(FamilyDriver):
-    family = Family("hidream", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "latent"))
+    family = Family(
+        "hidream", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "latent", "attention")
+    )
     fixed_size = True  # the pipeline resizes every request to its native area
 
     @classmethod
@@ -114,8 +131,75 @@ class HiDreamImage(FamilyDriver):
         scale, _, _, _ = super().latent_factors()
         return scale, float(getattr(self.model.vae.config, "shift_factor", None) or 0.0), None, None
 
-    def attention_layout(self, height, width):
-        raise UserError(
-            f"mode=[attention]: {type(self.pipe).__name__} (hidream) is not supported yet: its attention over "
-            "[image; T5; Llama] has no recorder"
+    def attention_layout(self, height, width) -> AttentionLayout:
+        """Joint attention [image; T5; Llama; Llama] in the double- and single-stream blocks; the maps' segment is
+        T5 (0, min(max_sequence_length, tokenizer_3.model_max_length)) — module docstring."""
+        _, h, w = self.latent_shape(height, width)
+        p = int(self.denoiser.config.patch_size)
+        if h != w:
+            raise UserError(
+                f"mode=[attention]: {type(self.denoiser).__name__} pads non-square latents ({h}x{w}) to max_seq image "
+                "tokens (zeroed keys, not masked ones); only its square native size is supported"
+            )
+        layers = tuple(
+            k
+            for k in attention_processors(self.denoiser)
+            if re.fullmatch(r"(double|single)_stream_blocks\.\d+\.block\.attn1\.processor", k)
         )
+        tok = self.pipe.tokenizer_3
+        t5 = min(int(call_default(self.pipe.__call__, "max_sequence_length", 128)), int(tok.model_max_length))
+        return AttentionLayout("hidream", layers, (h // p, w // p), tok, t5, (0, t5), True, "T5")
+
+
+@register_recorder("hidream")
+class HiDreamJointRecorder:
+    """HiDream's ``HiDreamAttnProcessor`` (diffusers 0.42), step for step, recording the joint softmax's image rows.
+    Double-stream blocks: [image; text] from the two projections; single-stream blocks: one sequence whose first
+    ``n_image_tokens`` are the image. RMS q/k norms before the heads split, keys times the image-token mask when the
+    transformer pads the image (never at a square size), RoPE (HiDream's ``apply_rope``, on the whole head or its
+    first half) on every token; no attention mask."""
+
+    def __init__(self, cap, name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(
+        self, attn, hidden_states, hidden_states_masks=None, encoder_hidden_states=None, image_rotary_emb=None, **kw
+    ):
+        from diffusers.models.transformers.transformer_hidream_image import apply_rope
+
+        dtype, b = hidden_states.dtype, hidden_states.shape[0]
+        query_i = attn.q_rms_norm(attn.to_q(hidden_states)).to(dtype=dtype)
+        key_i = attn.k_rms_norm(attn.to_k(hidden_states)).to(dtype=dtype)
+        value_i = attn.to_v(hidden_states)
+        head_dim = key_i.shape[-1] // attn.heads
+        query_i, key_i, value_i = (t.view(b, -1, attn.heads, head_dim) for t in (query_i, key_i, value_i))
+        if hidden_states_masks is not None:
+            key_i = key_i * hidden_states_masks.view(b, -1, 1, 1)
+        if not attn.single:
+            query_t = attn.q_rms_norm_t(attn.to_q_t(encoder_hidden_states)).to(dtype=dtype)
+            key_t = attn.k_rms_norm_t(attn.to_k_t(encoder_hidden_states)).to(dtype=dtype)
+            value_t = attn.to_v_t(encoder_hidden_states)
+            query_t, key_t, value_t = (t.view(b, -1, attn.heads, head_dim) for t in (query_t, key_t, value_t))
+            n_image, n_text = query_i.shape[1], query_t.shape[1]
+            query = torch.cat([query_i, query_t], dim=1)
+            key = torch.cat([key_i, key_t], dim=1)
+            value = torch.cat([value_i, value_t], dim=1)
+        else:
+            n_image = self.cap.n_image_tokens  # [image; T5; Llama; Llama] in one sequence
+            query, key, value = query_i, key_i, value_i
+        if query.shape[-1] == image_rotary_emb.shape[-3] * 2:
+            query, key = apply_rope(query, key, image_rotary_emb)
+        else:
+            query_1, query_2 = query.chunk(2, dim=-1)
+            key_1, key_2 = key.chunk(2, dim=-1)
+            query_1, key_1 = apply_rope(query_1, key_1, image_rotary_emb)
+            query = torch.cat([query_1, query_2], dim=-1)
+            key = torch.cat([key_1, key_2], dim=-1)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (n, heads, L, d)
+        self.cap._record_joint(self.name, query, key, image=(0, n_image), text=(n_image, query.shape[2]))
+        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+        if not attn.single:
+            hidden_states_i, hidden_states_t = torch.split(hidden_states, [n_image, n_text], dim=1)
+            return attn.to_out(hidden_states_i), attn.to_out_t(hidden_states_t)
+        return attn.to_out(hidden_states)

@@ -25,21 +25,34 @@ Refused: g ≠ 1 on a base model saved without guiders (its pipeline ignores any
 ``use_dynamic_shifting`` (the pipeline passes σ's without ``mu``: its own call fails); guided denoiser calls outside
 the solver loop (the guider's step index and MeanFlow's next timestep exist only there — the latent mode's
 inversion uses conditions without CFG, so only MeanFlow models are refused there, up front:
-:meth:`latent_part_refusal`). Attention maps: not yet.
+:meth:`latent_part_refusal`).
+
+Attention (:class:`HunyuanImageJointRecorder`): joint attention over [image; text] in every double- and
+single-stream block (the refiner's text self-attention is not recorded). Text = the refined Qwen2.5-VL tokens (the
+chat template's first 34 tokens dropped, 1000 slots) — and, on a transformer with a ByT5 projection
+(``context_embedder_2``), the glyph tokens, which the transformer sorts as [valid ByT5; valid Qwen; padding ByT5;
+padding Qwen]. The maps come from the Qwen segment (0, 1000) of the text, only the user's prompt's tokens mapping
+to words (template excluded); the model's boolean mask (image and valid text keys) is the keys' mask. Without glyph
+text the valid Qwen tokens sit at text positions 0..m-1, as the segment says; a prompt *with* quoted (glyph) text
+on a transformer with a ByT5 projection is refused up front: its valid Qwen tokens then sit after a per-sample
+number of glyph tokens, which a fixed segment cannot express.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
 
 from pipeline.errors import UserError
+from pipeline.models.attention import AttentionLayout, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, register
+from pipeline.models.tokens import PromptTokens, prompt_tokens
 
-__all__ = ["HunyuanImage"]
+__all__ = ["HunyuanImage", "HunyuanImageJointRecorder"]
 
 COND_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2", "encoder_attention_mask_2")
 
@@ -57,7 +70,9 @@ def _quiet():
 
 @register("HunyuanImagePipeline")
 class HunyuanImage(FamilyDriver):
-    family = Family("hunyuanimage", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "latent"))
+    family = Family(
+        "hunyuanimage", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "attention", "latent")
+    )
 
     # ------------------------------------------------------------------ geometry
     @classmethod
@@ -211,3 +226,119 @@ class HunyuanImage(FamilyDriver):
 
     def prediction(self, out):
         return out  # velocity, no learned σ
+
+    # ------------------------------------------------------------------ attention
+    def attention_layout(self, height, width) -> AttentionLayout:
+        """Joint attention [image; text] in the double- and single-stream blocks; the maps' segment is the Qwen2.5-VL
+        tokens (0, ``tokenizer_max_length``) of the text, tokenized in the pipeline's chat template with its first
+        ``prompt_template_encode_start_idx`` tokens dropped (module docstring)."""
+        pipe = self.pipe
+        _, h, w = self.latent_shape(height, width)
+        ph, pw = (int(p) for p in self.denoiser.config.patch_size[-2:])
+        layers = tuple(
+            k
+            for k in self.denoiser.attn_processors
+            if re.fullmatch(r"(single_)?transformer_blocks\.\d+\.attn\.processor", k)
+        )
+        n = int(pipe.tokenizer_max_length)
+        template, drop = pipe.prompt_template_encode, int(pipe.prompt_template_encode_start_idx)
+        glyph_stream = getattr(self.denoiser, "context_embedder_2", None) is not None
+
+        def tokenize(prompt: str) -> PromptTokens:
+            from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
+
+            if glyph_stream and extract_glyph_text(prompt) is not None:
+                raise UserError(
+                    f"mode=[attention]: {type(pipe).__name__}: the prompt {prompt!r} has quoted (glyph) text, and "
+                    f"{type(self.denoiser).__name__} puts its ByT5 tokens before the Qwen2.5-VL tokens (a per-sample "
+                    "offset the attention maps' fixed token segment cannot express); drop the quotes"
+                )
+            return prompt_tokens(pipe.tokenizer, prompt, n, template=template, drop=drop)
+
+        return AttentionLayout(
+            "hunyuanimage", layers, (h // ph, w // pw), pipe.tokenizer, n, (0, n), True, "Qwen2.5-VL", tokenize
+        )
+
+
+@register_recorder("hunyuanimage")
+class HunyuanImageJointRecorder:
+    """HunyuanImage's ``HunyuanImageAttnProcessor`` (diffusers 0.42), step for step, recording the joint softmax's
+    image rows. Order [image; text] in both kinds of block: double-stream blocks project the text with ``add_*_proj``
+    (after the image's RoPE), single-stream blocks hand image and text apart and the processor concatenates them (RoPE
+    on the image part only). ``key_mask``: the model's boolean mask (n, 1, 1, L) — image and valid text keys."""
+
+    def __init__(self, cap, name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        n_image = hidden_states.shape[1]
+        single = attn.add_q_proj is None and encoder_hidden_states is not None
+        if single:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        # 1-2. projections, heads, q/k norms
+        query, key, value = (p(hidden_states).unflatten(2, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        # 3. RoPE on the image tokens
+        if image_rotary_emb is not None:
+            if single:
+                n_text = encoder_hidden_states.shape[1]
+                query, key = (
+                    torch.cat([apply_rotary_emb(t[:, :-n_text], image_rotary_emb, sequence_dim=1), t[:, -n_text:]], 1)
+                    for t in (query, key)
+                )
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        # 4. the text stream of a double-stream block, appended after the image tokens
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            eq, ek, ev = (
+                p(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+                for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query, key, value = torch.cat([query, eq], 1), torch.cat([key, ek], 1), torch.cat([value, ev], 1)
+        if encoder_hidden_states is not None:
+            n, L = query.shape[:2]
+            key_mask = None
+            if attention_mask is not None:
+                if (
+                    attention_mask.dtype != torch.bool
+                    or attention_mask.shape[-1] != L
+                    or attention_mask[0].numel() != L
+                ):
+                    raise ValueError(
+                        f"Expected HunyuanImage's boolean (n, 1, 1, {L}) key mask in {self.name}, got "
+                        f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
+                    )
+                key_mask = attention_mask.reshape(-1, L).expand(n, L)
+            self.cap._record_joint(
+                self.name,
+                query.transpose(1, 2),
+                key.transpose(1, 2),
+                image=(0, n_image),
+                text=(n_image, L),
+                key_mask=key_mask,
+            )
+        # 5. attention: the stock dispatch on the stock Q, K, V
+        hidden_states = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        # 6. output projections
+        if encoder_hidden_states is not None:
+            n_text = encoder_hidden_states.shape[1]
+            hidden_states, encoder_hidden_states = hidden_states[:, :-n_text], hidden_states[:, -n_text:]
+            if getattr(attn, "to_out", None) is not None:
+                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+            if getattr(attn, "to_add_out", None) is not None:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states

@@ -12,7 +12,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.attention import AttentionLayout, register_recorder
+from pipeline.models.attention import AttentionLayout, ConceptStream, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 
 __all__ = ["StableDiffusion3", "SD3JointRecorder"]
@@ -66,9 +66,51 @@ class StableDiffusion3(FamilyDriver):
         )
         clip = int(pipe.tokenizer_max_length)
         t5 = int(call_default(pipe.__call__, "max_sequence_length", 256))
+        blocks = tuple(k.removesuffix(".attn.processor") for k in layers)
+        concepts = ConceptStream(blocks, sd3_concept_step)
         if getattr(pipe, "text_encoder_3", None) is not None:
-            return AttentionLayout("sd3", layers, (h // p, w // p), pipe.tokenizer_3, t5, (clip, clip + t5), True, "T5")
-        return AttentionLayout("sd3", layers, (h // p, w // p), pipe.tokenizer, clip, (0, clip), True, "CLIP-L")
+            return AttentionLayout(
+                "sd3", layers, (h // p, w // p), pipe.tokenizer_3, t5, (clip, clip + t5), True, "T5", None, concepts
+            )
+        return AttentionLayout(
+            "sd3", layers, (h // p, w // p), pipe.tokenizer, clip, (0, clip), True, "CLIP-L", None, concepts
+        )
+
+    def concept_tokens(self, words: list[str]) -> torch.Tensor:
+        """Each concept word encoded alone by the pipeline's own ``encode_prompt``; its tokens in the maps' segment
+        (T5, else CLIP-L) averaged; the transformer's ``context_embedder`` applied (the text stream's input)."""
+        h, w = self.native_size()
+        embeds = self.encode(words, False, 1.0, h, w)["encoder_hidden_states"]
+        mean = self._concept_segment_mean(words, embeds, self.attention_layout(h, w))
+        return self.denoiser.context_embedder(mean.to(self.denoiser.dtype))
+
+
+def sd3_concept_step(block, c, key, value, kwargs):
+    """SD3's ``JointTransformerBlock`` (diffusers 0.42) text-stream path applied to concept tokens ``c``: AdaLN-Zero
+    modulation by ``temb`` (``AdaLayerNormContinuous`` in the last, context-pre-only block), the added q/k/v
+    projections and norms, attention over [image; concepts], ``to_add_out``, gate, then the context MLP."""
+    temb, attn = kwargs["temb"], block.attn
+    if block.context_pre_only:
+        norm_c = block.norm1_context(c, temb)
+    else:
+        norm_c, g_msa, shift, scale, g_mlp = block.norm1_context(c, emb=temb)
+    b, n_c, _ = norm_c.shape
+    d = key.shape[-1]
+    cq, ck, cv = (
+        proj(norm_c).view(b, n_c, attn.heads, d).transpose(1, 2)
+        for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+    )
+    if attn.norm_added_q is not None:
+        cq = attn.norm_added_q(cq)
+    if attn.norm_added_k is not None:
+        ck = attn.norm_added_k(ck)
+    out = F.scaled_dot_product_attention(cq, torch.cat([key, ck], 2), torch.cat([value, cv], 2))
+    out = out.transpose(1, 2).reshape(b, n_c, attn.heads * d).to(cq.dtype)
+    if block.context_pre_only:
+        return c, out
+    c = c + g_msa.unsqueeze(1) * attn.to_add_out(out)
+    c = c + g_mlp.unsqueeze(1) * block.ff_context(block.norm2_context(c) * (1 + scale[:, None]) + shift[:, None])
+    return c, out
 
 
 @register_recorder("sd3")
@@ -106,6 +148,9 @@ class SD3JointRecorder:
             self.cap._record_joint(self.name, query, key, image=(0, n), text=(n, query.shape[2]))
         hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None and self.cap.wants_output:
+            n = residual.shape[1]
+            self.cap._record_image_output(self.name, key[:, :, :n], value[:, :, :n], hidden_states[:, :n])
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = (
                 hidden_states[:, : residual.shape[1]],

@@ -8,11 +8,16 @@ recorders are the model adapter's (``attention_layout``; :mod:`pipeline.models.a
 ``CrossAttentionRecorder``, ``cross_attention_layers`` and ``layer_grid`` are re-exported here for the zoo.
 """
 
-from pipeline.models.attention import CrossAttentionRecorder, cross_attention_layers, layer_grid
-from pipeline.modes.attention.capture import AttentionCapture, capture, joint_segment_maps
+from pipeline.models.attention import CrossAttentionRecorder, attention_processors, cross_attention_layers, layer_grid
+from pipeline.modes.attention.capture import (
+    AttentionCapture,
+    capture,
+    joint_segment_maps,
+)
 
 __all__ = [
     "AttentionCapture",
+    "attention_processors",
     "CrossAttentionRecorder",
     "capture",
     "cross_attention_layers",

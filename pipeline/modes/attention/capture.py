@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.attention import layer_grid
+from pipeline.models.attention import attention_processors, layer_grid, set_attention_processors
 from pipeline.models.families import recorder_class
 
 __all__ = ["AttentionCapture", "capture", "layer_grid", "joint_segment_maps"]
@@ -99,7 +99,7 @@ def joint_segment_maps(
 
 
 class _Sum:
-    """Running float32 sum of head-averaged maps over layer calls, for one token grid."""
+    """Running float32 sum of maps over layer calls, for one token grid."""
 
     def __init__(self):
         self.maps: torch.Tensor | None = None  # (n, HW, S)
@@ -110,8 +110,17 @@ class _Sum:
         self.calls += 1
 
 
+KINDS = ("probs", "output")  # attention probabilities of the text segment; output-space concept maps
+
+
 class AttentionCapture:
-    """The recording state of one generation; use through :func:`capture`."""
+    """The recording state of one generation; use through :func:`capture`.
+
+    Two kinds of map, each summed per token grid (and per snapshot step): ``probs`` — the text segment's attention
+    probabilities (every family with attention) — and ``output`` — ConceptAttention's output-space concept maps
+    (joint-attention families that declare a concept stream, when ``concepts`` are given). ``keep``: per sample the
+    token positions (probs) whose maps are also kept per (layer, solver step), for the layer × step view; output
+    maps are kept per (layer, step) for every concept whenever ``keep`` is given."""
 
     def __init__(
         self,
@@ -122,26 +131,42 @@ class AttentionCapture:
         call_steps: Sequence[int] | None = None,
         cfg: bool = False,
         valid_tokens: Sequence[int] | None = None,
+        concepts: torch.Tensor | None = None,
+        keep: Sequence[Sequence[int]] | None = None,
     ):
         self.denoiser, self.layout, self.latent_hw = denoiser, layout, tuple(latent_hw)
         self.snapshot_steps, self.call_steps, self.cfg = set(snapshot_steps), call_steps, cfg
         self.valid_tokens = None if valid_tokens is None else list(valid_tokens)  # per sample: non-padding tokens
-        self.sums: dict[tuple[int, int], _Sum] = {}
-        self.snaps: dict[int, dict[tuple[int, int], _Sum]] = {}
+        self.sums: dict[str, dict[tuple[int, int], _Sum]] = {k: {} for k in KINDS}
+        self.snaps: dict[str, dict[int, dict[tuple[int, int], _Sum]]] = {k: {} for k in KINDS}
+        self.keep = None if keep is None else [list(k) for k in keep]
+        self.layer_step: dict[str, dict[tuple[str, int], list]] = {k: {} for k in KINDS}  # (layer, step) -> [sum, n]
         self._share_sum: torch.Tensor | None = None  # (n,) sum over joint-layer calls of the mean text share
         self._share_calls = 0
         self._row_error: torch.Tensor | None = None  # max |Σ_keys p − 1| so far, on the device (no GPU sync per layer)
         self._valid: torch.Tensor | None = None  # (n, S) bool on the device, built on the first joint layer
         self.calls = 0
         self.step = -1
+        # ConceptAttention: the concept tokens (C, D) at the first joint block, their state through this call
+        self.concepts = concepts
+        self._concept_state: torch.Tensor | None = None
+        self._block_kwargs: dict[str, dict] = {}
+        self._seen: dict[str, tuple] = {}
+        if concepts is not None and layout.concepts is None:
+            raise ValueError(f"{type(denoiser).__name__}: this family declares no concept stream (output-space maps)")
 
     @property
     def n_image_tokens(self) -> int:
         return self.layout.grid[0] * self.layout.grid[1]
 
+    @property
+    def wants_output(self) -> bool:
+        """Recorders hand the image rows' keys, values and attention output over (``_record_image_output``)."""
+        return self.concepts is not None
+
     # --- context manager ---------------------------------------------------------------------------------
     def __enter__(self) -> "AttentionCapture":
-        self._originals = dict(self.denoiser.attn_processors)
+        self._originals = attention_processors(self.denoiser)
         missing = [k for k in self.layout.layers if k not in self._originals]
         if not self.layout.layers or missing:
             raise ValueError(
@@ -150,15 +175,23 @@ class AttentionCapture:
             )
         recorder = recorder_class(self.layout.recorder)  # the family's copy of its own processor
         # set_attn_processor(dict) needs an entry for every layer: the others keep their own processor
-        self.denoiser.set_attn_processor(
-            {k: (recorder(self, k) if k in self.layout.layers else p) for k, p in self._originals.items()}
+        set_attention_processors(
+            self.denoiser,
+            {k: (recorder(self, k) if k in self.layout.layers else p) for k, p in self._originals.items()},
         )
-        self._hook = self.denoiser.register_forward_pre_hook(self._next_call)
+        self._hooks = [self.denoiser.register_forward_pre_hook(self._next_call)]
+        if self.concepts is not None:
+            modules = dict(self.denoiser.named_modules())
+            for name in self.layout.concepts.blocks:
+                block = modules[name]
+                self._hooks.append(block.register_forward_pre_hook(self._block_pre(name), with_kwargs=True))
+                self._hooks.append(block.register_forward_hook(self._block_post(name)))
         return self
 
     def __exit__(self, *exc) -> None:
-        self._hook.remove()
-        self.denoiser.set_attn_processor(self._originals)
+        for hook in self._hooks:
+            hook.remove()
+        set_attention_processors(self.denoiser, self._originals)
 
     def _next_call(self, module, args) -> None:
         if self.call_steps is not None and self.calls >= len(self.call_steps):
@@ -168,6 +201,7 @@ class AttentionCapture:
             )
         self.step = self.call_steps[self.calls] if self.call_steps is not None else self.calls
         self.calls += 1
+        self._concept_state = None  # each denoiser call starts the concepts afresh at the first block
 
     def _error(self, err: torch.Tensor) -> None:
         self._row_error = err.detach() if self._row_error is None else torch.maximum(self._row_error, err.detach())
@@ -179,24 +213,40 @@ class AttentionCapture:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the capture holds: running sums and snapshot sums (flat in the number of steps)."""
-        sums = [*self.sums.values(), *(s for step in self.snaps.values() for s in step.values())]
+        """Bytes the capture holds: running sums and snapshot sums (flat in the number of steps; the per
+        layer × step records, when kept, grow with steps by design)."""
+        sums = [
+            *(s for kind in self.sums.values() for s in kind.values()),
+            *(s for kind in self.snaps.values() for step in kind.values() for s in step.values()),
+        ]
         return sum(s.maps.numel() * s.maps.element_size() for s in sums if s.maps is not None)
 
     # --- recording ---------------------------------------------------------------------------------------
     def _cond(self, t: torch.Tensor) -> torch.Tensor:
         return t[t.shape[0] // 2 :] if self.cfg else t  # [uncond, cond] -> cond
 
-    def _add(self, grid: tuple[int, int], maps: torch.Tensor) -> None:
-        self.sums.setdefault(grid, _Sum()).add(maps)
+    def _add(self, kind: str, name: str, grid: tuple[int, int], maps: torch.Tensor) -> None:
+        self.sums[kind].setdefault(grid, _Sum()).add(maps)
         if self.step in self.snapshot_steps:
-            self.snaps.setdefault(self.step, {}).setdefault(grid, _Sum()).add(maps)
+            self.snaps[kind].setdefault(self.step, {}).setdefault(grid, _Sum()).add(maps)
+        if self.keep is not None:
+            if kind == "probs":  # the kept tokens only: (n, HW, K) per sample's own positions, padded
+                width = max((len(k) for k in self.keep), default=0)
+                kept = maps.new_zeros((maps.shape[0], maps.shape[1], width))
+                for i, pos in enumerate(self.keep):
+                    if pos:
+                        kept[i, :, : len(pos)] = maps[i][:, pos]
+                maps = kept
+            entry = self.layer_step[kind].setdefault((name, self.step), [None, 0, grid])
+            m = maps.to("cpu", torch.float16)
+            entry[0] = m.float() if entry[0] is None else entry[0] + m.float()
+            entry[1] += 1
 
     def _record_cross(self, name: str, probs: torch.Tensor, heads: int) -> None:
         bh, hw, t = probs.shape
         p = self._cond(probs.detach().reshape(bh // heads, heads, hw, t))
         self._error((p.sum(-1) - 1).abs().max())
-        self._add(layer_grid(hw, self.layout.grid), p.mean(1))  # UNet layers: the grid halved k times
+        self._add("probs", name, layer_grid(hw, self.layout.grid), p.mean(1))  # UNet layers: the grid halved k times
 
     def _record_joint(
         self,
@@ -222,7 +272,37 @@ class AttentionCapture:
         share = share.mean(1)
         self._share_sum = share if self._share_sum is None else self._share_sum + share
         self._share_calls += 1
-        self._add(self.layout.grid, maps)
+        self._add("probs", name, self.layout.grid, maps)
+
+    # --- ConceptAttention ----------------------------------------------------------------------------------
+    def _record_image_output(self, name: str, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> None:
+        """A joint layer's image rows: key and value (n, heads, HW, d) as its softmax sees them, and the attention
+        output (n, HW, heads·d) before the output projection — kept for the block's concept step."""
+        self._seen[name] = (self._cond(key.detach()), self._cond(value.detach()), self._cond(out.detach()))
+
+    def _block_pre(self, name: str):
+        def pre(module, args, kwargs):
+            self._block_kwargs[name] = kwargs
+
+        return pre
+
+    def _block_post(self, name: str):
+        def post(module, args, output):
+            layer = f"{name}.{self.layout.concepts.attention}.processor"
+            key, value, out = self._seen.pop(layer)
+            n = key.shape[0]
+            c = self._concept_state
+            if c is None:
+                c = self.concepts.to(key.device, out.dtype)[None].expand(n, -1, -1)
+            kwargs = {
+                k: (self._cond(v) if torch.is_tensor(v) and v.shape[:1] == (2 * n,) else v)
+                for k, v in self._block_kwargs.pop(name).items()
+            }
+            c_next, o_c = self.layout.concepts.step(module, c, key, value, kwargs)
+            self._concept_state = c_next
+            self._add("output", layer, self.layout.grid, concept_maps(out, o_c))
+
+        return post
 
     # --- results (CPU float32) -----------------------------------------------------------------------------
     def _to_latent(self, grid: tuple[int, int], p: torch.Tensor) -> torch.Tensor:
@@ -238,23 +318,37 @@ class AttentionCapture:
         calls = sum(s.calls for s in sums.values())
         return sum(self._to_latent(g, s.maps) for g, s in sums.items()) / max(calls, 1)
 
-    def aggregate(self) -> torch.Tensor:
-        """(n, S, H, W): mean over steps and layers of the maps, at latent resolution."""
-        if not self.sums:
-            raise RuntimeError("no attention was recorded: was the denoiser called inside the capture?")
-        return self._mean(self.sums)
+    def aggregate(self, kind: str = "probs") -> torch.Tensor:
+        """(n, S, H, W): mean over steps and layers of the maps, at latent resolution (``output``: S = concepts)."""
+        if not self.sums[kind]:
+            raise RuntimeError(f"no {kind} maps were recorded: was the denoiser called inside the capture?")
+        return self._mean(self.sums[kind])
 
-    def by_resolution(self) -> dict[tuple[int, int], torch.Tensor]:
+    def by_resolution(self, kind: str = "probs") -> dict[tuple[int, int], torch.Tensor]:
         """{token grid (h, w): (n, S, H, W)}: the mean over that grid's layers, at latent resolution."""
-        return {g: self._to_latent(g, s.maps) / max(s.calls, 1) for g, s in self.sums.items()}
+        return {g: self._to_latent(g, s.maps) / max(s.calls, 1) for g, s in self.sums[kind].items()}
 
-    def snapshots(self) -> dict[int, torch.Tensor]:
+    def snapshots(self, kind: str = "probs") -> dict[int, torch.Tensor]:
         """{solver step: (n, S, H, W)}: the mean over that step's denoiser calls and layers."""
-        return {step: self._mean(sums) for step, sums in sorted(self.snaps.items())}
+        return {step: self._mean(sums) for step, sums in sorted(self.snaps[kind].items())}
+
+    def by_layer_step(self, kind: str = "probs") -> dict[tuple[str, int], torch.Tensor]:
+        """{(layer, solver step): (n, K, H, W)} at latent resolution: the kept tokens' maps (``probs``, in the order
+        of ``keep``) or every concept's (``output``), averaged over that step's denoiser calls."""
+        return {
+            key: self._to_latent(grid, total / calls) for key, (total, calls, grid) in self.layer_step[kind].items()
+        }
 
     def text_share(self) -> torch.Tensor | None:
         """(n,) the joint softmax's mean mass on text keys (joint attention only; None for cross-attention)."""
         return None if self._share_sum is None else (self._share_sum / self._share_calls).float().cpu()
+
+
+def concept_maps(image_out: torch.Tensor, concept_out: torch.Tensor) -> torch.Tensor:
+    """ConceptAttention's output-space map of one layer: softmax over the concepts of ⟨image output, concept
+    output⟩ — (n, HW, D) and (n, C, D) attention outputs before the output projection, heads concatenated — as
+    (n, HW, C) float32 (Helbling et al., ICML 2025, eq. for the concept attention map)."""
+    return torch.matmul(image_out.float(), concept_out.float().transpose(1, 2)).softmax(-1)
 
 
 def capture(
@@ -266,6 +360,8 @@ def capture(
     cfg: bool = False,
     prompts: Sequence[str] | None = None,
     valid_tokens: Sequence[int] | None = None,
+    concepts: Sequence[str] | None = None,
+    keep: Sequence[Sequence[int]] | None = None,
 ) -> AttentionCapture:
     """A context manager recording ``model``'s text→image attention (``model`` is a
     :class:`~pipeline.models.adapter.ModelAdapter`; its ``attention_layout`` says where and which tokens).
@@ -273,7 +369,9 @@ def capture(
     ``call_steps``: solver step of each denoiser call (default: one call per step;
     :func:`pipeline.models.generation.denoiser_call_steps`); ``cfg``: the batch is [uncond, cond]; ``prompts`` (or
     ``valid_tokens``, per sample the segment's non-padding token count): the batch's prompts, which joint-attention
-    maps are renormalised over — required there, so padding never silently joins the renormalisation."""
+    maps are renormalised over — required there, so padding never silently joins the renormalisation.
+    ``concepts``: words whose output-space maps are recorded too (ConceptAttention; joint-attention families with
+    a concept stream); ``keep``: per sample the segment positions whose maps are kept per (layer, step)."""
     layout = model.attention_layout(height, width)
     latent_hw = tuple(model.latent_shape(height, width)[1:])
     if valid_tokens is None and prompts is not None:
@@ -283,4 +381,15 @@ def capture(
             f"{type(model.pipe).__name__}: joint-attention maps are renormalised over each prompt's "
             "non-padding tokens; pass prompts=[...] (or valid_tokens=[...]) to capture()"
         )
-    return AttentionCapture(model.denoiser, layout, latent_hw, snapshot_steps, call_steps, cfg, valid_tokens)
+    tokens = None
+    if concepts:
+        if layout.concepts is None:
+            raise ValueError(
+                f"{type(model.pipe).__name__}: output-space concept maps need joint attention with a separate text "
+                "stream (a concept stream); this family has none"
+            )
+        with torch.no_grad():
+            tokens = model.driver.concept_tokens(list(concepts))
+    return AttentionCapture(
+        model.denoiser, layout, latent_hw, snapshot_steps, call_steps, cfg, valid_tokens, tokens, keep
+    )
