@@ -18,6 +18,9 @@ from pipeline.models.generation import generators, sample
 from pipeline.modes.attention import attention_processors, capture
 
 PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle on the left"]
+# CogView4 runs prompts of different padded lengths in separate transformer calls, which the capture refuses
+# (tests/test_attention_g1.py): its batch here pads to one length
+SAME_LENGTH = ["a red circle on the left", "a blue square on the right"]
 GUIDANCE = 4.0
 
 
@@ -57,10 +60,11 @@ def _captured(model, h, w, prompts, seeds):
 def test_capture_is_exact_restores_and_keeps_batch_and_cfg_conventions(name, model_of):
     model = model_of(name)
     h, w = _size(name, model)
+    prompts = SAME_LENGTH if name == "cogview4" else PROMPTS
     originals = {k: type(v) for k, v in attention_processors(model.denoiser).items()}
-    cond = model.condition(2, GUIDANCE, h, w, prompts=PROMPTS)
+    cond = model.condition(2, GUIDANCE, h, w, prompts=prompts)
     plain = sample(model, model.pipe.scheduler, cond, generators(0, [0, 1]), 3, h, w)
-    images, cap, toks = _captured(model, h, w, PROMPTS, [0, 1])
+    images, cap, toks = _captured(model, h, w, prompts, [0, 1])
     torch.testing.assert_close(images, plain, atol=1e-5, rtol=0)  # the recorders are the family's own algorithm
     assert {k: type(v) for k, v in attention_processors(model.denoiser).items()} == originals
     assert cap.max_row_sum_error < 1e-5
@@ -68,16 +72,18 @@ def test_capture_is_exact_restores_and_keeps_batch_and_cfg_conventions(name, mod
     assert agg.dtype == torch.float32 and tuple(agg.shape[2:]) == tuple(model.latent_shape(h, w)[1:])
     tokenizer = cap.layout.tokenizer
     for i, t in enumerate(toks):  # every word found, at tokens that spell it (not the template's)
-        assert t.words == PROMPTS[i].split() and not t.truncated, (name, t)
+        assert t.words == prompts[i].split() and not t.truncated, (name, t)
         for word, pos in zip(t.words, t.positions):
-            assert tokenizer.decode([t.ids[j] for j in pos]).strip() == word, (name, word, pos)
+            spelled = "".join(tokenizer.decode([t.ids[j] for j in pos]).split())  # some decoders space characters
+            assert spelled == word, (name, word, pos)
         if cap.layout.renormalise:  # each pixel's map sums to 1 over the prompt's real tokens, padding gets 0
             sums = agg[i, : t.num_tokens].sum(0)
             torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
             assert agg[i, t.num_tokens :].abs().max() == 0
     if cap.text_share() is not None:
         assert 0 < float(cap.text_share().min()) and float(cap.text_share().max()) < 1
-    # the second prompt alone (its own seed) has the maps it had in the batch: batch and CFG halves kept apart
-    _, alone, _ = _captured(model, h, w, PROMPTS[1:], [1])
-    n = toks[1].num_tokens
-    torch.testing.assert_close(alone.aggregate()[0, :n], agg[1, :n], atol=1e-4, rtol=1e-3)
+    # each prompt alone (its own seed) has the maps it had in the batch: batch rows and CFG halves or calls kept apart
+    for i in range(len(prompts)):
+        _, alone, _ = _captured(model, h, w, prompts[i : i + 1], [i])
+        n = toks[i].num_tokens
+        torch.testing.assert_close(alone.aggregate()[0, :n], agg[i, :n], atol=1e-4, rtol=1e-3)

@@ -9,7 +9,10 @@ capture, or the zoo training's grounding loss) through a small protocol:
   (n, heads, L, d) Q and K exactly as its softmax sees them (norms and rotary embeddings applied), where the image
   tokens and the text tokens sit in the sequence, and ``key_mask`` (n, L) bool, the keys the softmax may attend to
   (None: all) — the family's own attention mask, so padding it masks gets no mass in the maps either;
-* ``sink.n_image_tokens``: image tokens of a single-stream joint block (its one sequence mixes text and image).
+* ``sink.n_image_tokens``: image tokens of a single-stream joint block (its one sequence mixes text and image);
+* ``sink.recording``: False during the unconditional call of a two-call CFG step (``FamilyDriver.cfg_calls``), when
+  recorders may skip their own preparation (the sink ignores what they hand over then); ``sink.layout`` and
+  ``sink.valid_tokens`` (per conditional sample, the segment's real tokens) for recorders that lay text out anew.
 
 * ``sink.wants_output`` / ``sink._record_image_output(name, key, value, out)``: when output-space concept maps are
   wanted, a joint recorder also hands over its image rows' key and value (n, heads, HW, d) and the attention output

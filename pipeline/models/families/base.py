@@ -96,6 +96,9 @@ class FamilyDriver:
     shift_defaults: ClassVar[tuple[int, int, float, float]] = (256, 4096, 0.5, 1.15)
     fixed_size: ClassVar[bool] = False  # draws only its native size
     cond_first: ClassVar[bool] = False  # CFG batch order [cond, uncond] (DiT) rather than [uncond, cond]
+    # how the CFG halves reach the denoiser, for the attention capture: "batch" (one call, [uncond; cond]),
+    # "batch_cond_first" ([cond; uncond]) or "two_calls" (two calls per step, the conditional one first)
+    cfg_calls: ClassVar[str] = "batch"
     vae_upcast: ClassVar[bool] = True  # an fp16 VAE with force_upcast runs in float32 (False: the pipeline never does)
 
     def __init__(self, model):

@@ -16,21 +16,30 @@ position ids, VAE scaling/shift and ``timestep / 1000`` as :class:`~pipeline.mod
   fallbacks 256/4096/0.5/1.15); a static-shift scheduler ignores ``mu``.
 
 IP-Adapter inputs (``image_encoder``/``feature_extractor``) are not used: a text-to-image run passes none, as the
-pipeline does without ``ip_adapter_image``. Modes: metrics, schedule, latent; attention is not implemented yet and is
-refused up front.
+pipeline does without ``ip_adapter_image``. Modes: metrics, schedule, latent, attention.
+
+Attention (:class:`ChromaJointRecorder`): Flux's joint attention over [text; image] (``FluxAttnProcessor``) in the
+double- and single-stream blocks, text = T5 (``max_sequence_length``, right-padded). The mask the pipeline builds is
+*float* 0/1 and diffusers 0.42 hands it to ``scaled_dot_product_attention`` as such, which *adds* it to the logits: an
+image query's logits get +1 on the kept keys (prompt, first padding token, image) and +0 on the rest of the padding
+— a bias, not a mask; the rest of the padding keeps some mass. The recorder reproduces exactly that softmax.
+Under CFG (two transformer calls, which the capture's [uncond, cond] halving cannot follow) it is refused.
 """
 
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.models.attention import AttentionLayout, register_recorder
 from pipeline.models.families.base import Family, batched, call_default, register
 from pipeline.models.families.flux import Flux
 from pipeline.models.flow_shift import shift_mu, uses_dynamic_shift
 
-__all__ = ["Chroma"]
+__all__ = ["Chroma", "ChromaJointRecorder"]
 
 _PER_SAMPLE = ("encoder_hidden_states", "text_mask")  # the conditioning tensors with one row per sample
 
@@ -39,7 +48,10 @@ _PER_SAMPLE = ("encoder_hidden_states", "text_mask")  # the conditioning tensors
 class Chroma(Flux):
     """Flux's geometry (packing, ids, native size, VAE factors); Chroma's own text encoding, mask, CFG, σ's."""
 
-    family = Family("chroma", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "latent"))
+    family = Family(
+        "chroma", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "latent", "attention")
+    )
+    cfg_calls = "two_calls"  # CFG: a conditional call, then an unconditional one (attention capture)
 
     @classmethod
     def flow_timestep_kwargs(cls, config, num_inference_steps, image_seq_len):
@@ -104,8 +116,76 @@ class Chroma(Flux):
         tb = batched(t, x)
         return self.denoiser(hidden_states=x, timestep=tb.to(x.dtype) / 1000, return_dict=False, **kw)[0]
 
-    def attention_layout(self, height, width):
-        raise UserError(
-            f"mode=[attention]: {type(self.pipe).__name__} (chroma) is not supported yet: its masked joint "
-            "attention has no recorder"
+    def attention_layout(self, height, width) -> AttentionLayout:
+        """Flux's layers and grid (joint attention [text; image]); text = T5, ``max_sequence_length`` tokens."""
+        _, h, w = self.latent_shape(height, width)
+        layers = tuple(
+            k
+            for k in self.denoiser.attn_processors
+            if re.fullmatch(r"(single_)?transformer_blocks\.\d+\.attn\.processor", k)
         )
+        t5 = int(call_default(self.pipe.__call__, "max_sequence_length", 512))
+        return AttentionLayout("chroma", layers, (h // 2, w // 2), self.pipe.tokenizer, t5, (0, t5), True, "T5")
+
+
+@register_recorder("chroma")
+class ChromaJointRecorder:
+    """Chroma's ``FluxAttnProcessor`` (diffusers 0.42) with the attention mask ``ChromaTransformerBlock`` /
+    ``ChromaSingleTransformerBlock`` pass it, step for step: [text; image] (double-stream blocks project the text
+    stream apart), the stock attention on the stock Q, K, V and mask.
+
+    The maps get the same logits: a boolean mask is handed over as ``key_mask``; the pipeline's float mask, added to
+    the logits by SDPA, is a per-key bias for the image rows (their own mask entry is 1, so row i gets ``m_i·m_k`` =
+    ``m_k``), folded into one extra dimension: ``q' = [q·√((d+1)/d), 1]``, ``k' = [k, b·√(d+1)]`` give
+    ``q'·k'/√(d+1) = q·k/√d + b`` (float32)."""
+
+    def __init__(self, cap, name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        n_image = hidden_states.shape[1] if encoder_hidden_states is not None else self.cap.n_image_tokens
+        if attn.added_kv_proj_dim is not None:
+            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        L = query.shape[1]
+        self._record(query.transpose(1, 2), key.transpose(1, 2), (L - n_image, L), attention_mask)
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+    def _record(self, q: torch.Tensor, k: torch.Tensor, image: tuple[int, int], mask: torch.Tensor | None) -> None:
+        """(n, heads, L, d) Q, K; ``mask``: the block's (n, 1, L, L) mask (or None), read at an image query row."""
+        if not self.cap.recording:  # the unconditional call of a two-call CFG step
+            return
+        text = (0, image[0])
+        if mask is None:
+            self.cap._record_joint(self.name, q, k, image=image, text=text)
+            return
+        if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-1] != q.shape[2]:
+            raise ValueError(f"{self.name}: expected Chroma's (n, 1, L, L) attention mask, got {tuple(mask.shape)}")
+        row = mask[:, 0, image[0], :]  # (n, L): what every image query row adds / keeps
+        if row.dtype == torch.bool:
+            self.cap._record_joint(self.name, q, k, image=image, text=text, key_mask=row)
+            return
+        d = q.shape[-1]
+        q = torch.cat([q.float() * math.sqrt((d + 1) / d), q.new_ones((*q.shape[:-1], 1), dtype=torch.float32)], -1)
+        bias = row.float()[:, None, :, None].expand(-1, k.shape[1], -1, -1) * math.sqrt(d + 1)
+        self.cap._record_joint(self.name, q, torch.cat([k.float(), bias], -1), image=image, text=text)

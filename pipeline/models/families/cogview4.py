@@ -15,9 +15,18 @@ FlowMatchEuler, which shifts the σ's (``time_shift_type: linear``) but keeps th
 evaluated at the *unshifted* timestep. Another flow solver (``flow_dpmpp_2m`` / ``flow_unipc``) visits the same σ's
 and is given those unshifted timesteps too.
 
-Refused up front (not declared): attention maps (the next issue), and latent mode — its flow ODE (inversion,
-reconstruction) queries the model at timestep 1000·σ, while CogView4 is conditioned on the unshifted timestep T·u of
-σ = shift(u), so the mode's paths would not ask the model what its own pipeline asks it.
+Attention (:class:`CogView4JointRecorder`, ``CogView4AttnProcessor``): joint attention over [text; image] in every
+block, no mask (the left padding is attended). A prompt's text is ``[gMASK]<sop>`` + its tokens, left-padded to a
+multiple of 16, so its length and its tokens' positions depend on the prompt: the recorder hands the capture a
+canonical text sequence of ``max_sequence_length`` keys — the real tokens first (as the layout counts them), then
+the padding the model attends, then placeholder keys the ``key_mask`` shuts out — a permutation plus masked keys,
+so the softmax over the model's own keys is unchanged. It needs every sample's rows in one call without CFG halves:
+prompts of different padded lengths (the driver's separate calls) are refused; CFG's two calls: the capture records the
+conditional one.
+
+Refused up front (not declared): latent mode — its flow ODE (inversion, reconstruction) queries the model at
+timestep 1000·σ, while CogView4 is conditioned on the unshifted timestep T·u of σ = shift(u), so the mode's paths
+would not ask the model what its own pipeline asks it.
 """
 
 from __future__ import annotations
@@ -26,13 +35,15 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.errors import UserError
+from pipeline.models.attention import AttentionLayout, attention_processors, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.flow_shift import uses_dynamic_shift
 
-__all__ = ["CogView4"]
+__all__ = ["CogView4", "CogView4JointRecorder"]
 
 
 def _unshifted_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
@@ -42,7 +53,8 @@ def _unshifted_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
 
 @register("CogView4Pipeline")
 class CogView4(FamilyDriver):
-    family = Family("cogview4", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule"))
+    family = Family("cogview4", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "attention"))
+    cfg_calls = "two_calls"  # CFG: a conditional call, then an unconditional one (attention capture)
     vae_upcast = False  # the pipeline decodes in the VAE's own dtype, latents / scaling_factor (no shift)
 
     @classmethod
@@ -146,3 +158,79 @@ class CogView4(FamilyDriver):
 
     def prediction(self, out):
         return out  # no learned σ
+
+    def attention_layout(self, height, width) -> AttentionLayout:
+        """Joint attention [text; image] in every block (``attn1``); segment: the GLM prompt tokens
+        (``[gMASK]<sop>`` + the prompt, ``max_sequence_length`` slots), real tokens first (the recorder's order)."""
+        _, h, w = self.latent_shape(height, width)
+        p = int(self.denoiser.config.patch_size)
+        layers = tuple(k for k in attention_processors(self.denoiser) if k.endswith("attn1.processor"))
+        n = int(call_default(self.pipe.__call__, "max_sequence_length", 1024))
+        return AttentionLayout("cogview4", layers, (h // p, w // p), self.pipe.tokenizer, n, (0, n), True, "GLM")
+
+
+@register_recorder("cogview4")
+class CogView4JointRecorder:
+    """``CogView4AttnProcessor`` (diffusers 0.42), step for step: [text; image] projected together, LayerNorm on Q and
+    K, RoPE on the image rows, the stock ``scaled_dot_product_attention`` (no mask). The capture gets a canonical
+    text order (module docstring): each row's ``valid_tokens`` real tokens (the last ones of its left-padded text)
+    first, then its padding, then masked placeholder keys up to the layout's ``max_length``."""
+
+    def __init__(self, cap, name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if attention_mask is not None:
+            raise ValueError(f"{self.name}: CogView4Pipeline passes no attention mask, got one")
+        dtype = encoder_hidden_states.dtype
+        text = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        query, key, value = (
+            t.unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            for t in (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query).to(dtype=dtype)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key).to(dtype=dtype)
+        if image_rotary_emb is not None:
+            query[:, :, text:, :] = apply_rotary_emb(query[:, :, text:, :], image_rotary_emb, use_real_unbind_dim=-2)
+            key[:, :, text:, :] = apply_rotary_emb(key[:, :, text:, :], image_rotary_emb, use_real_unbind_dim=-2)
+        self._record(query, key, text)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).flatten(2, 3).type_as(query)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        encoder_hidden_states, hidden_states = hidden_states.split([text, hidden_states.size(1) - text], dim=1)
+        return hidden_states, encoder_hidden_states
+
+    def _record(self, query: torch.Tensor, key: torch.Tensor, text: int) -> None:
+        """(n, heads, L, d) -> the canonical [real tokens; padding; masked placeholders | image] order."""
+        n, heads, L, d = query.shape
+        valid = getattr(self.cap, "valid_tokens", None)
+        if not self.cap.recording:  # the unconditional call of a two-call CFG step
+            return
+        if valid is None or len(valid) != n:
+            raise UserError(
+                f"mode=[attention]: CogView4Pipeline runs prompts of different padded lengths in separate "
+                f"transformer calls ({n} of {len(valid or [])} samples here); the capture needs all of a batch's "
+                "rows in one call: use batch_size=1 or prompts of one padded length"
+            )
+        S = self.cap.layout.max_length
+        if text > S or any(v > text for v in valid):
+            raise ValueError(f"{self.name}: expected at most {S} text tokens holding {valid} real ones, got {text}")
+        # row i: its real tokens are the last valid[i] of the text; rotate them to the front
+        shift = torch.tensor([text - v for v in valid], device=query.device)
+        idx = (torch.arange(text, device=query.device)[None, :] + shift[:, None]) % text
+        idx = idx[:, None, :, None].expand(-1, heads, -1, d)
+
+        def canonical(t):
+            pad = t.new_zeros((n, heads, S - text, d))
+            return torch.cat([t[:, :, :text].gather(2, idx), pad, t[:, :, text:]], dim=2)
+
+        key_mask = torch.ones((n, S + L - text), dtype=torch.bool, device=query.device)
+        key_mask[:, text:S] = False
+        self.cap._record_joint(
+            self.name, canonical(query), canonical(key), image=(S, S + L - text), text=(0, S), key_mask=key_mask
+        )

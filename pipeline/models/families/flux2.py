@@ -17,21 +17,34 @@ base/max shift.
   flux2_klein  real CFG ``u + g (c − u)`` against the empty prompt, two separate transformer calls as the pipeline
                makes, when ``g > 1``; a step-distilled checkpoint (``is_distilled``) ignores it (no CFG)
 
-Attention maps are not offered yet (no "attention" mode).
+Attention (``attention_layout``, :class:`Flux2JointRecorder`): joint attention over [text; image] in the double-stream
+(``Flux2AttnProcessor``) and single-stream (``Flux2ParallelSelfAttnProcessor``) blocks, no attention mask (padding is
+attended). The text sequence is the whole chat-templated LLM input, ``max_sequence_length`` tokens: FLUX.2-dev's
+system message and ``[INST]…[/INST]`` (``format_input``, ``apply_chat_template``), klein's Qwen3 user turn with the
+generation prompt and thinking switched off — only the tokens of the user's prompt belong to words. A left-padding
+tokenizer puts the padding first: the recorder rotates each row's text tokens so that the real ones come first, as
+the layout's positions count them (a permutation of the keys: the softmax is unchanged).
+klein's CFG (two transformer calls, which the capture's [uncond, cond] halving cannot follow) is refused.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
+from pipeline.errors import UserError
+from pipeline.models.attention import AttentionLayout, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.flow_shift import uses_dynamic_shift
+from pipeline.models.tokens import prompt_tokens, special_prefix
 
-__all__ = ["Flux2", "Flux2Klein", "compute_empirical_mu"]
+__all__ = ["Flux2", "Flux2Klein", "Flux2JointRecorder", "compute_empirical_mu"]
 
 DEFAULT_SAMPLE_SIZE = 128  # Flux2*Pipeline.default_sample_size (latent pixels before 2×2 patchification)
-MODES = ("metrics", "schedule", "latent")
+MODES = ("metrics", "schedule", "latent", "attention")
+_SLOT = "\x00PROMPT\x00"  # stands for the prompt while the chat template is rendered
 
 
 def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -160,18 +173,168 @@ class _Flux2Common(FamilyDriver):
         _, _, mean, std = self.latent_factors()
         return (z - mean.to(z.device, z.dtype)) / std.to(z.device, z.dtype)
 
+    # ------------------------------------------------------------------ attention
+    def _chat(self, prompt: str) -> str:
+        """The text the pipeline tokenizes for ``prompt`` (its chat template, rendered)."""
+        raise NotImplementedError
+
+    def _chat_drop(self, tokenizer) -> int:
+        """Leading tokens the plain tokenizer call adds that the pipeline's tokenization has not."""
+        return 0
+
+    def attention_layout(self, height, width) -> AttentionLayout:
+        """Joint attention [text; image] in every double- and single-stream block; segment: the whole
+        ``max_sequence_length`` LLM sequence, words only inside the user's prompt (:meth:`_chat`)."""
+        _, h, w = self.latent_shape(height, width)
+        layers = tuple(
+            k
+            for k in self.denoiser.attn_processors
+            if re.fullmatch(r"(single_)?transformer_blocks\.\d+\.attn\.processor", k)
+        )
+        tok = getattr(self.pipe.tokenizer, "tokenizer", self.pipe.tokenizer)  # FLUX.2-dev: a processor
+        n = int(call_default(self.pipe.__call__, "max_sequence_length", 512))
+        template = self._chat(_SLOT).replace("{", "{{").replace("}", "}}").replace(_SLOT, "{}")
+        drop = self._chat_drop(tok)
+        if special_prefix(tok)[1]:
+            raise UserError(
+                f"mode=[attention]: {type(self.pipe).__name__}: {type(tok).__name__} appends end tokens the "
+                "pipeline's chat template does not have; its token positions cannot be located"
+            )
+
+        def tokenize(prompt: str):
+            return prompt_tokens(tok, prompt.replace("[IMG]", ""), n, template=template, drop=drop, trail=0)
+
+        return AttentionLayout("flux2", layers, (h, w), tok, n, (0, n), True, "LLM", tokenize)
+
+
+@register_recorder("flux2")
+class Flux2JointRecorder:
+    """FLUX.2's ``Flux2AttnProcessor`` (double-stream: text and image streams projected apart, [text; image]) and
+    ``Flux2ParallelSelfAttnProcessor`` (single-stream: one [text; image] sequence, attention and MLP fused), diffusers
+    0.42, step for step, recording the joint softmax's image rows (no mask: every key is attended). Left-padded text
+    (padding first) is handed over rotated so that each row's real tokens come first (:meth:`_real_first`)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, cap, name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        if hasattr(attn, "to_qkv_mlp_proj"):
+            return self._single(attn, hidden_states, *args, **kwargs)
+        return self._double(attn, hidden_states, *args, **kwargs)
+
+    def _attend(self, attn, query, key, value, text: int, attention_mask):
+        """Record, then the stock attention. ``query``…: (n, L, heads, d) after norms and RoPE, text first."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        if attention_mask is not None:
+            raise ValueError(f"{self.name}: FLUX.2 text-to-image attention takes no mask, got one")
+        if self.cap.recording:  # not the unconditional call of a two-call CFG step (klein)
+            q, k = self._real_first(query.transpose(1, 2), key.transpose(1, 2), text)
+            L = query.shape[1]
+            self.cap._record_joint(self.name, q, k, image=(text, L), text=(0, text))
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        return out.flatten(2, 3).to(query.dtype)
+
+    def _real_first(self, q: torch.Tensor, k: torch.Tensor, text: int):
+        """(n, heads, L, d): with a left-padding tokenizer each row's text tokens rotated so that its real tokens
+        (``valid_tokens``, the sink's per-sample count) come first, as the layout's positions count them."""
+        layout = getattr(self.cap, "layout", None)
+        if layout is None:
+            raise ValueError(f"{self.name}: the FLUX.2 recorder reads the padding side from its sink's layout")
+        if getattr(layout.tokenizer, "padding_side", "right") != "left":
+            return q, k
+        valid = getattr(self.cap, "valid_tokens", None)
+        if valid is None or len(valid) != q.shape[0] or getattr(self.cap, "cfg", False):
+            raise ValueError(
+                f"{self.name}: left-padded FLUX.2 text needs each row's real-token count (valid_tokens, one per row "
+                f"of one call without CFG halves), got {valid} for {q.shape[0]} rows"
+            )
+        shift = torch.tensor([text - v for v in valid], device=q.device)
+        idx = (torch.arange(text, device=q.device)[None, :] + shift[:, None]) % text  # (n, text)
+        idx = idx[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3])
+
+        def rotate(t):
+            return torch.cat([t[:, :, :text].gather(2, idx), t[:, :, text:]], dim=2)
+
+        return rotate(q), rotate(k)
+
+    def _double(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
+
+        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
+        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        text = encoder_hidden_states.shape[1]
+        out = self._attend(attn, query, key, value, text, attention_mask)
+        encoder_hidden_states, hidden_states = out.split_with_sizes([text, out.shape[1] - text], dim=1)
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        return hidden_states, encoder_hidden_states
+
+    def _single(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        hidden_states = attn.to_qkv_mlp_proj(hidden_states)
+        qkv_dim = 3 * attn.inner_dim
+        mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+        local_qkv = hidden_states.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+        qkv, mlp_hidden_states = torch.split(hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        text = query.shape[1] - self.cap.n_image_tokens
+        hidden_states = self._attend(attn, query, key, value, text, attention_mask)
+        hidden_states = torch.cat([hidden_states, attn.mlp_act_fn(mlp_hidden_states)], dim=-1)
+        return attn.to_out(hidden_states)
+
 
 @register("Flux2Pipeline")
 class Flux2(_Flux2Common):
     """FLUX.2-dev: guidance-distilled (the guidance embedding gets ``guidance_scale``), no CFG."""
 
     family = Family("flux2", "transformer", "text", "latent", flow=True, modes=MODES)
+    cfg_calls = "two_calls"  # CFG: a conditional call, then an unconditional one (attention capture)
 
     def uses_cfg(self, guidance: float) -> bool:
         return False
 
     def plain_guidance(self, guidance: float) -> float:
         return guidance
+
+    def _chat(self, prompt: str) -> str:
+        """``format_input`` (system message + user turn, content as a text part) through ``apply_chat_template``
+        with ``add_generation_prompt=False``, as ``_get_mistral_3_small_prompt_embeds``."""
+        system = getattr(self.pipe, "system_message", None)
+        if system is None:
+            from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE as system
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": system}]},
+            {"role": "user", "content": [{"type": "text", "text": prompt}]},
+        ]
+        return self.pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+
+    def _chat_drop(self, tokenizer) -> int:
+        # apply_chat_template tokenizes the rendered text without special tokens (the template has its own BOS)
+        return special_prefix(tokenizer)[0]
 
     def encode(self, prompts, cfg, guidance, height, width) -> dict:
         g = torch.full([1], guidance, device=self.model.device, dtype=torch.float32).expand(len(prompts))
@@ -183,6 +346,15 @@ class Flux2Klein(_Flux2Common):
     """FLUX.2-klein: no guidance embedding; real CFG against "" as two calls, unless step-distilled."""
 
     family = Family("flux2_klein", "transformer", "text", "latent", flow=True, modes=MODES)
+    cfg_calls = "two_calls"  # CFG: a conditional call, then an unconditional one (attention capture)
+
+    def _chat(self, prompt: str) -> str:
+        """``_get_qwen3_prompt_embeds``: one user turn, ``add_generation_prompt=True, enable_thinking=False``,
+        then the tokenizer on that text (with its own special tokens, as the prompt tokens are counted)."""
+        messages = [{"role": "user", "content": prompt}]
+        return self.pipe.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
 
     def uses_cfg(self, guidance: float) -> bool:
         # the pipeline's do_classifier_free_guidance

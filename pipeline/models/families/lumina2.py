@@ -19,20 +19,36 @@ prediction (the latent width, as the pipeline computes it). The default ``cfg_tr
 Refused: a scheduler with a resolution-dependent shift (``use_dynamic_shifting``). The 0.42 pipeline computes its
 μ from ``latents.shape[1]`` — the latent *channel* count, not the image token count — and the project derives μ
 from the token geometry (also from configs alone, in schedule mode), so that schedule cannot be reproduced;
-static-shift schedulers ignore μ and are driven exactly. Attention maps are the next issue (mode not declared).
+static-shift schedulers ignore μ and are driven exactly.
+
+Attention: the joint layers (``layers.N.attn``, ``Lumina2AttnProcessor2_0``; the caption-only and image-only
+refiners are not joint) attend over one sequence per sample, [caption's own tokens; image], right-padded to the
+batch's longest under a boolean mask — so the image starts at a different position in each sample. The caption is
+``system_prompt + " <Prompt Start> " + prompt`` (``<bos>`` first, at most ``max_sequence_length`` tokens): the segment
+is those slots; only the prompt's tokens map to words; the maps renormalise over all the caption's tokens (system
+prompt included: the model attends to them). The recorder lays each sample out as [caption padded to the segment's S
+slots (masked); image] — a permutation of the keys plus masked ones, so the probabilities are the model's.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import re
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.errors import UserError
+from pipeline.models.attention import AttentionLayout, attention_processors, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
+from pipeline.models.families.qwenimage import pad_tokens
 from pipeline.models.flow_shift import uses_dynamic_shift
+from pipeline.models.tokens import prompt_tokens
 
-__all__ = ["Lumina2"]
+__all__ = ["Lumina2", "Lumina2JointRecorder"]
 
 VAE_SCALE = 8  # Lumina2Pipeline.vae_scale_factor: a constant, not read from the VAE
 DEFAULT_SAMPLE_SIZE = 128  # Lumina2Pipeline's default_sample_size without a transformer config
@@ -49,7 +65,10 @@ def _refuse_dynamic_shift(config) -> None:
 
 @register("Lumina2Pipeline")
 class Lumina2(FamilyDriver):
-    family = Family("lumina2", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "latent"))
+    family = Family(
+        "lumina2", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "attention", "latent")
+    )
+    cfg_calls = "two_calls"  # CFG: a conditional call, then an unconditional one (attention capture)
     vae_upcast = False  # the pipeline decodes (and its img2img sibling encodes) in the VAE's own dtype
 
     def __init__(self, model):
@@ -140,3 +159,92 @@ class Lumina2(FamilyDriver):
     def latent_factors(self):
         c = self.model.vae.config
         return float(c.scaling_factor), float(getattr(c, "shift_factor", None) or 0.0), None, None
+
+    # ------------------------------------------------------------------ attention
+    def attention_layout(self, height, width) -> AttentionLayout:
+        """The joint layers' attention; the segment: the system-prompted caption's slots (module docstring)."""
+        _, h, w = self.latent_shape(height, width)
+        p = int(self.denoiser.config.patch_size)
+        layers = tuple(
+            k for k in attention_processors(self.denoiser) if re.fullmatch(r"layers\.\d+\.attn\.processor", k)
+        )
+        max_len = int(call_default(self.pipe.__call__, "max_sequence_length", 256))
+        tok = self.pipe.tokenizer
+        prefix = (self.pipe.system_prompt + " <Prompt Start> ").replace("{", "{{").replace("}", "}}")
+        tokenize = functools.partial(prompt_tokens, tok, max_length=max_len, template=prefix + "{}", trail=0)
+        return AttentionLayout(
+            "lumina2", layers, (h // p, w // p), tok, max_len, (0, max_len), True, "Gemma2", tokenize
+        )
+
+
+@register_recorder("lumina2")
+class Lumina2JointRecorder:
+    """Lumina 2's ``Lumina2AttnProcessor2_0`` (diffusers 0.42), step for step, recording the joint softmax's image
+    rows. The model's sequence per sample is [caption (its mask's count less the image tokens); image
+    (``cap.n_image_tokens``)], padded under its boolean mask; the recorded Q/K gather each sample's caption into the
+    segment's S slots (the rest masked) and its image after them: text = (0, S), image = (S, S + image tokens). A
+    ``base_sequence_length`` (proportional attention, never passed by the 0.42 blocks) scales the recorded query so
+    that ``q·k / √d`` is the model's logit."""
+
+    def __init__(self, cap, name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states,
+        attention_mask=None,
+        image_rotary_emb=None,
+        base_sequence_length=None,
+    ):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        batch_size, sequence_length, _ = hidden_states.shape
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        head_dim = query.shape[-1] // attn.heads
+        dtype = query.dtype
+        kv_heads = key.shape[-1] // head_dim
+        query = query.view(batch_size, -1, attn.heads, head_dim)
+        key, value = key.view(batch_size, -1, kv_heads, head_dim), value.view(batch_size, -1, kv_heads, head_dim)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, use_real=False)
+            key = apply_rotary_emb(key, image_rotary_emb, use_real=False)
+        query, key = query.to(dtype), key.to(dtype)
+        scale = attn.scale
+        if base_sequence_length is not None:  # proportional attention
+            scale = math.sqrt(math.log(sequence_length, base_sequence_length)) * attn.scale
+        n_rep = attn.heads // kv_heads  # grouped-query attention: keys and values repeated per query head
+        if n_rep >= 1:
+            key = key.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
+            value = value.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool().view(batch_size, 1, 1, -1)
+        self._record(query * (scale * math.sqrt(head_dim)) if scale != attn.scale else query, key, attention_mask)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _record(self, query, key, mask) -> None:
+        """[caption in S slots; image] per sample, (b, heads, S + image tokens, d), without a host sync."""
+        b, L, heads, d = key.shape
+        n_image, slots = self.cap.n_image_tokens, self.cap.layout.segment[1]
+        if mask is None:
+            caption = torch.full((b,), L - n_image, device=key.device)
+        else:
+            caption = mask.reshape(b, -1).sum(1) - n_image
+        rows = (caption[:, None] + torch.arange(n_image, device=key.device))[:, :, None, None].expand(-1, -1, heads, d)
+        text_q, text_k = (pad_tokens(t, max(L, slots))[:, :slots] for t in (query, key))
+        query = torch.cat([text_q, torch.gather(query, 1, rows)], dim=1).transpose(1, 2)
+        key = torch.cat([text_k, torch.gather(key, 1, rows)], dim=1).transpose(1, 2)
+        text_mask = torch.arange(slots, device=key.device)[None, :] < caption[:, None]
+        key_mask = torch.cat([text_mask, text_mask.new_ones((b, n_image))], dim=1)
+        self.cap._record_joint(
+            self.name, query, key, image=(slots, slots + n_image), text=(0, slots), key_mask=key_mask
+        )

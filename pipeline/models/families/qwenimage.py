@@ -17,20 +17,33 @@ the pipeline passes, so such a transformer is refused up front (no such checkpoi
 Conditioning tensors are padded with zeros to ``max_sequence_length`` (the ``__call__`` default, 512), mask 0, so
 that every prompt's condition has one shape (the latent mode's directions subtract conditions of different
 prompts); each call trims them back to the batch's longest prompt, mask dropped when all ones — exactly the
-tensors ``encode_prompt`` gives for that batch. Attention maps are the next issue (mode not declared).
+tensors ``encode_prompt`` gives for that batch.
+
+Attention: joint attention over [text; image] in every double-stream block (``transformer_blocks.N.attn``,
+``QwenDoubleStreamAttnProcessor2_0``). The text is the prompt in the chat template with the template's first
+``prompt_template_encode_start_idx`` tokens (system message and ``<|im_start|>user\n``) dropped: the prompt's own
+tokens, then the template's tail (``<|im_end|>\n<|im_start|>assistant\n``), at most ``max_sequence_length``. The
+segment is all ``max_sequence_length`` text slots; only the prompt's tokens map to words; the maps renormalise over
+the prompt's tokens and the tail (the tokens the model's mask lets through). A call's text is as long as its batch's
+longest prompt, so the recorder pads the text keys to the segment's length with masked keys (no mass).
 """
 
 from __future__ import annotations
+
+import functools
+import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
+from pipeline.models.attention import AttentionLayout, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.flow_shift import shift_mu, uses_dynamic_shift
+from pipeline.models.tokens import prompt_tokens
 
-__all__ = ["QwenImage"]
+__all__ = ["QwenImage", "QwenImageJointRecorder"]
 
 DEFAULT_SAMPLE_SIZE = 128  # QwenImagePipeline.default_sample_size (latent pixels before packing)
 TEMPORAL_DOWNSAMPLE = (False, True, True)  # AutoencoderKLQwenImage's default temperal_downsample
@@ -38,7 +51,10 @@ TEMPORAL_DOWNSAMPLE = (False, True, True)  # AutoencoderKLQwenImage's default te
 
 @register("QwenImagePipeline")
 class QwenImage(FamilyDriver):
-    family = Family("qwenimage", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "latent"))
+    family = Family(
+        "qwenimage", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "attention", "latent")
+    )
+    cfg_calls = "two_calls"  # CFG: a conditional call, then an unconditional one (attention capture)
 
     def __init__(self, model):
         super().__init__(model)
@@ -195,3 +211,113 @@ class QwenImage(FamilyDriver):
             z = enc.latent_dist.mode()
             mean, inv_std = self._factors(z)
             return ((z - mean) * inv_std)[:, :, 0]
+
+    # ------------------------------------------------------------------ attention
+    def attention_layout(self, height, width) -> AttentionLayout:
+        """Joint attention [text; image] in every double-stream block; the segment: the ``max_sequence_length`` text
+        slots after the chat template's dropped prefix (module docstring)."""
+        _, h, w = self.latent_shape(height, width)
+        layers = tuple(
+            k for k in self.denoiser.attn_processors if re.fullmatch(r"transformer_blocks\.\d+\.attn\.processor", k)
+        )
+        slots = int(call_default(self.pipe.__call__, "max_sequence_length", 512))
+        tok = self.pipe.tokenizer
+        tokenize = functools.partial(
+            prompt_tokens,
+            tok,
+            max_length=slots,
+            template=self.pipe.prompt_template_encode,
+            drop=int(self.pipe.prompt_template_encode_start_idx),
+            trail=0,  # the segment is a plain cut of the text: the template's tail may be cut off
+        )
+        return AttentionLayout(
+            "qwenimage", layers, (h // 2, w // 2), tok, slots, (0, slots), True, "Qwen2.5-VL", tokenize
+        )
+
+
+def pad_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(b, L, ...) -> (b, n, ...): zero rows appended along the token axis (n ≥ L)."""
+    if n < x.shape[1]:
+        raise ValueError(f"Expected at most {n} tokens, got {x.shape[1]}")
+    return torch.cat([x, x.new_zeros((x.shape[0], n - x.shape[1], *x.shape[2:]))], dim=1)
+
+
+@register_recorder("qwenimage")
+class QwenImageJointRecorder:
+    """Qwen-Image's ``QwenDoubleStreamAttnProcessor2_0`` (diffusers 0.42), step for step, recording the joint
+    softmax's image rows. The model's order is [text; image] with the text as long as the call's longest prompt and
+    its mask ``[encoder_hidden_states_mask; ones]``; the recorded Q/K pad the text to the segment's length with
+    masked zero keys (a masked key has no mass, so the probabilities are the model's): text = (0, S), image =
+    (S, S + image tokens)."""
+
+    def __init__(self, cap, name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        encoder_hidden_states_mask=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+    ):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+        if encoder_hidden_states is None:
+            raise ValueError("QwenDoubleStreamAttnProcessor2_0 requires encoder_hidden_states (text stream)")
+        if attention_mask is not None:
+            raise ValueError("QwenDoubleStreamAttnProcessor2_0 does not accept an external attention_mask")
+        b, n_image = hidden_states.shape[:2]
+        if encoder_hidden_states_mask is not None:
+            image_mask = torch.ones((b, n_image), dtype=torch.bool, device=hidden_states.device)
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+        seq_txt = encoder_hidden_states.shape[1]
+        head_dim = attn.inner_dim // attn.heads
+        img_q, img_k, img_v = (
+            p(hidden_states).unflatten(-1, (-1, head_dim)) for p in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        txt_q, txt_k, txt_v = (
+            p(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+            for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        if attn.norm_q is not None:
+            img_q = attn.norm_q(img_q)
+        if attn.norm_k is not None:
+            img_k = attn.norm_k(img_k)
+        if attn.norm_added_q is not None:
+            txt_q = attn.norm_added_q(txt_q)
+        if attn.norm_added_k is not None:
+            txt_k = attn.norm_added_k(txt_k)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_q = apply_rotary_emb_qwen(img_q, img_freqs, use_real=False)
+            img_k = apply_rotary_emb_qwen(img_k, img_freqs, use_real=False)
+            txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
+            txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
+        self._record(txt_q, txt_k, img_q, img_k, encoder_hidden_states_mask)
+        query, key, value = (torch.cat(p, dim=1) for p in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).to(query.dtype)
+        txt_out, img_out = out[:, :seq_txt], out[:, seq_txt:]
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        return img_out, attn.to_add_out(txt_out.contiguous())
+
+    def _record(self, txt_q, txt_k, img_q, img_k, text_mask) -> None:
+        """[text padded to the segment's S slots (masked); image], as (b, heads, S + image tokens, d)."""
+        b, seq_txt = txt_k.shape[:2]
+        slots = self.cap.layout.segment[1]
+        valid = torch.ones((b, seq_txt), dtype=torch.bool, device=txt_k.device)
+        if text_mask is not None:
+            valid = text_mask.bool()
+        key_mask = None
+        if seq_txt < slots or text_mask is not None:
+            image = torch.ones((b, img_k.shape[1]), dtype=torch.bool, device=txt_k.device)
+            key_mask = torch.cat([pad_tokens(valid, slots), image], dim=1)
+        query = torch.cat([pad_tokens(txt_q, slots), img_q], dim=1).transpose(1, 2)
+        key = torch.cat([pad_tokens(txt_k, slots), img_k], dim=1).transpose(1, 2)
+        n = query.shape[2]
+        self.cap._record_joint(self.name, query, key, image=(slots, n), text=(0, slots), key_mask=key_mask)

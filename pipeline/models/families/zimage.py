@@ -20,26 +20,45 @@ step is truncated); the project has no setting for other values.
 Conditioning tensors: each prompt's embeddings zero-padded to ``max_sequence_length`` (the ``__call__`` default,
 512) with a boolean mask of its own tokens, so that every prompt's condition has one shape (the latent mode's
 directions subtract conditions of different prompts); each call hands the transformer exactly the masked rows,
-i.e. the list ``encode_prompt`` returns. Attention maps are the next issue (mode not declared).
+i.e. the list ``encode_prompt`` returns.
+
+Attention: the main single-stream layers (``layers.N.attention``, ``ZSingleStreamAttnProcessor``; the image-only
+and caption-only refiners are not joint) attend over one sequence per sample, [image patches; image pad tokens up
+to a multiple of 32; caption; caption pad tokens up to a multiple of 32], right-padded to the batch's longest with a
+mask (the pad tokens inside are real, attended tokens). The caption is the prompt in the tokenizer's chat template
+(``<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n`` for Qwen3), all its tokens up to
+``max_sequence_length``: the segment is those slots (rounded up to the multiple of 32); only the prompt's tokens map
+to words; the maps renormalise over the template's and the prompt's tokens. The recorder pads the keys to the
+segment's length with masked keys and hands the CFG rows over as ``[neg; pos]`` (the call's are ``[pos; neg]``).
 """
 
 from __future__ import annotations
+
+import functools
+import re
 
 import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
+from pipeline.models.attention import AttentionLayout, attention_processors, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
+from pipeline.models.families.qwenimage import pad_tokens
 from pipeline.models.flow_shift import shift_mu, uses_dynamic_shift
+from pipeline.models.tokens import prompt_tokens
 
-__all__ = ["ZImage"]
+__all__ = ["ZImage", "ZImageRecorder", "chat_template"]
+
+SEQ_MULTI_OF = 32  # transformer_z_image.SEQ_MULTI_OF: image and caption padded to a multiple of it
 
 DEFAULT_SIZE = 1024  # ZImagePipeline.__call__: height = height or 1024 (pixels, whatever the VAE)
 
 
 @register("ZImagePipeline")
 class ZImage(FamilyDriver):
-    family = Family("zimage", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "latent"))
+    family = Family(
+        "zimage", "transformer", "text", "latent", flow=True, modes=("metrics", "schedule", "attention", "latent")
+    )
     vae_upcast = False  # the pipeline decodes (and its img2img sibling encodes) in the VAE's own dtype
 
     # ------------------------------------------------------------------ geometry
@@ -139,3 +158,82 @@ class ZImage(FamilyDriver):
     def latent_factors(self):
         c = self.model.vae.config
         return float(c.scaling_factor), float(getattr(c, "shift_factor", None) or 0.0), None, None
+
+    # ------------------------------------------------------------------ attention
+    def attention_layout(self, height, width) -> AttentionLayout:
+        """The main layers' joint attention; the segment: the chat-templated caption's slots (module docstring)."""
+        _, h, w = self.latent_shape(height, width)
+        layers = tuple(
+            k for k in attention_processors(self.denoiser) if re.fullmatch(r"layers\.\d+\.attention\.processor", k)
+        )
+        max_len = int(call_default(self.pipe.__call__, "max_sequence_length", 512))
+        tok = self.pipe.tokenizer
+        tokenize = functools.partial(prompt_tokens, tok, max_length=max_len, template=chat_template(tok), trail=0)
+        slots = max_len + (-max_len) % SEQ_MULTI_OF
+        return AttentionLayout("zimage", layers, (h // 2, w // 2), tok, max_len, (0, slots), True, "Qwen3", tokenize)
+
+
+def chat_template(tokenizer) -> str:
+    """``ZImagePipeline._encode_prompt``'s text as a ``str.format`` pattern: one user message in the tokenizer's
+    chat template, ``add_generation_prompt=True``, ``enable_thinking=True``."""
+    mark = "\x00prompt\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+    if text.count(mark) != 1:
+        raise ValueError(f"{type(tokenizer).__name__}: the chat template does not hold the prompt once: {text!r}")
+    return "{}".join(part.replace("{", "{{").replace("}", "}}") for part in text.split(mark))
+
+
+@register_recorder("zimage")
+class ZImageRecorder:
+    """Z-Image's ``ZSingleStreamAttnProcessor`` (diffusers 0.42), step for step, recording the joint softmax's image
+    rows. The model's sequence is [image (``cap.n_image_tokens``); image pad; caption; caption pad], padded to the
+    batch's longest under its boolean mask; the recorded Q/K keep it and pad it with masked zero keys to
+    image + image pad + the segment's S slots (no mass): image = (0, image tokens), text = (image + pad, … + S).
+    Under CFG (the sink's ``cfg``) the call's rows ``[pos; neg]`` are handed over as ``[neg; pos]``."""
+
+    def __init__(self, cap, name: str):
+        self.cap, self.name = cap, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        query, key, value = (
+            p(hidden_states).unflatten(-1, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if freqs_cis is not None:
+            query, key = _rotary(query, freqs_cis), _rotary(key, freqs_cis)
+        dtype = query.dtype
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, None, None, :]
+        self._record(query, key, attention_mask)
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = attn.to_out[0](out.flatten(2, 3).to(dtype))
+        if len(attn.to_out) > 1:  # dropout
+            out = attn.to_out[1](out)
+        return out
+
+    def _record(self, query, key, mask) -> None:
+        b, L = key.shape[:2]
+        n_image = self.cap.n_image_tokens
+        t0 = n_image + (-n_image) % SEQ_MULTI_OF  # the caption starts after the image's pad tokens
+        n = t0 + self.cap.layout.segment[1]
+        if mask is None:
+            mask = torch.ones((b, L), dtype=torch.bool, device=key.device)
+        key_mask = pad_tokens(mask.reshape(b, -1).bool(), n)
+        query, key = pad_tokens(query, n).transpose(1, 2), pad_tokens(key, n).transpose(1, 2)
+        if getattr(self.cap, "cfg", False):  # the call's [pos; neg] -> the sink's [uncond; cond]
+            query, key, key_mask = (torch.cat(t.chunk(2)[::-1]) for t in (query, key, key_mask))
+        self.cap._record_joint(self.name, query, key, image=(0, n_image), text=(t0, n), key_mask=key_mask)
+
+
+def _rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """``ZSingleStreamAttnProcessor``'s rotary embedding: complex product in float32 (autocast off), cast back."""
+    with torch.amp.autocast("cuda", enabled=False):
+        z = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(z * freqs_cis.unsqueeze(2)).flatten(3).type_as(x)

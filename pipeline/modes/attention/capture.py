@@ -110,7 +110,14 @@ class _Sum:
         self.calls += 1
 
 
-KINDS = ("probs", "output")  # attention probabilities of the text segment; output-space concept maps
+KINDS = ("probs", "output")
+# how a family's CFG halves reach the model (FamilyDriver.cfg_calls): one call on [uncond; cond], one call on
+# [cond; uncond], or two calls per step, the conditional one first
+CFG_CALLS = (
+    "batch",
+    "batch_cond_first",
+    "two_calls",
+)  # attention probabilities of the text segment; output-space concept maps
 
 
 class AttentionCapture:
@@ -133,7 +140,13 @@ class AttentionCapture:
         valid_tokens: Sequence[int] | None = None,
         concepts: torch.Tensor | None = None,
         keep: Sequence[Sequence[int]] | None = None,
+        cfg_calls: str = "batch",
     ):
+        if cfg_calls not in CFG_CALLS:
+            raise ValueError(f"Expected cfg_calls in {CFG_CALLS}, got {cfg_calls!r}")
+        self.cfg_calls = cfg_calls
+        self._forward_calls = 0
+        self._active = True  # False during the unconditional call of a two-call CFG step
         self.denoiser, self.layout, self.latent_hw = denoiser, layout, tuple(latent_hw)
         self.snapshot_steps, self.call_steps, self.cfg = set(snapshot_steps), call_steps, cfg
         self.valid_tokens = None if valid_tokens is None else list(valid_tokens)  # per sample: non-padding tokens
@@ -158,6 +171,11 @@ class AttentionCapture:
     @property
     def n_image_tokens(self) -> int:
         return self.layout.grid[0] * self.layout.grid[1]
+
+    @property
+    def recording(self) -> bool:
+        """False during the unconditional call of a two-call CFG step (recorders may skip their own preparation)."""
+        return self._active
 
     @property
     def wants_output(self) -> bool:
@@ -194,6 +212,11 @@ class AttentionCapture:
         set_attention_processors(self.denoiser, self._originals)
 
     def _next_call(self, module, args) -> None:
+        self._forward_calls += 1
+        if self.cfg and self.cfg_calls == "two_calls":
+            self._active = self._forward_calls % 2 == 1  # the step's conditional call; the next one is its uncond
+            if not self._active:
+                return
         if self.call_steps is not None and self.calls >= len(self.call_steps):
             raise ValueError(
                 f"denoiser call {self.calls + 1} but call_steps has {len(self.call_steps)} entries: build "
@@ -223,7 +246,10 @@ class AttentionCapture:
 
     # --- recording ---------------------------------------------------------------------------------------
     def _cond(self, t: torch.Tensor) -> torch.Tensor:
-        return t[t.shape[0] // 2 :] if self.cfg else t  # [uncond, cond] -> cond
+        if not self.cfg or self.cfg_calls == "two_calls":
+            return t
+        half = t.shape[0] // 2
+        return t[:half] if self.cfg_calls == "batch_cond_first" else t[half:]
 
     def _add(self, kind: str, name: str, grid: tuple[int, int], maps: torch.Tensor) -> None:
         self.sums[kind].setdefault(grid, _Sum()).add(maps)
@@ -243,6 +269,8 @@ class AttentionCapture:
             entry[1] += 1
 
     def _record_cross(self, name: str, probs: torch.Tensor, heads: int) -> None:
+        if not self._active:
+            return
         bh, hw, t = probs.shape
         p = self._cond(probs.detach().reshape(bh // heads, heads, hw, t))
         self._error((p.sum(-1) - 1).abs().max())
@@ -257,8 +285,15 @@ class AttentionCapture:
         text: tuple[int, int],
         key_mask: torch.Tensor | None = None,
     ) -> None:
+        if not self._active:
+            return
         q, k = self._cond(query), self._cond(key)
         key_mask = None if key_mask is None else self._cond(key_mask)
+        if self.valid_tokens is not None and q.shape[0] != len(self.valid_tokens):
+            raise ValueError(
+                f"{name}: {q.shape[0]} conditional rows for {len(self.valid_tokens)} prompts: the family's CFG calls "
+                f"are not what the capture expects (cfg_calls={self.cfg_calls!r})"
+            )
         if self._valid is None and self.valid_tokens is not None:
             S = self.layout.segment[1] - self.layout.segment[0]
             self._valid = (
@@ -278,16 +313,21 @@ class AttentionCapture:
     def _record_image_output(self, name: str, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> None:
         """A joint layer's image rows: key and value (n, heads, HW, d) as its softmax sees them, and the attention
         output (n, HW, heads·d) before the output projection — kept for the block's concept step."""
+        if not self._active:
+            return
         self._seen[name] = (self._cond(key.detach()), self._cond(value.detach()), self._cond(out.detach()))
 
     def _block_pre(self, name: str):
         def pre(module, args, kwargs):
-            self._block_kwargs[name] = kwargs
+            if self._active:
+                self._block_kwargs[name] = kwargs
 
         return pre
 
     def _block_post(self, name: str):
         def post(module, args, output):
+            if not self._active:
+                return
             layer = f"{name}.{self.layout.concepts.attention}.processor"
             key, value, out = self._seen.pop(layer)
             n = key.shape[0]
@@ -391,5 +431,14 @@ def capture(
         with torch.no_grad():
             tokens = model.driver.concept_tokens(list(concepts))
     return AttentionCapture(
-        model.denoiser, layout, latent_hw, snapshot_steps, call_steps, cfg, valid_tokens, tokens, keep
+        model.denoiser,
+        layout,
+        latent_hw,
+        snapshot_steps,
+        call_steps,
+        cfg,
+        valid_tokens,
+        tokens,
+        keep,
+        model.driver.cfg_calls,
     )

@@ -26,6 +26,11 @@ class AttentionModeConfig:
     figures: int = bounded(ge=0)
     num_reference: int = bounded(ge=0, note="0 turns the real-image protocol off")
     t: float = bounded(gt=0, lt=1, note="the real-image noise level as a fraction")
+    maps: List[str] = MISSING
+    concepts: Optional[List[str]] = MISSING
+
+
+MAP_KINDS = ("probs", "output")  # attention probabilities; ConceptAttention's output-space concept maps
 
 
 def refuse_untexted(cls: str, fam) -> None:
@@ -55,6 +60,14 @@ def validate(cfg) -> None:
         raise UserError(f"mode.attention.threshold={a.threshold}: expected a fraction of the map's maximum in (0, 1)")
     if not 0 < a.t < 1:
         raise UserError(f"mode.attention.t={a.t}: expected the real-image noise level as a fraction in (0, 1)")
+    bad_maps = [m for m in a.maps if m not in MAP_KINDS]
+    if bad_maps or not a.maps:
+        raise UserError(f"mode.attention.maps={list(a.maps)}: expected a non-empty subset of {list(MAP_KINDS)}")
+    if a.concepts is not None and (not a.concepts or any(not str(c).strip() or " " in str(c) for c in a.concepts)):
+        raise UserError(
+            f"mode.attention.concepts={list(a.concepts)}: expected single words, e.g. [cat, sky, grass] (null: from "
+            "the ground truth or the prompts)"
+        )
     if a.num_reference < 0:
         raise UserError(
             f"mode.attention.num_reference={a.num_reference}: expected >= 0 (0 turns the real-image protocol off)"

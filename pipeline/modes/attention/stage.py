@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 STOP_WORDS = {"a", "an", "the", "on", "of", "and", "to", "in", "at", "with", "next", "is", "by", "its"}
 ROW_SUM_TOLERANCE = 1e-3  # float32 probabilities: |Σ p − 1| is ~1e-6 whatever the model dtype
+MAX_CONCEPTS = 32  # default concepts taken from the prompts' words (configured ones are all kept)
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -105,6 +106,7 @@ class _Scores:
         self.by_grid: dict[tuple[int, int], list[float]] = {}
         self.ceiling: dict[tuple[int, int], list[float]] = {}
         self.curves: dict[str, list[list[float]]] = {"shape": [], "colour": []}  # per object: IoU at each τ
+        self.output: list[float] = []  # output-space concept map of the object's head noun (ConceptAttention)
         self.unscored = 0
 
 
@@ -117,8 +119,10 @@ def _score_generated(
     final: torch.Tensor,
     res_maps: dict,
     threshold: float,
+    concept_maps: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Score one generated image's word maps (image resolution) against its objects' masks."""
+    """Score one generated image's word maps (image resolution) against its objects' masks; ``concept_maps``
+    ({concept: map at image resolution}, output space) are scored by each object's head noun."""
     objects = truth.objects(prompt) or []
     slots = object_word_positions(words, objects)
     size = image.shape[:2]
@@ -128,6 +132,9 @@ def _score_generated(
             scores.unscored += 1
             continue
         head = slots[k][-1]
+        noun = _concept_key(obj.words[-1])
+        if concept_maps and noun in concept_maps:
+            scores.output.append(iou(normalise(concept_maps[noun]) >= threshold, mask))
         norm = normalise(final[head])  # once per word: the headline τ and the τ curve
         scores.head.append(iou(norm >= threshold, mask))
         scores.curves["shape"].append([iou(norm >= t, mask) for t in CURVE_THRESHOLDS])
@@ -142,7 +149,7 @@ def _score_generated(
             scores.swapped.append(iou(binarise(final[slots[1 - k][-1]], threshold), mask))
 
 
-def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -> dict[str, float]:
+def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth, concepts=None) -> dict[str, float]:
     """DAAM's real-image protocol on the dataset's reference images with masks (see the module docstring)."""
     a = cfg.mode.attention
     rows = truth.reference(int(a.num_reference))
@@ -158,7 +165,7 @@ def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -
     target = float(a.t) * float(sched.config.num_train_timesteps)
     t = sched.timesteps[int((sched.timesteps.float() - target).abs().argmin())]
     guidance = float(cfg.sampler.guidance_scale)
-    ious, bs = [], int(cfg.sampler.batch_size)
+    ious, ious_out, bs = [], [], int(cfg.sampler.batch_size)
     for lo in range(0, len(rows), bs):
         batch = rows[lo : lo + bs]
         pixels = np.stack([np.asarray(Image.fromarray(r.image).resize((width, height), Image.BICUBIC)) for r in batch])
@@ -170,10 +177,13 @@ def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -
         xt = model.add_noise(sched, z, generators(cfg.seed, range(lo, lo + len(batch))), t)
         with (
             torch.no_grad(),
-            capture(model, height, width, cfg=cond.cfg, valid_tokens=[k.num_tokens for k in toks]) as cap,
+            capture(
+                model, height, width, cfg=cond.cfg, valid_tokens=[k.num_tokens for k in toks], concepts=concepts
+            ) as cap,
         ):
             model.denoise(xt, t, cond, sched)
         agg = cap.aggregate()
+        out_maps = cap.aggregate("output") if concepts else None
         for i, row in enumerate(batch):
             slots = object_word_positions(toks[i].words, row.objects)
             for obj, slot in zip(row.objects, slots):
@@ -181,13 +191,57 @@ def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth) -
                     continue
                 m = to_image(word_maps(agg[i], [toks[i].positions[slot[-1]]]), obj.mask.shape)[0]
                 ious.append(iou(binarise(m, a.threshold), obj.mask))
+                noun = _concept_key(obj.words[-1])
+                if out_maps is not None and noun in concepts:
+                    m = to_image(out_maps[i, concepts.index(noun)][None], obj.mask.shape)[0]
+                    ious_out.append(iou(binarise(m, a.threshold), obj.mask))
     out = {"attention/num_reference_scored": len(ious)}
     if ious:
         out["attention/miou_reference"] = float(np.mean(ious))
+    if ious_out:
+        out["attention/miou_reference_output"] = float(np.mean(ious_out))
     else:
         ctx.tag("skipped.attention/miou_reference", "no reference object's words were found in its caption")
     log.info("attention on %d reference images (t = %s): %d objects scored", len(rows), int(t), len(ious))
     return out
+
+
+def _concept_key(word: str) -> str:
+    return word.lower().strip(".,;:!?\"'")
+
+
+def _concepts(ctx, cfg, model, layout, prompts: list[str], truth) -> list[str] | None:
+    """The output-space maps' concepts (None: off, with a ``skipped.attention/miou_output`` tag saying why): the
+    configured words, else the head nouns of the ground truth's objects over every prompt of the run, else the
+    prompts' content words (the first ``MAX_CONCEPTS`` seen). One list for the whole run, so maps do not depend on
+    the batch size."""
+    a = cfg.mode.attention
+    if "output" not in a.maps:
+        return None
+    if layout.concepts is None:
+        reason = (
+            f"{type(model.pipe).__name__} ({model.family.name}): output-space concept maps need joint attention with a "
+            "separate text stream (ConceptAttention); this family has none"
+        )
+        if list(a.maps) == ["output"]:
+            raise UserError(f"mode.attention.maps=[output]: {reason}; use maps=[probs]")
+        ctx.tag("skipped.attention/miou_output", reason)
+        return None
+    if a.concepts:
+        return list(dict.fromkeys(_concept_key(c) for c in a.concepts))
+    seen: dict[str, None] = {}
+    for p in prompts:
+        objects = truth.objects(p) if truth is not None else None
+        words = (
+            [o.words[-1] for o in objects] if objects else [w for w in p.split() if _concept_key(w) not in STOP_WORDS]
+        )
+        seen.update((_concept_key(w), None) for w in words if _concept_key(w))
+    concepts = list(seen)
+    if len(concepts) > MAX_CONCEPTS:
+        ctx.tag("attention.concepts_dropped", len(concepts) - MAX_CONCEPTS)
+        concepts = concepts[:MAX_CONCEPTS]
+    ctx.tag("attention.concepts", " ".join(concepts)[:500])
+    return concepts or None
 
 
 # ----------------------------------------------------------------------------------------------- stage
@@ -205,6 +259,7 @@ class _Setup:
     call_steps: Any
     truth: Any  # the dataset's object masks, or None
     scored: bool  # generated images are segmented and scored
+    concepts: list[str] | None = None  # output-space concept maps (None: off)
 
 
 @dataclass
@@ -224,8 +279,10 @@ class _Tally:
 def attention_stage(ctx, cfg):
     setup = _setup(ctx, cfg)
     prompts = _prompts(ctx, cfg)
+    setup.concepts = _concepts(ctx, cfg, setup.model, setup.layout, prompts, setup.truth)
     tally = _Tally()
     npz = _maps_file(ctx, setup, prompts)
+    _add_concepts(npz, setup.concepts)
     bar = tqdm(total=len(prompts), desc="attention", unit="prompt", dynamic_ncols=True)
     batch_size = int(cfg.sampler.batch_size)
     for lo in range(0, len(prompts), batch_size):
@@ -281,6 +338,11 @@ def _maps_file(ctx, setup: _Setup, prompts: list[str]) -> _NpzWriter:
     return npz
 
 
+def _add_concepts(npz: _NpzWriter, concepts: list[str] | None) -> None:
+    if concepts:
+        npz.add("concepts", np.array(concepts))
+
+
 def _attend_batch(ctx, cfg, setup: _Setup, batch: list[str], lo: int, tally: _Tally, npz: _NpzWriter) -> None:
     """Generate one batch of prompts while capturing attention, then score, store and plot each prompt's maps."""
     a, s = cfg.mode.attention, setup
@@ -304,6 +366,7 @@ def _attend_batch(ctx, cfg, setup: _Setup, batch: list[str], lo: int, tally: _Ta
         s.call_steps,
         cfg=s.model.uses_cfg(s.guidance),
         valid_tokens=[t.num_tokens for t in toks],
+        concepts=s.concepts,
     ) as cap:
         out = sample(s.model, s.sampler, cond, gens, s.steps, s.height, s.width, eta=float(cfg.sampler.eta))
     if cap.max_row_sum_error > ROW_SUM_TOLERANCE:
@@ -314,6 +377,8 @@ def _attend_batch(ctx, cfg, setup: _Setup, batch: list[str], lo: int, tally: _Ta
         "by_res": cap.by_resolution(),
         "snapshots": cap.snapshots(),
         "text_share": cap.text_share(),
+        "output": cap.aggregate("output") if s.concepts else None,
+        "output_snapshots": cap.snapshots("output") if s.concepts else {},
     }
     for i, prompt in enumerate(batch):
         _one_prompt(ctx, a, s, tally, npz, prompt, toks[i], images[i], maps, i, lo + i)
@@ -354,8 +419,13 @@ def _one_prompt(
     size = (s.height, s.width)
     final = to_image(latent, size) if wanted else None
     res_maps = {g: to_image(word_maps(m[i], positions), size) for g, m in by_res.items()} if wanted else {}
+    concept_img = None
+    if maps["output"] is not None:
+        npz.add(f"output_{index:04d}", maps["output"][i].numpy().astype(np.float16))
+        concept_img = to_image(maps["output"][i], size) if wanted else None
     if s.scored:
-        _score_generated(tally.scores, s.truth, image, prompt, words, final, res_maps, a.threshold)
+        by_concept = dict(zip(s.concepts, concept_img)) if concept_img is not None else None
+        _score_generated(tally.scores, s.truth, image, prompt, words, final, res_maps, a.threshold, by_concept)
     if tally.figures < a.figures and content:
         snaps_img = {t: to_image(v[content], size) for t, v in snaps.items()}
         names = [words[k] for k in content]
@@ -367,6 +437,12 @@ def _one_prompt(
             resolution_figure(image, names, {g: m[content] for g, m in res_maps.items()}, prompt, a.threshold),
             f"attention_resolutions_{tally.figures}",
         )
+        if concept_img is not None:  # output space: every concept, over the same snapshot steps
+            snaps_out = {t: to_image(m[i], size) for t, m in maps["output_snapshots"].items()}
+            ctx.save_figure(
+                overlay_figure(image, s.concepts, snaps_out, concept_img, f"{prompt} (output space)", a.threshold),
+                f"attention_concepts_{tally.figures}",
+            )
         tally.figures += 1
 
 
@@ -404,7 +480,14 @@ def _scalars(ctx, s: _Setup, prompts: list[str], tally: _Tally) -> dict[str, flo
     if tally.ent_early:
         scalars["attention/entropy_early"] = float(np.mean(tally.ent_early))
         scalars["attention/entropy_late"] = float(np.mean(tally.ent_late))
-    for key, vals in (("miou", scores.head), ("miou_colour", scores.modifier), ("miou_swapped", scores.swapped)):
+    if s.concepts:
+        scalars["attention/num_concepts"] = len(s.concepts)
+    for key, vals in (
+        ("miou", scores.head),
+        ("miou_colour", scores.modifier),
+        ("miou_swapped", scores.swapped),
+        ("miou_output", scores.output),
+    ):
         if vals:
             scalars[f"attention/{key}"] = float(np.mean(vals))
     for g, vals in sorted(scores.by_grid.items(), reverse=True):
@@ -420,4 +503,4 @@ def _reference_part(ctx, cfg, s: _Setup) -> dict[str, float]:
     if s.truth is None:
         ctx.tag("skipped.attention/miou_reference", no_object_masks(cfg.dataset))
         return {}
-    return _reference_scores(ctx, cfg, s.model, s.layout, s.height, s.width, s.truth)
+    return _reference_scores(ctx, cfg, s.model, s.layout, s.height, s.width, s.truth, s.concepts)
