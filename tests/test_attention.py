@@ -419,12 +419,23 @@ def test_attention_overlays_have_one_colour_bar_on_a_fixed_scale():
     assert len(res.axes) == 2 * 2 + 1
 
 
-def test_snapshot_steps_out_of_range_fail_before_any_work(tmp_path):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mode.attention.steps=[5,15]", r"mode.attention.steps=\[5, 15\]: .* 0..9"),
+        ("mode.attention.step_range=[4,12]", r"mode.attention.step_range=\[4, 12\]: .*stop <= 10"),
+        ("mode.attention.layers=[3,1]", r"mode.attention.layers=\[3, 1\]: expected \[start, stop\)"),
+        ("mode.attention.maps=[probs,outputs]", r"mode.attention.maps=.*subset of \['probs', 'output'\]"),
+        ("mode.attention.concepts=['red car']", r"mode.attention.concepts=.*single words"),
+    ],
+)
+def test_attention_options_out_of_range_fail_before_any_work(override, message, tmp_path):
     cfg = compose_cfg(
         [
             "mode=[attention]",
             "sampler.num_inference_steps=10",
-            "mode.attention.steps=[5,15]",
+            "mode.attention.steps=[1,5]",
+            override,
             "model=hub",
             "features=[shapes_net]",
             "dataset=shapes",
@@ -432,7 +443,7 @@ def test_snapshot_steps_out_of_range_fail_before_any_work(tmp_path):
         ],
         tmp_path / "out",
     )
-    with pytest.raises(UserError, match=r"mode.attention.steps=\[5, 15\]: .* 0..9"):
+    with pytest.raises(UserError, match=message):
         run_pipeline(cfg, tmp_path / "run")
 
 
@@ -485,3 +496,19 @@ def test_concepts_leave_the_image_unchanged_and_follow_the_blocks_own_text_path(
     torch.testing.assert_close(ctx, o if pre_only else attn.to_add_out(o), atol=1e-5, rtol=1e-5)
     if not pre_only:
         torch.testing.assert_close(c_ours, c_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_and_step_ranges_choose_what_the_headline_maps_average(family_paths):
+    """``layers``/``steps`` select the average; the per (layer, step) records are kept whatever the selection."""
+    model = ModelAdapter(_load(family_paths["flux"]))
+    h, w = _size(model)
+    cond = model.condition(1, 1.0, h, w, prompts=PROMPTS[:1])
+    layout = model.attention_layout(h, w)
+    kw = dict(prompts=PROMPTS[:1], keep=[[1, 2]])
+    with torch.no_grad(), capture(model, h, w, {1}, layers=(1, 2), steps=(1, 2), **kw) as cap:
+        sample(model, model.pipe.scheduler, cond, generators(0, [0]), 3, h, w)
+    records = cap.by_layer_step()
+    assert set(records) == {(name, step) for name in layout.layers for step in range(3)}
+    only = records[(layout.layers[1], 1)]  # the one selected cell: its kept tokens are the headline's
+    torch.testing.assert_close(cap.aggregate()[:, [1, 2]], only, atol=2e-3, rtol=0)  # float16 records
+    torch.testing.assert_close(cap.snapshots()[1][:, [1, 2]], only, atol=2e-3, rtol=0)

@@ -87,3 +87,14 @@ def test_joint_attention_maps_of_shapes_sd3_segment_the_named_objects(tmp_path):
     assert r["attention/miou"] >= 0.5
     assert r["attention/miou"] > 10 * r["attention/miou_swapped"]
     assert 0 < r["attention/text_share"] < 1
+    # output-space concept maps beside the probabilities, and where the maps localise (layer x solver step)
+    assert r["attention/num_concepts"] == 3 and 0 <= r["attention/miou_output"] <= 1
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "attn3" / "tables" / "attention_miou_layer_step.csv")))
+    assert len(rows) == 4 * 20 and {"layer", "step", "miou", "miou_output", "text_share"} <= set(rows[0])
+    best = max(rows, key=lambda row: float(row["miou"]))
+    assert float(best["miou"]) >= r["attention/miou_best_layers"] - 1e-9
+    assert 0 <= r["attention/best_layers_first"] <= r["attention/best_layers_last"] <= 3
+    assert 0 <= r["attention/best_steps_first"] <= r["attention/best_steps_last"] <= 19
+    assert (tmp_path / "attn3" / "plots" / "attention_miou_layer_step.png").exists()

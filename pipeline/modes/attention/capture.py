@@ -141,7 +141,12 @@ class AttentionCapture:
         concepts: torch.Tensor | None = None,
         keep: Sequence[Sequence[int]] | None = None,
         cfg_calls: str = "batch",
+        layers: Sequence[str] | None = None,
+        steps: tuple[int, int] | None = None,
     ):
+        self.select_layers = None if layers is None else set(layers)  # what the headline maps average over
+        self.select_steps = steps  # [start, stop) solver steps, or all
+        self.layer_step_share: dict[tuple[str, int], list] = {}  # (layer, step) -> [Σ per-sample share, calls]
         if cfg_calls not in CFG_CALLS:
             raise ValueError(f"Expected cfg_calls in {CFG_CALLS}, got {cfg_calls!r}")
         self.cfg_calls = cfg_calls
@@ -251,9 +256,15 @@ class AttentionCapture:
         half = t.shape[0] // 2
         return t[:half] if self.cfg_calls == "batch_cond_first" else t[half:]
 
+    def _selected(self, name: str) -> bool:
+        if self.select_layers is not None and name not in self.select_layers:
+            return False
+        return self.select_steps is None or self.select_steps[0] <= self.step < self.select_steps[1]
+
     def _add(self, kind: str, name: str, grid: tuple[int, int], maps: torch.Tensor) -> None:
-        self.sums[kind].setdefault(grid, _Sum()).add(maps)
-        if self.step in self.snapshot_steps:
+        if self._selected(name):
+            self.sums[kind].setdefault(grid, _Sum()).add(maps)
+        if self.step in self.snapshot_steps and (self.select_layers is None or name in self.select_layers):
             self.snaps[kind].setdefault(self.step, {}).setdefault(grid, _Sum()).add(maps)
         if self.keep is not None:
             if kind == "probs":  # the kept tokens only: (n, HW, K) per sample's own positions, padded
@@ -305,8 +316,12 @@ class AttentionCapture:
         if n_image != self.n_image_tokens:
             raise ValueError(f"Expected {self.layout.grid} image tokens in {name}, got {n_image}")
         share = share.mean(1)
-        self._share_sum = share if self._share_sum is None else self._share_sum + share
-        self._share_calls += 1
+        if self._selected(name):
+            self._share_sum = share if self._share_sum is None else self._share_sum + share
+            self._share_calls += 1
+        if self.keep is not None:
+            entry = self.layer_step_share.setdefault((name, self.step), [0.0, 0])
+            entry[0], entry[1] = entry[0] + share.float().cpu(), entry[1] + 1
         self._add("probs", name, self.layout.grid, maps)
 
     # --- ConceptAttention ----------------------------------------------------------------------------------
@@ -379,6 +394,10 @@ class AttentionCapture:
             key: self._to_latent(grid, total / calls) for key, (total, calls, grid) in self.layer_step[kind].items()
         }
 
+    def share_by_layer_step(self) -> dict[tuple[str, int], torch.Tensor]:
+        """{(layer, solver step): (n,)} the text share of joint layers (kept with ``keep``)."""
+        return {key: total / calls for key, (total, calls) in self.layer_step_share.items()}
+
     def text_share(self) -> torch.Tensor | None:
         """(n,) the joint softmax's mean mass on text keys (joint attention only; None for cross-attention)."""
         return None if self._share_sum is None else (self._share_sum / self._share_calls).float().cpu()
@@ -402,6 +421,8 @@ def capture(
     valid_tokens: Sequence[int] | None = None,
     concepts: Sequence[str] | None = None,
     keep: Sequence[Sequence[int]] | None = None,
+    layers: Sequence[int] | None = None,
+    steps: tuple[int, int] | None = None,
 ) -> AttentionCapture:
     """A context manager recording ``model``'s text→image attention (``model`` is a
     :class:`~pipeline.models.adapter.ModelAdapter`; its ``attention_layout`` says where and which tokens).
@@ -411,7 +432,9 @@ def capture(
     ``valid_tokens``, per sample the segment's non-padding token count): the batch's prompts, which joint-attention
     maps are renormalised over — required there, so padding never silently joins the renormalisation.
     ``concepts``: words whose output-space maps are recorded too (ConceptAttention; joint-attention families with
-    a concept stream); ``keep``: per sample the segment positions whose maps are kept per (layer, step)."""
+    a concept stream); ``keep``: per sample the segment positions whose maps are kept per (layer, step);
+    ``layers`` ([start, stop) indices into the layout's layers, forward order) and ``steps`` ([start, stop) solver
+    steps): what the headline maps and text share average over (default: all)."""
     layout = model.attention_layout(height, width)
     latent_hw = tuple(model.latent_shape(height, width)[1:])
     if valid_tokens is None and prompts is not None:
@@ -441,4 +464,6 @@ def capture(
         tokens,
         keep,
         model.driver.cfg_calls,
+        None if layers is None else layout.layers[layers[0] : layers[1]],
+        None if steps is None else (int(steps[0]), int(steps[1])),
     )

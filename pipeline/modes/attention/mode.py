@@ -27,6 +27,8 @@ class AttentionModeConfig:
     num_reference: int = bounded(ge=0, note="0 turns the real-image protocol off")
     t: float = bounded(gt=0, lt=1, note="the real-image noise level as a fraction")
     maps: List[str] = MISSING
+    layers: Optional[List[int]] = MISSING
+    step_range: Optional[List[int]] = MISSING
     concepts: Optional[List[str]] = MISSING
 
 
@@ -60,6 +62,16 @@ def validate(cfg) -> None:
         raise UserError(f"mode.attention.threshold={a.threshold}: expected a fraction of the map's maximum in (0, 1)")
     if not 0 < a.t < 1:
         raise UserError(f"mode.attention.t={a.t}: expected the real-image noise level as a fraction in (0, 1)")
+    if a.step_range is not None and (len(a.step_range) != 2 or not 0 <= a.step_range[0] < a.step_range[1] <= n):
+        raise UserError(
+            f"mode.attention.step_range={list(a.step_range)}: expected [start, stop) with 0 <= start < stop <= {n} "
+            "(sampler.num_inference_steps), e.g. [0, " + str(max(1, n // 2)) + "]; null: all steps"
+        )
+    if a.layers is not None and (len(a.layers) != 2 or not 0 <= a.layers[0] < a.layers[1]):
+        raise UserError(
+            f"mode.attention.layers={list(a.layers)}: expected [start, stop) indices into the recorded layers "
+            "(forward order), e.g. [0, 4]; null: all layers"
+        )
     bad_maps = [m for m in a.maps if m not in MAP_KINDS]
     if bad_maps or not a.maps:
         raise UserError(f"mode.attention.maps={list(a.maps)}: expected a non-empty subset of {list(MAP_KINDS)}")

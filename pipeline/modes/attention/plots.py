@@ -10,7 +10,7 @@ import torch
 from pipeline.core.escape import mpl_text
 from pipeline.modes.attention.scoring import CURVE_THRESHOLDS, normalise
 
-__all__ = ["overlay_figure", "resolution_figure", "threshold_figure"]
+__all__ = ["layer_step_figure", "overlay_figure", "resolution_figure", "threshold_figure"]
 
 
 def _colour_bar(fig, image_artist, threshold: float | None) -> None:
@@ -103,5 +103,28 @@ def threshold_figure(means: dict[str, np.ndarray], threshold: float, n_objects: 
     ax.set_ylim(0, 1)
     ax.set_title(f"IoU vs threshold ({n_objects} objects)", fontsize=9)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layer_step_figure(grids: dict[str, np.ndarray], layers: list[int], steps: list[int]):
+    """One heatmap per quantity (rows: recorded layers in forward order; columns: solver steps), each on 0..1."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1,
+        len(grids),
+        figsize=(0.25 * len(steps) * len(grids) + 2.5 * len(grids), 0.22 * len(layers) + 2),
+        squeeze=False,
+    )
+    for ax, (title, grid) in zip(axes[0], grids.items()):
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, origin="upper")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("solver step", fontsize=8)
+        ax.set_ylabel("layer (forward order)", fontsize=8)
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=6)
+        ax.set_yticks(range(len(layers)), [str(la) for la in layers], fontsize=6)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+    fig.suptitle("where the maps localise: layer x solver step", fontsize=9)
     fig.tight_layout()
     return fig

@@ -44,7 +44,7 @@ from pipeline.models.generation import denoiser_call_steps, generators, sample, 
 from pipeline.models.tokens import word_maps
 from pipeline.modes.attention.capture import capture
 from pipeline.modes.attention.mode import refuse_untexted
-from pipeline.modes.attention.plots import overlay_figure, resolution_figure, threshold_figure
+from pipeline.modes.attention.plots import layer_step_figure, overlay_figure, resolution_figure, threshold_figure
 from pipeline.modes.attention.scoring import (
     CURVE_THRESHOLDS,
     binarise,
@@ -273,6 +273,9 @@ class _Tally:
     share: list = field(default_factory=list)
     n_trunc: int = 0
     figures: int = 0
+    # (kind, layer index, step) -> IoUs of head words (probs) / head-noun concepts (output); text share per cell
+    cells: dict = field(default_factory=dict)
+    cell_share: dict = field(default_factory=dict)
 
 
 @stage("attention", needs=("model", "sampler", "reference"))
@@ -294,6 +297,7 @@ def attention_stage(ctx, cfg):
     if ctx.tracker is not None:
         ctx.tracker.log_artifact(path, "tables")
     scalars = _scalars(ctx, setup, prompts, tally)
+    scalars.update(_layer_step_outputs(ctx, setup, tally))
     scalars.update(_reference_part(ctx, cfg, setup))
     ctx.log_scalars(scalars)
     log.info("attention: %s", {k: round(v, 4) for k, v in scalars.items()})
@@ -316,10 +320,16 @@ def _setup(ctx, cfg) -> _Setup:
         reason = no_segmentation(cfg.dataset) + "; maps, entropy and shares only"
         log.info("attention IoU on generated images skipped: %s", reason)
         ctx.tag("skipped.attention/miou", reason)
+    layout = model.attention_layout(height, width)
+    if a.layers is not None and a.layers[1] > len(layout.layers):
+        raise UserError(
+            f"mode.attention.layers={list(a.layers)}: {type(model.pipe).__name__} has {len(layout.layers)} recorded "
+            f"attention layers; expected [start, stop) with stop <= {len(layout.layers)}"
+        )
     return _Setup(
         model,
         sampler,
-        model.attention_layout(height, width),
+        layout,
         height,
         width,
         steps,
@@ -358,6 +368,7 @@ def _attend_batch(ctx, cfg, setup: _Setup, batch: list[str], lo: int, tally: _Ta
             )
     gens = generators(cfg.seed, range(lo, lo + len(batch)))
     cond = s.model.condition(len(batch), s.guidance, s.height, s.width, prompts=batch)
+    heads = [_head_tokens(s.truth, p, t) for p, t in zip(batch, toks)] if s.scored else None
     with capture(
         s.model,
         s.height,
@@ -367,6 +378,9 @@ def _attend_batch(ctx, cfg, setup: _Setup, batch: list[str], lo: int, tally: _Ta
         cfg=s.model.uses_cfg(s.guidance),
         valid_tokens=[t.num_tokens for t in toks],
         concepts=s.concepts,
+        keep=None if heads is None else [[j for _, pos in h for j in pos] for h in heads],
+        layers=a.layers,
+        steps=a.step_range,
     ) as cap:
         out = sample(s.model, s.sampler, cond, gens, s.steps, s.height, s.width, eta=float(cfg.sampler.eta))
     if cap.max_row_sum_error > ROW_SUM_TOLERANCE:
@@ -382,6 +396,8 @@ def _attend_batch(ctx, cfg, setup: _Setup, batch: list[str], lo: int, tally: _Ta
     }
     for i, prompt in enumerate(batch):
         _one_prompt(ctx, a, s, tally, npz, prompt, toks[i], images[i], maps, i, lo + i)
+    if heads is not None:
+        _score_layer_steps(s, tally, cap, batch, images, heads, a.threshold)
 
 
 def _one_prompt(
@@ -444,6 +460,103 @@ def _one_prompt(
                 f"attention_concepts_{tally.figures}",
             )
         tally.figures += 1
+
+
+def _head_tokens(truth, prompt: str, tok) -> list[tuple[int, list[int]]]:
+    """(object index, token positions of its head word) for each object of ``prompt`` whose words were found."""
+    objects = truth.objects(prompt) or []
+    slots = object_word_positions(tok.words, objects)
+    return [(k, tok.positions[slot[-1]]) for k, slot in enumerate(slots) if slot is not None]
+
+
+def _score_layer_steps(s: _Setup, tally: _Tally, cap, batch, images, heads, threshold: float) -> None:
+    """IoU of every (layer, solver step) map of each scored object's head word (probs) and head noun (output)."""
+    index = {name: i for i, name in enumerate(s.layout.layers)}
+    size = (s.height, s.width)
+    masks = []
+    for i, prompt in enumerate(batch):
+        objects = s.truth.objects(prompt) or []
+        masks.append({k: s.truth.generated_mask(images[i], objects[k]) for k, _ in heads[i]})
+        masks[i] = {k: (m, objects[k]) for k, m in masks[i].items() if m.sum() >= 4}
+    for (name, step), m in cap.by_layer_step("probs").items():
+        for i in range(len(batch)):
+            col = 0
+            for k, pos in heads[i]:
+                if k in masks[i]:
+                    word = to_image(m[i, col : col + len(pos)].mean(0, keepdim=True), size)[0]
+                    cell = tally.cells.setdefault(("probs", index[name], step), [])
+                    cell.append(iou(normalise(word) >= threshold, masks[i][k][0]))
+                col += len(pos)
+    if s.concepts:
+        for (name, step), m in cap.by_layer_step("output").items():
+            for i in range(len(batch)):
+                for mask, obj in masks[i].values():
+                    noun = _concept_key(obj.words[-1])
+                    if noun in s.concepts:
+                        concept = to_image(m[i, s.concepts.index(noun)][None], size)[0]
+                        cell = tally.cells.setdefault(("output", index[name], step), [])
+                        cell.append(iou(normalise(concept) >= threshold, mask))
+    for (name, step), share in cap.share_by_layer_step().items():
+        tally.cell_share.setdefault((index[name], step), []).extend(share.tolist())
+
+
+def _best_range(values: dict[int, float]) -> tuple[int, int, float]:
+    """The contiguous window of ⌈n/4⌉ indices with the highest mean: (first, last, mean)."""
+    keys = sorted(values)
+    width = max(1, -(-len(keys) // 4))
+    best = max(range(len(keys) - width + 1), key=lambda j: np.mean([values[k] for k in keys[j : j + width]]))
+    window = keys[best : best + width]
+    return window[0], window[-1], float(np.mean([values[k] for k in window]))
+
+
+def _layer_step_outputs(ctx, s: _Setup, tally: _Tally) -> dict[str, float]:
+    """``tables/attention_miou_layer_step.csv`` and its heatmap; the best layer and step ranges as scalars."""
+    if not tally.cells:
+        return {}
+    kinds = sorted({k for k, _, _ in tally.cells}, key=["probs", "output"].index)
+    layers = sorted({layer for _, layer, _ in tally.cells})
+    steps = sorted({step for _, _, step in tally.cells})
+    rows = []
+    for layer in layers:
+        for step in steps:
+            row = {"layer": layer, "layer_name": s.layout.layers[layer].removesuffix(".processor"), "step": step}
+            for kind in kinds:
+                vals = tally.cells.get((kind, layer, step))
+                row["miou" if kind == "probs" else "miou_output"] = float(np.mean(vals)) if vals else ""
+            share = tally.cell_share.get((layer, step))
+            row["text_share"] = float(np.mean(share)) if share else ""
+            row["num_objects"] = len(tally.cells.get(("probs", layer, step), []))
+            rows.append(row)
+    ctx.save_table(rows, "attention_miou_layer_step")
+    grids = {}
+    for kind in kinds:
+        grid = np.full((len(layers), len(steps)), np.nan)
+        for (k, layer, step), vals in tally.cells.items():
+            if k == kind:
+                grid[layers.index(layer), steps.index(step)] = np.mean(vals)
+        grids["mIoU, " + ("attention probabilities" if kind == "probs" else "output space (concepts)")] = grid
+    if tally.cell_share:
+        grid = np.full((len(layers), len(steps)), np.nan)
+        for (layer, step), vals in tally.cell_share.items():
+            if layer in layers and step in steps:
+                grid[layers.index(layer), steps.index(step)] = np.mean(vals)
+        grids["text share (softmax mass on text keys)"] = grid
+    ctx.save_figure(layer_step_figure(grids, layers, steps), "attention_miou_layer_step")
+    scalars = {}
+    for kind in kinds:
+        suffix = "" if kind == "probs" else "_output"
+        cells = {key[1:]: np.mean(v) for key, v in tally.cells.items() if key[0] == kind}
+        by_layer = {layer: float(np.mean([v for (la, _), v in cells.items() if la == layer])) for layer in layers}
+        by_step = {step: float(np.mean([v for (_, st), v in cells.items() if st == step])) for step in steps}
+        first, last, best = _best_range(by_layer)
+        scalars[f"attention/best_layers_first{suffix}"] = first
+        scalars[f"attention/best_layers_last{suffix}"] = last
+        scalars[f"attention/miou_best_layers{suffix}"] = best
+        first, last, best = _best_range(by_step)
+        scalars[f"attention/best_steps_first{suffix}"] = first
+        scalars[f"attention/best_steps_last{suffix}"] = last
+        scalars[f"attention/miou_best_steps{suffix}"] = best
+    return scalars
 
 
 def _threshold_outputs(ctx, cfg, scores: _Scores) -> None:
