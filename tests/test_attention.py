@@ -394,7 +394,28 @@ def test_real_images_with_masks_localise_on_shapes_sd(tmp_path, outputs):
     assert out.status == "FINISHED", out.error
     r = out.results
     assert r["attention/num_reference_scored"] >= 30 and r["attention/miou_reference"] >= 0.4
-    assert "skipped.attention/miou" in _tags(out, outputs)  # generated images of a folder: no segmentation of them
+    tags = _tags(out, outputs)
+    assert "skipped.attention/miou" in tags  # generated images of a folder: no segmentation of them
+    # zero-shot segmentation (mean-value threshold): the three numbers with bootstrap intervals; a UNet has no
+    # output-space maps, said by a tag
+    for key in ("seg_accuracy", "seg_miou", "seg_map"):
+        low, value, high = (r[f"attention/{key}{s}"] for s in ("_ci_low", "", "_ci_high"))
+        assert 0 <= low <= value <= high <= 1, key
+    assert r["attention/seg_map"] > 0.5 and r["attention/seg_miou"] > 0.5, r  # the objects are found
+    assert "separate text" in tags["skipped.attention/miou_output"]
+
+
+def test_segmentation_scores_follow_the_mean_threshold_and_sklearn_average_precision():
+    from pipeline.modes.attention.scoring import average_precision, segmentation_scores
+
+    # distinct thresholds 0.9 (P 1, R 1/2) and 0.8 (P 2/3, R 1): AP = 1/2 + 1/2 · 2/3 (no interpolation)
+    assert average_precision(np.array([0.9, 0.8, 0.8, 0.3]), np.array([1, 0, 1, 0])) == pytest.approx(5 / 6)
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 1:4] = True
+    perfect = segmentation_scores(torch.from_numpy(mask.astype(np.float32)), mask)
+    assert perfect == (1.0, 1.0, 1.0)
+    acc, miou, ap = segmentation_scores(torch.from_numpy((~mask).astype(np.float32)), mask)  # everything wrong
+    assert acc == 0.0 and miou == 0.0 and ap == pytest.approx(mask.mean())
 
 
 def test_each_captioned_object_is_scored_with_its_own_words():

@@ -9,7 +9,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["iou", "normalise", "binarise", "spatial_entropy", "ideal_map", "to_image", "CURVE_THRESHOLDS"]
+__all__ = [
+    "iou",
+    "normalise",
+    "binarise",
+    "spatial_entropy",
+    "ideal_map",
+    "to_image",
+    "segmentation_scores",
+    "average_precision",
+    "CURVE_THRESHOLDS",
+]
 
 CURVE_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # τ grid of the IoU-vs-threshold table and plot
 
@@ -48,3 +58,33 @@ def ideal_map(mask: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) ->
     upsampled like the real maps. Its IoU is the resolution ceiling of that layer's maps."""
     m = torch.from_numpy(mask.astype(np.float32))[None, None]
     return to_image(F.adaptive_avg_pool2d(m, grid)[0], size)[0]
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Average precision of ``scores`` ranking the positive ``labels``: Σₙ (Rₙ − Rₙ₋₁) Pₙ over the distinct score
+    thresholds, high to low (scikit-learn's ``average_precision_score``, no interpolation). NaN without positives."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    positives = y.sum()
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of each run of tied scores
+    tp = np.cumsum(y)[last]
+    precision = tp / (last + 1)
+    recall = tp / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def segmentation_scores(m: torch.Tensor, mask: np.ndarray) -> tuple[float, float, float]:
+    """Zero-shot binary segmentation of one object by one map, as the ImageNet-Segmentation protocol
+    (Guillaumin et al. 2014; Chefer et al. 2021) and ConceptAttention (Helbling et al. 2025) report it: the map
+    min-max normalised, thresholded at its **mean value**; returns (pixel accuracy, mIoU = the mean of the
+    foreground and the background IoU, AP of the normalised map as a pixel score for the foreground)."""
+    norm = normalise(m)
+    pred = norm > norm.mean()
+    truth = np.asarray(mask, dtype=bool)
+    accuracy = float((pred == truth).mean())
+    miou = float(np.mean([iou(pred, truth), iou(~pred, ~truth)]))
+    return accuracy, miou, average_precision(norm, truth)

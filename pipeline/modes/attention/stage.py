@@ -40,6 +40,7 @@ from pipeline.core.registry import stage
 from pipeline.data.ground_truth import no_object_masks, no_segmentation, object_masks, object_word_positions
 from pipeline.data.reference import read_prompts
 from pipeline.errors import UserError
+from pipeline.metrics.intervals import bootstrap_interval
 from pipeline.models.generation import denoiser_call_steps, generators, sample, to_uint8
 from pipeline.models.tokens import word_maps
 from pipeline.modes.attention.capture import capture
@@ -51,6 +52,7 @@ from pipeline.modes.attention.scoring import (
     ideal_map,
     iou,
     normalise,
+    segmentation_scores,
     spatial_entropy,
     to_image,
 )
@@ -166,6 +168,7 @@ def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth, c
     t = sched.timesteps[int((sched.timesteps.float() - target).abs().argmin())]
     guidance = float(cfg.sampler.guidance_scale)
     ious, ious_out, bs = [], [], int(cfg.sampler.batch_size)
+    seg: dict[str, list[tuple[float, float, float]]] = {"probs": [], "output": []}  # per object: acc, mIoU, AP
     for lo in range(0, len(rows), bs):
         batch = rows[lo : lo + bs]
         pixels = np.stack([np.asarray(Image.fromarray(r.image).resize((width, height), Image.BICUBIC)) for r in batch])
@@ -191,17 +194,20 @@ def _reference_scores(ctx, cfg, model, layout, height: int, width: int, truth, c
                     continue
                 m = to_image(word_maps(agg[i], [toks[i].positions[slot[-1]]]), obj.mask.shape)[0]
                 ious.append(iou(binarise(m, a.threshold), obj.mask))
+                seg["probs"].append(segmentation_scores(m, obj.mask))
                 noun = _concept_key(obj.words[-1])
                 if out_maps is not None and noun in concepts:
                     m = to_image(out_maps[i, concepts.index(noun)][None], obj.mask.shape)[0]
                     ious_out.append(iou(binarise(m, a.threshold), obj.mask))
+                    seg["output"].append(segmentation_scores(m, obj.mask))
     out = {"attention/num_reference_scored": len(ious)}
     if ious:
         out["attention/miou_reference"] = float(np.mean(ious))
-    if ious_out:
-        out["attention/miou_reference_output"] = float(np.mean(ious_out))
     else:
         ctx.tag("skipped.attention/miou_reference", "no reference object's words were found in its caption")
+    if ious_out:
+        out["attention/miou_reference_output"] = float(np.mean(ious_out))
+    out.update(_segmentation_scalars(seg))
     log.info("attention on %d reference images (t = %s): %d objects scored", len(rows), int(t), len(ious))
     return out
 
@@ -242,6 +248,24 @@ def _concepts(ctx, cfg, model, layout, prompts: list[str], truth) -> list[str] |
         concepts = concepts[:MAX_CONCEPTS]
     ctx.tag("attention.concepts", " ".join(concepts)[:500])
     return concepts or None
+
+
+def _segmentation_scalars(seg: dict[str, list[tuple[float, float, float]]]) -> dict[str, float]:
+    """Zero-shot segmentation on the reference images: pixel accuracy, mIoU (foreground/background) and mAP over
+    objects (:func:`~pipeline.modes.attention.scoring.segmentation_scores`: mean-value threshold), each with a 95 %
+    percentile-bootstrap interval over objects (B = 200)."""
+    out = {}
+    for kind, rows in seg.items():
+        suffix = "" if kind == "probs" else "_output"
+        for j, name in enumerate(("seg_accuracy", "seg_miou", "seg_map")):
+            vals = [r[j] for r in rows if np.isfinite(r[j])]
+            if not vals:
+                continue
+            key = f"attention/{name}{suffix}"
+            out[key] = float(np.mean(vals))
+            if len(vals) >= 2:
+                out[key + "_ci_low"], out[key + "_ci_high"] = bootstrap_interval(vals)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- stage
