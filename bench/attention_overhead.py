@@ -9,19 +9,22 @@ renormalises), plus reading the results back (``aggregate()`` and ``snapshots()`
 resolution). Both sides include prompt encoding (``adapter.condition``); tokenizing the prompts into word positions
 and the solver's call-step table are done once, outside the timings. One warm-up of each side (2 steps), then
 ``--repeats`` plain/capture pairs, interleaved; the minimum of each side is reported. Goal: capture / plain <= 1.3.
+Where the family has a concept stream (joint attention with a separate text stream), a third side: the capture with
+ConceptAttention's output-space maps for three concepts (``circle``, ``square``, ``triangle``), the stage's default
+``maps=[probs, output]``, read back too.
 
 (2) The bytes the capture holds (running sums + snapshot sums, all token grids) after 10 vs 50 steps, per model;
 and, for shapes_sd, the peak RSS of a child process running one capture generation at 10 vs 50 steps (each in its
 own process, so neither sees the other's allocations).
 
-Models (``--models``, comma-separated): ``shapes_sd`` (the built-in trained model, ``pipeline.zoo.locate``), the
-tiny random-weight pipelines of ``tests/tiny/__init__.py`` (``sd``, ``sd2``, ``sdxl``, ``pixart``, ``sd3``, ``sd3_no_t5``,
-``flux``; built into a temporary folder; flux generated at 32×32, the others at their native size), or a pipeline
-folder. The tiny pipelines are dominated by per-call Python work, not by attention arithmetic: their ratio is an
+Models (``--models``, comma-separated): ``shapes_sd`` (the built-in trained model, ``pipeline.zoo.locate``), a
+tiny random-weight pipeline of ``tests/tiny/`` with text (``sd``, ``sdxl``, ``pixart``, ``sd3``, ``flux``, and the 2026
+families: ``sd35``, ``flux2``, ``flux2_klein``, ``qwenimage``, ``zimage``, ``chroma``, …; built into a temporary
+folder, generated at the size its test uses), or a pipeline folder. The tiny pipelines are dominated by per-call Python work, not by attention arithmetic: their ratio is an
 upper bound on the capture's fixed cost per layer call, not a prediction at real sizes (for that, see
 ``bench/gpu_throughput.py --attention``).
 
-    python bench/attention_overhead.py                                   # shapes_sd, sdxl, sd3; 8 prompts x 25 steps
+    python bench/attention_overhead.py                                   # shapes_sd, sdxl, sd3, flux2, qwenimage
     python bench/attention_overhead.py --models shapes_sd,pixart,flux --repeats 5
     python bench/attention_overhead.py --prompts 2 --steps 3 --repeats 1 # dry run
 """
@@ -51,7 +54,14 @@ PROMPTS = [
     "a yellow square on the left",
 ]
 GUIDANCE = 5.0
-TINY = ("sd", "sd2", "sdxl", "pixart", "sd3", "sd3_no_t5", "flux")  # tests/tiny/__init__.py families with text
+CONCEPTS = ["circle", "square", "triangle"]
+
+
+def tiny_names() -> tuple[str, ...]:
+    """tests/tiny families with text (attention): the 2024 ones and every 2026 one that declares the mode."""
+    from tiny import FAMILY_NAMES
+
+    return tuple(n for n in FAMILY_NAMES if n not in ("dit", "ddpm", "ldm", "auraflow"))
 
 
 def load(name: str, tmp: Path):
@@ -64,7 +74,7 @@ def load(name: str, tmp: Path):
     kwargs = {}
     if name == "shapes_sd":
         path = zoo.locate("shapes_sd")
-    elif name in TINY:
+    elif name in tiny_names():
         from tiny import tiny_family
 
         path = tiny_family(name, tmp / name)
@@ -73,11 +83,18 @@ def load(name: str, tmp: Path):
     elif Path(name).is_dir():
         path = Path(name)
     else:
-        raise SystemExit(f"--models: unknown model {name!r}; expected shapes_sd, one of {TINY} or a pipeline folder")
+        raise SystemExit(
+            f"--models: unknown model {name!r}; expected shapes_sd, one of {tiny_names()} or a pipeline folder"
+        )
     pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     model = ModelAdapter(pipe)
-    h, w = (32, 32) if name == "flux" else model.native_size()
+    size = None
+    if name in tiny_names():
+        from tiny import tiny_spec
+
+        size = tiny_spec(name).size
+    h, w = model.resolve_size(size, size)
     return model, h, w
 
 
@@ -91,8 +108,9 @@ def held_bytes(cap) -> int:
     return cap.nbytes
 
 
-def generate(model, h: int, w: int, prompts: list[str], steps: int, with_capture: bool) -> Run:
-    """One batch through ``pipeline.models.generation.sample``, plain or inside the attention capture (timed)."""
+def generate(model, h: int, w: int, prompts: list[str], steps: int, with_capture: bool, concepts=None) -> Run:
+    """One batch through ``pipeline.models.generation.sample``, plain or inside the attention capture (timed);
+    ``concepts``: output-space concept maps recorded too."""
     from pipeline.models.generation import denoiser_call_steps, generators, sample
     from pipeline.modes.attention.capture import capture
 
@@ -109,9 +127,11 @@ def generate(model, h: int, w: int, prompts: list[str], steps: int, with_capture
         sample(model, sampler, cond, gens, steps, h, w)
         sync()
         return Run(time.perf_counter() - tic, 0)
-    with capture(model, h, w, {steps // 2}, call_steps, cfg=cond.cfg, valid_tokens=valid) as cap:
+    with capture(model, h, w, {steps // 2}, call_steps, cfg=cond.cfg, valid_tokens=valid, concepts=concepts) as cap:
         sample(model, sampler, cond, gens, steps, h, w)
     _ = cap.aggregate(), cap.snapshots()  # what the stage reads back: maps on the CPU
+    if concepts:
+        _ = cap.aggregate("output"), cap.snapshots("output")
     sync()
     return Run(time.perf_counter() - tic, held_bytes(cap))
 
@@ -137,8 +157,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--models",
-        default="shapes_sd,sdxl,sd3",
-        help=f"comma-separated: shapes_sd, {', '.join(TINY)} or a pipeline folder",
+        default="shapes_sd,sdxl,sd3,flux2,qwenimage",
+        help="comma-separated: shapes_sd, a tests/tiny family with text (sd3, flux2, qwenimage, …) or a pipeline folder",
     )
     ap.add_argument("--prompts", type=int, default=8, help="batch size (prompts cycle through 4 shapes captions)")
     ap.add_argument("--steps", type=int, default=25)
@@ -158,20 +178,26 @@ def main() -> None:
         print("(1) generation time, capture vs plain (pipeline.models.generation.sample)")
         for name in names:
             model, h, w = load(name, Path(tmp))
-            for capt in (False, True):  # warm-up
-                generate(model, h, w, prompts, min(args.steps, 2), capt)
-            times = {False: [], True: []}
-            for _ in range(args.repeats):
-                for capt in (False, True):
-                    times[capt].append(generate(model, h, w, prompts, args.steps, capt).seconds)
-            plain, capt = min(times[False]), min(times[True])
             layout = model.attention_layout(h, w)
+            sides = {"plain": (False, None), "capture": (True, None)}
+            if layout.concepts is not None:
+                sides["capture+concepts"] = (True, CONCEPTS)
+            for capt, concepts in sides.values():  # warm-up
+                generate(model, h, w, prompts, min(args.steps, 2), capt, concepts)
+            times = {side: [] for side in sides}
+            for _ in range(args.repeats):
+                for side, (capt, concepts) in sides.items():
+                    times[side].append(generate(model, h, w, prompts, args.steps, capt, concepts).seconds)
+            best = {side: min(t) for side, t in times.items()}
+            ratios = ", ".join(
+                f"{side} {best[side]:.3f} s -> {best[side] / best['plain']:.3f}x" for side in sides if side != "plain"
+            )
             print(
                 f"  {name:>10} ({model.name}, {h}x{w}, {len(layout.layers)} {layout.recorder} layers"
-                f"{', CFG' if model.uses_cfg(GUIDANCE) else ''}): plain {plain:.3f} s, capture {capt:.3f} s "
-                f"-> {capt / plain:.3f}x (goal <= 1.3x)"
+                f"{', CFG' if model.uses_cfg(GUIDANCE) else ''}): plain {best['plain']:.3f} s, {ratios} (goal <= 1.3x)"
             )
-            held[name] = {s: generate(model, h, w, prompts, s, True).held for s in (10, 50)}
+            concepts = CONCEPTS if layout.concepts is not None else None
+            held[name] = {s: generate(model, h, w, prompts, s, True, concepts).held for s in (10, 50)}
             del model
     print("(2) memory flat in steps")
     for name, b in held.items():

@@ -451,8 +451,13 @@ def capture(
                 f"{type(model.pipe).__name__}: output-space concept maps need joint attention with a separate text "
                 "stream (a concept stream); this family has none"
             )
-        with torch.no_grad():
-            tokens = model.driver.concept_tokens(list(concepts))
+        cache = model.__dict__.setdefault("_concept_tokens", {})  # a run encodes its concepts once, not per batch
+        key = tuple(concepts)
+        if key not in cache:
+            with torch.no_grad():
+                cache.clear()
+                cache[key] = model.driver.concept_tokens(list(concepts))
+        tokens = cache[key]
     return AttentionCapture(
         model.denoiser,
         layout,
