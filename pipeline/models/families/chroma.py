@@ -23,7 +23,9 @@ double- and single-stream blocks, text = T5 (``max_sequence_length``, right-padd
 *float* 0/1 and diffusers 0.42 hands it to ``scaled_dot_product_attention`` as such, which *adds* it to the logits: an
 image query's logits get +1 on the kept keys (prompt, first padding token, image) and +0 on the rest of the padding
 — a bias, not a mask; the rest of the padding keeps some mass. The recorder reproduces exactly that softmax.
-Under CFG (two transformer calls, which the capture's [uncond, cond] halving cannot follow) it is refused.
+Under CFG only the conditional call (the first) is recorded. Output-space concept maps (ConceptAttention,
+:func:`chroma_concept_step`): the concept tokens ride the text stream of the double-stream blocks; the single-stream
+blocks are left out.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ import re
 import numpy as np
 import torch
 
-from pipeline.models.attention import AttentionLayout, register_recorder
+from pipeline.models.attention import AttentionLayout, ConceptStream, register_recorder
 from pipeline.models.families.base import Family, batched, call_default, register
-from pipeline.models.families.flux import Flux
+from pipeline.models.families.flux import Flux, flux_concept_step
 from pipeline.models.flow_shift import shift_mu, uses_dynamic_shift
 
-__all__ = ["Chroma", "ChromaJointRecorder"]
+__all__ = ["Chroma", "ChromaJointRecorder", "chroma_concept_step"]
 
 _PER_SAMPLE = ("encoder_hidden_states", "text_mask")  # the conditioning tensors with one row per sample
 
@@ -125,7 +127,33 @@ class Chroma(Flux):
             if re.fullmatch(r"(single_)?transformer_blocks\.\d+\.attn\.processor", k)
         )
         t5 = int(call_default(self.pipe.__call__, "max_sequence_length", 512))
-        return AttentionLayout("chroma", layers, (h // 2, w // 2), self.pipe.tokenizer, t5, (0, t5), True, "T5")
+        double = tuple(k.removesuffix(".attn.processor") for k in layers if k.startswith("transformer_blocks."))
+        concepts = ConceptStream(double, chroma_concept_step)
+        return AttentionLayout(
+            "chroma", layers, (h // 2, w // 2), self.pipe.tokenizer, t5, (0, t5), True, "T5", None, concepts
+        )
+
+    # concept_tokens: Flux's — each word encoded alone by this driver's encode (T5 with its attention mask, as
+    # ChromaPipeline.encode_prompt), the mean over its T5 tokens, the transformer's context_embedder (the only thing
+    # ChromaTransformer2DModel applies to the text before its first block)
+
+
+def chroma_concept_step(block, c, key, value, kwargs):
+    """Chroma's double-stream ``ChromaTransformerBlock`` (diffusers 0.42) text-stream path applied to concept tokens.
+
+    The block is Flux's ``FluxTransformerBlock`` (``FluxAttention`` + ``FluxAttnProcessor``, ``norm2_context``,
+    GELU ``ff_context``) whose modulation comes from the transformer's ``distilled_guidance_layer`` (the
+    approximator) instead of ``temb``: the block gets ``temb`` (n, 12, dim), rows 0–5 for the image stream and
+    rows 6–11 for the text stream, which ``ChromaAdaLayerNormZeroPruned`` splits into shift/scale/gate of attention
+    and MLP in Flux's order — so the text path is :func:`~pipeline.models.families.flux.flux_concept_step` with
+    ``temb[:, 6:]``. Rotary: text position 0 (Chroma's ``txt_ids`` are zeros, as Flux's: no rotation).
+
+    Mask: the pipeline's float text mask makes the block add ``m_q·m_k`` to the logits (a bias, module docstring).
+    The concepts are real tokens (mask 1) attending to image keys (mask 1) and concept keys (mask 1): every logit of
+    a concept row gets the same +1, which the softmax ignores — exactly the block's own forward with the concepts as
+    its text stream and an all-ones mask, so no mask is applied here. Single-stream blocks (shared weights, one
+    sequence) are not used for concepts."""
+    return flux_concept_step(block, c, key, value, {"temb": kwargs["temb"][:, 6:]})
 
 
 @register_recorder("chroma")
@@ -162,6 +190,10 @@ class ChromaJointRecorder:
         self._record(query.transpose(1, 2), key.transpose(1, 2), (L - n_image, L), attention_mask)
         hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None and self.cap.wants_output and self.cap.recording:
+            t = L - n_image  # double-stream: the image rows after the text, for the concept stream
+            k, v = (x[:, t:].transpose(1, 2) for x in (key, value))
+            self.cap._record_image_output(self.name, k, v, hidden_states[:, t:])
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1

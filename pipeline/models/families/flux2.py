@@ -24,7 +24,9 @@ system message and ``[INST]…[/INST]`` (``format_input``, ``apply_chat_template
 generation prompt and thinking switched off — only the tokens of the user's prompt belong to words. A left-padding
 tokenizer puts the padding first: the recorder rotates each row's text tokens so that the real ones come first, as
 the layout's positions count them (a permutation of the keys: the softmax is unchanged).
-klein's CFG (two transformer calls, which the capture's [uncond, cond] halving cannot follow) is refused.
+klein's CFG: only the conditional call (the first of the two) is recorded. Output-space concept maps (ConceptAttention,
+:func:`flux2_concept_step`): the concept tokens ride the text stream of the double-stream blocks at text position 0;
+the single-stream blocks are left out.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.models.attention import AttentionLayout, register_recorder
+from pipeline.models.attention import AttentionLayout, ConceptStream, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.flow_shift import uses_dynamic_shift
 from pipeline.models.tokens import prompt_tokens, special_prefix
 
-__all__ = ["Flux2", "Flux2Klein", "Flux2JointRecorder", "compute_empirical_mu"]
+__all__ = ["Flux2", "Flux2Klein", "Flux2JointRecorder", "compute_empirical_mu", "flux2_concept_step"]
 
 DEFAULT_SAMPLE_SIZE = 128  # Flux2*Pipeline.default_sample_size (latent pixels before 2×2 patchification)
 MODES = ("metrics", "schedule", "latent", "attention")
@@ -204,7 +206,62 @@ class _Flux2Common(FamilyDriver):
         def tokenize(prompt: str):
             return prompt_tokens(tok, prompt.replace("[IMG]", ""), n, template=template, drop=drop, trail=0)
 
-        return AttentionLayout("flux2", layers, (h, w), tok, n, (0, n), True, "LLM", tokenize)
+        double = tuple(k.removesuffix(".attn.processor") for k in layers if k.startswith("transformer_blocks."))
+        concepts = ConceptStream(double, flux2_concept_step)
+        return AttentionLayout("flux2", layers, (h, w), tok, n, (0, n), True, "LLM", tokenize, concepts)
+
+    def concept_tokens(self, words: list[str]) -> torch.Tensor:
+        """Each concept word encoded alone by the pipeline's own ``encode_prompt`` (its chat template, the stacked
+        LLM layers), the mean over the word's tokens in the segment, then the transformer's ``context_embedder``
+        (the only thing FLUX.2 applies to the text before its first block). A left-padding tokenizer puts the
+        padding first: each row is rotated so that its real tokens come first, as the layout's positions count
+        them (as :class:`Flux2JointRecorder` does for the maps)."""
+        h, w = self.native_size()
+        layout = self.attention_layout(h, w)
+        embeds = self._encode(words, h, w)["encoder_hidden_states"]
+        if getattr(layout.tokenizer, "padding_side", "right") == "left":
+            embeds = torch.stack([e.roll(layout.tokens(word).num_tokens, 0) for e, word in zip(embeds, words)])
+        mean = self._concept_segment_mean(words, embeds, layout)
+        return self.denoiser.context_embedder(mean.to(self.denoiser.dtype))
+
+
+def flux2_concept_step(block, c, key, value, kwargs):
+    """FLUX.2's double-stream ``Flux2TransformerBlock`` (diffusers 0.42) text-stream path applied to concept tokens:
+    the shared text modulation ``temb_mod_txt`` (shift/scale/gate for attention and MLP), ``norm1_context``, the
+    added q/k/v projections and q/k RMS norms, rotary embedding of text position 0 (ids (T, H, W, L) = (0, 0, 0, 0):
+    the block's own ``image_rotary_emb`` row 0, the first text token's — an identity rotation), attention of the
+    concept queries over [image keys; concept keys] (no mask: FLUX.2 masks nothing), ``to_add_out``, gate, then
+    ``norm2_context`` and the SwiGLU ``ff_context`` (fp16 clipped as the block does).
+
+    Why position 0: the concepts are a set, not a sentence — all at one position, none is favoured by its offset
+    to another; the position does not depend on the chat template, the system message or the padding side (which
+    move the prompt's own tokens); it is a position every FLUX.2 text sequence has; and it is Flux.1's convention
+    (all text ids zero), where ConceptAttention was defined. The single-stream blocks (text and image share one
+    set of fused weights in one sequence) are not used for concepts, as ConceptAttention uses the MM-attention
+    blocks only."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    attn, mod = block.attn, kwargs["temb_mod_txt"]
+    mod = mod.unsqueeze(1) if mod.ndim == 2 else mod  # (n, 1, 6·dim): as Flux2Modulation.split
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+    norm_c = (1 + scale) * block.norm1_context(c) + shift
+    cq, ck, cv = (
+        proj(norm_c).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+    )
+    cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+    rotary = kwargs.get("image_rotary_emb")
+    if rotary is not None:  # [text; image] rows: row 0 is text position 0, given to every concept
+        pos0 = tuple(r[:1].expand(c.shape[1], -1) for r in rotary)
+        cq = apply_rotary_emb(cq, pos0, sequence_dim=1)
+        ck = apply_rotary_emb(ck, pos0, sequence_dim=1)
+    cq, ck, cv = (t.transpose(1, 2) for t in (cq, ck, cv))
+    out = torch.nn.functional.scaled_dot_product_attention(cq, torch.cat([key, ck], 2), torch.cat([value, cv], 2))
+    out = out.transpose(1, 2).flatten(2).to(cq.dtype)
+    c = c + gate * attn.to_add_out(out)
+    c = c + gate_mlp * block.ff_context(block.norm2_context(c) * (1 + scale_mlp) + shift_mlp)
+    if c.dtype == torch.float16:
+        c = c.clip(-65504, 65504)
+    return c, out
 
 
 @register_recorder("flux2")
@@ -283,6 +340,9 @@ class Flux2JointRecorder:
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         text = encoder_hidden_states.shape[1]
         out = self._attend(attn, query, key, value, text, attention_mask)
+        if self.cap.wants_output and self.cap.recording:  # the image rows, after the text, for the concept stream
+            k, v = (t[:, text:].transpose(1, 2) for t in (key, value))
+            self.cap._record_image_output(self.name, k, v, out[:, text:])
         encoder_hidden_states, hidden_states = out.split_with_sizes([text, out.shape[1] - text], dim=1)
         encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))

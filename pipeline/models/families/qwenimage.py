@@ -25,7 +25,9 @@ Attention: joint attention over [text; image] in every double-stream block (``tr
 tokens, then the template's tail (``<|im_end|>\n<|im_start|>assistant\n``), at most ``max_sequence_length``. The
 segment is all ``max_sequence_length`` text slots; only the prompt's tokens map to words; the maps renormalise over
 the prompt's tokens and the tail (the tokens the model's mask lets through). A call's text is as long as its batch's
-longest prompt, so the recorder pads the text keys to the segment's length with masked keys (no mass).
+longest prompt, so the recorder pads the text keys to the segment's length with masked keys (no mass). Output-space
+concept maps (ConceptAttention, :func:`qwenimage_concept_step`): the concept tokens ride every block's text stream at
+text position 0.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
-from pipeline.models.attention import AttentionLayout, register_recorder
+from pipeline.models.attention import AttentionLayout, ConceptStream, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.flow_shift import shift_mu, uses_dynamic_shift
 from pipeline.models.tokens import prompt_tokens
 
-__all__ = ["QwenImage", "QwenImageJointRecorder"]
+__all__ = ["QwenImage", "QwenImageJointRecorder", "qwenimage_concept_step"]
 
 DEFAULT_SAMPLE_SIZE = 128  # QwenImagePipeline.default_sample_size (latent pixels before packing)
 TEMPORAL_DOWNSAMPLE = (False, True, True)  # AutoencoderKLQwenImage's default temperal_downsample
@@ -230,9 +232,63 @@ class QwenImage(FamilyDriver):
             drop=int(self.pipe.prompt_template_encode_start_idx),
             trail=0,  # the segment is a plain cut of the text: the template's tail may be cut off
         )
+        blocks = tuple(k.removesuffix(".attn.processor") for k in layers)
+        concepts = ConceptStream(blocks, qwenimage_concept_step)
         return AttentionLayout(
-            "qwenimage", layers, (h // 2, w // 2), tok, slots, (0, slots), True, "Qwen2.5-VL", tokenize
+            "qwenimage", layers, (h // 2, w // 2), tok, slots, (0, slots), True, "Qwen2.5-VL", tokenize, concepts
         )
+
+    def concept_tokens(self, words: list[str]) -> torch.Tensor:
+        """Each concept word encoded alone by the pipeline's own ``encode_prompt`` (the chat template, its prefix
+        dropped), the mean of the Qwen2.5-VL hidden states over the word's tokens, then what
+        ``QwenImageTransformer2DModel`` applies to the text before its first block: ``txt_norm`` (RMSNorm, applied
+        to the mean) and ``txt_in``. There is no text refiner."""
+        h, w = self.native_size()
+        max_len = int(call_default(self.pipe.__call__, "max_sequence_length", 512))
+        embeds, _ = self._encoded(words, 1, max_len)
+        mean = self._concept_segment_mean(words, embeds, self.attention_layout(h, w))
+        d = self.denoiser
+        return d.txt_in(d.txt_norm(mean.to(d.dtype)))
+
+
+def qwenimage_concept_step(block, c, key, value, kwargs):
+    """Qwen-Image's ``QwenImageTransformerBlock`` (diffusers 0.42) text-stream path applied to concept tokens:
+    ``txt_mod(temb)`` (the first half of ``temb`` with ``zero_cond_t``, as the block), ``txt_norm1`` + shift/scale,
+    the added q/k/v projections and q/k RMS norms, the complex rotary embedding of text position 0 (the block's own
+    ``image_rotary_emb[1]`` row 0: index ``max_vid_index`` of ``QwenEmbedRope`` on every axis, where the prompt's
+    first token sits — the chat template's prefix is dropped), attention of the concept queries over [image keys;
+    concept keys] (``QwenDoubleStreamAttnProcessor2_0``; the text mask only masks text padding, the concepts are
+    never masked and image keys never are), ``to_add_out``, gate, ``txt_norm2`` + shift/scale, ``txt_mlp``, gate
+    (fp16 clipped as the block does). Every concept takes position 0: a set, not a sentence, and the position a
+    one-word prompt's word has."""
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+    attn, temb = block.attn, kwargs["temb"]
+    if getattr(block, "zero_cond_t", False):
+        temb = torch.chunk(temb, 2, dim=0)[0]
+    mod1, mod2 = block.txt_mod(temb).chunk(2, dim=-1)
+    shift, scale, gate = (t.unsqueeze(1) for t in mod1.chunk(3, dim=-1))
+    norm_c = block.txt_norm1(c) * (1 + scale) + shift
+    head_dim = attn.inner_dim // attn.heads
+    cq, ck, cv = (p(norm_c).unflatten(-1, (-1, head_dim)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if attn.norm_added_q is not None:
+        cq = attn.norm_added_q(cq)
+    if attn.norm_added_k is not None:
+        ck = attn.norm_added_k(ck)
+    rotary = kwargs.get("image_rotary_emb")
+    if rotary is not None:  # (image freqs, text freqs): text position 0 for every concept
+        pos0 = rotary[1][:1].expand(c.shape[1], -1)
+        cq = apply_rotary_emb_qwen(cq, pos0, use_real=False)
+        ck = apply_rotary_emb_qwen(ck, pos0, use_real=False)
+    cq, ck, cv = (t.transpose(1, 2) for t in (cq, ck, cv))
+    out = F.scaled_dot_product_attention(cq, torch.cat([key, ck], 2), torch.cat([value, cv], 2))
+    out = out.transpose(1, 2).flatten(2).to(cq.dtype)
+    c = c + gate * attn.to_add_out(out)
+    shift, scale, gate = (t.unsqueeze(1) for t in mod2.chunk(3, dim=-1))
+    c = c + gate * block.txt_mlp(block.txt_norm2(c) * (1 + scale) + shift)
+    if c.dtype == torch.float16:
+        c = c.clip(-65504, 65504)
+    return c, out
 
 
 def pad_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -301,6 +357,8 @@ class QwenImageJointRecorder:
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         out = out.flatten(2, 3).to(query.dtype)
         txt_out, img_out = out[:, :seq_txt], out[:, seq_txt:]
+        if self.cap.wants_output and self.cap.recording:  # the image rows, for the concept stream
+            self.cap._record_image_output(self.name, img_k.transpose(1, 2), img_v.transpose(1, 2), img_out)
         img_out = attn.to_out[0](img_out.contiguous())
         if len(attn.to_out) > 1:
             img_out = attn.to_out[1](img_out)
