@@ -40,7 +40,7 @@ def test_main_job_writes_run_dir_and_mlflow_run(main_run, outputs):
     assert {a.path for a in client.list_artifacts(run_id, ".hydra")} >= {".hydra/config.yaml", ".hydra/overrides.yaml"}
 
 
-def test_reproduce_by_run_id_and_by_run_dir(main_run, outputs, tmp_path):
+def test_reproduce_by_run_id_and_by_run_dir(main_run, outputs, tmp_path, capsys):
     run_dir, run_id = main_run
     proc = run_cli(
         [run_id, "--tracking-uri", sqlite_uri(outputs), f"paths.outputs={outputs}"],
@@ -53,14 +53,16 @@ def test_reproduce_by_run_id_and_by_run_dir(main_run, outputs, tmp_path):
     reproduced = [r for r in all_runs(outputs) if r.data.tags.get("reproduced_from") == run_id]
     assert len(reproduced) == 1 and reproduced[0].info.status == "FINISHED"
 
-    # a run dir whose recorded results differ must not pass
+    # a run dir whose recorded results differ must not pass (in-process: the command line is covered above)
+    from pipeline.run import reproduce
+
     tampered = tmp_path / "tampered"
     shutil.copytree(run_dir, tampered)
     results = json.loads((tampered / "results.json").read_text())
     results["schedule/log_snr_max"] += 1e-9
     (tampered / "results.json").write_text(json.dumps(results))
-    proc = run_cli([str(tampered), f"paths.outputs={outputs}"], outputs, module="pipeline.run.reproduce")
-    assert proc.returncode == 1 and "MISMATCH schedule/log_snr_max" in proc.stdout
+    assert reproduce.main([str(tampered), f"paths.outputs={outputs}"]) == 1
+    assert "MISMATCH schedule/log_snr_max" in capsys.readouterr().out
 
 
 def _flat_schedule_model(root: Path) -> Path:
