@@ -19,7 +19,7 @@ from pipeline.modes.attention import attention_processors, capture
 
 PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle on the left"]
 # CogView4 runs prompts of different padded lengths in separate transformer calls, which the capture refuses
-# (tests/test_attention_g1.py): its batch here pads to one length
+# (tests/test_attention_flux2_chroma_cogview4.py): its batch here pads to one length
 SAME_LENGTH = ["a red circle on the left", "a blue square on the right"]
 GUIDANCE = 4.0
 

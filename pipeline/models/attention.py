@@ -57,11 +57,14 @@ class ConceptStream:
     stream's projections, attention of the concept queries over [image keys; concept keys] (``key``/``value``:
     the image rows the block's attention just used), its output projection and MLP — returning the next concept
     state and the concepts' attention output (n, C, heads·d) before the output projection. The image tokens never
-    see the concepts (the block's own call is untouched)."""
+    see the concepts (the block's own call is untouched). ``prepare(denoiser, c, call)``, when the text stream's input
+    depends on the denoiser call (e.g. a timestep-conditioned text refiner): the concept tokens at the first block of
+    each call, from the call's own arguments ``call`` (by name, conditional half)."""
 
     blocks: tuple[str, ...]
     step: Callable
     attention: str = "attn"
+    prepare: Callable | None = None
 
 
 @dataclass(frozen=True)

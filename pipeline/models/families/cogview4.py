@@ -27,6 +27,10 @@ conditional one.
 Refused up front (not declared): latent mode — its flow ODE (inversion, reconstruction) queries the model at
 timestep 1000·σ, while CogView4 is conditioned on the unshifted timestep T·u of σ = shift(u), so the mode's paths
 would not ask the model what its own pipeline asks it.
+
+ConceptAttention (:func:`cogview4_concept_step`): every block keeps the text's own modulation and post-attention
+norm; its projections and feed-forward are per-token weights shared with the image, which the concepts go through
+as text tokens do (no rotary: CogView4 rotates image rows only).
 """
 
 from __future__ import annotations
@@ -39,11 +43,11 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.errors import UserError
-from pipeline.models.attention import AttentionLayout, attention_processors, register_recorder
+from pipeline.models.attention import AttentionLayout, ConceptStream, attention_processors, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.flow_shift import uses_dynamic_shift
 
-__all__ = ["CogView4", "CogView4JointRecorder"]
+__all__ = ["CogView4", "CogView4JointRecorder", "cogview4_concept_step"]
 
 
 def _unshifted_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
@@ -166,7 +170,52 @@ class CogView4(FamilyDriver):
         p = int(self.denoiser.config.patch_size)
         layers = tuple(k for k in attention_processors(self.denoiser) if k.endswith("attn1.processor"))
         n = int(call_default(self.pipe.__call__, "max_sequence_length", 1024))
-        return AttentionLayout("cogview4", layers, (h // p, w // p), self.pipe.tokenizer, n, (0, n), True, "GLM")
+        blocks = tuple(k.removesuffix(".attn1.processor") for k in layers)
+        concepts = ConceptStream(blocks, cogview4_concept_step, "attn1")
+        return AttentionLayout(
+            "cogview4", layers, (h // p, w // p), self.pipe.tokenizer, n, (0, n), True, "GLM", None, concepts
+        )
+
+    def concept_tokens(self, words: list[str]) -> torch.Tensor:
+        """Each concept word encoded alone by the pipeline's own ``encode_prompt`` (as :meth:`encode`: left-padded
+        to a multiple of 16); its tokens averaged (positions in the layout's canonical order, real tokens first);
+        the transformer's ``patch_embed.text_proj`` applied (the blocks' text input). CogView4 gives text no
+        rotary embedding, so the concepts get none either."""
+        h, w = self.native_size()
+        embeds = self.encode(words, False, 1.0, h, w)["encoder_hidden_states"]
+        layout = self.attention_layout(h, w)
+        rows = []
+        for word, e in zip(words, embeds):  # left padding -> the canonical order: real tokens first
+            v = layout.tokens(word).num_tokens
+            rows.append(torch.cat([e[e.shape[0] - v :], e[: e.shape[0] - v]]))
+        width = max(r.shape[0] for r in rows)
+        canonical = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
+        mean = self._concept_segment_mean(words, canonical, layout)
+        return self.denoiser.patch_embed.text_proj(mean.to(self.denoiser.dtype))
+
+
+def cogview4_concept_step(block, c, key, value, kwargs):
+    """CogView4's ``CogView4TransformerBlock`` (diffusers 0.42) text-stream path applied to concept tokens ``c``. The
+    block keeps the text's own modulation (the ``c_*`` shift/scale/gates of ``norm1.linear(temb)``, ``norm_context``
+    and ``norm2_context``) while the attention projections, Q/K LayerNorms, ``to_out`` and the feed-forward are one
+    set of per-token weights for text and image — so the concepts go through them exactly as text tokens do. No
+    rotary embedding (CogView4 rotates the image rows only); attention of the concept queries over [image keys;
+    concept keys] (the model passes no mask)."""
+    attn = block.attn1
+    emb = block.norm1.linear(kwargs["temb"]).chunk(12, dim=1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb[1::2]  # the c_* chunks
+    dtype = c.dtype
+    norm_c = block.norm1.norm_context(c).to(dtype=dtype) * (1 + scale_msa.unsqueeze(1)) + shift_msa.unsqueeze(1)
+    cq, ck, cv = (p(norm_c).unflatten(2, (attn.heads, -1)).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        cq = attn.norm_q(cq).to(dtype=norm_c.dtype)
+    if attn.norm_k is not None:
+        ck = attn.norm_k(ck).to(dtype=norm_c.dtype)
+    out = F.scaled_dot_product_attention(cq, torch.cat([key, ck], 2), torch.cat([value, cv], 2))
+    out = out.transpose(1, 2).flatten(2, 3).type_as(cq)
+    c = c + attn.to_out[1](attn.to_out[0](out)) * gate_msa.unsqueeze(1)
+    norm_c = block.norm2_context(c) * (1 + scale_mlp.unsqueeze(1)) + shift_mlp.unsqueeze(1)
+    return c + block.ff(norm_c) * gate_mlp.unsqueeze(1), out
 
 
 @register_recorder("cogview4")
@@ -201,6 +250,8 @@ class CogView4JointRecorder:
         self._record(query, key, text)
         hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).flatten(2, 3).type_as(query)
+        if self.cap.wants_output and self.cap.recording:  # the concept stream's image rows
+            self.cap._record_image_output(self.name, key[:, :, text:], value[:, :, text:], hidden_states[:, text:])
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         encoder_hidden_states, hidden_states = hidden_states.split([text, hidden_states.size(1) - text], dim=1)
         return hidden_states, encoder_hidden_states

@@ -33,6 +33,9 @@ maps come from (the families compare), and the T5 tokenizer adds no chat templat
 transformer gets no text mask (every padding token is attended: ``key_mask`` None); maps are renormalised over the
 prompt's real T5 tokens, as SD3's. Non-square latents, which the transformer pads to ``max_seq`` image tokens, are
 refused (the pipeline draws only its square native size here anyway).
+
+ConceptAttention (:func:`hidream_concept_step`): the concept tokens (T5, projected) ride the double-stream blocks as a
+text stream of their own, in place of the blocks' [T5; Llama; Llama] text; single-stream blocks are left out.
 """
 
 from __future__ import annotations
@@ -43,11 +46,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
-from pipeline.models.attention import AttentionLayout, attention_processors, register_recorder
+from pipeline.models.attention import AttentionLayout, ConceptStream, attention_processors, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.flow_shift import uses_dynamic_shift
 
-__all__ = ["HiDreamImage", "HiDreamJointRecorder"]
+__all__ = ["HiDreamImage", "HiDreamJointRecorder", "hidream_concept_step"]
 
 DEFAULT_SAMPLE_SIZE = 128  # HiDreamImagePipeline.default_sample_size (latent pixels)
 
@@ -148,7 +151,54 @@ class HiDreamImage(FamilyDriver):
         )
         tok = self.pipe.tokenizer_3
         t5 = min(int(call_default(self.pipe.__call__, "max_sequence_length", 128)), int(tok.model_max_length))
-        return AttentionLayout("hidream", layers, (h // p, w // p), tok, t5, (0, t5), True, "T5")
+        double = tuple(k.removesuffix(".attn1.processor") for k in layers if k.startswith("double_stream_blocks."))
+        concepts = ConceptStream(double, hidream_concept_step, "attn1")
+        return AttentionLayout("hidream", layers, (h // p, w // p), tok, t5, (0, t5), True, "T5", None, concepts)
+
+    def concept_tokens(self, words: list[str]) -> torch.Tensor:
+        """Each concept word encoded alone by the pipeline's own ``encode_prompt`` (no CFG); its tokens in the T5
+        segment averaged; the transformer's T5 ``caption_projection`` (its last) applied — what the T5 part of the
+        double-stream blocks' text input is. The concepts are a text stream of their own: they take the place of
+        the blocks' whole text input [T5; Llama (last layer); Llama (the block's layer)], so no Llama token joins
+        them (ConceptAttention's concept tokens are the encoder's, here T5's, alone)."""
+        h, w = self.native_size()
+        embeds = self.encode(words, False, 1.0, h, w)["encoder_hidden_states_t5"]
+        mean = self._concept_segment_mean(words, embeds, self.attention_layout(h, w)).to(self.denoiser.dtype)
+        projection = self.denoiser.caption_projection
+        return mean if projection is None else projection[-1](mean)
+
+
+def hidream_concept_step(block, c, key, value, kwargs):
+    """HiDream's double-stream ``HiDreamImageTransformerBlock`` (diffusers 0.42) text-stream path applied to concept
+    tokens ``c``: the block's ``adaLN_modulation`` of ``temb`` (the text's shift/scale/gate), ``norm1_t``, the text
+    projections ``to_*_t`` with their RMS q/k norms, RoPE at text position 0 (HiDream's ``txt_ids`` are zeros: the
+    first text slot's rotation from the block's own ``image_rotary_emb``, an identity), attention of the concept
+    queries over [image keys; concept keys] (no mask: HiDream has none), ``to_out_t``, gate, ``norm3_t`` and the text
+    feed-forward ``ff_t`` (plain SwiGLU; the MoE is the image's)."""
+    from diffusers.models.transformers.transformer_hidream_image import apply_rope
+
+    attn, wtype = block.attn1, c.dtype
+    mod = block.adaLN_modulation(kwargs["temb"])[:, None].chunk(12, dim=-1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[6:]
+    norm_c = block.norm1_t(c).to(dtype=wtype) * (1 + scale_msa) + shift_msa
+    b, n_c, n_image, d = c.shape[0], c.shape[1], key.shape[2], key.shape[-1]
+    cq = attn.q_rms_norm_t(attn.to_q_t(norm_c)).to(dtype=wtype).view(b, n_c, attn.heads, d)
+    ck = attn.k_rms_norm_t(attn.to_k_t(norm_c)).to(dtype=wtype).view(b, n_c, attn.heads, d)
+    cv = attn.to_v_t(norm_c).view(b, n_c, attn.heads, d)
+    rope = kwargs["image_rotary_emb"]  # (n, image + text, 1, d_rope / 2, 2, 2): text slot 0 follows the image
+    rope = rope[:, n_image : n_image + 1].expand(b, n_c, *rope.shape[2:])
+    if d == rope.shape[-3] * 2:
+        cq, ck = apply_rope(cq, ck, rope)
+    else:  # RoPE on the first half of each head, as the processor
+        (q1, q2), (k1, k2) = cq.chunk(2, dim=-1), ck.chunk(2, dim=-1)
+        q1, k1 = apply_rope(q1, k1, rope)
+        cq, ck = torch.cat([q1, q2], dim=-1), torch.cat([k1, k2], dim=-1)
+    cq, ck, cv = (t.transpose(1, 2) for t in (cq, ck, cv))
+    out = F.scaled_dot_product_attention(cq, torch.cat([key, ck], 2), torch.cat([value, cv], 2))
+    out = out.transpose(1, 2).reshape(b, n_c, attn.heads * d).to(cq.dtype)
+    c = gate_msa * attn.to_out_t(out) + c
+    c = gate_mlp * block.ff_t(block.norm3_t(c).to(dtype=wtype) * (1 + scale_mlp) + shift_mlp) + c
+    return c, out
 
 
 @register_recorder("hidream")
@@ -200,6 +250,10 @@ class HiDreamJointRecorder:
         hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
         if not attn.single:
+            if self.cap.wants_output and self.cap.recording:  # the concept stream's image rows
+                self.cap._record_image_output(
+                    self.name, key[:, :, :n_image], value[:, :, :n_image], hidden_states[:, :n_image]
+                )
             hidden_states_i, hidden_states_t = torch.split(hidden_states, [n_image, n_text], dim=1)
             return attn.to_out(hidden_states_i), attn.to_out_t(hidden_states_t)
         return attn.to_out(hidden_states)

@@ -36,6 +36,10 @@ to words (template excluded); the model's boolean mask (image and valid text key
 text the valid Qwen tokens sit at text positions 0..m-1, as the segment says; a prompt *with* quoted (glyph) text
 on a transformer with a ByT5 projection is refused up front: its valid Qwen tokens then sit after a per-sample
 number of glyph tokens, which a fixed segment cannot express.
+
+No ConceptAttention concept stream yet: the text reaches the blocks through a timestep-conditioned token refiner
+(:func:`refine_concepts`), so the concepts' block input changes per denoiser call, which fixed concept tokens cannot
+carry; :func:`hunyuanimage_concept_step` is the double-stream text path for when the capture can.
 """
 
 from __future__ import annotations
@@ -48,11 +52,11 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from pipeline.errors import UserError
-from pipeline.models.attention import AttentionLayout, register_recorder
+from pipeline.models.attention import AttentionLayout, ConceptStream, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, register
 from pipeline.models.tokens import PromptTokens, prompt_tokens
 
-__all__ = ["HunyuanImage", "HunyuanImageJointRecorder"]
+__all__ = ["HunyuanImage", "HunyuanImageJointRecorder", "hunyuanimage_concept_step", "refine_concepts"]
 
 COND_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "encoder_hidden_states_2", "encoder_attention_mask_2")
 
@@ -255,9 +259,67 @@ class HunyuanImage(FamilyDriver):
                 )
             return prompt_tokens(pipe.tokenizer, prompt, n, template=template, drop=drop)
 
-        return AttentionLayout(
-            "hunyuanimage", layers, (h // ph, w // pw), pipe.tokenizer, n, (0, n), True, "Qwen2.5-VL", tokenize
+        # the concepts' text-stream input depends on the call's timestep (the token refiner is timestep-conditioned):
+        # refine_concepts at the first block of each denoiser call
+        blocks = tuple(k.removesuffix(".attn.processor") for k in layers if k.startswith("transformer_blocks."))
+        concepts = ConceptStream(
+            blocks,
+            hunyuanimage_concept_step,
+            prepare=lambda denoiser, c, call: refine_concepts(denoiser, c, call["timestep"]),
         )
+        return AttentionLayout(
+            "hunyuanimage",
+            layers,
+            (h // ph, w // pw),
+            pipe.tokenizer,
+            n,
+            (0, n),
+            True,
+            "Qwen2.5-VL",
+            tokenize,
+            concepts,
+        )
+
+    def concept_tokens(self, words: list[str]) -> torch.Tensor:
+        """(C, D_text): each concept word encoded alone by the pipeline's own ``encode_prompt`` (its chat template,
+        the template's first tokens dropped), the mean over the word's Qwen2.5-VL tokens. These are the refiner's
+        *inputs*: the double-stream blocks' text input is :func:`refine_concepts` of them at each call's timestep."""
+        h, w = self.native_size()
+        embeds = self.encode(words, False, 1.0, h, w)["encoder_hidden_states"]
+        return self._concept_segment_mean(words, embeds, self.attention_layout(h, w))
+
+
+def refine_concepts(transformer, tokens: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """Concept tokens (n, C, D_text) -> the double-stream blocks' text input at this denoiser call: each concept is
+    a one-token caption through the transformer's own ``context_embedder`` (``HunyuanImageTokenRefiner``, diffusers
+    0.42: pooled text = the token itself, ``proj_in``, the refiner blocks' self-attention over that one token). The
+    refiner is conditioned on the call's ``timestep`` (n,), so the result differs per denoiser call."""
+    n, C, D = tokens.shape
+    flat = tokens.reshape(n * C, 1, D)
+    mask = torch.ones((n * C, 1), dtype=torch.bool, device=tokens.device)
+    refined = transformer.context_embedder(flat, timestep.repeat_interleave(C), mask)
+    return refined.reshape(n, C, -1)
+
+
+def hunyuanimage_concept_step(block, c, key, value, kwargs):
+    """HunyuanImage's double-stream ``HunyuanImageTransformerBlock`` (diffusers 0.42) text-stream path applied to
+    concept tokens ``c``: ``norm1_context`` (AdaLN-Zero by ``temb``), the added projections ``add_*_proj`` and their
+    q/k norms, no rotary embedding (the processor rotates the image tokens only), attention of the concept queries
+    over [image keys; concept keys] (no image key is masked), ``to_add_out``, gate, ``norm2_context`` modulation and
+    ``ff_context``."""
+    attn = block.attn
+    norm_c, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(c, emb=kwargs["temb"])
+    cq, ck, cv = (p(norm_c).unflatten(2, (attn.heads, -1)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if attn.norm_added_q is not None:
+        cq = attn.norm_added_q(cq)
+    if attn.norm_added_k is not None:
+        ck = attn.norm_added_k(ck)
+    cq, ck, cv = (t.transpose(1, 2) for t in (cq, ck, cv))
+    out = torch.nn.functional.scaled_dot_product_attention(cq, torch.cat([key, ck], 2), torch.cat([value, cv], 2))
+    out = out.transpose(1, 2).flatten(2, 3).to(cq.dtype)
+    c = c + attn.to_add_out(out) * gate_msa.unsqueeze(1)
+    norm_c = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    return c + gate_mlp.unsqueeze(1) * block.ff_context(norm_c), out
 
 
 @register_recorder("hunyuanimage")
@@ -333,6 +395,13 @@ class HunyuanImageJointRecorder:
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
         )
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if not single and encoder_hidden_states is not None and self.cap.wants_output and self.cap.recording:
+            self.cap._record_image_output(
+                self.name,
+                key[:, :n_image].transpose(1, 2),
+                value[:, :n_image].transpose(1, 2),
+                hidden_states[:, :n_image],
+            )
         # 6. output projections
         if encoder_hidden_states is not None:
             n_text = encoder_hidden_states.shape[1]

@@ -28,6 +28,10 @@ batch's longest under a boolean mask — so the image starts at a different posi
 is those slots; only the prompt's tokens map to words; the maps renormalise over all the caption's tokens (system
 prompt included: the model attends to them). The recorder lays each sample out as [caption padded to the segment's S
 slots (masked); image] — a permutation of the keys plus masked ones, so the probabilities are the model's.
+
+ConceptAttention (:func:`lumina2_concept_step`): the joint layers are single-stream (one set of per-token weights
+and one modulation for text and image), so the concepts are exactly extra caption tokens the image never sees,
+at caption position 0, after the caption embedder and the context refiner run on each as a one-token caption.
 """
 
 from __future__ import annotations
@@ -42,13 +46,13 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.errors import UserError
-from pipeline.models.attention import AttentionLayout, attention_processors, register_recorder
+from pipeline.models.attention import AttentionLayout, ConceptStream, attention_processors, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.families.qwenimage import pad_tokens
 from pipeline.models.flow_shift import uses_dynamic_shift
 from pipeline.models.tokens import prompt_tokens
 
-__all__ = ["Lumina2", "Lumina2JointRecorder"]
+__all__ = ["Lumina2", "Lumina2JointRecorder", "lumina2_concept_step"]
 
 VAE_SCALE = 8  # Lumina2Pipeline.vae_scale_factor: a constant, not read from the VAE
 DEFAULT_SAMPLE_SIZE = 128  # Lumina2Pipeline's default_sample_size without a transformer config
@@ -172,9 +176,64 @@ class Lumina2(FamilyDriver):
         tok = self.pipe.tokenizer
         prefix = (self.pipe.system_prompt + " <Prompt Start> ").replace("{", "{{").replace("}", "}}")
         tokenize = functools.partial(prompt_tokens, tok, max_length=max_len, template=prefix + "{}", trail=0)
+        blocks = tuple(k.removesuffix(".attn.processor") for k in layers)
+        concepts = ConceptStream(blocks, lumina2_concept_step)
         return AttentionLayout(
-            "lumina2", layers, (h // p, w // p), tok, max_len, (0, max_len), True, "Gemma2", tokenize
+            "lumina2", layers, (h // p, w // p), tok, max_len, (0, max_len), True, "Gemma2", tokenize, concepts
         )
+
+    def concept_tokens(self, words: list[str]) -> torch.Tensor:
+        """Each concept word encoded alone by the pipeline's own ``encode_prompt`` (system prompt included); the mean
+        over the word's tokens; then what the transformer does to a caption before its joint layers: the
+        ``caption_embedder`` and the ``context_refiner`` layers, run on each concept as a one-token caption of its
+        own (its self-attention sees that token only; rotary position 0, the caption's first)."""
+        h, w = self.native_size()
+        kw = self.encode(words, False, 1.0, h, w)
+        tr = self.denoiser
+        mean = self._concept_segment_mean(words, kw["encoder_hidden_states"], self.attention_layout(h, w))
+        c = tr.time_caption_embed.caption_embedder(mean.to(tr.dtype))[:, None]  # (C, 1, D): one-token captions
+        mask = torch.ones(c.shape[:2], dtype=kw["encoder_attention_mask"].dtype, device=c.device)
+        p = int(tr.config.patch_size)
+        latent = torch.zeros((len(words), tr.config.in_channels, p, p), dtype=c.dtype, device=c.device)
+        cap_freqs = tr.rope_embedder(latent, mask)[1]  # the model's own rotary for a one-token caption
+        for layer in tr.context_refiner:
+            c = layer(c, mask, cap_freqs)
+        return c[:, 0]
+
+
+def lumina2_concept_step(block, c, key, value, kwargs):
+    """Lumina 2's joint ``Lumina2TransformerBlock`` (diffusers 0.42) applied to concept tokens ``c`` as extra caption
+    tokens the image never sees. The block is single-stream — one set of weights and one modulation
+    (``norm1``: ``LuminaRMSNormZero`` of ``temb``) for text and image, all per token except the attention — so this
+    is exactly the path a caption token takes, its attention restricted to [image keys; concept keys]: ``to_q/k/v``
+    (grouped-query heads repeated), the RMS q/k norms, rotary at text position 0 (the first caption slot's rotation
+    from the block's own ``image_rotary_emb``, an identity), ``to_out``, ``norm2``, tanh gate, the feed-forward."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    attn = block.attn
+    norm_c, gate_msa, scale_mlp, gate_mlp = block.norm1(c, kwargs["temb"])
+    b, n_c, d = c.shape[0], c.shape[1], key.shape[-1]
+    dtype = norm_c.dtype
+    cq = attn.to_q(norm_c).view(b, n_c, attn.heads, d)
+    ck, cv = (p(norm_c) for p in (attn.to_k, attn.to_v))
+    kv_heads = ck.shape[-1] // d
+    ck, cv = ck.view(b, n_c, kv_heads, d), cv.view(b, n_c, kv_heads, d)
+    if attn.norm_q is not None:
+        cq = attn.norm_q(cq)
+    if attn.norm_k is not None:
+        ck = attn.norm_k(ck)
+    rope = kwargs["image_rotary_emb"][:, :1].expand(b, n_c, -1)  # caption slot 0: position (0, 0, 0)
+    cq, ck = apply_rotary_emb(cq, rope, use_real=False).to(dtype), apply_rotary_emb(ck, rope, use_real=False).to(dtype)
+    n_rep = attn.heads // kv_heads
+    if n_rep >= 1:
+        ck = ck.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
+        cv = cv.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
+    cq, ck, cv = (t.transpose(1, 2) for t in (cq, ck, cv))
+    out = F.scaled_dot_product_attention(cq, torch.cat([key, ck], 2), torch.cat([value, cv], 2), scale=attn.scale)
+    out = out.transpose(1, 2).reshape(b, n_c, attn.heads * d).type_as(cq)
+    c = c + gate_msa.unsqueeze(1).tanh() * block.norm2(attn.to_out[1](attn.to_out[0](out)))
+    mlp = block.feed_forward(block.ffn_norm1(c) * (1 + scale_mlp.unsqueeze(1)))
+    return c + gate_mlp.unsqueeze(1).tanh() * block.ffn_norm2(mlp), out
 
 
 @register_recorder("lumina2")
@@ -229,7 +288,24 @@ class Lumina2JointRecorder:
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale)
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).type_as(query)
+        if self.cap.wants_output and self.cap.recording:  # the concept stream's image rows
+            self._record_output(key, value, out, attention_mask)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def _image_rows(self, t: torch.Tensor, mask) -> torch.Tensor:
+        """(b, L, ...) -> (b, image tokens, ...): each sample's image tokens, after its caption."""
+        b, L = t.shape[:2]
+        n_image = self.cap.n_image_tokens
+        caption = (
+            torch.full((b,), L - n_image, device=t.device) if mask is None else mask.reshape(b, -1).sum(1) - n_image
+        )
+        rows = caption[:, None] + torch.arange(n_image, device=t.device)
+        return torch.gather(t, 1, rows.view(b, n_image, *[1] * (t.ndim - 2)).expand(-1, -1, *t.shape[2:]))
+
+    def _record_output(self, key, value, out, mask) -> None:
+        """The image rows' keys and values (b, heads, image tokens, d) and attention output, for the concepts."""
+        key, value = (self._image_rows(t.transpose(1, 2), mask).transpose(1, 2) for t in (key, value))
+        self.cap._record_image_output(self.name, key, value, self._image_rows(out, mask))
 
     def _record(self, query, key, mask) -> None:
         """[caption in S slots; image] per sample, (b, heads, S + image tokens, d), without a host sync."""

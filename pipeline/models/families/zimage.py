@@ -30,6 +30,11 @@ mask (the pad tokens inside are real, attended tokens). The caption is the promp
 ``max_sequence_length``: the segment is those slots (rounded up to the multiple of 32); only the prompt's tokens map
 to words; the maps renormalise over the template's and the prompt's tokens. The recorder pads the keys to the
 segment's length with masked keys and hands the CFG rows over as ``[neg; pos]`` (the call's are ``[pos; neg]``).
+
+ConceptAttention (:func:`zimage_concept_step`): the main layers are single-stream (one set of per-token weights and
+one modulation), so the concepts are exactly extra caption tokens the image never sees, at the first caption
+position (1, 0, 0), after the model's own one-token-caption path (cap_embedder, pad tokens, context refiner); they
+attend to the real image tokens only (not the image pad tokens).
 """
 
 from __future__ import annotations
@@ -41,13 +46,13 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipeline.models.attention import AttentionLayout, attention_processors, register_recorder
+from pipeline.models.attention import AttentionLayout, ConceptStream, attention_processors, register_recorder
 from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.families.qwenimage import pad_tokens
 from pipeline.models.flow_shift import shift_mu, uses_dynamic_shift
 from pipeline.models.tokens import prompt_tokens
 
-__all__ = ["ZImage", "ZImageRecorder", "chat_template"]
+__all__ = ["ZImage", "ZImageRecorder", "chat_template", "zimage_concept_step"]
 
 SEQ_MULTI_OF = 32  # transformer_z_image.SEQ_MULTI_OF: image and caption padded to a multiple of it
 
@@ -170,7 +175,33 @@ class ZImage(FamilyDriver):
         tok = self.pipe.tokenizer
         tokenize = functools.partial(prompt_tokens, tok, max_length=max_len, template=chat_template(tok), trail=0)
         slots = max_len + (-max_len) % SEQ_MULTI_OF
-        return AttentionLayout("zimage", layers, (h // 2, w // 2), tok, max_len, (0, slots), True, "Qwen3", tokenize)
+        blocks = tuple(k.removesuffix(".attention.processor") for k in layers)
+        concepts = ConceptStream(blocks, zimage_concept_step, "attention")
+        return AttentionLayout(
+            "zimage", layers, (h // 2, w // 2), tok, max_len, (0, slots), True, "Qwen3", tokenize, concepts
+        )
+
+    def concept_tokens(self, words: list[str]) -> torch.Tensor:
+        """Each concept word encoded alone by the pipeline's own ``encode_prompt`` (chat template); the mean over the
+        word's tokens; then the transformer's own caption path for a one-token caption: padded to a multiple of 32
+        (``_pad_with_ids``: the rest are ``cap_pad_token`` rows, positions from (1, 0, 0) on), ``cap_embedder``, and
+        the ``context_refiner`` layers (no modulation: no timestep), whose self-attention sees that token and the
+        caption pad tokens the model gives it; the token's row is the concept."""
+        h, w = self.native_size()
+        max_len = int(call_default(self.pipe.__call__, "max_sequence_length", 512))
+        embeds, _ = self._encoded(list(words), max_len)
+        tr = self.denoiser
+        mean = self._concept_segment_mean(words, embeds, self.attention_layout(h, w)).to(tr.dtype)
+        device, feats, pos_ids, pads = mean.device, [], [], []
+        for row in mean:
+            f, p, m, _, _ = tr._pad_with_ids(row[None], (1 + (-1) % SEQ_MULTI_OF, 1, 1), (1, 0, 0), device)
+            feats.append(f), pos_ids.append(p), pads.append(m)
+        lengths = [len(f) for f in feats]
+        embedded = list(tr.cap_embedder(torch.cat(feats)).split(lengths))
+        c, freqs, mask, _, _ = tr._prepare_sequence(embedded, pos_ids, pads, tr.cap_pad_token, None, device)
+        for layer in tr.context_refiner:
+            c = layer(c, mask, freqs)
+        return c[:, 0]
 
 
 def chat_template(tokenizer) -> str:
@@ -183,6 +214,42 @@ def chat_template(tokenizer) -> str:
     if text.count(mark) != 1:
         raise ValueError(f"{type(tokenizer).__name__}: the chat template does not hold the prompt once: {text!r}")
     return "{}".join(part.replace("{", "{{").replace("}", "}}") for part in text.split(mark))
+
+
+def zimage_concept_step(block, c, key, value, kwargs):
+    """Z-Image's main ``ZImageTransformerBlock`` (diffusers 0.42) applied to concept tokens ``c`` as extra caption
+    tokens the image never sees. The block is single-stream — one set of weights and one modulation
+    (``adaLN_modulation(adaln_input)``) for text and image, all per token except the attention — so this is exactly the
+    path a caption token takes, its attention restricted to [image keys; concept keys]: ``attention_norm1`` times the
+    scale, ``to_q/k/v``, the RMS q/k norms, rotary at the first caption slot's position (1, 0, 0) (read from the
+    block's own ``freqs_cis``, the same in every sample), ``to_out``, ``attention_norm2``, tanh gates, the SwiGLU
+    feed-forward. The image keys are the real image tokens only (the image pad tokens up to a multiple of 32, which
+    the model attends, are left out)."""
+    if kwargs.get("noise_mask") is not None:
+        raise ValueError("Z-Image's omni mode (per-token modulation) has no concept stream here")
+    attn = block.attention
+    mod = block.adaLN_modulation(kwargs["adaln_input"])
+    scale_msa, gate_msa, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(4, dim=2)
+    gate_msa, gate_mlp, scale_msa, scale_mlp = gate_msa.tanh(), gate_mlp.tanh(), 1.0 + scale_msa, 1.0 + scale_mlp
+    x = block.attention_norm1(c) * scale_msa
+    cq, ck, cv = (p(x).unflatten(-1, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        cq = attn.norm_q(cq)
+    if attn.norm_k is not None:
+        ck = attn.norm_k(ck)
+    n_image = key.shape[2]
+    t0 = n_image + (-n_image) % SEQ_MULTI_OF  # the caption's first slot, after the image and its pad tokens
+    freqs = kwargs["freqs_cis"][:, t0 : t0 + 1].expand(c.shape[0], c.shape[1], -1)
+    cq, ck = _rotary(cq, freqs), _rotary(ck, freqs)
+    dtype = cq.dtype
+    cq, ck, cv = (t.transpose(1, 2) for t in (cq, ck, cv))
+    out = F.scaled_dot_product_attention(cq, torch.cat([key, ck], 2), torch.cat([value, cv], 2))
+    out = out.transpose(1, 2).flatten(2, 3).to(dtype)
+    o = attn.to_out[0](out)
+    if len(attn.to_out) > 1:  # dropout
+        o = attn.to_out[1](o)
+    c = c + gate_msa * block.attention_norm2(o)
+    return c + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(c) * scale_mlp)), out
 
 
 @register_recorder("zimage")
@@ -213,6 +280,12 @@ class ZImageRecorder:
             attention_mask = attention_mask[:, None, None, :]
         self._record(query, key, attention_mask)
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        if self.cap.wants_output and self.cap.recording:  # the concept stream's image rows (image first)
+            n_image = self.cap.n_image_tokens
+            rows = [key[:, :n_image].transpose(1, 2), value[:, :n_image].transpose(1, 2), out[:, :n_image].flatten(2)]
+            if getattr(self.cap, "cfg", False):  # the call's [pos; neg] -> the sink's [uncond; cond]
+                rows = [torch.cat(t.chunk(2)[::-1]) for t in rows]
+            self.cap._record_image_output(self.name, *rows)
         out = attn.to_out[0](out.flatten(2, 3).to(dtype))
         if len(attn.to_out) > 1:  # dropout
             out = attn.to_out[1](out)

@@ -34,6 +34,7 @@ denoiser call (Heun calls the model twice per step; :func:`pipeline.models.gener
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
@@ -202,7 +203,7 @@ class AttentionCapture:
             self.denoiser,
             {k: (recorder(self, k) if k in self.layout.layers else p) for k, p in self._originals.items()},
         )
-        self._hooks = [self.denoiser.register_forward_pre_hook(self._next_call)]
+        self._hooks = [self.denoiser.register_forward_pre_hook(self._next_call, with_kwargs=True)]
         if self.concepts is not None:
             modules = dict(self.denoiser.named_modules())
             for name in self.layout.concepts.blocks:
@@ -216,7 +217,7 @@ class AttentionCapture:
             hook.remove()
         set_attention_processors(self.denoiser, self._originals)
 
-    def _next_call(self, module, args) -> None:
+    def _next_call(self, module, args, kwargs) -> None:
         self._forward_calls += 1
         if self.cfg and self.cfg_calls == "two_calls":
             self._active = self._forward_calls % 2 == 1  # the step's conditional call; the next one is its uncond
@@ -230,6 +231,8 @@ class AttentionCapture:
         self.step = self.call_steps[self.calls] if self.call_steps is not None else self.calls
         self.calls += 1
         self._concept_state = None  # each denoiser call starts the concepts afresh at the first block
+        if self.concepts is not None and self.layout.concepts.prepare is not None:
+            self._call_kwargs = _bound(module, args, kwargs)
 
     def _error(self, err: torch.Tensor) -> None:
         self._row_error = err.detach() if self._row_error is None else torch.maximum(self._row_error, err.detach())
@@ -334,8 +337,8 @@ class AttentionCapture:
 
     def _block_pre(self, name: str):
         def pre(module, args, kwargs):
-            if self._active:
-                self._block_kwargs[name] = kwargs
+            if self._active:  # by name, whether the model passes them by position or keyword
+                self._block_kwargs[name] = _bound(module, args, kwargs)
 
         return pre
 
@@ -349,6 +352,12 @@ class AttentionCapture:
             c = self._concept_state
             if c is None:
                 c = self.concepts.to(key.device, out.dtype)[None].expand(n, -1, -1)
+                if self.layout.concepts.prepare is not None:
+                    call = {
+                        k: (self._cond(v) if torch.is_tensor(v) and v.shape[:1] == (2 * n,) else v)
+                        for k, v in self._call_kwargs.items()
+                    }
+                    c = self.layout.concepts.prepare(self.denoiser, c, call)
             kwargs = {
                 k: (self._cond(v) if torch.is_tensor(v) and v.shape[:1] == (2 * n,) else v)
                 for k, v in self._block_kwargs.pop(name).items()
@@ -401,6 +410,11 @@ class AttentionCapture:
     def text_share(self) -> torch.Tensor | None:
         """(n,) the joint softmax's mean mass on text keys (joint attention only; None for cross-attention)."""
         return None if self._share_sum is None else (self._share_sum / self._share_calls).float().cpu()
+
+
+def _bound(module, args, kwargs) -> dict:
+    """A module call's arguments by name (its ``forward`` signature), defaults left out."""
+    return dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
 
 
 def concept_maps(image_out: torch.Tensor, concept_out: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ WORDS = ["circle", "square", "triangle"]
 
 @pytest.fixture(scope="module")
 def model_of(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("attention_concepts_c1"), {}
+    root, built = tmp_path_factory.mktemp("concepts_flux2_chroma_qwenimage"), {}
 
     def get(name: str) -> ModelAdapter:
         if name not in built:
