@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from tiny import _t5_tokenizer, tiny_family
 
@@ -314,29 +314,16 @@ def test_models_without_text_are_refused_before_any_work(family, kind, family_pa
     assert not (tmp_path / "run" / "plots").exists()  # refused from model_index.json: nothing ran
 
 
-def test_sd3_through_the_cli(family_paths, outputs):
-    res = run_cli(
-        [
-            "model=hub",
-            f"model.path={family_paths['sd3']}",
-            "features=[shapes_net]",
-            "dataset=shapes",
-            "dataset.size=32",
-            "mode=[attention]",
-            "sampler.num_inference_steps=2",
-            "mode.attention.steps=[0,1]",
-            "mode.attention.num_prompts=2",
-            "mode.attention.num_reference=0",
-            "mode.attention.figures=1",
-            f"paths.outputs={outputs}",
-            f"hydra.run.dir={outputs}/sd3_cli",
-        ],
-        outputs,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    r = json.loads((outputs / "sd3_cli" / "results.json").read_text())
+def test_sd3_with_t5_maps_the_t5_segment_and_draws_its_overlays(family_paths, tmp_path, outputs):
+    """SD3 with T5 through the mode (in-process: the command line is family-agnostic, tests/test_cli.py): the maps come
+    from the T5 segment (no start token), output-space concept maps beside them, overlays drawn."""
+    out = _run(family_paths["sd3"], tmp_path, outputs, ["mode.attention.figures=1", "mode.attention.num_reference=0"])
+    assert out.status == "FINISHED", out.error
+    r = out.results
     assert 0 < r["attention/text_share"] < 1 and "attention/bos_share" not in r  # T5 segment: no start token
-    assert (outputs / "sd3_cli" / "plots" / "attention_overlay_0.png").is_file()
+    assert r["attention/num_concepts"] >= 1 and "attention/miou_output" in r
+    for plot in ("attention_overlay_0", "attention_concepts_0", "attention_miou_layer_step"):
+        assert (tmp_path / "run" / "plots" / f"{plot}.png").is_file(), plot
 
 
 def test_folder_without_masks_reports_maps_and_skips_iou_with_tags(family_paths, tmp_path, outputs):

@@ -571,34 +571,31 @@ def test_every_family_runs_the_latent_parts_its_math_has(family, family_dirs, tm
     assert tags["latent.path"] == ("flow ODE (Euler)" if flow else "DDIM")
 
 
-def test_flow_model_ood_and_the_cli(family_dirs, outputs):
-    """SD3 through the CLI with the OOD part: flow reconstructions (σ = t / T) give every score."""
-    import json
-
-    from conftest import run_cli
-
-    res = run_cli(
-        [
-            "model=hub",
-            f"model.path={family_dirs['sd3']}",
-            "features=[shapes_net]",
-            "dataset=shapes",
-            "mode=[latent]",
-            "mode.latent.parts=[ood]",
-            "mode.latent.ood_fit_samples=100",
-            "mode.latent.ood_eval_samples=8",
-            "mode.latent.recon_steps=2",
-            "mode.latent.recon_timesteps=[300]",
-            "mode.latent.ood_noise=false",
-            *FEW,
-            f"paths.outputs={outputs}",
-            f"hydra.run.dir={outputs}/sd3_latent_cli",
-        ],
-        outputs,
+def test_flow_model_ood(family_dirs, tmp_path, outputs):
+    """SD3 with the OOD part: flow reconstructions (σ = t / T) give every score (in-process: the command line is
+    family- and mode-agnostic, tests/test_cli.py)."""
+    out = run_pipeline(
+        compose_cfg(
+            [
+                "model=hub",
+                f"model.path={family_dirs['sd3']}",
+                "features=[shapes_net]",
+                "dataset=shapes",
+                "mode=[latent]",
+                "mode.latent.parts=[ood]",
+                "mode.latent.ood_fit_samples=100",
+                "mode.latent.ood_eval_samples=8",
+                "mode.latent.recon_steps=2",
+                "mode.latent.recon_timesteps=[300]",
+                "mode.latent.ood_noise=false",
+                *FEW,
+            ],
+            outputs,
+        ),
+        tmp_path / "run",
     )
-    assert res.returncode == 0, res.stderr[-2000:]
-    r = json.loads((outputs / "sd3_latent_cli" / "results.json").read_text())
-    _check_ood(r, suffixes=("",))
+    assert out.status == "FINISHED", out.error
+    _check_ood(out.results, suffixes=("",))
 
 
 def test_ppl_in_half_precision_equals_float32(models, tmp_path, outputs):
