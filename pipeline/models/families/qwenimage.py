@@ -302,9 +302,8 @@ def pad_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
 class QwenImageJointRecorder:
     """Qwen-Image's ``QwenDoubleStreamAttnProcessor2_0`` (diffusers 0.42), step for step, recording the joint
     softmax's image rows. The model's order is [text; image] with the text as long as the call's longest prompt and
-    its mask ``[encoder_hidden_states_mask; ones]``; the recorded Q/K pad the text to the segment's length with
-    masked zero keys (a masked key has no mass, so the probabilities are the model's): text = (0, S), image =
-    (S, S + image tokens)."""
+    its mask ``[encoder_hidden_states_mask; ones]``, handed over as they are (the capture zero-fills the segment's
+    slots past the call's text)."""
 
     def __init__(self, cap, name: str):
         self.cap, self.name = cap, name
@@ -365,17 +364,18 @@ class QwenImageJointRecorder:
         return img_out, attn.to_add_out(txt_out.contiguous())
 
     def _record(self, txt_q, txt_k, img_q, img_k, text_mask) -> None:
-        """[text padded to the segment's S slots (masked); image], as (b, heads, S + image tokens, d)."""
+        """[text (the call's length, its mask); image] as (b, heads, L, d); segment slots past the call's text are
+        zero in the capture (padding this call does not have)."""
+        if not self.cap.recording:  # the unconditional call of a two-call CFG step
+            return
         b, seq_txt = txt_k.shape[:2]
-        slots = self.cap.layout.segment[1]
-        valid = torch.ones((b, seq_txt), dtype=torch.bool, device=txt_k.device)
-        if text_mask is not None:
-            valid = text_mask.bool()
+        n_image = img_k.shape[1]
         key_mask = None
-        if seq_txt < slots or text_mask is not None:
-            image = torch.ones((b, img_k.shape[1]), dtype=torch.bool, device=txt_k.device)
-            key_mask = torch.cat([pad_tokens(valid, slots), image], dim=1)
-        query = torch.cat([pad_tokens(txt_q, slots), img_q], dim=1).transpose(1, 2)
-        key = torch.cat([pad_tokens(txt_k, slots), img_k], dim=1).transpose(1, 2)
-        n = query.shape[2]
-        self.cap._record_joint(self.name, query, key, image=(slots, n), text=(0, slots), key_mask=key_mask)
+        if text_mask is not None:
+            image = torch.ones((b, n_image), dtype=torch.bool, device=txt_k.device)
+            key_mask = torch.cat([text_mask.bool(), image], dim=1)
+        query = torch.cat([txt_q, img_q], dim=1).transpose(1, 2)
+        key = torch.cat([txt_k, img_k], dim=1).transpose(1, 2)
+        self.cap._record_joint(
+            self.name, query, key, image=(seq_txt, seq_txt + n_image), text=(0, seq_txt), key_mask=key_mask
+        )

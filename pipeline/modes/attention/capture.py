@@ -62,7 +62,7 @@ def joint_segment_maps(
 
     ``query``, ``key``: (n, heads, L, d), the image tokens at ``image`` = (start, stop) of the sequence and the
     text tokens at ``text`` (SD3: [image; text]; Flux: [text; image]; others mix more parts). ``segment``:
-    (start, stop) within the text tokens; ``valid``: (n, stop − start) bool, the segment's non-padding tokens (all
+    (start, stop) within the text tokens (slots past the call's text are zero); ``valid``: (n, stop − start) bool, the segment's non-padding tokens (all
     if None); ``key_mask``: (n, L) bool, the keys the model's own softmax attends to (its attention mask; None:
     all). Returns float32 ``maps`` (n, n_image, S) — the head-averaged softmax over the attended keys restricted
     to the segment, renormalised to sum to 1 over its valid tokens —, ``share`` (n, n_image) — the head-averaged
@@ -72,14 +72,17 @@ def joint_segment_maps(
     n, heads, L, d = query.shape
     (i0, i1), (t0, t1) = image, text
     n_image = i1 - i0
-    seg = slice(t0 + segment[0], t0 + segment[1])
     S = segment[1] - segment[0]
+    # a call whose text is shorter than the segment (padded to the batch's longest prompt, not to max_length): the
+    # slots it lacks are padding this call does not have — zero, as masked keys would be, without computing them
+    present = max(0, min(t1 - t0, segment[1]) - segment[0])
+    seg = slice(t0 + segment[0], t0 + segment[0] + present)
     k = key.float()
     bias = None
     if key_mask is not None:  # masked keys: -inf logits, as the model's boolean SDPA mask
         bias = torch.zeros(key_mask.shape, device=query.device).masked_fill_(~key_mask.bool(), float("-inf"))
         bias = bias[:, None, None, :]
-    maps = query.new_empty((n, n_image, S), dtype=torch.float32)
+    maps = query.new_zeros((n, n_image, S), dtype=torch.float32)
     share = query.new_empty((n, n_image), dtype=torch.float32)
     chunk = max(1, _CHUNK_BYTES // (4 * n * heads * L))
     err = torch.zeros((), device=query.device)
@@ -91,7 +94,7 @@ def joint_segment_maps(
         del logits
         err = torch.maximum(err, (probs.sum(-1) - 1).abs().max())
         share[:, r0:r1] = probs[..., t0:t1].sum(-1).mean(1)
-        maps[:, r0:r1] = probs[..., seg].mean(1)
+        maps[:, r0:r1, :present] = probs[..., seg].mean(1)
         del probs
     if valid is not None:
         maps = maps * valid[:, None, :].to(maps)
