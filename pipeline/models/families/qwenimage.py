@@ -291,13 +291,6 @@ def qwenimage_concept_step(block, c, key, value, kwargs):
     return c, out
 
 
-def pad_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(b, L, ...) -> (b, n, ...): zero rows appended along the token axis (n ≥ L)."""
-    if n < x.shape[1]:
-        raise ValueError(f"Expected at most {n} tokens, got {x.shape[1]}")
-    return torch.cat([x, x.new_zeros((x.shape[0], n - x.shape[1], *x.shape[2:]))], dim=1)
-
-
 @register_recorder("qwenimage")
 class QwenImageJointRecorder:
     """Qwen-Image's ``QwenDoubleStreamAttnProcessor2_0`` (diffusers 0.42), step for step, recording the joint

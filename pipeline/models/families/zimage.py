@@ -47,8 +47,7 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.models.attention import AttentionLayout, ConceptStream, attention_processors, register_recorder
-from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
-from pipeline.models.families.qwenimage import pad_tokens
+from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, pad_tokens, register
 from pipeline.models.flow_shift import shift_mu, uses_dynamic_shift
 from pipeline.models.tokens import prompt_tokens
 
