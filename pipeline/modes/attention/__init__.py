@@ -1,11 +1,12 @@
 """Attention mode: per-token text→image attention maps of one generation, on every text-to-image family.
 
-Rooms: ``capture`` (the context manager hooking the model's recorders, and aggregation), ``tokens`` (which token
-positions a word occupies in the attended text segment), ``scoring`` (maps → IoU, entropy, resolution ceilings),
+Rooms: ``capture`` (the context manager hooking the model's recorders and concept stream, and aggregation of
+probability and output-space maps), ``scoring`` (maps → IoU, entropy, resolution ceilings, zero-shot segmentation),
 ``plots``; ``mode`` (the ``mode.attention`` schema, its checks, its registration) and ``stage`` (the
-``attention`` stage). Where a family's attention is, which text segment the per-word maps come from and the
-recorders are the model adapter's (``attention_layout``; :mod:`pipeline.models.attention`);
-``CrossAttentionRecorder``, ``cross_attention_layers`` and ``layer_grid`` are re-exported here for the zoo.
+``attention`` stage). Where a family's attention is, which text segment the per-word maps come from (and which
+token positions a word occupies: :mod:`pipeline.models.tokens`), the recorders and concept streams are the model
+adapter's (``attention_layout``; :mod:`pipeline.models.attention`); ``CrossAttentionRecorder``,
+``cross_attention_layers`` and ``layer_grid`` are re-exported here for the zoo.
 """
 
 from pipeline.models.attention import CrossAttentionRecorder, attention_processors, cross_attention_layers, layer_grid
