@@ -281,8 +281,8 @@ class AttentionCapture:
                         kept[i, :, : len(pos)] = maps[i][:, pos]
                 maps = kept
             entry = self.layer_step[kind].setdefault((name, self.step), [None, 0, grid])
-            m = maps.to("cpu", torch.float16)
-            entry[0] = m.float() if entry[0] is None else entry[0] + m.float()
+            m = maps.detach().to("cpu", torch.float16)  # kept as float16 on the CPU: layers x steps of them
+            entry[0] = m if entry[0] is None else (entry[0].float() + m.float()).half()
             entry[1] += 1
 
     def _record_cross(self, name: str, probs: torch.Tensor, heads: int) -> None:
