@@ -87,3 +87,50 @@ def test_capture_is_exact_restores_and_keeps_batch_and_cfg_conventions(name, mod
         _, alone, _ = _captured(model, h, w, prompts[i : i + 1], [i])
         n = toks[i].num_tokens
         torch.testing.assert_close(alone.aggregate()[0, :n], agg[i, :n], atol=1e-4, rtol=1e-3)
+
+
+def test_sana_runs_the_mode_end_to_end_with_the_real_image_protocol(tmp_path):
+    """The stage, not only the capture, on the family whose solver is unlike the others': Sana's flow DPM-Solver++
+    (its reference images are noised by ``add_noise``, there is no ``scale_noise``), cross-attention (no concepts).
+    The stage is family-agnostic otherwise (the 2024 families run it in tests/test_attention.py)."""
+    name = "sana"
+    from conftest import compose_cfg
+
+    from pipeline.run.runner import run_pipeline
+
+    size = tiny_spec(name).size
+    cfg = compose_cfg(
+        [
+            "model=hub",
+            "features=[shapes_net]",
+            "dataset=shapes",
+            "dataset.size=32",
+            f"model.path={tiny_family(name, tmp_path / name)}",
+            "mode=[attention]",
+            "sampler.num_inference_steps=3",
+            "mode.attention.steps=[0,2]",
+            "sampler.batch_size=2",
+            "mode.attention.num_prompts=2",
+            "mode.attention.num_reference=2",
+            f"sampler.guidance_scale={GUIDANCE}",
+            *([f"sampler.height={size}", f"sampler.width={size}"] if size else []),
+        ],
+        tmp_path / "out",
+    )
+    out = run_pipeline(cfg, tmp_path / "run")
+    assert out.status == "FINISHED", out.error
+    r = out.results
+    assert r["attention/num_scored"] >= 1 and r["attention/num_reference_scored"] >= 1 and "attention/seg_map" in r
+    assert "attention/miou_output" not in r  # cross-attention: no concept stream (a skipped. tag says so)
+
+
+def test_flow_noise_through_a_dpm_solver_is_the_rectified_flow_interpolation(model_of):
+    """Sana's native DPM-Solver++ on flow sigmas has no ``scale_noise``: the adapter's noise is (1 − σ)·x₀ + σ·ε."""
+    model = model_of("sana")
+    sched = type(model.pipe.scheduler).from_config(model.pipe.scheduler.config)
+    model.set_timesteps(sched, 10, *model.native_size())
+    z = torch.randn(2, *model.latent_shape(*model.native_size()), generator=torch.Generator().manual_seed(1))
+    x = model.add_noise(sched, z, generators(0, [0, 1]), sched.timesteps[3])
+    eps = torch.cat([torch.randn(1, *z.shape[1:], generator=g) for g in generators(0, [0, 1])])
+    sigma = sched.sigmas[3]
+    torch.testing.assert_close(x, (1 - sigma) * z + sigma * eps)

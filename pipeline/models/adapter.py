@@ -170,12 +170,14 @@ class ModelAdapter:
 
     def add_noise(self, sched, latents: torch.Tensor, gens: Sequence[torch.Generator], t: torch.Tensor) -> torch.Tensor:
         """Clean (unpacked) latents noised to solver timestep ``t`` in the solver's own convention — flow models
-        ``(1 − σ)·x₀ + σ·ε`` (``scale_noise``), the others ``add_noise`` (DDPM: √ᾱ·x₀ + √(1−ᾱ)·ε; Euler-type: x₀ + σ·ε)
-        — with per-sample noise; Flux's packed 2×2. ``t`` must be one of ``sched.timesteps``."""
+        ``(1 − σ)·x₀ + σ·ε`` (FlowMatch solvers' ``scale_noise``; DPM-Solver++ / UniPC on flow sigmas, e.g. Sana's
+        native solver, give the same through ``add_noise``: α_t = 1 − σ, σ_t = σ), the others ``add_noise`` (DDPM:
+        √ᾱ·x₀ + √(1−ᾱ)·ε; Euler-type: x₀ + σ·ε) — with per-sample noise; Flux's packed 2×2. ``t`` must be one of
+        ``sched.timesteps``."""
         noise = randn_tensor(latents.shape, generator=list(gens), device=self.device, dtype=self.dtype)
         latents = latents.to(self.device, self.dtype)
         t = torch.as_tensor(t, device=self.device).reshape(1)
-        if self.family.flow:
+        if self.family.flow and hasattr(sched, "scale_noise"):
             x = sched.scale_noise(latents, t, noise)
         else:
             x = sched.add_noise(latents, noise, t.expand(latents.shape[0]))
