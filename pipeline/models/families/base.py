@@ -28,7 +28,6 @@ __all__ = [
     "driver_named",
     "call_default",
     "image_tokens",
-    "pad_tokens",
     "batched",
     "ALL_MODES",
     "UNTEXTED_MODES",
@@ -295,13 +294,6 @@ class FamilyDriver:
             pos = [layout.segment[0] + j for p in tok.positions for j in p]
             rows.append(embeds[i, pos].mean(0))
         return torch.stack(rows)
-
-
-def pad_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(b, L, ...) -> (b, n, ...): zero rows appended along the token axis (n ≥ L)."""
-    if n < x.shape[1]:
-        raise ValueError(f"Expected at most {n} tokens, got {x.shape[1]}")
-    return torch.cat([x, x.new_zeros((x.shape[0], n - x.shape[1], *x.shape[2:]))], dim=1)
 
 
 def image_tokens(height: int, width: int, step: int) -> int:

@@ -47,7 +47,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.errors import UserError
 from pipeline.models.attention import AttentionLayout, ConceptStream, attention_processors, register_recorder
-from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, pad_tokens, register
+from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.flow_shift import uses_dynamic_shift
 from pipeline.models.tokens import prompt_tokens
 
@@ -307,15 +307,19 @@ class Lumina2JointRecorder:
         self.cap._record_image_output(self.name, key, value, self._image_rows(out, mask))
 
     def _record(self, query, key, mask) -> None:
-        """[caption in S slots; image] per sample, (b, heads, S + image tokens, d), without a host sync."""
+        """[caption in the call's longest-caption slots (each sample's own length, the rest masked); image] per
+        sample, (b, heads, slots + image tokens, d), without a host sync."""
         b, L, heads, d = key.shape
-        n_image, slots = self.cap.n_image_tokens, self.cap.layout.segment[1]
+        n_image = self.cap.n_image_tokens
+        slots = L - n_image  # the call's longest caption; the capture zero-fills the segment's slots past it
+        if slots > self.cap.layout.segment[1]:
+            raise ValueError(f"{self.name}: {slots} caption slots, more than the segment's {self.cap.layout.segment}")
         if mask is None:
             caption = torch.full((b,), L - n_image, device=key.device)
         else:
             caption = mask.reshape(b, -1).sum(1) - n_image
         rows = (caption[:, None] + torch.arange(n_image, device=key.device))[:, :, None, None].expand(-1, -1, heads, d)
-        text_q, text_k = (pad_tokens(t, max(L, slots))[:, :slots] for t in (query, key))
+        text_q, text_k = query[:, :slots], key[:, :slots]
         query = torch.cat([text_q, torch.gather(query, 1, rows)], dim=1).transpose(1, 2)
         key = torch.cat([text_k, torch.gather(key, 1, rows)], dim=1).transpose(1, 2)
         text_mask = torch.arange(slots, device=key.device)[None, :] < caption[:, None]

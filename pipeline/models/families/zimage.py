@@ -28,8 +28,9 @@ to a multiple of 32; caption; caption pad tokens up to a multiple of 32], right-
 mask (the pad tokens inside are real, attended tokens). The caption is the prompt in the tokenizer's chat template
 (``<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n`` for Qwen3), all its tokens up to
 ``max_sequence_length``: the segment is those slots (rounded up to the multiple of 32); only the prompt's tokens map
-to words; the maps renormalise over the template's and the prompt's tokens. The recorder pads the keys to the
-segment's length with masked keys and hands the CFG rows over as ``[neg; pos]`` (the call's are ``[pos; neg]``).
+to words; the maps renormalise over the template's and the prompt's tokens. The recorder hands the call's caption
+slots over as they are (the capture zero-fills the segment's slots past them) and the CFG rows as ``[neg; pos]``
+(the call's are ``[pos; neg]``).
 
 ConceptAttention (:func:`zimage_concept_step`): the main layers are single-stream (one set of per-token weights and
 one modulation), so the concepts are exactly extra caption tokens the image never sees, at the first caption
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.models.attention import AttentionLayout, ConceptStream, attention_processors, register_recorder
-from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, pad_tokens, register
+from pipeline.models.families.base import Family, FamilyDriver, batched, call_default, register
 from pipeline.models.flow_shift import shift_mu, uses_dynamic_shift
 from pipeline.models.tokens import prompt_tokens
 
@@ -294,14 +295,15 @@ class ZImageRecorder:
         b, L = key.shape[:2]
         n_image = self.cap.n_image_tokens
         t0 = n_image + (-n_image) % SEQ_MULTI_OF  # the caption starts after the image's pad tokens
-        n = t0 + self.cap.layout.segment[1]
-        if mask is None:
-            mask = torch.ones((b, L), dtype=torch.bool, device=key.device)
-        key_mask = pad_tokens(mask.reshape(b, -1).bool(), n)
-        query, key = pad_tokens(query, n).transpose(1, 2), pad_tokens(key, n).transpose(1, 2)
+        if L - t0 > self.cap.layout.segment[1]:
+            raise ValueError(f"{self.name}: {L - t0} caption slots, more than the segment's {self.cap.layout.segment}")
+        key_mask = None if mask is None else mask.reshape(b, -1).bool()
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
         if getattr(self.cap, "cfg", False):  # the call's [pos; neg] -> the sink's [uncond; cond]
-            query, key, key_mask = (torch.cat(t.chunk(2)[::-1]) for t in (query, key, key_mask))
-        self.cap._record_joint(self.name, query, key, image=(0, n_image), text=(t0, n), key_mask=key_mask)
+            query, key = (torch.cat(t.chunk(2)[::-1]) for t in (query, key))
+            key_mask = None if key_mask is None else torch.cat(key_mask.chunk(2)[::-1])
+        # the call's caption slots as they are; the capture zero-fills the segment's slots past them
+        self.cap._record_joint(self.name, query, key, image=(0, n_image), text=(t0, L), key_mask=key_mask)
 
 
 def _rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
