@@ -43,6 +43,8 @@ def test_attention_maps_segment_the_named_objects(tmp_path):
             "mode.attention.steps=[2,10,18]",
             "sampler.guidance_scale=5",
             "sampler.batch_size=24",
+            "mode.attention.num_reference=0",  # the real-image protocol: tests/test_attention.py
+            "mode.attention.figures=0",  # figures: tests/test_attention.py
         ],
     )
     assert r["attention/num_scored"] >= 20
@@ -81,6 +83,7 @@ def test_joint_attention_maps_of_shapes_sd3_segment_the_named_objects(tmp_path):
             "sampler.guidance_scale=5",
             "sampler.batch_size=24",
             "mode.attention.num_reference=0",
+            "mode.attention.figures=0",  # overlays: tests/test_attention.py (the layer x step plot is always drawn)
         ],
     )
     assert r["attention/num_scored"] >= 20
