@@ -64,3 +64,23 @@ def run_cli(args, outputs: Path, module: str = "pipeline", timeout: float = 300,
         preexec_fn=default_signals,
         **kw,
     )
+
+
+@pytest.fixture(scope="module")
+def model_of(tmp_path_factory):
+    """A factory: the :class:`~pipeline.models.adapter.ModelAdapter` of tests/tiny's family ``name``, built and
+    loaded once per test module (as a hub checkpoint would be: saved, then ``from_pretrained``)."""
+    from diffusers import DiffusionPipeline
+    from tiny import tiny_family
+
+    from pipeline.models.adapter import ModelAdapter
+
+    root, built = tmp_path_factory.mktemp("tiny_models"), {}
+
+    def get(name: str) -> ModelAdapter:
+        if name not in built:
+            path = tiny_family(name, root / name)
+            built[name] = ModelAdapter(DiffusionPipeline.from_pretrained(path, use_safetensors=True))
+        return built[name]
+
+    return get

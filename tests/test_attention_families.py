@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
 from tiny import NEW_FAMILY_NAMES, tiny_family, tiny_spec
 
-from pipeline.models.adapter import ModelAdapter
 from pipeline.models.families import FAMILIES
 from pipeline.models.generation import generators, sample
 from pipeline.modes.attention import attention_processors, capture
@@ -27,19 +25,6 @@ GUIDANCE = 4.0
 def _attention_families() -> list[str]:
     named = {f.name for f in FAMILIES.values() if f.supports("attention")}
     return [n for n in NEW_FAMILY_NAMES if n.removesuffix("_distilled") in named or n == "sd35"]
-
-
-@pytest.fixture(scope="module")
-def model_of(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("attention_families"), {}
-
-    def get(name: str) -> ModelAdapter:
-        if name not in built:
-            path = tiny_family(name, root / name)
-            built[name] = ModelAdapter(DiffusionPipeline.from_pretrained(path, use_safetensors=True))
-        return built[name]
-
-    return get
 
 
 def _size(name: str, model) -> tuple[int, int]:

@@ -10,28 +10,13 @@ import math
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
-from tiny import tiny_family
 
 from pipeline.errors import UserError
-from pipeline.models.adapter import ModelAdapter
 from pipeline.models.generation import generators, sample
 from pipeline.modes.attention import capture
 from pipeline.modes.attention.capture import AttentionCapture
 
 PROMPT = "a blue square on the right and a green triangle on the left"
-
-
-@pytest.fixture(scope="module")
-def model_of(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("attention_g1"), {}
-
-    def get(name: str) -> ModelAdapter:
-        if name not in built:
-            built[name] = ModelAdapter(DiffusionPipeline.from_pretrained(tiny_family(name, root / name)))
-        return built[name]
-
-    return get
 
 
 @pytest.mark.parametrize("name", ["flux2", "flux2_klein"])

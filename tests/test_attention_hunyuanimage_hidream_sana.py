@@ -12,27 +12,11 @@ import math
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
-from tiny import tiny_family
 
 from pipeline.errors import UserError
-from pipeline.models.adapter import ModelAdapter
 from pipeline.modes.attention.capture import AttentionCapture
 
 PROMPTS = ["a red circle on the left", "A Blue square, right of a green triangle. "]
-
-
-@pytest.fixture(scope="module")
-def model_of(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("attention_g3"), {}
-
-    def get(name: str) -> ModelAdapter:
-        if name not in built:
-            path = tiny_family(name, root / name)
-            built[name] = ModelAdapter(DiffusionPipeline.from_pretrained(path, use_safetensors=True))
-        return built[name]
-
-    return get
 
 
 def _text_encoder_ids(model, prompts, **kwargs):

@@ -10,26 +10,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline
-from tiny import tiny_family
 
-from pipeline.models.adapter import ModelAdapter
 from pipeline.modes.attention.capture import AttentionCapture
 
 PROMPTS = ["a red circle on the left", "a blue square on the right and a green triangle on the left"]
-
-
-@pytest.fixture(scope="module")
-def model_of(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("attention_g2"), {}
-
-    def get(name: str) -> ModelAdapter:
-        if name not in built:
-            path = tiny_family(name, root / name)
-            built[name] = ModelAdapter(DiffusionPipeline.from_pretrained(path, use_safetensors=True))
-        return built[name]
-
-    return get
 
 
 def _fed_ids(pipe, prompts, **kwargs) -> list[list[int]]:

@@ -7,29 +7,14 @@ denoiser call (``ConceptStream.prepare``), checked as one-token captions of thei
 
 from __future__ import annotations
 
-import pytest
 import torch
-from diffusers import DiffusionPipeline
-from tiny import tiny_family, tiny_spec
+from tiny import tiny_spec
 
-from pipeline.models.adapter import ModelAdapter
 from pipeline.models.generation import generators, sample
 from pipeline.modes.attention import capture
 
 PROMPTS = ["a red circle on the left", "a blue square on the right"]  # one padded length (CogView4's one call)
 WORDS = ["circle", "square", "triangle"]
-
-
-@pytest.fixture(scope="module")
-def model_of(tmp_path_factory):
-    root, built = tmp_path_factory.mktemp("concepts_hidream_cogview4_hunyuanimage_lumina2_zimage"), {}
-
-    def get(name: str) -> ModelAdapter:
-        if name not in built:
-            built[name] = ModelAdapter(DiffusionPipeline.from_pretrained(tiny_family(name, root / name)))
-        return built[name]
-
-    return get
 
 
 def _size(name, model):

@@ -38,7 +38,7 @@ import torch
 
 from pipeline.models.attention import AttentionLayout, ConceptStream, register_recorder
 from pipeline.models.families.base import Family, batched, call_default, register
-from pipeline.models.families.flux import Flux, flux_concept_step
+from pipeline.models.families.flux import Flux, FluxJointRecorder, flux_concept_step
 from pipeline.models.flow_shift import shift_mu, uses_dynamic_shift
 
 __all__ = ["Chroma", "ChromaJointRecorder", "chroma_concept_step"]
@@ -157,7 +157,7 @@ def chroma_concept_step(block, c, key, value, kwargs):
 
 
 @register_recorder("chroma")
-class ChromaJointRecorder:
+class ChromaJointRecorder(FluxJointRecorder):
     """Chroma's ``FluxAttnProcessor`` (diffusers 0.42) with the attention mask ``ChromaTransformerBlock`` /
     ``ChromaSingleTransformerBlock`` pass it, step for step: [text; image] (double-stream blocks project the text
     stream apart), the stock attention on the stock Q, K, V and mask.
@@ -166,42 +166,6 @@ class ChromaJointRecorder:
     the logits by SDPA, is a per-key bias for the image rows (their own mask entry is 1, so row i gets ``m_i·m_k`` =
     ``m_k``), folded into one extra dimension: ``q' = [q·√((d+1)/d), 1]``, ``k' = [k, b·√(d+1)]`` give
     ``q'·k'/√(d+1) = q·k/√d + b`` (float32)."""
-
-    def __init__(self, cap, name: str):
-        self.cap, self.name = cap, name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        n_image = hidden_states.shape[1] if encoder_hidden_states is not None else self.cap.n_image_tokens
-        if attn.added_kv_proj_dim is not None:
-            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
-            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        L = query.shape[1]
-        self._record(query.transpose(1, 2), key.transpose(1, 2), (L - n_image, L), attention_mask)
-        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None and self.cap.wants_output and self.cap.recording:
-            t = L - n_image  # double-stream: the image rows after the text, for the concept stream
-            k, v = (x[:, t:].transpose(1, 2) for x in (key, value))
-            self.cap._record_image_output(self.name, k, v, hidden_states[:, t:])
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-            )
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
 
     def _record(self, q: torch.Tensor, k: torch.Tensor, image: tuple[int, int], mask: torch.Tensor | None) -> None:
         """(n, heads, L, d) Q, K; ``mask``: the block's (n, 1, L, L) mask (or None), read at an image query row."""

@@ -187,12 +187,10 @@ class FluxJointRecorder:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         L = query.shape[1]
-        self.cap._record_joint(
-            self.name, query.transpose(1, 2), key.transpose(1, 2), image=(L - n_image, L), text=(0, L - n_image)
-        )
+        self._record(query.transpose(1, 2), key.transpose(1, 2), (L - n_image, L), attention_mask)
         hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None and self.cap.wants_output:  # double-stream: image rows after text
+        if encoder_hidden_states is not None and self.cap.wants_output and self.cap.recording:  # image rows after text
             t = L - n_image
             self.cap._record_image_output(
                 self.name, key[:, t:].transpose(1, 2), value[:, t:].transpose(1, 2), hidden_states[:, t:]
@@ -205,3 +203,8 @@ class FluxJointRecorder:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+    def _record(self, q: torch.Tensor, k: torch.Tensor, image: tuple[int, int], mask: torch.Tensor | None) -> None:
+        """(n, heads, L, d) Q and K, [text; image]: Flux's text-to-image call has no attention mask (a family
+        copying this processor with one overrides this: Chroma)."""
+        self.cap._record_joint(self.name, q, k, image=image, text=(0, image[0]))
