@@ -415,9 +415,17 @@ class AttentionCapture:
         return None if self._share_sum is None else (self._share_sum / self._share_calls).float().cpu()
 
 
+_SIGNATURES: dict = {}  # forward signatures by forward function (the hooks run at every block call)
+
+
 def _bound(module, args, kwargs) -> dict:
     """A module call's arguments by name (its ``forward`` signature), defaults left out."""
-    return dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+    forward = module.forward
+    key = getattr(forward, "__func__", forward)  # a method: its function (an instance's own wrapper: itself)
+    sig = _SIGNATURES.get(key)
+    if sig is None:
+        sig = _SIGNATURES[key] = inspect.signature(forward)
+    return dict(sig.bind(*args, **kwargs).arguments)
 
 
 def concept_maps(image_out: torch.Tensor, concept_out: torch.Tensor) -> torch.Tensor:
