@@ -54,6 +54,12 @@ class Mode:
     stages: tuple[str, ...]
     schema: type  # dataclass validating conf/mode/<name>.yaml
     validate: Callable[[Any], None] | None = None  # cross-key checks, run before any stage (raise UserError)
+    # stages that run only when the run's config asks for them (the schedule mode's trajectory part needs weights)
+    optional: Callable[[Any], tuple[str, ...]] | None = None
+
+    def stages_for(self, cfg: Any) -> tuple[str, ...]:
+        """This mode's stages for run config ``cfg``: its own, then the optional ones the config asks for."""
+        return self.stages + (tuple(self.optional(cfg)) if self.optional is not None else ())
 
 
 STAGES: dict[str, Stage] = {}
@@ -77,9 +83,13 @@ def stage(name: str, needs: tuple[str, ...] = (), produces: tuple[str, ...] = ()
 
 
 def register_mode(
-    name: str, stages: list[str] | tuple[str, ...], schema: type, validate: Callable[[Any], None] | None = None
+    name: str,
+    stages: list[str] | tuple[str, ...],
+    schema: type,
+    validate: Callable[[Any], None] | None = None,
+    optional: Callable[[Any], tuple[str, ...]] | None = None,
 ) -> None:
-    MODES[name] = Mode(name, tuple(stages), schema, validate)
+    MODES[name] = Mode(name, tuple(stages), schema, validate, optional)
 
 
 def producer_of(artifact: str) -> Stage:

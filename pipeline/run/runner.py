@@ -141,7 +141,7 @@ def execute(ctx: RunContext, modes: list[str]) -> dict[str, str]:
     skipped: dict[str, str] = {}
     for mode in modes:
         try:
-            for name in MODES[mode].stages:
+            for name in MODES[mode].stages_for(ctx.cfg):
                 _run_stage(name, ctx, done)
         except ModeSkipped as e:
             log.warning("mode %s skipped: %s", mode, e)

@@ -3,14 +3,17 @@ this). Every default and its explanation is in ``conf/mode/schedule.yaml``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 from omegaconf import MISSING
 
 from pipeline.config import bounded
 from pipeline.core.registry import register_mode
+from pipeline.errors import UserError
 from pipeline.modes.schedule.schedules import NamedSchedule
+
+MIN_REFERENCE_STEPS = 500  # the default and the advice (fewer: a warning); convergence is checked either way
 
 
 @dataclass
@@ -19,6 +22,44 @@ class ScheduleModeConfig:
     strict: bool = MISSING
     height: Optional[int] = bounded(ge=1)
     width: Optional[int] = bounded(ge=1)
+    # the trajectory part (pipeline/modes/schedule/trajectory.py): error against a reference solution
+    trajectory: bool = False
+    trajectory_samples: int = bounded(8, ge=2, note="K conditions × one seed each; ≥ 2 for an interval")
+    solvers: List[str] = field(default_factory=list)
+    step_counts: List[int] = field(default_factory=list)
+    reference_solver: Optional[str] = None
+    reference_steps: int = bounded(MIN_REFERENCE_STEPS, ge=2)
+    step_shares: bool = True
 
 
-register_mode("schedule", stages=["schedule"], schema=ScheduleModeConfig)
+def validate(cfg) -> None:
+    """The study's option names and step counts, before any work."""
+    m = cfg.mode.schedule
+    if not m.trajectory:
+        return
+    from pipeline.config import group_options
+
+    options = group_options("scheduler")
+    for key, names in (
+        ("solvers", list(m.solvers or [])),
+        ("reference_solver", [m.reference_solver] if m.reference_solver else []),
+    ):
+        bad = [n for n in names if str(n) not in options]
+        if bad:
+            raise UserError(f"mode.schedule.{key}: {bad} not a scheduler option; expected some of {options}")
+    counts = [int(s) for s in (m.step_counts or [])]
+    if any(s < 1 for s in counts) or len(set(counts)) != len(counts):
+        raise UserError(f"mode.schedule.step_counts: {counts}; expected distinct step counts ≥ 1")
+    if int(m.reference_steps) <= max(counts or [int(cfg.sampler.num_inference_steps)]):
+        raise UserError(
+            f"mode.schedule.reference_steps={m.reference_steps} is not above the study's largest step count "
+            f"{max(counts or [int(cfg.sampler.num_inference_steps)])}; a reference must be finer than what it judges"
+        )
+
+
+def optional_stages(cfg) -> tuple[str, ...]:
+    m = cfg.mode.get("schedule") if cfg.get("mode") is not None else None
+    return ("trajectory",) if m is not None and m.get("trajectory") else ()
+
+
+register_mode("schedule", stages=["schedule"], schema=ScheduleModeConfig, validate=validate, optional=optional_stages)

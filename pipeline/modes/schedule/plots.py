@@ -60,3 +60,61 @@ def overlay_figure(curves: list[tuple[str, NoiseSchedule, np.ndarray]]):
     )
     ax.legend(fontsize=8)
     return fig
+
+
+def error_figure(rows: list[dict], orders: list[dict], reference: dict):
+    """Final-latent RMSE against the reference vs NFE (log-log), one line per solver, the fitted slope drawn over
+    its fit range; labels name the measured order and the textbook one."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fits = {o["solver"]: o for o in orders}
+    for i, solver in enumerate(dict.fromkeys(r["solver"] for r in rows)):
+        mine = sorted((r for r in rows if r["solver"] == solver), key=lambda r: r["nfe"])
+        x = np.array([r["nfe"] for r in mine], dtype=float)
+        y = np.array([r["rmse"] for r in mine])
+        lo = np.array([r["rmse_ci_low"] for r in mine])
+        hi = np.array([r["rmse_ci_high"] for r in mine])
+        o = fits.get(solver)
+        label = mpl_label(solver)
+        if o is not None and np.isfinite(o["order"]):
+            label += f" (order {o['order']:.2f}, textbook {o['textbook_order']})"
+        (line,) = ax.loglog(x, y, marker="o", color=f"C{i}", label=label)
+        if np.isfinite(lo).all() and np.isfinite(hi).all():
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+        if o is not None and np.isfinite(o["order"]) and o["fit_nfe_min"]:
+            xs = np.array([o["fit_nfe_min"], o["fit_nfe_max"]], dtype=float)
+            y0 = np.interp(np.log(xs[1]), np.log(x), np.log(y))
+            ax.loglog(xs, np.exp(y0) * (xs / xs[1]) ** (-o["order"]), ls=":", color=line.get_color(), lw=2)
+    if np.isfinite(reference["change"]) and reference["change"] > 0:
+        ax.axhline(reference["change"], color="grey", ls="--", lw=0.8, label="reference: change on halving its step")
+    ax.set(
+        xlabel="NFE (denoiser calls per image; CFG doubles the batch, not the count)",
+        ylabel="final-latent RMSE vs reference",
+        title=f"error against {mpl_text(reference['solver'])} × {reference['steps']} (dotted: fitted slope)",
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def geometry_figure(geometry: list[dict], label: str):
+    """Per solver step: the angle between successive ODE directions, and the step's share of the final error."""
+    import matplotlib.pyplot as plt
+
+    steps = [g["step"] for g in geometry]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    axes[0].plot(steps, [g["curvature_deg"] for g in geometry], marker="o")
+    axes[0].set(xlabel="solver step", ylabel="degrees", title="angle between successive ODE directions")
+    share = [g["error_share"] for g in geometry]
+    axes[1].bar(steps, np.nan_to_num(share), color=["C3" if s > 0 else "C0" for s in np.nan_to_num(share)])
+    axes[1].axhline(0, color="grey", lw=0.5)
+    axes[1].set(
+        xlabel="solver step",
+        ylabel="1 − E(step replaced) / E",
+        title="share of the final error (step replaced by reference)",
+    )
+    fig.suptitle(mpl_text(label))
+    fig.tight_layout()
+    return fig

@@ -35,7 +35,7 @@ from pipeline.models.schedulers import (
     uses_dynamic_shift,
 )
 from pipeline.models.stages import cached_pipe
-from pipeline.modes.schedule.plots import overlay_figure, panel_figure
+from pipeline.modes.schedule.plots import error_figure, geometry_figure, overlay_figure, panel_figure
 from pipeline.modes.schedule.schedules import (
     NoiseSchedule,
     flow_positions,
@@ -45,6 +45,7 @@ from pipeline.modes.schedule.schedules import (
     named_schedule,
     visited_positions,
 )
+from pipeline.modes.schedule.trajectory import run_study
 
 log = logging.getLogger(__name__)
 
@@ -249,4 +250,68 @@ def schedule_stage(ctx, cfg):
             f"{source}: ᾱ (alphas_cumprod) is not strictly decreasing (first at t={t_bad}); expected a diffusion "
             "schedule (check beta_schedule / trained_betas). Set mode.schedule.strict=false to only report it"
         )
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------- trajectory part
+@stage("trajectory", needs=("scheduler_config", "sampler", "model", "prompts", "extractors"))
+def trajectory_stage(ctx, cfg):
+    """``mode.schedule.trajectory=true``: :func:`pipeline.modes.schedule.trajectory.run_study`, its tables, plots
+    and scalars (docstring there)."""
+    out = run_study(ctx, cfg)
+    rows, orders, geometry, ref = out["rows"], out["orders"], out["geometry"], out["reference"]
+    own_name, own_steps, _ = out["own"]
+    ctx.tag("schedule/reference", f"{ref['solver']} ({ref['class']}) × {ref['steps']}")
+    ctx.tag("schedule/reference_converged", str(ref["converged"]).lower())
+    scalars = {"schedule/reference_change": ref["change"]}
+    own = next((r for r in rows if r["solver"] == own_name and r["steps"] == own_steps), None)
+    if own is not None:
+        scalars["cost/nfe"] = float(own["nfe"])
+        scalars["schedule/sec_per_image"] = own["sec_per_image"]
+        for metric in ("rmse", "psnr", "feature_distance"):
+            for suffix in ("", "_ci_low", "_ci_high"):
+                if math.isfinite(own[metric + suffix]):
+                    scalars[f"schedule/trajectory_{metric}{suffix}"] = own[metric + suffix]
+    for o in orders:
+        for k, name in (("order", ""), ("order_ci_low", "_ci_low"), ("order_ci_high", "_ci_high")):
+            if math.isfinite(o[k]):
+                scalars[f"schedule/order/{o['solver']}{name}"] = o[k]
+    if geometry:
+        angles = [(g["curvature_deg"], g["step"]) for g in geometry if math.isfinite(g["curvature_deg"])]
+        if angles:
+            top = max(angles)
+            scalars["schedule/curvature_max"], scalars["schedule/curvature_max_step"] = top[0], float(top[1])
+    ctx.log_scalars(scalars)
+    ctx.save_table(rows, "trajectory_error")
+    if orders:
+        ctx.save_table(orders, "trajectory_order")
+    if geometry:
+        ctx.save_table(geometry, "trajectory_geometry")
+        ctx.save_figure(geometry_figure(geometry, rows[0]["config"] if rows else own_name), "trajectory_geometry")
+    if rows:
+        ctx.save_figure(error_figure(rows, orders, ref), "trajectory_error_nfe")
+    notes = [
+        f"reference {ref['solver']} ({ref['class']}) × {ref['steps']}: halving its step changes the final latents by "
+        f"RMSE {ref['change']:.3g} — "
+        + (
+            "converged (< 1 % of the smallest error reported)"
+            if ref["converged"]
+            else "NOT converged: errors below "
+            "100× that change are left out of the order fits; raise mode.schedule.reference_steps"
+        )
+    ]
+    for o in orders:
+        if math.isfinite(o["order"]):
+            notes.append(
+                f"{o['solver']} ({o['class']}): measured order {o['order']:.2f} [{o['order_ci_low']:.2f}, "
+                f"{o['order_ci_high']:.2f}] over NFE {o['fit_nfe_min']}–{o['fit_nfe_max']} (textbook "
+                f"{o['textbook_order']}); local orders {o['local_orders']}"
+            )
+        else:
+            notes.append(f"{o['solver']}: no order (fewer than 2 points resolved by the reference)")
+    if not ref["converged"]:
+        log.warning("trajectory: %s", notes[0])
+    ctx.save_text("\n".join(f"- {n}" for n in notes) + "\n", "trajectory_findings.md")
+    for note in notes:
+        log.info("trajectory: %s", note)
     return {}
