@@ -118,3 +118,30 @@ def geometry_figure(geometry: list[dict], label: str):
     fig.suptitle(mpl_text(label))
     fig.tight_layout()
     return fig
+
+
+def visited_figure(schedule: NoiseSchedule, points: list[tuple[str, np.ndarray]]):
+    """Left: the model's log-SNR curve with every configuration's visited points on it; right: the same points
+    stacked one row per configuration (labels are config text: escaped)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, 2, figsize=(13, 0.9 + max(3.2, 0.32 * len(points))), gridspec_kw={"width_ratios": [1, 1.3]}
+    )
+    x = schedule.normalised_time(np.arange(schedule.num_train_timesteps))
+    ls = schedule.log_snr
+    axes[0].plot(x, np.where(np.isfinite(ls), ls, np.nan), color="black", lw=1)
+    for i, (_label, ts) in enumerate(points):
+        marker = "o^sDvP*X"[i % 8]
+        axes[0].scatter(schedule.normalised_time(ts), schedule.log_snr_at(ts), s=14, marker=marker, color=f"C{i % 10}")
+        v = schedule.log_snr_at(ts)
+        axes[1].scatter(
+            np.where(np.isfinite(v), v, np.nan), np.full(len(ts), i), s=12, marker=marker, color=f"C{i % 10}"
+        )
+    axes[0].set(xlabel="normalised time (flow: u)", ylabel="log-SNR", title="visited points on the model's curve")
+    axes[1].set_yticks(range(len(points)), [mpl_text(p[0]) for p in points], fontsize=8)
+    axes[1].invert_yaxis()
+    axes[1].set(xlabel="log-SNR of each denoiser call", title="per configuration (solver × steps, schedule option)")
+    axes[1].grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig

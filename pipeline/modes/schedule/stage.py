@@ -35,7 +35,7 @@ from pipeline.models.schedulers import (
     uses_dynamic_shift,
 )
 from pipeline.models.stages import cached_pipe
-from pipeline.modes.schedule.plots import error_figure, geometry_figure, overlay_figure, panel_figure
+from pipeline.modes.schedule.plots import error_figure, geometry_figure, overlay_figure, panel_figure, visited_figure
 from pipeline.modes.schedule.schedules import (
     NoiseSchedule,
     flow_positions,
@@ -238,6 +238,7 @@ def schedule_stage(ctx, cfg):
         ctx.save_table(_curve_rows(schedule), f"schedule_curve_{schedule.name}")
         ctx.save_figure(panel_figure(schedule, name_label, ts), f"schedule_{schedule.name}")
     ctx.save_figure(overlay_figure(curves), "schedule_log_snr_overlay")
+    _visited_steps(ctx, cfg, sc, model, flow, ts)
     ctx.save_table(summary_rows, "schedule_summary")
     ctx.save_table(visited_rows, "schedule_visited")
     ctx.save_text("\n".join(f"- {n}" for n in notes) + "\n", "schedule_findings.md")
@@ -251,6 +252,75 @@ def schedule_stage(ctx, cfg):
             "schedule (check beta_schedule / trained_betas). Set mode.schedule.strict=false to only report it"
         )
     return {}
+
+
+# ---------------------------------------------------------------------------------------------- visited steps
+def _study(cfg) -> list[tuple[str, int, object]]:
+    """(option name, steps, run config) of every configuration the run looks at: its own, then
+    ``mode.schedule.solvers`` × ``mode.schedule.step_counts`` when the trajectory part is on."""
+    from pipeline.modes.schedule.trajectory import _with, scheduler_option
+
+    m, own = cfg.mode.schedule, (str(cfg.scheduler.name), int(cfg.sampler.num_inference_steps))
+    out = [(own[0], own[1], cfg)]
+    if not m.get("trajectory"):
+        return out
+    names = [own[0]] + [str(n) for n in (m.solvers or []) if str(n) != own[0]]
+    for name in names:
+        option = cfg.scheduler if name == own[0] else scheduler_option(name)
+        for n in [int(s) for s in (m.step_counts or [own[1]])]:
+            if (name, n) != own:
+                out.append((name, n, _with(cfg, scheduler=option)))
+    return out
+
+
+def _visited_steps(ctx, cfg, sc, model: NoiseSchedule, flow: bool, own_ts: np.ndarray) -> None:
+    """``tables/visited_steps.csv`` (one row per denoiser call of each configuration: its timestep, σ — flow σ on
+    flow models, √((1 − ᾱ)/ᾱ) otherwise — and log-SNR) and ``plots/schedule_visited_steps.png``, every
+    configuration's points on the model's continuous log-SNR curve and stacked one row each. Configs only: no
+    weights (a native-path flow model: its own configuration only)."""
+    from pipeline.models.family import family_in_index
+    from pipeline.models.stages import make_sampler
+    from pipeline.modes.schedule.trajectory import option_label
+
+    family = family_in_index(sc.get("model_index"))
+    rows, points = [], []
+    for i, (name, n, c) in enumerate(_study(cfg)):
+        label = option_label(name, n, c)
+        sampler = make_sampler(c, sc) if i else ctx.get("sampler")
+        if i == 0:
+            ts = own_ts
+        elif flow and (family is None or family is NATIVE_FAMILY):
+            continue  # its σ's come from the pipeline's own call (loaded once, for the run's configuration)
+        elif flow:
+            mcfg = cfg.mode.schedule
+            _, _, seq = flow_geometry(cfg.model.path, family, mcfg.height, mcfg.width)
+            solver = type(sampler).from_config(sampler.config)
+            set_flow_timesteps(solver, n, "cpu", seq, family.name)
+            ts = flow_positions(model, solver.sigmas[: len(solver.timesteps)].double().cpu().numpy())
+        else:
+            ts = visited(model, c.scheduler, n, sampler=sampler)
+        log_snr = model.log_snr_at(ts)
+        with np.errstate(over="ignore", divide="ignore"):
+            sigma = 1.0 / (1.0 + np.exp(log_snr / 2)) if flow else np.exp(-log_snr / 2)
+        sigmas = str(getattr(c.sampler.get("sigmas", None), "value", c.sampler.get("sigmas", None)) or "default")
+        spacing = c.sampler.get("timestep_spacing", None) or c.scheduler.get("timestep_spacing", None)
+        for j, (t, s, ls) in enumerate(zip(ts, sigma, log_snr)):
+            rows.append(
+                {
+                    "config": label,
+                    "solver": name,
+                    "sigmas": sigmas,
+                    "spacing": str(getattr(spacing, "value", spacing) or ""),
+                    "steps": n,
+                    "step": j,
+                    "timestep": float(t),
+                    "sigma": float(s),
+                    "log_snr": float(ls),
+                }
+            )
+        points.append((label, np.asarray(ts, dtype=np.float64)))
+    ctx.save_table(rows, "visited_steps")
+    ctx.save_figure(visited_figure(model, points), "schedule_visited_steps")
 
 
 # ---------------------------------------------------------------------------------------------- trajectory part
