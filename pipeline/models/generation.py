@@ -35,6 +35,7 @@ __all__ = [
     "step_kwargs",
     "check_eta",
     "denoiser_call_steps",
+    "nfe",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,17 @@ def denoiser_call_steps(adapter, sampler, steps: int, height: int, width: int) -
     calls, order = len(sched.timesteps), int(getattr(sched, "order", 1))
     warmup = max(calls - steps * order, 0)
     return [0 if i < warmup else min((i - warmup) // order, steps - 1) for i in range(calls)]
+
+
+def nfe(adapter, sampler, steps: int, height: int | None = None, width: int | None = None) -> int | None:
+    """Denoiser evaluations per image of one generation (the cost axis ``cost/nfe``): one per entry of the solver's
+    timesteps (Heun: 2 per step except the last; PNDM: its warm-up entries). Classifier-free guidance does not
+    double it — it doubles the batch of each call (or, in families that run the halves as two calls, the calls per
+    evaluation). The native path: what its last ``__call__`` in this process set (None before one)."""
+    if adapter.native:
+        return getattr(adapter.driver, "last_nfe", None)
+    h, w = adapter.resolve_size(height, width)
+    return len(denoiser_call_steps(adapter, sampler, steps, h, w))
 
 
 @torch.no_grad()

@@ -191,10 +191,11 @@ class NativeCall(FamilyDriver):
         if "eta" in params:
             kwargs["eta"] = float(eta)
         own = pipe.scheduler
-        pipe.scheduler = type(sampler).from_config(sampler.config)
+        pipe.scheduler = used = type(sampler).from_config(sampler.config)
         try:
             with _quiet(pipe), torch.no_grad():
                 images = pipe(**kwargs).images
+            self.last_nfe = len(used.timesteps)  # the denoiser evaluations of that call (generation.nfe)
         except (ValueError, TypeError) as e:
             if type(sampler) is type(own):
                 raise
