@@ -14,7 +14,8 @@ Models: ``shapes_sd`` (ε, β schedule), ``shapes_sd3`` (rectified flow), ``shap
 weights): the bench only checks the study runs and says so.
 
 Usage: python bench/solver_order.py [--models shapes_sd,shapes_sd3,shapes_ddpm] [--steps 5,10,20,40,80]
-       [--spacing linspace] [--sigmas default] [--reference-steps 500] [--samples 8] [--no-baseline] [--tiny]
+       [--spacing linspace] [--sigmas default] [--solvers euler,heun] [--reference-steps 500] [--samples 8]
+       [--no-baseline] [--warm] [--tiny]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def study(model: str, path: str | None, flow: bool, args, outputs: Path, extra=(
     from pipeline.config import compose_config
     from pipeline.run.runner import run_pipeline
 
-    solvers = SOLVERS["flow" if flow else "diffusion"]
+    solvers = args.solvers.split(",") if args.solvers else SOLVERS["flow" if flow else "diffusion"]
     own = solvers[0]
     steps = [int(s) for s in args.steps.split(",")]
     overrides = [
@@ -121,6 +122,9 @@ def main() -> None:
     ap.add_argument("--steps", default="5,10,20,40,80")
     ap.add_argument("--spacing", default="linspace", help="sampler.timestep_spacing of every β-schedule solver")
     ap.add_argument("--sigmas", default="default")
+    ap.add_argument(
+        "--solvers", default="", help="comma-separated scheduler options (default: every one of the family)"
+    )
     ap.add_argument("--reference-steps", type=int, default=500)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--no-baseline", action="store_true")

@@ -82,6 +82,17 @@ class TimestepSpacing(str, enum.Enum):
     linspace = "linspace"
 
 
+class SigmaSchedule(str, enum.Enum):
+    # sampler.sigmas (pipeline/models/schedulers.py, "the schedule zoo"): default = the solver's own σ's; karras /
+    # exponential / beta = diffusers' use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas; ays = Align Your
+    # Steps (Sabour et al. 2024), diffusers' AysSchedules lists (sd, sdxl)
+    default = "default"
+    karras = "karras"
+    exponential = "exponential"
+    beta = "beta"
+    ays = "ays"
+
+
 class DatasetKind(str, enum.Enum):
     shapes = "shapes"
     folder = "folder"
@@ -166,6 +177,12 @@ class SamplerConfig:
     eta: float = bounded(0.0, ge=0, le=1)  # DDIM-type solvers only (a UserError for solvers whose step() takes none)
     height: Optional[int] = bounded(None, ge=1)  # pixels; default: the model's native size
     width: Optional[int] = bounded(None, ge=1)
+    # the schedule zoo (pipeline/models/schedulers.py; docs/modes/schedule.md): the defaults keep the solver's own
+    # time steps, so a saved config without these keys means what it meant
+    sigmas: SigmaSchedule = SigmaSchedule.default
+    timestep_spacing: Optional[TimestepSpacing] = None  # None = scheduler.timestep_spacing, else the model's
+    zero_terminal_snr: bool = False  # rescale_betas_zero_snr + trailing spacing (Lin et al., WACV 2024)
+    flow_shift: Optional[float] = bounded(None, gt=0)  # static-shift flow models: the shift s; None = the model's
 
 
 @dataclass

@@ -81,6 +81,7 @@ def test_trajectory_run_logs_errors_orders_geometry_and_reuses_its_reference(out
         "mode.schedule.solvers=[heun,euler_ancestral]",
         "mode.schedule.step_counts=[2,4,8]",
         "mode.schedule.reference_steps=24",
+        "mode.schedule.reference_max_steps=48",
         "mode.schedule.trajectory_samples=2",
         "mode.schedule.compare=[]",
     ]

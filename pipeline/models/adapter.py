@@ -32,7 +32,7 @@ from pipeline.models.attention import AttentionLayout
 from pipeline.models.families.base import FamilyDriver, image_tokens
 from pipeline.models.family import Family, driver_of
 from pipeline.models.native import NativeCall
-from pipeline.models.schedulers import set_flow_timesteps
+from pipeline.models.schedulers import set_diffusion_timesteps, set_flow_timesteps
 
 __all__ = ["ModelAdapter", "Conditioning", "AttentionLayout"]
 
@@ -291,11 +291,12 @@ class ModelAdapter:
 
     def default_timesteps(self, sampler, steps: int, height: int, width: int) -> None:
         """What most pipelines do: flow models σ's / ``mu`` from the family's ``flow_timestep_kwargs`` (every flow
-        solver given the same σ's), the others ``set_timesteps(steps)``."""
+        solver given the same σ's), the others ``set_timesteps(steps)`` (with ``sampler.sigmas=ays``, the AYS σ's:
+        :func:`pipeline.models.schedulers.set_diffusion_timesteps`)."""
         if self.family.flow:
             set_flow_timesteps(sampler, steps, self.device, self.image_seq_len(height, width), self.family.name)
         else:
-            sampler.set_timesteps(steps, device=self.device)
+            set_diffusion_timesteps(sampler, steps, device=self.device)
 
     # ------------------------------------------------------------------ VAE
     @contextlib.contextmanager

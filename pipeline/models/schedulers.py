@@ -17,6 +17,12 @@ A model is *flow* when its scheduler config's class is ``FlowMatch*`` or its ``m
 static-shift-only solver on a resolution-dependent-shift model are refused in :func:`build_scheduler`, which the
 ``sampler`` stage calls before any weights are loaded.
 
+The schedule zoo (``sampler.sigmas`` / ``timestep_spacing`` / ``zero_terminal_snr`` / ``flow_shift``,
+:class:`pipeline.config.SamplerConfig`) is applied in :func:`build_scheduler` too (refusals name the key, the
+value, why and what fits), and carried in the sampler's own config, so copies (``type(s).from_config(s.config)``)
+keep it; AYS is applied where timesteps are set, by :func:`set_diffusion_timesteps` (every non-flow
+``set_timesteps`` goes through it).
+
 Notation (code name -> paper name), flow models:
     sigma           σ ∈ [0, 1]: x_σ = (1 − σ) x₀ + σ ε   (rectified flow; timestep = σ · num_train_timesteps)
     shift           s: σ(u) = s·u / (1 + (s − 1)·u) over uniform time u (SD3, static)
@@ -26,18 +32,23 @@ Notation (code name -> paper name), flow models:
 from __future__ import annotations
 
 import inspect
+import logging
+from pathlib import Path
 from typing import Any
 
 import diffusers
 import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from omegaconf import OmegaConf
 
 from pipeline.errors import UserError
 from pipeline.models.families import FAMILIES, FamilyDriver
 from pipeline.models.families.base import driver_named
 from pipeline.models.family import family_in_index
 from pipeline.models.flow_shift import calculate_shift, uses_dynamic_shift
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DIFFUSION_SOLVERS",
@@ -56,6 +67,15 @@ __all__ = [
     "flow_shift",
     "set_flow_timesteps",
     "set_flow_timesteps_as",
+    "SIGMA_KEYS",
+    "SIGMA_OPTIONS",
+    "AYS_LISTS",
+    "ays_sigmas",
+    "sigma_to_timestep",
+    "set_diffusion_timesteps",
+    "zoo_options",
+    "zoo_sigmas_for",
+    "zero_snr_warning",
 ]
 
 # the sweep lists of ${family_solvers:...} (pipeline/models/builtin.py), in sweep order; tests check them against
@@ -191,11 +211,305 @@ def _flow_overrides(base_config: dict[str, Any], cls: type) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- the schedule zoo
+# sampler.sigmas -> the diffusers config key of the solver class (on flow models: of the FlowMatchEuler reference)
+SIGMA_KEYS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+# Align Your Steps (Sabour et al. 2024): family -> the diffusers.schedulers.AysSchedules list of its 10 steps' σ's
+AYS_LISTS = {"sd": "StableDiffusionSigmas", "sdxl": "StableDiffusionXLSigmas"}
+# the values of pipeline.config.SigmaSchedule, in its order (tests check they are the same; pipeline.config is not
+# imported here: it registers the resolvers, which import this module)
+SIGMA_OPTIONS = ("default", *SIGMA_KEYS, "ays")
+_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # pipeline.config.CONF_DIR
+_NO_ZOO = {"sigmas": "default", "timestep_spacing": None, "zero_terminal_snr": False, "flow_shift": None}
+
+
+def zoo_options(sampler_cfg: Any) -> dict[str, Any]:
+    """The schedule-zoo keys of a ``sampler`` block as plain values (None, or a block without them, e.g. an older
+    saved config: the defaults, which change nothing)."""
+    if sampler_cfg is None:
+        return dict(_NO_ZOO)
+    get = sampler_cfg.get if isinstance(sampler_cfg, dict) else lambda k, d: getattr(sampler_cfg, k, d)
+    spacing, shift = get("timestep_spacing", None), get("flow_shift", None)
+    return {
+        "sigmas": str(_value(get("sigmas", None) or "default")),
+        "timestep_spacing": None if spacing is None else str(_value(spacing)),
+        "zero_terminal_snr": bool(get("zero_terminal_snr", False)),
+        "flow_shift": None if shift is None else float(shift),
+    }
+
+
+def _scheduler_options() -> list[tuple[str, str, str]]:
+    """(name, family, class name) of every conf/scheduler option with a class (for the refusals' "what fits")."""
+    out = []
+    for path in sorted((_CONF_DIR / "scheduler").glob("*.yaml")):
+        opt = OmegaConf.load(path)
+        if opt.get("cls"):
+            out.append((str(opt.get("name", path.stem)), str(opt.get("family", "diffusion")), str(opt.cls)))
+    return out
+
+
+def _options_where(test, family: str = "diffusion") -> str:
+    """The scheduler= options of ``family`` whose class passes ``test(cls)``, as ``name (Class)``."""
+    fits = [f"{n} ({c})" for n, f, c in _scheduler_options() if f == family and test(scheduler_class(c))]
+    return "scheduler=" + ", ".join(fits) if fits else "no scheduler= option"
+
+
+def _ays_route(cls: type) -> str | None:
+    """How ``cls.set_timesteps`` takes a custom schedule: ``"sigmas"`` (EulerDiscrete: the σ's themselves),
+    ``"timesteps"`` (t(σ), :func:`sigma_to_timestep`), or None (neither: DDIM, PNDM, Euler-ancestral; UniPC takes
+    ``sigmas`` only with ``use_flow_sigmas``, i.e. on flow models)."""
+    takes = set(inspect.signature(cls.set_timesteps).parameters)
+    if "sigmas" in takes and "use_flow_sigmas" not in _init_params(cls):
+        return "sigmas"
+    return "timesteps" if "timesteps" in takes else None
+
+
+def ays_sigmas(listed: Any, num_inference_steps: int) -> np.ndarray:
+    """The N + 1 σ's (terminal 0 last) of an AYS list's non-zero σ's ``listed`` (σ_max first) at N steps: the list
+    itself at its own length, else log σ interpolated linearly over linspace(0, 1, len) at linspace(0, 1, N) — the
+    AYS paper's ``loglinear_interp`` (Sabour et al. 2024, the step counts its lists do not give)."""
+    listed = np.asarray(listed, dtype=np.float64)
+    n = int(num_inference_steps)
+    if n == len(listed):
+        sig = listed
+    else:
+        sig = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(listed)), np.log(listed)))
+    return np.concatenate([sig, [0.0]])
+
+
+def sigma_to_timestep(sampler, sigmas: np.ndarray) -> np.ndarray:
+    """Integer training timesteps t(σ) of ``sampler``'s β schedule: log σ interpolated over the log training σ's
+    σ_t = √((1 − ᾱ_t)/ᾱ_t), rounded (as diffusers' ``_sigma_to_t``, then rounded). For SD's β schedule this gives
+    diffusers' ``AysSchedules["StableDiffusionTimesteps"]`` from ``StableDiffusionSigmas`` except 125 for 124 at
+    σ = 0.399 (t = 124.56: the list truncates there), and ``StableDiffusionXLTimesteps`` exactly."""
+    ac = sampler.alphas_cumprod.double().cpu().numpy()
+    log_sigmas = np.log(np.sqrt((1 - ac) / ac))
+    return np.interp(np.log(np.asarray(sigmas, dtype=np.float64)), log_sigmas, np.arange(len(ac))).round()
+
+
+def set_diffusion_timesteps(sampler, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    """``sampler.set_timesteps`` for a diffusion (non-flow) model: ``set_timesteps(N)``, or, when the sampler
+    carries an AYS list (``_ays_sigmas``, set by :func:`build_scheduler` for ``sampler.sigmas=ays``), its σ's at N
+    steps (:func:`ays_sigmas`) given as ``sigmas=`` (EulerDiscrete) or ``timesteps=`` t(σ) (Heun, DPM-Solver,
+    DDPM; :func:`sigma_to_timestep`). The one place every non-flow solver's timesteps are set."""
+    listed = sampler.config.get("_ays_sigmas")
+    if not listed:
+        sampler.set_timesteps(num_inference_steps, device=device)
+        return
+    sigmas = ays_sigmas(listed, num_inference_steps)
+    route = _ays_route(type(sampler))
+    if route == "sigmas":
+        sampler.set_timesteps(sigmas=sigmas.tolist(), device=device)
+        return
+    if route is None:  # a copy's class changed under it: build_scheduler refuses these
+        raise UserError(
+            f"sampler.sigmas=ays: {type(sampler).__name__}.set_timesteps takes neither sigmas nor timesteps"
+        )
+    ts = sigma_to_timestep(sampler, sigmas[:-1])
+    if np.any(np.diff(ts) >= 0):
+        raise UserError(
+            f"sampler.sigmas=ays at sampler.num_inference_steps={num_inference_steps}: the AYS σ's round to repeated "
+            f"integer timesteps for {type(sampler).__name__} (it takes integer timesteps); use fewer steps, or "
+            "scheduler=euler, which takes the σ's themselves"
+        )
+    sampler.set_timesteps(timesteps=[int(t) for t in ts], device=device)
+
+
+def zero_snr_warning(base_config: dict[str, Any], sampler_cfg: Any) -> str | None:
+    """Lin et al.'s warning for ``sampler.zero_terminal_snr=true`` on a model whose own scheduler config does not
+    have ``rescale_betas_zero_snr: true``: it was not trained for it (None when it was, or the key is off)."""
+    if not zoo_options(sampler_cfg)["zero_terminal_snr"] or base_config.get("rescale_betas_zero_snr"):
+        return None
+    return (
+        "sampler.zero_terminal_snr=true on a model not trained with zero terminal SNR (its scheduler config has no "
+        "rescale_betas_zero_snr: true): the rescaled schedule asks it for predictions at SNR values it never saw, so "
+        "results are off-distribution; Lin et al. (WACV 2024) fine-tune the model on the rescaled schedule first"
+    )
+
+
+def _check_zoo(
+    zoo: dict[str, Any], name: str, family: str, cls: type, base_config: dict, model_index: dict | None, source: str
+) -> None:
+    """Refuse a schedule-zoo option the solver / model cannot take, naming the key, the value, why, what fits."""
+    flow = is_flow_model(base_config, model_index)
+    params = _init_params(cls)
+    sig, spacing, shift = zoo["sigmas"], zoo["timestep_spacing"], zoo["flow_shift"]
+    what = f"scheduler={name} ({cls.__name__}; {_model_desc(base_config, model_index)}; {source})"
+    if flow:
+        kind = f"the model is a rectified-flow model ({what})"
+        if spacing is not None:
+            raise UserError(
+                f"sampler.timestep_spacing={spacing}: {kind}; flow solvers have no timestep spacing (their σ's are "
+                "the shifted σ(u) of the FlowMatchEuler schedule); leave it null (sampler.flow_shift / sampler.sigmas "
+                "change a flow model's σ's)"
+            )
+        if zoo["zero_terminal_snr"]:
+            raise UserError(
+                f"sampler.zero_terminal_snr=true: {kind}; its σ already ends at 1 (x = noise: zero terminal SNR by "
+                "construction); leave it false"
+            )
+        if sig == "ays":
+            raise UserError(
+                f"sampler.sigmas=ays: {kind}; the AYS lists (diffusers' AysSchedules) are σ's of the diffusion "
+                f"families {', '.join(AYS_LISTS)}; sampler.sigmas=default, karras, exponential or beta fit a flow model"
+            )
+        if sig in SIGMA_KEYS and native_flow_sigmas(base_config):
+            raise UserError(
+                f"sampler.sigmas={sig}: {kind} samples with {cls.__name__} on flow σ's (use_flow_sigmas, Sana); "
+                f"diffusers' {SIGMA_KEYS[sig]} there builds the σ's from the β schedule's alphas_cumprod "
+                "(DPM-Solver ignores use_flow_sigmas and flow_shift, UniPC maps them to σ/(1+σ)), not from this "
+                "model's shifted flow σ's; sampler.sigmas=default fits (sampler.flow_shift=S changes its σ's)"
+            )
+        if sig in SIGMA_KEYS and family == "native" and SIGMA_KEYS[sig] not in params:
+            raise UserError(
+                f"sampler.sigmas={sig}: {what} has no {SIGMA_KEYS[sig]}; the flow options take it through their "
+                f"FlowMatchEuler schedule: {_options_where(lambda c: True, 'flow')}"
+            )
+        if shift is not None and uses_dynamic_shift(base_config):
+            raise UserError(
+                f"sampler.flow_shift={shift:g}: {kind} with a resolution-dependent shift (use_dynamic_shifting: "
+                "true; μ from the image size, as Flux), not a static one; leave it null (the size sets the shift)"
+            )
+        if shift is not None and family == "native" and not native_flow_sigmas(base_config) and "shift" not in params:
+            raise UserError(f"sampler.flow_shift={shift:g}: {what} has no shift key; scheduler=flow_euler takes it")
+        return
+    kind = f"the model is a diffusion model ({what})"
+    if shift is not None:
+        raise UserError(
+            f"sampler.flow_shift={shift:g}: {kind}; the shift is a static-shift rectified-flow model's key (SD3, "
+            "Sana); leave it null (sampler.sigmas / timestep_spacing / zero_terminal_snr change a diffusion schedule)"
+        )
+    if spacing is not None and "timestep_spacing" not in params:
+        raise UserError(
+            f"sampler.timestep_spacing={spacing}: {cls.__name__} has no timestep_spacing; "
+            f"{_options_where(lambda c: 'timestep_spacing' in _init_params(c))} take it"
+        )
+    if sig in SIGMA_KEYS and SIGMA_KEYS[sig] not in params:
+        key = SIGMA_KEYS[sig]
+        raise UserError(
+            f"sampler.sigmas={sig}: {what} has no {key} (diffusers' flag for it); "
+            f"{_options_where(lambda c: key in _init_params(c))} take it"
+        )
+    if zoo["zero_terminal_snr"]:
+        if "rescale_betas_zero_snr" not in params:
+            raise UserError(
+                f"sampler.zero_terminal_snr=true: {what} has no rescale_betas_zero_snr; "
+                f"{_options_where(lambda c: 'rescale_betas_zero_snr' in _init_params(c))} take it"
+            )
+        if spacing not in (None, "trailing"):
+            raise UserError(
+                f"sampler.zero_terminal_snr=true with sampler.timestep_spacing={spacing}: zero terminal SNR needs "
+                "trailing spacing, so sampling starts at the last (pure-noise) step (Lin et al., WACV 2024, §3.3); "
+                "set sampler.timestep_spacing=trailing or leave it null"
+            )
+        if sig == "ays":
+            raise UserError(
+                "sampler.sigmas=ays with sampler.zero_terminal_snr=true: the AYS σ's were optimised for the model's "
+                "own (non-zero terminal SNR) schedule; use one of them"
+            )
+    if sig != "ays":
+        return
+    if spacing is not None:
+        raise UserError(
+            f"sampler.timestep_spacing={spacing} with sampler.sigmas=ays: the AYS list sets every step, so a spacing "
+            "would have no effect; leave sampler.timestep_spacing null"
+        )
+    fam = family_in_index(model_index)
+    lists = ", ".join(f"{f} ({lst})" for f, lst in AYS_LISTS.items())
+    if fam is None:
+        where = (
+            f"{source} has no model_index.json naming the family (a scheduler-only directory or a bare scheduler "
+            "config), so there is no AYS list to choose"
+            if not model_index
+            else f"{model_index.get('_class_name')!r} is no family this project drives"
+        )
+        raise UserError(
+            f"sampler.sigmas=ays: {where}; AYS lists: {lists}; point model.path at the pipeline directory, or use "
+            "sampler.sigmas=default, karras, exponential or beta"
+        )
+    if fam.name not in AYS_LISTS:
+        raise UserError(
+            f"sampler.sigmas=ays: the model's family {fam.name!r} ({model_index.get('_class_name')}) has no AYS list "
+            f"in diffusers' AysSchedules; families with one: {lists}; sampler.sigmas=default, karras, exponential or "
+            "beta where the solver takes it"
+        )
+    if _ays_route(cls) is None:
+        why = (
+            "its step assumes evenly spaced timesteps (previous t = t − T/N), so it takes neither σ's nor timesteps"
+            if cls.__name__ == "DDIMScheduler"
+            else "its set_timesteps takes neither sigmas nor timesteps"
+            + (" (sigmas only with use_flow_sigmas, on flow models)" if "use_flow_sigmas" in params else "")
+        )
+        raise UserError(
+            f"sampler.sigmas=ays: {what}: {why}; {_options_where(lambda c: _ays_route(c) is not None)} take an AYS "
+            "schedule"
+        )
+
+
+def _zoo_overrides(
+    zoo: dict[str, Any], cls: type, base_config: dict, flow: bool, reference: dict | None
+) -> dict[str, Any]:
+    """The config keys the schedule-zoo options set on ``cls`` (after the option's own: they win); on a flow option
+    (``reference``: its FlowMatchEuler schedule's keys) the shift and σ flag go into the reference as well, where
+    every flow solver's σ's come from (:func:`set_flow_timesteps`)."""
+    params = _init_params(cls)
+    out: dict[str, Any] = {}
+    flags = {}
+    if zoo["sigmas"] in SIGMA_KEYS:
+        flags = {k: k == SIGMA_KEYS[zoo["sigmas"]] for k in SIGMA_KEYS.values()}
+    if not flow:
+        if zoo["timestep_spacing"] is not None:
+            out["timestep_spacing"] = zoo["timestep_spacing"]
+        if zoo["zero_terminal_snr"]:
+            out.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        out.update({k: v for k, v in flags.items() if k in params})
+        return out
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    shift = zoo["flow_shift"]
+    if reference is not None:  # a flow_* option: its σ's are the reference's
+        reference.update(flags)
+        if shift is not None:
+            reference["shift"] = shift
+            out.update({k: v for k, v in _flow_overrides(reference, cls).items() if k in ("shift", "flow_shift")})
+        if issubclass(cls, FlowMatchEulerDiscreteScheduler):  # set_flow_timesteps calls it directly
+            out.update(flags)
+    elif native_flow_sigmas(base_config):  # DPM-Solver / UniPC on flow σ's (Sana): its shift is flow_shift
+        if shift is not None:
+            out["flow_shift"] = shift
+    else:  # the model's own FlowMatch* solver
+        if shift is not None:
+            out["shift"] = shift
+        out.update({k: v for k, v in flags.items() if k in params})
+    return out
+
+
+def zoo_sigmas_for(
+    scheduler_config: dict[str, Any], model_index: dict | None = None, cls: str | None = None, family: str = "native"
+) -> tuple[str, ...]:
+    """The ``sampler.sigmas`` values the solver (``cls``; None: the model's own) takes on this model, in
+    :class:`pipeline.config.SigmaSchedule` order (the sweep list of ``${schedule_zoo:...}``)."""
+    solver = scheduler_class(cls or scheduler_config.get("_class_name") or "DDIMScheduler")
+    out = []
+    for option in SIGMA_OPTIONS:
+        try:
+            _check_zoo({**_NO_ZOO, "sigmas": option}, "?", family, solver, scheduler_config, model_index, "")
+        except UserError:
+            continue
+        out.append(option)
+    return tuple(out)
+
+
 def build_scheduler(
-    base_config: dict[str, Any], sched_cfg: Any, source: str = "scheduler config", model_index: dict | None = None
+    base_config: dict[str, Any],
+    sched_cfg: Any,
+    source: str = "scheduler config",
+    model_index: dict | None = None,
+    sampler_cfg: Any = None,
 ):
     """The ``scheduler=`` option built from the model's scheduler config (``model_index``: the model's
-    ``model_index.json`` when there is one). Refusals and build failures are UserErrors naming the option / source."""
+    ``model_index.json`` when there is one), with the schedule-zoo keys of the ``sampler`` block ``sampler_cfg``
+    (None: none). Refusals and build failures are UserErrors naming the option / key / source."""
     name = sched_cfg.name
     family = str(_value(getattr(sched_cfg, "family", None) or "diffusion"))
     cls_name = sched_cfg.cls or base_config.get("_class_name")
@@ -206,23 +520,63 @@ def build_scheduler(
         )
     cls = scheduler_class(cls_name)
     _check_fits(name, family, cls, base_config, model_index, source)
+    zoo = zoo_options(sampler_cfg)
+    _check_zoo(zoo, name, family, cls, base_config, model_index, source)
     overrides = scheduler_overrides(sched_cfg)
     reference = None
+    model_config = base_config
     if family == "flow":
         # the model's FlowMatch keys travel in the sampler's own config (it *is* its config, copies keep them) under
         # one private key; keys the class does not take are not passed (from_config would keep them and every copy
         # would warn about them)
-        reference = {k: base_config[k] for k in _FLOW_KEYS if k in base_config}
+        reference = {k: base_config[k] for k in (*_FLOW_KEYS, *SIGMA_KEYS.values()) if k in base_config}
         params = _init_params(cls)
         base_config = {k: v for k, v in base_config.items() if k in params or k.startswith("_")}
         overrides = {**_flow_overrides(reference, cls), **overrides}
+    overrides.update(_zoo_overrides(zoo, cls, model_config, is_flow_model(model_config, model_index), reference))
     try:
         sampler = cls.from_config(base_config, **overrides)
     except Exception as e:  # bad beta_schedule, trained_betas of the wrong length, ...
         raise UserError(f"{source}: {cls_name} could not be built from it: {type(e).__name__}: {e}") from e
     if reference is not None:
         sampler.register_to_config(_flow_reference=reference)
+    if zoo["zero_terminal_snr"] and _divides_by_zero_terminal_alpha(sampler):
+        raise UserError(
+            f"sampler.zero_terminal_snr=true: scheduler={name} ({cls.__name__}) with prediction_type epsilon "
+            "divides by √ᾱ_T = 0 at the first step (x₀ = (x − √(1 − ᾱ) ε)/√ᾱ: inf/NaN); an ε-prediction model "
+            "cannot give x₀ at zero SNR, which is why Lin et al. (WACV 2024, §3.2) switch to v-prediction; use a "
+            "v-prediction model, or a solver that clamps ᾱ_T (scheduler=euler, dpmpp_2m, unipc; still "
+            "off-distribution)"
+        )
+    if zoo["sigmas"] == "ays":
+        listed = _ays_list(model_index)
+        sampler.register_to_config(_ays_sigmas=listed)
+        sigma_max = float(np.sqrt((1 - sampler.alphas_cumprod[-1]) / sampler.alphas_cumprod[-1]))
+        if abs(sigma_max / listed[0] - 1) > 0.01:
+            log.warning(
+                "sampler.sigmas=ays: the AYS list starts at σ = %.4g, the model's schedule at σ_max = %.4g (%s): "
+                "the list was optimised for another β schedule",
+                listed[0],
+                sigma_max,
+                source,
+            )
     return sampler
+
+
+def _divides_by_zero_terminal_alpha(sampler) -> bool:
+    """ε-prediction on a schedule whose last ᾱ is exactly 0 (DDIM, DDPM, LCM, TCD keep it; Euler, DPM-Solver and
+    UniPC clamp it to 2⁻²⁴ when rescaling, and run)."""
+    ac = getattr(sampler, "alphas_cumprod", None)
+    pred = sampler.config.get("prediction_type", "epsilon")
+    return ac is not None and pred == "epsilon" and float(ac[-1]) == 0.0
+
+
+def _ays_list(model_index: dict | None) -> list[float]:
+    """The non-zero σ's of the model family's AYS list (σ_max first); the family was checked by :func:`_check_zoo`."""
+    from diffusers.schedulers import AysSchedules
+
+    listed = [float(x) for x in AysSchedules[AYS_LISTS[family_in_index(model_index).name]]]
+    return [x for x in listed if x > 0]
 
 
 # ---------------------------------------------------------------------------------------------- flow timesteps

@@ -15,7 +15,7 @@ from pipeline.models.adapter import ModelAdapter
 from pipeline.models.family import read_model_index
 from pipeline.models.generation import check_eta
 from pipeline.models.loading import load_pipeline, load_scheduler_config, resolve_device, resolve_dtype
-from pipeline.models.schedulers import build_scheduler
+from pipeline.models.schedulers import build_scheduler, zero_snr_warning
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,15 @@ def read_scheduler_setup(cfg) -> dict:
 
 
 def make_sampler(cfg, setup: dict):
-    """The ``scheduler=`` solver built ``from_config`` of the model's own scheduler config; a solver that does not
-    fit the model (DDPM-family on a flow model, or the reverse) or an η it would ignore is a UserError."""
+    """The ``scheduler=`` solver built ``from_config`` of the model's own scheduler config, with the ``sampler.*``
+    schedule-zoo keys; a solver that does not fit the model (DDPM-family on a flow model, or the reverse), a zoo
+    key it cannot take or an η it would ignore is a UserError."""
     sampler = build_scheduler(
-        setup["config"], cfg.scheduler, source=setup["source"], model_index=setup.get("model_index")
+        setup["config"],
+        cfg.scheduler,
+        source=setup["source"],
+        model_index=setup.get("model_index"),
+        sampler_cfg=cfg.sampler,  # the schedule zoo: sampler.sigmas / timestep_spacing / zero_terminal_snr / flow_shift
     )
     check_eta(sampler, float(cfg.sampler.eta))  # an η the solver would ignore is an error, not a silent label
     return sampler
@@ -64,6 +69,10 @@ def sampler_stage(ctx, cfg):
     sc = ctx.get("scheduler_config")
     sampler = make_sampler(cfg, sc)
     ctx.tag("sampler.class", type(sampler).__name__)
+    warning = zero_snr_warning(sc["config"], cfg.sampler)
+    if warning is not None:  # Lin et al.: a model not trained with zero terminal SNR is sampled off-distribution
+        log.warning(warning)
+        ctx.tag("sampler.zero_terminal_snr", "off-distribution: the model was not trained with zero terminal SNR")
     # the solver used, then the config it was built from (whose class is the model's own scheduler)
     log.info(
         "solver %s (scheduler=%s) from scheduler config %s (the model's %s)",

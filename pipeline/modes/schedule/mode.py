@@ -3,17 +3,15 @@ this). Every default and its explanation is in ``conf/mode/schedule.yaml``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 from omegaconf import MISSING
 
-from pipeline.config import bounded
+from pipeline.config import bounded, group_options
 from pipeline.core.registry import register_mode
 from pipeline.errors import UserError
 from pipeline.modes.schedule.schedules import NamedSchedule
-
-MIN_REFERENCE_STEPS = 500  # the default and the advice (fewer: a warning); convergence is checked either way
 
 
 @dataclass
@@ -23,13 +21,14 @@ class ScheduleModeConfig:
     height: Optional[int] = bounded(ge=1)
     width: Optional[int] = bounded(ge=1)
     # the trajectory part (pipeline/modes/schedule/trajectory.py): error against a reference solution
-    trajectory: bool = False
-    trajectory_samples: int = bounded(8, ge=2, note="K conditions × one seed each; ≥ 2 for an interval")
-    solvers: List[str] = field(default_factory=list)
-    step_counts: List[int] = field(default_factory=list)
-    reference_solver: Optional[str] = None
-    reference_steps: int = bounded(MIN_REFERENCE_STEPS, ge=2)
-    step_shares: bool = True
+    trajectory: bool = MISSING
+    trajectory_samples: int = bounded(ge=2, note="K conditions × one seed each; ≥ 2 for an interval")
+    solvers: List[str] = MISSING
+    step_counts: List[int] = MISSING
+    reference_solver: Optional[str] = MISSING
+    reference_steps: int = bounded(ge=2)
+    reference_max_steps: int = bounded(ge=2)
+    step_shares: bool = MISSING
 
 
 def validate(cfg) -> None:
@@ -37,8 +36,6 @@ def validate(cfg) -> None:
     m = cfg.mode.schedule
     if not m.trajectory:
         return
-    from pipeline.config import group_options
-
     options = group_options("scheduler")
     for key, names in (
         ("solvers", list(m.solvers or [])),

@@ -34,7 +34,7 @@ from pipeline.models.schedulers import (
     set_flow_timesteps_as,
     uses_dynamic_shift,
 )
-from pipeline.models.stages import cached_pipe
+from pipeline.models.stages import cached_pipe, make_sampler
 from pipeline.modes.schedule.plots import error_figure, geometry_figure, overlay_figure, panel_figure, visited_figure
 from pipeline.modes.schedule.schedules import (
     NoiseSchedule,
@@ -45,7 +45,7 @@ from pipeline.modes.schedule.schedules import (
     named_schedule,
     visited_positions,
 )
-from pipeline.modes.schedule.trajectory import run_study
+from pipeline.modes.schedule.trajectory import option_label, run_study, study_configs
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ _SCHEDULE_KEYS = {
 
 def visited(schedule: NoiseSchedule, solver_cfg, num_steps: int, sampler=None) -> np.ndarray:
     """Training-step positions the configured solver evaluates the model at, in order (may be fractional).
-    ``sampler``: the run's solver, run on this schedule's β (a copy; for the model's own schedule, itself)."""
+    ``sampler``: the run's solver, run on this schedule's β (a copy; for the model's own schedule, itself), with
+    its ``sampler.*`` schedule-zoo keys (an AYS list's σ's are the same noise levels on a compared β schedule)."""
     if schedule.kind == "sigma":
         # continuous σ schedules are sampled on their own ρ=7 Karras discretisation (EDM, use_karras_sigmas)
         s = schedule.sigmas
@@ -73,7 +74,9 @@ def visited(schedule: NoiseSchedule, solver_cfg, num_steps: int, sampler=None) -
     else:  # never mutate the run's shared sampler
         beta = {k: (schedule.scheduler_config or {}).get(k, d) for k, d in _SCHEDULE_KEYS.items()}
         sampler = type(sampler).from_config({**dict(sampler.config), **beta})
-    sampler.set_timesteps(num_steps)
+    from pipeline.models.schedulers import set_diffusion_timesteps  # (here: the rest of this file is the lead's)
+
+    set_diffusion_timesteps(sampler, num_steps)
     return sampler.timesteps.double().numpy()
 
 
@@ -255,36 +258,14 @@ def schedule_stage(ctx, cfg):
 
 
 # ---------------------------------------------------------------------------------------------- visited steps
-def _study(cfg) -> list[tuple[str, int, object]]:
-    """(option name, steps, run config) of every configuration the run looks at: its own, then
-    ``mode.schedule.solvers`` × ``mode.schedule.step_counts`` when the trajectory part is on."""
-    from pipeline.modes.schedule.trajectory import _with, scheduler_option
-
-    m, own = cfg.mode.schedule, (str(cfg.scheduler.name), int(cfg.sampler.num_inference_steps))
-    out = [(own[0], own[1], cfg)]
-    if not m.get("trajectory"):
-        return out
-    names = [own[0]] + [str(n) for n in (m.solvers or []) if str(n) != own[0]]
-    for name in names:
-        option = cfg.scheduler if name == own[0] else scheduler_option(name)
-        for n in [int(s) for s in (m.step_counts or [own[1]])]:
-            if (name, n) != own:
-                out.append((name, n, _with(cfg, scheduler=option)))
-    return out
-
-
 def _visited_steps(ctx, cfg, sc, model: NoiseSchedule, flow: bool, own_ts: np.ndarray) -> None:
     """``tables/visited_steps.csv`` (one row per denoiser call of each configuration: its timestep, σ — flow σ on
     flow models, √((1 − ᾱ)/ᾱ) otherwise — and log-SNR) and ``plots/schedule_visited_steps.png``, every
     configuration's points on the model's continuous log-SNR curve and stacked one row each. Configs only: no
     weights (a native-path flow model: its own configuration only)."""
-    from pipeline.models.family import family_in_index
-    from pipeline.models.stages import make_sampler
-    from pipeline.modes.schedule.trajectory import option_label
-
     family = family_in_index(sc.get("model_index"))
     rows, points = [], []
-    for i, (name, n, c) in enumerate(_study(cfg)):
+    for i, (name, n, c) in enumerate(study_configs(cfg)):
         label = option_label(name, n, c)
         sampler = make_sampler(c, sc) if i else ctx.get("sampler")
         if i == 0:
@@ -367,7 +348,7 @@ def trajectory_stage(ctx, cfg):
             "converged (< 1 % of the smallest error reported)"
             if ref["converged"]
             else "NOT converged: errors below "
-            "100× that change are left out of the order fits; raise mode.schedule.reference_steps"
+            "100× that change are left out of the order fits; raise mode.schedule.reference_max_steps"
         )
     ]
     for o in orders:

@@ -4,9 +4,11 @@ For K conditions (the run's first K prompts / classes; unconditional models: K s
 (sample i: CPU generator ``seed + i``, as every generation of the project), every deterministic (solver, steps,
 schedule option) of the study is integrated with the project's own solver loop (the same calls as
 :func:`pipeline.models.generation.sample`, tested equal) and compared with a *reference solution*: the family's
-second-order deterministic solver (``heun`` on β schedules, ``flow_heun`` on static-shift flow models,
-``flow_dpmpp_2m`` where the shift depends on the resolution) at ``reference_steps`` (≥ 500) steps on the model's own
-σ's (diffusion: ``linspace`` spacing, which starts at t = T − 1 and ends at t = 0). Its convergence is checked by
+second-order deterministic solver (``heun`` on β schedules — ``dpmpp_2m`` with ``sampler.zero_terminal_snr``, which
+Heun's class cannot rescale —, ``flow_heun`` on static-shift flow models, ``flow_dpmpp_2m`` where the shift depends on
+the resolution) at ``reference_steps`` (default 500) steps. On β schedules its steps are Karras et al.'s ρ = 7 σ's
+between the model's σ at t = T − 1 and at t = 0 (EDM's grid, dense where the solution bends: measured to converge far
+faster than a grid uniform in t — docs/modes/schedule.md); flow models keep their own σ's. Its convergence is checked by
 halving its step: the reference at R/2 steps is integrated too and the RMSE between the two is
 ``schedule/reference_change``; the reference counts as converged when that change is below 1 % of the smallest error
 the study reports (tag ``schedule/reference_converged``).
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -54,11 +57,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf, open_dict
+from tqdm.auto import tqdm
 
+from pipeline.config import CONF_DIR, SchedulerConfig, group_options
 from pipeline.errors import UserError
 from pipeline.metrics.image import psnr
 from pipeline.metrics.intervals import bootstrap_interval
-from pipeline.models.generation import generators, step_kwargs
+from pipeline.models.generation import generators, step_kwargs, to_uint8
+from pipeline.models.schedulers import uses_dynamic_shift
+from pipeline.models.stages import make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +99,7 @@ def stochastic_reason(sched, eta: float) -> str | None:
         return (
             f"{name} with algorithm_type {sched.config.get('algorithm_type')} is an SDE solver: no pathwise reference"
         )
-    if eta and "eta" in __import__("inspect").signature(sched.step).parameters:
+    if eta and "eta" in inspect.signature(sched.step).parameters:
         return f"{name} with sampler.eta={eta} adds noise at every step: no pathwise reference"
     return None
 
@@ -330,9 +338,6 @@ def check_study(solvers: Sequence[str], step_counts: Sequence[int]) -> None:
 # ---------------------------------------------------------------------------------------------- the study
 def scheduler_option(name: str):
     """The ``scheduler=<name>`` option (conf/scheduler/<name>.yaml) as a validated SchedulerConfig."""
-    from omegaconf import OmegaConf
-
-    from pipeline.config import CONF_DIR, SchedulerConfig, group_options
 
     options = group_options("scheduler")
     if name not in options:
@@ -347,15 +352,13 @@ def reference_option(cfg, flow: bool, dynamic: bool) -> str:
     chosen = cfg.mode.schedule.reference_solver
     if chosen:
         return str(chosen)
-    if not flow:
-        return "heun"
+    if not flow:  # Heun's class takes no rescale_betas_zero_snr: DPM-Solver++(2M) on a zero-terminal-SNR schedule
+        return "dpmpp_2m" if bool(cfg.sampler.get("zero_terminal_snr", False)) else "heun"
     return "flow_dpmpp_2m" if dynamic else "flow_heun"
 
 
-def _with(cfg, scheduler=None, **sampler):
+def study_copy(cfg, scheduler=None, **sampler):
     """A copy of the run config with another scheduler option and/or sampler keys (keys the schema lacks ignored)."""
-    from omegaconf import open_dict
-
     out = copy.deepcopy(cfg)
     with open_dict(out):
         if scheduler is not None:
@@ -393,20 +396,64 @@ def _model_identity(path: str) -> list:
 
 
 def _features(extractor, images: torch.Tensor) -> torch.Tensor:
-    from pipeline.models.generation import to_uint8
 
     return extractor(to_uint8(images.clamp(0, 1)).cpu())["pool"].double()
 
 
-def run_study(ctx, cfg) -> dict[str, Any]:
-    """The trajectory part: reference, every deterministic configuration of the study, errors, orders, geometry.
-    Returns the per-configuration rows, the order rows and the geometry rows (the stage saves and plots them)."""
-    from tqdm.auto import tqdm
+def study_configs(cfg) -> list[tuple[str, int, Any]]:
+    """(option name, steps, run config) of every configuration the run looks at: its own first, then (trajectory
+    part on) ``mode.schedule.solvers`` × ``mode.schedule.step_counts``."""
+    m, own = cfg.mode.schedule, (str(cfg.scheduler.name), int(cfg.sampler.num_inference_steps))
+    out = [(own[0], own[1], cfg)]
+    if not m.get("trajectory"):
+        return out
+    names = [own[0]] + [str(n) for n in (m.solvers or []) if str(n) != own[0]]
+    steps = [int(s) for s in (m.step_counts or [own[1]])]
+    check_study(names, steps)
+    for name in names:
+        option = cfg.scheduler if name == own[0] else scheduler_option(name)
+        out += [(name, n, study_copy(cfg, scheduler=option)) for n in steps if (name, n) != own]
+    return out
 
-    from pipeline.models.schedulers import uses_dynamic_shift
-    from pipeline.models.stages import make_sampler
 
-    mcfg = cfg.mode.schedule
+@dataclass
+class _Setup:
+    """What every integration of one study shares: the model, K conditions and their noise, size, extractor."""
+
+    model: Any
+    sc: dict
+    flow: bool
+    K: int
+    h: int
+    w: int
+    cond: Any
+    noise: torch.Tensor
+    prompts: list[str] | None
+    classes: list[int] | None
+    extractor: Any
+    cache_misses: int = 0
+
+    def run(self, sampler, steps: int, **kw) -> Path_:
+        return integrate(self.model, sampler, self.cond, self.noise, steps, self.h, self.w, self.flow, **kw)
+
+    def decode(self, final: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(final.to(self.model.device, self.model.dtype), self.h, self.w).float().cpu()
+
+
+@dataclass
+class _Reference:
+    name: str
+    sampler: Any
+    steps: int
+    final: torch.Tensor
+    change: float  # RMSE between the reference and the same solver at half its steps
+    sigmas: np.ndarray
+    states: torch.Tensor | None  # canonical states at its step boundaries (step shares), else None
+    images: torch.Tensor = None
+    features: torch.Tensor = None
+
+
+def _setup(ctx, cfg) -> _Setup:
     model = ctx.get("model")
     if model.native:
         raise UserError(
@@ -414,137 +461,152 @@ def run_study(ctx, cfg) -> dict[str, Any]:
             "hides the solver loop the trajectory study integrates; it works on the families with a driver "
             "(python -m pipeline.models lists them)"
         )
-    sc = ctx.get("scheduler_config")
-    flow = bool(model.family.flow)
-    K = int(mcfg.trajectory_samples)
-    guidance = float(cfg.sampler.guidance_scale)
+    K = int(cfg.mode.schedule.trajectory_samples)
     h, w = model.resolve_size(cfg.sampler.height, cfg.sampler.width)
     prompts, classes = _conditions(ctx, model, K)
-    cond = model.condition(K, guidance, h, w, prompts=prompts, class_ids=classes)
-    noise = model.initial_noise(generators(int(cfg.seed), range(K)), h, w, 1.0)
-    extractor = next(iter(ctx.get("extractors").values()))
+    return _Setup(
+        model=model,
+        sc=ctx.get("scheduler_config"),
+        flow=bool(model.family.flow),
+        K=K,
+        h=h,
+        w=w,
+        cond=model.condition(K, float(cfg.sampler.guidance_scale), h, w, prompts=prompts, class_ids=classes),
+        noise=model.initial_noise(generators(int(cfg.seed), range(K)), h, w, 1.0),
+        prompts=prompts,
+        classes=classes,
+        extractor=next(iter(ctx.get("extractors").values())),
+    )
 
-    # the study: the run's own option first, then mode.schedule.solvers × step counts
-    own_steps = int(cfg.sampler.num_inference_steps)
-    steps_list = [int(s) for s in (mcfg.step_counts or [own_steps])]
-    names = [str(cfg.scheduler.name)] + [str(n) for n in (mcfg.solvers or []) if str(n) != str(cfg.scheduler.name)]
-    check_study(names, steps_list)
-    configs = [(cfg.scheduler.name, own_steps, cfg)]
-    for name in names:
-        option = cfg.scheduler if name == cfg.scheduler.name else scheduler_option(name)
-        for n in steps_list:
-            if (name, n) != (cfg.scheduler.name, own_steps):
-                configs.append((name, n, _with(cfg, scheduler=option)))
 
-    # the reference: R and R/2 steps of the family's second-order solver, on the model's own σ's
-    dynamic = flow and uses_dynamic_shift(sc["config"])
-    ref_name = reference_option(cfg, flow, dynamic)
-    ref_keys = {"sigmas": "default"}
-    if not flow and not bool(cfg.sampler.get("zero_terminal_snr", False)):
-        ref_keys["timestep_spacing"] = "linspace"
-    ref_cfg = _with(cfg, scheduler=scheduler_option(ref_name), **ref_keys)
-    if not flow and "timestep_spacing" not in cfg.sampler:  # a schema without the sampler key: the option's own
-        from omegaconf import open_dict
-
-        with open_dict(ref_cfg):
-            ref_cfg.scheduler.timestep_spacing = "linspace"
-            ref_cfg.scheduler.steps_offset = 0
-    ref_sampler = make_sampler(ref_cfg, sc)
-    reason = stochastic_reason(ref_sampler, 0.0)
+def _reference_sampler(cfg, s: _Setup) -> tuple[str, Any]:
+    """The reference solver (module docstring): its option name and sampler."""
+    ref_name = reference_option(cfg, s.flow, s.flow and uses_dynamic_shift(s.sc["config"]))
+    keys = {"sigmas": "default"}
+    if not s.flow:  # Karras σ's between the model's σ(T − 1) and σ(0) (linspace spans them; trailing with zero SNR)
+        keys["sigmas"] = "karras"
+        if not bool(cfg.sampler.get("zero_terminal_snr", False)):
+            keys["timestep_spacing"] = "linspace"
+    sampler = make_sampler(study_copy(cfg, scheduler=scheduler_option(ref_name), **keys), s.sc)
+    reason = stochastic_reason(sampler, 0.0)
     if reason:
         raise UserError(f"mode.schedule.reference_solver={ref_name}: {reason}; choose a deterministic solver")
-    R = int(mcfg.reference_steps)
-    if R < 500:
-        log.warning("trajectory: mode.schedule.reference_steps=%d is below 500: check schedule/reference_change", R)
-    shares = bool(mcfg.step_shares)
-    key = cache_key(
+    return ref_name, sampler
+
+
+def _reference_key(cfg, s: _Setup, sampler) -> str:
+    """What makes two studies' references the same: model files, solver config, noise, conditions, size."""
+    return cache_key(
         {
-            "model": [
-                str(cfg.model.path),
-                _model_identity(str(cfg.model.path)),
-                str(cfg.model.dtype),
-                str(model.device),
-            ],
-            "scheduler": dict(ref_sampler.config),
-            "R": R,
-            "K": K,
+            "model": [str(cfg.model.path), _model_identity(str(cfg.model.path)), str(cfg.model.dtype)],
+            "device": str(s.model.device),
+            "scheduler": dict(sampler.config),
             "seed": int(cfg.seed),
-            "guidance": guidance,
-            "size": [h, w],
-            "prompts": prompts,
-            "classes": classes,
-            "noise": hashlib.sha256(noise.float().cpu().numpy().tobytes()).hexdigest(),
-            "states": shares,
+            "guidance": float(cfg.sampler.guidance_scale),
+            "size": [s.h, s.w],
+            "prompts": s.prompts,
+            "classes": s.classes,
+            "noise": hashlib.sha256(s.noise.float().cpu().numpy().tobytes()).hexdigest(),
         }
     )
-    cache = Path(str(cfg.paths.cache)) / "trajectory" / f"reference_{key}.npz"
-    shape = tuple(noise.shape)
-    cached = load_cached(cache, {"final": shape, "half": shape, "sigmas": None, **({"states": None} if shares else {})})
-    bar = tqdm(total=len(configs) + (0 if cached is not None else 2), desc="trajectory", unit="run", dynamic_ncols=True)
-    if cached is not None:
-        ctx.tag("schedule/reference_cache", "hit")
-        ref_final = torch.from_numpy(cached["final"])
-        ref_half = torch.from_numpy(cached["half"])
-        ref_sigmas = cached["sigmas"]
-        ref_states = torch.from_numpy(cached["states"]) if shares else None
-        ref_seconds = float("nan")
-    else:
-        ctx.tag("schedule/reference_cache", "miss")
-        bar.set_postfix_str(f"reference {ref_name} × {R}")
-        ref = integrate(model, ref_sampler, cond, noise, R, h, w, flow, keep_states=shares)
-        bar.update(1)
-        half = integrate(model, ref_sampler, cond, noise, max(R // 2, 1), h, w, flow)
-        bar.update(1)
-        ref_final, ref_half, ref_sigmas = ref.final.float().cpu(), half.final.float().cpu(), np.asarray(ref.sigmas)
-        ref_states = torch.stack(ref.states) if shares else None
-        ref_seconds = ref.seconds + half.seconds
-        arrays = {"final": ref_final.numpy(), "half": ref_half.numpy(), "sigmas": ref_sigmas}
-        if shares:
-            arrays["states"] = ref_states.numpy()
-        save_cached(cache, arrays)
-    ref_images = model.decode(ref_final.to(model.device, model.dtype), h, w).float().cpu()
-    ref_feats = _features(extractor, ref_images)
-    change = float(per_sample_rmse(ref_final, ref_half).mean())
 
-    rows, paths = [], {}
-    for name, n, c in configs:
+
+def _reference_run(cfg, s: _Setup, sampler, steps: int, states: bool, bar) -> dict[str, np.ndarray]:
+    """The reference solver's final latents (and σ's / canonical states) at ``steps``, from
+    ``<paths.cache>/trajectory/`` when this exact reference was integrated before (``s.cache_misses`` counts the
+    ones integrated now)."""
+    key = _reference_key(cfg, s, sampler)
+    path = Path(str(cfg.paths.cache)) / "trajectory" / f"reference_{key}_{steps}{'_states' if states else ''}.npz"
+    expect = {"final": tuple(s.noise.shape), "sigmas": None, **({"states": None} if states else {})}
+    arrays = load_cached(path, expect)
+    if arrays is None:
+        bar.set_postfix_str(f"reference × {steps}")
+        ref = s.run(sampler, steps, keep_states=states)
+        arrays = {"final": ref.final.float().cpu().numpy(), "sigmas": np.asarray(ref.sigmas)}
+        if states:
+            arrays["states"] = torch.stack(ref.states).numpy()
+        save_cached(path, arrays)
+        s.cache_misses += 1
+    return arrays
+
+
+def _states_fit(s: _Setup, steps: int) -> bool:
+    """Whether the reference's states for step shares fit in memory (≤ 1 GiB at float32)."""
+    return s.noise.numel() * 4 * (steps + 1) <= 2**30
+
+
+def _reference(cfg, s: _Setup, bar, steps: int, shares: bool, half: dict | None = None) -> tuple[_Reference, dict]:
+    """The reference at ``steps``, with its change against ``steps // 2`` (``half``: that run's arrays, when the
+    previous refinement computed it)."""
+    name, sampler = _reference_sampler(cfg, s)
+    states = shares and _states_fit(s, steps)
+    full = _reference_run(cfg, s, sampler, steps, states, bar)
+    half = half or _reference_run(cfg, s, sampler, max(steps // 2, 1), False, bar)
+    final = torch.from_numpy(full["final"])
+    images = s.decode(final)
+    return _Reference(
+        name=name,
+        sampler=sampler,
+        steps=steps,
+        final=final,
+        change=float(per_sample_rmse(final, torch.from_numpy(half["final"])).mean()),
+        sigmas=np.asarray(full["sigmas"]),
+        states=torch.from_numpy(full["states"]) if states else None,
+        images=images,
+        features=_features(s.extractor, images),
+    ), full
+
+
+def _integrate_all(ctx, cfg, s: _Setup, configs, bar) -> list[tuple]:
+    """Every deterministic configuration integrated once (stochastic ones tagged and left out):
+    ``(name, steps, label, sampler, run, images, features)``."""
+    done = []
+    for i, (name, n, c) in enumerate(configs):
         bar.set_postfix_str(f"{name} × {n}")
-        sampler = make_sampler(c, sc)
-        label = option_label(name, n, c)
+        sampler = make_sampler(c, s.sc)
         why = stochastic_reason(sampler, float(cfg.sampler.eta))
         if why:
             ctx.tag(f"skipped.trajectory.{name}", why)
-            log.info("trajectory: %s skipped: %s", label, why)
-            bar.update(1)
-            continue
-        run = integrate(model, sampler, cond, noise, n, h, w, flow, keep_states=(name, n) == configs[0][:2])
-        images = model.decode(run.final, h, w).float().cpu()
-        final = run.final.float().cpu()
-        rmse = per_sample_rmse(final, ref_final)
-        ps = per_sample_psnr(images, ref_images)
-        fd = (_features(extractor, images) - ref_feats).norm(dim=1).numpy()
+            log.info("trajectory: %s skipped: %s", option_label(name, n, c), why)
+        else:
+            run = s.run(sampler, n, keep_states=i == 0)
+            images = s.decode(run.final)
+            done.append((name, n, option_label(name, n, c), sampler, run, images, _features(s.extractor, images)))
+        bar.update(1)
+    return done
+
+
+def _score(done: list[tuple], ref: _Reference, K: int) -> tuple[list[dict], dict]:
+    """One row per integrated configuration against ``ref``; ``{(name, steps): (run, per-sample rmse, sampler)}``."""
+    rows, paths = [], {}
+    for name, n, label, sampler, run, images, feats in done:
+        rmse = per_sample_rmse(run.final.float().cpu(), ref.final)
         row = {"config": label, "solver": name, "class": type(sampler).__name__, "steps": n, "nfe": run.nfe}
-        for metric, values in (("rmse", rmse), ("psnr", ps), ("feature_distance", fd)):
+        for metric, values in (
+            ("rmse", rmse),
+            ("psnr", per_sample_psnr(images, ref.images)),
+            ("feature_distance", (feats - ref.features).norm(dim=1).numpy()),
+        ):
             row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = mean_ci(values)
         row["sec_per_image"] = run.seconds / K
         row["textbook_order"] = TEXTBOOK_ORDER.get(type(sampler).__name__)
         rows.append(row)
         paths[(name, n)] = (run, rmse, sampler)
-        bar.update(1)
-    bar.close()
+    return rows, paths
 
-    smallest = min((r["rmse"] for r in rows), default=float("nan"))
-    converged = bool(change < 0.01 * smallest) if rows else False
-    orders = []
+
+def _orders(names: list[str], paths: dict, change: float) -> list[dict]:
+    out = []
     for name in names:
-        mine = [(n, paths[(name, n)]) for n in sorted({n for (nm, n) in paths if nm == name})]
+        mine = [paths[k] for k in sorted((k for k in paths if k[0] == name), key=lambda k: k[1])]
         if len(mine) < 2:
             continue
-        fit = fit_order([p[0].nfe for _, p in mine], np.stack([p[1] for _, p in mine]), change)
-        orders.append(
+        fit = fit_order([run.nfe for run, _, _ in mine], np.stack([rmse for _, rmse, _ in mine]), change)
+        cls = type(mine[0][2]).__name__
+        out.append(
             {
                 "solver": name,
-                "class": type(mine[0][1][2]).__name__,
+                "class": cls,
                 "order": fit["order"],
                 "order_ci_low": fit["ci_low"],
                 "order_ci_high": fit["ci_high"],
@@ -552,46 +614,79 @@ def run_study(ctx, cfg) -> dict[str, Any]:
                 "fit_nfe_max": fit["nfe_max"],
                 "fit_points": fit["points"],
                 "local_orders": " ".join(f"{v:.3f}" for v in fit["local"]),
-                "textbook_order": TEXTBOOK_ORDER.get(type(mine[0][1][2]).__name__),
+                "textbook_order": TEXTBOOK_ORDER.get(cls),
             }
         )
+    return out
 
-    geometry = []
+
+def _geometry(s: _Setup, ref: _Reference, own: tuple, steps: int) -> list[dict]:
+    """Per step of the run's own configuration: curvature and (with the reference's states) the error share."""
+    run, rmse, sampler = own
+    angles = curvature(run.directions)
+    share = [float("nan")] * (len(run.sigmas) - 1)
+    if ref.states is not None:
+        at = reference_at(ref.sigmas, ref.states)
+        base = float(rmse.mean())
+        prefix: dict = {}
+        s.run(sampler, steps, prefix=prefix)
+        for i in range(len(share)):
+            swap = (i, lambda s0, s1, c0: c0.float().cpu().add(at(s1) - at(s0)).to(s.model.device))
+            rerun = s.run(sampler, steps, replace=swap, prefix=prefix)
+            share[i] = 1.0 - float(per_sample_rmse(rerun.final.float().cpu(), ref.final).mean()) / base
+    return [
+        {
+            "step": i,
+            "sigma": run.sigmas[i],
+            "sigma_next": run.sigmas[i + 1],
+            "curvature_deg": float(angles[i - 1]) if 1 <= i <= len(angles) else float("nan"),
+            "error_share": share[i],
+        }
+        for i in range(len(share))
+    ]
+
+
+def run_study(ctx, cfg) -> dict[str, Any]:
+    """The trajectory part: reference, every deterministic configuration of the study, errors, orders, geometry.
+    The reference starts at ``reference_steps`` and doubles (up to ``reference_max_steps``) until halving its step
+    changes its result by less than 1 % of the smallest error the study reports; the errors are then scored against
+    the finest one. Tag ``schedule/reference_cache``: ``hit`` when every reference run came from the cache. Returns the rows, order rows, geometry rows and the reference's description."""
+    m = cfg.mode.schedule
+    s = _setup(ctx, cfg)
+    configs = study_configs(cfg)
+    steps, cap, shares = (
+        int(m.reference_steps),
+        max(int(m.reference_max_steps), int(m.reference_steps)),
+        bool(m.step_shares),
+    )
+    if steps < 500:
+        log.warning("trajectory: mode.schedule.reference_steps=%d is below 500: check schedule/reference_change", steps)
+    bar = tqdm(total=len(configs) + 1, desc="trajectory", unit="run", dynamic_ncols=True)
+    try:
+        ref, arrays = _reference(cfg, s, bar, steps, shares)
+        bar.update(1)
+        done = _integrate_all(ctx, cfg, s, configs, bar)
+        rows, paths = _score(done, ref, s.K)
+        while rows and ref.change >= 0.01 * min(r["rmse"] for r in rows) and ref.steps * 2 <= cap:
+            bar.total += 1
+            ref, arrays = _reference(cfg, s, bar, ref.steps * 2, shares, half=arrays)
+            bar.update(1)
+            rows, paths = _score(done, ref, s.K)
+    finally:
+        bar.close()
+    ctx.tag("schedule/reference_cache", "miss" if s.cache_misses else "hit")
     own = paths.get(configs[0][:2])
-    if own is not None:
-        run, rmse, sampler = own
-        angles = curvature(run.directions)
-        share = [float("nan")] * (len(run.sigmas) - 1)
-        if shares and ref_states is not None:
-            at = reference_at(ref_sigmas, ref_states)
-            base = float(rmse.mean())
-            prefix: dict = {}
-            integrate(model, sampler, cond, noise, own_steps, h, w, flow, prefix=prefix)
-            for i in range(len(run.sigmas) - 1):
-                swap = (i, lambda s0, s1, c0: c0.float().cpu().add(at(s1) - at(s0)).to(model.device))
-                rerun = integrate(model, sampler, cond, noise, own_steps, h, w, flow, replace=swap, prefix=prefix)
-                share[i] = 1.0 - float(per_sample_rmse(rerun.final.float().cpu(), ref_final).mean()) / base
-        for i in range(len(run.sigmas) - 1):
-            geometry.append(
-                {
-                    "step": i,
-                    "sigma": run.sigmas[i],
-                    "sigma_next": run.sigmas[i + 1],
-                    "curvature_deg": float(angles[i - 1]) if 1 <= i <= len(angles) else float("nan"),
-                    "error_share": share[i],
-                }
-            )
+    smallest = min((r["rmse"] for r in rows), default=float("nan"))
     return {
         "rows": rows,
-        "orders": orders,
-        "geometry": geometry,
+        "orders": _orders(list(dict.fromkeys(c[0] for c in configs)), paths, ref.change),
+        "geometry": _geometry(s, ref, own, configs[0][1]) if own is not None else [],
         "reference": {
-            "solver": ref_name,
-            "class": type(ref_sampler).__name__,
-            "steps": R,
-            "change": change,
-            "converged": converged,
-            "seconds": ref_seconds,
+            "solver": ref.name,
+            "class": type(ref.sampler).__name__,
+            "steps": ref.steps,
+            "change": ref.change,
+            "converged": bool(rows) and bool(ref.change < 0.01 * smallest),
         },
         "own": configs[0],
     }
