@@ -204,7 +204,12 @@ _DIRECTIONS: tuple[tuple[str, Optional[bool]], ...] = (
     (r"latent/ood_fpr95_.*", False),
     (r"latent/ppl_.*", False),
     (r"latent/direction_flip_rate", True),
-    # schedule/*: properties of a noise schedule, latent/*_norm_ratio_mid, ood_shrinkage and counts: no direction
+    # schedule/trajectory_*: a (solver, steps, schedule option)'s error against the run's reference solution
+    (r"schedule/trajectory_(rmse|feature_distance)", False),
+    (r"schedule/trajectory_psnr", True),
+    (r"schedule/sec_per_image", False),  # a timing, like metrics/sec_per_image (never ranked: is_timing)
+    # other schedule/*: properties of a noise schedule (schedule/order/<solver>, schedule/curvature_max included),
+    # latent/*_norm_ratio_mid, ood_shrinkage, cost/nfe and counts: no direction
 )
 
 
@@ -285,3 +290,43 @@ def is_n_biased(key: str) -> bool:
         return True
     parsed = parse_key(key)
     return parsed is not None and parsed[0] in N_BIASED_STATS
+
+
+# --------------------------------------------------------------------------------------------- cost, quality
+# the cost axes of a quality-versus-cost frontier (pipeline.record.sweep_summary): denoiser evaluations per image,
+# the hardware-independent cost (Heun: 2 per step but the last; classifier-free guidance doubles the batch, not the
+# NFE), and the mode's measured seconds per image (a timing: shown, never ranked)
+COST_NFE = "cost/nfe"
+SCHEDULE_SEC_PER_IMAGE = "schedule/sec_per_image"
+SECONDS_PER_IMAGE = (SEC_PER_IMAGE, SCHEDULE_SEC_PER_IMAGE)
+TRAJECTORY_RMSE = "schedule/trajectory_rmse"  # final latent vs the reference solution (lower is better)
+TRAJECTORY_PSNR = "schedule/trajectory_psnr"  # decoded image vs the reference's, dB (higher is better)
+TRAJECTORY_FEATURE_DISTANCE = "schedule/trajectory_feature_distance"  # in the run's feature space (lower)
+QUALITY_MODES = ("metrics/", "schedule/")  # the modes whose results say how good a sampler's images are
+NOT_RANKED_STATS = ("fd_floor",)  # FD between two halves of the *reference* set: no property of the sampler
+
+
+def seconds_key(key: str) -> str:
+    """The seconds-per-image key of the mode that logged ``key``: a sampler's cost in time beside its quality.
+
+    >>> seconds_key("schedule/trajectory_rmse"), seconds_key("metrics/fd_clip")
+    ('schedule/sec_per_image', 'metrics/sec_per_image')
+    """
+    return SCHEDULE_SEC_PER_IMAGE if key.startswith("schedule/") else SEC_PER_IMAGE
+
+
+def is_quality(key: str) -> bool:
+    """A result that says how good a sampler's output is, so a quality-versus-cost frontier may rank it: a key of
+    :data:`QUALITY_MODES` with a direction (:func:`higher_is_better`) that is no timing, interval bound, progress
+    figure, count or reference-only statistic (``fd_floor``). ``cost/nfe`` is the cost axis, not a quality.
+
+    >>> [is_quality(k) for k in ("metrics/fd_clip", "schedule/trajectory_rmse", "metrics/sec_per_image",
+    ...                          "metrics/fd_floor_clip", "cost/nfe", "schedule/curvature_max", "attention/miou")]
+    [True, True, False, False, False, False, False]
+    """
+    if not key.startswith(QUALITY_MODES) or key.endswith(CI_SUFFIXES) or is_timing(key) or is_progress(key):
+        return False
+    parsed = parse_key(key)
+    if parsed is not None and parsed[0] in NOT_RANKED_STATS:
+        return False
+    return higher_is_better(key) is not None

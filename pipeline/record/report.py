@@ -41,6 +41,7 @@ from pipeline.record.sweep_summary import (
     CHECKPOINT,
     checkpoint_label,
     child_rows,
+    frontier_lines,
     mixed_n_warning,
     primary_extractor,
     swept,
@@ -629,9 +630,10 @@ def log_checkpoint_samples(tracker: Any, children: Sequence[Any]) -> dict[str, i
 
 def write_sweep_report(sweep_dir: str | Path, parent_run: Any, children: Sequence[Any]) -> Path:
     """Write ``<sweep_dir>/report.html`` for a sweep: its provenance, the best values (the parent's ``best.*``),
-    one row per child run (name, status, swept params, headline metrics with intervals, error), the sweep plots
-    (``sweep_*.png`` in ``sweep_dir``) and each child's sample grid (``<child run_dir>/plots/metrics_samples.png``;
-    in a checkpoint sweep in training order, labelled with the step). ``parent_run``: the parent's MLflow run (or
+    the frontier sentences (section "Quality versus cost"), one row per child run (name, status, swept params,
+    headline metrics with intervals, error), the sweep plots (``sweep_*.png`` in ``sweep_dir``: the frontiers and
+    the visited steps too) and each child's sample grid (``<child run_dir>/plots/metrics_samples.png``; in a
+    checkpoint sweep in training order, labelled with the step). ``parent_run``: the parent's MLflow run (or
     None); ``children``: the child runs (``pipeline.record.tracking.Tracker.child_runs``). Returns the path."""
 
     sweep_dir = Path(sweep_dir)
@@ -647,6 +649,9 @@ def write_sweep_report(sweep_dir: str | Path, parent_run: Any, children: Sequenc
     best = _sweep_best(rows, p_tags, p_metrics)
     if best:
         sections.append(("best", "Best values", best))
+    frontiers = _sweep_frontiers(rows)
+    if frontiers:
+        sections.append(("frontiers", "Quality versus cost", frontiers))
     sections.append(("runs", f"Runs ({len(rows)})", _sweep_runs(rows, keys, primary, steps)))
     sweep_plots = sorted(sweep_dir.glob("sweep_*.png"))
     if sweep_plots:
@@ -712,6 +717,25 @@ def _sweep_best(rows: list[dict], p_tags: dict, p_metrics: dict) -> str | None:
             ]
             for k in best
         ],
+    )
+
+
+def _sweep_frontiers(rows: list[dict]) -> str | None:
+    """The frontier sentences (:func:`pipeline.record.sweep_summary.frontier_lines`), escaped: per quality metric the
+    best config and the cheapest one within its 95 % interval."""
+    try:
+        lines = frontier_lines(rows)
+    except Exception:  # noqa: BLE001 - a report section must never cost the report
+        log.warning("report: could not compute the frontier sentences", exc_info=True)
+        return None
+    if not lines:
+        return None
+    items = "".join(f"<li>{_e(line)}</li>" for line in lines)
+    return (
+        f"<ul>{items}</ul>"
+        '<p class="muted">Cheapest by NFE (<code>cost/nfe</code>; by seconds per image where NFE was not recorded) '
+        "among the configs whose value lies within the best's 95 % interval; the plots sweep_frontier_*.png mark "
+        "the Pareto front.</p>"
     )
 
 

@@ -16,32 +16,49 @@ different N are compared), and runs of one config that differ only in timing are
 
 Runs are ranked and plotted by ``metrics/fd_<primary extractor>`` (:func:`fd_key`, key grammar in
 ``pipeline.core.metric_keys``).
+
+Quality-versus-cost frontiers (issue 28, "which solver and how many steps"): every quality metric
+(``pipeline.core.metric_keys.is_quality``: the metrics mode's scores and the schedule mode's trajectory errors) against
+``cost/nfe`` and seconds per image, one point per config, the Pareto front marked (:func:`frontier_metric_plot`,
+``sweep_frontier_<metric>.png``, where the configs differ in NFE), and per metric the sentence naming the best config
+and the cheapest one within its 95 % interval (:func:`frontier_findings`, ``sweep_frontiers.md``). The schedule
+runs' visited steps (artifact ``tables/visited_steps.csv``) are stacked per child (:func:`visited_plot`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
+import os
 import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from pipeline.core.escape import csv_cell, csv_row, mpl_label, mpl_text
+from pipeline.core.escape import csv_cell, csv_row, csv_uncell, mpl_label, mpl_text, shorten, terminal_text
 from pipeline.core.metric_keys import (
     CI_SUFFIXES,
+    COST_NFE,
+    FID,
+    FID_INF,
     INCEPTION,
     NUM_SAMPLES,
     NUM_SAMPLES_PARAM,
     PRIMARY_EXTRACTOR_TAG,
     PROMPT_ACCURACY,
     SEC_PER_IMAGE,
+    SECONDS_PER_IMAGE,
     higher_is_better,
     is_n_biased,
     is_progress,
+    is_quality,
     is_timing,
     metric_key,
     parse_key,
+    seconds_key,
 )
 from pipeline.core.metric_keys import label as metric_label
 
@@ -427,12 +444,559 @@ def checkpoint_plot(rows: list[dict[str, Any]]):
     return fig
 
 
+# --------------------------------------------------------------------------------------------- frontiers
+# Which solver and how many steps (issue 28): every quality metric against the cost of a config, the Pareto front,
+# and the cheapest config whose quality lies within the 95 % interval of the best.
+FRONTIER_PREFIX = "sweep_frontier_"  # sweep_frontier_<short metric>.png, one per quality metric
+FRONTIERS_NAME = "sweep_frontiers.md"  # the frontier sentences, in the sweep dir and on the parent run
+# swept schedule options, shown by value in a config label ("dpmpp_2m × 12, karras, trailing")
+SCHEDULE_OPTIONS = ("sampler.sigmas", "sampler.timestep_spacing", "sampler.zero_terminal_snr", "sampler.flow_shift")
+NFE_LABEL = "NFE (denoiser evaluations per image)"
+MAX_LISTED = 6  # configs named in one sentence; the rest are counted
+
+
+@dataclass
+class Config:
+    """One distinct config of a sweep for one metric: repeats of it (which differ only in timing) averaged."""
+
+    label: str
+    value: float
+    low: Optional[float]  # the 95 % interval, where every repeat has one
+    high: Optional[float]
+    nfe: Optional[float]  # cost/nfe
+    seconds: Optional[float]  # seconds per image of the metric's mode
+    n: Optional[int]  # sample count N
+    runs: int
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _mean(values: list[Any]) -> Optional[float]:
+    """The mean of ``values``; None when one of them is missing or not finite."""
+    return sum(values) / len(values) if values and all(map(_finite, values)) else None
+
+
+def _g(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+
+
+def config_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The columns that tell one config of a sweep from another: the swept ones (:func:`swept`), never a timing."""
+    return [k for k in swept(rows) if not is_timing(k)]
+
+
+def _option_text(key: str, value: Any) -> Optional[str]:
+    if value is None or value == "":
+        return None
+    if key == "sampler.zero_terminal_snr":
+        return "zero-terminal SNR" if str(value).lower() in ("true", "1") else None
+    if key == "sampler.flow_shift":
+        return f"shift {value}"
+    return str(value)
+
+
+def config_label(row: dict[str, Any], keys: list[str]) -> str:
+    """A config as a reader names it: ``solver × steps`` then the swept schedule options by value and any other
+    swept column as ``name=value`` (``dpmpp_2m × 12, karras``; ``ddim × 25, N=256``). User text: escape it for
+    the sink (``mpl_text``, ``html_text``, ``terminal_text``)."""
+    head = str(row.get(SCHEDULER) or row.get("run_name") or row.get("run_id") or "?")
+    if row.get(STEPS) is not None:
+        head += f" × {row[STEPS]}"
+    parts = [head]
+    for k in keys:
+        if k in (SCHEDULER, STEPS):
+            continue
+        value = row.get(k)
+        if k in SCHEDULE_OPTIONS:
+            text = _option_text(k, value)
+        elif k == CHECKPOINT:
+            text = checkpoint_label(value) if value is not None else None
+        else:
+            text = f"{'N' if k == NUM_SAMPLES_PARAM else _short(k)}={'' if value is None else value}"
+        if text:
+            parts.append(text)
+    return ", ".join(parts)
+
+
+def quality_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """The quality metrics (:func:`pipeline.core.metric_keys.is_quality`: a direction, no timing, count, bound or
+    ``fd_floor``) that at least two finished runs have, sorted; ``metrics/fid`` (``fid_inf``) left out where it
+    merely repeats ``metrics/fd_inception`` (``fd_inf_inception``)."""
+    counts: dict[str, int] = {}
+    for row in finished(rows):
+        for key, value in row.items():
+            if is_quality(key) and _finite(value):
+                counts[key] = counts.get(key, 0) + 1
+    keys = {k for k, n in counts.items() if n >= 2}
+    for alias, stat in ((FID, "fd"), (FID_INF, "fd_inf")):
+        if metric_key(stat, INCEPTION) in keys:
+            keys.discard(alias)
+    return sorted(keys)
+
+
+def _seconds_column(rows: list[dict[str, Any]], metric: str) -> Optional[str]:
+    """The seconds-per-image column beside ``metric``: its own mode's, else any the rows have."""
+    for key in dict.fromkeys([seconds_key(metric), *SECONDS_PER_IMAGE]):
+        if any(_finite(r.get(key)) for r in rows):
+            return key
+    return None
+
+
+def frontier_configs(rows: list[dict[str, Any]], metric: str) -> list[Config]:
+    """One :class:`Config` per distinct config (:func:`config_keys` over all ``rows``) among the finished runs with
+    ``metric``, in start order; repeats of a config are one, at their mean (as :func:`_points`)."""
+    keys = config_keys(rows)
+    have = finished(rows, metric)
+    sec = _seconds_column(have, metric)
+    out = []
+    for _, _, _, group in _points(have, keys, lambda r: 0.0, metric):
+        sizes = {sample_size(r) for r in group}
+        out.append(
+            Config(
+                label=config_label(group[0], keys),
+                value=sum(r[metric] for r in group) / len(group),
+                low=_mean([r.get(metric + CI_SUFFIXES[0]) for r in group]),
+                high=_mean([r.get(metric + CI_SUFFIXES[1]) for r in group]),
+                nfe=_mean([r.get(COST_NFE) for r in group]),
+                seconds=_mean([r.get(sec) for r in group]) if sec else None,
+                n=sizes.pop() if len(sizes) == 1 else None,
+                runs=len(group),
+            )
+        )
+    return out
+
+
+def pareto_front(points: list[tuple[float, float]], higher: bool) -> list[int]:
+    """Indices of the non-dominated ``(cost, value)`` points, cheapest first: a point is dominated when another
+    costs no more and is no worse, and is cheaper or better (``higher``: larger values are better). Equal points
+    are both on the front.
+
+        >>> pareto_front([(10, 5.0), (20, 3.0), (20, 4.0), (40, 3.0), (5, 9.0)], higher=False)
+        [4, 0, 1]
+    """
+
+    def no_worse(a: float, b: float) -> bool:
+        return a >= b if higher else a <= b
+
+    front = [
+        i
+        for i, (c, v) in enumerate(points)
+        if not any(j != i and cj <= c and no_worse(vj, v) and (cj < c or vj != v) for j, (cj, vj) in enumerate(points))
+    ]
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1] if higher else points[i][1]))
+
+
+def _safe_name(text: str) -> str:
+    """``text`` as a file-name part: letters, digits, ``_ . -`` only, at most 80 characters."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-")[:80] or "metric"
+
+
+def frontier_metrics(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """``{plot name: metric}``: a frontier plot for each :func:`quality_metrics` key whose configs differ in NFE
+    (``cost/nfe``). Seconds alone never make one: they differ between any two runs, also of one config (the
+    FD-vs-seconds ``sweep_frontier`` plot covers runs without NFE). Names are safe for any key
+    (``sweep_frontier_fd_shapes_net``); two keys with one short name get their mode appended."""
+    out: dict[str, str] = {}
+    for metric in quality_metrics(rows):
+        if len({c.nfe for c in frontier_configs(rows, metric) if c.nfe is not None}) < 2:
+            continue
+        name = FRONTIER_PREFIX + _safe_name(metric.split("/", 1)[-1])  # the key without its mode
+        if name in out:
+            name += "_" + _safe_name(metric.split("/", 1)[0])
+        base, i = name, 2
+        while name in out:
+            name, i = f"{base}_{i}", i + 1
+        out[name] = metric
+    return out
+
+
+def frontier_metric_plot(rows: list[dict[str, Any]], metric: str):
+    """``metric`` against NFE and against seconds per image (a panel each, where at least two configs have that
+    cost): one point per config labelled with it (``×k``: k runs), its 95 % interval as an error bar, and the
+    Pareto front (:func:`pareto_front`) as a step line through its marked points."""
+    from matplotlib.figure import Figure
+
+    configs = frontier_configs(rows, metric)
+    higher = bool(higher_is_better(metric))
+    sec = _seconds_column(finished(rows, metric), metric)
+    panels = [
+        (label, get)
+        for label, get in (
+            (NFE_LABEL, lambda c: c.nfe),
+            (f"seconds per image ({sec})", lambda c: c.seconds),
+        )
+        if sum(get(c) is not None for c in configs) >= 2
+    ]
+    name = mpl_text(metric_label(metric))  # the extractor name is a config string
+    fig = Figure(figsize=(6.4 * max(len(panels), 1), 4.8))
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    for ax, (xlabel, get) in zip(axes, panels):
+        pts = [c for c in configs if get(c) is not None]
+        xs, ys = [get(c) for c in pts], [c.value for c in pts]
+        bars = [c for c in pts if c.low is not None and c.high is not None]
+        if bars:
+            ax.errorbar(
+                [get(c) for c in bars],
+                [c.value for c in bars],
+                yerr=[[max(c.value - c.low, 0) for c in bars], [max(c.high - c.value, 0) for c in bars]],
+                fmt="none",
+                ecolor="0.7",
+                elinewidth=1,
+                label="95 % interval",
+                zorder=1,
+            )
+        ax.scatter(xs, ys, s=24, facecolors="none", edgecolors="0.4", label="config", zorder=2)
+        front = [pts[i] for i in pareto_front(list(zip(xs, ys)), higher)]
+        fx, fy = [get(c) for c in front], [c.value for c in front]
+        ax.step(fx, fy, where="post", color="C3", zorder=3, label="Pareto front")
+        ax.scatter(fx, fy, s=36, color="C3", zorder=4)
+        for c in pts:
+            ax.annotate(
+                mpl_text(c.label, 60) + (f" ×{c.runs}" if c.runs > 1 else ""),
+                (get(c), c.value),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=7,
+            )
+        if min(xs) > 0 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"quality vs cost: {name} ({n_note(finished(rows, metric))})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _names(configs: list[Config]) -> str:
+    names = [terminal_text(c.label) for c in configs[:MAX_LISTED]]
+    more = f" and {len(configs) - MAX_LISTED} more" if len(configs) > MAX_LISTED else ""
+    return ", ".join(names) + more
+
+
+def _with_interval(c: Config) -> str:
+    return f"{_g(c.value)} [{_g(c.low)}, {_g(c.high)}]" if c.low is not None and c.high is not None else _g(c.value)
+
+
+def frontier_findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per quality metric (:func:`quality_metrics`) of at least two configs: which config is best and which is the
+    cheapest whose value lies within the best's 95 % interval (``<key>_ci_low`` / ``_ci_high``), by NFE
+    (``cost/nfe``), by seconds per image where a config lacks NFE. ``verdict``: ``cheaper`` (a cheaper config is
+    within the interval), ``best is cheapest``, ``same cost`` (every config costs the same), ``no cost``,
+    ``no interval`` (the best has none: only the best is named), ``tie`` (one value for every config: nothing is
+    ranked) or ``mixed N`` (FD/KID from different sample counts: not ranked). ``text``: the sentence, labels
+    made safe for a terminal. Timings, counts, ``fd_floor`` and keys without a direction are never ranked."""
+    out = []
+    for metric in quality_metrics(rows):
+        configs = frontier_configs(rows, metric)
+        if len(configs) < 2:
+            continue
+        higher = bool(higher_is_better(metric))
+        found: dict[str, Any] = {"metric": metric, "configs": len(configs), "best": None, "cheapest": None}
+        sizes = sorted({c.n for c in configs if c.n is not None})
+        if len({c.value for c in configs}) == 1:
+            found["verdict"] = "tie"
+            found["text"] = f"{metric}: tie: all {len(configs)} configs give {_g(configs[0].value)}; nothing to rank"
+            out.append(found)
+            continue
+        if is_n_biased(metric) and len(sizes) > 1:
+            found["verdict"] = "mixed N"
+            found["text"] = (
+                f"{metric}: not ranked: the configs come from different sample counts N = "
+                f"{', '.join(map(str, sizes))} (FD/KID are biased in N; compare at equal N)"
+            )
+            out.append(found)
+            continue
+        if all(c.nfe is not None for c in configs):
+            basis, cost = "NFE", (lambda c: c.nfe)
+        elif all(c.seconds is not None for c in configs):
+            basis, cost = "seconds", (lambda c: c.seconds)
+        else:
+            basis, cost = None, (lambda c: 0.0)
+        ranked = sorted(configs, key=lambda c: (-c.value if higher else c.value, cost(c)))
+        best = found["best"] = ranked[0]
+        if best.low is None or best.high is None:
+            found["verdict"] = "no interval"
+            found["text"] = (
+                f"{metric}: best {terminal_text(best.label)} ({_g(best.value)}); "
+                "no interval: cannot say which configs are equivalent"
+            )
+            out.append(found)
+            continue
+        within = [c for c in ranked if c is best or best.low <= c.value <= best.high]
+        others = [c for c in within if c is not best]
+        head = f"best {terminal_text(best.label)} ({_with_interval(best)})"
+        if basis is None:
+            found["verdict"] = "no cost"
+            found["text"] = (
+                f"{metric}: {head}; {len(others)} other config(s) within its 95 % interval; no cost recorded "
+                f"({COST_NFE}, seconds per image): cannot name the cheapest"
+            )
+        elif len({cost(c) for c in configs}) == 1:
+            found["verdict"] = "same cost"
+            found["text"] = (
+                f"{metric}: {head}; all configs cost the same ({basis} {_g(cost(best))}); within its 95 % interval: "
+                f"{_names(others) if others else 'no other config'}"
+            )
+        else:
+            cheapest = found["cheapest"] = min(within, key=lambda c: (cost(c), ranked.index(c)))
+            what = (
+                f"NFE {_g(cheapest.nfe)} vs {_g(best.nfe)}"
+                if basis == "NFE"
+                else f"{cheapest.seconds:.3g} s vs {best.seconds:.3g} s per image; no NFE recorded, so by time"
+            )
+            if cheapest is best:
+                found["verdict"] = "best is cheapest"
+                found["text"] = (
+                    f"{metric}: the best, {terminal_text(best.label)} ({_with_interval(best)}), is the cheapest "
+                    f"config within its own 95 % interval ({basis} {_g(cost(best))}); "
+                    f"{len(others)} other config(s) lie within it"
+                )
+            else:
+                ratio = cost(cheapest) / cost(best) if cost(best) > 0 else math.nan
+                found["verdict"] = "cheaper"
+                found["text"] = (
+                    f"{metric}: {terminal_text(cheapest.label)} ({_g(cheapest.value)}) is within the 95 % interval "
+                    f"of the best, {terminal_text(best.label)} ({_with_interval(best)}), at {ratio:.2g}× its "
+                    f"{'cost' if basis == 'NFE' else 'time'} ({what})"
+                )
+        out.append(found)
+    return out
+
+
+def frontier_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The sentences of :func:`frontier_findings` (safe for a terminal; escape them for HTML)."""
+    return [f["text"] for f in frontier_findings(rows)]
+
+
+def write_frontiers(lines: list[str], path: Path) -> Path:
+    """``sweep_frontiers.md``: the frontier sentences and how to read them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = [
+        "# Quality versus cost",
+        "",
+        "Per quality metric: the best config and the cheapest config (by NFE, `cost/nfe`; by seconds per image",
+        "where NFE was not recorded) whose value lies within the best's 95 % interval. Without an interval only",
+        "the best is named; one value for every config is a tie.",
+        "",
+        *(f"- {line}" for line in lines),
+        "",
+    ]
+    path.write_text("\n".join(text), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- visited steps
+VISITED_ARTIFACT = "tables/visited_steps.csv"  # a schedule run's visited steps (one row per step of each config)
+VISITED_COLUMNS = ("config", "solver", "sigmas", "spacing", "steps", "step", "timestep", "sigma", "log_snr")
+VISITED_PLOT = "sweep_visited"
+VISITED_TABLE = "sweep_visited_steps.csv"
+MAX_VISITED_ROWS = 50_000  # rows read from one child's table (the file is untrusted)
+MAX_VISITED_LINES = 80  # rows of the figure
+_TEXT_CHARS = 200  # a text cell longer than this is cut
+
+
+def _whole(text: Any, name: str, low: int) -> int:
+    value = float(text)
+    if not math.isfinite(value) or not value.is_integer() or value < low:
+        raise ValueError(f"{name} {text!r} is not a whole number >= {low}")
+    return int(value)
+
+
+def _real(text: Any, name: str, infinite: bool = False, low: float = -math.inf) -> float:
+    value = float(text)
+    if math.isnan(value) or (not infinite and math.isinf(value)) or value < low:
+        raise ValueError(f"{name} {text!r} is not a number" + (f" >= {low:g}" if low > -math.inf else ""))
+    return value
+
+
+def _visited_row(raw: dict[str, Any]) -> dict[str, Any]:
+    if any(raw.get(k) is None for k in VISITED_COLUMNS):
+        raise ValueError("too few cells")
+    text = {k: shorten(csv_uncell(str(raw[k])), _TEXT_CHARS) for k in ("config", "solver", "sigmas", "spacing")}
+    return {
+        **text,
+        "steps": _whole(raw["steps"], "steps", 1),
+        "step": _whole(raw["step"], "step", 0),
+        "timestep": _real(raw["timestep"], "timestep"),
+        "sigma": _real(raw["sigma"], "sigma", infinite=True, low=0.0),  # zero-terminal SNR: ᾱ = 0, σ = inf
+        "log_snr": _real(raw["log_snr"], "log_snr", infinite=True),  # σ = 0: +inf
+    }
+
+
+def read_visited(path: Path, name: str = "") -> list[dict[str, Any]]:
+    """The rows of one child's ``visited_steps.csv`` (:data:`VISITED_COLUMNS`), parsed defensively: the file is
+    untrusted, so a row with a missing or malformed number (``steps`` and ``step`` whole, ``timestep`` finite,
+    ``sigma`` >= 0 or inf, ``log_snr`` a number or ±inf) is skipped, with one warning per file naming how many
+    and the first; a file without the columns is skipped with a warning; at most :data:`MAX_VISITED_ROWS` rows.
+    Text cells come back as written (:func:`pipeline.core.escape.csv_uncell`), cut at 200 characters."""
+    out: list[dict[str, Any]] = []
+    bad, first = 0, ""
+    who = terminal_text(name or path)
+    try:
+        with Path(path).open(newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f)
+            header = [csv_uncell(h) for h in reader.fieldnames or []]
+            missing = [c for c in VISITED_COLUMNS if c not in header]
+            if missing:
+                log.warning("sweep summary: %s: %s lacks columns %s; not stacked", who, VISITED_ARTIFACT, missing)
+                return []
+            reader.fieldnames = header
+            for line, raw in enumerate(reader, start=2):
+                if len(out) >= MAX_VISITED_ROWS:
+                    log.warning("sweep summary: %s: %s cut at %d rows", who, VISITED_ARTIFACT, MAX_VISITED_ROWS)
+                    break
+                try:
+                    out.append(_visited_row(raw))
+                except (TypeError, ValueError) as e:
+                    bad += 1
+                    first = first or f"line {line}: {e}"
+    except (OSError, csv.Error, UnicodeError) as e:
+        log.warning("sweep summary: %s: could not read %s (%s); kept %d rows", who, VISITED_ARTIFACT, e, len(out))
+    if bad:
+        log.warning(
+            "sweep summary: %s: skipped %d malformed row(s) of %s (first: %s)",
+            who,
+            bad,
+            VISITED_ARTIFACT,
+            terminal_text(first),
+        )
+    return out
+
+
+def _schedule_run(run: Any) -> bool:
+    return any(k.startswith("schedule/") for k in run.data.metrics) or "schedule" in str(
+        run.data.params.get("choice.mode", "")
+    )
+
+
+def _visited_file(run: Any, client: Any, tmp_dir: Optional[Path]) -> Optional[Path]:
+    """A child's ``visited_steps.csv``: in its run dir (tag ``run_dir``) where that is on this machine, else
+    downloaded from its MLflow artifacts with ``client`` (None: not fetched)."""
+    run_dir = run.data.tags.get("run_dir")
+    if run_dir and (Path(run_dir) / VISITED_ARTIFACT).is_file():
+        return Path(run_dir) / VISITED_ARTIFACT
+    if client is None or tmp_dir is None:
+        return None
+    dst = Path(tmp_dir) / _safe_name(run.info.run_id)
+    dst.mkdir(parents=True, exist_ok=True)
+    folder = VISITED_ARTIFACT.rpartition("/")[0]
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")}
+    try:
+        listing = getattr(client, "list_artifacts", None)
+        if listing is not None and VISITED_ARTIFACT not in {a.path for a in listing(run.info.run_id, folder)}:
+            return None  # no request that must fail for runs without the table
+        with _environ(quiet):  # no progress bar per child at the end of a sweep (unless asked for)
+            return Path(client.download_artifacts(run.info.run_id, VISITED_ARTIFACT, str(dst)))
+    except Exception:  # noqa: BLE001 - a run without the artifact, or a store that cannot serve it
+        log.debug("sweep summary: no %s for run %s", VISITED_ARTIFACT, run.info.run_id, exc_info=True)
+        return None
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """``os.environ`` updated with ``values`` inside the block, restored after it."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def visited_tables(
+    children: list[Any], client: Any = None, tmp_dir: Optional[Path] = None
+) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """``(run name, run id, rows)`` per finished schedule child that has ``tables/visited_steps.csv`` with at
+    least one good row (:func:`read_visited`), in start order. ``client``: an MLflow client to download the
+    artifact with where the run dir is not on this machine (``download_artifacts(run_id, path, dst_path)``)."""
+    out = []
+    for run in sorted(children, key=lambda r: r.info.start_time or 0):
+        if run.info.status != "FINISHED" or not _schedule_run(run):
+            continue
+        path = _visited_file(run, client, tmp_dir)
+        if path is None:
+            continue
+        rows = read_visited(path, run.info.run_name or run.info.run_id)
+        if rows:
+            out.append((str(run.info.run_name or run.info.run_id), run.info.run_id, rows))
+    return out
+
+
+def _visited_config(row: dict[str, Any]) -> str:
+    return row["config"] or ", ".join(
+        x for x in (f"{row['solver']} × {row['steps']}", row["sigmas"], row["spacing"]) if x
+    )
+
+
+def visited_plot(tables: list[tuple[str, str, list[dict[str, Any]]]]):
+    """The visited steps stacked: one row per child (one per child and config where a child drew several), x the
+    log-SNR, a dot per visited step; steps at log-SNR ±∞ (σ = 0; σ = ∞ of a zero-terminal-SNR schedule) are
+    counted right of the row."""
+    from matplotlib.figure import Figure
+
+    lines = []
+    for name, _, rows in tables:
+        by_config: dict[str, list] = {}
+        for r in rows:
+            by_config.setdefault(_visited_config(r), []).append(r)
+        lines += [(name if len(by_config) == 1 else f"{name}: {c}", rs) for c, rs in by_config.items()]
+    shown = lines[:MAX_VISITED_LINES]
+    fig = Figure(figsize=(8.5, 1.6 + 0.3 * len(shown)))
+    ax = fig.add_subplot()
+    for i, (_, rs) in enumerate(shown):
+        xs = [r["log_snr"] for r in rs if math.isfinite(r["log_snr"])]
+        ax.scatter(xs, [i] * len(xs), s=12, color=f"C{i % 10}", zorder=2)
+        ends = [r["log_snr"] for r in rs if math.isinf(r["log_snr"])]
+        counts = [(sign, sum(1 for v in ends if v * sign > 0)) for sign in (-1, 1)]
+        text = ", ".join(f"{'+' if sign > 0 else '−'}∞ ×{k}" for sign, k in counts if k)
+        if text:  # right of the axes: σ = ∞ (zero-terminal SNR) and σ = 0 are off any log-SNR axis
+            ax.annotate(
+                text, (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=7, annotation_clip=False
+            )
+    ax.set_yticks(range(len(shown)), [mpl_text(label, 70) for label, _ in shown], fontsize=8)
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    ax.set_xlabel("log-SNR = log(α² / σ²) of each visited step")
+    ax.grid(alpha=0.3, axis="x")
+    cut = f"; first {MAX_VISITED_LINES} of {len(lines)} rows" if len(lines) > len(shown) else ""
+    ax.set_title(f"visited steps per child run ({VISITED_ARTIFACT}{cut})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write_visited(tables: list[tuple[str, str, list[dict[str, Any]]]], out_dir: Path) -> tuple[Path, Path]:
+    """``sweep_visited_steps.csv`` (every child's table stacked, with ``run_name`` and ``run_id`` columns; cells
+    neutralised by :func:`pipeline.core.escape.csv_cell`) and ``sweep_visited.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / VISITED_TABLE
+    fields = ["run_name", "run_id", *VISITED_COLUMNS]
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        for name, run_id, rows in tables:
+            writer.writerows(csv_row({"run_name": name, "run_id": run_id, **r}, fields) for r in rows)
+    png = out_dir / f"{VISITED_PLOT}.png"
+    visited_plot(tables).savefig(png, dpi=110, bbox_inches="tight")
+    return table, png
+
+
 def _varies(rows: list[dict[str, Any]], key: str) -> bool:
     return len(_distinct(rows, key)) > 1
 
 
 def plot_kinds(rows: list[dict[str, Any]]) -> list[str]:
-    """Which plots apply, judged on the finished runs only (a failed job never makes a plot appear)."""
+    """Which plots apply, judged on the finished runs only (a failed job never makes a plot appear): the
+    :data:`PLOTS` that fit, then one ``sweep_frontier_<metric>`` per quality metric whose configs differ in NFE
+    (:func:`frontier_metrics`)."""
     kinds, fd = [], fd_key(rows)
     if fd and _varies(finished(rows, fd, SEC_PER_IMAGE), STEPS):
         kinds.append("sweep_frontier")
@@ -440,7 +1004,7 @@ def plot_kinds(rows: list[dict[str, Any]]) -> list[str]:
         kinds.append("sweep_guidance")
     if fd and _varies(finished(rows, fd), CHECKPOINT):
         kinds.append("sweep_checkpoints")
-    return kinds
+    return kinds + list(frontier_metrics(rows))
 
 
 PLOTS: dict[str, Callable[[list[dict[str, Any]]], Any]] = {
@@ -450,9 +1014,16 @@ PLOTS: dict[str, Callable[[list[dict[str, Any]]], Any]] = {
 }
 
 
+def _plot(name: str, rows: list[dict[str, Any]]):
+    """The figure of plot ``name`` (one of :func:`plot_kinds`)."""
+    if name in PLOTS:
+        return PLOTS[name](rows)
+    return frontier_metric_plot(rows, frontier_metrics(rows)[name])
+
+
 def plots(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """``{name: matplotlib Figure}`` for each plot that applies to these rows (possibly none)."""
-    return {name: PLOTS[name](rows) for name in plot_kinds(rows)}
+    return {name: _plot(name, rows) for name in plot_kinds(rows)}
 
 
 def write_summary(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path, list[Path]]:
@@ -462,7 +1033,7 @@ def write_summary(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path
     pngs = []
     for name in plot_kinds(rows):
         try:
-            fig = PLOTS[name](rows)
+            fig = _plot(name, rows)
             path = out_dir / f"{name}.png"
             fig.savefig(path, dpi=110, bbox_inches="tight")
             pngs.append(path)
@@ -560,17 +1131,39 @@ def winner_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def summarise(tracker: Any, children: list[Any], sweep_dir: Path) -> str:
-    """Table and plots into the sweep dir and onto the parent run (``tables/``, ``plots/`` artifacts). Returns the
-    sweep's closing :func:`sentence`."""
+    """Table and plots into the sweep dir and onto the parent run (``tables/``, ``plots/`` artifacts), the stacked
+    visited steps where children have them (``tables/sweep_visited_steps.csv``, ``plots/sweep_visited.png``;
+    downloaded with ``tracker.client`` where a child's run dir is not on this machine) and the frontier sentences
+    (logged, and ``sweep_frontiers.md`` at the parent's artifact root). Returns the sweep's closing
+    :func:`sentence`."""
     rows = child_rows(children)
     table, pngs = write_summary(rows, sweep_dir)
     warning = mixed_n_warning(rows)
     if warning:
         log.warning("sweep summary: %s", warning)
     tracker.log_artifact(table, "tables")
+    try:
+        with tempfile.TemporaryDirectory(prefix="visited-") as tmp:
+            tables = visited_tables(children, getattr(tracker, "client", None), Path(tmp))
+        if tables:
+            visited, png = write_visited(tables, sweep_dir)
+            tracker.log_artifact(visited, "tables")
+            pngs.append(png)
+    except Exception:  # noqa: BLE001 - the visited steps must never cost the summary
+        log.warning("sweep summary: could not stack the visited steps", exc_info=True)
     for png in pngs:
         tracker.log_artifact(png, "plots")
     lines = winner_lines(rows)
     if lines:
         log.info("which run wins:\n%s", "\n".join(lines))
+    try:
+        findings = frontier_lines(rows)
+        if findings:
+            log.info(
+                "quality versus cost (cheapest config within the best's 95 %% interval):\n%s",
+                "\n".join(f"  {line}" for line in findings),
+            )
+            tracker.log_artifact(write_frontiers(findings, Path(sweep_dir) / FRONTIERS_NAME))
+    except Exception:  # noqa: BLE001
+        log.warning("sweep summary: could not write the frontier sentences", exc_info=True)
     return sentence(rows, table, pngs)
