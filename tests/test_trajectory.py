@@ -141,3 +141,21 @@ def test_study_keys_are_checked_before_any_work(outputs, tmp_path):
         cfg = compose_cfg(["mode.schedule.trajectory=true", "mode.schedule.step_counts=[4,16]", bad], outputs)
         with pytest.raises(UserError, match=says):
             preflight(cfg)
+
+
+def test_ddim_off_its_own_grid_is_named():
+    """DDIM steps to t − ⌊T/N⌋: consistent with leading spacing (and trailing when N divides T), not linspace."""
+    import diffusers
+
+    from pipeline.models.builtin import builtin_path
+    from pipeline.models.loading import load_scheduler_config
+    from pipeline.models.schedulers import stride_mismatch
+
+    config, _ = load_scheduler_config(builtin_path("sd15_scheduler"))
+    ddim = diffusers.DDIMScheduler
+    assert stride_mismatch(ddim.from_config(config, timestep_spacing="leading"), 30) is None
+    assert stride_mismatch(ddim.from_config(config, timestep_spacing="trailing"), 20) is None
+    said = stride_mismatch(ddim.from_config(config, timestep_spacing="linspace"), 20)
+    assert "t − 50" in said and "999, 946" in said
+    assert stride_mismatch(ddim.from_config(config, timestep_spacing="trailing"), 30) is not None
+    assert stride_mismatch(diffusers.EulerDiscreteScheduler.from_config(config), 20) is None

@@ -704,3 +704,33 @@ def _install_sigmas(sampler, sigmas: torch.Tensor, device, mu: float | None) -> 
             "expected FlowMatchEulerDiscrete / FlowMatchHeunDiscrete, or DPMSolverMultistep / "
             "UniPCMultistep with use_flow_sigmas"
         )
+
+
+# ---------------------------------------------------------------------------------------------- uneven steps
+# solvers whose step() goes from t to t − ⌊T/N⌋ whatever the next visited timestep is (diffusers 0.42)
+FIXED_STRIDE = ("DDIMScheduler", "PNDMScheduler")
+
+
+def stride_mismatch(sampler, steps: int) -> str | None:
+    """Why ``sampler`` at ``steps`` steps is inconsistent, or None: DDIM and PNDM step from t to t − ⌊T/N⌋
+    (diffusers' ``prev_timestep``), which is the next visited timestep only with ``leading`` spacing or with
+    ``trailing`` when N divides T. Otherwise (``linspace``: stride (T − 1)/(N − 1)) each step lands at a noise level the
+    next model call is not told (images still equal diffusers' own pipeline's: a warning, not a refusal)."""
+    if type(sampler).__name__ not in FIXED_STRIDE:
+        return None
+    sched = type(sampler).from_config(sampler.config)
+    sched.set_timesteps(steps)
+    T = int(sched.config.num_train_timesteps)
+    base = getattr(sched, "_timesteps", None)  # PNDM: its grid before the PLMS warm-up rearranges it
+    ts = sorted({int(t) for t in (base if base is not None else sched.timesteps.tolist())}, reverse=True)
+    stride = T // steps
+    gaps = sorted({a - b for a, b in zip(ts, ts[1:])})
+    if not gaps or gaps == [stride]:
+        return None
+    return (
+        f"{type(sampler).__name__} steps from t to t − ⌊T/N⌋ = t − {stride}, but its "
+        f"{sched.config.timestep_spacing} timesteps at N = {steps} are {', '.join(map(str, ts[:3]))}, … (gaps "
+        f"{', '.join(map(str, gaps[:4]))}): every step lands {min(abs(g - stride) for g in gaps if g != stride)}"
+        "+ training steps away from the timestep the next model call is given (diffusers' own behaviour: the images "
+        "equal its pipeline's). `leading` spacing, or `trailing` with N dividing T, is consistent"
+    )

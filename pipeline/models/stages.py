@@ -15,7 +15,7 @@ from pipeline.models.adapter import ModelAdapter
 from pipeline.models.family import read_model_index
 from pipeline.models.generation import check_eta
 from pipeline.models.loading import load_pipeline, load_scheduler_config, resolve_device, resolve_dtype
-from pipeline.models.schedulers import build_scheduler, zero_snr_warning
+from pipeline.models.schedulers import build_scheduler, stride_mismatch, zero_snr_warning
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,10 @@ def sampler_stage(ctx, cfg):
     if warning is not None:  # Lin et al.: a model not trained with zero terminal SNR is sampled off-distribution
         log.warning(warning)
         ctx.tag("sampler.zero_terminal_snr", "off-distribution: the model was not trained with zero terminal SNR")
+    mismatch = stride_mismatch(sampler, int(cfg.sampler.num_inference_steps))
+    if mismatch is not None:
+        log.warning("sampler: %s", mismatch)
+        ctx.tag("sampler.stride_mismatch", mismatch)
     # the solver used, then the config it was built from (whose class is the model's own scheduler)
     log.info(
         "solver %s (scheduler=%s) from scheduler config %s (the model's %s)",

@@ -360,6 +360,12 @@ def trajectory_stage(ctx, cfg):
             )
         else:
             notes.append(f"{o['solver']}: no order (fewer than 2 points resolved by the reference)")
+    off = sorted({r["config"] for r in rows if r.get("stride_mismatch")})
+    if off:
+        notes.append(
+            f"{', '.join(off)}: DDIM/PNDM step from t to t − ⌊T/N⌋, not to the next visited timestep, at this spacing "
+            "(tag sampler.stride_mismatch explains): their errors include that inconsistency"
+        )
     if not ref["converged"]:
         log.warning("trajectory: %s", notes[0])
     ctx.save_text("\n".join(f"- {n}" for n in notes) + "\n", "trajectory_findings.md")

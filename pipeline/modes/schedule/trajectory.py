@@ -65,7 +65,7 @@ from pipeline.errors import UserError
 from pipeline.metrics.image import psnr
 from pipeline.metrics.intervals import bootstrap_interval
 from pipeline.models.generation import generators, step_kwargs, to_uint8
-from pipeline.models.schedulers import uses_dynamic_shift
+from pipeline.models.schedulers import stride_mismatch, uses_dynamic_shift
 from pipeline.models.stages import make_sampler
 
 log = logging.getLogger(__name__)
@@ -590,6 +590,7 @@ def _score(done: list[tuple], ref: _Reference, K: int) -> tuple[list[dict], dict
             row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = mean_ci(values)
         row["sec_per_image"] = run.seconds / K
         row["textbook_order"] = TEXTBOOK_ORDER.get(type(sampler).__name__)
+        row["stride_mismatch"] = stride_mismatch(sampler, n) is not None  # DDIM/PNDM off their own grid
         rows.append(row)
         paths[(name, n)] = (run, rmse, sampler)
     return rows, paths
