@@ -15,7 +15,7 @@ weights): the bench only checks the study runs and says so.
 
 Usage: python bench/solver_order.py [--models shapes_sd,shapes_sd3,shapes_ddpm] [--steps 5,10,20,40,80]
        [--spacing linspace] [--sigmas default] [--solvers euler,heun] [--reference-steps 500] [--samples 8]
-       [--no-baseline] [--warm] [--tiny]
+       [--t-map default|smooth|round-euler] [--no-baseline] [--warm] [--tiny]
 """
 
 from __future__ import annotations
@@ -45,6 +45,34 @@ def _rows(path: Path) -> list[dict]:
         return []
     with path.open() as f:
         return list(csv.DictReader(f))
+
+
+def patch_t_map(kind: str) -> None:
+    """Change how Euler / Heun map a σ to the model's timestep (diffusers' ``_sigma_to_t``: piecewise linear in log σ
+    between the trained σ's), for the cause-finding runs: ``smooth`` = a C² cubic spline through the same knots (Euler
+    and Heun — the reference too: one smooth ODE), ``round-euler`` = Euler's timesteps rounded to integers as
+    DPM-Solver++ / UniPC store theirs (the Heun reference untouched)."""
+    import diffusers
+    import numpy as np
+    from scipy.interpolate import CubicSpline
+
+    original = diffusers.EulerDiscreteScheduler._sigma_to_t
+
+    def smooth(self, sigma, log_sigmas):
+        spline = CubicSpline(np.asarray(log_sigmas, dtype=np.float64), np.arange(len(log_sigmas), dtype=np.float64))
+        x = np.clip(np.log(np.maximum(np.asarray(sigma, dtype=np.float64), 1e-10)), log_sigmas[0], log_sigmas[-1])
+        return spline(x).reshape(np.shape(sigma))
+
+    def rounded(self, sigma, log_sigmas):
+        return np.round(original(self, sigma, log_sigmas))
+
+    if kind == "smooth":
+        for cls in (diffusers.EulerDiscreteScheduler, diffusers.HeunDiscreteScheduler):
+            cls._sigma_to_t = smooth
+    elif kind == "round-euler":
+        diffusers.EulerDiscreteScheduler._sigma_to_t = rounded
+    elif kind != "default":
+        raise SystemExit(f"--t-map {kind!r}: expected default, smooth or round-euler")
 
 
 def study(model: str, path: str | None, flow: bool, args, outputs: Path, extra=()) -> dict:
@@ -127,11 +155,13 @@ def main() -> None:
     )
     ap.add_argument("--reference-steps", type=int, default=500)
     ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--t-map", default="default", help="default | smooth | round-euler (see patch_t_map)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--warm", action="store_true", help="run each study twice (the second with the cached reference)")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
     outputs = Path(tempfile.mkdtemp(prefix="solver_order_"))
+    patch_t_map(args.t_map)
     if args.tiny:
         from tiny import tiny_family, tiny_sdxl  # tests/tiny: the random-weight family pipelines
 

@@ -159,3 +159,20 @@ def test_ddim_off_its_own_grid_is_named():
     assert "t − 50" in said and "999, 946" in said
     assert stride_mismatch(ddim.from_config(config, timestep_spacing="trailing"), 30) is not None
     assert stride_mismatch(diffusers.EulerDiscreteScheduler.from_config(config), 20) is None
+
+
+def test_x0_clipping_is_named_and_left_out_of_the_reference():
+    """A model config with clip_sample (shapes_ddpm's): Heun and DDIM clip x₀ at every step, Euler does not; the
+    reference solves the unclipped probability-flow ODE."""
+    import diffusers
+
+    from pipeline import zoo
+    from pipeline.models.loading import load_scheduler_config
+    from pipeline.modes.schedule.trajectory import x0_correction
+
+    config, _ = load_scheduler_config(str(zoo.locate("shapes_ddpm")))
+    assert config["clip_sample"] is True
+    assert "clip_sample" in x0_correction(diffusers.HeunDiscreteScheduler.from_config(config))
+    assert "clip_sample" in x0_correction(diffusers.DDIMScheduler.from_config(config))
+    assert x0_correction(diffusers.EulerDiscreteScheduler.from_config(config)) is None
+    assert x0_correction(diffusers.HeunDiscreteScheduler.from_config(config, clip_sample=False)) is None

@@ -366,6 +366,12 @@ def trajectory_stage(ctx, cfg):
             f"{', '.join(off)}: DDIM/PNDM step from t to t − ⌊T/N⌋, not to the next visited timestep, at this spacing "
             "(tag sampler.stride_mismatch explains): their errors include that inconsistency"
         )
+    clipped = sorted({f"{r['solver']} ({r['x0_correction']})" for r in rows if r.get("x0_correction")})
+    if clipped:
+        notes.append(
+            f"{', '.join(clipped)}: correct x₀ at every step as the model's scheduler config asks; the reference "
+            "solves the probability-flow ODE without it, so their errors converge to that difference, not to 0"
+        )
     if not ref["converged"]:
         log.warning("trajectory: %s", notes[0])
     ctx.save_text("\n".join(f"- {n}" for n in notes) + "\n", "trajectory_findings.md")

@@ -23,6 +23,10 @@ bootstrap interval over samples (:func:`pipeline.metrics.intervals.bootstrap_int
   entries). Classifier-free guidance does not double it: it doubles the batch of each call. Seconds per image are
   the wall time of that integration / K (guidance batch included).
 
+The reference solves the probability-flow ODE itself: where the model's scheduler config asks for x₀ clipping
+(``clip_sample``) or dynamic thresholding, the reference is built without it, and the studied solvers whose class
+applies it are flagged (column ``x0_correction``; they converge to a different solution, their errors do not vanish).
+
 Stochastic solvers (ancestral, SDE, DDPM, DDIM with η > 0) have no pathwise reference: a ``skipped.trajectory.<name>``
 tag says so and they are left out.
 
@@ -104,6 +108,18 @@ def stochastic_reason(sched, eta: float) -> str | None:
     return None
 
 
+def x0_correction(sched) -> str | None:
+    """What ``sched`` does to its x₀ prediction at every step beyond the ODE (diffusers' ``clip_sample`` to
+    ±``clip_sample_range``, dynamic ``thresholding``), from the model's scheduler config, where its class takes the
+    key (DDIM, DDPM, Heun; DPM-Solver++ and UniPC: thresholding); None when it solves the ODE unmodified."""
+    params = inspect.signature(type(sched).__init__).parameters
+    if "clip_sample" in params and sched.config.get("clip_sample"):
+        return f"clip_sample (x₀ clipped to ±{sched.config.get('clip_sample_range', 1.0)})"
+    if "thresholding" in params and sched.config.get("thresholding"):
+        return "thresholding (dynamic x₀ thresholding)"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- the solver loop
 @dataclass
 class Path_:
@@ -122,6 +138,8 @@ def _sigma_and_scale(sched, x: torch.Tensor, t, flow: bool) -> tuple[float, floa
     """(σ, c) at the solver's current call: σ the noise level of the solver's parametrisation (flow: σ of
     x = (1 − σ)x₀ + σε; else the VP ratio √((1 − ᾱ)/ᾱ)), and c with canonical state = c · sample (flow: the sample;
     else EDM's x₀ + σε = x_t·√(1 + σ²), x_t the model input ``scale_model_input`` gives)."""
+    if getattr(sched, "step_index", 0) is None and hasattr(sched, "_init_step_index"):
+        sched._init_step_index(t)  # what its step() does first: the index of t in its timesteps
     sigmas, idx = getattr(sched, "sigmas", None), getattr(sched, "step_index", None)
     if sigmas is not None and idx is not None and idx < len(sigmas):
         sigma = float(sigmas[idx])
@@ -488,6 +506,10 @@ def _reference_sampler(cfg, s: _Setup) -> tuple[str, Any]:
         if not bool(cfg.sampler.get("zero_terminal_snr", False)):
             keys["timestep_spacing"] = "linspace"
     sampler = make_sampler(study_copy(cfg, scheduler=scheduler_option(ref_name), **keys), s.sc)
+    if x0_correction(sampler):  # the reference solves the probability-flow ODE itself, not a clipped one
+        params = inspect.signature(type(sampler).__init__).parameters
+        off = {k: False for k in ("clip_sample", "thresholding") if k in params}
+        sampler = type(sampler).from_config(sampler.config, **off)
     reason = stochastic_reason(sampler, 0.0)
     if reason:
         raise UserError(f"mode.schedule.reference_solver={ref_name}: {reason}; choose a deterministic solver")
@@ -591,6 +613,7 @@ def _score(done: list[tuple], ref: _Reference, K: int) -> tuple[list[dict], dict
         row["sec_per_image"] = run.seconds / K
         row["textbook_order"] = TEXTBOOK_ORDER.get(type(sampler).__name__)
         row["stride_mismatch"] = stride_mismatch(sampler, n) is not None  # DDIM/PNDM off their own grid
+        row["x0_correction"] = x0_correction(sampler) or ""  # a different ODE from the reference's
         rows.append(row)
         paths[(name, n)] = (run, rmse, sampler)
     return rows, paths
