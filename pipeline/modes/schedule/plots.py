@@ -62,9 +62,10 @@ def overlay_figure(curves: list[tuple[str, NoiseSchedule, np.ndarray]]):
     return fig
 
 
-def error_figure(rows: list[dict], orders: list[dict], reference: dict):
-    """Final-latent RMSE against the reference vs NFE (log-log), one line per solver, the fitted slope drawn over
-    its fit range; labels name the measured order and the textbook one."""
+def error_figure(rows: list[dict], orders: list[dict], reference: dict, per_sample: dict | None = None):
+    """Final-latent RMSE against the reference vs NFE (log-log), one line per solver (its samples' own curves thin:
+    an error that is not monotone in NFE for some sample says the range is not yet asymptotic), the fitted slope
+    drawn over its fit range; labels name the measured order and the textbook one."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -82,6 +83,9 @@ def error_figure(rows: list[dict], orders: list[dict], reference: dict):
         (line,) = ax.loglog(x, y, marker="o", color=f"C{i}", label=label)
         if np.isfinite(lo).all() and np.isfinite(hi).all():
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+        samples = [per_sample[(solver, r["nfe"])] for r in mine if (solver, r["nfe"]) in (per_sample or {})]
+        if len(samples) == len(mine) and len(mine) > 1:
+            ax.loglog(x, np.stack(samples), color=line.get_color(), lw=0.5, alpha=0.35)
         if o is not None and np.isfinite(o["order"]) and o["fit_nfe_min"]:
             xs = np.array([o["fit_nfe_min"], o["fit_nfe_max"]], dtype=float)
             y0 = np.interp(np.log(xs[1]), np.log(x), np.log(y))

@@ -340,7 +340,7 @@ def trajectory_stage(ctx, cfg):
         ctx.save_table(geometry, "trajectory_geometry")
         ctx.save_figure(geometry_figure(geometry, rows[0]["config"] if rows else own_name), "trajectory_geometry")
     if rows:
-        ctx.save_figure(error_figure(rows, orders, ref), "trajectory_error_nfe")
+        ctx.save_figure(error_figure(rows, orders, ref, out["per_sample"]), "trajectory_error_nfe")
     notes = [
         f"reference {ref['solver']} ({ref['class']}) × {ref['steps']}: halving its step changes the final latents by "
         f"RMSE {ref['change']:.3g} — "
@@ -360,13 +360,13 @@ def trajectory_stage(ctx, cfg):
             )
         else:
             notes.append(f"{o['solver']}: no order (fewer than 2 points resolved by the reference)")
-    off = sorted({r["config"] for r in rows if r.get("stride_mismatch")})
+    off = list(dict.fromkeys(r["config"] for r in rows if r.get("stride_mismatch")))
     if off:
         notes.append(
             f"{', '.join(off)}: DDIM/PNDM step from t to t − ⌊T/N⌋, not to the next visited timestep, at this spacing "
             "(tag sampler.stride_mismatch explains): their errors include that inconsistency"
         )
-    clipped = sorted({f"{r['solver']} ({r['x0_correction']})" for r in rows if r.get("x0_correction")})
+    clipped = list(dict.fromkeys(f"{r['solver']} ({r['x0_correction']})" for r in rows if r.get("x0_correction")))
     if clipped:
         notes.append(
             f"{', '.join(clipped)}: correct x₀ at every step as the model's scheduler config asks; the reference "

@@ -713,4 +713,5 @@ def run_study(ctx, cfg) -> dict[str, Any]:
             "converged": bool(rows) and bool(ref.change < 0.01 * smallest),
         },
         "own": configs[0],
+        "per_sample": {(name, run.nfe): rmse for (name, _), (run, rmse, _) in paths.items()},
     }
