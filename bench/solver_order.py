@@ -98,7 +98,7 @@ def study(model: str, path: str | None, flow: bool, args, outputs: Path, extra=(
     ]
     if path:
         overrides.append(f"model.path={path}")
-    if not flow and args.spacing:
+    if not flow and args.spacing and args.spacing != "none":
         overrides.append(f"sampler.timestep_spacing={args.spacing}")
     if args.sigmas != "default":
         overrides.append(f"sampler.sigmas={args.sigmas}")
@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--reference-steps", type=int, default=500)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--t-map", default="default", help="default | smooth | round-euler (see patch_t_map)")
+    ap.add_argument("--override", action="append", default=[], help="an extra Hydra override of every study run")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--warm", action="store_true", help="run each study twice (the second with the cached reference)")
     ap.add_argument("--tiny", action="store_true")
@@ -168,14 +169,16 @@ def main() -> None:
         for family, flow in (("sdxl", False), ("flux2", True)):
             path = tiny_sdxl(outputs / family) if family == "sdxl" else tiny_family(family, outputs / family)
             args.steps, args.reference_steps, args.samples = "2,4,8", 32, 2
-            report(f"tiny {family}", study("hub", str(path), flow, args, outputs), meaningful=False)
+            args.solvers = "flow_euler,flow_dpmpp_2m,flow_unipc" if flow else "euler,heun,dpmpp_2m,unipc,ddim"
+            extra = ["dataset=shapes", "features=[shapes_net]"]  # model=hub defaults to a folder and Inception
+            report(f"tiny {family}", study("hub", str(path), flow, args, outputs, extra=extra), meaningful=False)
         return
     base = None if args.no_baseline else baseline_seconds(outputs)
     if base is not None:
         print(f"baseline: one default metrics run (README's main job) {base:.1f} s")
     for model in args.models.split(","):
         flow = model == "shapes_sd3"
-        res = study(model, None, flow, args, outputs)
+        res = study(model, None, flow, args, outputs, extra=args.override)
         report(model, res)
         if base is not None:
             print(f"   study / default metrics run: {res['wall'] / base:.2f}x (reference cache cold)")

@@ -137,6 +137,7 @@ def test_study_keys_are_checked_before_any_work(outputs, tmp_path):
         ("mode.schedule.solvers=[eular]", "not a scheduler option"),
         ("mode.schedule.step_counts=[4,4]", "distinct"),
         ("mode.schedule.reference_steps=8", "finer than what it judges"),
+        ("mode.schedule.solvers=[flow_euler]", "rectified-flow solver, but the model is a diffusion model"),
     ):
         cfg = compose_cfg(["mode.schedule.trajectory=true", "mode.schedule.step_counts=[4,16]", bad], outputs)
         with pytest.raises(UserError, match=says):

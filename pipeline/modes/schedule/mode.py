@@ -47,6 +47,9 @@ def validate(cfg) -> None:
     counts = [int(s) for s in (m.step_counts or [])]
     if any(s < 1 for s in counts) or len(set(counts)) != len(counts):
         raise UserError(f"mode.schedule.step_counts: {counts}; expected distinct step counts ≥ 1")
+    from pipeline.modes.schedule.trajectory import check_study_solvers  # torch and diffusers: only when asked
+
+    check_study_solvers(cfg)
     if int(m.reference_steps) <= max(counts or [int(cfg.sampler.num_inference_steps)]):
         raise UserError(
             f"mode.schedule.reference_steps={m.reference_steps} is not above the study's largest step count "

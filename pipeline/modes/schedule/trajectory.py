@@ -69,8 +69,8 @@ from pipeline.errors import UserError
 from pipeline.metrics.image import psnr
 from pipeline.metrics.intervals import bootstrap_interval
 from pipeline.models.generation import generators, step_kwargs, to_uint8
-from pipeline.models.schedulers import stride_mismatch, uses_dynamic_shift
-from pipeline.models.stages import make_sampler
+from pipeline.models.schedulers import is_flow_model, stride_mismatch, uses_dynamic_shift
+from pipeline.models.stages import make_sampler, read_scheduler_setup
 
 log = logging.getLogger(__name__)
 
@@ -432,6 +432,21 @@ def study_configs(cfg) -> list[tuple[str, int, Any]]:
         option = cfg.scheduler if name == own[0] else scheduler_option(name)
         out += [(name, n, study_copy(cfg, scheduler=option)) for n in steps if (name, n) != own]
     return out
+
+
+def check_study_solvers(cfg) -> None:
+    """Every studied option and the reference built against the model's scheduler config (no weights): a solver that
+    cannot drive the model is refused before any work, by :func:`pipeline.models.stages.make_sampler`'s message."""
+    setup = read_scheduler_setup(cfg)
+    for _, _, c in study_configs(cfg)[1:]:
+        make_sampler(c, setup)
+    flow = is_flow_model(setup["config"], setup.get("model_index"))
+    make_sampler(
+        study_copy(
+            cfg, scheduler=scheduler_option(reference_option(cfg, flow, flow and uses_dynamic_shift(setup["config"])))
+        ),
+        setup,
+    )
 
 
 @dataclass
