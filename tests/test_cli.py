@@ -125,8 +125,8 @@ def test_multirun_makes_one_parent_and_a_child_per_job_even_when_one_fails(outpu
     last = proc.stdout.strip().splitlines()[-1]
     assert last.endswith(
         "Sweep done: 2 of 4 jobs finished, 2 did not (scheduler=ddim·model.path=flat; "
-        f"scheduler=euler·model.path=flat); summary table {sweep_dir / 'sweep_summary.csv'}."
-    ), last
+        f"scheduler=euler·model.path=flat); summary table {sweep_dir / 'sweep_summary.csv'}, plots sweep_visited.png."
+    ), last  # the children's visited steps, stacked (docs/sweeps.md)
 
 
 @pytest.mark.parametrize(

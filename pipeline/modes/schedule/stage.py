@@ -260,8 +260,9 @@ def schedule_stage(ctx, cfg):
 # ---------------------------------------------------------------------------------------------- visited steps
 def _visited_steps(ctx, cfg, sc, model: NoiseSchedule, flow: bool, own_ts: np.ndarray) -> None:
     """``tables/visited_steps.csv`` (one row per denoiser call of each configuration: its timestep, σ — flow σ on
-    flow models, √((1 − ᾱ)/ᾱ) otherwise — and log-SNR) and ``plots/schedule_visited_steps.png``, every
-    configuration's points on the model's continuous log-SNR curve and stacked one row each. Configs only: no
+    flow models, √((1 − ᾱ)/ᾱ) otherwise — and log-SNR) and, for more than one configuration,
+    ``plots/schedule_visited_steps.png``: every configuration's points on the model's continuous log-SNR curve and
+    stacked one row each. Configs only: no
     weights (a native-path flow model: its own configuration only)."""
     family = family_in_index(sc.get("model_index"))
     rows, points = [], []
@@ -301,7 +302,8 @@ def _visited_steps(ctx, cfg, sc, model: NoiseSchedule, flow: bool, own_ts: np.nd
             )
         points.append((label, np.asarray(ts, dtype=np.float64)))
     ctx.save_table(rows, "visited_steps")
-    ctx.save_figure(visited_figure(model, points), "schedule_visited_steps")
+    if len(points) > 1:  # one configuration's points are already on plots/schedule_model.png and the overlay
+        ctx.save_figure(visited_figure(model, points), "schedule_visited_steps")
 
 
 # ---------------------------------------------------------------------------------------------- trajectory part
