@@ -139,7 +139,8 @@ def test_frontier_plots_have_safe_names_and_survive_hostile_labels(tmp_path):
     names = S.frontier_metrics(rows)
     assert names == {"sweep_frontier_fd_.._x_b": hostile, "sweep_frontier_fd_shapes_net": FD}
     table, pngs = S.write_summary(rows, tmp_path)
-    assert {p.name for p in pngs} == {"sweep_frontier.png", *(f"{n}.png" for n in names)}  # the old plot stays
+    assert {p.name for p in pngs} == {"sweep_frontier.png", "sweep_frontiers.png"}  # the old plot stays
+    assert len(S.frontiers_plot(rows).axes) == 2 * len(names)  # a row per metric: NFE, seconds
     assert all(p.parent == tmp_path and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert not S.frontier_metrics(
         S.child_rows([_run(0, "a", "ddim", 5, _fd(3.0, sec=0.1)), _run(1, "b", "ddim", 9, _fd(2.0, sec=0.2))])

@@ -734,8 +734,8 @@ def _sweep_frontiers(rows: list[dict]) -> str | None:
     return (
         f"<ul>{items}</ul>"
         '<p class="muted">Cheapest by NFE (<code>cost/nfe</code>; by seconds per image where NFE was not recorded) '
-        "among the configs whose value lies within the best's 95 % interval; the plots sweep_frontier_*.png mark "
-        "the Pareto front.</p>"
+        "among the configs whose value lies within the best's 95 % interval; sweep_frontiers.png marks "
+        "the Pareto fronts.</p>"
     )
 
 

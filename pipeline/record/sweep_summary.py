@@ -612,26 +612,26 @@ def frontier_metrics(rows: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
-def frontier_metric_plot(rows: list[dict[str, Any]], metric: str):
-    """``metric`` against NFE and against seconds per image (a panel each, where at least two configs have that
-    cost): one point per config labelled with it (``×k``: k runs), its 95 % interval as an error bar, and the
-    Pareto front (:func:`pareto_front`) as a step line through its marked points."""
-    from matplotlib.figure import Figure
-
-    configs = frontier_configs(rows, metric)
-    higher = bool(higher_is_better(metric))
+def _cost_panels(rows: list[dict[str, Any]], metric: str, configs: list[Config]) -> list[tuple[str, Callable]]:
+    """The cost axes ``metric`` is drawn against: NFE and seconds per image, where at least two configs have it."""
     sec = _seconds_column(finished(rows, metric), metric)
-    panels = [
+    return [
         (label, get)
-        for label, get in (
-            (NFE_LABEL, lambda c: c.nfe),
-            (f"seconds per image ({sec})", lambda c: c.seconds),
-        )
+        for label, get in ((NFE_LABEL, lambda c: c.nfe), (f"seconds per image ({sec})", lambda c: c.seconds))
         if sum(get(c) is not None for c in configs) >= 2
     ]
+
+
+def _draw_frontier(axes, rows: list[dict[str, Any]], metric: str) -> None:
+    """``metric`` against each cost (one of ``axes`` each): one point per config labelled with it (``×k``: k runs),
+    its 95 % interval as an error bar, and the Pareto front (:func:`pareto_front`) as a step line through its
+    marked points."""
+    configs = frontier_configs(rows, metric)
+    higher = bool(higher_is_better(metric))
     name = mpl_text(metric_label(metric))  # the extractor name is a config string
-    fig = Figure(figsize=(6.4 * max(len(panels), 1), 4.8))
-    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    panels = _cost_panels(rows, metric, configs)
+    for ax in list(axes)[len(panels) :]:  # a cost fewer than two configs have: no panel
+        ax.set_visible(False)
     for ax, (xlabel, get) in zip(axes, panels):
         pts = [c for c in configs if get(c) is not None]
         xs, ys = [get(c) for c in pts], [c.value for c in pts]
@@ -666,7 +666,31 @@ def frontier_metric_plot(rows: list[dict[str, Any]], metric: str):
         ax.set_ylabel(f"{name} ({'higher' if higher else 'lower'} is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"quality vs cost: {name} ({n_note(finished(rows, metric))})", fontsize=10)
+
+
+def frontier_metric_plot(rows: list[dict[str, Any]], metric: str):
+    """One metric's frontier (:func:`_draw_frontier`) as a figure of its own."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12.8, 4.8))
+    _draw_frontier(fig.subplots(1, 2, squeeze=False)[0], rows, metric)
+    fig.suptitle(f"quality vs cost: {mpl_text(metric_label(metric))} ({n_note(finished(rows, metric))})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def frontiers_plot(rows: list[dict[str, Any]]):
+    """Every :func:`frontier_metrics` metric's frontier, one row each, in one figure (``sweep_frontiers.png``: one
+    file to open and to save however many metrics a run has)."""
+    from matplotlib.figure import Figure
+
+    metrics = list(frontier_metrics(rows).values())
+    fig = Figure(figsize=(12.8, 4.2 * len(metrics)))
+    axes = fig.subplots(len(metrics), 2, squeeze=False)
+    for row, metric in zip(axes, metrics):
+        _draw_frontier(row, rows, metric)
+        row[0].set_title(mpl_text(metric_label(metric)), fontsize=9, loc="left")
+    fig.suptitle(f"quality vs cost, Pareto fronts in red ({n_note(finished(rows, *metrics))})", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -995,8 +1019,8 @@ def _varies(rows: list[dict[str, Any]], key: str) -> bool:
 
 def plot_kinds(rows: list[dict[str, Any]]) -> list[str]:
     """Which plots apply, judged on the finished runs only (a failed job never makes a plot appear): the
-    :data:`PLOTS` that fit, then one ``sweep_frontier_<metric>`` per quality metric whose configs differ in NFE
-    (:func:`frontier_metrics`)."""
+    :data:`PLOTS` that fit, then ``sweep_frontiers`` when a quality metric's configs differ in NFE
+    (:func:`frontier_metrics`: one row of that figure each)."""
     kinds, fd = [], fd_key(rows)
     if fd and _varies(finished(rows, fd, SEC_PER_IMAGE), STEPS):
         kinds.append("sweep_frontier")
@@ -1004,7 +1028,7 @@ def plot_kinds(rows: list[dict[str, Any]]) -> list[str]:
         kinds.append("sweep_guidance")
     if fd and _varies(finished(rows, fd), CHECKPOINT):
         kinds.append("sweep_checkpoints")
-    return kinds + list(frontier_metrics(rows))
+    return kinds + (["sweep_frontiers"] if frontier_metrics(rows) else [])
 
 
 PLOTS: dict[str, Callable[[list[dict[str, Any]]], Any]] = {
@@ -1018,7 +1042,7 @@ def _plot(name: str, rows: list[dict[str, Any]]):
     """The figure of plot ``name`` (one of :func:`plot_kinds`)."""
     if name in PLOTS:
         return PLOTS[name](rows)
-    return frontier_metric_plot(rows, frontier_metrics(rows)[name])
+    return frontiers_plot(rows)
 
 
 def plots(rows: list[dict[str, Any]]) -> dict[str, Any]:
