@@ -238,6 +238,9 @@ HEADLINES = (
     "schedule/log_snr_max",
     "schedule/log_snr_min",
     "schedule/terminal_snr",
+    "schedule/trajectory_rmse",
+    "schedule/trajectory_psnr",
+    "cost/nfe",
 )
 
 
