@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import compose_cfg
 from diffusers.schedulers import AysSchedules
+from test_schedulers import FLUX  # the Flux-like dynamic-shift scheduler config, one definition
 
 from pipeline.config import SigmaSchedule
 from pipeline.errors import UserError
@@ -31,16 +32,6 @@ from pipeline.run.runner import run_pipeline
 from pipeline.zoo import locate
 
 SD_LIST = [s for s in AysSchedules["StableDiffusionSigmas"] if s > 0]
-FLUX = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
 SANA = {"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True, "flow_shift": 3.0}
 SD_INDEX = {"_class_name": "StableDiffusionPipeline"}
 
