@@ -74,6 +74,20 @@ GENERATION_SECONDS = PREFIX + "generation_seconds"
 FAKE_FEATURES_SECONDS = PREFIX + "fake_features_seconds"
 REFERENCE_SECONDS = PREFIX + "reference_seconds"
 PROMPT_ACCURACY = PREFIX + "prompt_accuracy"
+# human-preference scorers (features=[pickscore] ...): ``metrics/<scorer>``, the mean of per-image scores of the
+# image with its prompt (not per extractor: the score *is* the scorer), with a bootstrap interval
+PREFERENCE_SCORERS = ("pickscore", "hpsv2", "imagereward")
+
+
+def preference_key(scorer: str) -> str:
+    """``metrics/<scorer>`` of a human-preference scorer (:data:`PREFERENCE_SCORERS`).
+
+    >>> preference_key("pickscore")
+    'metrics/pickscore'
+    """
+    if scorer not in PREFERENCE_SCORERS:
+        raise ValueError(f"unknown preference scorer {scorer!r}; expected one of {PREFERENCE_SCORERS}")
+    return PREFIX + scorer
 
 
 def metric_key(stat: str, extractor: str) -> str:
@@ -191,6 +205,7 @@ _DIRECTIONS: tuple[tuple[str, Optional[bool]], ...] = (
     (r"metrics/fid(_inf)?", False),
     (r"metrics/cmmd", False),
     (r"metrics/prompt_accuracy", True),
+    (r"metrics/(pickscore|hpsv2|imagereward)", True),
     (r"metrics/sec_per_image|metrics/.*_seconds", False),
     (r"metrics/num_.*", None),
     # attention: a map's IoU with its own object's mask; the swapped control (IoU with the *other* object's mask)
@@ -274,12 +289,15 @@ def is_progress(key: str) -> bool:
 
 
 def is_timing(key: str) -> bool:
-    """A wall-clock figure (``metrics/sec_per_image``, ``metrics/*_seconds``). ``metrics/num_shards`` is not one:
-    it says how a run was split.
+    """A measured figure that differs between two runs of one config: wall clock (``metrics/sec_per_image``,
+    ``metrics/*_seconds``) and every measured ``cost/*`` key (memory, energy, throughput; not ``cost/nfe`` or
+    ``cost/flops_per_image``, which are counted). ``metrics/num_shards`` is not one: it says how a run was split.
 
         >>> is_timing("metrics/sec_per_image"), is_timing("metrics/generation_seconds"), is_timing("metrics/num_shards")
         (True, True, False)
     """
+    if is_cost(key):  # cost/*: measured (wall clock, memory, energy) unless counted (NFE, FLOPs)
+        return key not in COUNTED_COSTS
     return any(m in key for m in TIMING_MARKERS)
 
 
@@ -300,6 +318,40 @@ def is_n_biased(key: str) -> bool:
 # the hardware-independent cost (Heun: 2 per step but the last; classifier-free guidance doubles the batch, not the
 # NFE), and the mode's measured seconds per image (a timing: shown, never ranked)
 COST_NFE = "cost/nfe"
+# what a run costs, per image (pipeline.models.cost; docs/cost.md). Counted costs are the same for every run of a
+# config (NFE; FLOPs of the denoiser); every other cost/* key is measured (wall clock, memory, energy) and differs
+# between any two runs of one config, so it is treated as a timing: shown, never compared or ranked
+COST_PREFIX = "cost/"
+COST_FLOPS = "cost/flops_per_image"  # the denoiser's FLOPs of one image's generation (one call counted x NFE)
+COST_SEC_PER_IMAGE = "cost/sec_per_image"  # wall seconds per image: generation + feature extraction
+COST_PHASES = ("text_encoding", "denoising", "decoding", "features")  # cost/sec_per_image_<phase>
+COST_BATCH_P50 = "cost/batch_seconds_p50"
+COST_BATCH_P95 = "cost/batch_seconds_p95"
+COST_IMAGES_PER_SECOND = "cost/images_per_second"
+COST_ACHIEVED_TFLOPS = "cost/achieved_tflops"  # denoiser FLOPs / denoising seconds, 1e12 per second
+COST_PEAK_RSS = "cost/peak_rss_mb"  # the process's peak resident memory (CPU), MiB
+COST_CUDA_ALLOCATED = "cost/cuda_max_allocated_mb"  # torch.cuda.max_memory_allocated, MiB
+COST_CUDA_RESERVED = "cost/cuda_max_reserved_mb"  # torch.cuda.max_memory_reserved, MiB
+COST_ENERGY = "cost/energy_joules_per_image"  # NVML total energy (GPU) or RAPL (CPU package), per image
+COUNTED_COSTS = (COST_NFE, COST_FLOPS)
+# the cost axes a quality-versus-cost frontier may draw, in this order, where at least two configs differ in one
+COST_AXES = (COST_NFE, COST_FLOPS, COST_SEC_PER_IMAGE, COST_ENERGY, COST_CUDA_ALLOCATED, COST_PEAK_RSS)
+
+
+def cost_phase_key(phase: str) -> str:
+    """``cost/sec_per_image_<phase>`` for a phase of :data:`COST_PHASES`.
+
+    >>> cost_phase_key("denoising")
+    'cost/sec_per_image_denoising'
+    """
+    if phase not in COST_PHASES:
+        raise ValueError(f"unknown cost phase {phase!r}; expected one of {COST_PHASES}")
+    return f"{COST_SEC_PER_IMAGE}_{phase}"
+
+
+def is_cost(key: str) -> bool:
+    """A ``cost/*`` key (NFE, FLOPs, seconds, memory, energy): a cost axis, never a quality."""
+    return key.startswith(COST_PREFIX)
 SCHEDULE_SEC_PER_IMAGE = "schedule/sec_per_image"
 SECONDS_PER_IMAGE = (SEC_PER_IMAGE, SCHEDULE_SEC_PER_IMAGE)
 TRAJECTORY_RMSE = "schedule/trajectory_rmse"  # final latent vs the reference solution (lower is better)
