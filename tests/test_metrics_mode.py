@@ -10,6 +10,7 @@ from conftest import compose_cfg
 from PIL import Image
 from tiny import tiny_models
 
+from pipeline.core.metric_keys import is_timing
 from pipeline.errors import UserError
 from pipeline.models import generation
 from pipeline.run.runner import run_pipeline
@@ -66,9 +67,9 @@ def test_unconditional_run_reports_every_scalar_and_caches_the_reference(models,
     assert client.get_run(first.run_id).data.tags["metrics.primary_extractor"] == "shapes_net"
     second = run_pipeline(_cfg(models, out), tmp_path / "r2")
     assert client.get_run(second.run_id).data.tags["reference_cache"] == "hit"
-    timing = ("sec_per_image", "seconds")  # as pipeline.run.reproduce: timing is shown, never compared
-    assert {k: v for k, v in second.results.items() if not any(t in k for t in timing)} == {
-        k: v for k, v in r.items() if not any(t in k for t in timing)
+    # as pipeline.run.reproduce: timings (and measured costs: memory, throughput) are shown, never compared
+    assert {k: v for k, v in second.results.items() if not is_timing(k)} == {
+        k: v for k, v in r.items() if not is_timing(k)
     }
     # any change of the key recomputes: N, resize mode
     third = run_pipeline(_cfg(models, out, extra=["dataset.num_images=20"]), tmp_path / "r3")
@@ -101,7 +102,19 @@ def test_every_extractor_reports_the_same_key_grammar_and_inception_also_fid(mod
     per_extractor = {
         k for k in r if k.removesuffix("_ci_low").removesuffix("_ci_high").endswith(("_shapes_net", "_inception"))
     }
-    assert set(r) - per_extractor == {
+    cost = {k for k in r if k.startswith("cost/")}  # on CPU: no CUDA memory; energy only where RAPL is readable
+    assert cost - {"cost/energy_joules_per_image"} == {
+        "cost/nfe",
+        "cost/flops_per_image",
+        "cost/achieved_tflops",
+        "cost/sec_per_image",
+        *(f"cost/sec_per_image_{p}" for p in ("text_encoding", "denoising", "decoding", "features")),
+        "cost/batch_seconds_p50",
+        "cost/batch_seconds_p95",
+        "cost/images_per_second",
+        "cost/peak_rss_mb",
+    }
+    assert set(r) - per_extractor - cost == {
         "metrics/fid",
         "metrics/fid_ci_low",
         "metrics/fid_ci_high",
@@ -112,7 +125,6 @@ def test_every_extractor_reports_the_same_key_grammar_and_inception_also_fid(mod
         "metrics/generation_seconds",
         "metrics/fake_features_seconds",
         "metrics/reference_seconds",
-        "cost/nfe",
     }
     # every headline with its interval, by the method right for it; recall/coverage and FD∞ (N < 2000) say why not
     for stat in ("fd", "kid_mean", "precision", "density"):
@@ -131,14 +143,16 @@ def test_every_extractor_reports_the_same_key_grammar_and_inception_also_fid(mod
 
 
 def test_text_to_image_per_prompt_breakdown_vendi_and_cmmd(models, tmp_path):
-    """k = 4 samples per prompt: the per-prompt table and Vendi, the worst-prompts figure, CLIP score with its
-    bootstrap interval; CMMD with features=[clip336] (and skipped, with a tag, with another CLIP)."""
+    """per_prompt=true: k = 4 samples per prompt, the per-prompt table and Vendi, the worst-prompts figure, CLIP score
+    with its bootstrap interval; CMMD with features=[clip336] (and skipped, with a tag, with another CLIP). By
+    default one image per caption (the COCO-style convention), said in a tag."""
     import csv
 
     from tiny import tiny_clip
 
     clip = tiny_clip(tmp_path / "clip")
     extra = ["features=[shapes_net,clip336,clip]", f"features.clip336.model={clip}", f"features.clip.model={clip}"]
+    extra.append("mode.metrics.per_prompt=true")
     out = run_pipeline(_cfg(models, tmp_path / "out", model="sd", extra=extra), tmp_path / "run")
     r = out.results
     rows = list(csv.DictReader((tmp_path / "run" / "tables" / "metrics_per_prompt.csv").open()))
@@ -154,18 +168,20 @@ def test_text_to_image_per_prompt_breakdown_vendi_and_cmmd(models, tmp_path):
 
     tags = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(out.run_id).data.tags
     assert "skipped.metrics/cmmd" not in tags  # clip336 is there
+    assert tags["metrics.prompt_protocol"].startswith("4 samples per prompt (per-prompt statistics")
     out2 = run_pipeline(
         _cfg(
             models,
             tmp_path / "out",
             model="sd",
-            extra=["features=[shapes_net,clip]", f"features.clip.model={clip}", "mode.metrics.samples_per_prompt=1"],
+            extra=["features=[shapes_net,clip]", f"features.clip.model={clip}"],
         ),
         tmp_path / "run2",
     )
     tags = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(out2.run_id).data.tags
     assert "metrics/cmmd" not in out2.results and "clip336" in tags["skipped.metrics/cmmd"]
-    assert "samples_per_prompt" in tags["skipped.metrics/vendi_per_prompt_shapes_net"]
+    assert "per_prompt=true" in tags["skipped.metrics/vendi_per_prompt_shapes_net"]
+    assert tags["metrics.prompt_protocol"].startswith("1 sample per prompt (one image per caption")
 
 
 def test_text_to_image_run_judges_prompts(models, tmp_path):
@@ -222,9 +238,8 @@ def test_folder_reference_of_another_size_with_corrupt_files(models, tmp_path, m
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     tags = [client.get_run(o.run_id).data.tags for o in (out, warm)]
     assert [t["reference_cache"] for t in tags] == ["miss", "hit"] and tags[1]["reference.num_skipped"] == "1"
-    timing = ("sec_per_image", "seconds")
-    assert {k: v for k, v in warm.results.items() if not any(t in k for t in timing)} == {
-        k: v for k, v in out.results.items() if not any(t in k for t in timing)
+    assert {k: v for k, v in warm.results.items() if not is_timing(k)} == {
+        k: v for k, v in out.results.items() if not is_timing(k)
     }
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -223,8 +223,8 @@ def test_sweep_parent_best_per_direction_and_closing_sentence(tmp_path):
         run("b", "FINISHED", 2, metrics__fd_shapes_net=30.0, metrics__prompt_accuracy=0.5, schedule__log_snr_max=7.0),
         run("c", "FAILED", 3, metrics__fd_shapes_net=1.0, metrics__prompt_accuracy=1.0),
     ]
-    # lower FD, higher accuracy (tie: the earlier run); counts, schedule keys and failed runs give no best
-    assert best_runs(children) == {"metrics/fd_shapes_net": (30.0, "b"), "metrics/prompt_accuracy": (0.5, "a")}
+    # lower FD; accuracy equal across the finished jobs: nothing to rank; counts, schedule keys, failed runs: no best
+    assert best_runs(children) == {"metrics/fd_shapes_net": (30.0, "b")}
     rows = [{"run_name": "scheduler=ddim", "status": "FINISHED"}, {"run_name": "scheduler=x", "status": "FAILED"}]
     table = tmp_path / "sweep_summary.csv"
     assert sentence(rows, table, [tmp_path / "sweep_frontier.png"]) == (

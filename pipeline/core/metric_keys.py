@@ -243,6 +243,7 @@ def higher_is_better(key: str) -> Optional[bool]:
 HEADLINES = (
     FID,
     PROMPT_ACCURACY,
+    *(PREFIX + s for s in PREFERENCE_SCORERS),
     SEC_PER_IMAGE,
     "attention/miou",
     "attention/miou_swapped",

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.core.cost import Stopwatch, count_flops
 from pipeline.core.threads import CpuShare
 from pipeline.errors import UserError
 
@@ -49,6 +50,9 @@ class GeneratedBatch:
     num_invalid: int
     class_ids: list[int] | None = None  # class ids of the valid images (class-conditional models)
     span: tuple[int, int] = (0, 0)  # global sample indices lo..hi-1 of the batch, invalid images included
+    # generate(cost=True): seconds of this batch per phase (text_encoding, denoising, decoding; the native path: one
+    # "call"), and on the generator's first batch "denoiser_flops": the FLOPs of its first denoiser call
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -116,22 +120,31 @@ def sample(
     eta: float = 0.0,
     latents: torch.Tensor | None = None,
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    watch: Stopwatch | None = None,
+    flops: dict | None = None,
 ) -> torch.Tensor:
     """One batch: initial noise (or ``latents``, unit variance, unpacked) -> solver loop -> decoded float images in [0, 1]
     (not clamped). ``sampler`` is copied first: solvers keep state between steps. ``on_step(i, t, latents)`` is
-    called after each solver ``step()``."""
+    called after each solver ``step()``. ``watch`` times the ``denoising`` and ``decoding`` phases; with ``flops``
+    the first denoiser call is counted (``flops["denoiser_flops"]``, :func:`pipeline.core.cost.count_flops`)."""
+    watch = watch or Stopwatch()
     sched = type(sampler).from_config(sampler.config)
     adapter.set_timesteps(sched, steps, height, width)
     sigma0 = float(getattr(sched, "init_noise_sigma", 1.0))
     # given latents: unit-variance (N, C, h, w), packed here as the denoiser takes them (Flux)
     x = adapter.initial_noise(gens, height, width, sigma0) if latents is None else adapter.pack(latents) * sigma0
     extra = step_kwargs(sched, eta, gens)
-    for i, t in enumerate(sched.timesteps):
-        pred = adapter.denoise(x, t, cond, sched)
-        x = sched.step(pred, t, x, return_dict=False, **extra)[0]
-        if on_step is not None:
-            on_step(i, t, x)
-    return adapter.decode(x, height, width)
+    with watch("denoising"):
+        for i, t in enumerate(sched.timesteps):
+            if i == 0 and flops is not None:
+                pred, flops["denoiser_flops"] = count_flops(lambda: adapter.denoise(x, t, cond, sched))
+            else:
+                pred = adapter.denoise(x, t, cond, sched)
+            x = sched.step(pred, t, x, return_dict=False, **extra)[0]
+            if on_step is not None:
+                on_step(i, t, x)
+    with watch("decoding"):
+        return adapter.decode(x, height, width)
 
 
 def generate(
@@ -151,37 +164,60 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
     skip: Collection[int] = (),
+    indices: Sequence[int] | None = None,
+    cost: bool = False,
 ) -> Iterator[GeneratedBatch]:
     """Yield batches of generated images for samples ``start .. start + num_samples - 1``; batches starting at an
     index in ``skip`` (done by an earlier attempt of the run) are not generated (per-sample seeds: the others are
-    the same images either way)."""
+    the same images either way). ``indices``: exactly these samples instead (in this order, ``batch_size`` at a
+    time; ``num_samples``, ``start`` and ``skip`` are then ignored) — the same images as in the run that made them,
+    up to float rounding where the batch composition differs. ``cost``: fill each batch's ``timings``."""
     if adapter.text and not prompts:
         raise ValueError("Expected prompts for a text-conditioned model, got none")
     if adapter.class_conditional and not class_ids:
         class_ids = list(range(adapter.num_classes))
     h, w = adapter.resolve_size(height, width)
     check_eta(sampler, eta)
-    spans = [(lo, min(lo + batch_size, start + num_samples)) for lo in range(start, start + num_samples, batch_size)]
-    skipped = sum(hi - lo for lo, hi in spans if lo in skip)
+    if indices is not None:
+        chosen = [int(i) for i in indices]
+        batches = [chosen[k : k + batch_size] for k in range(0, len(chosen), batch_size)]
+        num_samples, skip = len(chosen), ()
+    else:
+        batches = [
+            list(range(lo, min(lo + batch_size, start + num_samples)))
+            for lo in range(start, start + num_samples, batch_size)
+        ]
+    skipped = sum(len(idx) for idx in batches if idx[0] in skip)
     bar = tqdm(total=num_samples, initial=skipped, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     share = CpuShare() if adapter.device.type == "cpu" else None  # fewer threads while other processes compete
+    flops: dict | None = {} if cost and not adapter.native else None  # counted on the first generated batch
     try:
-        for lo, hi in spans:
-            if lo in skip:
+        for idx in batches:
+            if idx[0] in skip:
                 continue
             if share is not None:
                 share.update()
-            idx = list(range(lo, hi))
+            watch = Stopwatch(adapter.device)
             gens = generators(seed, idx)
             batch_prompts = [prompts[i % len(prompts)] for i in idx] if adapter.text else None
             batch_classes = [int(class_ids[i % len(class_ids)]) for i in idx] if adapter.class_conditional else None
-            if adapter.native:  # the pipeline's own __call__ (pipeline.models.native)
-                images = adapter.driver.call(
-                    batch_prompts, gens, num_inference_steps, guidance_scale, h, w, sampler, eta
-                )
+            if adapter.native:  # the pipeline's own __call__ (pipeline.models.native): its phases are not separable
+                with watch("call"):
+                    images = adapter.driver.call(
+                        batch_prompts, gens, num_inference_steps, guidance_scale, h, w, sampler, eta
+                    )
             else:
-                cond = adapter.condition(len(idx), guidance_scale, h, w, prompts=batch_prompts, class_ids=batch_classes)
-                images = sample(adapter, sampler, cond, gens, num_inference_steps, h, w, eta=eta)
+                with watch("text_encoding"):
+                    cond = adapter.condition(
+                        len(idx), guidance_scale, h, w, prompts=batch_prompts, class_ids=batch_classes
+                    )
+                images = sample(
+                    adapter, sampler, cond, gens, num_inference_steps, h, w, eta=eta, watch=watch, flops=flops
+                )
+            timings = dict(watch.seconds) if cost else {}
+            if flops:
+                timings["denoiser_flops"] = float(flops.pop("denoiser_flops"))
+                flops = None  # once per generate() call
             valid = torch.isfinite(images.reshape(len(idx), -1)).all(dim=1).cpu()
             n_bad = int((~valid).sum())
             if n_bad:
@@ -193,7 +229,8 @@ def generate(
                 indices=[i for i, k in zip(idx, ok) if k],
                 num_invalid=n_bad,
                 class_ids=[c for c, k in zip(batch_classes, ok) if k] if batch_classes else None,
-                span=(lo, hi),
+                span=(idx[0], idx[-1] + 1),
+                timings=timings,
             )
             bar.update(len(idx))
     finally:

@@ -3,11 +3,12 @@
     python -m pipeline.record.compare <parent-run-id | experiment-name> [--tracking-uri URI] [--sort KEY] [--desc]
 
 Prints one line per run (name, status, what was swept, the main metrics; sorted by ``--sort``, by default
-``metrics/fd_<primary extractor>`` (see ``pipeline.core.metric_keys``), failed runs last) and writes the full table
-(``sweep_summary.csv``) and the plots that apply (quality-vs-cost frontier, guidance, per-checkpoint) into
-``--out`` (default ``<outputs>/compare/<target>``). A parent run id compares its children; an experiment name
-compares every run of the experiment except sweep parents. Only MLflow is read (search_runs), never local run
-directories, so sweeps tracked elsewhere (a server) work the same.
+``metrics/fd_<primary extractor>`` (see ``pipeline.core.metric_keys``), failed runs last), which run wins per quality
+metric (``pipeline.record.sweep_summary.winner_lines``: the one ranking rule of sweep summaries, ties as ties), and
+writes the full table (``sweep_summary.csv``) and the plots that apply (quality-vs-cost frontier, guidance,
+per-checkpoint) into ``--out`` (default ``<outputs>/compare/<target>``). A parent run id compares its children; an
+experiment name compares every run of the experiment except sweep parents. Only MLflow is read (search_runs), never
+local run directories, so sweeps tracked elsewhere (a server) work the same.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.escape import terminal_text
-from pipeline.core.metric_keys import PROMPT_ACCURACY, SEC_PER_IMAGE, metric_key
+from pipeline.core.metric_keys import (
+    COST_SEC_PER_IMAGE,
+    PREFERENCE_SCORERS,
+    PROMPT_ACCURACY,
+    SEC_PER_IMAGE,
+    metric_key,
+    preference_key,
+)
 from pipeline.errors import UserError
 from pipeline.record.sweep_summary import (
     FAILED_STATUSES,
@@ -39,7 +47,7 @@ from pipeline.record.tracking import MlflowException, _check_reachable, open_cli
 
 DEFAULT_SORT = "metrics/fd_<primary extractor>"  # what the default is, for --help; see default_sort()
 # shown in the printed table when present (the CSV has every metric): the primary extractor's FD, timing, prompt
-# accuracy, then these statistics of the primary extractor
+# accuracy, the preference scores, cost/sec_per_image, then these statistics of the primary extractor
 MAIN_STATS = ("kid_mean", "clip_score", "precision", "recall")
 MAX_CELL = 40
 PAGE = 1000
@@ -135,11 +143,14 @@ def sort_rows(rows: list[dict[str, Any]], key: str | None, desc: bool = False) -
 
 
 def main_metrics(rows: list[dict[str, Any]]) -> list[str]:
-    """The metric keys the printed table shows when present: ``metrics/fd_<primary>``, seconds per image, prompt
-    accuracy, then ``metrics/<stat>_<primary>`` for each of :data:`MAIN_STATS`."""
+    """The metric keys the printed table shows when present: ``metrics/fd_<primary>``, seconds per image (generation),
+    prompt accuracy, the preference scores (``metrics/pickscore``, ``metrics/hpsv2``, ``metrics/imagereward``),
+    ``cost/sec_per_image`` (generation and features), then ``metrics/<stat>_<primary>`` for each of
+    :data:`MAIN_STATS`."""
     primary = primary_extractor(rows)
     per_extractor = [metric_key(stat, primary) for stat in ("fd", *MAIN_STATS)] if primary else []
-    return [*per_extractor[:1], SEC_PER_IMAGE, PROMPT_ACCURACY, *per_extractor[1:]]
+    preference = [preference_key(s) for s in PREFERENCE_SCORERS]
+    return [*per_extractor[:1], SEC_PER_IMAGE, PROMPT_ACCURACY, *preference, COST_SEC_PER_IMAGE, *per_extractor[1:]]
 
 
 def default_sort(rows: list[dict[str, Any]]) -> str | None:
@@ -227,7 +238,12 @@ def compare(
             "",
             *([f"warning: {warning}", ""] if (warning := mixed_n_warning(rows)) else []),
             *(
-                ["which run wins (per metric: best, runner-up, separable or tie by the 95 % intervals):", *lines, ""]
+                [
+                    "which run wins (per quality metric: best, runner-up; separable or tie by the 95 % intervals, "
+                    "equal values a tie):",
+                    *lines,
+                    "",
+                ]
                 if (lines := winner_lines(rows))
                 else []
             ),

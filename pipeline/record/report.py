@@ -12,8 +12,10 @@ anything outside the file (a Content-Security-Policy ``default-src 'none'`` says
   ``plots/*.png``, the per-prompt table (``tables/metrics_per_prompt.csv``) and every other table.
   ``pipeline.run.runner.run_pipeline`` writes it before the artifact upload, so it is one of the run's artifacts.
 - :func:`write_sweep_report` builds ``<sweep_dir>/report.html`` for a sweep's parent run: the child runs (name,
-  status, what was swept, headline metrics with intervals, error), the best values, the sweep plots and each
-  child's sample grid. :class:`pipeline.record.sweep.SweepCallback` writes and logs it when the sweep ends.
+  status, what was swept, headline and preference metrics with intervals, the best marked, error), the best values
+  (:func:`pipeline.record.sweep_summary.rank`, the rule of the parent's ``best.<key>``: quality metrics only, ties
+  as ties), the sweep plots and each child's sample grid. :class:`pipeline.record.sweep.SweepCallback` writes and
+  logs it when the sweep ends.
 - :func:`log_checkpoint_samples`: in a checkpoint sweep, each child's sample grid is logged on the parent run as
   MLflow image ``samples`` at the checkpoint's training step (:func:`checkpoint_steps`), so the MLflow UI's image
   slider steps through the checkpoints.
@@ -36,15 +38,26 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from pipeline.core.escape import csv_uncell, html_text
-from pipeline.core.metric_keys import CI_SUFFIXES, NUM_SAMPLES_PARAM, headline_keys, higher_is_better
+from pipeline.core.metric_keys import (
+    CI_SUFFIXES,
+    NUM_SAMPLES_PARAM,
+    PREFERENCE_SCORERS,
+    headline_keys,
+    higher_is_better,
+    preference_key,
+)
 from pipeline.record.sweep_summary import (
     CHECKPOINT,
+    VERDICTS,
     checkpoint_label,
     child_rows,
+    equal_keys,
     frontier_lines,
     mixed_n_warning,
     primary_extractor,
+    rank,
     swept,
+    winners,
 )
 from pipeline.record.tracking import environment_tags
 from pipeline.zoo import checkpoint_step
@@ -93,6 +106,7 @@ figure{margin:8px 0 18px}figure img{max-width:100%;border:1px solid #d0d7de;imag
 figcaption{color:#57606a;font-size:12px}.grids{display:flex;flex-wrap:wrap;gap:14px}.grids figure{max-width:380px}
 details{margin:4px 0 10px}.scroll{overflow-x:auto;max-width:100%}summary{cursor:pointer;font-weight:600}
 .status-FINISHED{color:#1a7f37;font-weight:600}.status-FAILED,.status-KILLED{color:#cf222e;font-weight:600}
+td.best{font-weight:700;background:#dafbe1}
 """
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -629,11 +643,12 @@ def log_checkpoint_samples(tracker: Any, children: Sequence[Any]) -> dict[str, i
 
 
 def write_sweep_report(sweep_dir: str | Path, parent_run: Any, children: Sequence[Any]) -> Path:
-    """Write ``<sweep_dir>/report.html`` for a sweep: its provenance, the best values (the parent's ``best.*``),
-    the frontier sentences (section "Quality versus cost"), one row per child run (name, status, swept params,
-    headline metrics with intervals, error), the sweep plots (``sweep_*.png`` in ``sweep_dir``: the frontiers and
-    the visited steps too) and each child's sample grid (``<child run_dir>/plots/metrics_samples.png``; in a
-    checkpoint sweep in training order, labelled with the step). ``parent_run``: the parent's MLflow run (or
+    """Write ``<sweep_dir>/report.html`` for a sweep: its provenance, the best values (:func:`_sweep_best`, the rule
+    of the parent's ``best.*``), the frontier sentences (section "Quality versus cost"), one row per child run (name,
+    status, swept params, headline and preference metrics with intervals, each ranked metric's best marked, error),
+    the sweep plots (``sweep_*.png`` in ``sweep_dir``: the frontiers and the visited steps too) and each child's
+    sample grid (``<child run_dir>/plots/metrics_samples.png``; in a checkpoint sweep in training order, labelled
+    with the step). ``parent_run``: the parent's MLflow run (or
     None); ``children``: the child runs (``pipeline.record.tracking.Tracker.child_runs``). Returns the path."""
 
     sweep_dir = Path(sweep_dir)
@@ -643,10 +658,8 @@ def write_sweep_report(sweep_dir: str | Path, parent_run: Any, children: Sequenc
     steps = checkpoint_steps(r.get(CHECKPOINT) for r in rows) if CHECKPOINT in keys else {}
     if steps:
         rows.sort(key=lambda r: steps.get(str(r.get(CHECKPOINT)), -1))
-    p_tags = dict(parent_run.data.tags) if parent_run is not None else {}
-    p_metrics = dict(parent_run.data.metrics) if parent_run is not None else {}
     sections = [("provenance", "Provenance", _sweep_provenance(sweep_dir, parent_run, rows, primary))]
-    best = _sweep_best(rows, p_tags, p_metrics)
+    best = _sweep_best(rows)
     if best:
         sections.append(("best", "Best values", best))
     frontiers = _sweep_frontiers(rows)
@@ -700,24 +713,35 @@ def _sweep_provenance(sweep_dir: Path, parent_run: Any, rows: list[dict], primar
     return prov + '<p class="muted">Each job has its own report.html among its artifacts and in its run dir.</p>'
 
 
-def _sweep_best(rows: list[dict], p_tags: dict, p_metrics: dict) -> str | None:
-    """The parent's ``best.*`` values, the better direction and the run that has each."""
-    names = {r["run_id"]: r["run_name"] for r in rows}
-    best = sorted(k[len("best.") :] for k in p_metrics if k.startswith("best."))
-    if not best:
+def _sweep_best(rows: list[dict]) -> str | None:
+    """Per ranked metric (:func:`pipeline.record.sweep_summary.winners`: quality metrics only, never timings,
+    ``cost/*``, counts or ``fd_floor``; the rule of the parent's ``best.<key>``): the best value, the better direction,
+    the run (every run of a tie), the runner-up and the verdict; then the metrics equal across the finished runs,
+    which are not ranked."""
+    won = winners(rows)
+    equal = equal_keys(rows)
+    if not won and not equal:
         return None
-    return _table(
-        ["key", "best", "better", "run"],
-        [
+    html = ""
+    if won:
+        html = _table(
+            ["key", "best", "better", "run", "runner-up", "verdict"],
             [
-                f"<code>{_e(k)}</code>",
-                f'<td class="num">{_e(_fmt(p_metrics["best." + k]))}</td>',
-                _e("higher" if higher_is_better(k) else "lower"),
-                _e(names.get(p_tags.get(f"best.{k}.run_id"), p_tags.get(f"best.{k}.run_id"))),
-            ]
-            for k in best
-        ],
-    )
+                [
+                    f"<code>{_e(w['metric'])}</code>",
+                    f'<td class="num">{_e(_fmt(w["best_value"]))}</td>',
+                    _e("higher" if higher_is_better(w["metric"]) else "lower"),
+                    _e(("tie: " if len(w["best_runs"]) > 1 else "") + w["best"]),
+                    _e(f"{w['runner_up']} ({_fmt(w['runner_up_value'])})"),
+                    _e(VERDICTS[w["verdict"]]),
+                ]
+                for w in won
+            ],
+        )
+    if equal:
+        same = ", ".join(f"{k} ({_fmt(v)})" for k, v in equal.items())
+        html += f'<p class="muted">equal across the finished jobs, not ranked: {_e(same)}</p>'
+    return html
 
 
 def _sweep_frontiers(rows: list[dict]) -> str | None:
@@ -740,8 +764,19 @@ def _sweep_frontiers(rows: list[dict]) -> str | None:
 
 
 def _sweep_runs(rows: list[dict], keys: list[str], primary: str | None, steps: dict) -> str:
-    """One row per child: name, status, (checkpoint step), swept values, headline metrics with intervals, error."""
-    metric_cols = list(dict.fromkeys(k for r in rows for k in headline_keys(r, primary)))
+    """One row per child: name, status, (checkpoint step), swept values, headline metrics and preference scores with
+    intervals, error. The best value(s) of each ranked column (:func:`pipeline.record.sweep_summary.rank`: quality
+    metrics only, not where every finished run has one value) are marked."""
+    preference = [preference_key(s) for s in PREFERENCE_SCORERS]
+    metric_cols = list(
+        dict.fromkeys(
+            [
+                *(k for r in rows for k in headline_keys(r, primary)),
+                *(k for k in preference if any(k in r for r in rows)),
+            ]
+        )
+    )
+    best = {k: {id(x) for x in ranking.best} for k in metric_cols if (ranking := rank(rows, k)) is not None}
     header = ["run", "status", *(("step",) if steps else ()), *keys, *metric_cols, "error"]
     body = []
     for r in rows:
@@ -757,13 +792,19 @@ def _sweep_runs(rows: list[dict], keys: list[str], primary: str | None, steps: d
             flag = spans_zero(low, high)
             flagged |= flag
             text = _value_with_interval(r[k], low, high) if k in r else ""
-            cells.append(f'<td class="num">{_e(text)}{" ⚠ contains 0" if flag else ""}</td>')
+            css = "num best" if id(r) in best.get(k, ()) else "num"
+            cells.append(f'<td class="{css}">{_e(text)}{" ⚠ contains 0" if flag else ""}</td>')
         cells.append(f'<span class="err">{_e(r.get("error", ""))}</span>')
         body.append((cells, "warn") if flagged else cells)
     warning = mixed_n_warning(rows)
     html = (f'<p class="note">⚠ {_e(warning)}</p>' if warning else "") + (
         _table(header, body) if rows else '<p class="muted">no child run was recorded</p>'
     )
+    if best:
+        html += (
+            '<p class="muted">Marked: the best finished job(s) of each ranked metric (several: a tie); timings and '
+            "metrics equal across the jobs are not ranked.</p>"
+        )
     if any(r.get("status") != "FINISHED" for r in rows):
         html += '<p class="muted">Failed or killed jobs stay in this table and are left out of the plots.</p>'
     return html

@@ -14,15 +14,20 @@ and ``error`` for a failed run. Failed runs stay in the table and are left out o
 Every plot states N; runs at different N are never one line (:func:`mixed_n_warning` says when FD/KID of
 different N are compared), and runs of one config that differ only in timing are one point, never two joined.
 
-Runs are ranked and plotted by ``metrics/fd_<primary extractor>`` (:func:`fd_key`, key grammar in
-``pipeline.core.metric_keys``).
+Runs are sorted and plotted by ``metrics/fd_<primary extractor>`` (:func:`fd_key`, key grammar in
+``pipeline.core.metric_keys``). Ranking (which run wins, the parent's ``best.<key>``, the report's best values) has one
+rule (:func:`rank`, issue 29): only :func:`is_ranked` keys (quality scores with a registered direction; never timings,
+``cost/*``, counts, interval bounds or ``fd_floor``), never a key whose values are equal across the finished runs,
+and a best equal to the runner-up is a tie that names every tied run.
 
 Quality-versus-cost frontiers (issue 28, "which solver and how many steps"): every quality metric
 (``pipeline.core.metric_keys.is_quality``: the metrics mode's scores and the schedule mode's trajectory errors) against
-``cost/nfe`` and seconds per image, one point per config, the Pareto front marked (:func:`frontier_metric_plot`,
-``sweep_frontier_<metric>.png``, where the configs differ in NFE), and per metric the sentence naming the best config
-and the cheapest one within its 95 % interval (:func:`frontier_findings`, ``sweep_frontiers.md``). The schedule
-runs' visited steps (artifact ``tables/visited_steps.csv``) are stacked per child (:func:`visited_plot`).
+each cost axis its configs differ in (``cost/nfe``, ``cost/flops_per_image``, seconds per image, energy, memory:
+``pipeline.core.metric_keys.COST_AXES``, at most four panels), one point per config, the Pareto front marked (one
+row per metric of ``sweep_frontiers.png``, where the configs differ in NFE or FLOPs), and per metric the sentence
+naming the best config and the cheapest one within its 95 % interval (:func:`frontier_findings`,
+``sweep_frontiers.md``). The schedule runs' visited steps (artifact ``tables/visited_steps.csv``) are stacked per
+child (:func:`visited_plot`).
 """
 
 from __future__ import annotations
@@ -34,14 +39,21 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from pipeline.core.escape import csv_cell, csv_row, csv_uncell, mpl_label, mpl_text, shorten, terminal_text
 from pipeline.core.metric_keys import (
     CI_SUFFIXES,
+    COST_AXES,
+    COST_CUDA_ALLOCATED,
+    COST_ENERGY,
+    COST_FLOPS,
     COST_NFE,
+    COST_PEAK_RSS,
+    COST_SEC_PER_IMAGE,
+    COUNTED_COSTS,
     FID,
     FID_INF,
     INCEPTION,
@@ -49,9 +61,11 @@ from pipeline.core.metric_keys import (
     NUM_SAMPLES_PARAM,
     PRIMARY_EXTRACTOR_TAG,
     PROMPT_ACCURACY,
+    QUALITY_MODES,
     SEC_PER_IMAGE,
     SECONDS_PER_IMAGE,
     higher_is_better,
+    is_cost,
     is_n_biased,
     is_progress,
     is_quality,
@@ -452,6 +466,15 @@ FRONTIERS_NAME = "sweep_frontiers.md"  # the frontier sentences, in the sweep di
 # swept schedule options, shown by value in a config label ("dpmpp_2m × 12, karras, trailing")
 SCHEDULE_OPTIONS = ("sampler.sigmas", "sampler.timestep_spacing", "sampler.zero_terminal_snr", "sampler.flow_shift")
 NFE_LABEL = "NFE (denoiser evaluations per image)"
+# the x-axis label of each cost axis (pipeline.core.metric_keys.COST_AXES); the seconds axis names its column
+COST_LABELS = {
+    COST_NFE: NFE_LABEL,
+    COST_FLOPS: "denoiser FLOPs per image (cost/flops_per_image)",
+    COST_ENERGY: "energy per image, J (cost/energy_joules_per_image)",
+    COST_CUDA_ALLOCATED: "peak CUDA memory allocated, MiB (cost/cuda_max_allocated_mb)",
+    COST_PEAK_RSS: "peak resident memory, MiB (cost/peak_rss_mb)",
+}
+MAX_COST_PANELS = 4  # panels per row of sweep_frontiers.png: the first that apply, in COST_AXES order
 MAX_LISTED = 6  # configs named in one sentence; the rest are counted
 
 
@@ -464,9 +487,10 @@ class Config:
     low: Optional[float]  # the 95 % interval, where every repeat has one
     high: Optional[float]
     nfe: Optional[float]  # cost/nfe
-    seconds: Optional[float]  # seconds per image of the metric's mode
+    seconds: Optional[float]  # seconds per image (:func:`_seconds_column`: cost/sec_per_image where present)
     n: Optional[int]  # sample count N
     runs: int
+    costs: dict[str, float] = field(default_factory=dict)  # every cost axis column the repeats all have, at its mean
 
 
 def _finite(value: Any) -> bool:
@@ -537,11 +561,26 @@ def quality_metrics(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _seconds_column(rows: list[dict[str, Any]], metric: str) -> Optional[str]:
-    """The seconds-per-image column beside ``metric``: its own mode's, else any the rows have."""
-    for key in dict.fromkeys([seconds_key(metric), *SECONDS_PER_IMAGE]):
+    """The seconds-per-image column beside ``metric`` that the rows have: a schedule metric's own
+    ``schedule/sec_per_image`` first; else ``cost/sec_per_image`` (generation and feature extraction, issue 29), else
+    ``metrics/sec_per_image`` (generation), else any."""
+    own = seconds_key(metric)
+    first = [own] if own != SEC_PER_IMAGE else []
+    for key in dict.fromkeys([*first, COST_SEC_PER_IMAGE, *SECONDS_PER_IMAGE]):
         if any(_finite(r.get(key)) for r in rows):
             return key
     return None
+
+
+def cost_columns(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    """The cost columns ``metric`` may be drawn against, in :data:`pipeline.core.metric_keys.COST_AXES` order, the
+    seconds axis as :func:`_seconds_column` (which prefers ``cost/sec_per_image``)."""
+    sec = _seconds_column(rows, metric)
+    return [sec if key == COST_SEC_PER_IMAGE else key for key in COST_AXES if key != COST_SEC_PER_IMAGE or sec]
+
+
+def _cost_label(key: str) -> str:
+    return COST_LABELS.get(key) or f"seconds per image ({key})"
 
 
 def frontier_configs(rows: list[dict[str, Any]], metric: str) -> list[Config]:
@@ -549,20 +588,22 @@ def frontier_configs(rows: list[dict[str, Any]], metric: str) -> list[Config]:
     ``metric``, in start order; repeats of a config are one, at their mean (as :func:`_points`)."""
     keys = config_keys(rows)
     have = finished(rows, metric)
-    sec = _seconds_column(have, metric)
+    sec, columns_ = _seconds_column(have, metric), cost_columns(have, metric)
     out = []
     for _, _, _, group in _points(have, keys, lambda r: 0.0, metric):
         sizes = {sample_size(r) for r in group}
+        costs = {k: _mean([r.get(k) for r in group]) for k in columns_}
         out.append(
             Config(
                 label=config_label(group[0], keys),
                 value=sum(r[metric] for r in group) / len(group),
                 low=_mean([r.get(metric + CI_SUFFIXES[0]) for r in group]),
                 high=_mean([r.get(metric + CI_SUFFIXES[1]) for r in group]),
-                nfe=_mean([r.get(COST_NFE) for r in group]),
-                seconds=_mean([r.get(sec) for r in group]) if sec else None,
+                nfe=costs.get(COST_NFE),
+                seconds=costs.get(sec) if sec else None,
                 n=sizes.pop() if len(sizes) == 1 else None,
                 runs=len(group),
+                costs={k: v for k, v in costs.items() if v is not None},
             )
         )
     return out
@@ -593,14 +634,22 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._-")[:80] or "metric"
 
 
+def _differs(configs: list[Config], key: str) -> bool:
+    """Whether at least two configs have cost ``key`` and their values differ."""
+    return len({c.costs[key] for c in configs if key in c.costs}) >= 2
+
+
 def frontier_metrics(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """``{plot name: metric}``: a frontier plot for each :func:`quality_metrics` key whose configs differ in NFE
-    (``cost/nfe``). Seconds alone never make one: they differ between any two runs, also of one config (the
-    FD-vs-seconds ``sweep_frontier`` plot covers runs without NFE). Names are safe for any key
-    (``sweep_frontier_fd_shapes_net``); two keys with one short name get their mode appended."""
+    """``{plot name: metric}``: a frontier row for each :func:`quality_metrics` key whose configs differ in a counted
+    cost (:data:`pipeline.core.metric_keys.COUNTED_COSTS`: ``cost/nfe``, ``cost/flops_per_image``) and in value (one
+    value for every config is a tie, nothing to draw). Measured costs alone (seconds, energy, memory) never make
+    one: they differ between any two runs, also of one config (the FD-vs-seconds ``sweep_frontier`` plot covers runs
+    without NFE). Names are safe for any key (``sweep_frontier_fd_shapes_net``); two keys with one short name get
+    their mode appended."""
     out: dict[str, str] = {}
     for metric in quality_metrics(rows):
-        if len({c.nfe for c in frontier_configs(rows, metric) if c.nfe is not None}) < 2:
+        configs = frontier_configs(rows, metric)
+        if not any(_differs(configs, k) for k in COUNTED_COSTS) or len({c.value for c in configs}) < 2:
             continue
         name = FRONTIER_PREFIX + _safe_name(metric.split("/", 1)[-1])  # the key without its mode
         if name in out:
@@ -613,13 +662,11 @@ def frontier_metrics(rows: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def _cost_panels(rows: list[dict[str, Any]], metric: str, configs: list[Config]) -> list[tuple[str, Callable]]:
-    """The cost axes ``metric`` is drawn against: NFE and seconds per image, where at least two configs have it."""
-    sec = _seconds_column(finished(rows, metric), metric)
-    return [
-        (label, get)
-        for label, get in ((NFE_LABEL, lambda c: c.nfe), (f"seconds per image ({sec})", lambda c: c.seconds))
-        if sum(get(c) is not None for c in configs) >= 2
-    ]
+    """The cost axes ``metric`` is drawn against, ``(x label, config -> cost or None)``: each column of
+    :func:`cost_columns` (NFE, FLOPs, seconds, energy, CUDA memory, peak RSS) that at least two configs have with
+    differing values, the first :data:`MAX_COST_PANELS` of them."""
+    keys = [k for k in cost_columns(finished(rows, metric), metric) if _differs(configs, k)]
+    return [(_cost_label(k), lambda c, k=k: c.costs.get(k)) for k in keys[:MAX_COST_PANELS]]
 
 
 def _draw_frontier(axes, rows: list[dict[str, Any]], metric: str) -> None:
@@ -668,12 +715,18 @@ def _draw_frontier(axes, rows: list[dict[str, Any]], metric: str) -> None:
         ax.legend(fontsize=8)
 
 
+def _frontier_size(cols: int, rows: int) -> tuple[float, float]:
+    """Inches of a frontier figure: 6.4 wide per panel up to two, 5.2 from three on (four: 20.8 × 4.2 per row)."""
+    return (6.4 if cols <= 2 else 5.2) * cols, (4.8 if rows == 1 else 4.2 * rows)
+
+
 def frontier_metric_plot(rows: list[dict[str, Any]], metric: str):
     """One metric's frontier (:func:`_draw_frontier`) as a figure of its own."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12.8, 4.8))
-    _draw_frontier(fig.subplots(1, 2, squeeze=False)[0], rows, metric)
+    panels = len(_cost_panels(rows, metric, frontier_configs(rows, metric)))
+    fig = Figure(figsize=_frontier_size(max(panels, 1), 1))
+    _draw_frontier(fig.subplots(1, max(panels, 1), squeeze=False)[0], rows, metric)
     fig.suptitle(f"quality vs cost: {mpl_text(metric_label(metric))} ({n_note(finished(rows, metric))})", fontsize=10)
     fig.tight_layout()
     return fig
@@ -685,8 +738,9 @@ def frontiers_plot(rows: list[dict[str, Any]]):
     from matplotlib.figure import Figure
 
     metrics = list(frontier_metrics(rows).values())
-    fig = Figure(figsize=(12.8, 4.2 * len(metrics)))
-    axes = fig.subplots(len(metrics), 2, squeeze=False)
+    cols = max([len(_cost_panels(rows, m, frontier_configs(rows, m))) for m in metrics] + [1])
+    fig = Figure(figsize=_frontier_size(cols, len(metrics)))
+    axes = fig.subplots(len(metrics), cols, squeeze=False)
     for row, metric in zip(axes, metrics):
         _draw_frontier(row, rows, metric)
         row[0].set_title(mpl_text(metric_label(metric)), fontsize=9, loc="left")
@@ -1019,7 +1073,7 @@ def _varies(rows: list[dict[str, Any]], key: str) -> bool:
 
 def plot_kinds(rows: list[dict[str, Any]]) -> list[str]:
     """Which plots apply, judged on the finished runs only (a failed job never makes a plot appear): the
-    :data:`PLOTS` that fit, then ``sweep_frontiers`` when a quality metric's configs differ in NFE
+    :data:`PLOTS` that fit, then ``sweep_frontiers`` when a quality metric's configs differ in NFE or FLOPs
     (:func:`frontier_metrics`: one row of that figure each)."""
     kinds, fd = [], fd_key(rows)
     if fd and _varies(finished(rows, fd, SEC_PER_IMAGE), STEPS):
@@ -1066,20 +1120,155 @@ def write_summary(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path
     return table, pngs
 
 
+# --------------------------------------------------------------------------------------------- ranking
+# One rule wherever runs are ranked (which run wins, the parent's best.<key>, report.html's best values and marked
+# cells, compare): only keys that say how good a result is (:func:`is_ranked`), only among finished runs, never a key
+# whose values are equal across them, and a best equal to the runner-up is a tie (issue 29).
+EQUAL_REL_TOL = 1e-9  # values equal to 9 significant digits are one value (float32 sums in another order)
+TIE_SEPARATOR = ","  # best.<key>.run_id of a tie at the top: every tied run id, joined (run ids hold no comma)
+MAX_TIED_IDS = 100  # run ids listed in one tag (an MLflow tag holds 8000 characters); the rest are counted
+VERDICTS = {
+    "separable": "separable: the 95 % intervals are disjoint",
+    "tie": "tie: the 95 % intervals overlap",
+    "equal values": "tie: equal values",
+    "no interval": "no interval: point estimates only",
+}
+
+
+def is_ranked(key: str) -> bool:
+    """Whether runs are ranked by result ``key``: a quality metric (:func:`pipeline.core.metric_keys.is_quality`: a
+    ``metrics/*`` or ``schedule/*`` score with a registered direction, preference scores included; never a timing,
+    ``cost/*``, count, interval bound, progress figure or ``fd_floor``), or another mode's score with a registered
+    direction under the same exclusions (``attention/miou``, ``latent/recon_psnr``).
+
+        >>> [is_ranked(k) for k in ("metrics/fd_clip", "metrics/pickscore", "attention/miou", "metrics/fd_floor_clip",
+        ...                         "metrics/sec_per_image", "cost/flops_per_image", "cost/sec_per_image")]
+        [True, True, True, False, False, False, False]
+    """
+    if key.startswith(QUALITY_MODES):
+        return is_quality(key)
+    if is_cost(key) or is_timing(key) or is_progress(key) or key.endswith(CI_SUFFIXES):
+        return False
+    return higher_is_better(key) is not None
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=EQUAL_REL_TOL, abs_tol=0.0)
+
+
+@dataclass
+class Ranking:
+    """The finished runs' order on one :func:`is_ranked` key: the rows at the best value (several: a tie at the top),
+    the rows at the next value, and the verdict, a key of :data:`VERDICTS`: ``equal values`` (several runs share the
+    best value), ``separable`` (the best's 95 % interval ``<key>_ci_low`` / ``_ci_high`` is disjoint from each
+    runner-up's), ``tie`` (they overlap: the data do not say which is better) or ``no interval`` (a run lacks one:
+    the order is only the point estimates')."""
+
+    metric: str
+    higher: bool
+    best: list[dict[str, Any]]
+    runner_up: list[dict[str, Any]]
+    verdict: str
+
+    @property
+    def value(self) -> float:
+        return self.best[0][self.metric]
+
+    @property
+    def runner_up_value(self) -> float:
+        return self.runner_up[0][self.metric]
+
+
+def rank(rows: list[dict[str, Any]], key: str) -> Optional[Ranking]:
+    """``key``'s :class:`Ranking` over the finished ``rows`` (start order among equal values); None when ``key`` is
+    not :func:`is_ranked`, fewer than two finished rows have it finite, or their values are all equal (nothing to
+    rank: :func:`equal_keys`)."""
+    if not is_ranked(key):
+        return None
+    have = [r for r in rows if r.get("status") == "FINISHED" and _finite(r.get(key))]
+    if len(have) < 2:
+        return None
+    higher = bool(higher_is_better(key))
+    ordered = sorted(have, key=lambda r: -r[key] if higher else r[key])  # stable
+    top = [r for r in have if _same(r[key], ordered[0][key])]  # each group in start order
+    rest = [r for r in ordered if not _same(r[key], ordered[0][key])]
+    if not rest:
+        return None
+    second = [r for r in have if _same(r[key], rest[0][key]) and not _same(r[key], ordered[0][key])]
+    if len(top) > 1:
+        verdict = "equal values"
+    else:
+        bounds = [(r.get(key + CI_SUFFIXES[0]), r.get(key + CI_SUFFIXES[1])) for r in (top[0], *second)]
+        if not all(_finite(low) and _finite(high) for low, high in bounds):
+            verdict = "no interval"
+        else:
+            (low, high), others = bounds[0], bounds[1:]
+            apart = all((low > h) if higher else (high < lo) for lo, h in others)
+            verdict = "separable" if apart else "tie"
+    return Ranking(metric=key, higher=higher, best=top, runner_up=second, verdict=verdict)
+
+
+def _ranked_keys(rows: list[dict[str, Any]]) -> list[str]:
+    return sorted({k for r in rows if r.get("status") == "FINISHED" for k in r if is_ranked(k)})
+
+
+def rankings(rows: list[dict[str, Any]]) -> list[Ranking]:
+    """:func:`rank` of every :func:`is_ranked` key of the finished rows that has one, by key."""
+    return [r for r in (rank(rows, k) for k in _ranked_keys(rows)) if r is not None]
+
+
+def equal_keys(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``{key: value}``: the :func:`is_ranked` keys that at least two finished rows have, all with one value (to
+    :data:`EQUAL_REL_TOL`): not ranked, said once."""
+    out = {}
+    for key in _ranked_keys(rows):
+        values = [r[key] for r in rows if r.get("status") == "FINISHED" and _finite(r.get(key))]
+        if len(values) >= 2 and all(_same(v, values[0]) for v in values):
+            out[key] = values[0]
+    return out
+
+
+def _without_aliases(keys: Iterable[str]) -> list[str]:
+    """``keys`` less ``metrics/fid`` (``fid_inf``) where ``metrics/fd_inception`` (``fd_inf_inception``) is there."""
+    keys = list(keys)
+    drop = {alias for alias, stat in ((FID, "fd"), (FID_INF, "fd_inf")) if metric_key(stat, INCEPTION) in keys}
+    return [k for k in keys if k not in drop]
+
+
+def join_run_ids(ids: list[str]) -> str:
+    """The run ids at the best value as one tag value: one id, or a tie's ids joined by :data:`TIE_SEPARATOR`
+    (at most :data:`MAX_TIED_IDS`, then ``… N more``)."""
+    more = [f"… {len(ids) - MAX_TIED_IDS} more"] if len(ids) > MAX_TIED_IDS else []
+    return TIE_SEPARATOR.join([*ids[:MAX_TIED_IDS], *more])
+
+
+def best_label(run_ids: str, names: dict[str, Any]) -> str:
+    """A ``best.<key>.run_id`` value (:func:`join_run_ids`) for a reader: the run's name (``names``: run id -> run
+    name; an unknown id stays), or ``tie: a, b`` for a tie at the top.
+
+        >>> best_label("r1", {"r1": "euler"}), best_label("r1,r2", {"r1": "euler", "r2": "ddim"})
+        ('euler', 'tie: euler, ddim')
+    """
+    shown = [str(names.get(i) or i) for i in str(run_ids).split(TIE_SEPARATOR)]
+    return shown[0] if len(shown) == 1 else "tie: " + ", ".join(shown)
+
+
 def best_runs(children: list[Any]) -> dict[str, tuple[float, str]]:
-    """``{result key: (best value, run id)}`` over the finished runs, for every key with a direction
-    (``pipeline.core.metric_keys.higher_is_better``); ties go to the earliest run. Keys without a direction have no best."""
-    best: dict[str, tuple[float, str]] = {}
-    for run in sorted(children, key=lambda r: r.info.start_time or 0):
-        if run.info.status != "FINISHED":
-            continue
-        for key, value in run.data.metrics.items():
-            higher = None if is_progress(key) else higher_is_better(key)
-            if higher is None or not math.isfinite(value):
-                continue
-            if key not in best or (value > best[key][0] if higher else value < best[key][0]):
-                best[key] = (value, run.info.run_id)
-    return dict(sorted(best.items()))
+    """``{result key: (best value, run ids)}`` over the finished runs (MLflow run objects), for every key
+    :func:`rank` ranks: :func:`is_ranked` keys (no timing, ``cost/*``, count, bound or ``fd_floor``) whose values
+    differ between at least two finished runs. ``run ids``: the run at the best value, or a tie's runs joined
+    (:func:`join_run_ids`; read with :func:`best_label`). The sweep parent logs them as ``best.<key>`` and the tag
+    ``best.<key>.run_id``."""
+    rows = [
+        {
+            "run_id": run.info.run_id,
+            "run_name": getattr(run.info, "run_name", None),
+            "status": run.info.status,
+            **{k: v for k, v in run.data.metrics.items() if not is_progress(k)},
+        }
+        for run in sorted(children, key=lambda r: r.info.start_time or 0)
+    ]
+    return {r.metric: (r.value, join_run_ids([str(x["run_id"]) for x in r.best])) for r in rankings(rows)}
 
 
 def sentence(rows: list[dict[str, Any]], table: Path, pngs: list[Path]) -> str:
@@ -1095,62 +1284,48 @@ def sentence(rows: list[dict[str, Any]], table: Path, pngs: list[Path]) -> str:
     return f"Sweep done: {outcome}; summary table {table}{plots_}."
 
 
+def _name(row: dict[str, Any]) -> str:
+    return str(row.get("run_name") or row.get("run_id") or "?")
+
+
 def winners(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per metric with a direction (``higher_is_better``) that at least two finished runs have: the best run, the
-    runner-up, and whether the best is *separable* from it (their 95 % intervals ``<key>_ci_low/_ci_high`` are
-    disjoint), a *tie* (they overlap: the data do not say which is better), or *no interval* (a metric without one;
-    the order is then only the point estimates'). Interval bounds, timings and counts are never ranked."""
-    done = [r for r in rows if r.get("status") == "FINISHED"]
-    keys = sorted(
-        {
-            k
-            for r in done
-            for k in r
-            if k.startswith("metrics/")
-            and not k.endswith(CI_SUFFIXES)
-            and not is_timing(k)
-            and higher_is_better(k) is not None
-        }
-    )
+    """Per :func:`rankings` key (``metrics/fid`` left out where it repeats ``metrics/fd_inception``): ``best`` and
+    ``runner_up`` (run names, ``, ``-joined where several share the value; ``best_runs`` / ``runner_up_runs`` the
+    lists), their values and the :class:`Ranking` verdict. Timings, ``cost/*``, counts, bounds, ``fd_floor`` and keys
+    equal across the finished runs are never ranked."""
+    by_key = {r.metric: r for r in rankings(rows)}
     out = []
-    for key in keys:
-        have = [r for r in done if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        if len(have) < 2:
-            continue
-        higher = higher_is_better(key)
-        best, second = sorted(have, key=lambda r: -r[key] if higher else r[key])[:2]
-        lo = [r.get(key + CI_SUFFIXES[0]) for r in (best, second)]
-        hi = [r.get(key + CI_SUFFIXES[1]) for r in (best, second)]
-        if None in lo or None in hi:
-            verdict = "no interval"
-        else:
-            verdict = "separable" if (lo[0] > hi[1] if higher else hi[0] < lo[1]) else "tie"
+    for key in _without_aliases(by_key):
+        r = by_key[key]
+        best, second = [_name(x) for x in r.best], [_name(x) for x in r.runner_up]
         out.append(
             {
                 "metric": key,
-                "best": best.get("run_name"),
-                "best_value": best[key],
-                "runner_up": second.get("run_name"),
-                "runner_up_value": second[key],
-                "verdict": verdict,
+                "best": ", ".join(best),
+                "best_runs": best,
+                "best_value": r.value,
+                "runner_up": ", ".join(second),
+                "runner_up_runs": second,
+                "runner_up_value": r.runner_up_value,
+                "verdict": r.verdict,
             }
         )
     return out
 
 
 def winner_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """``which run wins`` lines for :func:`winners` (printed by ``pipeline.record.compare`` and the sweep summary)."""
-    lines = []
-    for w in winners(rows):
-        note = {
-            "separable": "separable: the 95 % intervals are disjoint",
-            "tie": "tie: the 95 % intervals overlap",
-            "no interval": "no interval: point estimates only",
-        }[w["verdict"]]
-        lines.append(
-            f"  {w['metric']}: best {w['best']} ({w['best_value']:.4g}), runner-up {w['runner_up']} "
-            f"({w['runner_up_value']:.4g}) — {note}"
-        )
+    """``which run wins`` lines for :func:`winners` (printed by ``pipeline.record.compare`` and the sweep summary;
+    run names made safe for a terminal), then one line naming the keys equal across the finished runs
+    (:func:`equal_keys`), which are not ranked."""
+    lines = [
+        f"  {w['metric']}: best {terminal_text(w['best'])} ({w['best_value']:.4g}), runner-up "
+        f"{terminal_text(w['runner_up'])} ({w['runner_up_value']:.4g}) — {VERDICTS[w['verdict']]}"
+        for w in winners(rows)
+    ]
+    equal = equal_keys(rows)
+    if equal:
+        same = ", ".join(f"{k} ({equal[k]:.4g})" for k in _without_aliases(equal))
+        lines.append(f"  equal across jobs, not ranked: {same}")
     return lines
 
 

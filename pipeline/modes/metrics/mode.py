@@ -34,10 +34,12 @@ class MetricsModeConfig:
     save_images: bool = MISSING
     cache: bool = MISSING
     grid: int = bounded(ge=1)
-    samples_per_prompt: int = bounded(ge=1)
+    samples_per_prompt: Optional[int] = bounded(ge=1, note="null = 1, or 4 with per_prompt=true")
+    per_prompt: bool = MISSING
     ci_subsets: int = bounded(ge=2, note="replicates for an interval")
     ci_bootstrap: int = bounded(ge=2, note="replicates for an interval")
     worst_prompts: int = bounded(ge=0, note="0 = no worst-prompts figure")
+    cost: bool = MISSING
 
 
 def validate(cfg) -> None:

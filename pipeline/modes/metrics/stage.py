@@ -30,21 +30,24 @@ from PIL import Image
 
 from pipeline import metrics as M
 from pipeline.config import to_plain
+from pipeline.core import cost as C
 from pipeline.core import distributed as dist
 from pipeline.core.metric_keys import (
     CLIP_TRUNCATED,
     CMMD,
+    COST_NFE,
     PRIMARY_EXTRACTOR_TAG,
     PROMPT_ACCURACY,
     extractor_keys,
     metric_key,
+    preference_key,
     primary_extractor,
     primary_fd_key,
 )
 from pipeline.core.progress import PROGRESS_DIR, LiveProgress, ShardStore, crash_point
 from pipeline.core.registry import stage
 from pipeline.data.ground_truth import ground_truth, no_judge
-from pipeline.data.stages import compared_reference
+from pipeline.data.stages import PER_PROMPT_SAMPLES, compared_reference
 from pipeline.errors import UserError
 from pipeline.metrics.cmmd import cmmd  # (the package attribute ``cmmd`` is this module)
 from pipeline.metrics.intervals import bootstrap_interval, fd_inf, fd_subsample_sd, kernel_subsample_sd, normal_interval
@@ -92,7 +95,7 @@ def _judge_for(ctx, cfg, extractors, prompts):
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-SHARD_VERSION = 2  # bump when what a shard holds changes: older shards are then regenerated (2: records its range)
+SHARD_VERSION = 3  # bump when what a shard holds changes: older shards are then regenerated (3: cost meters)
 _PER_SAMPLE = ("pool", "logits", "image_embeds")  # extractor outputs kept per sample
 
 
@@ -165,6 +168,9 @@ def _generate_shards(ctx, cfg, store, batch_size: int, done) -> None:
     images_dir = ctx.run_dir / "images" if m.save_images else None
     real_shape = compared_reference(ctx, cfg).image_shape()
     live = LiveProgress(ctx.tracker, total=n, done=sum(hi - lo for lo, hi in done), scale=dist.world_size())
+    energy = C.EnergyCounter(ctx.device) if m.cost else None
+    if m.cost and ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
 
     stream = generate(
         model,
@@ -183,9 +189,11 @@ def _generate_shards(ctx, cfg, store, batch_size: int, done) -> None:
         progress=dist.is_main(),
         desc="metrics",
         skip={lo for lo, _ in done},
+        cost=bool(m.cost),
     )
     first = True
     tic = time.perf_counter()
+    joules = energy.read() if energy is not None else None
     for batch in stream:
         gen_seconds = time.perf_counter() - tic
         tic = time.perf_counter()
@@ -199,10 +207,28 @@ def _generate_shards(ctx, cfg, store, batch_size: int, done) -> None:
         first = False
         arrays, meta = _shard(batch, extractors, judge, images_dir, m.grid)
         meta["generation_seconds"], meta["features_seconds"] = gen_seconds, time.perf_counter() - tic
+        if m.cost:
+            joules = _meter_batch(meta, batch, ctx.device, energy, joules)
         store.write(batch.span[0], batch.span[1], arrays, meta)
         live.update(batch.span[1] - batch.span[0])
         tic = time.perf_counter()
     live.close()
+
+
+def _meter_batch(meta: dict, batch, device, energy, joules_before):
+    """A batch's cost meters into its shard's ``meta["cost"]`` (phase seconds, energy since the previous batch,
+    the process's memory peaks so far); returns the energy reading the next batch starts from."""
+    cost = {"timings": batch.timings, "peak_rss_mb": C.peak_rss_mb()}
+    peaks = C.cuda_peaks_mb(device)
+    if peaks is not None:
+        cost["cuda_max_allocated_mb"], cost["cuda_max_reserved_mb"] = peaks
+    now = energy.read() if energy is not None else None
+    if now is not None and joules_before is not None:
+        cost["energy_joules"], cost["energy_source"] = now - joules_before, energy.source
+    elif energy is not None:
+        cost["energy_skipped"] = energy.reason or "energy counter not readable"
+    meta["cost"] = cost
+    return now
 
 
 def _shard(batch, extractors, judge, images_dir, grid: int) -> tuple[dict[str, np.ndarray], dict]:
@@ -220,6 +246,9 @@ def _shard(batch, extractors, judge, images_dir, grid: int) -> tuple[dict[str, n
                 arrays[f"{name}.{k}"] = out[k].detach().cpu().numpy()
         if "image_embeds" in out and batch.prompts and hasattr(ex, "text_embeds"):
             arrays[f"{name}.text_embeds"] = ex.text_embeds(batch.prompts).detach().cpu().numpy()
+        if batch.prompts and hasattr(ex, "prompt_scores"):  # a human-preference scorer (features=[pickscore] ...)
+            scores = ex.prompt_scores(out, batch.images, batch.prompts)
+            arrays[f"{name}.score"] = scores.detach().float().cpu().numpy()
     if judge is not None:
         meta["judged"] = judge.adherence(batch.images, batch.prompts)
     in_grid = [j for j, i in enumerate(batch.indices) if i < grid**2]
@@ -242,6 +271,7 @@ class _Assembled:
     n_invalid: int = 0
     gen_seconds: float = 0.0
     feat_seconds: float = 0.0
+    batches: list = field(default_factory=list)  # per shard: (images, generation s, features s, its cost meters)
 
 
 def _assemble(store, batches, num_samples: int) -> _Assembled:
@@ -263,6 +293,9 @@ def _assemble(store, batches, num_samples: int) -> _Assembled:
         got.n_invalid += int(meta["num_invalid"])
         got.gen_seconds += float(meta["generation_seconds"])
         got.feat_seconds += float(meta["features_seconds"])
+        got.batches.append(
+            (hi - lo, float(meta["generation_seconds"]), float(meta["features_seconds"]), meta.get("cost"))
+        )
     return got
 
 
@@ -302,7 +335,12 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
         cfg.sampler.width,
     )
     if calls is not None:  # None: a native-path run whose images were all generated by an earlier attempt
-        scalars["cost/nfe"] = float(calls)
+        scalars[COST_NFE] = float(calls)
+    if m.cost:
+        costs, why_not = C.run_cost(got.batches, calls)
+        scalars.update(costs)
+        for key, reason in why_not.items():
+            ctx.tag(f"skipped.{key}", reason)
     ctx.log_scalars(scalars)  # the numbers first: a table or figure that fails must not lose them
     if got.judged:
         ctx.save_table(got.judged, "metrics_prompt_judgements")
@@ -348,6 +386,16 @@ def _all_extractor_stats(ctx, cfg, extractors, real, got: _Assembled, scalars: d
             per_prompt.setdefault(column, values)  # the first extractor that has the column (primary first)
         if name == "clip336":
             scalars.update(_cmmd(real[name]["pool"], columns.tensor(f"{name}.pool"), m.ci_subsets, cfg.seed))
+        if hasattr(ex, "prompt_scores"):
+            key, scores = preference_key(ex.score_name), columns.tensor(f"{name}.score")
+            if scores is None or len(scores) < 2:
+                skipped[f"skipped.{key}"] = "a preference score needs prompts (a text-to-image model) and 2 images"
+            else:  # the mean of per-image scores, a percentile-bootstrap interval over images
+                scalars[key] = float(scores.double().mean())
+                scalars[key + "_ci_low"], scalars[key + "_ci_high"] = bootstrap_interval(
+                    scores, m.ci_bootstrap, cfg.seed
+                )
+                per_prompt.setdefault(ex.score_name, scores)
         if hasattr(ex, "count_truncated") and prompts and CLIP_TRUNCATED not in scalars:
             scalars[CLIP_TRUNCATED] = len(ex.count_truncated(sorted(set(prompts))))
         rows.append(
@@ -457,7 +505,8 @@ def _extractor_stats(name, ex, real, columns, prompts, m, seed):
             per_sample["vendi"] = vendis
         else:
             skipped["vendi_per_prompt"] = (
-                "no prompt has 2 samples or more: set mode.metrics.samples_per_prompt >= 2"
+                "no prompt has 2 samples or more: set mode.metrics.per_prompt=true (4 per prompt) or "
+                "mode.metrics.samples_per_prompt >= 2"
                 if prompts
                 else "no prompts (not a text-conditioned model)"
             )
@@ -474,76 +523,89 @@ def _prompt_groups(prompts) -> dict[str, list[int]]:
     return {p: idx for p, idx in groups.items() if len(idx) >= 2}
 
 
+# the column the worst-prompts figure ranks by: a human-preference score, else CLIP score, accuracy, Vendi
+_RANK_COLUMNS = ("pickscore", "hpsv2", "imagereward", "clip_score", "prompt_accuracy", "vendi")
+
+
 def _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_sample) -> None:
-    """``tables/metrics_per_prompt.csv`` (per prompt: samples, CLIP score, prompt accuracy where the dataset has a
-    judge, Vendi among its samples) and ``plots/metrics_worst_prompts.png``: the worst prompts (lowest CLIP score,
-    else accuracy, else Vendi) with their samples, regenerated from their seeds (sample i: seed + i)."""
+    """``tables/metrics_per_prompt.csv`` (per prompt: samples, the mean of every per-image score — CLIP score, each
+    preference score — prompt accuracy where the dataset has a judge, Vendi among its samples) and
+    ``plots/metrics_worst_prompts.png``: the worst prompts by the first of :data:`_RANK_COLUMNS` the run has, with up
+    to 4 of their samples (:func:`_worst_images`)."""
     m = cfg.mode.metrics
     indices = columns.tensor("indices").tolist()
     rows: dict[str, dict] = {}
     for i, p in enumerate(prompts):
-        row = rows.setdefault(p, {"prompt": p, "num_samples": 0, "_idx": []})
+        row = rows.setdefault(p, {"prompt": p, "num_samples": 0, "_idx": [], "_pos": []})
         row["num_samples"] += 1
         row["_idx"].append(indices[i])
-    if "clip_score" in per_sample:
-        scores = per_sample["clip_score"].tolist()
-        for p, row in rows.items():
-            row["clip_score"] = float(np.mean([scores[i] for i, q in enumerate(prompts) if q == p]))
+        row["_pos"].append(i)
+    for column, values in per_sample.items():
+        if isinstance(values, dict):  # {prompt: value} (Vendi: only prompts with 2 samples or more have one)
+            for p, v in values.items():
+                rows[p][column] = v
+        else:  # one value per image: the prompt's mean
+            values = values.tolist()
+            for row in rows.values():
+                row[column] = float(np.mean([values[i] for i in row["_pos"]]))
     if judged and len(judged) == len(prompts):
-        for p, row in rows.items():
-            row["prompt_accuracy"] = float(np.mean([j["correct"] for j, q in zip(judged, prompts) if q == p]))
-    for p, v in per_sample.get("vendi", {}).items():
-        rows[p]["vendi"] = v  # only prompts with 2 samples or more have one
-    table = [{k: v for k, v in r.items() if k != "_idx"} for r in rows.values()]
+        for row in rows.values():
+            row["prompt_accuracy"] = float(np.mean([judged[i]["correct"] for i in row["_pos"]]))
+    table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows.values()]
     ctx.save_table(table, "metrics_per_prompt")  # a prompt without a value: an empty cell
-    key = next((k for k in ("clip_score", "prompt_accuracy", "vendi") if any(k in r for r in table)), None)
+    key = next((k for k in _RANK_COLUMNS if any(k in r for r in table)), None)
     if key is None or m.worst_prompts < 1:
         return
     ranked = [r for r in rows.values() if key in r]
-    if len(ranked) < len(rows):  # N not a multiple of samples_per_prompt: the last prompt has too few samples
+    if len(ranked) < len(rows):  # Vendi: prompts with one sample (N not a multiple of k) have none
         log.info(
-            "worst prompts by %s: %d of %d prompts have no %s (Vendi needs 2 samples of a prompt; with N not a "
-            "multiple of mode.metrics.samples_per_prompt the last prompt has fewer) and are not ranked",
+            "worst prompts by %s: %d of %d prompts have no %s (Vendi needs 2 samples of a prompt) and are not ranked",
             key,
             len(rows) - len(ranked),
             len(rows),
             key,
         )
     worst = sorted(ranked, key=lambda r: r[key])[: m.worst_prompts]
-    images = [_regenerate(ctx, cfg, r["_idx"][: m.samples_per_prompt]) for r in worst]
+    images = _worst_images(ctx, cfg, [r["_idx"][:PER_PROMPT_SAMPLES] for r in worst])
     labels = [f"{r['prompt'][:60]}  ({key} {r[key]:.3g})" for r in worst]
     ctx.save_figure(worst_prompts_figure(images, labels), "metrics_worst_prompts")
 
 
-def _regenerate(ctx, cfg, indices: list[int]) -> list[torch.Tensor]:
-    """The images of samples ``indices`` again, one batch per run of consecutive indices (per-sample seeds: the
-    run's images, up to float rounding when the batch composition differs)."""
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and i == runs[-1][-1] + 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    out: list[torch.Tensor] = []
-    for run in runs:
+def _worst_images(ctx, cfg, groups: list[list[int]]) -> list[list[torch.Tensor]]:
+    """The images of samples ``groups`` (a list of index lists): read from ``images/`` where the run saved them
+    (``mode.metrics.save_images``), else regenerated in one batched :func:`generate` call over all of them —
+    per-sample seeds, so the run's images up to float rounding where the batch composition differs. One call, not
+    one per prompt: the figure costs a fraction of one batch, also in a resumed run with every shard on disk."""
+    wanted = [i for g in groups for i in g]
+    found: dict[int, torch.Tensor] = {}
+    folder = ctx.run_dir / "images"
+    if cfg.mode.metrics.save_images:
+        for i in wanted:
+            path = folder / f"{i:06d}.png"
+            if path.is_file():
+                with Image.open(path) as im:
+                    found[i] = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    todo = [i for i in wanted if i not in found]
+    if todo:
+        batch_size = int(cfg.mode.metrics.batch_size or cfg.sampler.batch_size)
         for batch in generate(
             ctx.get("model"),
             ctx.get("sampler"),
-            len(run),
-            len(run),
+            len(todo),
+            batch_size,
             cfg.sampler.num_inference_steps,
             cfg.sampler.guidance_scale,
             cfg.seed,
             prompts=ctx.get("prompts"),
             class_ids=cfg.mode.metrics.class_ids,
-            start=run[0],
             height=cfg.sampler.height,
             width=cfg.sampler.width,
             eta=cfg.sampler.eta,
             progress=False,
+            indices=todo,
         ):
-            out += list(batch.images)
-    return out
+            found.update(zip(batch.indices, batch.images))
+    return [[found[i] for i in g if i in found] for g in groups]
 
 
 class _Columns:
