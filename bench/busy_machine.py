@@ -7,6 +7,8 @@ directory, a warm reference cache so every job does the same work); reported: th
 generation time (``metrics/generation_seconds``). Competitor: ``python -c "while True: pass"``.
 
     python bench/busy_machine.py            # goals: after busy / after alone <= 2.5; after alone / before alone <= 1.05
+    python bench/busy_machine.py --worst-prompts   # the per-prompt table + worst-prompts figure's share of the
+                                                   # metrics stage, alone and busy (goal <= 5 %)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def job(outputs: Path, policy: bool, busy: bool, samples: int) -> tuple[float, float]:
+def job(outputs: Path, policy: bool, busy: bool, samples: int, parts: bool = False):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     env.pop("OMP_WAIT_POLICY", None)
     if not policy:
@@ -54,13 +57,35 @@ def job(outputs: Path, policy: bool, busy: bool, samples: int) -> tuple[float, f
     if proc.returncode:
         sys.exit(f"job failed:\n{proc.stderr[-3000:]}")
     results = sorted(outputs.glob("runs/*/*/results.json"), key=lambda p: p.stat().st_mtime)[-1]
-    return wall, json.loads(results.read_text())["metrics/generation_seconds"]
+    r = json.loads(results.read_text())
+    if parts:  # (the metrics stage's seconds, the per-prompt table + worst-prompts figure's seconds)
+        stage = float(re.search(r"stage metrics done in ([\d.]+) s", proc.stdout + proc.stderr).group(1))
+        return stage, r["metrics/per_prompt_seconds"]
+    return wall, r["metrics/generation_seconds"]
+
+
+def worst_prompts(samples: int) -> None:
+    """The per-prompt outputs' share of the metrics stage, alone and next to one competing process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        job(out, True, False, samples)  # warm-up
+        for label, busy in (("alone", False), ("busy", True)):
+            stage, part = job(out, True, busy, samples, parts=True)
+            print(
+                f"  {label:>5}: metrics stage {stage:6.1f} s, per-prompt table + worst-prompts figure {part:5.2f} s "
+                f"= {100 * part / stage:.1f} % (goal <= 5 %)",
+                flush=True,
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=256, help="mode.metrics.num_samples (default: the job's own)")
+    ap.add_argument("--worst-prompts", action="store_true", help="the worst-prompts figure's share instead")
     args = ap.parse_args()
+    if args.worst_prompts:
+        worst_prompts(args.samples)
+        return
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
     print(f"{os.cpu_count()} CPUs, load average {load} before; default metrics job, N = {args.samples}")

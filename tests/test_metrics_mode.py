@@ -259,3 +259,45 @@ def test_a_dataset_without_a_judge_says_so_naming_the_datasets_with_one(tmp_path
         match="dataset 'folder' has no ground truth to judge prompt adherence with; datasets with a judge: shapes",
     ):
         validate(cfg)
+
+
+def test_worst_prompt_images_are_read_where_saved_else_regenerated_in_one_batched_call(tmp_path, monkeypatch):
+    """The figure's images cost one batched generate() call over every sample it shows (not one per prompt), and
+    nothing where the run saved its images."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from pipeline.modes.metrics import stage as S
+
+    calls = []
+
+    def fake_generate(model, sampler, n, batch_size, *args, indices=None, **kwargs):
+        calls.append((list(indices), batch_size))
+        for k in range(0, len(indices), batch_size):
+            chunk = list(indices[k : k + batch_size])
+            yield generation.GeneratedBatch(
+                torch.tensor(chunk, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 2, 2), None, chunk, 0
+            )
+
+    monkeypatch.setattr(S, "generate", fake_generate)
+    cfg = OmegaConf.create(
+        {
+            "mode": {"metrics": {"save_images": True, "batch_size": None, "class_ids": None}},
+            "sampler": {
+                "batch_size": 16,
+                "num_inference_steps": 2,
+                "guidance_scale": 5.0,
+                "height": 8,
+                "width": 8,
+                "eta": 0.0,
+            },
+            "seed": 0,
+        }
+    )
+    ctx = SimpleNamespace(run_dir=tmp_path, get=lambda key: None)
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((2, 2, 3), 7, dtype=np.uint8)).save(tmp_path / "images" / "000007.png")
+    groups = S._worst_images(ctx, cfg, [[3, 7], [9], [12, 13]])
+    assert calls == [([3, 9, 12, 13], 16)]  # one call for all the missing ones; sample 7 read from disk
+    assert [[int(im[0, 0, 0]) for im in g] for g in groups] == [[3, 7], [9], [12, 13]]

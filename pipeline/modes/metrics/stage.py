@@ -345,7 +345,9 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
     if got.judged:
         ctx.save_table(got.judged, "metrics_prompt_judgements")
     if got.prompts:
+        tic = time.perf_counter()
         _per_prompt_outputs(ctx, cfg, got.columns, got.prompts, got.judged, per_prompt)
+        ctx.log_scalars({"metrics/per_prompt_seconds": time.perf_counter() - tic})  # table + worst-prompts figure
     del got.columns
     shutil.rmtree(store.dir / "assembled", ignore_errors=True)  # rebuilt from the shards whenever needed
     ctx.save_table(rows, "metrics_extractors")
