@@ -64,6 +64,10 @@ CMMD = PREFIX + "cmmd"  # CLIP ViT-L/14@336 MMD (features=[clip336] only)
 CLIP_TRUNCATED = PREFIX + "clip_truncated_prompts"
 CI_SUFFIXES = ("_ci_low", "_ci_high")
 PRIMARY_EXTRACTOR_TAG = "metrics.primary_extractor"
+# run tags the end-of-run summary shows: the FD keys whose N <= d (rank-deficient covariance: strongly biased), and
+# the prompt protocol (one image per caption, or k per prompt: pipeline.data.stages.samples_per_prompt)
+FD_BIASED_TAG = "metrics.fd_biased"
+PROMPT_PROTOCOL_TAG = "metrics.prompt_protocol"
 
 # keys that are not per extractor
 NUM_SAMPLES = PREFIX + "num_samples"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pipeline.core.metric_keys import PROMPT_PROTOCOL_TAG
 from pipeline.core.registry import stage
 from pipeline.data.reference import References, ReferenceSet, read_prompts
 from pipeline.errors import UserError
@@ -107,5 +108,5 @@ def prompts_stage(ctx, cfg):
     k, protocol = samples_per_prompt(cfg, len(prompts))
     if m is not None:
         log.info("prompts: %s", protocol)
-        ctx.tag("metrics.prompt_protocol", protocol)
+        ctx.tag(PROMPT_PROTOCOL_TAG, protocol)
     return {"prompts": [p for p in prompts for _ in range(k)]}

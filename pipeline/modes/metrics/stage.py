@@ -36,6 +36,7 @@ from pipeline.core.metric_keys import (
     CLIP_TRUNCATED,
     CMMD,
     COST_NFE,
+    FD_BIASED_TAG,
     PRIMARY_EXTRACTOR_TAG,
     PROMPT_ACCURACY,
     extractor_keys,
@@ -374,7 +375,7 @@ def _all_extractor_stats(ctx, cfg, extractors, real, got: _Assembled, scalars: d
     apply; the extractors table's rows and the per-sample columns of the per-prompt table."""
     m = cfg.mode.metrics
     columns, prompts = got.columns, got.prompts
-    rows, per_prompt, skipped = [], {}, {}
+    rows, per_prompt, skipped, biased = [], {}, {}, []
     for i, (name, ex) in enumerate(extractors.items()):
         s, ci, why_not, per_sample = _extractor_stats(name, ex, real[name], columns, prompts, m, cfg.seed)
         scalars.update(extractor_keys(name, s, ci))  # metrics/<stat>_<name>[_ci_low|_ci_high] (+ fid for inception)
@@ -398,6 +399,9 @@ def _all_extractor_stats(ctx, cfg, extractors, real, got: _Assembled, scalars: d
                     scores, m.ci_bootstrap, cfg.seed
                 )
                 per_prompt.setdefault(ex.score_name, scores)
+        n, d = columns.tensor(f"{name}.pool").shape
+        if n <= d:  # the FD's covariance is rank-deficient: the summary line says so beside the headline
+            biased.append(f"{metric_key('fd', name)}: N = {n} ≤ d = {d}")
         if hasattr(ex, "count_truncated") and prompts and CLIP_TRUNCATED not in scalars:
             scalars[CLIP_TRUNCATED] = len(ex.count_truncated(sorted(set(prompts))))
         rows.append(
@@ -418,6 +422,8 @@ def _all_extractor_stats(ctx, cfg, extractors, real, got: _Assembled, scalars: d
         )
     for key, reason in skipped.items():
         ctx.tag(key, reason)
+    if biased:
+        ctx.tag(FD_BIASED_TAG, "; ".join(biased) + " (fewer samples than feature dimensions: FD strongly biased)")
     return rows, per_prompt
 
 
