@@ -301,3 +301,24 @@ def test_worst_prompt_images_are_read_where_saved_else_regenerated_in_one_batche
     groups = S._worst_images(ctx, cfg, [[3, 7], [9], [12, 13]])
     assert calls == [([3, 9, 12, 13], 16)]  # one call for all the missing ones; sample 7 read from disk
     assert [[int(im[0, 0, 0]) for im in g] for g in groups] == [[3, 7], [9], [12, 13]]
+
+
+def test_preference_score_is_logged_with_its_interval_per_prompt_and_ranked(models, tmp_path):
+    """features=[shapes_net,pickscore]: metrics/pickscore (mean of per-image scores, bootstrap interval), its
+    per-prompt column, the worst prompts ranked by it; no CLIP score and no CMMD note from a preference model."""
+    import csv
+
+    from tiny.preference import tiny_pickscore
+
+    model = tiny_pickscore(tmp_path / "pick")
+    extra = ["features=[shapes_net,pickscore]", f"features.pickscore.model={model}", "mode.metrics.per_prompt=true"]
+    out = run_pipeline(_cfg(models, tmp_path / "out", model="sd", extra=extra), tmp_path / "run")
+    r = out.results
+    assert r["metrics/pickscore_ci_low"] <= r["metrics/pickscore"] <= r["metrics/pickscore_ci_high"]
+    assert "metrics/fd_pickscore" in r and not any(k.startswith("metrics/clip_score") for k in r)
+    rows = list(csv.DictReader((tmp_path / "run" / "tables" / "metrics_per_prompt.csv").open()))
+    assert np.mean([float(row["pickscore"]) for row in rows]) == pytest.approx(r["metrics/pickscore"], rel=1e-5)
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(out.run_id).data.tags
+    assert "skipped.metrics/cmmd" not in tags

@@ -216,7 +216,8 @@ def resize_images(
     h, w = images.shape[-2:]
     if center_crop and h != w:
         short = min(h, w)
-        target = (round(h * size / short), round(w * size / short))
+        # the long side truncated, as CLIP's processor (transformers' get_resize_output_image_size) and torchvision do
+        target = (int(h * size / short), int(w * size / short))
         out = _resize(images, target, mode, value_range) if target != (h, w) else images
         top, left = (out.shape[-2] - size) // 2, (out.shape[-1] - size) // 2
         return out[..., top : top + size, left : left + size]

@@ -415,7 +415,7 @@ def _all_extractor_stats(ctx, cfg, extractors, real, got: _Assembled, scalars: d
             }
         )
         ctx.tag(f"metrics.resize.{name}", ex.resize)
-    if CMMD not in scalars and any(hasattr(ex, "text_embeds") for ex in extractors.values()):
+    if CMMD not in scalars and any("image_embeds" in ex.outputs for ex in extractors.values()):  # another CLIP
         skipped[f"skipped.{CMMD}"] = (
             "CMMD needs features=[clip336] (CLIP ViT-L/14@336, whole image resized to "
             "336² bicubic, as Jayasumana et al.); another CLIP's numbers are not CMMD"
