@@ -201,6 +201,9 @@ class TrackingConfig:
     experiment: str = "diffusion-lens"
     run_name: Optional[str] = None
     connect_timeout_s: float = bounded(5.0, gt=0)
+    # MLflow system metrics (CPU, memory, disk, network; GPUs with nvidia-ml-py) on the run's System metrics tab
+    system_metrics: bool = True
+    system_metrics_interval_s: float = bounded(2.0, gt=0)  # one sample per interval (and one when the run ends)
 
 
 @dataclass

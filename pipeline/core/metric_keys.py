@@ -282,15 +282,18 @@ NUM_SAMPLES_PARAM = "mode.metrics.num_samples"  # the requested N; NUM_SAMPLES i
 
 
 PROGRESS_PREFIX = "progress/"  # live progress of a long run: MLflow-only stepped metrics, never results
+SYSTEM_PREFIX = "system/"  # MLflow's system metrics (tracking.system_metrics): CPU, memory, disk, GPU over time
 
 
 def is_progress(key: str) -> bool:
-    """``progress/samples_done``, ``progress/images_per_s``: shown while a run runs, never compared or ranked.
+    """An MLflow-only stepped metric, never a result: live progress (``progress/samples_done``,
+    ``progress/images_per_s``) and MLflow's system metrics (``system/cpu_utilization_percentage``). Shown while a run
+    runs and in the MLflow UI, never in results.json, compared or ranked.
 
-    >>> is_progress("progress/samples_done"), is_progress("metrics/fd_clip")
-    (True, False)
+    >>> is_progress("progress/samples_done"), is_progress("system/cpu_utilization_percentage"), is_progress("metrics/fd_clip")
+    (True, True, False)
     """
-    return key.startswith(PROGRESS_PREFIX)
+    return key.startswith((PROGRESS_PREFIX, SYSTEM_PREFIX))
 
 
 def is_timing(key: str) -> bool:
@@ -357,6 +360,8 @@ def cost_phase_key(phase: str) -> str:
 def is_cost(key: str) -> bool:
     """A ``cost/*`` key (NFE, FLOPs, seconds, memory, energy): a cost axis, never a quality."""
     return key.startswith(COST_PREFIX)
+
+
 SCHEDULE_SEC_PER_IMAGE = "schedule/sec_per_image"
 SECONDS_PER_IMAGE = (SEC_PER_IMAGE, SCHEDULE_SEC_PER_IMAGE)
 TRAJECTORY_RMSE = "schedule/trajectory_rmse"  # final latent vs the reference solution (lower is better)

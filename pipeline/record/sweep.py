@@ -17,7 +17,7 @@ from pipeline.core.metric_keys import headline_keys
 from pipeline.errors import UserError
 from pipeline.record.naming import sweep_name, swept_values
 from pipeline.record.report import log_checkpoint_samples, write_sweep_report
-from pipeline.record.sweep_summary import best_runs, child_rows, primary_extractor, summarise
+from pipeline.record.sweep_summary import best_label, best_runs, child_rows, primary_extractor, summarise
 from pipeline.record.tracking import (
     _OPEN_PARENTS,
     EFFECTIVE_URI_TAG,
@@ -116,7 +116,8 @@ class SweepCallback(Callback):
             names = {c.info.run_id: c.info.run_name for c in children}
             primary = primary_extractor(child_rows(children))
             scalars = [
-                f"best {k} = {format_value(best[k][0])} ({names.get(best[k][1])})" for k in headline_keys(best, primary)
+                f"best {k} = {format_value(best[k][0])} ({best_label(best[k][1], names)})"  # a tie: every run
+                for k in headline_keys(best, primary)
             ]
             lines = summary_lines(tracker, "sweep summary:", scalars, "sweep dir", sweep_dir)
             sentence = summarise(tracker, children, sweep_dir)

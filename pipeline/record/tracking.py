@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from pipeline.core.metric_keys import FD_BIASED_TAG, PROGRESS_PREFIX, PROMPT_PROTOCOL_TAG
 from pipeline.errors import UserError
 
 # Fail fast on an unreachable server instead of MLflow's default minutes of retries.
@@ -47,12 +48,17 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+try:  # MLflow's system metrics need psutil (a dependency of mlflow, not of mlflow-skinny)
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
+except ImportError as _missing:  # pragma: no cover - reported when a run asks for system metrics
+    SystemMetricsMonitor, _NO_SYSTEM_METRICS = None, _missing
+
 log = logging.getLogger(__name__)
-for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service"):
+for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking._tracking_service", "mlflow.system_metrics"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
@@ -60,6 +66,7 @@ SWEEP_PARAMS_FILE = "mlflow_sweep_params.json"  # {swept key: [values]}, read by
 ENV_URI = "MLFLOW_TRACKING_URI"
 DEFAULT_UI = "http://127.0.0.1:5000"  # where a plain `mlflow ui` serves
 EFFECTIVE_URI_TAG = "tracking.uri_effective"
+MODEL_IDENTITY_TAG = "diffusion_lens.checkpoint"  # a logged model's checkpoint identity (pipeline.record.entities)
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 MAX_PARAM_KEY = 250
 MAX_TAG_VALUE = 5000
@@ -156,6 +163,39 @@ def redact_uri(uri: str) -> str:
 
 
 public_uri = redact_uri  # the name the rest of the project uses
+
+
+class _RedactingFilter(logging.Filter):
+    """Log records of MLflow's own threads (the system-metrics monitor quotes its errors, URLs included) redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logged as it is
+            return True
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+for _name in ("mlflow.system_metrics.system_metrics_monitor", "mlflow.utils.autologging_utils"):
+    logging.getLogger(_name).addFilter(_RedactingFilter())
+
+_WARNED: set[str] = set()  # MLflow 3 features that failed in this process (warned once, never again)
+
+
+def _warn_once(feature: str, exc: BaseException, consequence: str) -> None:
+    """One warning per ``feature`` per process (a sweep of 14 jobs on an old server: one line, not 14)."""
+    if feature in _WARNED:
+        log.debug("%s failed again: %s", feature, redact_text(exc))
+        return
+    _WARNED.add(feature)
+    log.warning(  # the feature in the template: each feature is its own cause (pipeline.core.repeats)
+        f"MLflow {feature} failed (%s); %s. The run goes on (a store or server older than MLflow 3 lacks it).",
+        _short_reason(exc),
+        consequence,
+    )
 
 
 def _split_userinfo(uri: str) -> tuple[str | None, str]:
@@ -476,6 +516,9 @@ class Tracker:
         self.run_id: str | None = None
         self.run_name: str | None = None
         self._logged_params: dict[str, str] = {}  # a reopened run's params (never logged twice)
+        self.model_id: str | None = None  # the run's logged model (use_logged_model): results are logged against it
+        self._monitor: Any = None  # MLflow's system-metrics monitor while it runs (start_system_metrics)
+        self._reopened = False
 
     def _experiment(self, name: str) -> str:
         for attempt in range(5):
@@ -513,6 +556,7 @@ class Tracker:
         _retry_locked(self.client.update_run, run_id, status=status)
         self.run_id, self.run_name = run_id, run.info.run_name
         self._logged_params = dict(run.data.params)
+        self._reopened = True
         return run.data
 
     def log_params(self, params: Mapping[str, str]) -> dict[str, tuple[str, str]]:
@@ -526,15 +570,21 @@ class Tracker:
             _retry_locked(self.client.log_batch, self.run_id, params=items[i : i + 100])
         return changed
 
+    def _metric(self, key: str, value: float, timestamp: int, step: int) -> Metric:
+        """A result scalar carries the run's logged model (:meth:`use_logged_model`): MLflow then records it once,
+        in the run's history and as that model's metric (the UI's Models tab); live progress does not."""
+        model_id = None if key.startswith(PROGRESS_PREFIX) else self.model_id
+        return Metric(key, float(value), timestamp, int(step), model_id=model_id)
+
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
         _retry_locked(
-            self.client.log_batch, self.run_id, metrics=[Metric(key, float(value), int(time.time() * 1000), step)]
+            self.client.log_batch, self.run_id, metrics=[self._metric(key, value, int(time.time() * 1000), step)]
         )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """One round trip per 1000 metrics (MLflow's batch cap), not one per scalar."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [self._metric(k, v, now, step) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             _retry_locked(self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
 
@@ -603,7 +653,111 @@ class Tracker:
 
     # ---- end of run reports
 
+    # ---- MLflow 3 entities: datasets, logged models, system metrics (what they describe: pipeline.record.entities)
+    def log_datasets(self, records: Iterable[Any]) -> int:
+        """Log :class:`pipeline.record.entities.DatasetRecord` s as the run's dataset inputs (``mlflow.log_input``'s
+        entities: name, digest, source, profile; input tag ``mlflow.data.context`` = the record's context). MLflow
+        keeps one input per (name, digest), so a resumed run logs nothing twice. Returns how many were logged; a
+        store that refuses (an old server) is one warning per process, never a failed run."""
+        inputs = []
+        for r in records:
+            dataset = Dataset(
+                name=redact_text(r.name)[:500],
+                digest=r.digest,
+                source_type=r.source_type,
+                source=redact_text(json.dumps(r.source, sort_keys=True)),
+                profile=json.dumps(r.profile, sort_keys=True) if r.profile else None,
+            )
+            inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", r.context)]))
+        if not inputs or self.run_id is None:
+            return 0
+        try:
+            _retry_locked(self.client.log_inputs, self.run_id, datasets=inputs)
+        except Exception as e:  # noqa: BLE001 - datasets are a view of the run, never its outcome
+            _warn_once("dataset logging (log_inputs)", e, "the run has no Datasets section")
+            return 0
+        return len(inputs)
+
+    def use_logged_model(self, record: Any) -> str | None:
+        """The logged model of checkpoint ``record`` (:class:`pipeline.record.entities.ModelRecord`) in this
+        experiment: found by its identity tag (``diffusion_lens.checkpoint``) when an earlier run created it, else
+        created (source run: this one; status READY). It becomes one of this run's model inputs, and every result
+        scalar logged afterwards is logged against it (:meth:`log_metrics`), so the experiment's Models tab compares
+        checkpoints. Returns its id; None (one warning per process) when the store lacks logged models."""
+        if record is None or self.run_id is None:
+            return None
+        try:
+            model_id = self._find_or_create_model(record)
+            _retry_locked(self.client.log_inputs, self.run_id, models=[LoggedModelInput(model_id)])
+        except Exception as e:  # noqa: BLE001 - an old server without the logged-model API
+            _warn_once("logged models", e, "results are logged on the run only, not per checkpoint")
+            return None
+        self.model_id = model_id
+        return model_id
+
+    def _find_or_create_model(self, record: Any) -> str:
+        tag = f"tags.`{MODEL_IDENTITY_TAG}` = '{record.identity}'"  # hex: nothing to quote
+        found = _retry_locked(self.client.search_logged_models, [self.experiment_id], filter_string=tag, max_results=1)
+        if found:
+            return found[0].model_id
+        params = {k: redact_text(v)[:MAX_PARAM_VALUE] for k, v in record.params.items()}
+        model = _retry_locked(
+            self.client.create_logged_model,
+            self.experiment_id,
+            name=record.name,
+            source_run_id=self.run_id,
+            tags={MODEL_IDENTITY_TAG: record.identity},
+            params=params,
+            model_type=record.model_type,
+        )
+        _retry_locked(self.client.finalize_logged_model, model.model_id, "READY")  # no artifacts to wait for
+        return model.model_id
+
+    def start_system_metrics(self, interval_s: float = 2.0) -> bool:
+        """MLflow's system metrics for this run (``system/cpu_utilization_percentage``, memory, disk, network, and
+        per-GPU ``system/gpu_*`` where ``nvidia-ml-py`` is installed), one sample every ``interval_s`` seconds,
+        through :class:`mlflow.system_metrics.system_metrics_monitor.SystemMetricsMonitor` on this run's id and
+        store (the per-run ``log_system_metrics=True`` of ``mlflow.start_run`` needs MLflow's global active run,
+        which this tracker never uses). :meth:`end` stops it; a resumed run continues its steps. Returns whether
+        it started."""
+        if self.run_id is None or self._monitor is not None:
+            return self._monitor is not None
+        try:
+            if SystemMetricsMonitor is None:
+                raise _NO_SYSTEM_METRICS
+            monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=float(interval_s),
+                samples_before_logging=1,
+                resume_logging=self._reopened,
+                tracking_uri=self.uri,
+            )
+            monitor.start()
+        except Exception as e:  # noqa: BLE001 - psutil missing, a store that cannot be read
+            _warn_once("system metrics", e, "the run has no System metrics tab")
+            return False
+        self._monitor = monitor
+        return True
+
+    def stop_system_metrics(self) -> None:
+        """Stop the monitor (joins its thread), then log one last sample, so every run that had it on has at least
+        one ``system/...`` value however short it was. Never raises."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        try:
+            monitor.finish()
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as e:  # noqa: BLE001
+            _warn_once("system metrics", e, "the last system-metrics sample is missing")
+
+    # ---- end of MLflow 3 entities
+
     def end(self, status: str = "FINISHED") -> None:
+        """Stop the system-metrics monitor (whatever happens next), then set the run's final status."""
+        self.stop_system_metrics()
         if self.run_id is not None:
             _retry_locked(self.client.set_terminated, self.run_id, status=status)
 
@@ -662,9 +816,15 @@ def summary_lines(
     scalars = list(scalars)
     name = f"  ({tracker.run_name})" if tracker.run_name else ""
     native = tracker.tags_set.get("generation.path") == "native_call"
+    notes = [  # how the headline was measured, where it changes its meaning (metrics runs)
+        f"  {label:<11} {tracker.tags_set[tag]}"
+        for label, tag in (("prompts", PROMPT_PROTOCOL_TAG), ("biased", FD_BIASED_TAG))
+        if tag in tracker.tags_set
+    ]
     return [
         title,
         "  " + ("  ·  ".join(scalars) if scalars else "(no headline scalars)"),
+        *notes,
         *(
             [f"  {'generation':<11} native_call: the images are the pipeline's own __call__ (no family driver)"]
             if native

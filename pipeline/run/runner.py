@@ -33,10 +33,12 @@ from pipeline.core.context import RunContext
 from pipeline.core.metric_keys import headline_keys, interval_text
 from pipeline.core.progress import LOCK_FILE, PROGRESS_DIR, RunLock, crash_point
 from pipeline.core.registry import MODES, STAGES, load_modes, load_stages, producer_of
+from pipeline.core.repeats import once_per_cause
 from pipeline.core.threads import available_cpus
 from pipeline.errors import ModeSkipped, UserError
 from pipeline.models.loading import resolve_device
 from pipeline.models.stages import check_model
+from pipeline.record.entities import model_record, run_datasets
 from pipeline.record.naming import job_name
 from pipeline.record.naming import run_name as default_run_name
 from pipeline.record.report import write_run_report
@@ -222,16 +224,18 @@ def run_pipeline(
     ctx = RunContext(cfg, run_dir, tracker if main else None)
     outcome = RunOutcome(run_id, "FAILED", run_dir)
     failure: BaseException | None = None
-    try:
-        _record_setup(ctx, tracker, plain, modes, choices, parent_run_id)
-        _start_device(ctx, tracker, modes)
-        seed_everything(cfg.seed)
-        outcome.skipped = execute(ctx, modes)
-        outcome.status = "FINISHED"
-    except KeyboardInterrupt as e:
-        outcome.status, outcome.error, failure = "KILLED", "KeyboardInterrupt (Ctrl-C or SIGTERM)", e
-    except BaseException as e:  # noqa: BLE001 - re-raised below, after the run is closed
-        outcome.error, failure = redact_text(f"{type(e).__name__}: {e}"), e
+    with once_per_cause():  # each warning cause printed once, its count at the end of the run's work
+        try:
+            _start_entities(tracker, cfg, main)
+            _record_setup(ctx, tracker, plain, modes, choices, parent_run_id)
+            _start_device(ctx, tracker, modes)
+            seed_everything(cfg.seed)
+            outcome.skipped = execute(ctx, modes)
+            outcome.status = "FINISHED"
+        except KeyboardInterrupt as e:
+            outcome.status, outcome.error, failure = "KILLED", "KeyboardInterrupt (Ctrl-C or SIGTERM)", e
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the run is closed
+            outcome.error, failure = redact_text(f"{type(e).__name__}: {e}"), e
 
     with deferred_interrupts():  # a Ctrl-C or SIGTERM now waits for the run to be closed, then ends it KILLED
         closing_error = _close_run(ctx, outcome, tracker, lock, scratch, main, tags, choices, cfg)
@@ -330,6 +334,31 @@ def _record_setup(ctx: RunContext, tracker, plain: dict, modes: list[str], choic
         tracker.set_tags({"resumed.changed": "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items()))})
 
 
+def _start_entities(tracker, cfg, main: bool) -> None:
+    """MLflow 3 entities at the run's start: system metrics (``tracking.system_metrics``; stopped by
+    ``tracker.end`` on every exit path) and the checkpoint's logged model (every result scalar is then logged
+    against it). Neither can fail the run (:mod:`pipeline.record.tracking` warns once)."""
+    if not main:
+        return
+    if cfg.tracking.get("system_metrics", True):
+        tracker.start_system_metrics(float(cfg.tracking.get("system_metrics_interval_s", 2.0)))
+    try:
+        record = model_record(cfg.model)
+    except Exception:  # noqa: BLE001 - an unreadable model path is the model stage's to report
+        log.debug("no logged model for %s", cfg.model.get("path"), exc_info=True)
+        record = None
+    tracker.use_logged_model(record)
+
+
+def _log_datasets(ctx: RunContext, tracker, cfg) -> None:
+    """The reference and prompt sets the stages used, as the run's MLflow datasets (:func:`run_datasets`); a
+    warning, never a change of the run's outcome."""
+    try:
+        tracker.log_datasets(run_datasets(ctx.artifacts, cfg))
+    except Exception:  # noqa: BLE001
+        log.warning("could not describe the datasets of %s:\n%s", ctx.run_dir, traceback.format_exc())
+
+
 def _start_device(ctx: RunContext, tracker, modes: list[str]) -> None:
     ctx.device = dist.local_device(resolve_device(ctx.cfg.model.device))  # cuda:LOCAL_RANK under torchrun
     dist.init(ctx.device)  # once per process; a no-op unless launched by torchrun
@@ -390,6 +419,7 @@ def _close_run(
     if outcome.status == "FINISHED":  # nothing left to resume: the shards go (they hold every sample's features)
         shutil.rmtree(run_dir / PROGRESS_DIR, ignore_errors=True)
     if main:  # report.html before the upload, so it is one of the artifacts (pipeline.record.report)
+        _log_datasets(ctx, tracker, cfg)
         _write_report(run_dir, outcome, tracker, tags, choices)
         step("uploading the artifacts", lambda: tracker.log_artifacts(run_dir, exclude=(PROGRESS_DIR, LOCK_FILE)))
     ended = step(f"ending the MLflow run as {outcome.status}", lambda: tracker.end(outcome.status))
