@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.stages import num_reference
+from pipeline.data.stages import num_reference, samples_per_prompt
 from pipeline.models.family import family_in_index, read_model_index
 from pipeline.zoo import checkpoint_step
 
@@ -103,7 +103,7 @@ def _used_sets(reference: Any) -> list[Any]:
 
 def _prompt_record(cfg: Any, prompts: list[str], ref: Any | None) -> DatasetRecord | None:
     m = cfg.mode.get("metrics") if cfg.get("mode") is not None else None
-    k = int(m.samples_per_prompt) if m is not None and m.get("samples_per_prompt") else 1
+    k, _ = samples_per_prompt(cfg, len(prompts))  # the run's protocol (k does not depend on the prompt count)
     distinct = len(prompts) // max(k, 1)
     file = m.get("prompts_file") if m is not None else None
     if file:
