@@ -78,7 +78,7 @@ def _overrides(root: Path, model_dir: Path, name: str, extra=(), schedule: bool 
 
 
 NATIVE = ("auraflow",)  # classes no family file drives: their own __call__ (pipeline.models.native)
-SAMPLES_PER_PROMPT = 4  # conf/mode/metrics.yaml's default: sample i gets prompt i // 4
+SAMPLES_PER_PROMPT = 1  # the default protocol (pipeline.data.stages.samples_per_prompt): one image per caption
 
 
 def _oracle(pipe, name: str, i: int, prompts: list[str]) -> np.ndarray:
