@@ -298,8 +298,9 @@ def test_worst_prompt_images_are_read_where_saved_else_regenerated_in_one_batche
     ctx = SimpleNamespace(run_dir=tmp_path, get=lambda key: None)
     (tmp_path / "images").mkdir()
     Image.fromarray(np.full((2, 2, 3), 7, dtype=np.uint8)).save(tmp_path / "images" / "000007.png")
-    groups = S._worst_images(ctx, cfg, [[3, 7], [9], [12, 13]])
-    assert calls == [([3, 9, 12, 13], 16)]  # one call for all the missing ones; sample 7 read from disk
+    kept = {12: torch.full((3, 2, 2), 12, dtype=torch.uint8)}  # e.g. the sample grid's images, kept in the shards
+    groups = S._worst_images(ctx, cfg, [[3, 7], [9], [12, 13]], kept)
+    assert calls == [([3, 9, 13], 16)]  # one call for all the missing ones; 7 read from disk, 12 already held
     assert [[int(im[0, 0, 0]) for im in g] for g in groups] == [[3, 7], [9], [12, 13]]
 
 

@@ -255,6 +255,7 @@ def _shard(batch, extractors, judge, images_dir, grid: int) -> tuple[dict[str, n
     in_grid = [j for j, i in enumerate(batch.indices) if i < grid**2]
     if in_grid:
         arrays["grid_images"] = batch.images[in_grid].numpy()
+        arrays["grid_indices"] = np.asarray([batch.indices[j] for j in in_grid], dtype=np.int64)
         labels = batch.prompts or ([f"class {c}" for c in batch.class_ids] if batch.class_ids else None)
         meta["grid_labels"] = [labels[j] for j in in_grid] if labels else None
     return arrays, meta
@@ -268,6 +269,7 @@ class _Assembled:
     judged: list = field(default_factory=list)
     grid_images: list = field(default_factory=list)
     grid_labels: list = field(default_factory=list)
+    grid_indices: list = field(default_factory=list)  # the sample index of each grid image
     prompts: list = field(default_factory=list)
     n_invalid: int = 0
     gen_seconds: float = 0.0
@@ -285,8 +287,10 @@ def _assemble(store, batches, num_samples: int) -> _Assembled:
             raise RuntimeError(f"shard of samples {lo}..{hi - 1} missing or corrupt in {store.dir} after generation")
         arrays, meta = shard
         grid = arrays.pop("grid_images", None)
+        grid_indices = arrays.pop("grid_indices", None)
         if grid is not None:
             got.grid_images += [torch.from_numpy(g) for g in grid]
+            got.grid_indices += [int(i) for i in grid_indices]
             got.grid_labels += meta.get("grid_labels") or []
         got.columns.add(arrays)
         got.judged += meta["judged"]
@@ -345,16 +349,17 @@ def _metrics_from_shards(ctx, cfg, store, batches, extractors) -> None:
     ctx.log_scalars(scalars)  # the numbers first: a table or figure that fails must not lose them
     if got.judged:
         ctx.save_table(got.judged, "metrics_prompt_judgements")
-    if got.prompts:
-        tic = time.perf_counter()
-        _per_prompt_outputs(ctx, cfg, got.columns, got.prompts, got.judged, per_prompt)
-        ctx.log_scalars({"metrics/per_prompt_seconds": time.perf_counter() - tic})  # table + worst-prompts figure
-    del got.columns
-    shutil.rmtree(store.dir / "assembled", ignore_errors=True)  # rebuilt from the shards whenever needed
     ctx.save_table(rows, "metrics_extractors")
     ctx.save_figure(
         sample_grid(got.grid_images[: m.grid**2], got.grid_labels[: m.grid**2] or None, m.grid), "metrics_samples"
     )
+    if got.prompts:
+        tic = time.perf_counter()
+        known = dict(zip(got.grid_indices, got.grid_images))  # images the shards keep (the sample grid's)
+        _per_prompt_outputs(ctx, cfg, got.columns, got.prompts, got.judged, per_prompt, known)
+        ctx.log_scalars({"metrics/per_prompt_seconds": time.perf_counter() - tic})  # table + worst-prompts figure
+    del got.columns
+    shutil.rmtree(store.dir / "assembled", ignore_errors=True)  # rebuilt from the shards whenever needed
     headline = primary_fd_key(extractors)
     log.info(
         "metrics: %s = %.4g (primary extractor); %s",
@@ -535,11 +540,11 @@ def _prompt_groups(prompts) -> dict[str, list[int]]:
 _RANK_COLUMNS = ("pickscore", "hpsv2", "imagereward", "clip_score", "prompt_accuracy", "vendi")
 
 
-def _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_sample) -> None:
+def _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_sample, known=None) -> None:
     """``tables/metrics_per_prompt.csv`` (per prompt: samples, the mean of every per-image score — CLIP score, each
     preference score — prompt accuracy where the dataset has a judge, Vendi among its samples) and
     ``plots/metrics_worst_prompts.png``: the worst prompts by the first of :data:`_RANK_COLUMNS` the run has, with up
-    to 4 of their samples (:func:`_worst_images`)."""
+    to 4 of their samples (:func:`_worst_images`; ``known``: {sample index: image} the run still holds)."""
     m = cfg.mode.metrics
     indices = columns.tensor("indices").tolist()
     rows: dict[str, dict] = {}
@@ -574,21 +579,22 @@ def _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_sample) -> None:
             key,
         )
     worst = sorted(ranked, key=lambda r: r[key])[: m.worst_prompts]
-    images = _worst_images(ctx, cfg, [r["_idx"][:PER_PROMPT_SAMPLES] for r in worst])
+    images = _worst_images(ctx, cfg, [r["_idx"][:PER_PROMPT_SAMPLES] for r in worst], known)
     labels = [f"{r['prompt'][:60]}  ({key} {r[key]:.3g})" for r in worst]
     ctx.save_figure(worst_prompts_figure(images, labels), "metrics_worst_prompts")
 
 
-def _worst_images(ctx, cfg, groups: list[list[int]]) -> list[list[torch.Tensor]]:
-    """The images of samples ``groups`` (a list of index lists): read from ``images/`` where the run saved them
-    (``mode.metrics.save_images``), else regenerated in one batched :func:`generate` call over all of them —
+def _worst_images(ctx, cfg, groups: list[list[int]], known=None) -> list[list[torch.Tensor]]:
+    """The images of samples ``groups`` (a list of index lists): those in ``known`` (the sample grid's, kept in the
+    shards), read from ``images/`` where the run saved them (``mode.metrics.save_images``), else regenerated in one
+    batched :func:`generate` call over all the missing ones —
     per-sample seeds, so the run's images up to float rounding where the batch composition differs. One call, not
     one per prompt: the figure costs a fraction of one batch, also in a resumed run with every shard on disk."""
     wanted = [i for g in groups for i in g]
-    found: dict[int, torch.Tensor] = {}
+    found: dict[int, torch.Tensor] = {i: known[i] for i in wanted if i in (known or {})}
     folder = ctx.run_dir / "images"
     if cfg.mode.metrics.save_images:
-        for i in wanted:
+        for i in (i for i in wanted if i not in found):
             path = folder / f"{i:06d}.png"
             if path.is_file():
                 with Image.open(path) as im:
