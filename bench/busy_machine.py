@@ -9,6 +9,7 @@ generation time (``metrics/generation_seconds``). Competitor: ``python -c "while
     python bench/busy_machine.py            # goals: after busy / after alone <= 2.5; after alone / before alone <= 1.05
     python bench/busy_machine.py --worst-prompts   # the per-prompt table + worst-prompts figure's share of the
                                                    # metrics stage, alone and busy (goal <= 5 %)
+    python bench/busy_machine.py --worst-prompts mode.metrics.per_prompt=true   # 4 samples per prompt
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def job(outputs: Path, policy: bool, busy: bool, samples: int, parts: bool = False):
+def job(outputs: Path, policy: bool, busy: bool, samples: int, parts: bool = False, extra: tuple = ()):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     env.pop("OMP_WAIT_POLICY", None)
     if not policy:
@@ -43,6 +44,7 @@ def job(outputs: Path, policy: bool, busy: bool, samples: int, parts: bool = Fal
                 "mode=[metrics]",
                 f"paths.outputs={outputs}",
                 f"mode.metrics.num_samples={samples}",
+                *extra,
             ],
             cwd=REPO,
             env=env,
@@ -64,13 +66,13 @@ def job(outputs: Path, policy: bool, busy: bool, samples: int, parts: bool = Fal
     return wall, r["metrics/generation_seconds"]
 
 
-def worst_prompts(samples: int) -> None:
+def worst_prompts(samples: int, extra: tuple) -> None:
     """The per-prompt outputs' share of the metrics stage, alone and next to one competing process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        job(out, True, False, samples)  # warm-up
+        job(out, True, False, samples, extra=extra)  # warm-up
         for label, busy in (("alone", False), ("busy", True)):
-            stage, part = job(out, True, busy, samples, parts=True)
+            stage, part = job(out, True, busy, samples, parts=True, extra=extra)
             print(
                 f"  {label:>5}: metrics stage {stage:6.1f} s, per-prompt table + worst-prompts figure {part:5.2f} s "
                 f"= {100 * part / stage:.1f} % (goal <= 5 %)",
@@ -82,9 +84,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=256, help="mode.metrics.num_samples (default: the job's own)")
     ap.add_argument("--worst-prompts", action="store_true", help="the worst-prompts figure's share instead")
+    ap.add_argument("overrides", nargs="*", help="config overrides for every job, e.g. mode.metrics.per_prompt=true")
     args = ap.parse_args()
     if args.worst_prompts:
-        worst_prompts(args.samples)
+        worst_prompts(args.samples, tuple(args.overrides))
         return
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]

@@ -302,6 +302,9 @@ def test_worst_prompt_images_are_read_where_saved_else_regenerated_in_one_batche
     groups = S._worst_images(ctx, cfg, [[3, 7], [9], [12, 13]], kept)
     assert calls == [([3, 9, 13], 16)]  # one call for all the missing ones; 7 read from disk, 12 already held
     assert [[int(im[0, 0, 0]) for im in g] for g in groups] == [[3, 7], [9], [12, 13]]
+    # what the shards keep of every image for the figure (runs up to THUMBNAIL_MAX_N): longest side 128 px
+    thumbs = S._thumbnails(torch.full((2, 3, 512, 256), 200, dtype=torch.uint8))
+    assert thumbs.shape == (2, 3, 128, 64) and thumbs.dtype == torch.uint8 and int(thumbs.min()) == 200
 
 
 def test_preference_score_is_logged_with_its_interval_per_prompt_and_ranked(models, tmp_path):
@@ -323,3 +326,33 @@ def test_preference_score_is_logged_with_its_interval_per_prompt_and_ranked(mode
 
     tags = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(out.run_id).data.tags
     assert "skipped.metrics/cmmd" not in tags
+
+
+def test_worst_prompts_are_ranked_by_a_column_that_orders_them_and_skipped_when_all_tie(monkeypatch):
+    """Prompt accuracy 1 for every prompt ranks nothing: the next column with a spread (Vendi) ranks, and when none
+    has one the figure is skipped with a tag instead of showing arbitrary 'worst' prompts."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from pipeline.modes.metrics import stage as S
+
+    saved, tags = {}, {}
+    ctx = SimpleNamespace(
+        save_table=lambda rows, name: saved.setdefault(name, rows),
+        save_figure=lambda fig, name: saved.setdefault(name, fig),
+        tag=lambda key, value: tags.setdefault(key, value),
+    )
+    monkeypatch.setattr(S, "_worst_images", lambda ctx, cfg, groups, known=None: [[] for _ in groups])
+    monkeypatch.setattr(S, "worst_prompts_figure", lambda images, labels: labels)
+    cfg = OmegaConf.create({"mode": {"metrics": {"worst_prompts": 1}}})
+    columns = SimpleNamespace(tensor=lambda key: torch.arange(4))
+    prompts, judged = ["a", "a", "b", "b"], [{"correct": True}] * 4
+    S._per_prompt_outputs(ctx, cfg, columns, prompts, judged, {"vendi": {"a": 1.5, "b": 1.2}})
+    assert saved["metrics_worst_prompts"] == ["b  (vendi 1.2)"] and not tags
+    saved.clear()
+    S._per_prompt_outputs(ctx, cfg, columns, prompts, judged, {})
+    assert (
+        "metrics_worst_prompts" not in saved
+        and "ties on prompt_accuracy" in tags["skipped.plots/metrics_worst_prompts"]
+    )

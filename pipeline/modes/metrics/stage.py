@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import metrics as M
@@ -58,6 +59,8 @@ from pipeline.modes.metrics.plots import sample_grid, worst_prompts_figure
 log = logging.getLogger(__name__)
 
 REPORTED_N = 10_000  # below this, FID & co. are biased: say so
+THUMBNAIL_MAX_N = 2048  # runs up to this N keep a thumbnail of every image in the shards (worst-prompts figure)
+THUMBNAIL_SIDE = 128  # pixels, the longest side (the figure shows a tile ~150 px wide)
 
 
 @stage("metrics_check")
@@ -193,6 +196,9 @@ def _generate_shards(ctx, cfg, store, batch_size: int, done) -> None:
         cost=bool(m.cost),
     )
     first = True
+    # the worst-prompts figure shows a few samples small: up to THUMBNAIL_MAX_N samples each keeps a thumbnail in
+    # its shard, so the figure reuses them; above, regenerating ~40 images is under 2 % of the generation
+    keep_thumbnails = bool(prompts) and m.worst_prompts >= 1 and n <= THUMBNAIL_MAX_N
     tic = time.perf_counter()
     joules = energy.read() if energy is not None else None
     for batch in stream:
@@ -206,7 +212,7 @@ def _generate_shards(ctx, cfg, store, batch_size: int, done) -> None:
                 {n: f"{e.input_size}px {e.resize}" for n, e in extractors.items()},
             )
         first = False
-        arrays, meta = _shard(batch, extractors, judge, images_dir, m.grid)
+        arrays, meta = _shard(batch, extractors, judge, images_dir, m.grid, keep_thumbnails)
         meta["generation_seconds"], meta["features_seconds"] = gen_seconds, time.perf_counter() - tic
         if m.cost:
             joules = _meter_batch(meta, batch, ctx.device, energy, joules)
@@ -232,12 +238,15 @@ def _meter_batch(meta: dict, batch, device, energy, joules_before):
     return now
 
 
-def _shard(batch, extractors, judge, images_dir, grid: int) -> tuple[dict[str, np.ndarray], dict]:
-    """One generated batch as a shard: its per-sample extractor outputs, judgements and grid images."""
+def _shard(batch, extractors, judge, images_dir, grid: int, thumbnails: bool = False):
+    """One generated batch as a shard: its per-sample extractor outputs, judgements, grid images and (``thumbnails``)
+    every image's thumbnail for the worst-prompts figure."""
     arrays: dict[str, np.ndarray] = {"indices": np.asarray(batch.indices, dtype=np.int64)}
     meta = {"num_invalid": batch.num_invalid, "prompts": batch.prompts, "class_ids": batch.class_ids, "judged": []}
     if not len(batch.images):
         return arrays, meta
+    if thumbnails:
+        arrays["thumbnails"] = _thumbnails(batch.images).numpy()
     if images_dir is not None:
         _save_images(images_dir, batch.images, batch.indices)
     for name, ex in extractors.items():
@@ -566,8 +575,14 @@ def _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_sample, known=No
             row["prompt_accuracy"] = float(np.mean([judged[i]["correct"] for i in row["_pos"]]))
     table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows.values()]
     ctx.save_table(table, "metrics_per_prompt")  # a prompt without a value: an empty cell
-    key = next((k for k in _RANK_COLUMNS if any(k in r for r in table)), None)
+    present = [k for k in _RANK_COLUMNS if any(k in r for r in table)]
+    # a column every prompt ties on ranks nothing (the shapes judge finds every prompt right): the next one, else none
+    key = next((k for k in present if _ranks([r[k] for r in table if k in r])), None)
     if key is None or m.worst_prompts < 1:
+        if present and m.worst_prompts >= 1:
+            reason = f"every prompt ties on {', '.join(present)}: no worst prompts to show"
+            log.info("worst-prompts figure skipped: %s", reason)
+            ctx.tag("skipped.plots/metrics_worst_prompts", reason)
         return
     ranked = [r for r in rows.values() if key in r]
     if len(ranked) < len(rows):  # Vendi: prompts with one sample (N not a multiple of k) have none
@@ -579,9 +594,30 @@ def _per_prompt_outputs(ctx, cfg, columns, prompts, judged, per_sample, known=No
             key,
         )
     worst = sorted(ranked, key=lambda r: r[key])[: m.worst_prompts]
-    images = _worst_images(ctx, cfg, [r["_idx"][:PER_PROMPT_SAMPLES] for r in worst], known)
+    groups = [r["_idx"][:PER_PROMPT_SAMPLES] for r in worst]
+    thumbs = columns.tensor("thumbnails")
+    if thumbs is not None:  # kept in the shards (N <= THUMBNAIL_MAX_N): no regeneration
+        wanted = {i for g in groups for i in g}
+        known = {**(known or {}), **{i: thumbs[pos] for pos, i in enumerate(indices) if i in wanted}}
+    images = _worst_images(ctx, cfg, groups, known)
     labels = [f"{r['prompt'][:60]}  ({key} {r[key]:.3g})" for r in worst]
     ctx.save_figure(worst_prompts_figure(images, labels), "metrics_worst_prompts")
+
+
+def _thumbnails(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (n, 3, h, w) with the longest side at most :data:`THUMBNAIL_SIDE` (antialiased bilinear)."""
+    h, w = images.shape[-2:]
+    scale = THUMBNAIL_SIDE / max(h, w)
+    if scale >= 1:
+        return images.clone()
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return small.round().clamp(0, 255).to(torch.uint8)
+
+
+def _ranks(values: list) -> bool:
+    """Whether a column orders prompts: one prompt (its samples are shown), or at least two different values."""
+    return len(values) < 2 or len(set(values)) > 1
 
 
 def _worst_images(ctx, cfg, groups: list[list[int]], known=None) -> list[list[torch.Tensor]]:
