@@ -27,13 +27,23 @@ DDIM inversion round trip; prints whether every output is finite (no NaN), the P
     python bench/gpu_throughput.py --tiny          # CPU dry run of the script with tiny components
     python bench/gpu_throughput.py --tiny --attention
     python bench/gpu_throughput.py --batches --attention --latent   # attention + latent sections only
+    python bench/gpu_throughput.py --batches --cost   # the cost section only (--tiny --cost: its CPU dry run)
+
+Cost section (``--cost``, issue 29): 64 images of the SD 1.5 architecture (fp16, 512², batch 16, 25 steps, guidance
+7.5) through ``generate(cost=True)`` with the run's meters (``pipeline.core.cost``): the ``cost/*`` scalars a metrics
+run logs — energy per image from NVML's total-energy counter (``pip install nvidia-ml-py``), CUDA allocated/reserved
+peaks, FLOPs — printed next to ``nvidia-smi``'s own reading (memory used while the weights are held; power draw
+sampled during generation, × wall time as its energy estimate).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -376,6 +386,7 @@ def main() -> None:
         help="also time the attention capture vs plain generation (SD 1.5 and SDXL architectures)",
     )
     ap.add_argument("--latent", action="store_true", help="also run the latent check on the SDXL architecture")
+    ap.add_argument("--cost", action="store_true", help="also the cost/* figures of 64 images, next to nvidia-smi's")
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -422,6 +433,8 @@ def main() -> None:
             )
             if device.type == "cuda":
                 print(f"          peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+        if args.cost:
+            cost_check(pipe, model, device, 8 if args.tiny else 64, 4 if args.tiny else 16, args.steps)
         if not (args.attention or args.latent):
             return
         if args.attention:
@@ -440,6 +453,76 @@ def main() -> None:
             attention_overhead("SDXL", pipe, 4, 10, None if args.tiny else (512, 512), device, args.repeats)
         if args.latent:
             latent_check(pipe, device, args.tiny)
+
+
+def _smi(query: str) -> list[str] | None:
+    """``nvidia-smi --query-gpu=<query>`` of GPU 0 as strings, None without nvidia-smi."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", "0"],
+        capture_output=True,
+        text=True,
+    )
+    return [v.strip() for v in out.stdout.strip().split(",")] if out.returncode == 0 else None
+
+
+def cost_check(pipe, model, device: torch.device, n: int, batch: int, steps: int) -> None:
+    """The cost meters of a metrics run on ``n`` generated images, and nvidia-smi's reading beside them."""
+    from pipeline.core import cost as C
+    from pipeline.models.generation import generate, nfe
+
+    energy = C.EnergyCounter(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    h, w = model.native_size()
+    prompts = [f"a photo of a {c} cat" for c in ("red", "green", "blue", "yellow")]
+    power: list[float] = []
+    done = threading.Event()
+
+    def sample_power() -> None:  # nvidia-smi's power draw every 0.2 s while generating
+        while not done.wait(0.2):
+            got = _smi("power.draw")
+            if got:
+                power.append(float(got[0]))
+
+    sampler = threading.Thread(target=sample_power, daemon=True)
+    sampler.start()
+    batches, joules, start = [], energy.read(), time.perf_counter()
+    tic = start
+    for b in generate(model, pipe.scheduler, n, batch, steps, 7.5, 0, prompts=prompts, progress=False, cost=True):
+        now, reading = time.perf_counter(), energy.read()
+        meters = {"timings": b.timings, "peak_rss_mb": C.peak_rss_mb()}
+        peaks = C.cuda_peaks_mb(device)
+        if peaks is not None:
+            meters["cuda_max_allocated_mb"], meters["cuda_max_reserved_mb"] = peaks
+        if reading is not None and joules is not None:
+            meters["energy_joules"] = reading - joules
+        else:
+            meters["energy_skipped"] = energy.reason or "not readable"
+        batches.append((len(b.indices) + b.num_invalid, now - tic, 0.0, meters))
+        tic, joules = now, reading
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    smi_memory = _smi("name,memory.used,memory.total")
+    out, why = C.run_cost(batches, nfe(model, pipe.scheduler, steps, h, w))
+    print(f"cost of {n} images (batch {batch}, {steps} steps, {h}x{w}), energy source {energy.source or 'none'}:")
+    for key, value in sorted(out.items()):
+        print(f"  {key} = {value:.6g}")
+    for key, reason in sorted(why.items()):
+        print(f"  {key}: skipped ({reason})")
+    if smi_memory:
+        print(f"  nvidia-smi: {smi_memory[0]}, memory used {smi_memory[1]} / {smi_memory[2]} MiB (process + context)")
+    if power:
+        mean = sum(power) / len(power)
+        print(
+            f"  nvidia-smi: power draw mean {mean:.1f} W over {len(power)} samples -> {mean * wall / n:.2f} J per image "
+            f"(vs cost/energy_joules_per_image above)"
+        )
+    elif device.type == "cuda":
+        print("  nvidia-smi: not available")
 
 
 def latent_check(pipe, device: torch.device, tiny: bool) -> None:

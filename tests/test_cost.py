@@ -123,3 +123,25 @@ def test_repeated_warnings_print_once_per_cause_and_end_with_their_count(caplog)
     assert seen.count("another cause") == 2 and seen.count("errors always print") == 4
     summary = [m for m in seen if "in this run" in m]
     assert summary == ["3× in this run (printed once above): fewer samples than dimensions (32 in the second set)"] * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generation_reports_memory_peaks_flops_and_energy_or_why_not(model_of):
+    """On CUDA: the memory peaks are positive, the FLOPs equal the CPU count (the same shapes), and energy comes from
+    NVML where nvidia-ml-py reads it, else a reason."""
+    model = model_of("sdxl")
+    kw = dict(prompts=["a red circle"], height=32, width=32, progress=False, cost=True)
+    cpu = next(generate(model, model.pipe.scheduler, 2, 2, 2, 5.0, 0, **kw)).timings["denoiser_flops"]
+    model.pipe.to("cuda")
+    try:
+        meter = C.EnergyCounter("cuda")
+        torch.cuda.reset_peak_memory_stats()
+        before = meter.read()
+        batch = next(generate(model, model.pipe.scheduler, 2, 2, 2, 5.0, 0, **kw))
+        allocated, reserved = C.cuda_peaks_mb("cuda")
+        assert 0 < allocated <= reserved and batch.timings["denoiser_flops"] == cpu
+        after = meter.read()
+        assert (after is not None and after >= before) if meter.source == "nvml" else bool(meter.reason)
+    finally:
+        model.pipe.to("cpu")
