@@ -105,11 +105,15 @@ class FeatureExtractor(ABC):
         with torch.no_grad(), _strict_fp32(self.device):
             for start in range(0, images.shape[0], self.batch_size):
                 x = to_pixels(images[start : start + self.batch_size].to(self.device), scale=self.pixel_scale)
-                x = resize_images(x, self.input_size, self.resize, self.center_crop, (0.0, self.pixel_scale))
-                out = self._forward(x)
+                out = self._forward(self._geometry(x))
                 for k in self.outputs:
                     chunks[k].append(out[k].float().cpu())
         return {k: torch.cat(v) if v else torch.empty(0) for k, v in chunks.items()}
+
+    def _geometry(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float pixels (n, 3, H, W) -> (n, 3, S, S) at ``input_size``: stretched, or shortest side + centre crop
+        (``center_crop``); an extractor with another geometry (HPS's letterbox) overrides this."""
+        return resize_images(pixels, self.input_size, self.resize, self.center_crop, (0.0, self.pixel_scale))
 
     def describe(self) -> dict[str, Any]:
         """What identifies these features: log it with every score and put it in cache keys."""

@@ -44,8 +44,6 @@ import torch.nn.functional as F
 from pipeline.errors import UserError
 from pipeline.features.base import (
     FeatureExtractor,
-    _check_images,
-    _strict_fp32,
     files_id,
     register_extractor,
     to_pixels,
@@ -293,23 +291,19 @@ class HPSv2Extractor(FeatureExtractor):
             "score": "cos",
         }
 
+    def _geometry(self, pixels: torch.Tensor) -> torch.Tensor:
+        # HPSv2's light_augmentation: the longest side to the input size, zero padding to a square (no crop)
+        return letterbox(pixels, self.input_size, self.resize)
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 / [0, 1] (N, 3, H, W) → the normalised (N, 3, S, S) pixels HPSv2's ``preprocess_val`` gives."""
-        x = letterbox(to_pixels(images.to(self.device)), self.input_size, self.resize)
-        return (x - self._mean) / self._std
+        return self._normalise(self._geometry(to_pixels(images.to(self.device))))
 
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        # the base class resizes to squares (stretch or crop); HPS letterboxes, so its batching is redone here
-        images = _check_images(images)
-        chunks: list[torch.Tensor] = []
-        with torch.no_grad(), _strict_fp32(self.device):
-            for start in range(0, images.shape[0], self.batch_size):
-                pixels = self.preprocess(images[start : start + self.batch_size])
-                chunks.append(self._forward(pixels)["pool"].float().cpu())
-        return {"pool": torch.cat(chunks) if chunks else torch.empty(0)}
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self._mean) / self._std
 
     def _forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"pool": self.model.encode_image(pixels)}
+        return {"pool": self.model.encode_image(self._normalise(pixels))}
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """(N, E) projected text features (``encode_text``, float32, CPU, not normalised); warns on truncation."""
