@@ -371,7 +371,7 @@ def test_reproduce_shows_timing_and_setup_apart_and_compares_the_rest():
 
 
 def test_which_run_wins_says_separable_tie_or_no_interval():
-    from pipeline.record.sweep_summary import winner_lines, winners
+    from pipeline.record.ranking import winner_lines, winners
 
     rows = [
         {

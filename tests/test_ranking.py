@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.core import metric_keys as K
 from pipeline.record import compare as C
+from pipeline.record import ranking as R
 from pipeline.record import sweep_summary as S
 from pipeline.record.report import write_sweep_report
 
@@ -70,22 +71,22 @@ def _sweep():
 def test_only_quality_keys_rank_and_equal_values_are_a_tie():
     children = _sweep()
     rows = S.child_rows(children)
-    got = {w["metric"]: (w["best_runs"], w["runner_up_runs"], w["verdict"]) for w in S.winners(rows)}
+    got = {w["metric"]: (w["best_runs"], w["runner_up_runs"], w["verdict"]) for w in R.winners(rows)}
     assert got == {
         FD: (["a"], ["b"], "separable"),  # [9, 11] vs [13, 15]
         "metrics/recall_clip": (["a", "b"], ["c"], "equal values"),  # a tie at the top, without intervals too
         PICK: (["c"], ["b"], "tie"),  # higher is better; [21.1, 21.9] overlaps [20.6, 21.4]
     }  # fd_floor, seconds, cost/*, counts, spreads, progress and the failed run's values never rank
-    lines = S.winner_lines(rows)
+    lines = R.winner_lines(rows)
     assert "  metrics/recall_clip: best a, b (0.5), runner-up c (0.25) — tie: equal values" in lines
     assert lines[-1] == "  equal across jobs, not ranked: metrics/prompt_accuracy (1)"  # said once, not ranked
     assert not any(k in line for line in lines for k in ("fd_floor", "sec_per_image", "cost/", "seconds"))
 
-    best = S.best_runs(children)  # the sweep parent's best.<key> and best.<key>.run_id: the same rule
+    best = R.best_runs(children)  # the sweep parent's best.<key> and best.<key>.run_id: the same rule
     assert best == {FD: (10.0, "r0"), "metrics/recall_clip": (0.5, "r0,r1"), PICK: (21.5, "r2")}
     names = {c.info.run_id: c.info.run_name for c in children}
-    assert S.best_label(best["metrics/recall_clip"][1], names) == "tie: a, b"
-    assert S.best_runs(children[:1]) == {}  # one job: nothing to rank
+    assert R.best_label(best["metrics/recall_clip"][1], names) == "tie: a, b"
+    assert R.best_runs(children[:1]) == {}  # one job: nothing to rank
 
 
 def test_values_equal_to_nine_digits_are_one_value_and_one_run_is_no_ranking():
@@ -93,13 +94,13 @@ def test_values_equal_to_nine_digits_are_one_value_and_one_run_is_no_ranking():
         {"run_name": n, "status": "FINISHED", "metrics/precision_clip": v}
         for n, v in (("a", 0.6), ("b", 0.6 * (1 + 1e-12)), ("c", 0.6))
     ]
-    assert S.rank(rows, "metrics/precision_clip") is None and S.equal_keys(rows) == {"metrics/precision_clip": 0.6}
+    assert R.rank(rows, "metrics/precision_clip") is None and R.equal_keys(rows) == {"metrics/precision_clip": 0.6}
     rows[2]["metrics/precision_clip"] = 0.7
-    r = S.rank(rows, "metrics/precision_clip")
+    r = R.rank(rows, "metrics/precision_clip")
     assert [x["run_name"] for x in r.best] == ["c"] and [x["run_name"] for x in r.runner_up] == ["a", "b"]
     assert r.verdict == "no interval"
-    assert S.rank(rows, "metrics/sec_per_image") is None and S.rank(rows[:1], "metrics/precision_clip") is None
-    assert [S.is_ranked(k) for k in (HPS, "attention/miou", "metrics/fd_floor_clip", K.COST_FLOPS, "metrics/fid")] == [
+    assert R.rank(rows, "metrics/sec_per_image") is None and R.rank(rows[:1], "metrics/precision_clip") is None
+    assert [R.is_ranked(k) for k in (HPS, "attention/miou", "metrics/fd_floor_clip", K.COST_FLOPS, "metrics/fid")] == [
         True,
         True,
         False,
@@ -183,7 +184,7 @@ def test_measured_costs_alone_or_equal_values_make_no_frontier_row():
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_join_run_ids_caps_a_long_tie(n):
-    ids = [f"r{i}" for i in range(S.MAX_TIED_IDS + n)]
-    text = S.join_run_ids(ids)
-    assert text.split(S.TIE_SEPARATOR)[:2] == ["r0", "r1"] and text.endswith(f"… {n} more")
-    assert S.best_label(text, {}).startswith("tie: r0, r1")
+    ids = [f"r{i}" for i in range(R.MAX_TIED_IDS + n)]
+    text = R.join_run_ids(ids)
+    assert text.split(R.TIE_SEPARATOR)[:2] == ["r0", "r1"] and text.endswith(f"… {n} more")
+    assert R.best_label(text, {}).startswith("tie: r0, r1")

@@ -94,7 +94,8 @@ def test_killed_runs_resume_to_the_uninterrupted_result(killed, caplog, monkeypa
 
     monkeypatch.setenv("DIFFUSION_LENS_THREAD_POLICY", "off")  # one thread throughout, as the subprocesses
     from pipeline.core import progress
-    from pipeline.record.sweep_summary import best_runs, child_rows
+    from pipeline.record.ranking import best_runs
+    from pipeline.record.sweep_summary import child_rows
     from pipeline.run import resume
     from pipeline.run.runner import run_pipeline
 

@@ -212,7 +212,8 @@ def test_run_names():
 
 
 def test_sweep_parent_best_per_direction_and_closing_sentence(tmp_path):
-    from pipeline.record.sweep_summary import best_runs, sentence
+    from pipeline.record.ranking import best_runs
+    from pipeline.record.sweep_summary import sentence
 
     def run(rid, status, start, **metrics):
         return SimpleNamespace(

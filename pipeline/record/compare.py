@@ -4,7 +4,7 @@
 
 Prints one line per run (name, status, what was swept, the main metrics; sorted by ``--sort``, by default
 ``metrics/fd_<primary extractor>`` (see ``pipeline.core.metric_keys``), failed runs last), which run wins per quality
-metric (``pipeline.record.sweep_summary.winner_lines``: the one ranking rule of sweep summaries, ties as ties), and
+metric (``pipeline.record.ranking.winner_lines``: the one ranking rule of sweep summaries, ties as ties), and
 writes the full table (``sweep_summary.csv``) and the plots that apply (quality-vs-cost frontier, guidance,
 per-checkpoint) into ``--out`` (default ``<outputs>/compare/<target>``). A parent run id compares its children; an
 experiment name compares every run of the experiment except sweep parents. Only MLflow is read (search_runs), never
@@ -31,6 +31,7 @@ from pipeline.core.metric_keys import (
     preference_key,
 )
 from pipeline.errors import UserError
+from pipeline.record.ranking import winner_lines
 from pipeline.record.sweep_summary import (
     FAILED_STATUSES,
     child_rows,
@@ -40,7 +41,6 @@ from pipeline.record.sweep_summary import (
     mixed_n_warning,
     primary_extractor,
     swept,
-    winner_lines,
     write_summary,
 )
 from pipeline.record.tracking import MlflowException, _check_reachable, open_client, redact_uri, resolve_uri

@@ -13,7 +13,7 @@ anything outside the file (a Content-Security-Policy ``default-src 'none'`` says
   ``pipeline.run.runner.run_pipeline`` writes it before the artifact upload, so it is one of the run's artifacts.
 - :func:`write_sweep_report` builds ``<sweep_dir>/report.html`` for a sweep's parent run: the child runs (name,
   status, what was swept, headline and preference metrics with intervals, the best marked, error), the best values
-  (:func:`pipeline.record.sweep_summary.rank`, the rule of the parent's ``best.<key>``: quality metrics only, ties
+  (:func:`pipeline.record.ranking.rank`, the rule of the parent's ``best.<key>``: quality metrics only, ties
   as ties), the sweep plots and each child's sample grid. :class:`pipeline.record.sweep.SweepCallback` writes and
   logs it when the sweep ends.
 - :func:`log_checkpoint_samples`: in a checkpoint sweep, each child's sample grid is logged on the parent run as
@@ -46,18 +46,15 @@ from pipeline.core.metric_keys import (
     higher_is_better,
     preference_key,
 )
+from pipeline.record.ranking import VERDICTS, equal_keys, rank, winners
 from pipeline.record.sweep_summary import (
     CHECKPOINT,
-    VERDICTS,
     checkpoint_label,
     child_rows,
-    equal_keys,
     frontier_lines,
     mixed_n_warning,
     primary_extractor,
-    rank,
     swept,
-    winners,
 )
 from pipeline.record.tracking import environment_tags
 from pipeline.zoo import checkpoint_step
@@ -714,7 +711,7 @@ def _sweep_provenance(sweep_dir: Path, parent_run: Any, rows: list[dict], primar
 
 
 def _sweep_best(rows: list[dict]) -> str | None:
-    """Per ranked metric (:func:`pipeline.record.sweep_summary.winners`: quality metrics only, never timings,
+    """Per ranked metric (:func:`pipeline.record.ranking.winners`: quality metrics only, never timings,
     ``cost/*``, counts or ``fd_floor``; the rule of the parent's ``best.<key>``): the best value, the better direction,
     the run (every run of a tie), the runner-up and the verdict; then the metrics equal across the finished runs,
     which are not ranked."""
@@ -765,7 +762,7 @@ def _sweep_frontiers(rows: list[dict]) -> str | None:
 
 def _sweep_runs(rows: list[dict], keys: list[str], primary: str | None, steps: dict) -> str:
     """One row per child: name, status, (checkpoint step), swept values, headline metrics and preference scores with
-    intervals, error. The best value(s) of each ranked column (:func:`pipeline.record.sweep_summary.rank`: quality
+    intervals, error. The best value(s) of each ranked column (:func:`pipeline.record.ranking.rank`: quality
     metrics only, not where every finished run has one value) are marked."""
     preference = [preference_key(s) for s in PREFERENCE_SCORERS]
     metric_cols = list(

@@ -16,8 +16,9 @@ from pipeline.core import distributed
 from pipeline.core.metric_keys import headline_keys
 from pipeline.errors import UserError
 from pipeline.record.naming import sweep_name, swept_values
+from pipeline.record.ranking import best_label, best_runs
 from pipeline.record.report import log_checkpoint_samples, write_sweep_report
-from pipeline.record.sweep_summary import best_label, best_runs, child_rows, primary_extractor, summarise
+from pipeline.record.sweep_summary import child_rows, primary_extractor, summarise
 from pipeline.record.tracking import (
     _OPEN_PARENTS,
     EFFECTIVE_URI_TAG,
