@@ -141,6 +141,10 @@ class References:
             )
         return self._sets[n]
 
+    def taken(self) -> list[ReferenceSet]:
+        """The sets the run's modes took with :meth:`first`, in the order they were first asked for."""
+        return list(self._sets.values())
+
 
 def reference_set(
     dataset_cfg: Any, n: int | None = None, split: str | None = None, cache_dir: str | Path | None = None

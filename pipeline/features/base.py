@@ -30,7 +30,7 @@ import pkgutil
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from pipeline.errors import UserError
 
 __all__ = [
     "FeatureExtractor",
+    "PromptScorer",
     "ResizeModeName",
     "RESIZE_MODES",
     "register_extractor",
@@ -128,6 +129,47 @@ class FeatureExtractor(ABC):
     def __repr__(self) -> str:
         desc = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
         return f"{type(self).__name__}({desc}, outputs={self.outputs})"
+
+
+class PromptScorer:
+    """The part of the extractor interface a human-preference scorer adds (``features=[pickscore]``, ``[hpsv2]``): the
+    metrics stage logs ``metrics/<score_name>`` from :meth:`prompt_scores` of every generated batch. Subclasses give
+    ``_text_features(prompts)`` and ``_scores(image_pool, text) -> (N,)`` (the published formula); the image side is
+    the ``pool`` of the same batch's extractor outputs, so scoring adds only a text pass."""
+
+    score_name: str
+
+    def _text_features(self, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _scores(self, pool: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prompt_scores(self, outputs: dict[str, torch.Tensor], images: torch.Tensor, prompts: Sequence[str]):
+        """The score of each image with its prompt, float32 (N,) on the CPU. ``outputs``: what ``self(images)``
+        returned for these images."""
+        pool = check_score_inputs(outputs, images, prompts, self.name)
+        if not len(prompts):
+            return torch.empty(0, dtype=torch.float32)
+        return self._scores(pool, self._text_features(list(prompts))).float().cpu()
+
+
+def check_score_inputs(outputs: dict[str, torch.Tensor], images: torch.Tensor, prompts: Sequence[str], name: str):
+    """``outputs["pool"]``, after checking it pairs row for row with ``prompts`` (and ``images``)."""
+    if "pool" not in outputs:
+        raise KeyError(
+            f"{name}.prompt_scores: expected the outputs of {name}(images) (a 'pool' entry), got {sorted(outputs)}"
+        )
+    pool = outputs["pool"]
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{name}.prompt_scores: expected a list of prompt strings, one per image")
+    n_images = images.shape[0] if images is not None else pool.shape[0]
+    if not (pool.shape[0] == len(prompts) == n_images):
+        raise ValueError(
+            f"{name}.prompt_scores: expected one prompt per image, got {len(prompts)} prompts, {n_images} images "
+            f"and {pool.shape[0]} embeddings"
+        )
+    return pool
 
 
 def _check_images(images: Any) -> torch.Tensor:

@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from pipeline.errors import UserError
 from pipeline.features.base import (
     FeatureExtractor,
+    PromptScorer,
     files_id,
     register_extractor,
     to_pixels,
 )
 from pipeline.features.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from pipeline.features.pickscore import check_score_inputs
 from pipeline.metrics.preference import hps_scores
 
 __all__ = [
@@ -220,7 +220,7 @@ def _quiet_random_init():
         root.removeFilter(notice)
 
 
-class HPSv2Extractor(FeatureExtractor):
+class HPSv2Extractor(PromptScorer, FeatureExtractor):
     """``pool`` (N, 1024) per image batch; ``prompt_scores`` = HPS v2.1 per (image, prompt)."""
 
     name = "hpsv2"
@@ -328,15 +328,11 @@ class HPSv2Extractor(FeatureExtractor):
                 out.append(self.model.encode_text(tokens).float().cpu())
         return torch.cat(out) if out else torch.empty(0, int(self.model.text_projection.shape[-1]))
 
-    def prompt_scores(
-        self, outputs: dict[str, torch.Tensor], images: torch.Tensor, prompts: Sequence[str]
-    ) -> torch.Tensor:
-        """HPS v2.1 of each image with its prompt, float32 (N,) on the CPU. ``outputs``: what ``self(images)``
-        returned for these images (its ``pool`` is reused: no second image pass)."""
-        pool = check_score_inputs(outputs, images, prompts, self.name)
-        if not len(prompts):
-            return torch.empty(0, dtype=torch.float32)
-        return hps_scores(pool, self.text_features(prompts)).float().cpu()
+    def _text_features(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_features(prompts)
+
+    def _scores(self, pool: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return hps_scores(pool, text)
 
 
 @register_extractor("hpsv2")

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from pipeline.features.base import register_extractor
+from pipeline.features.base import PromptScorer, register_extractor
 from pipeline.features.clip import CLIPExtractor
 from pipeline.metrics.preference import pickscore_scores
 
-__all__ = ["PickScoreExtractor", "PICKSCORE_MODEL", "PICKSCORE_PROCESSOR", "check_score_inputs"]
+__all__ = ["PickScoreExtractor", "PICKSCORE_MODEL", "PICKSCORE_PROCESSOR"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # what the model card's snippet loads the processor from
 
 
-class PickScoreExtractor(CLIPExtractor):
+class PickScoreExtractor(PromptScorer, CLIPExtractor):
     """``pool`` (N, 1024) per image batch; ``prompt_scores`` = PickScore per (image, prompt)."""
 
     name = "pickscore"
@@ -60,34 +60,11 @@ class PickScoreExtractor(CLIPExtractor):
     def _forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pool": super()._forward(pixels)["pool"]}
 
-    def prompt_scores(
-        self, outputs: dict[str, torch.Tensor], images: torch.Tensor, prompts: Sequence[str]
-    ) -> torch.Tensor:
-        """PickScore of each image with its prompt, float32 (N,) on the CPU. ``outputs``: what ``self(images)``
-        returned for these images (its ``pool`` is reused: no second image pass)."""
-        pool = check_score_inputs(outputs, images, prompts, self.name)
-        if not len(prompts):
-            return torch.empty(0, dtype=torch.float32)
-        text = self.text_embeds(list(prompts))
-        return pickscore_scores(pool, text, self.logit_scale).float().cpu()
+    def _text_features(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_embeds(prompts)
 
-
-def check_score_inputs(outputs: dict[str, torch.Tensor], images: torch.Tensor, prompts: Sequence[str], name: str):
-    """``outputs["pool"]``, after checking it pairs row for row with ``prompts`` (and ``images``)."""
-    if "pool" not in outputs:
-        raise KeyError(
-            f"{name}.prompt_scores: expected the outputs of {name}(images) (a 'pool' entry), got {sorted(outputs)}"
-        )
-    pool = outputs["pool"]
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"{name}.prompt_scores: expected a list of prompt strings, one per image")
-    n_images = images.shape[0] if images is not None else pool.shape[0]
-    if not (pool.shape[0] == len(prompts) == n_images):
-        raise ValueError(
-            f"{name}.prompt_scores: expected one prompt per image, got {len(prompts)} prompts, {n_images} images "
-            f"and {pool.shape[0]} embeddings"
-        )
-    return pool
+    def _scores(self, pool: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return pickscore_scores(pool, text, self.logit_scale)
 
 
 @register_extractor("pickscore")

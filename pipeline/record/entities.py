@@ -92,7 +92,7 @@ def _reference_record(ref: Any) -> DatasetRecord:
 def _used_sets(reference: Any) -> list[Any]:
     """The reference sets the run's modes took (:class:`pipeline.data.reference.References` keeps each one), one per
     content hash: the largest."""
-    sets = [s for s in getattr(reference, "_sets", {}).values() if s is not None]
+    sets = [s for s in reference.taken() if s is not None]
     best: dict[tuple, Any] = {}
     for s in sets:
         key = (str(s.identity.get("name")), s.content_hash())
