@@ -84,3 +84,24 @@ def model_of(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny forwards gain nothing from threads, and on shared, busy cores 2 threads ran ~20x slower (use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def features_cfg(**kw):
+    """A ``features.<name>`` block as the schema types it."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import FeaturesConfig
+
+    return OmegaConf.structured(FeaturesConfig(**kw))

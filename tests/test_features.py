@@ -8,26 +8,15 @@ import logging
 
 import pytest
 import torch
+from conftest import features_cfg
 from omegaconf import OmegaConf
 
-from pipeline.config import FeaturesConfig
 from pipeline.errors import UserError
 from pipeline.features import available_extractors, build_extractor, register_extractor, resize_images
 from pipeline.features import base as features_base
 from pipeline.features import inception as inc
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forwards gain nothing from threads, and on shared, busy cores 2 threads ran ~20x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def features_cfg(**kw):
-    return OmegaConf.structured(FeaturesConfig(**kw))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images_u8(n=3, h=40, w=48, seed=0):

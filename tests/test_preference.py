@@ -11,9 +11,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from conftest import features_cfg
 
-from pipeline.config import FeaturesConfig
 from pipeline.errors import UserError
 from pipeline.features import build_extractor
 from pipeline.metrics.preference import (
@@ -27,16 +26,7 @@ from pipeline.metrics.preference import (
 PROMPTS = ["a red square", "b", "red red circle"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def features_cfg(**kw):
-    return OmegaConf.structured(FeaturesConfig(**kw))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smooth_u8(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
