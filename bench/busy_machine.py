@@ -27,6 +27,34 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def metrics_job(outputs: Path, samples: int, overrides=(), env: dict | None = None) -> tuple[float, float, dict]:
+    """One ``python -m pipeline 'mode=[metrics]'`` job on the built-in model in its own process: (wall seconds, the
+    metrics stage's seconds from its log, its results.json). Also used by ``bench/cost_overhead.py``."""
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    tic = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "mode=[metrics]",
+            f"paths.outputs={outputs}",
+            f"mode.metrics.num_samples={samples}",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - tic
+    if proc.returncode:
+        sys.exit(f"job failed:\n{proc.stderr[-3000:]}")
+    stage = float(re.search(r"stage metrics done in ([\d.]+) s", proc.stdout + proc.stderr).group(1))
+    results = sorted(outputs.glob("runs/*/*/results.json"), key=lambda p: p.stat().st_mtime)[-1]
+    return wall, stage, json.loads(results.read_text())
+
+
 def job(outputs: Path, policy: bool, busy: bool, samples: int, parts: bool = False, extra: tuple = ()):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     env.pop("OMP_WAIT_POLICY", None)
@@ -35,33 +63,12 @@ def job(outputs: Path, policy: bool, busy: bool, samples: int, parts: bool = Fal
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         time.sleep(0.5 if busy else 0)
-        tic = time.perf_counter()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline",
-                "mode=[metrics]",
-                f"paths.outputs={outputs}",
-                f"mode.metrics.num_samples={samples}",
-                *extra,
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        wall = time.perf_counter() - tic
+        wall, stage, r = metrics_job(outputs, samples, extra, env)
     finally:
         if competitor is not None:
             competitor.kill()
             competitor.wait()
-    if proc.returncode:
-        sys.exit(f"job failed:\n{proc.stderr[-3000:]}")
-    results = sorted(outputs.glob("runs/*/*/results.json"), key=lambda p: p.stat().st_mtime)[-1]
-    r = json.loads(results.read_text())
     if parts:  # (the metrics stage's seconds, the per-prompt table + worst-prompts figure's seconds)
-        stage = float(re.search(r"stage metrics done in ([\d.]+) s", proc.stdout + proc.stderr).group(1))
         return stage, r["metrics/per_prompt_seconds"]
     return wall, r["metrics/generation_seconds"]
 

@@ -15,10 +15,7 @@ Two measurements, both on the built-in shapes_sd:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,31 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from busy_machine import metrics_job  # noqa: E402 - bench/ is on sys.path when a bench script runs
+
 
 def run(outputs: Path, cost: bool, samples: int) -> tuple[float, float, dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
-    tic = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "mode=[metrics]",
-            f"paths.outputs={outputs}",
-            f"mode.metrics.num_samples={samples}",
-            f"mode.metrics.cost={str(cost).lower()}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - tic
-    if proc.returncode:
-        sys.exit(f"run failed:\n{proc.stderr[-3000:]}")
-    stage = float(re.search(r"stage metrics done in ([\d.]+) s", proc.stdout + proc.stderr).group(1))
-    results = sorted(outputs.glob("runs/*/*/results.json"), key=lambda p: p.stat().st_mtime)[-1]
-    return wall, stage, json.loads(results.read_text())
+    return metrics_job(outputs, samples, [f"mode.metrics.cost={str(cost).lower()}"])
 
 
 def in_process(repeats: int) -> None:
